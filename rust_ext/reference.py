@@ -49,6 +49,6 @@ def inner_reward_slates_numpy(offsets, clicked, dwell, skipped, relevance, weigh
     offs = as_offsets(offsets, len(rewards))
     if len(offs) == 0 or offs[0] != 0 or np.any(np.diff(offs) < 0) or offs[-1] != len(rewards):
         raise ValueError(f"offsets: not a valid CSR offset array for {len(rewards)} items")
-    sums = np.add.reduceat(rewards.astype(np.float64), offs[:-1]) if len(rewards) else np.zeros(len(offs) - 1)
-    totals = np.where(np.diff(offs) > 0, sums, 0.0) if len(offs) > 1 else np.zeros(0)
+    cumulative = np.concatenate([[0.0], np.cumsum(rewards, dtype=np.float64)])
+    totals = cumulative[offs[1:]] - cumulative[offs[:-1]]
     return rewards, totals.astype(np.float32)

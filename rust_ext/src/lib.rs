@@ -9,6 +9,7 @@ use std::ffi::CStr;
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::once_cell::GILOnceCell;
+use pyo3::pyclass::CompareOp;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -102,8 +103,13 @@ impl PyRewardWeights {
         )
     }
 
-    fn __eq__(&self, other: &PyAny) -> bool {
-        other.extract::<PyRef<PyRewardWeights>>().map_or(false, |o| o.given == self.given)
+    fn __richcmp__(&self, other: &PyAny, op: CompareOp, py: Python) -> PyObject {
+        let same = other.extract::<PyRef<PyRewardWeights>>().map(|o| o.given == self.given);
+        match (op, same) {
+            (CompareOp::Eq, Ok(s)) => s.into_py(py),
+            (CompareOp::Ne, Ok(s)) => (!s).into_py(py),
+            _ => py.NotImplemented(),
+        }
     }
 
     /// Pickle support, so weights can cross Ray task and actor boundaries.
@@ -135,11 +141,15 @@ fn type_name(obj: &PyAny) -> String {
 }
 
 fn check_shape<T: Element>(buf: &PyBuffer<T>, field: &str) -> PyResult<()> {
-    if buf.dimensions() != 1 || !buf.is_c_contiguous() {
+    if buf.dimensions() != 1 {
         return Err(PyValueError::new_err(format!(
             "{field}: expected a contiguous 1-D array, got shape {:?}",
             buf.shape()
         )));
+    }
+    if !buf.is_c_contiguous() {
+        // A TypeError, so the Python wrapper makes a contiguous copy and retries.
+        return Err(PyTypeError::new_err(format!("{field}: expected a contiguous 1-D array, got a strided view")));
     }
     Ok(())
 }
