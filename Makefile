@@ -1,0 +1,24 @@
+# The two commands a new user needs:
+#   make run    set up (apt, .venv, editable install with the Rust extension) and run the main job
+#   make test   set up and run the test suite
+PY := .venv/bin/python
+
+.PHONY: run test bench bootstrap serve clean
+run: bootstrap
+	$(PY) -m serve_apps.demo
+
+test: bootstrap
+	$(PY) -m pytest
+
+bench: bootstrap
+	EXTRA_APT=wrk bash scripts/bootstrap.sh
+	$(PY) benchmarks/inner_reward.py
+
+serve: bootstrap
+	$(PY) -m serve_apps.launch serve_apps/configs/inner_reward.yaml --block
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+clean:
+	rm -rf .venv target rust_ext/*.so .pytest_cache .hypothesis

@@ -1,0 +1,160 @@
+"""Versioned, hot-updatable parameters shared by every replica of a deployment.
+
+One named Ray actor holds ``(version, params)``. Readers (Serve replicas, stage actors) keep a
+local copy and long-poll the store from a daemon thread, so the request path never waits on
+it. A writer's ``put`` bumps the version, wakes every poller, and returns once each live reader
+has reported the new version (or a timeout passes), so "PUT returned 200" means "every replica
+now serves it". Optional JSON snapshot on disk (atomic rename) survives a store restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+class VersionConflict(Exception):
+    """A put named an expected version that is no longer current."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    params: dict[str, Any]
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class VersionedParamStore:
+    """The single source of truth for one parameter set (async actor)."""
+
+    def __init__(self, initial: dict[str, Any], snapshot_path: str | None = None, reader_ttl_s: float = 15.0):
+        self._snapshot_path = snapshot_path
+        self._reader_ttl_s = reader_ttl_s
+        self._version, self._params = 1, dict(initial)
+        if snapshot_path and os.path.exists(snapshot_path):
+            with open(snapshot_path) as f:
+                saved = json.load(f)
+            self._version, self._params = int(saved["version"]), dict(saved["params"])
+        self._changed = asyncio.Condition()
+        self._readers: dict[str, tuple[int, float]] = {}  # reader id -> (version held, last seen)
+
+    def get(self) -> Snapshot:
+        return Snapshot(self._version, dict(self._params))
+
+    async def put(self, params: dict[str, Any], expected_version: int | None = None, ack_timeout_s: float = 2.0) -> dict:
+        """Replace the params; wait until live readers hold the new version.
+
+        Returns {"version", "readers_acked", "readers_live"}. Raises VersionConflict when
+        ``expected_version`` is given and is not the current version (optimistic concurrency).
+        """
+        if expected_version is not None and expected_version != self._version:
+            raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
+        async with self._changed:
+            self._version += 1
+            self._params = dict(params)
+            self._write_snapshot()
+            self._changed.notify_all()
+        version = self._version
+        deadline = time.monotonic() + ack_timeout_s
+        async with self._changed:
+            while time.monotonic() < deadline:
+                live = self._live_readers()
+                if all(v >= version for v, _ in live.values()):
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    break
+        live = self._live_readers()
+        acked = sum(v >= version for v, _ in live.values())
+        return {"version": version, "readers_acked": acked, "readers_live": len(live)}
+
+    async def poll(self, reader_id: str, have_version: int, timeout_s: float = 5.0) -> Snapshot | None:
+        """Long-poll: report the version a reader holds; return a newer snapshot or None on timeout."""
+        async with self._changed:
+            self._readers[reader_id] = (have_version, time.monotonic())
+            self._changed.notify_all()  # a put may be waiting for this ack
+            if self._version <= have_version:
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: self._version > have_version), timeout_s)
+                except asyncio.TimeoutError:
+                    return None
+        return self.get()
+
+    def readers(self) -> dict[str, int]:
+        return {rid: v for rid, (v, _) in self._live_readers().items()}
+
+    def _live_readers(self) -> dict[str, tuple[int, float]]:
+        now = time.monotonic()
+        return {rid: vs for rid, vs in self._readers.items() if now - vs[1] < self._reader_ttl_s}
+
+    def _write_snapshot(self) -> None:
+        if not self._snapshot_path:
+            return
+        tmp = f"{self._snapshot_path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"version": self._version, "params": self._params}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._snapshot_path)
+
+
+def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "morl", **kwargs):
+    """The named store actor (detached, so it outlives app redeploys); created on first use."""
+    return VersionedParamStore.options(
+        name=name, namespace=namespace, get_if_exists=True, lifetime="detached"
+    ).remote(initial, **kwargs)
+
+
+class ParamFollower:
+    """A reader's local copy of a store's params, refreshed by a long-polling daemon thread.
+
+    ``current`` is a plain attribute read (no lock, no RPC) for the request path; ``on_update``
+    turns the raw params into whatever the reader serves (e.g. a RewardWeights) once per version.
+    """
+
+    def __init__(self, store, reader_id: str, on_update: Callable[[dict], Any], poll_timeout_s: float = 5.0):
+        self._store, self._reader_id, self._on_update = store, reader_id, on_update
+        self._poll_timeout_s = poll_timeout_s
+        snap = ray.get(store.get.remote())
+        self.current: tuple[int, Any] = (snap.version, on_update(snap.params))
+        self.last_contact = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name=f"param-follower-{reader_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def version(self) -> int:
+        return self.current[0]
+
+    def apply(self, snap: Snapshot) -> None:
+        """Adopt a snapshot now (e.g. the one this replica just wrote) if it is newer."""
+        if snap.version > self.current[0]:
+            self.current = (snap.version, self._on_update(snap.params))
+
+    def _follow(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                snap = ray.get(self._store.poll.remote(self._reader_id, self.current[0], self._poll_timeout_s))
+                self.last_contact = time.monotonic()
+                backoff = 0.1
+                if snap is not None:
+                    self.apply(snap)
+            except Exception as e:  # store restarting or gone: keep serving the last params
+                log.warning("param store unreachable (%s); retrying in %.1fs", e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stop.set()

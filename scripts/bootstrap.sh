@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh Debian/Ubuntu machine, offline from crates.io:
+#   1. apt: PyO3 + rayon sources from Debian's Rust registry (and cargo if absent);
+#   2. a Python 3.11 virtualenv in .venv;
+#   3. torch 2.13.0 (CPU) and the project itself, editable, built by maturin (Rust included).
+# Idempotent: each step is skipped when already done; the install is redone when pyproject.toml
+# or the Rust sources change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
+SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+
+need_apt=()
+[ -d /usr/share/cargo/registry/pyo3-0.17.3 ] || need_apt+=(librust-pyo3-dev)
+ls -d /usr/share/cargo/registry/rayon-1.* >/dev/null 2>&1 || need_apt+=(librust-rayon-dev)
+command -v cargo >/dev/null || need_apt+=(cargo rustc)
+[ -n "${EXTRA_APT:-}" ] && need_apt+=(${EXTRA_APT})
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
+  echo "Python 3.11 is required (found: $("$PY" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $("$PY" --version)"
+  "$PY" -m venv .venv
+fi
+
+stamp=.venv/.morl-installed
+sources=$(cat pyproject.toml rust_ext/Cargo.toml rust_ext/src/*.rs .cargo/config.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sources" ]; then
+  log "pip install torch==2.13.0 (CPU) and the project (editable; maturin builds rust_ext offline)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[test,bench]"
+  echo "$sources" > "$stamp"
+fi
+log "ready: $(.venv/bin/python -c 'import ray, torch, rust_ext; print(f"ray {ray.__version__}, torch {torch.__version__}, rust_ext ok")')"

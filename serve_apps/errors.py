@@ -1,0 +1,47 @@
+"""Bad input → a 4xx whose body names the field and the problem (never a 500, never a dead replica).
+
+Every error body has FastAPI's validation shape, so clients parse one format:
+``{"detail": [{"loc": ["body", ...], "msg": "...", "type": "..."}]}``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+_INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\](?: \(slate (?P<slate>\d+), position (?P<pos>\d+)\))?")
+
+
+class BadRequest(Exception):
+    """A domain-level input error: ``status`` (4xx), where it is (``loc``), and what is wrong."""
+
+    def __init__(self, loc: list, msg: str, status: int = 422, type_: str = "value_error"):
+        super().__init__(msg)
+        self.loc, self.msg, self.status, self.type = loc, msg, status, type_
+
+
+def loc_from_kernel_error(message: str, prefix: list, field_names: dict[str, str]) -> list:
+    """Map a kernel message like 'dwell[4] (slate 1, position 1) = …' to a JSON location."""
+    m = _INDEXED.match(message)
+    if not m:
+        return prefix
+    field = field_names.get(m["field"], m["field"])
+    if m["slate"] is not None:
+        return [*prefix, "slates", int(m["slate"]), field, int(m["pos"])]
+    return [*prefix, field, int(m["index"])]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BadRequest)
+    async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": [{"loc": exc.loc, "msg": exc.msg, "type": exc.type}]}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input, which may be NaN/inf (not valid JSON): a 500.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)

