@@ -7,6 +7,7 @@ Every error body has FastAPI's validation shape, so clients parse one format:
 from __future__ import annotations
 
 import re
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,3 +46,24 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+
+class ServerTiming:
+    """Pure-ASGI middleware: adds ``server-timing: app;dur=<ms>`` (request in → response start),
+    the time a request spends inside the replica's application, for load tests to collect."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def send_with_timing(message):
+            if message["type"] == "http.response.start":
+                dur_ms = (time.perf_counter() - start) * 1e3
+                message["headers"] = [*message.get("headers", []), (b"server-timing", f"app;dur={dur_ms:.3f}".encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_timing)

@@ -28,7 +28,7 @@ from ray import serve
 
 import rust_ext
 from actors.param_store import ParamFollower, VersionConflict, get_or_create_store
-from serve_apps.errors import BadRequest, install_error_handlers, loc_from_kernel_error
+from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers, loc_from_kernel_error
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def pack_slates(slates: list[Slate]) -> tuple[np.ndarray, ...]:
 
 app = FastAPI(title="Inner reward", description=__doc__)
 install_error_handlers(app)
+app.add_middleware(ServerTiming)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
@@ -248,12 +249,14 @@ class InnerRewardService:
 
 
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
-    """Serve application builder: ``args`` are InnerRewardConfig fields (plus ``num_replicas``)."""
+    """Serve application builder: ``args`` are InnerRewardConfig fields, plus an optional
+    ``num_replicas`` (leave it out when the config file sets ``autoscaling_config``)."""
     args = dict(args or {})
-    num_replicas = int(args.pop("num_replicas", 1))
+    num_replicas = args.pop("num_replicas", None)
     unknown = set(args) - set(InnerRewardConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown inner-reward args: {sorted(unknown)}; allowed: {sorted(InnerRewardConfig.__dataclass_fields__)}")
     config = InnerRewardConfig(**args)
     log.info("inner reward config: %s", asdict(config))
-    return InnerRewardService.options(num_replicas=num_replicas).bind(config)
+    deployment = InnerRewardService if num_replicas is None else InnerRewardService.options(num_replicas=int(num_replicas))
+    return deployment.bind(config)

@@ -1,0 +1,110 @@
+"""Run whole sessions of many users through the pipeline and summarise them.
+
+A *slate policy* turns (pipeline recommendation, request) into the slate actually served, so
+baselines (random, popularity, relevance oracle) and the learned pipeline are compared on the
+same users, the same candidates and the same random draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from actors.stages import Pipeline, Recommendation, RequestBatch
+from actors.world import World, ndcg_at_k, seed_sequence
+
+SlatePolicy = Callable[[World, Pipeline, RequestBatch, np.random.Generator], np.ndarray]
+
+
+def pipeline_policy(params: dict | None = None) -> SlatePolicy:
+    """The cascade with the given stage parameters (defaults when None)."""
+    def policy(world, pipeline, req, rng):
+        return pipeline.recommend(req, params).slate
+    return policy
+
+
+def random_policy(world: World, pipeline: Pipeline, req: RequestBatch, rng: np.random.Generator) -> np.ndarray:
+    """k items drawn uniformly from the whole catalogue (no personalisation)."""
+    k = pipeline.config.k_slate
+    return rng.integers(0, world.catalogue.n, (len(req.user), k))
+
+
+def popularity_policy(world: World, pipeline: Pipeline, req: RequestBatch, rng: np.random.Generator) -> np.ndarray:
+    """k of the 100 most popular items (by the popularity prior), shuffled per request."""
+    k = pipeline.config.k_slate
+    top = np.argsort(-world.catalogue.popularity)[:100]
+    return top[np.argsort(rng.random((len(req.user), len(top))), axis=1)[:, :k]]
+
+
+def oracle_policy(world: World, pipeline: Pipeline, req: RequestBatch, rng: np.random.Generator) -> np.ndarray:
+    """The matched candidates ranked by *true* relevance: the best any ranker could do downstream."""
+    from actors.stages import matching
+
+    cand = matching(pipeline.ctx, req, None, pipeline.config.k_matching, pipeline.config.seed).items
+    rel = world.relevance(req.user, cand)
+    idx = np.argsort(-rel, axis=1)[:, : pipeline.config.k_slate]
+    return np.take_along_axis(cand, idx, axis=1)
+
+
+POLICIES: dict[str, SlatePolicy] = {
+    "random": random_policy,
+    "popularity": popularity_policy,
+    "relevance_oracle": oracle_policy,
+    "pipeline_default": pipeline_policy(),
+}
+
+
+@dataclass
+class SessionSummary:
+    """Per-policy means over sessions (impression-weighted where noted)."""
+
+    policy: str
+    sessions: int
+    ndcg_at_10: float          # mean over requests
+    ctr: float                 # clicks / impressions
+    requests_per_session: float
+    items_per_session: float
+    dwell_s_per_session: float
+    revenue_per_session: float
+    return_rate: float         # next-day return
+    satisfaction_end: float
+
+    def row(self) -> dict:
+        return self.__dict__.copy()
+
+
+def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessions: int = 500, seed: int = 0,
+                 name: str = "policy", users: np.ndarray | None = None) -> SessionSummary:
+    """Simulate n_sessions complete sessions (all concurrently, vectorised over users)."""
+    rng = seed_sequence(seed, "sessions", name)
+    if users is None:
+        users = seed_sequence(seed, "session-users").integers(0, world.users.n, n_sessions)
+    sessions = world.start_sessions(users, pipeline.config.history_len)
+    ideal = world.ideal_relevance(sessions.user, 10)
+    ndcgs, request_id = [], 0
+    while sessions.active.any():
+        act = np.flatnonzero(sessions.active)
+        req = RequestBatch(sessions.user[act], sessions.history[act], sessions.requests[act], request_id)
+        slate = policy(world, pipeline, req, rng)
+        full = np.zeros((sessions.size, slate.shape[1]), np.int64)
+        full[act] = slate
+        resp = world.step(sessions, full, rng)
+        ndcgs.append(ndcg_at_k(resp.relevance[act], ideal[act], 10))
+        request_id += 1
+    ndcg = np.concatenate(ndcgs)
+    return SessionSummary(
+        policy=name, sessions=sessions.size, ndcg_at_10=float(ndcg.mean()),
+        ctr=float(sessions.clicks.sum() / max(sessions.items.sum(), 1)),
+        requests_per_session=float(sessions.requests.mean()), items_per_session=float(sessions.items.mean()),
+        dwell_s_per_session=float(sessions.dwell_s.mean()), revenue_per_session=float(sessions.revenue.mean()),
+        return_rate=float(sessions.returned_next_day.mean()), satisfaction_end=float(world.satisfaction(sessions).mean()),
+    )
+
+
+def compare_policies(world: World, pipeline: Pipeline, n_sessions: int = 500, seed: int = 0,
+                     policies: dict[str, SlatePolicy] | None = None) -> list[SessionSummary]:
+    """Every policy on the same users (common random numbers per policy name)."""
+    users = seed_sequence(seed, "session-users").integers(0, world.users.n, n_sessions)
+    return [run_sessions(world, pipeline, p, n_sessions, seed, name, users) for name, p in (policies or POLICIES).items()]

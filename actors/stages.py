@@ -1,0 +1,182 @@
+"""The three stages of the cascade as pure, vectorised functions of (request batch, parameters).
+
+matching     two-tower retrieval over the whole catalogue → top-K1 (default 500)
+pre_ranking  a cheap linear scorer over K1 candidates       → top-K2 (default 50)
+ranking      multi-task predictions p_click, p_long_view, p_purchase (ground truth + calibrated
+             logit noise, standing in for a trained ranker) combined by utility weights
+             w into Σ_k w_k·p_k                                → the slate, top-K3 (default 10)
+
+Each stage's *action* is its parameter vector (per request or shared), so later learners can set
+it per request. Randomness comes only from ``seed_sequence(seed, stage, request_id)``, so the
+same request through the in-process pipeline and through the stage actors gives the same slate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors.world import PipelineConfig, World, seed_sequence
+from actors.world.world import sigmoid
+
+# Parameter vectors (the stages' actions), with defaults.
+MATCHING_PARAMS = ("w_relevance", "w_popularity", "w_history", "exploration")
+PRE_RANKING_PARAMS = ("w_relevance", "w_popularity", "w_quality")
+RANKING_PARAMS = ("w_click", "w_long_view", "w_purchase")
+DEFAULT_PARAMS = {
+    "matching": np.array([1.0, 0.05, 0.5, 0.05], np.float32),
+    "pre_ranking": np.array([1.0, 0.1, 0.5], np.float32),
+    "ranking": np.array([1.0, 1.0, 10.0], np.float32),
+}
+PARAM_NAMES = {"matching": MATCHING_PARAMS, "pre_ranking": PRE_RANKING_PARAMS, "ranking": RANKING_PARAMS}
+LONG_VIEW_S = 18.0  # KuaiRand "long view"
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """What the serving system observes for B requests (never the hidden session state)."""
+
+    user: np.ndarray        # int64 [B]
+    history: np.ndarray     # int64 [B, H] recently clicked items, -1 = empty
+    step: np.ndarray        # int32 [B] request index within the session
+    request_id: int = 0     # keys the stages' randomness
+
+    def __post_init__(self) -> None:
+        if self.history.ndim != 2 or len(self.history) != len(self.user) or len(self.step) != len(self.user):
+            raise ValueError("RequestBatch: user [B], history [B, H] and step [B] must share B")
+
+
+@dataclass
+class StageOutput:
+    items: np.ndarray                     # [B, k] item ids, best first where ordered
+    scores: np.ndarray                    # [B, k]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class StageContext:
+    """The serving system's (imperfect) view of the catalogue: two-tower embeddings, popularity,
+    a noisy quality estimate, and the ranker's access to ground truth. Deterministic in seed."""
+
+    def __init__(self, world: World, seed: int = 0):
+        self.world = world
+        c, cfg = world.catalogue, world.config
+        rng = seed_sequence(seed, "stage-context")
+        noise = cfg.model_embedding_noise * rng.standard_normal(c.embedding.shape) / np.sqrt(cfg.embed_dim) * 2
+        tower = c.embedding + noise
+        self.item_tower = (tower / np.linalg.norm(tower, axis=1, keepdims=True)).astype(np.float32)
+        self.user_tower = world.users.model_embedding
+        pop = c.popularity
+        self.popularity = ((pop - pop.mean()) / pop.std()).astype(np.float32)
+        self.quality_estimate = (c.quality + 0.15 * rng.standard_normal(c.n)).astype(np.float32)
+
+
+def _params(params, stage: str, b: int) -> np.ndarray:
+    p = DEFAULT_PARAMS[stage] if params is None else np.asarray(params, np.float32)
+    if p.ndim == 1:
+        p = np.broadcast_to(p, (b, len(p)))
+    if p.shape != (b, len(PARAM_NAMES[stage])):
+        raise ValueError(f"{stage} params must have shape ({len(PARAM_NAMES[stage])},) or ({b}, "
+                         f"{len(PARAM_NAMES[stage])}) for {PARAM_NAMES[stage]}, got {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{stage} params must be finite")
+    return p
+
+
+def _top_k(scores: np.ndarray, k: int, ordered: bool) -> np.ndarray:
+    idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    if ordered:
+        idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(scores, idx, axis=1), axis=1, kind="stable"), axis=1)
+    return idx
+
+
+def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> np.ndarray:
+    """Query tower: user embedding + w_history · mean embedding of recently clicked items."""
+    valid = req.history >= 0
+    hist = np.where(valid[..., None], ctx.item_tower[np.maximum(req.history, 0)], 0.0).sum(axis=1)
+    hist /= np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    return ctx.user_tower[req.user] + w_history[:, None] * hist
+
+
+def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64) -> StageOutput:
+    """score_i = w_rel·⟨q, item_i⟩ + w_pop·popularity_i + exploration·Gumbel; top-k of the catalogue."""
+    b = len(req.user)
+    p = _params(params, "matching", b)
+    q = user_query(ctx, req, p[:, 2])
+    rng = seed_sequence(seed, "matching", req.request_id)
+    items = np.empty((b, k), np.int64)
+    scores = np.empty((b, k), np.float32)
+    for s in range(0, b, chunk):  # bounded memory at 1M items: chunk × N scores at a time
+        sl = slice(s, s + chunk)
+        sc = p[sl, :1] * (q[sl] @ ctx.item_tower.T) + p[sl, 1:2] * ctx.popularity
+        sc += p[sl, 3:4] * rng.gumbel(size=sc.shape).astype(np.float32)
+        idx = _top_k(sc, k, ordered=False)
+        items[sl], scores[sl] = idx, np.take_along_axis(sc, idx, axis=1)
+    return StageOutput(items, scores)
+
+
+def pre_ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params=None, k: int = 50) -> StageOutput:
+    """score = w_rel·⟨q, item⟩ + w_pop·popularity + w_quality·quality_estimate; top-k."""
+    p = _params(params, "pre_ranking", len(req.user))
+    q = user_query(ctx, req, np.full(len(req.user), DEFAULT_PARAMS["matching"][2], np.float32))
+    rel = np.einsum("bd,bkd->bk", q, ctx.item_tower[candidates])
+    sc = p[:, :1] * rel + p[:, 1:2] * ctx.popularity[candidates] + p[:, 2:3] * ctx.quality_estimate[candidates]
+    idx = _top_k(sc, k, ordered=True)
+    return StageOutput(np.take_along_axis(candidates, idx, axis=1), np.take_along_axis(sc, idx, axis=1))
+
+
+def ranking_predictions(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, noise: float,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The multi-task ranker: true probabilities with N(0, noise²) on the logit scale.
+
+    p_click     = P(click | examined)
+    p_long_view = P(click and dwell ≥ 18 s) = p_click · exp(−(18 / (λ·duration))^k)   (Weibull survival)
+    p_purchase  = P(click and purchase)
+    """
+    w, c = ctx.world, ctx.world.catalogue
+    u = req.user
+    logit_click = w.click_logit(u, candidates) + noise * rng.standard_normal(candidates.shape)
+    p_click = sigmoid(logit_click)
+    lam = w.watch_scale(u, candidates) * c.duration_s[candidates]
+    survive = np.exp(-(LONG_VIEW_S / lam) ** w.config.watch_weibull_k)
+    logit_long = np.log(np.clip(survive, 1e-6, 1 - 1e-6) / np.clip(1 - survive, 1e-6, 1)) + noise * rng.standard_normal(candidates.shape)
+    p_buy = sigmoid(w.purchase_logit(u, candidates) + noise * rng.standard_normal(candidates.shape))
+    return {"p_click": p_click.astype(np.float32), "p_long_view": (p_click * sigmoid(logit_long)).astype(np.float32),
+            "p_purchase": (p_click * p_buy).astype(np.float32)}
+
+
+def ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params=None, k: int = 10, seed: int = 0,
+            noise: float | None = None) -> StageOutput:
+    """Utility score Σ_k w_k·p_k over the multi-task predictions; the top-k, best first, is the slate."""
+    p = _params(params, "ranking", len(req.user))
+    rng = seed_sequence(seed, "ranking", req.request_id)
+    preds = ranking_predictions(ctx, req, candidates, ctx.world.config.prediction_noise if noise is None else noise, rng)
+    utility = p[:, :1] * preds["p_click"] + p[:, 1:2] * preds["p_long_view"] + p[:, 2:3] * preds["p_purchase"]
+    idx = _top_k(utility, k, ordered=True)
+    take = lambda a: np.take_along_axis(a, idx, axis=1)  # noqa: E731
+    return StageOutput(take(candidates), take(utility), {name: take(v) for name, v in preds.items()})
+
+
+@dataclass
+class Recommendation:
+    slate: np.ndarray            # [B, K3] item ids, best first
+    scores: np.ndarray           # [B, K3] utility scores
+    predictions: dict[str, np.ndarray]
+    matched: np.ndarray          # [B, K1]
+    pre_ranked: np.ndarray       # [B, K2]
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """matching → pre_ranking → ranking in process (the same functions the stage actors run)."""
+
+    def __init__(self, world: World, config: PipelineConfig | None = None):
+        self.world, self.config = world, config or PipelineConfig()
+        self.ctx = StageContext(world, self.config.seed)
+
+    def recommend(self, req: RequestBatch, params: dict[str, np.ndarray] | None = None) -> Recommendation:
+        params, cfg = params or {}, self.config
+        m = matching(self.ctx, req, params.get("matching"), cfg.k_matching, cfg.seed)
+        pr = pre_ranking(self.ctx, req, m.items, params.get("pre_ranking"), cfg.k_pre_ranking)
+        r = ranking(self.ctx, req, pr.items, params.get("ranking"), cfg.k_slate, cfg.seed)
+        return Recommendation(r.items, r.scores, r.predictions, m.items, pr.items)

