@@ -165,6 +165,10 @@ class InnerRewardService:
             raise BadRequest(loc_from_kernel_error(str(e), prefix, _KERNEL_FIELDS), str(e)) from None
         return rewards, totals, version
 
+    def score_slates(self, offsets, clicked, dwell, skipped, relevance):
+        """For DeploymentHandle callers (e.g. /feedback): (rewards, totals, weights version)."""
+        return self._score(offsets, clicked, dwell, skipped, relevance, prefix=["body"])
+
     @app.post("/reward", response_model=RewardResponse)
     async def reward(self, body: RewardRequest) -> RewardResponse:
         slates = body.slates if body.slates is not None else [body.slate]

@@ -91,7 +91,7 @@ PRESETS: dict[str, dict] = {
     "cascade_0.65": {"click_model": "cascade", "cascade_attention": 0.65},
     "cascade_0.9": {"click_model": "cascade", "cascade_attention": 0.9},
     "ctr_carousel": {"target_ctr": 0.005},            # Open Bandit Dataset 0.35-0.67 %
-    "ctr_video": {"target_ctr": 0.46},                # KuaiRand valid-play rate
+    "ctr_video": {"target_ctr": 0.46, "pbm_eta": 0.0},  # KuaiRand valid-play rate; autoplay feed: flat examination
     "sensitivity_low": {"satisfaction_sensitivity": 0.01},   # RecSim default: no real trade-off
     "sensitivity_high": {"satisfaction_sensitivity": 0.5},
 }

@@ -257,6 +257,9 @@ class World:
             return float((self.examine_probs(p) * p).mean())
 
         click_bias = _bisect(ctr, cfg.target_ctr, -20.0, 20.0)
+        if abs(ctr(click_bias) - cfg.target_ctr) > 1e-3:
+            raise ValueError(f"target_ctr={cfg.target_ctr} is unreachable under this examination model "
+                             f"(CTR at the bias bound: {ctr(click_bias):.4f}); lower it or flatten position bias")
         weight = self.examine_probs(sigmoid(self.click_logit(users, slates, click_bias))) * sigmoid(self.click_logit(users, slates, click_bias))
 
         def cvr(bias):

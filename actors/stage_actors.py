@@ -1,0 +1,78 @@
+"""The stages as Ray actors holding versioned, hot-updatable parameters, and a pipeline over them.
+
+Each actor builds the same World/StageContext from the config (deterministic in the seed) and
+runs the same pure stage function as the in-process Pipeline, so for the same request and
+parameters both paths give identical slates (tests/actors/test_stages.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from actors.stages import (DEFAULT_PARAMS, PARAM_NAMES, Recommendation, RequestBatch, StageContext, StageOutput,
+                           _params, matching, pre_ranking, ranking)
+from actors.world import PipelineConfig, World, WorldConfig
+
+STAGES = ("matching", "pre_ranking", "ranking")
+
+
+class StageRunner:
+    """One stage with its current parameters (plain class; wrapped as an actor below)."""
+
+    def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.stage, self.pipeline_config = stage, pipeline_config
+        self.ctx = StageContext(World(world_config), pipeline_config.seed)
+        self.params = DEFAULT_PARAMS[stage].copy()
+        self.version = 1
+
+    def run(self, req: RequestBatch, candidates: np.ndarray | None = None, params=None) -> tuple[StageOutput, int]:
+        """Run on a request batch; ``params`` (per request) override the held ones for this call."""
+        cfg, p = self.pipeline_config, self.params if params is None else params
+        if self.stage == "matching":
+            return matching(self.ctx, req, p, cfg.k_matching, cfg.seed), self.version
+        if candidates is None:
+            raise ValueError(f"{self.stage} needs the upstream candidates")
+        if self.stage == "pre_ranking":
+            return pre_ranking(self.ctx, req, candidates, p, cfg.k_pre_ranking), self.version
+        return ranking(self.ctx, req, candidates, p, cfg.k_slate, cfg.seed), self.version
+
+    def set_params(self, params, expected_version: int | None = None) -> int:
+        """Replace the held parameters (validated); returns the new version."""
+        if expected_version is not None and expected_version != self.version:
+            raise ValueError(f"expected_version {expected_version} but {self.stage} is at version {self.version}")
+        p = _params(params, self.stage, 1)[0].copy()
+        self.params, self.version = p, self.version + 1
+        return self.version
+
+    def get_params(self) -> tuple[int, dict[str, float]]:
+        return self.version, dict(zip(PARAM_NAMES[self.stage], map(float, self.params)))
+
+
+StageActor = ray.remote(num_cpus=0)(StageRunner)
+
+
+class ActorPipeline:
+    """matching → pre_ranking → ranking through three stage actors (one call each, in order)."""
+
+    def __init__(self, world_config: WorldConfig | None = None, pipeline_config: PipelineConfig | None = None):
+        wc, pc = world_config or WorldConfig(), pipeline_config or PipelineConfig()
+        self.config = pc
+        self.actors = {s: StageActor.remote(s, wc, pc) for s in STAGES}
+
+    def recommend(self, req: RequestBatch, params: dict | None = None) -> Recommendation:
+        params = params or {}
+        m, vm = ray.get(self.actors["matching"].run.remote(req, None, params.get("matching")))
+        pr, vp = ray.get(self.actors["pre_ranking"].run.remote(req, m.items, params.get("pre_ranking")))
+        r, vr = ray.get(self.actors["ranking"].run.remote(req, pr.items, params.get("ranking")))
+        return Recommendation(r.items, r.scores, r.predictions, m.items, pr.items,
+                              {"matching": vm, "pre_ranking": vp, "ranking": vr})
+
+    def set_params(self, stage: str, params, expected_version: int | None = None) -> int:
+        return ray.get(self.actors[stage].set_params.remote(params, expected_version))
+
+    def shutdown(self) -> None:
+        for a in self.actors.values():
+            ray.kill(a)

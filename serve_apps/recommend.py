@@ -1,0 +1,201 @@
+"""The recommend application: the three stage deployments composed by DeploymentHandles.
+
+- ``POST /recommend``  {user_id, history?, step?, ranking_weights?} → slate, scores, predictions,
+  stage parameter versions, request id
+- ``POST /feedback``   {request_id, clicked, dwell_s, skipped} for a served slate → per-item inner
+  rewards from the inner-reward deployment (the Rust kernel), with its weights version
+- ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
+- ``GET /healthz``
+
+Each stage deployment runs the same pure stage function as the in-process Pipeline, on a World
+built from the same config, with parameters followed from a VersionedParamStore.
+"""
+
+import time
+import uuid
+from collections import OrderedDict
+from typing import Annotated, Any, Optional
+
+import numpy as np
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from actors.param_store import ParamFollower, get_or_create_store
+from actors.stage_actors import STAGES, StageRunner
+from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch
+from actors.world import PipelineConfig, WorldConfig
+from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
+from serve_apps.inner_reward import InnerRewardConfig, InnerRewardService
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int = Field(ge=0)
+    history: list[int] = Field(default_factory=list, max_length=200, description="recently clicked item ids, oldest first")
+    step: int = Field(default=0, ge=0, description="request index within the session")
+    ranking_weights: Optional[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = Field(
+        default=None, min_length=3, max_length=3, description="per-request utility weights (w_click, w_long_view, w_purchase)")
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    user_id: int
+    slate: list[int]
+    scores: list[float]
+    predictions: dict[str, list[float]]
+    versions: dict[str, int]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str
+    clicked: list[bool]
+    dwell_s: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]
+    skipped: list[bool]
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    rewards: list[float]
+    total: float
+    weights_version: int
+
+
+class StageParamsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, FiniteFloat]
+    expected_version: Optional[int] = None
+
+
+def default_stage_params(stage: str) -> dict[str, float]:
+    return dict(zip(PARAM_NAMES[stage], map(float, DEFAULT_PARAMS[stage])))
+
+
+def _params_to_array(stage: str, params: dict) -> np.ndarray:
+    return np.array([params[n] for n in PARAM_NAMES[stage]], np.float32)
+
+
+@serve.deployment(max_ongoing_requests=32)
+class StageDeployment:
+    """One stage: the pure stage function + parameters followed from the stage's param store."""
+
+    def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, store_prefix: str):
+        self.runner = StageRunner(stage, world_config, pipeline_config)
+        self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.follower = ParamFollower(self.store, replica, lambda p: _params_to_array(stage, p))
+
+    def run(self, req: RequestBatch, candidates=None, params=None):
+        version, held = self.follower.current
+        out, _ = self.runner.run(req, candidates, held if params is None else params)
+        return out, version
+
+
+app = FastAPI(title="Recommend", description=__doc__)
+install_error_handlers(app)
+app.add_middleware(ServerTiming)
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(app)
+class RecommendService:
+    def __init__(self, matching, pre_ranking, ranking, inner_reward, world_config: WorldConfig,
+                 store_prefix: str, served_cache_size: int = 100_000):
+        self.stages = {"matching": matching, "pre_ranking": pre_ranking, "ranking": ranking}
+        self.inner_reward = inner_reward
+        self.n_users, self.n_items = world_config.n_users, world_config.n_items
+        self.stores = {s: get_or_create_store(f"{store_prefix}_{s}", default_stage_params(s)) for s in STAGES}
+        self.served: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.cache_size = served_cache_size
+
+    def _request(self, body: RecommendRequest) -> RequestBatch:
+        if body.user_id >= self.n_users:
+            raise BadRequest(["body", "user_id"], f"unknown user_id {body.user_id}: users are 0..{self.n_users - 1}")
+        hist = np.asarray(body.history, np.int64)
+        bad = np.flatnonzero((hist < 0) | (hist >= self.n_items))
+        if len(bad):
+            raise BadRequest(["body", "history", int(bad[0])], f"unknown item id {int(hist[bad[0]])}: items are 0..{self.n_items - 1}")
+        history = np.full((1, 20), -1, np.int64)
+        if len(hist):
+            history[0, -min(20, len(hist)):] = hist[-20:]
+        return RequestBatch(np.array([body.user_id]), history, np.array([body.step], np.int32),
+                            request_id=uuid.uuid4().int & ((1 << 62) - 1))
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+        req = self._request(body)
+        weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
+        m, vm = await self.stages["matching"].run.remote(req)
+        pr, vp = await self.stages["pre_ranking"].run.remote(req, m.items)
+        r, vr = await self.stages["ranking"].run.remote(req, pr.items, weights)
+        request_id = f"{req.request_id:016x}"
+        self.served[request_id] = (r.items[0], r.predictions["p_click"][0])
+        while len(self.served) > self.cache_size:
+            self.served.popitem(last=False)
+        return RecommendResponse(
+            request_id=request_id, user_id=body.user_id, slate=r.items[0].tolist(), scores=r.scores[0].round(6).tolist(),
+            predictions={k: v[0].round(6).tolist() for k, v in r.predictions.items()},
+            versions={"matching": vm, "pre_ranking": vp, "ranking": vr})
+
+    @app.post("/feedback", response_model=FeedbackResponse)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        served = self.served.get(body.request_id)
+        if served is None:
+            raise BadRequest(["body", "request_id"], f"unknown or expired request_id {body.request_id!r}", status=404,
+                             type_="not_found")
+        items, p_click = served
+        for name in ("clicked", "dwell_s", "skipped"):
+            if len(getattr(body, name)) != len(items):
+                raise BadRequest(["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}")
+        offsets = np.array([0, len(items)], np.int64)
+        rewards, totals, version = await self.inner_reward.score_slates.remote(
+            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click)
+        return FeedbackResponse(request_id=body.request_id, rewards=np.round(rewards.astype(np.float64), 6).tolist(),
+                                total=round(float(totals[0]), 6), weights_version=version)
+
+    @app.get("/stages")
+    async def get_stages(self) -> dict[str, Any]:
+        out = {}
+        for s, store in self.stores.items():
+            snap = await store.get.remote()
+            out[s] = {"version": snap.version, "params": snap.params}
+        return out
+
+    @app.put("/stages/{stage}/params")
+    async def put_stage_params(self, stage: str, body: StageParamsBody) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise BadRequest(["path", "stage"], f"unknown stage {stage!r}; stages are {list(STAGES)}", status=404, type_="not_found")
+        names = PARAM_NAMES[stage]
+        if set(body.params) != set(names):
+            raise BadRequest(["body", "params"], f"{stage} params must be exactly {list(names)}, got {sorted(body.params)}")
+        try:
+            ack = await self.stores[stage].put.remote(body.params, body.expected_version)
+        except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError
+            if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
+                raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
+            raise
+        return {"stage": stage, **ack}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "n_users": self.n_users, "n_items": self.n_items, "time": time.time()}
+
+
+def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
+    """args: {"preset": str, "world": {WorldConfig overrides}, "pipeline": {PipelineConfig fields},
+    "store_prefix": str, "inner_reward": {InnerRewardConfig fields}}."""
+    args = dict(args or {})
+    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward"}
+    if unknown:
+        raise ValueError(f"unknown recommend args: {sorted(unknown)}")
+    world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
+    pipeline_config = PipelineConfig(**args.get("pipeline", {}))
+    prefix = args.get("store_prefix", "recommend")
+    stages = {s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES}
+    inner = InnerRewardService.options(name="InnerReward").bind(InnerRewardConfig(**args.get("inner_reward", {})))
+    return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], inner, world_config, prefix)
+
+
