@@ -137,7 +137,7 @@ install_error_handlers(app)
 app.add_middleware(ServerTiming)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class InnerRewardService:
     def __init__(self, config: InnerRewardConfig | None = None):

@@ -26,7 +26,6 @@ from actors.stage_actors import STAGES, StageRunner
 from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
-from serve_apps.inner_reward import InnerRewardConfig, InnerRewardService
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -78,7 +77,7 @@ def _params_to_array(stage: str, params: dict) -> np.ndarray:
     return np.array([params[n] for n in PARAM_NAMES[stage]], np.float32)
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
 class StageDeployment:
     """One stage: the pure stage function + parameters followed from the stage's param store."""
 
@@ -99,13 +98,14 @@ install_error_handlers(app)
 app.add_middleware(ServerTiming)
 
 
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class RecommendService:
-    def __init__(self, matching, pre_ranking, ranking, inner_reward, world_config: WorldConfig,
-                 store_prefix: str, served_cache_size: int = 100_000):
+    def __init__(self, matching, pre_ranking, ranking, world_config: WorldConfig, store_prefix: str,
+                 inner_reward_app: str = "inner_reward", served_cache_size: int = 100_000):
         self.stages = {"matching": matching, "pre_ranking": pre_ranking, "ranking": ranking}
-        self.inner_reward = inner_reward
+        self.inner_reward_app = inner_reward_app
+        self._inner_reward = None
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
         self.stores = {s: get_or_create_store(f"{store_prefix}_{s}", default_stage_params(s)) for s in STAGES}
         self.served: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -151,7 +151,13 @@ class RecommendService:
             if len(getattr(body, name)) != len(items):
                 raise BadRequest(["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}")
         offsets = np.array([0, len(items)], np.int64)
-        rewards, totals, version = await self.inner_reward.score_slates.remote(
+        try:
+            if self._inner_reward is None:  # the inner-reward app is deployed on its own; look it up lazily
+                self._inner_reward = serve.get_app_handle(self.inner_reward_app)
+        except Exception:
+            raise BadRequest(["app"], f"inner-reward application {self.inner_reward_app!r} is not running", status=503,
+                             type_="unavailable") from None
+        rewards, totals, version = await self._inner_reward.score_slates.remote(
             offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click)
         return FeedbackResponse(request_id=body.request_id, rewards=np.round(rewards.astype(np.float64), 6).tolist(),
                                 total=round(float(totals[0]), 6), weights_version=version)
@@ -186,16 +192,14 @@ class RecommendService:
 
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     """args: {"preset": str, "world": {WorldConfig overrides}, "pipeline": {PipelineConfig fields},
-    "store_prefix": str, "inner_reward": {InnerRewardConfig fields}}."""
+    "store_prefix": str, "inner_reward_app": name of the running inner-reward application}."""
     args = dict(args or {})
-    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward"}
+    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app"}
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
     world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
     pipeline_config = PipelineConfig(**args.get("pipeline", {}))
     prefix = args.get("store_prefix", "recommend")
     stages = {s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES}
-    inner = InnerRewardService.options(name="InnerReward").bind(InnerRewardConfig(**args.get("inner_reward", {})))
-    return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], inner, world_config, prefix)
-
-
+    return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], world_config, prefix,
+                                 args.get("inner_reward_app", "inner_reward"))

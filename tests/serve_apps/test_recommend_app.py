@@ -1,0 +1,90 @@
+"""POST /recommend and /feedback over real HTTP against a local Ray Serve (stage deployments
+composed by DeploymentHandles, the inner-reward deployment scoring feedback)."""
+
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+import rust_ext
+from serve_apps.recommend import app_builder
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve]
+ARGS = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
+
+
+@pytest.fixture(scope="module")
+def client(serve_url):
+    from ray import serve
+
+    from serve_apps import inner_reward
+
+    prefix = f"rec_test_{uuid.uuid4().hex[:8]}"
+    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="rec_test_inner", route_prefix="/rec_ir")
+    serve.run(app_builder({**ARGS, "store_prefix": prefix, "inner_reward_app": "rec_test_inner"}), name="recommend_test",
+              route_prefix="/rec")
+    with httpx.Client(base_url=f"{serve_url}/rec", timeout=60) as c:
+        yield c
+    serve.delete("recommend_test")
+    serve.delete("rec_test_inner")
+
+
+def test_recommend_returns_a_slate_with_versions(client):
+    r = client.post("/recommend", json={"user_id": 7, "history": [1, 2, 3], "step": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["slate"]) == 8 and len(set(body["slate"])) == 8
+    assert all(0 <= i < 3000 for i in body["slate"])
+    assert body["scores"] == sorted(body["scores"], reverse=True)
+    assert set(body["versions"]) == {"matching", "pre_ranking", "ranking"}
+    assert len(body["request_id"]) == 16
+
+
+def test_per_request_weights_and_feedback_scored_by_inner_reward(client):
+    rec = client.post("/recommend", json={"user_id": 3, "ranking_weights": [0.0, 0.0, 1.0]}).json()
+    clicked = [True] + [False] * 7
+    dwell = [12.5] + [0.0] * 7
+    skipped = [False] + [True] * 7
+    fb = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": clicked, "dwell_s": dwell, "skipped": skipped})
+    assert fb.status_code == 200, fb.text
+    expected = rust_ext.inner_reward_numpy(clicked, dwell, skipped, rec["predictions"]["p_click"])
+    np.testing.assert_allclose(fb.json()["rewards"], expected, atol=1e-5)
+    assert fb.json()["total"] == pytest.approx(float(expected.sum()), abs=1e-4)
+
+
+@pytest.mark.parametrize("body, loc, msg", [
+    ({"user_id": 500}, "body.user_id", "unknown user_id 500"),
+    ({"user_id": -1}, "body.user_id", "greater than or equal to 0"),
+    ({"user_id": 1, "history": [5, 99999]}, "body.history.1", "unknown item id 99999"),
+    ({"user_id": 1, "ranking_weights": [1, 2]}, "body.ranking_weights", "at least 3"),
+    ({"user_id": 1, "ranking_weights": [1, -2, 0]}, "body.ranking_weights.1", "greater than or equal to 0"),
+    ({"user": 1}, "body.user", "Extra inputs"),
+])
+def test_bad_recommend_requests_get_422(client, body, loc, msg):
+    r = client.post("/recommend", json=body)
+    assert r.status_code == 422, r.text
+    assert any(loc in ".".join(map(str, d["loc"])) and msg in d["msg"] for d in r.json()["detail"]), r.json()
+
+
+def test_bad_feedback(client):
+    r = client.post("/feedback", json={"request_id": "ffff", "clicked": [], "dwell_s": [], "skipped": []})
+    assert r.status_code == 404 and "unknown or expired request_id" in r.text
+    rec = client.post("/recommend", json={"user_id": 2}).json()
+    r = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True], "dwell_s": [1.0], "skipped": [False]})
+    assert r.status_code == 422 and "the slate had 8 items but clicked has 1" in r.text
+
+
+def test_stage_params_hot_update(client):
+    before = client.get("/stages").json()
+    params = {"w_click": 0.0, "w_long_view": 0.0, "w_purchase": 1.0}
+    r = client.put("/stages/ranking/params", json={"params": params, "expected_version": before["ranking"]["version"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == before["ranking"]["version"] + 1
+    assert r.json()["readers_acked"] == r.json()["readers_live"]
+    rec = client.post("/recommend", json={"user_id": 4}).json()
+    assert rec["versions"]["ranking"] == before["ranking"]["version"] + 1
+    assert client.put("/stages/ranking/params", json={"params": {"w_click": 1.0}}).status_code == 422
+    assert client.put("/stages/reranking/params", json={"params": params}).status_code == 404
+    stale = client.put("/stages/ranking/params", json={"params": params, "expected_version": 1})
+    assert stale.status_code == 409
