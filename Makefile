@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test bench bootstrap serve clean
+.PHONY: run test bench bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) -m serve_apps.demo
 
@@ -13,9 +13,13 @@ test: bootstrap
 bench: bootstrap
 	EXTRA_APT=wrk bash scripts/bootstrap.sh
 	$(PY) benchmarks/inner_reward.py
+	$(PY) benchmarks/world.py
 
 serve: bootstrap
 	$(PY) -m serve_apps.launch serve_apps/configs/inner_reward.yaml --block
+
+serve-recommend: bootstrap
+	$(PY) -m serve_apps.launch serve_apps/configs/recommend.yaml --block
 
 bootstrap:
 	bash scripts/bootstrap.sh

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from actors.stages import Pipeline, Recommendation, RequestBatch
+from actors.stages import Pipeline, RequestBatch
 from actors.world import World, ndcg_at_k, seed_sequence
 
 SlatePolicy = Callable[[World, Pipeline, RequestBatch, np.random.Generator], np.ndarray]

@@ -21,7 +21,7 @@ from gymnasium import spaces
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 import rust_ext
-from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, Pipeline, RequestBatch, matching, pre_ranking, ranking
+from actors.stages import PARAM_NAMES, Pipeline, RequestBatch, matching, pre_ranking, ranking
 from actors.world import COHORTS, PipelineConfig, World, WorldConfig, ndcg_at_k, seed_sequence
 
 RANKING_ACTION_HIGH = np.array([2.0, 2.0, 40.0], np.float32)   # w_click, w_long_view, w_purchase

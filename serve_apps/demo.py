@@ -1,37 +1,27 @@
-"""The main job (for now): the inner-reward service end to end on a local Ray.
+"""The main job (until the learners land): the simulated world end to end on a local Ray.
 
-Starts a private local Ray, deploys serve_apps/configs/inner_reward.yaml, scores a micro-batch
-of simulated slates over HTTP (JSON and Arrow IPC), hot-swaps the weights the way the outer
-controller will, scores again, prints a table, and shuts everything down.
+1. Sessions of the same users under four slate policies (random, popularity, relevance oracle,
+   the default cascade), in process: NDCG@10, CTR, session length, revenue, return rate.
+2. The same cascade through the three stage *actors*: identical sessions to the in-process run.
+3. Serve: the inner-reward and recommend applications; sessions driven over HTTP
+   (POST /recommend → the world responds → POST /feedback scored by the Rust inner reward),
+   then a hot swap of the inner-reward weights the way the outer controller will do it.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import time
 
 import httpx
 import numpy as np
-import pyarrow as pa
 
-CONFIG = os.path.join(os.path.dirname(__file__), "configs", "inner_reward.yaml")
-
-
-def simulated_slates(n_slates: int, slate_size: int, seed: int) -> list[dict]:
-    """Feedback for n_slates slates: position-biased clicks, Weibull-ish dwell, skips."""
-    rng = np.random.default_rng(seed)
-    examine = 1.0 / np.arange(1, slate_size + 1) ** 1.0  # PBM, η = 1 (shared/WORLD_FACTS.md)
-    relevance = rng.beta(2, 5, size=(n_slates, slate_size)).astype(np.float32)
-    clicked = rng.random((n_slates, slate_size)) < examine * relevance
-    dwell = np.where(clicked, 9.6 * rng.weibull(1.3, size=clicked.shape), 0.0).astype(np.float32)
-    skipped = ~clicked & (rng.random(clicked.shape) < examine * 0.5)
-    return [{"clicked": clicked[i].tolist(), "dwell_s": dwell[i].tolist(), "skipped": skipped[i].tolist(),
-             "relevance": relevance[i].tolist()} for i in range(n_slates)]
+from actors.simulate import POLICIES, compare_policies, pipeline_policy, run_sessions
+from actors.stages import Pipeline
+from actors.world import World, WorldConfig, seed_sequence
 
 
-def print_table(title: str, rows: list[tuple], header: tuple) -> None:
+def print_table(title: str, header: tuple, rows: list[tuple]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print(f"\n{title}")
     print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
@@ -39,59 +29,101 @@ def print_table(title: str, rows: list[tuple], header: tuple) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
+def policy_table(world: World, pipeline: Pipeline, n_sessions: int, seed: int) -> None:
+    rows = [(s.policy, f"{s.ndcg_at_10:.3f}", f"{100 * s.ctr:.2f}%", f"{s.requests_per_session:.2f}",
+             f"{s.items_per_session:.1f}", f"{s.dwell_s_per_session:.1f}", f"{s.revenue_per_session:.2f}",
+             f"{100 * s.return_rate:.1f}%", f"{s.satisfaction_end:.3f}")
+            for s in compare_policies(world, pipeline, n_sessions, seed, POLICIES)]
+    print_table(f"{n_sessions} sessions per policy, same users (world preset 'default', {world.catalogue.n:,} items, "
+                f"{world.users.n:,} users)",
+                ("policy", "NDCG@10", "CTR", "requests/session", "items/session", "dwell s", "revenue", "next-day return",
+                 "satisfaction"), rows)
+
+
+def http_sessions(world: World, url: str, n_sessions: int, seed: int) -> dict:
+    """Drive whole sessions through /recommend and /feedback; the world supplies the responses.
+    Each round asks for one slate per active session, steps the world once, posts the feedback."""
+    rng = seed_sequence(seed, "http-sessions")
+    users = rng.integers(0, world.users.n, n_sessions)
+    sessions = world.start_sessions(users)
+    totals, versions, latencies = [], set(), []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while sessions.active.any():
+            active = np.flatnonzero(sessions.active)
+            recs, slate = {}, None
+            for b in active:
+                t = time.perf_counter()
+                recs[b] = http.post("/recommend", json={
+                    "user_id": int(users[b]), "history": [int(i) for i in sessions.history[b] if i >= 0],
+                    "step": int(sessions.requests[b])}).raise_for_status().json()
+                latencies.append(time.perf_counter() - t)
+                if slate is None:
+                    slate = np.zeros((sessions.size, len(recs[b]["slate"])), np.int64)
+                slate[b] = recs[b]["slate"]
+            resp = world.step(sessions, slate, rng)
+            for b in active:
+                fb = http.post("/feedback", json={
+                    "request_id": recs[b]["request_id"], "clicked": resp.clicked[b].tolist(),
+                    "dwell_s": resp.dwell_s[b].tolist(), "skipped": resp.skipped[b].tolist()}).raise_for_status().json()
+                totals.append(fb["total"])
+                versions.add(fb["weights_version"])
+    return {"requests": len(totals), "mean_slate_reward": float(np.mean(totals)), "weights_versions": sorted(versions),
+            "ctr": float(sessions.clicks.sum() / sessions.items.sum()), "p50_ms": 1e3 * float(np.median(latencies)),
+            "items_per_session": float(sessions.items.mean())}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--slates", type=int, default=8)
-    parser.add_argument("--slate-size", type=int, default=10)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=400)
+    parser.add_argument("--http-sessions", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    # The Python proxy starts and stops fastest; HAProxy (the config's choice for serving) waits
-    # ~30 s for its controller to drain on shutdown. Both are measured in benchmarks/.
     parser.add_argument("--ingress", default="default", help="default | haproxy | direct | throughput")
     args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    world = World(WorldConfig())
+    pipeline = Pipeline(world)
+    print(f"world built in {time.perf_counter() - t0:.1f}s: click bias {world.click_bias:.2f}, "
+          f"purchase bias {world.purchase_bias:.2f} (calibrated to CTR {world.config.target_ctr:.1%}, "
+          f"CVR {world.config.purchase_given_click:.1%})")
+    policy_table(world, pipeline, args.sessions, args.seed)
 
     from ray import serve
     import ray
 
-    from serve_apps.launch import deploy, load_config, start_local_ray
+    from actors.stage_actors import ActorPipeline
+    from serve_apps import inner_reward, recommend
+    from serve_apps.launch import start_local_ray
 
-    config = load_config(CONFIG)
-    ingress = args.ingress
-    t0 = time.perf_counter()
-    print(f"starting local Ray + Serve (ingress={ingress}) ...", flush=True)
-    start_local_ray(ingress=ingress)
-    deploy(config)
-    url = f"http://127.0.0.1:{config.get('http_options', {}).get('port', 8000)}"
-    print(f"inner-reward service up at {url} in {time.perf_counter() - t0:.1f}s")
+    print(f"\nstarting local Ray (ingress={args.ingress}) ...", flush=True)
+    start_local_ray(ingress=args.ingress)
     try:
-        slates = simulated_slates(args.slates, args.slate_size, args.seed)
-        with httpx.Client(base_url=url, timeout=30) as http:
-            first = http.post("/reward", json={"slates": slates}).raise_for_status().json()
-            weights = http.get("/weights").json()
-            new = {**weights["weights"], "click_w": 2.0, "skip_penalty": -0.6}
-            put = http.put("/weights", json={**new, "expected_version": weights["version"]}).raise_for_status().json()
-            second = http.post("/reward", json={"slates": slates}).raise_for_status().json()
-            table = pa.table({"slate": np.repeat(np.arange(len(slates)), args.slate_size).astype(np.int32),
-                              **{k: np.concatenate([s[k] for s in slates]) for k in slates[0]}})
-            table = table.cast(table.schema.set(table.schema.get_field_index("dwell_s"), pa.field("dwell_s", pa.float32()))
-                               .set(table.schema.get_field_index("relevance"), pa.field("relevance", pa.float32())))
-            sink = io.BytesIO()
-            with pa.ipc.new_stream(sink, table.schema) as w:
-                w.write_table(table)
-            arrow = http.post("/reward/arrow", content=sink.getvalue(),
-                              headers={"content-type": "application/vnd.apache.arrow.stream"}).raise_for_status()
-            arrow_rewards = pa.ipc.open_stream(arrow.content).read_all()["reward"].to_numpy()
-            bad = http.post("/reward", json={"slate": {**slates[0], "dwell_s": [-1.0] * args.slate_size}})
+        actors = ActorPipeline(world.config, pipeline.config)
+        n = min(100, args.sessions)
+        local = run_sessions(world, pipeline, pipeline_policy(), n, args.seed, "pipeline_default")
+        remote = run_sessions(world, actors, pipeline_policy(), n, args.seed, "pipeline_default")
+        print(f"stage actors vs in process, {n} sessions: identical = {local == remote} "
+              f"(NDCG@10 {remote.ndcg_at_10:.3f}, CTR {remote.ctr:.2%}, {remote.items_per_session:.1f} items/session)")
+        actors.shutdown()
 
-        rows = [(i, sum(s["clicked"]), sum(s["skipped"]), f"{np.mean(s['dwell_s']):.2f}",
-                 f"{first['totals'][i]:.3f}", f"{second['totals'][i]:.3f}") for i, s in enumerate(slates)]
-        print_table(f"Inner reward per slate ({args.slate_size} items each)", rows,
-                    ("slate", "clicks", "skips", "mean dwell s", f"total v{first['weights_version']}",
-                     f"total v{second['weights_version']}"))
-        print(f"\nweights v{weights['version']} -> v{put['version']}: click_w 1.0 -> 2.0, skip_penalty -0.3 -> -0.6 "
-              f"(acked by {put['readers_acked']}/{put['readers_live']} replicas)")
-        agree = np.allclose(arrow_rewards, np.concatenate(second["rewards"]), atol=1e-5)
-        print(f"Arrow IPC route agrees with JSON route: {agree}")
-        print(f"bad input (negative dwell) -> HTTP {bad.status_code}: {bad.json()['detail'][0]['msg']}")
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
+        serve.run(inner_reward.app_builder({}), name="inner_reward", route_prefix="/inner_reward")
+        serve.run(recommend.app_builder({}), name="recommend", route_prefix="/")
+        url = "http://127.0.0.1:8000"
+        before = http_sessions(world, url, args.http_sessions, args.seed)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            w = http.get("/inner_reward/weights").json()
+            put = http.put("/inner_reward/weights", json={**w["weights"], "click_w": 2.0, "skip_penalty": -0.6,
+                                                          "expected_version": w["version"]}).raise_for_status().json()
+            bad = http.post("/recommend", json={"user_id": world.users.n + 5})
+        after = http_sessions(world, url, args.http_sessions, args.seed + 1)
+        print_table(f"Sessions over HTTP (/recommend → world → /feedback), {args.http_sessions} per row",
+                    ("inner-reward weights", "requests", "CTR", "items/session", "mean slate reward", "/recommend p50 ms"),
+                    [(f"v{v['weights_versions']}", v["requests"], f"{v['ctr']:.2%}", f"{v['items_per_session']:.1f}",
+                      f"{v['mean_slate_reward']:.3f}", f"{v['p50_ms']:.1f}") for v in (before, after)])
+        print(f"\nweights v{w['version']} -> v{put['version']} (click_w 2.0, skip_penalty -0.6), acked by "
+              f"{put['readers_acked']}/{put['readers_live']} replicas; bad user id -> HTTP {bad.status_code}: "
+              f"{bad.json()['detail'][0]['msg']}")
     finally:
         serve.shutdown()
         ray.shutdown()

