@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian/Ubuntu machine, offline from crates.io:
-#   1. apt: PyO3 + rayon sources from Debian's Rust registry (and cargo if absent);
+#   1. apt: PyO3 + rayon sources from Debian's Rust registry (and cargo if absent), redis-server;
 #   2. a Python 3.11 virtualenv in .venv;
 #   3. torch 2.13.0 (CPU) and the project itself, editable, built by maturin (Rust included).
 # Idempotent: each step is skipped when already done; the install is redone when pyproject.toml
@@ -15,6 +15,7 @@ need_apt=()
 [ -d /usr/share/cargo/registry/pyo3-0.17.3 ] || need_apt+=(librust-pyo3-dev)
 ls -d /usr/share/cargo/registry/rayon-1.* >/dev/null 2>&1 || need_apt+=(librust-rayon-dev)
 command -v cargo >/dev/null || need_apt+=(cargo rustc)
+command -v redis-server >/dev/null || need_apt+=(redis-server)   # the Redis Streams sink's tests
 [ -n "${EXTRA_APT:-}" ] && need_apt+=(${EXTRA_APT})
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"

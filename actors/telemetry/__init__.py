@@ -1,0 +1,10 @@
+"""Telemetry off the critical path: event schema, ring buffer + flusher, sinks, sessioniser."""
+
+from .buffer import BufferConfig, TelemetryBuffer
+from .schema import EVENT_SCHEMA, dedupe, event_ids, slate_events
+from .sessionise import TRAJECTORY_SCHEMA, sessionise, sessionise_dataset, window_starts
+from .sinks import ParquetSink, RedisStreamReader, RedisStreamSink, read_parquet_events, user_bucket
+
+__all__ = ["BufferConfig", "TelemetryBuffer", "EVENT_SCHEMA", "dedupe", "event_ids", "slate_events",
+           "TRAJECTORY_SCHEMA", "sessionise", "sessionise_dataset", "window_starts", "ParquetSink",
+           "RedisStreamReader", "RedisStreamSink", "read_parquet_events", "user_bucket"]

@@ -1,0 +1,116 @@
+"""Events → sessions → trajectories for the learners.
+
+A session is a user's run of requests with no gap longer than ``gap_s`` (default 30 min). A step is
+one request: its action (utility weights), propensity, the summed inner reward of its items,
+clicks and revenue. A trajectory row carries a window of at most ``max_steps`` (512) steps.
+Longer sessions are cut into windows that overlap by ``overlap`` (64) steps, the seed's
+credit-assignment context cap. Each row also carries the session's delayed KPIs: revenue, length,
+and ``returned``, which is whether the user's next session starts within ``return_window_s`` of
+this one's end. ``returned`` is null while that window is still open in the data.
+
+``sessionise`` is a pure function on one table (vectorised with pandas). ``sessionise_dataset``
+runs it as a Ray Data job, grouped by user, over a ParquetSink root.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .schema import dedupe
+
+TRAJECTORY_SCHEMA = pa.schema([
+    ("session_id", pa.string()), ("user_id", pa.int64()), ("window", pa.int32()), ("first_step", pa.int32()),
+    ("n_steps", pa.int32()), ("session_steps", pa.int32()), ("start_ts", pa.timestamp("us", tz="UTC")),
+    ("end_ts", pa.timestamp("us", tz="UTC")),
+    ("request_ids", pa.list_(pa.string())), ("actions", pa.list_(pa.list_(pa.float32()))),
+    ("propensities", pa.list_(pa.float32())), ("rewards", pa.list_(pa.float32())),
+    ("clicks", pa.list_(pa.int32())), ("step_revenue", pa.list_(pa.float32())),
+    ("session_revenue", pa.float32()), ("session_clicks", pa.int32()), ("returned", pa.bool_()),
+])
+
+
+def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list[int]:
+    """Start steps of the windows covering n_steps: 0, s, 2s, … (s = max_steps − overlap) until a
+    window reaches the end. E.g. 512 → [0]; 513 → [0, 448]; 961 → [0, 448, 896]."""
+    if max_steps <= overlap:
+        raise ValueError(f"max_steps ({max_steps}) must exceed overlap ({overlap})")
+    stride, starts = max_steps - overlap, [0]
+    while starts[-1] + max_steps < n_steps:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def requests_table(events: pa.Table) -> pd.DataFrame:
+    """One row per request (a step), ordered by user then time."""
+    df = events.select(["user_id", "request_id", "ts", "inner_reward", "clicked", "revenue", "propensity",
+                        "utility_weights"]).to_pandas()
+    g = df.groupby(["user_id", "request_id"], sort=False)
+    steps = g.agg(ts=("ts", "min"), reward=("inner_reward", "sum"), clicks=("clicked", "sum"), revenue=("revenue", "sum"),
+                  propensity=("propensity", "first"), action=("utility_weights", "first")).reset_index()
+    return steps.sort_values(["user_id", "ts", "request_id"], kind="stable").reset_index(drop=True)
+
+
+def sessionise(events: pa.Table, gap_s: float = 1800.0, max_steps: int = 512, overlap: int = 64,
+               return_window_s: float = 86400.0, data_end=None) -> pa.Table:
+    """Deduplicated events → trajectory windows (TRAJECTORY_SCHEMA)."""
+    events = dedupe(events)
+    if events.num_rows == 0:
+        return TRAJECTORY_SCHEMA.empty_table()
+    steps = requests_table(events)
+    ts = steps["ts"].astype("int64").to_numpy()  # µs
+    user = steps["user_id"].to_numpy()
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    new_session = new_user | np.r_[True, np.diff(ts) > gap_s * 1e6]
+    steps["session"] = np.cumsum(new_session) - 1
+    steps["step"] = steps.groupby("session").cumcount()
+    sess = steps.groupby("session").agg(user_id=("user_id", "first"), start=("ts", "min"), end=("ts", "max"),
+                                        n=("step", "size"), revenue=("revenue", "sum"), clicks=("clicks", "sum"))
+    start_us = sess["start"].astype("int64").to_numpy()
+    end_us = sess["end"].astype("int64").to_numpy()
+    same_user_next = np.r_[sess["user_id"].to_numpy()[1:] == sess["user_id"].to_numpy()[:-1], False]
+    next_start = np.r_[start_us[1:], 0]
+    horizon = (int(pd.Timestamp(data_end).value // 1000) if data_end is not None else int(ts.max()))
+    returned = np.where(same_user_next, next_start - end_us <= return_window_s * 1e6,
+                        np.where(horizon - end_us >= return_window_s * 1e6, False, np.nan))
+    rows = []
+    by_session = steps.groupby("session", sort=True)
+    for sid, group in by_session:  # one iteration per session; the work inside is vectorised
+        k = int(sid)
+        session_id = f"{int(sess['user_id'].iat[k])}-{start_us[k]}"
+        for w, s in enumerate(window_starts(len(group), max_steps, overlap)):
+            part = group.iloc[s:s + max_steps]
+            rows.append({
+                "session_id": session_id, "user_id": int(sess["user_id"].iat[k]), "window": w, "first_step": s,
+                "n_steps": len(part), "session_steps": int(sess["n"].iat[k]),
+                "start_ts": sess["start"].iat[k], "end_ts": sess["end"].iat[k],
+                "request_ids": part["request_id"].tolist(), "actions": [list(a) for a in part["action"]],
+                "propensities": part["propensity"].astype(np.float32).tolist(),
+                "rewards": part["reward"].astype(np.float32).tolist(), "clicks": part["clicks"].astype(np.int32).tolist(),
+                "step_revenue": part["revenue"].astype(np.float32).tolist(),
+                "session_revenue": float(sess["revenue"].iat[k]), "session_clicks": int(sess["clicks"].iat[k]),
+                "returned": None if np.isnan(returned[k]) else bool(returned[k]),
+            })
+    return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
+
+
+def sessionise_dataset(events_root: str, out_dir: str | None = None, gap_s: float = 1800.0, max_steps: int = 512,
+                       overlap: int = 64, return_window_s: float = 86400.0):
+    """The Ray Data job: read the Parquet sink, group by user, sessionise each group, optionally
+    write trajectory Parquet. Returns the trajectory Dataset."""
+    import ray.data
+
+    from .schema import EVENT_SCHEMA
+
+    ds = ray.data.read_parquet(events_root, schema=EVENT_SCHEMA, partitioning=None,
+                               file_extensions=["parquet"], concurrency=1)
+    data_end = ds.max("ts")
+
+    def per_user(batch: pa.Table) -> pa.Table:
+        return sessionise(batch, gap_s, max_steps, overlap, return_window_s, data_end)
+
+    trajectories = ds.groupby("user_id").map_groups(per_user, batch_format="pyarrow", concurrency=1).materialize()
+    if out_dir is not None:
+        trajectories.write_parquet(out_dir)
+    return trajectories

@@ -1,0 +1,200 @@
+"""Telemetry: ring buffer bounds and drops, emit never blocks, Parquet and Redis sinks lose and
+duplicate nothing (after dedupe), Redis restart, sessioniser gaps and 512/64 windows."""
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.telemetry import (EVENT_SCHEMA, BufferConfig, ParquetSink, RedisStreamReader, RedisStreamSink,
+                              TelemetryBuffer, dedupe, read_parquet_events, sessionise, window_starts)
+from actors.telemetry.testing import RedisServer, make_requests, n_events, request_at, wait_until
+
+
+class ListSink:
+    def __init__(self):
+        self.tables = []
+
+    def write(self, table):
+        self.tables.append(table)
+
+
+class BlockedSink:
+    """A sink that is down: every write blocks until released, then fails."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def write(self, table):
+        self.calls += 1
+        self.release.wait()
+        raise ConnectionError("sink down")
+
+
+def test_schema_and_event_ids_are_unique_per_item():
+    batch = make_requests(3, slate=4)[0]
+    assert batch.schema == EVENT_SCHEMA
+    table = pa.Table.from_batches(make_requests(50, slate=4))
+    assert dedupe(table).num_rows == table.num_rows == 200
+    assert dedupe(pa.concat_tables([table, table.slice(10, 30)])).num_rows == 200
+
+
+@pytest.mark.parametrize("policy", ["oldest", "newest"])
+def test_full_buffer_drops_and_counts_instead_of_blocking(policy):
+    buf = TelemetryBuffer(ListSink(), BufferConfig(capacity_events=100, drop_policy=policy), start=False)
+    batches = make_requests(25, slate=10)               # 250 events into room for 100
+    assert [buf.emit(b) for b in batches].count(True) == (25 if policy == "oldest" else 10)
+    assert buf.buffered == 100 and buf.dropped == 150 and buf.emitted == (250 if policy == "oldest" else 100)
+    buf.flush_once()
+    kept = pa.concat_tables(buf.sink.tables)["request_id"].unique().to_pylist()
+    expected = batches[-10:] if policy == "oldest" else batches[:10]
+    assert kept == [b["request_id"][0].as_py() for b in expected]
+
+
+def test_emit_never_blocks_while_the_sink_is_down():
+    sink = BlockedSink()
+    buf = TelemetryBuffer(sink, BufferConfig(capacity_events=5_000, flush_interval_s=0.001))
+    batches = make_requests(2_000, slate=10)
+    done = threading.Event()
+
+    def produce():
+        for b in batches:
+            buf.emit(b)
+        done.set()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    assert done.wait(60), "emit blocked behind a sink that is down"
+    # every event is accounted for: dropped, waiting in the buffer (≤ capacity), or in the stuck write
+    assert buf.buffered <= 5_000 and buf.dropped + buf.buffered + buf.in_flight == 20_000
+    sink.release.set()
+    buf.close(timeout_s=1)
+
+
+def test_parquet_sink_no_loss_no_duplicates_through_the_sessioniser(tmp_path):
+    root = str(tmp_path / "events")
+    buf = TelemetryBuffer(ParquetSink(root, n_buckets=8), BufferConfig(capacity_events=1_000_000))
+    batches = make_requests(30_000, slate=10, n_users=300)   # 300 000 events
+    for b in batches:
+        assert buf.emit(b)
+    buf.close()
+    assert buf.stats()["flushed"] == 300_000 and buf.dropped == 0
+    events = read_parquet_events(root)
+    assert events.num_rows == 300_000
+    assert not list(tmp_path.rglob(".*.tmp")), "no half-written file is visible"
+    trajectories = sessionise(events, gap_s=1800)
+    assert sum(trajectories["n_steps"].to_pylist()) == 30_000
+    assert trajectories["session_id"].unique().to_pylist().__len__() == 300   # 1 min apart: one session each
+
+
+def test_parquet_sink_keeps_a_user_in_one_bucket(tmp_path):
+    sink = ParquetSink(str(tmp_path), n_buckets=4)
+    sink.write(pa.Table.from_batches(make_requests(200, n_users=20)))
+    for folder in tmp_path.iterdir():
+        users = set(pa.concat_tables([pa.parquet.read_table(f) for f in folder.glob("*.parquet")])["user_id"].to_pylist())
+        for other in tmp_path.iterdir():
+            if other != folder:
+                others = pa.concat_tables([pa.parquet.read_table(f) for f in other.glob("*.parquet")])
+                assert not users & set(others["user_id"].to_pylist())
+
+
+@pytest.fixture()
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+def read_all(reader, expected_rows, timeout_s=30):
+    tables, deadline = [], time.time() + timeout_s
+    while time.time() < deadline:
+        ids, table = reader.read(count=256, block_ms=50)
+        if table.num_rows:
+            tables.append(table)
+            reader.ack(ids)
+        if sum(t.num_rows for t in tables) >= expected_rows and not ids:
+            break
+    return dedupe(pa.concat_tables(tables)) if tables else EVENT_SCHEMA.empty_table()
+
+
+def test_redis_stream_round_trip_with_consumer_group(redis_server):
+    buf = TelemetryBuffer(RedisStreamSink(redis_server.url, "ev"), BufferConfig())
+    batches = make_requests(5_000, slate=10)
+    for b in batches:
+        buf.emit(b)
+    buf.close()
+    events = read_all(RedisStreamReader(redis_server.url, "ev", "g1", "c1"), 50_000)
+    assert events.num_rows == 50_000
+
+
+def test_redis_restart_loses_nothing_the_buffer_could_hold(redis_server):
+    buf = TelemetryBuffer(RedisStreamSink(redis_server.url, "ev", timeout_s=0.5),
+                          BufferConfig(capacity_events=200_000, flush_interval_s=0.005, backoff_max_s=0.2))
+    batches = make_requests(12_000, slate=10)       # 120 000 events
+    for i, b in enumerate(batches):
+        buf.emit(b)
+        if i == 3_000:
+            redis_server.stop()                     # broker down mid-run
+        if i == 9_000:
+            redis_server.start()                    # ... and back
+    buf.close(timeout_s=30)
+    assert buf.dropped == 0 and buf.sink_errors > 0
+    events = read_all(RedisStreamReader(redis_server.url, "ev", "g1", "c1"), 120_000)
+    assert events.num_rows == 120_000
+
+
+def test_window_starts_512_64():
+    assert window_starts(1) == [0]
+    assert window_starts(512) == [0]
+    assert window_starts(513) == [0, 448]
+    assert window_starts(960) == [0, 448]
+    assert window_starts(961) == [0, 448, 896]
+    with pytest.raises(ValueError, match="must exceed overlap"):
+        window_starts(10, max_steps=64, overlap=64)
+
+
+def test_session_gaps_are_exact():
+    gap = 1800
+    batches = [request_at(1, 1, 0), request_at(1, 2, gap),            # exactly 30 min: same session
+               request_at(1, 3, 2 * gap + 1),                            # 30 min + 1 s: new session
+               request_at(2, 4, 10), request_at(1, 5, 2 * gap + 2)]
+    t = sessionise(pa.Table.from_batches(batches), gap_s=gap, return_window_s=86400).sort_by([("user_id", "ascending"),
+                                                                                             ("start_ts", "ascending")])
+    assert t["user_id"].to_pylist() == [1, 1, 2]
+    assert t["n_steps"].to_pylist() == [2, 2, 1]
+    assert t["request_ids"].to_pylist()[0] == [f"{1:016x}", f"{2:016x}"]
+    assert t["rewards"].to_pylist()[0] == pytest.approx([1.0, 1.0])
+    # user 1's first session is followed by another within a day; the others are still open (null)
+    assert t["returned"].to_pylist() == [True, None, None]
+
+
+def test_long_sessions_are_windowed_512_64():
+    batches = [request_at(7, i + 1, 10 * i, reward=float(i)) for i in range(1000)]
+    t = sessionise(pa.Table.from_batches(batches))
+    assert t["window"].to_pylist() == [0, 1, 2]
+    assert t["first_step"].to_pylist() == [0, 448, 896]
+    assert t["n_steps"].to_pylist() == [512, 512, 104]
+    assert t["rewards"].to_pylist()[1][0] == pytest.approx(448.0)
+    assert set(t["session_steps"].to_pylist()) == {1000}
+
+
+@pytest.mark.ray
+def test_ray_data_sessioniser_matches_in_process(ray_session, tmp_path):
+    from actors.telemetry import sessionise_dataset
+
+    root = str(tmp_path / "events")
+    sink = ParquetSink(root, n_buckets=4)
+    batches = make_requests(3_000, slate=5, n_users=40, step_s=700)   # gaps of 700 s: sessions of 3 requests
+    for i in range(0, len(batches), 500):
+        sink.write(pa.Table.from_batches(batches[i:i + 500]))
+    local = sessionise(read_parquet_events(root), gap_s=1800)
+    out = str(tmp_path / "trajectories")
+    remote = pa.concat_tables(list(sessionise_dataset(root, out, gap_s=1800).iter_batches(batch_format="pyarrow")))
+    key = [("session_id", "ascending"), ("window", "ascending")]
+    assert remote.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]).equals(
+        local.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]))
+    import ray.data
+    assert ray.data.read_parquet(out).count() == local.num_rows
