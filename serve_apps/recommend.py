@@ -5,12 +5,18 @@
 - ``POST /feedback``   {request_id, clicked, dwell_s, skipped} for a served slate → per-item inner
   rewards from the inner-reward deployment (the Rust kernel), with its weights version
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
-- ``GET /healthz``
+- ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
+
+Every /feedback emits one served-item event per slate position (what /recommend served plus the
+feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
+to the configured sink (Parquet by default, or Redis Streams); see actors/telemetry.
 
 Each stage deployment runs the same pure stage function as the in-process Pipeline, on a World
 built from the same config, with parameters followed from a VersionedParamStore.
 """
 
+import os
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -24,6 +30,7 @@ from ray import serve
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.stage_actors import STAGES, StageRunner
 from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch
+from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
 
@@ -54,6 +61,9 @@ class FeedbackRequest(BaseModel):
     clicked: list[bool]
     dwell_s: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]
     skipped: list[bool]
+    purchased: Optional[list[bool]] = None
+    revenue: Optional[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = None
+    session_id: Optional[str] = Field(default=None, max_length=128)
 
 
 class FeedbackResponse(BaseModel):
@@ -67,6 +77,25 @@ class StageParamsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: dict[str, FiniteFloat]
     expected_version: Optional[int] = None
+
+
+DEFAULT_EVENTS_PATH = os.path.join(tempfile.gettempdir(), "morl-events")
+
+
+def make_event_buffer(telemetry: dict | None) -> TelemetryBuffer | None:
+    """{"sink": "parquet", "path": …} (default) | {"sink": "redis", "url": …, "stream": …} | {"sink": "off"};
+    other keys are BufferConfig fields."""
+    cfg = dict(telemetry or {})
+    kind = cfg.pop("sink", "parquet")
+    if kind == "off":
+        return None
+    if kind == "parquet":
+        sink = ParquetSink(cfg.pop("path", DEFAULT_EVENTS_PATH), int(cfg.pop("n_buckets", 16)))
+    elif kind == "redis":
+        sink = RedisStreamSink(cfg.pop("url", "redis://127.0.0.1:6379/0"), cfg.pop("stream", "morl:events"))
+    else:
+        raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {kind!r}")
+    return TelemetryBuffer(sink, BufferConfig(**cfg))
 
 
 def default_stage_params(stage: str) -> dict[str, float]:
@@ -102,14 +131,15 @@ app.add_middleware(ServerTiming)
 @serve.ingress(app)
 class RecommendService:
     def __init__(self, matching, pre_ranking, ranking, world_config: WorldConfig, store_prefix: str,
-                 inner_reward_app: str = "inner_reward", served_cache_size: int = 100_000):
+                 inner_reward_app: str = "inner_reward", telemetry: dict | None = None, served_cache_size: int = 100_000):
         self.stages = {"matching": matching, "pre_ranking": pre_ranking, "ranking": ranking}
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
         self.stores = {s: get_or_create_store(f"{store_prefix}_{s}", default_stage_params(s)) for s in STAGES}
-        self.served: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.served: OrderedDict[str, dict] = OrderedDict()
         self.cache_size = served_cache_size
+        self.events = make_event_buffer(telemetry)
 
     def _request(self, body: RecommendRequest) -> RequestBatch:
         if body.user_id >= self.n_users:
@@ -128,11 +158,14 @@ class RecommendService:
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         req = self._request(body)
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
+        served_us = time.time_ns() // 1000
         m, vm = await self.stages["matching"].run.remote(req)
         pr, vp = await self.stages["pre_ranking"].run.remote(req, m.items)
         r, vr = await self.stages["ranking"].run.remote(req, pr.items, weights)
         request_id = f"{req.request_id:016x}"
-        self.served[request_id] = (r.items[0], r.predictions["p_click"][0])
+        self.served[request_id] = {"uid": req.request_id, "user_id": body.user_id, "ts_us": served_us, "items": r.items[0],
+                                   "predictions": {k: v[0] for k, v in r.predictions.items()}, "weights": weights,
+                                   "version": vr}
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
         return RecommendResponse(
@@ -146,9 +179,9 @@ class RecommendService:
         if served is None:
             raise BadRequest(["body", "request_id"], f"unknown or expired request_id {body.request_id!r}", status=404,
                              type_="not_found")
-        items, p_click = served
-        for name in ("clicked", "dwell_s", "skipped"):
-            if len(getattr(body, name)) != len(items):
+        items, p_click = served["items"], served["predictions"]["p_click"]
+        for name in ("clicked", "dwell_s", "skipped", "purchased", "revenue"):
+            if getattr(body, name) is not None and len(getattr(body, name)) != len(items):
                 raise BadRequest(["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}")
         offsets = np.array([0, len(items)], np.int64)
         try:
@@ -159,6 +192,13 @@ class RecommendService:
                              type_="unavailable") from None
         rewards, totals, version = await self._inner_reward.score_slates.remote(
             offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click)
+        if self.events is not None:
+            self.events.emit(slate_events(
+                request_uid=served["uid"], ts_us=served["ts_us"], user_id=served["user_id"], items=items,
+                clicked=np.asarray(body.clicked), dwell_s=np.asarray(body.dwell_s), skipped=np.asarray(body.skipped),
+                inner_reward=rewards, predictions=served["predictions"], utility_weights=served["weights"],
+                policy_version=served["version"], purchased=body.purchased, revenue=body.revenue,
+                session_id=body.session_id))
         return FeedbackResponse(request_id=body.request_id, rewards=np.round(rewards.astype(np.float64), 6).tolist(),
                                 total=round(float(totals[0]), 6), weights_version=version)
 
@@ -185,6 +225,14 @@ class RecommendService:
             raise
         return {"stage": stage, **ack}
 
+    @app.get("/telemetry")
+    async def telemetry(self) -> dict[str, Any]:
+        return {"sink": type(self.events.sink).__name__, **self.events.stats()} if self.events else {"sink": "off"}
+
+    def __del__(self):
+        if getattr(self, "events", None) is not None:
+            self.events.close(timeout_s=5)
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "n_users": self.n_users, "n_items": self.n_items, "time": time.time()}
@@ -192,14 +240,17 @@ class RecommendService:
 
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     """args: {"preset": str, "world": {WorldConfig overrides}, "pipeline": {PipelineConfig fields},
-    "store_prefix": str, "inner_reward_app": name of the running inner-reward application}."""
+    "store_prefix": str, "inner_reward_app": name of the running inner-reward application,
+    "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields}}."""
     args = dict(args or {})
-    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app"}
+    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app", "telemetry"}
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
     world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
     pipeline_config = PipelineConfig(**args.get("pipeline", {}))
     prefix = args.get("store_prefix", "recommend")
     stages = {s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES}
+    if args.get("telemetry", {}).get("sink", "parquet") not in ("parquet", "redis", "off"):
+        raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {args['telemetry']['sink']!r}")
     return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], world_config, prefix,
-                                 args.get("inner_reward_app", "inner_reward"))
+                                 args.get("inner_reward_app", "inner_reward"), args.get("telemetry"))

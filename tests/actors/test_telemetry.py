@@ -198,3 +198,34 @@ def test_ray_data_sessioniser_matches_in_process(ray_session, tmp_path):
         local.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]))
     import ray.data
     assert ray.data.read_parquet(out).count() == local.num_rows
+
+
+@pytest.mark.ray
+def test_incremental_redis_sessioniser_matches_batch(ray_session, redis_server, tmp_path):
+    import ray
+
+    from actors.telemetry import stream_sessioniser_actor
+
+    batches = make_requests(2_000, slate=5, n_users=40, step_s=700)
+    sink = RedisStreamSink(redis_server.url, "ev")
+    for i in range(0, len(batches), 250):
+        sink.write(pa.Table.from_batches(batches[i:i + 250]))
+    out = str(tmp_path / "traj")
+    actor = stream_sessioniser_actor(url=redis_server.url, stream="ev", out_dir=out, gap_s=1800)
+    while ray.get(actor.poll.remote())["entries"]:
+        pass
+    mid = ray.get(actor.flush_all.remote())
+    assert mid["open_users"] == 0
+    written = pa.parquet.read_table(out)
+    batch = sessionise(pa.Table.from_batches(batches), gap_s=1800)
+    key = [("session_id", "ascending"), ("window", "ascending")]
+    cols = ["session_id", "n_steps", "rewards", "request_ids"]
+    assert written.sort_by(key).select(cols).equals(batch.sort_by(key).select(cols))
+    pending = redis_server_pending(redis_server.url, "ev", "sessioniser")
+    assert pending == 0, "every entry acknowledged once its sessions were written"
+
+
+def redis_server_pending(url, stream, group):
+    import redis
+
+    return redis.Redis.from_url(url).xpending(stream, group)["pending"]

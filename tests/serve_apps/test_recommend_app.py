@@ -1,10 +1,14 @@
 """POST /recommend and /feedback over real HTTP against a local Ray Serve (stage deployments
 composed by DeploymentHandles, the inner-reward deployment scoring feedback)."""
 
+import tempfile
+import time
 import uuid
 
 import httpx
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pytest
 
 import rust_ext
@@ -22,9 +26,12 @@ def client(serve_url):
 
     prefix = f"rec_test_{uuid.uuid4().hex[:8]}"
     serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="rec_test_inner", route_prefix="/rec_ir")
-    serve.run(app_builder({**ARGS, "store_prefix": prefix, "inner_reward_app": "rec_test_inner"}), name="recommend_test",
-              route_prefix="/rec")
+    events = tempfile.mkdtemp(prefix="morl-events-test-")
+    serve.run(app_builder({**ARGS, "store_prefix": prefix, "inner_reward_app": "rec_test_inner",
+                           "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01}}),
+              name="recommend_test", route_prefix="/rec")
     with httpx.Client(base_url=f"{serve_url}/rec", timeout=60) as c:
+        c.events_root = events
         yield c
     serve.delete("recommend_test")
     serve.delete("rec_test_inner")
@@ -88,3 +95,28 @@ def test_stage_params_hot_update(client):
     assert client.put("/stages/reranking/params", json={"params": params}).status_code == 404
     stale = client.put("/stages/ranking/params", json={"params": params, "expected_version": 1})
     assert stale.status_code == 409
+
+
+def test_feedback_emits_served_item_events_that_sessionise(client):
+    from actors.telemetry import read_parquet_events, sessionise
+
+    before = client.get("/telemetry").json()["emitted"]
+    request_ids = []
+    for step in range(3):
+        rec = client.post("/recommend", json={"user_id": 11, "step": step}).json()
+        request_ids.append(rec["request_id"])
+        fb = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True] + [False] * 7,
+                                            "dwell_s": [20.0] + [0.0] * 7, "skipped": [False] + [True] * 7,
+                                            "purchased": [True] + [False] * 7, "revenue": [9.5] + [0.0] * 7})
+        assert fb.status_code == 200, fb.text
+    stats = client.get("/telemetry").json()
+    assert stats["sink"] == "ParquetSink" and stats["emitted"] == before + 24 and stats["dropped"] == 0
+    deadline = time.time() + 10
+    while time.time() < deadline and client.get("/telemetry").json()["flushed"] < stats["emitted"]:
+        time.sleep(0.05)
+    events = read_parquet_events(client.events_root)
+    mine = events.filter(pa.compute.equal(events["user_id"], 11))
+    assert mine.num_rows == 24 and mine["revenue"].to_numpy().sum() == pytest.approx(28.5)
+    traj = sessionise(mine)
+    assert traj.num_rows == 1 and traj["request_ids"].to_pylist()[0] == request_ids
+    assert traj["session_revenue"].to_pylist() == [pytest.approx(28.5)]
