@@ -100,10 +100,18 @@ class TelemetryBuffer:
         return list(chunks)
 
     def _put_back(self, chunks: list[pa.RecordBatch]) -> None:
-        """Return unwritten batches to the front (they are the oldest), then re-apply the bound."""
+        """Return unwritten batches to the front (they are the oldest), then re-apply the bound.
+
+        They are first coalesced, outside the lock, into a few batches of max_batch_events, so the
+        critical section stays short. Drops after a failure are therefore counted per coalesced
+        batch.
+        """
+        table = pa.Table.from_batches(chunks, schema=EVENT_SCHEMA).combine_chunks()
+        merged = table.to_batches(max_chunksize=self.config.max_batch_events)
+        rows = table.num_rows
         with self._lock:
-            self._chunks.extendleft(reversed(chunks))
-            self._rows += sum(c.num_rows for c in chunks)
+            self._chunks.extendleft(reversed(merged))
+            self._rows += rows
             while self._rows > self.config.capacity_events and self._chunks:
                 old = self._chunks.popleft() if self.config.drop_policy == "oldest" else self._chunks.pop()
                 self._rows -= old.num_rows

@@ -64,9 +64,10 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL with kill=True; appendfsync always keeps every acknowledged write)."""
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.kill() if kill else self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
 

@@ -137,7 +137,8 @@ def test_redis_restart_loses_nothing_the_buffer_could_hold(redis_server):
     for i, b in enumerate(batches):
         buf.emit(b)
         if i == 3_000:
-            redis_server.stop()                     # broker down mid-run
+            redis_server.stop(kill=True)            # broker killed mid-run ...
+            assert wait_until(lambda: buf.sink_errors > 0, 10), "the flusher saw the outage"
         if i == 9_000:
             redis_server.start()                    # ... and back
     buf.close(timeout_s=30)
