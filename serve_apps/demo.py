@@ -6,11 +6,15 @@
 3. Serve: the inner-reward and recommend applications; sessions driven over HTTP
    (POST /recommend → the world responds → POST /feedback scored by the Rust inner reward),
    then a hot swap of the inner-reward weights the way the outer controller will do it.
+4. Telemetry: /feedback's events (ring buffer → Parquet) become session trajectories with the
+   Ray Data sessioniser, ready for the learners.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import httpx
@@ -44,7 +48,7 @@ def http_sessions(world: World, url: str, n_sessions: int, seed: int) -> dict:
     """Drive whole sessions through /recommend and /feedback; the world supplies the responses.
     Each round asks for one slate per active session, steps the world once, posts the feedback."""
     rng = seed_sequence(seed, "http-sessions")
-    users = rng.integers(0, world.users.n, n_sessions)
+    users = rng.choice(world.users.n, n_sessions, replace=False)  # one session per user: time gaps never merge them
     sessions = world.start_sessions(users)
     totals, versions, latencies = [], set(), []
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -64,12 +68,40 @@ def http_sessions(world: World, url: str, n_sessions: int, seed: int) -> dict:
             for b in active:
                 fb = http.post("/feedback", json={
                     "request_id": recs[b]["request_id"], "clicked": resp.clicked[b].tolist(),
-                    "dwell_s": resp.dwell_s[b].tolist(), "skipped": resp.skipped[b].tolist()}).raise_for_status().json()
+                    "dwell_s": resp.dwell_s[b].tolist(), "skipped": resp.skipped[b].tolist(),
+                    "purchased": resp.purchased[b].tolist(), "revenue": resp.revenue[b].tolist()}).raise_for_status().json()
                 totals.append(fb["total"])
                 versions.add(fb["weights_version"])
     return {"requests": len(totals), "mean_slate_reward": float(np.mean(totals)), "weights_versions": sorted(versions),
             "ctr": float(sessions.clicks.sum() / sessions.items.sum()), "p50_ms": 1e3 * float(np.median(latencies)),
             "items_per_session": float(sessions.items.mean())}
+
+
+def trajectories_table(url: str, events_root: str, requests: int) -> None:
+    """Wait for the event buffer to drain, then sessionise the Parquet sink with Ray Data."""
+    import ray.data
+
+    from actors.telemetry import sessionise_dataset
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            stats = http.get("/telemetry").json()
+            if stats["flushed"] >= stats["emitted"]:
+                break
+            time.sleep(0.05)
+    out = os.path.join(events_root, "..", os.path.basename(events_root) + "-trajectories")
+    ds = sessionise_dataset(events_root, out)
+    rows = ds.take_all()
+    print_table(f"Telemetry → trajectories (events {stats['emitted']:,}, dropped {stats['dropped']}, "
+                f"Ray Data sessioniser → {os.path.normpath(out)})",
+                ("sessions", "windows", "steps", "HTTP requests", "mean steps", "mean step reward", "revenue"),
+                [(len({r["session_id"] for r in rows}), len(rows), sum(r["n_steps"] for r in rows), requests,
+                  f"{np.mean([r['n_steps'] for r in rows]):.1f}",
+                  f"{np.mean([x for r in rows for x in r['rewards']]):.3f}",
+                  f"{sum(r['session_revenue'] for r in rows):.2f}")])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from serve_apps.launch import start_local_ray
 
     print(f"\nstarting local Ray (ingress={args.ingress}) ...", flush=True)
-    start_local_ray(ingress=args.ingress)
+    start_local_ray(num_cpus=max(4, os.cpu_count() or 1), ingress=args.ingress)  # logical CPUs: Serve + a Data job
     try:
         actors = ActorPipeline(world.config, pipeline.config)
         n = min(100, args.sessions)
@@ -108,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
         serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
         serve.run(inner_reward.app_builder({}), name="inner_reward", route_prefix="/inner_reward")
-        serve.run(recommend.app_builder({}), name="recommend", route_prefix="/")
+        events_root = tempfile.mkdtemp(prefix="morl-demo-events-")
+        serve.run(recommend.app_builder({"telemetry": {"sink": "parquet", "path": events_root}}), name="recommend",
+                  route_prefix="/")
         url = "http://127.0.0.1:8000"
         before = http_sessions(world, url, args.http_sessions, args.seed)
         with httpx.Client(base_url=url, timeout=30) as http:
@@ -124,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nweights v{w['version']} -> v{put['version']} (click_w 2.0, skip_penalty -0.6), acked by "
               f"{put['readers_acked']}/{put['readers_live']} replicas; bad user id -> HTTP {bad.status_code}: "
               f"{bad.json()['detail'][0]['msg']}")
+        trajectories_table(url, events_root, before["requests"] + after["requests"])
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -96,24 +96,45 @@ def sessionise(events: pa.Table, gap_s: float = 1800.0, max_steps: int = 512, ov
     return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
 
 
+def parquet_max_ts(events_root: str):
+    """The newest event time under a Parquet root, from row-group statistics (no data scan)."""
+    import pyarrow.dataset as pads
+
+    from .schema import EVENT_SCHEMA
+
+    ds = pads.dataset(events_root, format="parquet", schema=EVENT_SCHEMA, ignore_prefixes=[".", "_"])
+    col = EVENT_SCHEMA.get_field_index("ts")
+    best = None
+    for frag in ds.get_fragments():
+        meta = frag.metadata
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(col).statistics
+            if stats is not None and stats.has_min_max and (best is None or stats.max > best):
+                best = stats.max
+    return best
+
+
 def sessionise_dataset(events_root: str, out_dir: str | None = None, gap_s: float = 1800.0, max_steps: int = 512,
-                       overlap: int = 64, return_window_s: float = 86400.0):
+                       overlap: int = 64, return_window_s: float = 86400.0, num_cpus: float = 0.25):
     """The Ray Data job: read the Parquet sink, group by user, sessionise each group, optionally
-    write trajectory Parquet. Returns the trajectory Dataset."""
+    write trajectory Parquet. Returns the (materialised) trajectory Dataset.
+
+    Its tasks ask for ``num_cpus`` each, so the job runs beside Serve replicas on a small cluster
+    (whole-CPU read tasks starve behind them on 2 cores)."""
     import ray.data
 
     from .schema import EVENT_SCHEMA
 
-    ds = ray.data.read_parquet(events_root, schema=EVENT_SCHEMA, partitioning=None,
-                               file_extensions=["parquet"], concurrency=1)
-    data_end = ds.max("ts")
+    data_end = parquet_max_ts(events_root)
+    ds = ray.data.read_parquet(events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"],
+                               num_cpus=num_cpus)
 
     def per_user(batch: pa.Table) -> pa.Table:
         return sessionise(batch, gap_s, max_steps, overlap, return_window_s, data_end)
 
-    trajectories = ds.groupby("user_id").map_groups(per_user, batch_format="pyarrow", concurrency=1).materialize()
+    trajectories = ds.groupby("user_id").map_groups(per_user, batch_format="pyarrow", num_cpus=num_cpus).materialize()
     if out_dir is not None:
-        trajectories.write_parquet(out_dir)
+        trajectories.write_parquet(out_dir, ray_remote_args={"num_cpus": num_cpus})
     return trajectories
 
 

@@ -1,6 +1,5 @@
 """Test and benchmark helpers: synthetic event streams and a private, restartable redis-server."""
 
-import os
 import shutil
 import socket
 import subprocess

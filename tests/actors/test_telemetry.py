@@ -4,13 +4,12 @@ duplicate nothing (after dedupe), Redis restart, sessioniser gaps and 512/64 win
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from actors.telemetry import (EVENT_SCHEMA, BufferConfig, ParquetSink, RedisStreamReader, RedisStreamSink,
                               TelemetryBuffer, dedupe, read_parquet_events, sessionise, window_starts)
-from actors.telemetry.testing import RedisServer, make_requests, n_events, request_at, wait_until
+from actors.telemetry.testing import RedisServer, make_requests, request_at, wait_until
 
 
 class ListSink:
