@@ -14,6 +14,7 @@ bench: bootstrap
 	EXTRA_APT=wrk bash scripts/bootstrap.sh
 	$(PY) benchmarks/inner_reward.py
 	$(PY) benchmarks/world.py
+	$(PY) benchmarks/telemetry.py
 
 serve: bootstrap
 	$(PY) -m serve_apps.launch serve_apps/configs/inner_reward.yaml --block
