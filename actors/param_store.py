@@ -57,9 +57,9 @@ class VersionedParamStore:
         Returns {"version", "readers_acked", "readers_live"}. Raises VersionConflict when
         ``expected_version`` is given and is not the current version (optimistic concurrency).
         """
-        if expected_version is not None and expected_version != self._version:
-            raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
-        async with self._changed:
+        async with self._changed:  # check and bump under one lock: two writers cannot both pass the check
+            if expected_version is not None and expected_version != self._version:
+                raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
             self._version += 1
             self._params = dict(params)
             self._write_snapshot()
@@ -127,6 +127,7 @@ class ParamFollower:
         self._store, self._reader_id, self._on_update = store, reader_id, on_update
         self._poll_timeout_s = poll_timeout_s
         snap = ray.get(store.get.remote())
+        self._apply_lock = threading.Lock()  # apply() runs on the request thread and on the follower thread
         self.current: tuple[int, Any] = (snap.version, on_update(snap.params))
         self.last_contact = time.monotonic()
         self._stop = threading.Event()
@@ -139,8 +140,9 @@ class ParamFollower:
 
     def apply(self, snap: Snapshot) -> None:
         """Adopt a snapshot now (e.g. the one this replica just wrote) if it is newer."""
-        if snap.version > self.current[0]:
-            self.current = (snap.version, self._on_update(snap.params))
+        with self._apply_lock:
+            if snap.version > self.current[0]:
+                self.current = (snap.version, self._on_update(snap.params))
 
     def _follow(self) -> None:
         backoff = 0.1

@@ -16,6 +16,11 @@ need_apt=()
 ls -d /usr/share/cargo/registry/rayon-1.* >/dev/null 2>&1 || need_apt+=(librust-rayon-dev)
 command -v cargo >/dev/null || need_apt+=(cargo rustc)
 command -v redis-server >/dev/null || need_apt+=(redis-server)   # the Redis Streams sink's tests
+command -v python3.11 >/dev/null || command -v python3 >/dev/null || need_apt+=(python3 python3-dev)
+PY="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
+if [ ! -x .venv/bin/pip ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+  need_apt+=(python3-venv)   # Debian splits venv/ensurepip out of python3
+fi
 [ -n "${EXTRA_APT:-}" ] && need_apt+=(${EXTRA_APT})
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
@@ -26,8 +31,9 @@ fi
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
   echo "Python 3.11 is required (found: $("$PY" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2; exit 1; }
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/pip ]; then   # pip, not python: a half-made venv (no ensurepip) is redone
   log "creating .venv with $("$PY" --version)"
+  rm -rf .venv
   "$PY" -m venv .venv
 fi
 

@@ -23,6 +23,9 @@ class BadRequest(Exception):
         super().__init__(msg)
         self.loc, self.msg, self.status, self.type = loc, msg, status, type_
 
+    def __reduce__(self):  # crosses DeploymentHandle calls intact (else Ray reports a 500)
+        return BadRequest, (self.loc, self.msg, self.status, self.type)
+
 
 def loc_from_kernel_error(message: str, prefix: list, field_names: dict[str, str]) -> list:
     """Map a kernel message like 'dwell[4] (slate 1, position 1) = …' to a JSON location."""

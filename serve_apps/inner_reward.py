@@ -32,8 +32,9 @@ from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers, 
 
 log = logging.getLogger(__name__)
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-DwellSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+F32_MAX = 3.4e38
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-F32_MAX, le=F32_MAX)]
+DwellSeconds = Annotated[float, Field(ge=0, le=F32_MAX, allow_inf_nan=False)]
 _KERNEL_FIELDS = {"dwell": "dwell_s"}  # kernel argument name -> API field name
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -186,6 +187,9 @@ class InnerRewardService:
             table = pa.ipc.open_stream(io.BytesIO(raw)).read_all()
         except (pa.ArrowInvalid, OSError) as e:
             raise BadRequest(["body"], f"not an Arrow IPC stream: {e}", status=400, type_="arrow_error") from None
+        repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        if repeated:
+            raise BadRequest(["body", repeated[0]], f"column(s) given more than once: {', '.join(repeated)}")
         missing = [c for c in ("clicked", "dwell_s", "skipped", "relevance") if c not in table.column_names]
         if missing:
             raise BadRequest(["body", missing[0]], f"missing column(s): {', '.join(missing)}")

@@ -29,20 +29,24 @@ from ray import serve
 
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.stage_actors import STAGES, StageRunner
-from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch
+from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch, _params
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+F32_MAX = 3.4e38
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-F32_MAX, le=F32_MAX)]
+Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=F32_MAX, allow_inf_nan=False)]
 
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: int = Field(ge=0)
-    history: list[int] = Field(default_factory=list, max_length=200, description="recently clicked item ids, oldest first")
-    step: int = Field(default=0, ge=0, description="request index within the session")
-    ranking_weights: Optional[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = Field(
+    user_id: int = Field(ge=0, le=2**62)
+    history: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(default_factory=list, max_length=200,
+                                                                 description="recently clicked item ids, oldest first")
+    step: int = Field(default=0, ge=0, le=2**31 - 1, description="request index within the session")
+    ranking_weights: Optional[list[Weight]] = Field(
         default=None, min_length=3, max_length=3, description="per-request utility weights (w_click, w_long_view, w_purchase)")
 
 
@@ -59,10 +63,10 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str
     clicked: list[bool]
-    dwell_s: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]
+    dwell_s: list[Seconds]
     skipped: list[bool]
     purchased: Optional[list[bool]] = None
-    revenue: Optional[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = None
+    revenue: Optional[list[Seconds]] = None
     session_id: Optional[str] = Field(default=None, max_length=128)
 
 
@@ -217,6 +221,10 @@ class RecommendService:
         names = PARAM_NAMES[stage]
         if set(body.params) != set(names):
             raise BadRequest(["body", "params"], f"{stage} params must be exactly {list(names)}, got {sorted(body.params)}")
+        try:  # the same check every stage replica applies, so a bad update can never reach them
+            _params(_params_to_array(stage, body.params), stage, 1)
+        except ValueError as e:
+            raise BadRequest(["body", "params"], str(e)) from None
         try:
             ack = await self.stores[stage].put.remote(body.params, body.expected_version)
         except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError

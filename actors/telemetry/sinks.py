@@ -104,16 +104,23 @@ class RedisStreamReader:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self._pending_first = True
+        self._pending_from: bytes | str | None = "0"  # after a restart: this consumer's unacked entries first
 
     def read(self, count: int = 64, block_ms: int = 100) -> tuple[list[bytes], pa.Table]:
-        """Unacked entries of this consumer first (after a restart), then new ones."""
-        start = "0" if self._pending_first else ">"
-        got = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
-        entries = got[0][1] if got else []
-        if self._pending_first and not entries:
-            self._pending_first = False
-            return self.read(count, block_ms)
+        """This consumer's unacknowledged entries first (walked once, in order, after a restart),
+        then new ones (">")."""
+        if self._pending_from is not None:
+            got = self.client.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=count)
+            entries = got[0][1] if got else []
+            if entries:
+                self._pending_from = entries[-1][0]   # continue after the last pending id next time
+            else:
+                self._pending_from = None
+        else:
+            entries = []
+        if not entries and self._pending_from is None:
+            got = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+            entries = got[0][1] if got else []
         ids = [eid for eid, _ in entries]
         tables = [pa.ipc.open_stream(fields[b"ipc"]).read_all() for _, fields in entries]
         return ids, (pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table())

@@ -43,6 +43,8 @@ struct PyRewardWeights {
     given: [f64; 6],
 }
 
+const MAX_WEIGHT: f64 = 1e6;
+
 const WEIGHT_FIELDS: [&str; 6] = ["click_w", "dwell_w", "skip_penalty", "rel_w", "clip_lo", "clip_hi"];
 
 #[pymethods]
@@ -51,9 +53,10 @@ impl PyRewardWeights {
     #[args(click_w = "1.0", dwell_w = "0.5", skip_penalty = "-0.3", rel_w = "0.8", clip_lo = "-5.0", clip_hi = "5.0")]
     fn new(click_w: f64, dwell_w: f64, skip_penalty: f64, rel_w: f64, clip_lo: f64, clip_hi: f64) -> PyResult<Self> {
         let given = [click_w, dwell_w, skip_penalty, rel_w, clip_lo, clip_hi];
+        // |w| ≤ 1e6 keeps every term but relevance's finite, so no inf − inf (NaN) can reach the clip.
         for (name, v) in WEIGHT_FIELDS.iter().zip(given) {
-            if !v.is_finite() || v.abs() > f32::MAX as f64 {
-                return Err(PyValueError::new_err(format!("{name} must be a finite float32, got {v}")));
+            if !v.is_finite() || v.abs() > MAX_WEIGHT {
+                return Err(PyValueError::new_err(format!("{name} must be finite with |{name}| <= 1e6, got {v}")));
             }
         }
         if clip_lo > clip_hi {
@@ -141,6 +144,12 @@ fn type_name(obj: &PyAny) -> String {
 }
 
 fn check_shape<T: Element>(buf: &PyBuffer<T>, field: &str) -> PyResult<()> {
+    // PyO3 0.17 accepts '>' (big-endian) formats on little-endian hosts: refuse them here, so the
+    // Python wrapper converts to native order instead of the kernel reading swapped bytes.
+    let format = buf.format().to_bytes();
+    if cfg!(target_endian = "little") && (format.starts_with(b">") || format.starts_with(b"!")) {
+        return Err(PyTypeError::new_err(format!("{field}: expected native byte order, got a big-endian buffer")));
+    }
     if buf.dimensions() != 1 {
         return Err(PyValueError::new_err(format!(
             "{field}: expected a contiguous 1-D array, got shape {:?}",

@@ -229,3 +229,20 @@ def redis_server_pending(url, stream, group):
     import redis
 
     return redis.Redis.from_url(url).xpending(stream, group)["pending"]
+
+
+def test_restarted_consumer_walks_its_pending_entries_once_then_reads_new(redis_server):
+    sink = RedisStreamSink(redis_server.url, "ev", entry_rows=10)
+    batches = make_requests(3, slate=10)
+    sink.write(pa.Table.from_batches(batches))                      # 3 entries
+    first = RedisStreamReader(redis_server.url, "ev", "g", "c")
+    ids, _ = first.read(count=10)
+    assert len(ids) == 3                                            # read but never acked (a crash)
+    sink.write(pa.Table.from_batches(make_requests(1, slate=10, seed=5)))
+    again = RedisStreamReader(redis_server.url, "ev", "g", "c")     # the restarted consumer
+    seen = []
+    for _ in range(4):
+        ids, table = again.read(count=2, block_ms=50)
+        seen += ids
+        again.ack(ids)
+    assert len(seen) == 4 and len(set(seen)) == 4                   # 3 pending once each, then the new one

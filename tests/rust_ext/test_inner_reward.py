@@ -182,9 +182,9 @@ def test_slate_errors_point_at_slate_and_position():
 
 
 @pytest.mark.parametrize("field", ["click_w", "dwell_w", "skip_penalty", "rel_w", "clip_lo", "clip_hi"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e39])
-def test_weights_must_be_finite(field, value):
-    with pytest.raises(ValueError, match=f"{field} must be a finite float32"):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e39, -2e6])
+def test_weights_must_be_finite_and_bounded(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be finite with"):
         RewardWeights(**{field: value})
 
 
@@ -197,3 +197,17 @@ def test_weights_clip_order_round_trip_and_pickle():
     assert pickle.loads(pickle.dumps(w)) == w
     with pytest.raises(TypeError, match="weights: expected RewardWeights"):
         inner_reward([1], [1], [0], [0], weights={"click_w": 1})
+
+
+def test_big_endian_input_is_converted_not_misread():
+    dwell = np.array([1, 2, 100], ">f4")
+    rel = np.array([0.5, 0.1, 0.3], ">f4")
+    close(inner_reward([1, 0, 1], dwell, [0, 1, 0], rel), inner_reward_numpy([1, 0, 1], [1, 2, 100], [0, 1, 0], [0.5, 0.1, 0.3]))
+
+
+def test_largest_weights_cannot_produce_nan_or_inf():
+    w = RewardWeights(click_w=1e6, dwell_w=1e6, skip_penalty=-1e6, rel_w=1e6, clip_lo=-1e6, clip_hi=1e6)
+    f32max = np.finfo(np.float32).max
+    rewards, totals = inner_reward_slates([0, 3], [1, 1, 1], np.array([1e30, 0, 0], np.float32), [1, 0, 0],
+                                          np.array([-f32max, f32max, f32max], np.float32), w)
+    assert np.isfinite(rewards).all() and np.isfinite(totals).all()

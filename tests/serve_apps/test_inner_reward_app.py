@@ -112,6 +112,12 @@ def test_arrow_ipc_round_trip(client):
     assert int(r.headers["x-weights-version"]) >= 1
 
 
+def test_arrow_repeated_column_is_a_422(client):
+    t = pa.Table.from_arrays([pa.array([True]), pa.array([True]), pa.array([1.0], pa.float32()), pa.array([False]),
+                              pa.array([0.1], pa.float32())], names=["clicked", "clicked", "dwell_s", "skipped", "relevance"])
+    assert_4xx_names(client.post("/reward/arrow", content=arrow_body(t)), 422, "body.clicked", "more than once")
+
+
 def test_arrow_bad_input(client):
     r = client.post("/reward/arrow", content=b"garbage", headers={"content-type": ARROW_STREAM})
     assert_4xx_names(r, 400, "body", "not an Arrow IPC stream")
@@ -140,7 +146,8 @@ def test_weights_put_reaches_every_replica(client):
 @pytest.mark.parametrize("body, status, loc, msg", [
     ({"click_w": "NaN"}, 422, "body.click_w", "finite"),
     ({"clip_lo": 3, "clip_hi": 1}, 422, "body", "clip_lo (3.0) must not exceed clip_hi (1.0)"),
-    ({"click_w": 1e39}, 422, "body", "click_w must be a finite float32"),
+    ({"click_w": 1e7}, 422, "body", "click_w must be finite with |click_w| <= 1e6"),
+    ({"click_w": 1e39}, 422, "body.click_w", "less than or equal"),
     ({"click_weight": 1}, 422, "body.click_weight", "Extra inputs"),
     ({"expected_version": 0}, 409, "body.expected_version", "current version is"),
 ])

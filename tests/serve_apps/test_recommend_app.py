@@ -67,6 +67,9 @@ def test_per_request_weights_and_feedback_scored_by_inner_reward(client):
     ({"user_id": 1, "ranking_weights": [1, 2]}, "body.ranking_weights", "at least 3"),
     ({"user_id": 1, "ranking_weights": [1, -2, 0]}, "body.ranking_weights.1", "greater than or equal to 0"),
     ({"user": 1}, "body.user", "Extra inputs"),
+    ({"user_id": 1, "history": [10**30]}, "body.history.0", "less than or equal"),
+    ({"user_id": 1, "step": 2**31}, "body.step", "less than or equal"),
+    ({"user_id": 1, "ranking_weights": [1e39, 0, 0]}, "body.ranking_weights.0", "less than or equal"),
 ])
 def test_bad_recommend_requests_get_422(client, body, loc, msg):
     r = client.post("/recommend", json=body)
@@ -80,6 +83,9 @@ def test_bad_feedback(client):
     rec = client.post("/recommend", json={"user_id": 2}).json()
     r = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True], "dwell_s": [1.0], "skipped": [False]})
     assert r.status_code == 422 and "the slate had 8 items but clicked has 1" in r.text
+    r = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [False] * 8, "dwell_s": [1e39] * 8,
+                                       "skipped": [False] * 8})
+    assert r.status_code == 422, r.text
 
 
 def test_stage_params_hot_update(client):
@@ -95,6 +101,10 @@ def test_stage_params_hot_update(client):
     assert client.put("/stages/reranking/params", json={"params": params}).status_code == 404
     stale = client.put("/stages/ranking/params", json={"params": params, "expected_version": 1})
     assert stale.status_code == 409
+    huge = client.put("/stages/matching/params", json={"params": {"w_relevance": 1e39, "w_popularity": 0.0,
+                                                                  "w_history": 0.0, "exploration": 0.0}})
+    assert huge.status_code == 422, huge.text
+    assert client.post("/recommend", json={"user_id": 4}).status_code == 200
 
 
 def test_feedback_emits_served_item_events_that_sessionise(client):
