@@ -90,12 +90,16 @@ def _top_k(scores: np.ndarray, k: int, ordered: bool) -> np.ndarray:
     return idx
 
 
+def history_embedding(ctx: StageContext, history: np.ndarray) -> np.ndarray:
+    """Mean item-tower embedding of the recently clicked items [B, H] (-1 = empty) → [B, d]."""
+    valid = history >= 0
+    hist = np.where(valid[..., None], ctx.item_tower[np.maximum(history, 0)], 0.0).sum(axis=1)
+    return hist / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+
+
 def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> np.ndarray:
     """Query tower: user embedding + w_history · mean embedding of recently clicked items."""
-    valid = req.history >= 0
-    hist = np.where(valid[..., None], ctx.item_tower[np.maximum(req.history, 0)], 0.0).sum(axis=1)
-    hist /= np.maximum(valid.sum(axis=1, keepdims=True), 1)
-    return ctx.user_tower[req.user] + w_history[:, None] * hist
+    return ctx.user_tower[req.user] + w_history[:, None] * history_embedding(ctx, req.history)
 
 
 def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64) -> StageOutput:

@@ -21,7 +21,7 @@ from gymnasium import spaces
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 import rust_ext
-from actors.stages import PARAM_NAMES, Pipeline, RequestBatch, matching, pre_ranking, ranking
+from actors.stages import PARAM_NAMES, Pipeline, RequestBatch, history_embedding, matching, pre_ranking, ranking
 from actors.world import COHORTS, PipelineConfig, World, WorldConfig, ndcg_at_k, seed_sequence
 
 RANKING_ACTION_HIGH = np.array([2.0, 2.0, 40.0], np.float32)   # w_click, w_long_view, w_purchase
@@ -50,9 +50,7 @@ def user_features(pipeline: Pipeline, req: RequestBatch, clicks: np.ndarray) -> 
     """Observable request context [B, 2d + 5]: user tower, mean clicked-item tower, cohort one-hot,
     request index / max, clicks so far / 10. (Never the hidden satisfaction or temper.)"""
     world, ctx = pipeline.world, pipeline.ctx
-    valid = req.history >= 0
-    hist = np.where(valid[..., None], ctx.item_tower[np.maximum(req.history, 0)], 0.0).sum(axis=1)
-    hist /= np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    hist = history_embedding(ctx, req.history)
     cohort = np.eye(len(COHORTS), dtype=np.float32)[world.users.cohort[req.user]]
     step = (req.step / world.config.max_requests)[:, None]
     return np.concatenate([ctx.user_tower[req.user], hist, cohort, step, (clicks / 10.0)[:, None]], axis=1).astype(np.float32)
@@ -74,7 +72,6 @@ class _SessionDriver:
         self.world, self.pipeline = build_world(env_config)
         self.obs_dim = 2 * self.world.config.embed_dim + len(COHORTS) + 2
         self.rng = seed_sequence(int((env_config or {}).get("seed", 0)), "env")
-        self.request_id = 0
 
     def reset(self, seed: int | None) -> None:
         if seed is not None:
@@ -86,7 +83,6 @@ class _SessionDriver:
 
     def request(self) -> RequestBatch:
         s = self.sessions
-        self.request_id += 1
         return RequestBatch(s.user, s.history, s.requests, int(self.rng.integers(0, 2**62)))
 
     def observe(self, req: RequestBatch) -> np.ndarray:

@@ -54,6 +54,6 @@ def inner_reward_slates(offsets, clicked, dwell, skipped, relevance, weights: Re
             raise TypeError(f"weights: expected RewardWeights, got {type(weights).__name__}") from None
     clicked = as_flags(clicked, "clicked")
     return _native.inner_reward_slates(
-        as_offsets(offsets, len(clicked)), clicked, as_f32(dwell, "dwell"),
+        as_offsets(offsets), clicked, as_f32(dwell, "dwell"),
         as_flags(skipped, "skipped"), as_f32(relevance, "relevance"), weights,
     )

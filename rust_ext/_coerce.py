@@ -42,7 +42,7 @@ def as_f32(x, field: str) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def as_offsets(x, n_items: int) -> np.ndarray:
+def as_offsets(x) -> np.ndarray:
     """CSR offsets as contiguous int64 (validated by the kernel)."""
     a = np.asarray(_from_arrow(x, "offsets"))
     if a.dtype.kind not in "iu":

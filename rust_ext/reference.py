@@ -46,7 +46,7 @@ def inner_reward_numpy(clicked, dwell, skipped, relevance, weights: RewardWeight
 def inner_reward_slates_numpy(offsets, clicked, dwell, skipped, relevance, weights=None):
     """(per-item rewards, per-slate totals) for CSR-packed slates."""
     rewards = inner_reward_numpy(clicked, dwell, skipped, relevance, weights)
-    offs = as_offsets(offsets, len(rewards))
+    offs = as_offsets(offsets)
     if len(offs) == 0 or offs[0] != 0 or np.any(np.diff(offs) < 0) or offs[-1] != len(rewards):
         raise ValueError(f"offsets: not a valid CSR offset array for {len(rewards)} items")
     cumulative = np.concatenate([[0.0], np.cumsum(rewards, dtype=np.float64)])

@@ -33,11 +33,9 @@ from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch, _params
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
+from serve_apps.inner_reward import DwellSeconds, FiniteFloat
 
-F32_MAX = 3.4e38
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-F32_MAX, le=F32_MAX)]
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
-Seconds = Annotated[float, Field(ge=0, le=F32_MAX, allow_inf_nan=False)]
 
 
 class RecommendRequest(BaseModel):
@@ -63,10 +61,10 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str
     clicked: list[bool]
-    dwell_s: list[Seconds]
+    dwell_s: list[DwellSeconds]
     skipped: list[bool]
     purchased: Optional[list[bool]] = None
-    revenue: Optional[list[Seconds]] = None
+    revenue: Optional[list[DwellSeconds]] = None  # same bounds: finite, >= 0, float32 range
     session_id: Optional[str] = Field(default=None, max_length=128)
 
 

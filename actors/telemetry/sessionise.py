@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .schema import dedupe
 
@@ -159,6 +158,7 @@ class StreamSessioniser:
         self.out_dir, self.gap_s, self.max_steps, self.overlap = out_dir, gap_s, max_steps, overlap
         os.makedirs(out_dir, exist_ok=True)
         self.pending: dict[int, list[pa.Table]] = {}
+        self.last_us: dict[int, int] = {}  # newest event time per pending user
         self.entry_users: dict[bytes, set[int]] = {}
         self.watermark_us = 0
         self.sessions_written = 0
@@ -167,13 +167,17 @@ class StreamSessioniser:
         ids, table = self.reader.read(count=max_entries, block_ms=block_ms)
         if table.num_rows:
             users = table["user_id"].to_numpy()
-            self.watermark_us = max(self.watermark_us, int(pa.compute.max(table["ts"]).cast(pa.int64()).as_py()))
             order = np.argsort(users, kind="stable")
             bounds = np.flatnonzero(np.r_[True, np.diff(users[order]) != 0, True])
+            ts = table["ts"].cast(pa.int64()).to_numpy()
+            self.watermark_us = max(self.watermark_us, int(ts.max()))
             for s, e in zip(bounds[:-1], bounds[1:]):
-                self.pending.setdefault(int(users[order[s]]), []).append(table.take(pa.array(order[s:e])))
+                user, rows = int(users[order[s]]), order[s:e]
+                self.pending.setdefault(user, []).append(table.take(pa.array(rows)))
+                self.last_us[user] = max(self.last_us.get(user, 0), int(ts[rows].max()))
+            read_users = set(np.unique(users).tolist())
             for eid in ids:  # an entry's users: conservatively all users of this read
-                self.entry_users[eid] = set(np.unique(users).tolist())
+                self.entry_users[eid] = read_users
         self._close(lambda last_us: last_us < self.watermark_us - self.gap_s * 1e6)
         return {"entries": len(ids), "open_users": len(self.pending), "sessions_written": self.sessions_written}
 
@@ -188,8 +192,7 @@ class StreamSessioniser:
 
         import pyarrow.parquet as pq
 
-        closing = [u for u, tables in self.pending.items()
-                   if is_closed(max(int(pa.compute.max(t["ts"]).cast(pa.int64()).as_py()) for t in tables))]
+        closing = [u for u in self.pending if is_closed(self.last_us[u])]
         if not closing:
             return
         events = pa.concat_tables([t for u in closing for t in self.pending[u]])
@@ -200,7 +203,7 @@ class StreamSessioniser:
         os.replace(tmp, os.path.join(self.out_dir, name))
         self.sessions_written += len(set(trajectories["session_id"].to_pylist()))
         for u in closing:
-            del self.pending[u]
+            del self.pending[u], self.last_us[u]
         done = [eid for eid, users in self.entry_users.items() if not users & self.pending.keys()]
         self.reader.ack(done)
         for eid in done:
