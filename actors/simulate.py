@@ -7,15 +7,18 @@ same users, the same candidates and the same random draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
 
 from actors.stages import Pipeline, RequestBatch
 from actors.world import World, ndcg_at_k, seed_sequence
+from actors.world.world import Response
 
 SlatePolicy = Callable[[World, Pipeline, RequestBatch, np.random.Generator], np.ndarray]
+# observer(request, served slates [B, K], response of the B active sessions) — e.g. a telemetry logger
+Observer = Callable[[RequestBatch, np.ndarray, Response], None]
 
 
 def pipeline_policy(params: dict | None = None) -> SlatePolicy:
@@ -70,13 +73,14 @@ class SessionSummary:
     revenue_per_session: float
     return_rate: float         # next-day return
     satisfaction_end: float
+    returned_mask: np.ndarray | None = field(default=None, repr=False)   # [n_sessions] per-session next-day return
 
     def row(self) -> dict:
-        return self.__dict__.copy()
+        return {k: v for k, v in self.__dict__.items() if k != "returned_mask"}
 
 
 def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessions: int = 500, seed: int = 0,
-                 name: str = "policy", users: np.ndarray | None = None) -> SessionSummary:
+                 name: str = "policy", users: np.ndarray | None = None, observer: Observer | None = None) -> SessionSummary:
     """Simulate n_sessions complete sessions (all concurrently, vectorised over users)."""
     rng = seed_sequence(seed, "sessions", name)
     if users is None:
@@ -86,12 +90,15 @@ def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessio
     ndcgs, request_id = [], 0
     while sessions.active.any():
         act = np.flatnonzero(sessions.active)
-        req = RequestBatch(sessions.user[act], sessions.history[act], sessions.requests[act], request_id)
+        req = RequestBatch(sessions.user[act], sessions.history[act], sessions.requests[act], request_id,
+                           sessions.clicks[act])
         slate = policy(world, pipeline, req, rng)
         full = np.zeros((sessions.size, slate.shape[1]), np.int64)
         full[act] = slate
         resp = world.step(sessions, full, rng)
         ndcgs.append(ndcg_at_k(resp.relevance[act], ideal[act], 10))
+        if observer is not None:
+            observer(req, slate, Response(*(getattr(resp, f.name)[act] for f in fields(Response))))
         request_id += 1
     ndcg = np.concatenate(ndcgs)
     return SessionSummary(
@@ -100,6 +107,7 @@ def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessio
         requests_per_session=float(sessions.requests.mean()), items_per_session=float(sessions.items.mean()),
         dwell_s_per_session=float(sessions.dwell_s.mean()), revenue_per_session=float(sessions.revenue.mean()),
         return_rate=float(sessions.returned_next_day.mean()), satisfaction_end=float(world.satisfaction(sessions).mean()),
+        returned_mask=sessions.returned_next_day.copy(),
     )
 
 

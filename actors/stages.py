@@ -41,6 +41,7 @@ class RequestBatch:
     history: np.ndarray     # int64 [B, H] recently clicked items, -1 = empty
     step: np.ndarray        # int32 [B] request index within the session
     request_id: int = 0     # keys the stages' randomness
+    clicks: np.ndarray | None = None   # int [B] clicks so far in the session (a policy feature), if known
 
     def __post_init__(self) -> None:
         if self.history.ndim != 2 or len(self.history) != len(self.user) or len(self.step) != len(self.user):

@@ -83,7 +83,8 @@ def clip_rewards(rewards, low: float = -5.0, high: float = 5.0):
 
 class RollingBaseline:
     """EMA of the reward signal: μ ← (1−α)μ + α·r̄, σ² ← (1−α)σ² + α·mean((r − μ)²), per batch;
-    ``advantage(r) = (r − μ)/√(σ² + eps)`` uses the statistics *before* this batch updates them."""
+    ``advantage(r) = (r − μ)/√(σ² + eps)`` uses the statistics *before* this batch updates them,
+    except the very first batch, which initialises them (so it is standardised, not raw)."""
 
     def __init__(self, alpha: float = 0.01, eps: float = 1e-6):
         if not 0.005 <= alpha <= 0.02:
@@ -94,6 +95,9 @@ class RollingBaseline:
     def advantage(self, rewards: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         r = np.asarray(rewards, np.float64)
         valid = np.ones_like(r, bool) if mask is None else np.asarray(mask) > 0
+        if self.count == 0:
+            self.update(r[valid])
+            return np.where(valid, (r - self.mean) / math.sqrt(self.var + self.eps), 0.0)
         adv = np.where(valid, (r - self.mean) / math.sqrt(self.var + self.eps), 0.0)
         self.update(r[valid])
         return adv

@@ -46,10 +46,11 @@ def build_world(env_config: dict | None) -> tuple[World, Pipeline]:
     return _WORLD_CACHE[key]
 
 
-def user_features(pipeline: Pipeline, req: RequestBatch, clicks: np.ndarray) -> np.ndarray:
+def user_features(pipeline: Pipeline, req: RequestBatch, clicks: np.ndarray | None = None) -> np.ndarray:
     """Observable request context [B, 2d + 5]: user tower, mean clicked-item tower, cohort one-hot,
     request index / max, clicks so far / 10. (Never the hidden satisfaction or temper.)"""
     world, ctx = pipeline.world, pipeline.ctx
+    clicks = np.asarray(req.clicks if clicks is None else clicks, np.float32)
     hist = history_embedding(ctx, req.history)
     cohort = np.eye(len(COHORTS), dtype=np.float32)[world.users.cohort[req.user]]
     step = (req.step / world.config.max_requests)[:, None]
@@ -96,7 +97,10 @@ class _SessionDriver:
         s = self.sessions
         done = not bool(s.active[0])
         info = {"clicks": int(resp.clicked.sum()), "revenue": float(resp.revenue.sum()), "ndcg_at_10": ndcg,
-                "reward_vector": np.array([resp.clicked.sum(), (resp.dwell_s >= 18).sum(), resp.revenue.sum()], np.float32)}
+                "reward_vector": np.array([resp.clicked.sum(), (resp.dwell_s >= 18).sum(), resp.revenue.sum()], np.float32),
+                # the inner reward's features summed over the slate: clicks, Σ ln(1+dwell), skips, Σ relevance
+                "inner_features": np.array([resp.clicked.sum(), np.log1p(resp.dwell_s).sum(), resp.skipped.sum(),
+                                            predicted_relevance.sum()], np.float32)}
         if done:
             info.update(session_requests=int(s.requests[0]), session_items=int(s.items[0]), session_clicks=int(s.clicks[0]),
                         session_revenue=float(s.revenue[0]), session_dwell_s=float(s.dwell_s[0]),

@@ -2,6 +2,9 @@
 
 ``event_id`` is 16 bytes: the request's 64-bit uid then the item's position (both little-endian),
 unique per served item and cheap to build for a whole slate at once.
+
+``context`` is the request's observation as the policy saw it (feature logging), so learners
+train on exactly what was served from and never rebuild features offline. Null when not logged.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ EVENT_SCHEMA = pa.schema([
     pa.field("purchased", pa.bool_()),
     pa.field("revenue", pa.float32()),
     pa.field("inner_reward", pa.float32()),
+    pa.field("context", pa.list_(pa.float32())),
 ])
 
 
@@ -47,7 +51,7 @@ def slate_events(*, request_uid: int, ts_us: int, user_id: int, items: np.ndarra
                  dwell_s: np.ndarray, skipped: np.ndarray, inner_reward: np.ndarray, predictions: dict[str, np.ndarray],
                  utility_weights: np.ndarray | None = None, policy_version: int = 0, propensity: float = 1.0,
                  purchased: np.ndarray | None = None, revenue: np.ndarray | None = None,
-                 session_id: str | None = None) -> pa.RecordBatch:
+                 session_id: str | None = None, context: np.ndarray | None = None) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (vectorised)."""
     n = len(items)
     pos = np.arange(n, dtype=np.int16)
@@ -74,6 +78,9 @@ def slate_events(*, request_uid: int, ts_us: int, user_id: int, items: np.ndarra
         "purchased": pa.array(np.zeros(n, bool) if purchased is None else np.asarray(purchased, bool)),
         "revenue": f32(np.zeros(n) if revenue is None else revenue),
         "inner_reward": f32(inner_reward),
+        "context": (pa.nulls(n, pa.list_(pa.float32())) if context is None else
+                    pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * len(context)),
+                                             pa.array(np.tile(np.asarray(context, np.float32), n)))),
     }
     return pa.RecordBatch.from_arrays(list(cols.values()), schema=EVENT_SCHEMA)
 

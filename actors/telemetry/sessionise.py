@@ -28,6 +28,7 @@ TRAJECTORY_SCHEMA = pa.schema([
     ("propensities", pa.list_(pa.float32())), ("rewards", pa.list_(pa.float32())),
     ("clicks", pa.list_(pa.int32())), ("step_revenue", pa.list_(pa.float32())),
     ("session_revenue", pa.float32()), ("session_clicks", pa.int32()), ("returned", pa.bool_()),
+    ("observations", pa.list_(pa.list_(pa.float32()))),   # logged request contexts (null entries if not logged)
 ])
 
 
@@ -45,10 +46,11 @@ def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list
 def requests_table(events: pa.Table) -> pd.DataFrame:
     """One row per request (a step), ordered by user then time."""
     df = events.select(["user_id", "request_id", "ts", "inner_reward", "clicked", "revenue", "propensity",
-                        "utility_weights"]).to_pandas()
+                        "utility_weights", "context"]).to_pandas()
     g = df.groupby(["user_id", "request_id"], sort=False)
     steps = g.agg(ts=("ts", "min"), reward=("inner_reward", "sum"), clicks=("clicked", "sum"), revenue=("revenue", "sum"),
-                  propensity=("propensity", "first"), action=("utility_weights", "first")).reset_index()
+                  propensity=("propensity", "first"), action=("utility_weights", "first"),
+                  context=("context", "first")).reset_index()
     return steps.sort_values(["user_id", "ts", "request_id"], kind="stable").reset_index(drop=True)
 
 
@@ -91,6 +93,7 @@ def sessionise(events: pa.Table, gap_s: float = 1800.0, max_steps: int = 512, ov
                 "step_revenue": part["revenue"].astype(np.float32).tolist(),
                 "session_revenue": float(sess["revenue"].iat[k]), "session_clicks": int(sess["clicks"].iat[k]),
                 "returned": None if np.isnan(returned[k]) else bool(returned[k]),
+                "observations": [None if c is None else list(c) for c in part["context"]],
             })
     return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
 

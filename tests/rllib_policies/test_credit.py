@@ -56,12 +56,14 @@ def test_clip_numpy_and_torch():
 
 def test_rolling_baseline_ema_by_hand():
     b = RollingBaseline(alpha=0.01)
-    adv = b.advantage(np.array([1.0, 3.0]))          # first batch: stats (0, 1) before, then init
-    np.testing.assert_allclose(adv, [1.0 / math.sqrt(1 + 1e-6), 3.0 / math.sqrt(1 + 1e-6)])
+    adv = b.advantage(np.array([1.0, 3.0]))          # first batch: initialises the stats, then standardised by them
+    np.testing.assert_allclose(adv, [-1.0, 1.0], atol=1e-5)
     assert b.mean == pytest.approx(2.0) and b.var == pytest.approx(1.0, abs=1e-5)
     b.update(np.array([4.0]))
     assert b.mean == pytest.approx(0.99 * 2.0 + 0.01 * 4.0)
     assert b.var == pytest.approx(0.99 * 1.0 + 0.01 * (4.0 - b.mean) ** 2, abs=1e-5)
+    mean, sd = b.mean, math.sqrt(b.var + b.eps)
+    assert b.advantage(np.array([mean + sd]))[0] == pytest.approx(1.0)   # later batches: the stats from before
     with pytest.raises(ValueError, match=r"\[0.005, 0.02\]"):
         RollingBaseline(alpha=0.1)
 

@@ -1,0 +1,54 @@
+"""The outer controller's TorchLearner: a KPI-blended, credit-weighted policy gradient with a baseline.
+
+Per row (one request of a session), with the driver's signals (see signals.py):
+
+    w_t  = gated-attention weights over the session (stop-gradient for the policy; uniform 1/T
+           without credit attention)
+    A_t  = clip((1 − κ)·Ĝ_t + κ·T·w_t·R̂, −c, c)
+    L_pg = −Σ_t A_t·log π(a_t|s_t) / N − β_H·H[π]
+    L    = L_pg + λ_credit·L_credit         (return decomposition + engagement gate, credit.py)
+
+The credit network is trained jointly on the same batch (its own auxiliary loss, no policy
+gradient through it).
+"""
+
+from __future__ import annotations
+
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+
+from .sessions import pad_sessions
+
+
+class OuterControllerLearner(TorchLearner):
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        module = self.module[module_id].unwrapped()
+        obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
+        logp, entropy = module.log_prob(obs, actions)
+        mask, sid, rel, (x, step_signal, outer_signal, kappa, engaged) = pad_sessions(
+            batch["session"], batch["t"], torch.cat([obs, actions / module.high], dim=-1),
+            batch["step_signal"], batch["outer_signal"], batch["kappa"], batch["engaged"])
+        lengths = mask.sum(dim=1)
+        r_outer = outer_signal[:, 0]
+        kappa_b = kappa[:, 0]
+        if config.credit_attention:
+            with torch.no_grad():
+                weights, _ = module.credit.weights(x, mask)
+            credit_loss = module.credit.aux_loss(x, r_outer, mask, engaged)
+        else:
+            weights = mask / lengths[:, None]
+            credit_loss = torch.zeros((), device=obs.device)
+        kpi_credit = lengths[:, None] * weights * r_outer[:, None]         # T·w_t·R̂ (= R̂ when uniform)
+        blended = (1 - kappa_b[:, None]) * step_signal + kappa_b[:, None] * kpi_credit
+        advantage = blended.clamp(-config.reward_clip, config.reward_clip)[sid, rel]
+        pg_loss = -(advantage.detach() * logp).mean()
+        loss = pg_loss - config.entropy_coeff * entropy.mean() + config.credit_loss_coeff * credit_loss
+        self.metrics.log_dict({
+            "pg_loss": pg_loss.item(), "credit_loss": float(credit_loss.detach()), "advantage_mean": advantage.mean().item(),
+            "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,
+            "clipped_fraction": (blended.abs() >= config.reward_clip).float().mul(mask).sum().item() / mask.sum().item(),
+            "policy_std_mean": module.log_std.exp().mean().item(),
+            "credit_on_engaged_steps": (weights * engaged.float()).sum().item() / mask.shape[0],
+        }, key=module_id, window=1)
+        return loss

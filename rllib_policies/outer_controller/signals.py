@@ -1,0 +1,128 @@
+"""The learning signals each arm feeds its policy gradient, computed on the driver per iteration.
+
+layered     inner: G_t = Σ γ^k·clip(r_{t+k})  → rolling baseline → Ĝ_t
+            outer: R = Σ_k w_k·KPI_k (session)  → rolling baseline → R̂
+            the learner blends A_t = clip((1 − κ)·Ĝ_t + κ·T·c_t(R̂), ±5) with gated-attention
+            credit c_t; κ = 0 until ``min_sessions_for_kpi`` sessions have been seen (the gate),
+            then κ(i) from the anneal schedule (or κ_end throughout without annealing).
+monolithic  one per-step weighted sum m_t = clip(r_t) + [t = T]·Σ_k w_k·KPI_k, G_t = Σ γ^k·m_{t+k}
+            → the same rolling baseline; no second signal, no credit, no κ.
+
+KPI weights live here (not in the frozen AlgorithmConfig) so an operator can change them at run
+time; the next iteration uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rllib_policies.credit import KappaSchedule, RollingBaseline, clip_rewards, discounted_returns
+
+from .sessions import SessionBatch
+
+
+@dataclass
+class SignalConfig:
+    arm: str = "layered"                      # "layered" | "monolithic"
+    gamma: float = 0.9
+    kpi_weights: dict = field(default_factory=lambda: {"revenue": 1.0, "return": 1.0, "ndcg": 1.0})
+    kappa: KappaSchedule = field(default_factory=KappaSchedule)
+    anneal: bool = True                       # False: κ = kappa.end from the first gated iteration
+    baseline: bool = True
+    baseline_alpha: float = 0.01
+    reward_clip: float = 5.0
+    min_sessions_for_kpi: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.arm not in ("layered", "monolithic"):
+            raise ValueError(f"arm must be 'layered' or 'monolithic', got {self.arm!r}")
+        if self.min_sessions_for_kpi < 0 or self.reward_clip <= 0:
+            raise ValueError("min_sessions_for_kpi must be >= 0 and reward_clip > 0")
+        validate_kpi_weights(self.kpi_weights)
+
+
+def validate_kpi_weights(weights: dict) -> dict:
+    from .sessions import KPIS
+
+    if not weights:
+        raise ValueError("kpi_weights must name at least one KPI")
+    for name, w in weights.items():
+        if name not in KPIS:
+            raise ValueError(f"kpi_weights: unknown KPI {name!r}; choose from {KPIS}")
+        if not np.isfinite(w):
+            raise ValueError(f"kpi_weights[{name!r}] must be finite, got {w}")
+    return {k: float(v) for k, v in weights.items()}
+
+
+class OuterSignals:
+    """Stateful (baselines, sessions seen, KPI weights); ``state()`` / ``set_state()`` checkpoint it."""
+
+    def __init__(self, config: SignalConfig):
+        self.config = config
+        self.kpi_weights = dict(config.kpi_weights)
+        self.inner_baseline = RollingBaseline(config.baseline_alpha)
+        self.outer_baseline = RollingBaseline(config.baseline_alpha)
+        self.sessions_seen = 0
+        self.gated_iterations = 0
+
+    def set_kpi_weights(self, weights: dict) -> None:
+        self.kpi_weights = validate_kpi_weights(weights)
+
+    def outer_reward(self, batch: SessionBatch) -> np.ndarray:
+        """R = Σ_k w_k·KPI_k per session [B]."""
+        missing = [k for k in self.kpi_weights if k not in batch.kpis]
+        if missing:
+            raise ValueError(f"kpi_weights name KPIs this data does not carry: {missing} (has {sorted(batch.kpis)})")
+        return sum(w * batch.kpis[k] for k, w in self.kpi_weights.items())
+
+    def kappa(self) -> float:
+        """κ for this iteration: 0 while the session gate is closed."""
+        if self.sessions_seen < self.config.min_sessions_for_kpi:
+            return 0.0
+        k = self.config.kappa
+        return k(self.gated_iterations) if self.config.anneal else k.end
+
+    def compute(self, batch: SessionBatch) -> dict:
+        """Per-row columns for the learner + metrics. Advances the gate and the baselines."""
+        cfg, clip = self.config, self.config.reward_clip
+        self.sessions_seen += batch.n_sessions
+        kappa = self.kappa()
+        if kappa > 0:
+            self.gated_iterations += 1
+        r_outer = self.outer_reward(batch)
+        inner = clip_rewards(batch.inner_reward, -clip, clip)
+        if cfg.arm == "monolithic":
+            per_step = inner + batch.last_step() * r_outer[batch.session]
+            kappa, outer_signal = 0.0, np.zeros(batch.n_sessions)
+        else:
+            per_step = inner
+        padded, mask = batch.padded(per_step)
+        g = discounted_returns(padded, cfg.gamma, mask)
+        if cfg.baseline:
+            g = self.inner_baseline.advantage(g, mask)
+            if cfg.arm == "layered":
+                outer_signal = self.outer_baseline.advantage(r_outer)
+        elif cfg.arm == "layered":
+            outer_signal = r_outer
+        step_signal = g[batch.session, batch.t]
+        return {
+            "step_signal": step_signal.astype(np.float32),
+            "outer_signal": outer_signal[batch.session].astype(np.float32),
+            "kappa": np.full(len(batch.t), kappa, np.float32),
+            "metrics": {"kappa": kappa, "sessions_seen": self.sessions_seen,
+                        "kpi_gate_open": float(self.sessions_seen >= cfg.min_sessions_for_kpi),
+                        "outer_reward_mean": float(r_outer.mean()), "inner_reward_mean": float(batch.inner_reward.mean()),
+                        **{f"kpi_{k}": float(v.mean()) for k, v in batch.kpis.items()}},
+        }
+
+    def state(self) -> dict:
+        return {"kpi_weights": self.kpi_weights, "inner": self.inner_baseline.state(), "outer": self.outer_baseline.state(),
+                "sessions_seen": self.sessions_seen, "gated_iterations": self.gated_iterations}
+
+    def set_state(self, state: dict) -> None:
+        self.kpi_weights = dict(state["kpi_weights"])
+        for baseline, s in ((self.inner_baseline, state["inner"]), (self.outer_baseline, state["outer"])):
+            baseline.mean, baseline.var, baseline.count = s["mean"], s["var"], s["count"]
+        self.sessions_seen, self.gated_iterations = state["sessions_seen"], state["gated_iterations"]

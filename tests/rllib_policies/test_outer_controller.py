@@ -1,0 +1,177 @@
+"""OuterController on a real local Ray: online and offline training, the safety rails firing,
+checkpoint → resume continuity, shadow mode, pushing inner-reward weights to the real service."""
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from rllib_policies.envs import SessionEnv
+from rllib_policies.outer_controller import OuterControllerConfig
+
+pytestmark = pytest.mark.ray
+
+CONFIG = {"world": {"n_items": 2000, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}, "seed": 1}
+
+
+def tiny(**options) -> OuterControllerConfig:
+    return (OuterControllerConfig().environment(SessionEnv, env_config=CONFIG)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=2).debugging(seed=0, log_level="ERROR")
+            .outer_controller(**{"sessions_per_iteration": 6, "min_sessions_for_kpi": 6, **options}))
+
+
+def weights(algo) -> dict:
+    return {k: np.array(v) for k, v in algo.learner_group.get_weights()["default_policy"].items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session):
+    algo = tiny(kl_rollback_threshold=None).build_algo()
+    before = weights(algo)
+    results = [algo.train() for _ in range(2)]
+    yield algo, before, results
+    algo.stop()
+
+
+def test_online_training_updates_the_policy_and_reports_the_signals(trained):
+    algo, before, results = trained
+    assert not same(before, weights(algo))
+    oc = results[-1]["outer_controller"]
+    assert oc["sessions_seen"] >= 12 and oc["kpi_gate_open"] == 1.0 and oc["kappa"] > 0
+    learner = results[-1]["learners"]["default_policy"]
+    assert np.isfinite(learner["pg_loss"]) and 0 <= learner["clipped_fraction"] <= 1
+    # the env runners act with the learners' weights
+    runner = algo.get_module().state_dict()
+    assert np.allclose(runner["pi.0.weight"].numpy(), weights(algo)["pi.0.weight"])
+
+
+def test_kl_rollback_restores_the_last_good_state(ray_session):
+    algo = tiny(kl_rollback_threshold=1e-9).build_algo()
+    try:
+        start = weights(algo)
+        result = algo.train()["outer_controller"]
+        assert result["rolled_back"] == 1.0 and result["rollbacks"] == 1 and result["kl_from_reference"] > 1e-9
+        assert same(start, weights(algo))                    # learners back at the last good state
+        assert np.allclose(algo.get_module().state_dict()["log_std"].numpy(), start["log_std"])   # and so are the runners
+    finally:
+        algo.stop()
+
+
+def test_kpi_weights_change_without_retraining(trained):
+    algo, _, _ = trained
+    algo.set_kpi_weights({"return": 1.0})
+    result = algo.train()["outer_controller"]
+    assert result["outer_reward_mean"] == pytest.approx(result["kpi_return"])   # R = 1·return now
+    with pytest.raises(ValueError, match="unknown KPI"):
+        algo.set_kpi_weights({"gmv": 1.0})
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown outer_controller option"):
+        OuterControllerConfig().outer_controller(kpi_weight={"ndcg": 1})
+    with pytest.raises(ValueError, match="arm must be 'layered' or 'monolithic'"):
+        OuterControllerConfig().outer_controller(arm="both").validate()
+
+
+def test_checkpoint_then_resume_continues_where_it_stopped(trained, tmp_path):
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    algo, _, _ = trained
+    path = algo.save_to_path(str(tmp_path / "ckpt"))
+    restored = Algorithm.from_checkpoint(path)
+    try:
+        assert same(weights(algo), weights(restored))
+        assert restored.iteration == algo.iteration
+        assert restored.signals.state() == algo.signals.state()
+        assert all(np.array_equal(restored._reference[k], algo._reference[k]) for k in algo._reference)
+        result = restored.train()["outer_controller"]
+        assert result["sessions_seen"] == algo.signals.sessions_seen + 6     # the KPI gate counter carries on
+    finally:
+        restored.stop()
+
+
+def test_warm_start_and_offline_training_from_trajectory_parquet(ray_session, tmp_path):
+    from actors.telemetry import sessionise_dataset
+    from rllib_policies.outer_controller.logs import simulate_logs
+
+    simulate_logs(CONFIG, str(tmp_path / "events"), days=3, users_per_day=30, noise=0.2)
+    sessionise_dataset(str(tmp_path / "events"), str(tmp_path / "trajectories"))
+    algo = tiny(kl_rollback_threshold=None).build_algo()
+    try:
+        import pyarrow.dataset as pads
+
+        from rllib_policies.outer_controller.sessions import from_trajectories
+
+        logged = from_trajectories(pads.dataset(str(tmp_path / "trajectories")).to_table())
+        gap = lambda: float(np.abs(algo.policy_mean(logged.obs) - logged.actions).mean())  # noqa: E731
+        before = gap()
+        info = algo.warm_start(str(tmp_path / "trajectories"), iterations=30)
+        assert info["sessions"] == logged.n_sessions > 0
+        assert gap() < 0.8 * before                            # behaviour cloning moved μ(s) towards the logged actions
+        assert same(weights(algo), algo._reference)            # the warm-started policy is the KL reference
+    finally:
+        algo.stop()
+    offline = tiny(offline_trajectories=str(tmp_path / "trajectories"), sessions_per_iteration=16,
+                   kpi_weights={"revenue": 0.5, "return": 1.0}, kl_rollback_threshold=None).build_algo()
+    try:
+        before = weights(offline)
+        result = offline.train()["outer_controller"]
+        assert result["sessions_in_batch"] > 0 and not same(before, weights(offline))
+    finally:
+        offline.stop()
+
+
+def test_shadow_candidate_is_logged_but_never_served(trained):
+    from actors.simulate import run_sessions
+    from rllib_policies.envs import build_world
+    from rllib_policies.outer_controller.rails import ranking_policy, run_shadow
+
+    algo, _, _ = trained
+    live = algo.get_module()
+    candidate = type(live)(observation_space=live.observation_space, action_space=live.action_space)   # fresh weights
+    summary, log = run_shadow(live, candidate, CONFIG, n_sessions=40, seed=3)
+    world, pipeline = build_world(CONFIG)
+    alone = run_sessions(world, pipeline, ranking_policy(live), 40, 3, "live")
+    assert summary.row() == alone.row()                       # the served outcome is the live policy's alone
+    served = np.concatenate(log.served_slates)
+    assert len(served) == sum(len(a) for a in log.candidate_actions) == log.summary()["requests"]
+    assert not np.allclose(np.concatenate(log.candidate_actions), np.concatenate(log.live_actions))
+    s = log.summary()
+    assert set(s) >= {"live_reward_quantiles", "candidate_reward_quantiles", "candidate_action_mean"}
+
+
+def test_fitted_inner_reward_weights_reach_the_inner_reward_service(trained, serve_url):
+    import httpx
+    from ray import serve
+
+    from rllib_policies.outer_controller.rails import push_inner_reward_weights
+    from serve_apps.inner_reward import app_builder
+
+    algo, _, _ = trained
+    fitted = algo.inner_reward_weights(algo.last_batch)
+    assert set(fitted) == {"click_w", "dwell_w", "skip_penalty", "rel_w"} and all(np.isfinite(list(fitted.values())))
+    serve.run(app_builder({"weights_store": f"ir_oc_{uuid.uuid4().hex[:8]}"}), name="ir_oc", route_prefix="/ir_oc")
+    try:
+        state = push_inner_reward_weights(f"{serve_url}/ir_oc", fitted)
+        assert state["weights"]["click_w"] == pytest.approx(fitted["click_w"], abs=1e-6)
+        assert httpx.get(f"{serve_url}/ir_oc/weights").json()["version"] == state["version"]
+        with pytest.raises(RuntimeError, match="409"):
+            push_inner_reward_weights(f"{serve_url}/ir_oc", fitted, expected_version=state["version"] - 1)
+    finally:
+        serve.delete("ir_oc")
+
+
+def test_two_learners_train_in_parallel(ray_session):
+    algo = tiny(kl_rollback_threshold=None).learners(num_learners=2, num_cpus_per_learner=0.25).build_algo()
+    try:
+        before = weights(algo)
+        result = algo.train()
+        assert not same(before, weights(algo))
+        assert np.isfinite(result["learners"]["default_policy"]["pg_loss"])
+    finally:
+        algo.stop()

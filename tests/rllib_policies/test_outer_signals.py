@@ -1,0 +1,117 @@
+"""The outer controller's signals, KL, padding and inner-reward fit against hand-computed values
+(no Ray)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rllib_policies.credit import KappaSchedule
+from rllib_policies.outer_controller import OuterSignals, SessionBatch, SignalConfig, gaussian_kl
+from rllib_policies.outer_controller.rails import fit_inner_reward_weights
+from rllib_policies.outer_controller.sessions import from_trajectories, pad_sessions
+
+
+def two_sessions(inner=(1.0, 2.0, 4.0)) -> SessionBatch:
+    """Session 0: two steps (rewards inner[0], inner[1]); session 1: one step (inner[2])."""
+    return SessionBatch(obs=np.zeros((3, 2), np.float32), actions=np.zeros((3, 3), np.float32),
+                        inner_reward=np.array(inner), engaged=np.array([True, False, True]),
+                        session=np.array([0, 0, 1]), t=np.array([0, 1, 0]),
+                        kpis={"revenue": np.array([10.0, 0.0]), "return": np.array([1.0, 0.0]), "ndcg": np.array([0.5, 0.3]),
+                              "clicks": np.array([3.0, 1.0])})
+
+
+def config(**kw) -> SignalConfig:
+    base = dict(gamma=0.5, baseline=False, min_sessions_for_kpi=0, kpi_weights={"revenue": 0.1, "return": 1.0})
+    return SignalConfig(**{**base, **kw})
+
+
+def test_gaussian_kl_hand_computed():
+    # KL(N(0,1) ‖ N(1,2²)) = ln 2 + (1 + 1)/8 − 1/2
+    kl = gaussian_kl(np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)), np.full((1, 1), math.log(2)))
+    assert kl[0] == pytest.approx(math.log(2) + 0.25 - 0.5)
+    assert gaussian_kl(np.ones((2, 3)), np.zeros((2, 3)), np.ones((2, 3)), np.zeros((2, 3))) == pytest.approx([0, 0])
+
+
+def test_layered_signals_hand_computed():
+    out = OuterSignals(config()).compute(two_sessions())
+    # G: session 0 → [1 + 0.5·2, 2] = [2, 2]; session 1 → [4]
+    np.testing.assert_allclose(out["step_signal"], [2.0, 2.0, 4.0])
+    # R = 0.1·revenue + 1·return per session, broadcast over its steps
+    np.testing.assert_allclose(out["outer_signal"], [2.0, 2.0, 0.0])
+    assert out["kappa"][0] == pytest.approx(0.2)   # the gate is open (min 0): κ(0) = start
+
+
+def test_monolithic_is_one_weighted_sum_with_the_kpis_at_the_last_step():
+    out = OuterSignals(config(arm="monolithic")).compute(two_sessions())
+    # m = [1, 2 + 2, 4 + 0] → G = [1 + 0.5·4, 4, 4]
+    np.testing.assert_allclose(out["step_signal"], [3.0, 4.0, 4.0])
+    assert not out["outer_signal"].any() and not out["kappa"].any()
+
+
+def test_rewards_are_clipped_to_plus_minus_5():
+    out = OuterSignals(config(gamma=0.0)).compute(two_sessions(inner=(100.0, -100.0, 3.0)))
+    np.testing.assert_allclose(out["step_signal"], [5.0, -5.0, 3.0])
+
+
+def test_kpi_gate_keeps_kappa_at_zero_until_enough_sessions():
+    signals = OuterSignals(config(min_sessions_for_kpi=3, kappa=KappaSchedule(0.2, 0.6, 2)))
+    kappas = [signals.compute(two_sessions())["metrics"]["kappa"] for _ in range(4)]
+    # 2 sessions seen → closed; 4 → open at κ(0) = 0.2, then 0.4, 0.6
+    assert kappas == pytest.approx([0.0, 0.2, 0.4, 0.6])
+    assert SignalConfig().min_sessions_for_kpi == 10_000
+
+
+def test_no_annealing_uses_kappa_end_at_once():
+    signals = OuterSignals(config(anneal=False, kappa=KappaSchedule(0.2, 0.6, 100)))
+    assert signals.compute(two_sessions())["metrics"]["kappa"] == pytest.approx(0.6)
+
+
+def test_kpi_weights_change_at_run_time_and_bad_ones_are_refused():
+    signals = OuterSignals(config())
+    np.testing.assert_allclose(signals.compute(two_sessions())["outer_signal"], [2.0, 2.0, 0.0])
+    signals.set_kpi_weights({"ndcg": 2.0})
+    np.testing.assert_allclose(signals.compute(two_sessions())["outer_signal"], [1.0, 1.0, 0.6])
+    with pytest.raises(ValueError, match="unknown KPI 'dau'"):
+        signals.set_kpi_weights({"dau": 1.0})
+    with pytest.raises(ValueError, match=r"kpi_weights\['ndcg'\] must be finite"):
+        signals.set_kpi_weights({"ndcg": float("nan")})
+    assert signals.kpi_weights == {"ndcg": 2.0}   # a refused change leaves the old weights
+
+
+def test_baseline_standardises_each_signal():
+    signals = OuterSignals(config(baseline=True))
+    out = signals.compute(two_sessions())
+    assert abs(out["step_signal"].mean()) < 1.0 and signals.inner_baseline.count == 3 and signals.outer_baseline.count == 2
+    state = signals.state()
+    again = OuterSignals(config(baseline=True))
+    again.set_state(state)
+    assert again.state() == state
+
+
+def test_pad_sessions_handles_a_session_cut_by_a_shard():
+    session, t = torch.tensor([4, 4, 7, 7, 7]), torch.tensor([3, 4, 0, 1, 2])   # session 4 starts mid-way
+    mask, sid, rel, (v,) = pad_sessions(session, t, torch.arange(5.0))
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert v.tolist() == [[0, 1, 0], [2, 3, 4]] and rel.tolist() == [0, 1, 0, 1, 2]
+
+
+def test_inner_reward_fit_recovers_known_weights():
+    rng = np.random.default_rng(0)
+    f = np.abs(rng.normal(size=(4000, 4))) * [2, 5, 3, 1]
+    true = np.array([1.0, 0.5, -0.3, 0.8])
+    w = fit_inner_reward_weights(f, f @ true, ridge=1e-8)
+    np.testing.assert_allclose([w["click_w"], w["dwell_w"], w["skip_penalty"], w["rel_w"]], true, atol=1e-4)
+    with pytest.raises(ValueError, match=r"features must be \[N, 4\]"):
+        fit_inner_reward_weights(f[:, :3], f @ true)
+
+
+def test_trajectory_rows_without_observations_or_known_return_are_skipped():
+    row = dict(observations=[[0.0, 1.0], [1.0, 0.0]], actions=[[1, 1, 1], [2, 2, 2]], rewards=[1.0, 2.0], clicks=[1, 0],
+               step_revenue=[0.0, 3.0], session_revenue=3.0, session_clicks=1, returned=True)
+    batch = from_trajectories([row, {**row, "returned": None}, {**row, "observations": [None, None]}])
+    assert batch.n_sessions == 1 and batch.obs.shape == (2, 2)
+    assert batch.kpis["return"].tolist() == [1.0] and batch.engaged.tolist() == [True, False]
+    with pytest.raises(ValueError, match="no trajectory rows"):
+        from_trajectories([{**row, "returned": None}])
