@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test bench bootstrap serve serve-recommend clean
+.PHONY: run test bench bench-outer train bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) -m serve_apps.demo
 
@@ -15,6 +15,12 @@ bench: bootstrap
 	$(PY) benchmarks/inner_reward.py
 	$(PY) benchmarks/world.py
 	$(PY) benchmarks/telemetry.py
+
+bench-outer: bootstrap
+	$(PY) benchmarks/layered_vs_monolithic.py
+
+train: bootstrap
+	$(PY) -m rllib_policies.train_outer_controller --config rllib_policies/configs/outer_controller.yaml
 
 serve: bootstrap
 	$(PY) -m serve_apps.launch serve_apps/configs/inner_reward.yaml --block

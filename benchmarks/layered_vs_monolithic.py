@@ -12,6 +12,7 @@ layered_vs_monolithic.png, and sets the measurements beside the seed article's c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -38,6 +39,25 @@ def ratio(rows, key) -> str:
     if "layered" not in by or "monolithic" not in by or not by["monolithic"] or by["monolithic"] != by["monolithic"]:
         return "–"
     return f"{(by['layered'] / by['monolithic'] - 1) * 100:+.1f} %"
+
+
+def paired_table(runs) -> str:
+    """Layered minus each other arm, per seed (the seeds share env seeds and evaluation users)."""
+    from rllib_policies.outer_controller.experiment import mean_ci
+
+    final = {(r.arm, r.seed): r.final for r in runs}
+    seeds = sorted({r.seed for r in runs if r.arm == "layered"})
+    lines = ["| layered minus | NDCG@10 | revenue / session | return rate | seeds where layered is ahead on NDCG |",
+             "|---|---:|---:|---:|---:|"]
+    for arm in dict.fromkeys(r.arm for r in runs):
+        if arm == "layered" or not all((arm, s) in final for s in seeds):
+            continue
+        diff = {k: [final["layered", s][k] - final[arm, s][k] for s in seeds]
+                for k in ("ndcg_at_10", "revenue_per_session", "return_rate")}
+        ahead = sum(d > 0 for d in diff["ndcg_at_10"])
+        lines.append(f"| {arm} | {fmt(mean_ci(diff['ndcg_at_10']))} | {fmt(mean_ci(diff['revenue_per_session']))} | "
+                     f"{fmt(mean_ci(diff['return_rate']))} | {ahead}/{len(seeds)} |")
+    return "\n".join(lines)
 
 
 def plot(runs, path: str) -> None:
@@ -93,10 +113,13 @@ def main() -> None:
               f"| iterations to converge | {CLAIMS['iters_to_target']} | {ratio(rows, 'iters_to_target')} |\n"
               f"| NDCG@10 | {CLAIMS['ndcg_at_10']} | {ratio(rows, 'ndcg_at_10')} |\n"
               f"| reward-signal variance | {CLAIMS['advantage_var']} | {ratio(rows, 'advantage_var')} (Var[A]) |")
+    paired = paired_table(runs)
     png = os.path.join(RESULTS, "layered_vs_monolithic.png")
     os.makedirs(RESULTS, exist_ok=True)
     plot(runs, png)
-    print(table, "\n", claims, sep="\n")
+    print(table, "\n", paired, "\n", claims, sep="\n")
+    with open(os.path.join(RESULTS, "layered_vs_monolithic_runs.json"), "w") as f:
+        json.dump([asdict(r) for r in runs], f, indent=1, default=float)
     e = asdict(exp)
     write_results(os.path.join(RESULTS, "layered_vs_monolithic.md"), [
         "# Layered vs monolithic outer controller", "",
@@ -109,7 +132,8 @@ def main() -> None:
         f"{e['eval_sessions']} sessions every {e['eval_every']} iterations and {e['final_eval_sessions']} at the end, "
         "the same simulated users for every arm. ± is the 95 % t-interval over seeds.", "",
         f"Target: NDCG@10 ≥ {target:.3f} (the untrained policy's mean plus 95 % of the way to the best arm's final mean).", "",
-        table, "", "## Against the seed article", "", claims, "",
+        table, "", "## Paired by seed (same seed, same evaluation users)", "", paired, "",
+        "## Against the seed article", "", claims, "",
         "![learning curves](layered_vs_monolithic.png)", ""], partial=False)
 
 

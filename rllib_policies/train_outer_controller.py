@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import yaml
 
 
@@ -75,9 +76,10 @@ def progress_line(it: int, result: dict, seconds: float) -> str:
 
 
 def scalars(result: dict) -> dict[str, float]:
+    """The iteration's finite numeric metrics, by TensorBoard tag."""
     out = {f"outer_controller/{k}": v for k, v in result["outer_controller"].items()}
-    out.update({f"learner/{k}": v for k, v in result["learners"]["default_policy"].items() if isinstance(v, (int, float))})
-    return out
+    out.update({f"learner/{k}": v for k, v in result["learners"]["default_policy"].items()})
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float, np.number)) and np.isfinite(v)}
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The main job (until the learners land): the simulated world end to end on a local Ray.
+"""The main job: the simulated world end to end on a local Ray, then the outer controller.
 
 1. Sessions of the same users under four slate policies (random, popularity, relevance oracle,
    the default cascade), in process: NDCG@10, CTR, session length, revenue, return rate.
@@ -8,6 +8,9 @@
    then a hot swap of the inner-reward weights the way the outer controller will do it.
 4. Telemetry: /feedback's events (ring buffer → Parquet) become session trajectories with the
    Ray Data sessioniser, ready for the learners.
+5. The outer controller (RLlib): the layered arm (inner reward + delayed-KPI controller) and the
+   monolithic weighted-sum arm trained briefly on the simulator, compared on the same users; the
+   inner-reward weights fitted to the layered arm's credit are pushed to the live service.
 """
 
 from __future__ import annotations
@@ -104,12 +107,35 @@ def trajectories_table(url: str, events_root: str, requests: int) -> None:
                   f"{sum(r['session_revenue'] for r in rows):.2f}")])
 
 
+def outer_controller_table(url: str, iterations: int, seed: int) -> None:
+    from rllib_policies.outer_controller.experiment import ExperimentConfig, run_arm
+    from rllib_policies.outer_controller.rails import push_inner_reward_weights
+
+    exp = ExperimentConfig(iterations=iterations, eval_every=iterations, eval_sessions=300, final_eval_sessions=1000)
+    print(f"\nouter controller: {iterations} iterations × {exp.sessions_per_iteration} sessions per arm "
+          f"(python benchmarks/layered_vs_monolithic.py runs the full 5-seed comparison)", flush=True)
+    pushed = {}
+
+    def push(algo):
+        weights = algo.inner_reward_weights(algo.last_batch)
+        pushed.update(push_inner_reward_weights(f"{url}/inner_reward", weights))
+
+    runs = [run_arm("layered", seed, exp, on_trained=push), run_arm("monolithic", seed, exp)]
+    print_table("Layered vs monolithic (same network, algorithm and budget; mean policy on 1 000 eval sessions)",
+                ("arm", "NDCG@10 before", "NDCG@10 after", "revenue/session", "next-day return", "CTR", "train s"),
+                [(r.arm, f"{r.ndcg_curve[0]:.3f}", f"{r.final['ndcg_at_10']:.3f}", f"{r.final['revenue_per_session']:.3f}",
+                  f"{r.final['return_rate']:.1%}", f"{r.final['ctr']:.2%}", f"{r.train_seconds[-1]:.1f}") for r in runs])
+    print(f"\ninner-reward weights fitted to the layered arm's credit → PUT /inner_reward/weights: v{pushed['version']} "
+          + ", ".join(f"{k} {v:+.3f}" for k, v in pushed["weights"].items() if k in ("click_w", "dwell_w", "skip_penalty", "rel_w")))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=400)
     parser.add_argument("--http-sessions", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ingress", default="default", help="default | haproxy | direct | throughput")
+    parser.add_argument("--train-iterations", type=int, default=10, help="outer-controller iterations per arm")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -159,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{put['readers_acked']}/{put['readers_live']} replicas; bad user id -> HTTP {bad.status_code}: "
               f"{bad.json()['detail'][0]['msg']}")
         trajectories_table(url, events_root, before["requests"] + after["requests"])
+        outer_controller_table(url, args.train_iterations, args.seed)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -148,8 +148,6 @@ class OuterController(Algorithm):
         batch = self._read_sessions() if offline else self._sample_sessions()
         self.last_batch = batch
         signals = self.signals.compute(batch)
-        if offline:   # off-policy: advantage-weighted regression onto the logged actions
-            signals["step_signal"] = np.exp(np.clip(signals["step_signal"] / self.config.offline_advantage_temperature, -5, 3))
         self._update(batch, signals)
         kl = self._kl_from_reference(batch.obs)
         rolled_back = self.config.kl_rollback_threshold is not None and kl > self.config.kl_rollback_threshold
@@ -178,8 +176,9 @@ class OuterController(Algorithm):
 
         batch = session_data.from_trajectories(pads.dataset(trajectories, format="parquet").to_table())
         ones = np.ones(len(batch.t), np.float32)
-        for _ in range(iterations):
-            self._update(batch, {"step_signal": ones, "outer_signal": ones * 0, "kappa": ones * 0})
+        for _ in range(iterations):   # A_t ≡ 1: the loss is −mean log π(a|s) (exp(0) = 1 as well offline)
+            self._update(batch, {"step_signal": ones * (0 if self.config.offline_trajectories else 1),
+                                 "outer_signal": ones * 0, "kappa": ones * 0})
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         self._reference = self._policy_params()
         self._last_good = self.learner_group.get_state(components="learner")

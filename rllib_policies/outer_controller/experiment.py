@@ -30,7 +30,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 @dataclass
 class ExperimentConfig:
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 2000}})
-    iterations: int = 40
+    iterations: int = 60
     sessions_per_iteration: int = 64
     eval_every: int = 5
     eval_sessions: int = 500
@@ -65,7 +65,8 @@ def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerC
                               min_sessions_for_kpi=exp.min_sessions_for_kpi, kl_rollback_threshold=None))
 
 
-def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print) -> RunResult:
+def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_trained=None) -> RunResult:
+    """Train and evaluate one (arm, seed); ``on_trained(algo)`` runs before the algorithm stops."""
     algo = build_config(arm, seed, exp).build_algo()
     iters, curve, seconds, adv_var = [], [], [], []
     train_s = 0.0
@@ -83,6 +84,8 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print) -> RunRe
             adv_var.append(result["learners"]["default_policy"]["advantage_var"])
         final = evaluate(algo.get_module(), exp.env_config, exp.final_eval_sessions, name="final").row()
         rollbacks = int(algo.rollbacks)
+        if on_trained is not None:
+            on_trained(algo)
     finally:
         algo.stop()
     progress(f"  {arm:<28} seed {seed}: NDCG@10 {curve[0]:.3f} → {final['ndcg_at_10']:.3f}, "

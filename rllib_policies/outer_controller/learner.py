@@ -8,6 +8,9 @@ Per row (one request of a session), with the driver's signals (see signals.py):
     L_pg = −Σ_t A_t·log π(a_t|s_t) / N − β_H·H[π]
     L    = L_pg + λ_credit·L_credit         (return decomposition + engagement gate, credit.py)
 
+Offline (actions logged by another policy) the weight is exp(A_t/T) instead of A_t:
+advantage-weighted regression onto the logged actions.
+
 The credit network is trained jointly on the same batch (its own auxiliary loss, no policy
 gradient through it).
 """
@@ -42,6 +45,8 @@ class OuterControllerLearner(TorchLearner):
         kpi_credit = lengths[:, None] * weights * r_outer[:, None]         # T·w_t·R̂ (= R̂ when uniform)
         blended = (1 - kappa_b[:, None]) * step_signal + kappa_b[:, None] * kpi_credit
         advantage = blended.clamp(-config.reward_clip, config.reward_clip)[sid, rel]
+        if config.offline_trajectories is not None:   # logged actions: advantage-weighted regression
+            advantage = torch.exp((advantage / config.offline_advantage_temperature).clamp(-5.0, 3.0))
         pg_loss = -(advantage.detach() * logp).mean()
         loss = pg_loss - config.entropy_coeff * entropy.mean() + config.credit_loss_coeff * credit_loss
         self.metrics.log_dict({
