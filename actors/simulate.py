@@ -73,7 +73,7 @@ class SessionSummary:
     revenue_per_session: float
     return_rate: float         # next-day return
     satisfaction_end: float
-    returned_mask: np.ndarray | None = field(default=None, repr=False)   # [n_sessions] per-session next-day return
+    returned_mask: np.ndarray | None = field(default=None, repr=False, compare=False)   # [n_sessions] next-day return
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "returned_mask"}
