@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML with TrainJobConfig fields")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    p.add_argument("--iterations", type=int, default=None, help="override the config's iteration count")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="run this many more iterations (default: up to the config's total, counting resumed ones)")
     args = p.parse_args(argv)
     job = TrainJobConfig.from_yaml(args.config)
-    iterations = args.iterations if args.iterations is not None else job.iterations
 
     import ray
     from ray.rllib.algorithms.algorithm import Algorithm
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
         algo = build_algo_config(job).build_algo()
         if job.warm_start_trajectories:
             print(f"warm start: {algo.warm_start(job.warm_start_trajectories, job.warm_start_iterations)}", flush=True)
+    # --iterations: that many more; otherwise up to the config's total (a resumed run finishes the plan)
+    iterations = args.iterations if args.iterations is not None else max(job.iterations - algo.iteration, 0)
     writer = SummaryWriter(os.path.join(job.checkpoint_dir, "tensorboard"))
     start_iter = algo.iteration
     for _ in range(iterations):
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
             path = algo.save_to_path(os.path.abspath(os.path.join(job.checkpoint_dir, f"iter_{it:06d}")))
             print(f"checkpoint {path}", flush=True)
     writer.close()
-    if job.push_inner_reward_url:
+    if job.push_inner_reward_url and algo.last_batch is not None:
         from rllib_policies.outer_controller.rails import push_inner_reward_weights
 
         weights = algo.inner_reward_weights(algo.last_batch)

@@ -4,7 +4,8 @@
 unique per served item and cheap to build for a whole slate at once.
 
 ``context`` is the request's observation as the policy saw it (feature logging), so learners
-train on exactly what was served from and never rebuild features offline. Null when not logged.
+train on exactly what was served from and never rebuild features offline. It is stored once per
+request, on position 0 (null elsewhere, and when not logged).
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def slate_events(*, request_uid: int, ts_us: int, user_id: int, items: np.ndarra
         "purchased": pa.array(np.zeros(n, bool) if purchased is None else np.asarray(purchased, bool)),
         "revenue": f32(np.zeros(n) if revenue is None else revenue),
         "inner_reward": f32(inner_reward),
-        "context": (pa.nulls(n, pa.list_(pa.float32())) if context is None else
-                    pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * len(context)),
-                                             pa.array(np.tile(np.asarray(context, np.float32), n)))),
+        "context": (pa.nulls(n, pa.list_(pa.float32())) if context is None or n == 0 else   # on position 0 only
+                    pa.ListArray.from_arrays(pa.array(np.r_[0, np.full(n, len(context))].astype(np.int32)),
+                                             pa.array(np.asarray(context, np.float32)),
+                                             mask=pa.array(np.arange(n) > 0))),
     }
     return pa.RecordBatch.from_arrays(list(cols.values()), schema=EVENT_SCHEMA)
 

@@ -20,6 +20,7 @@ weights synced to the env runners.
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
-from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, WEIGHTS_SEQ_NO
 
 from rllib_policies.credit import KappaSchedule
 
@@ -38,6 +39,7 @@ from .module import RankingPolicyModule, gaussian_kl
 from .signals import OuterSignals, SignalConfig
 
 METRICS = "outer_controller"
+logger = logging.getLogger(__name__)
 _OPTIONS = dict(
     arm="layered", kpi_weights={"revenue": 1.0, "return": 1.0, "ndcg": 1.0}, kappa_start=0.2, kappa_end=0.6,
     kappa_anneal_iters=30, kappa_kind="linear", anneal=True, credit_attention=True, baseline=True, baseline_alpha=0.01,
@@ -91,6 +93,9 @@ class OuterControllerConfig(AlgorithmConfig):
         self.signal_config()   # raises ValueError naming the bad field
         if self.sessions_per_iteration < 1:
             raise ValueError(f"sessions_per_iteration must be >= 1, got {self.sessions_per_iteration}")
+        if self.sessions_per_iteration < max(self.num_learners, 1):
+            raise ValueError(f"sessions_per_iteration ({self.sessions_per_iteration}) must be >= num_learners "
+                             f"({self.num_learners}): each learner trains on whole sessions")
         if self.kl_rollback_threshold is not None and self.kl_rollback_threshold <= 0:
             raise ValueError(f"kl_rollback_threshold must be > 0 or None, got {self.kl_rollback_threshold}")
 
@@ -111,18 +116,18 @@ class OuterController(Algorithm):
     def setup(self, config) -> None:
         super().setup(config)
         self.signals = OuterSignals(self.config.signal_config())
-        self.rollbacks = 0
+        self.rollbacks = self.consecutive_rollbacks = 0
+        self.last_batch = None
         self._offline_batches = None
         self._probe = copy.deepcopy(self.get_module()).cpu()   # evaluates π_ref and π for the KL monitor
         self._reference = self._policy_params()               # π_ref: the pre-training policy
-        self._last_good = self.learner_group.get_state(components="learner")
+        self._last_good = self._snapshot()
 
     # ---------------------------------------------------------------- data
     def _sample_sessions(self) -> session_data.SessionBatch:
         n_remote = self.env_runner_group.num_remote_env_runners()
         per_runner = -(-self.config.sessions_per_iteration // max(n_remote, 1))
-        episode_lists = self.env_runner_group.foreach_env_runner(
-            lambda r: r.sample(num_episodes=per_runner, explore=True), local_env_runner=n_remote == 0)
+        episode_lists = self.env_runner_group.foreach_env_runner(_sample_fresh(per_runner), local_env_runner=n_remote == 0)
         metrics = self.env_runner_group.foreach_env_runner(lambda r: r.get_metrics(), local_env_runner=n_remote == 0)
         self.metrics.aggregate(metrics, key=ENV_RUNNER_RESULTS)
         return session_data.from_episodes([e for eps in episode_lists for e in eps])
@@ -134,13 +139,16 @@ class OuterController(Algorithm):
         if self._offline_batches is None:
             self._dataset = ray.data.read_parquet(self.config.offline_trajectories, num_cpus=0.25)
             self._offline_batches = iter(())
-        for _ in range(2):
-            batch = next(self._offline_batches, None)
-            if batch is not None:
-                return session_data.from_trajectories(batch)
+        for _ in range(2):   # the rest of this pass, then one fresh pass
+            for table in self._offline_batches:
+                try:
+                    return session_data.from_trajectories(table)
+                except ValueError:   # no usable rows in this batch (no observations / unknown return): skip it
+                    continue
             self._offline_batches = iter(self._dataset.iter_batches(batch_size=self.config.sessions_per_iteration,
                                                                      batch_format="pyarrow"))
-        raise ValueError(f"no trajectories under {self.config.offline_trajectories!r}")
+        raise ValueError(f"no usable trajectories under {self.config.offline_trajectories!r} (rows need logged "
+                         "observations and a known 'returned')")
 
     # ---------------------------------------------------------------- training
     def training_step(self) -> None:
@@ -154,19 +162,30 @@ class OuterController(Algorithm):
         if rolled_back:
             self.learner_group.set_state(self._last_good)
             self.rollbacks += 1
+            self.consecutive_rollbacks += 1
+            if self.consecutive_rollbacks == 5:
+                logger.warning("5 rollbacks in a row (KL %.3f > %.3f): the policy keeps leaving the trust region "
+                               "around π_ref; lower lr or warm-start a new reference", kl, self.config.kl_rollback_threshold)
         else:
-            self._last_good = self.learner_group.get_state(components="learner")
+            self._last_good = self._snapshot()
+            self.consecutive_rollbacks = 0
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         self.metrics.log_dict({**signals["metrics"], "kl_from_reference": kl, "rolled_back": float(rolled_back),
-                               "rollbacks": self.rollbacks, "sessions_in_batch": batch.n_sessions,
+                               "rollbacks": self.rollbacks,
+                               "consecutive_rollbacks": self.consecutive_rollbacks, "sessions_in_batch": batch.n_sessions,
                                "mean_session_length": len(batch.t) / batch.n_sessions}, key=METRICS, window=1)
 
     def _update(self, batch: session_data.SessionBatch, signals: dict, num_epochs: int | None = None) -> None:
         columns = {Columns.OBS: batch.obs, Columns.ACTIONS: batch.actions, "session": batch.session, "t": batch.t,
                    "engaged": batch.engaged.astype(np.float32), "step_signal": signals["step_signal"],
                    "outer_signal": signals["outer_signal"], "kappa": signals["kappa"]}
-        ma_batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(batch.t))
-        results = self.learner_group.update(batch=ma_batch, num_epochs=num_epochs or self.config.num_epochs)
+        epochs = num_epochs or self.config.num_epochs
+        if self.learner_group.is_local:
+            results = self.learner_group.update(batch=_ma_batch(columns), num_epochs=epochs)
+        else:   # one shard of whole sessions per learner (credit attends over complete sessions)
+            groups = np.array_split(np.arange(batch.n_sessions), len(self.learner_group))
+            shards = [_ma_batch({k: v[np.isin(batch.session, g)] for k, v in columns.items()}) for g in groups]
+            results = self.learner_group.update(batches=shards, num_epochs=epochs)
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
 
     def warm_start(self, trajectories, iterations: int = 20) -> dict:
@@ -181,10 +200,19 @@ class OuterController(Algorithm):
                                  "outer_signal": ones * 0, "kappa": ones * 0})
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         self._reference = self._policy_params()
-        self._last_good = self.learner_group.get_state(components="learner")
+        self._last_good = self._snapshot()
         return {"sessions": batch.n_sessions, "steps": len(batch.t), "iterations": iterations}
 
     # ---------------------------------------------------------------- rails
+    def _snapshot(self) -> dict:
+        """A copy of the learner state (weights + optimizer). A local learner's state holds NumPy
+        views of the live tensors, which the next optimizer step would change in place."""
+        state = copy.deepcopy(self.learner_group.get_state(components="learner"))
+        # Learner.set_state skips the weights when the stored weights_seq_no is older than its own:
+        # a snapshot without it always restores.
+        state["learner"].pop(WEIGHTS_SEQ_NO, None)
+        return state
+
     def _policy_params(self) -> dict:
         """The learners' current module weights (numpy state dict)."""
         return dict(self.learner_group.get_weights([DEFAULT_MODULE_ID])[DEFAULT_MODULE_ID])
@@ -204,6 +232,12 @@ class OuterController(Algorithm):
         """Fit the inner reward's weights to the current credit: c_t = T·w_t·R (KPI units) per step."""
         from .rails import fit_inner_reward_weights
         from .sessions import pad_sessions
+
+        if batch is None:
+            raise ValueError("no training batch yet: run at least one iteration before fitting inner-reward weights")
+        if "inner_features" not in batch.step_objectives:
+            raise ValueError("this batch has no inner-reward features (logged trajectories carry only the summed inner "
+                             "reward): fit inner-reward weights on online sessions")
 
         self._probe.load_state_dict({k: torch.as_tensor(v) for k, v in self._policy_params().items()})
         x = torch.as_tensor(np.concatenate([batch.obs, batch.actions / self._probe.high.numpy()], axis=1))
@@ -232,7 +266,23 @@ class OuterController(Algorithm):
             self.signals.set_state(own["signals"])
             self.rollbacks = own["rollbacks"]
             self._reference = dict(own["reference"])
-            self._last_good = self.learner_group.get_state(components="learner")
+            self._last_good = self._snapshot()
+
+
+def _ma_batch(columns: dict) -> MultiAgentBatch:
+    return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["t"]))
+
+
+def _sample_fresh(num_episodes: int):
+    """``EnvRunner.sample(num_episodes=…)`` resets its envs on every call and, in Ray 2.60, re-seeds
+    them with ``config.seed`` each time (``_needs_initial_reset`` is set again after each call):
+    every iteration would replay the same users and draws. Clearing the flag after the call keeps
+    the reset but not the re-seed, so each iteration gets new sessions (tested)."""
+    def sample(runner):
+        episodes = runner.sample(num_episodes=num_episodes, explore=True)
+        runner._needs_initial_reset = False
+        return episodes
+    return sample
 
 
 def policy_gaussian(module: RankingPolicyModule, params: dict, obs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -49,7 +49,7 @@ class RunResult:
     ndcg_curve: list[float]
     train_seconds: list[float]          # cumulative training wall time at each evaluation
     final: dict                          # final evaluation (SessionSummary row)
-    advantage_var: float                 # mean over iterations of Var[A_t] fed to the policy gradient
+    pg_noise_ratio: float                # median over iterations of the policy gradient's relative variance
     rollbacks: int
 
 
@@ -68,7 +68,7 @@ def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerC
 def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_trained=None) -> RunResult:
     """Train and evaluate one (arm, seed); ``on_trained(algo)`` runs before the algorithm stops."""
     algo = build_config(arm, seed, exp).build_algo()
-    iters, curve, seconds, adv_var = [], [], [], []
+    iters, curve, seconds, noise = [], [], [], []
     train_s = 0.0
     try:
         for i in range(exp.iterations + 1):
@@ -81,7 +81,7 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
             t0 = time.perf_counter()
             result = algo.train()
             train_s += time.perf_counter() - t0
-            adv_var.append(result["learners"]["default_policy"]["advantage_var"])
+            noise.append(result["learners"]["default_policy"]["pg_noise_ratio"])
         final = evaluate(algo.get_module(), exp.env_config, exp.final_eval_sessions, name="final").row()
         rollbacks = int(algo.rollbacks)
         if on_trained is not None:
@@ -90,7 +90,7 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
         algo.stop()
     progress(f"  {arm:<28} seed {seed}: NDCG@10 {curve[0]:.3f} → {final['ndcg_at_10']:.3f}, "
              f"revenue {final['revenue_per_session']:.3f}, return {final['return_rate']:.3f}, {train_s:.1f} s")
-    return RunResult(arm, seed, iters, curve, seconds, final, float(np.mean(adv_var)), rollbacks)
+    return RunResult(arm, seed, iters, curve, seconds, final, float(np.nanmedian(noise)), rollbacks)
 
 
 def mean_ci(values) -> tuple[float, float]:
@@ -121,17 +121,14 @@ def summarise(runs: list[RunResult]) -> tuple[list[dict], float]:
         rs = [r for r in runs if r.arm == a]
         reach = [iterations_to_target(r, target) for r in rs]
         reached = [x for x in reach if np.isfinite(x[0])]
-        row = {"arm": a, "seeds": len(rs), "reached_target": f"{len(reached)}/{len(rs)}"}
+        row = {"arm": a, "seeds": len(rs), "reached_target": f"{len(reached)}/{len(rs)}",
+               "ndcg_seed_var": float(np.var([r.final["ndcg_at_10"] for r in rs], ddof=1)) if len(rs) > 1 else float("nan")}
         for key, values in {
             "iters_to_target": [x[0] for x in reached], "seconds_to_target": [x[1] for x in reached],
             "ndcg_at_10": [r.final["ndcg_at_10"] for r in rs], "revenue_per_session": [r.final["revenue_per_session"] for r in rs],
             "return_rate": [r.final["return_rate"] for r in rs], "ctr": [r.final["ctr"] for r in rs],
-            "advantage_var": [r.advantage_var for r in rs],
-            "ndcg_seed_var": None,
+            "pg_noise_ratio": [r.pg_noise_ratio for r in rs],
         }.items():
-            if values is None:
-                row[key] = (float(np.var([r.final["ndcg_at_10"] for r in rs], ddof=1)), float("nan"))
-            else:
-                row[key] = mean_ci(values) if values else (float("nan"), float("nan"))
+            row[key] = mean_ci(values) if values else (float("nan"), float("nan"))
         rows.append(row)
     return rows, target

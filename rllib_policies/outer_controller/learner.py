@@ -38,7 +38,8 @@ class OuterControllerLearner(TorchLearner):
         if config.credit_attention:
             with torch.no_grad():
                 weights, _ = module.credit.weights(x, mask)
-            credit_loss = module.credit.aux_loss(x, r_outer, mask, engaged)
+            # the KPI gate covers the credit network too: no KPI gradient anywhere while κ = 0
+            credit_loss = module.credit.aux_loss(x, r_outer, mask, engaged) * (kappa_b.max() > 0).float()
         else:
             weights = mask / lengths[:, None]
             credit_loss = torch.zeros((), device=obs.device)
@@ -48,12 +49,51 @@ class OuterControllerLearner(TorchLearner):
         if config.offline_trajectories is not None:   # logged actions: advantage-weighted regression
             advantage = torch.exp((advantage / config.offline_advantage_temperature).clamp(-5.0, 3.0))
         pg_loss = -(advantage.detach() * logp).mean()
+        noise = pg_noise_ratio(module, x[..., :obs.shape[-1]], actions_padded(actions, sid, rel, mask),
+                               blended.clamp(-config.reward_clip, config.reward_clip).detach(), mask)
         loss = pg_loss - config.entropy_coeff * entropy.mean() + config.credit_loss_coeff * credit_loss
         self.metrics.log_dict({
             "pg_loss": pg_loss.item(), "credit_loss": float(credit_loss.detach()), "advantage_mean": advantage.mean().item(),
             "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,
             "clipped_fraction": (blended.abs() >= config.reward_clip).float().mul(mask).sum().item() / mask.sum().item(),
-            "policy_std_mean": module.log_std.exp().mean().item(),
+            "policy_std_mean": module.log_std.exp().mean().item(), "pg_noise_ratio": noise,
             "credit_on_engaged_steps": (weights * engaged.float()).sum().item() / mask.shape[0],
         }, key=module_id, window=1)
         return loss
+
+
+def actions_padded(actions: torch.Tensor, sid: torch.Tensor, rel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(mask.shape + actions.shape[1:], dtype=actions.dtype, device=actions.device)
+    out[sid, rel] = actions
+    return out
+
+
+class _LogProb(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, obs, actions):
+        return self.m.log_prob(obs, actions)[0]
+
+
+def pg_noise_ratio(module, obs: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor) -> float:
+    """Scale-free variance of the policy-gradient estimate over sessions:
+    tr Cov_i[g_i] / (B·‖ḡ‖²), with g_i = ∇_θ Σ_t A_t·log π(a_t|s_t) of session i (policy parameters θ)
+    and ḡ their mean: the squared relative error of the batch gradient. Comparable across arms
+    whose signals have different scales (the seed's "reward variance")."""
+    from torch.func import functional_call, grad, vmap
+
+    wrapper = _LogProb(module)
+    params = {f"m.{k}": v.detach() for k, v in module.named_parameters() if not k.startswith("credit.")}
+
+    def session_objective(p, o, a, adv, m):
+        return (functional_call(wrapper, p, (o, a), strict=False) * adv * m).sum()
+
+    grads = vmap(grad(session_objective), in_dims=(None, 0, 0, 0, 0))(params, obs, actions, advantage, mask)
+    g = torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)     # [B, |θ|]
+    b = g.shape[0]
+    if b < 2:
+        return float("nan")
+    mean = g.mean(0)
+    return float(((g - mean) ** 2).sum(1).mean() / (b * (mean ** 2).sum().clamp(min=1e-12)))

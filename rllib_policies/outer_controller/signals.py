@@ -40,6 +40,8 @@ class SignalConfig:
             raise ValueError(f"arm must be 'layered' or 'monolithic', got {self.arm!r}")
         if self.min_sessions_for_kpi < 0 or self.reward_clip <= 0:
             raise ValueError("min_sessions_for_kpi must be >= 0 and reward_clip > 0")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         validate_kpi_weights(self.kpi_weights)
 
 
@@ -51,7 +53,7 @@ def validate_kpi_weights(weights: dict) -> dict:
     for name, w in weights.items():
         if name not in KPIS:
             raise ValueError(f"kpi_weights: unknown KPI {name!r}; choose from {KPIS}")
-        if not np.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not np.isfinite(w):
             raise ValueError(f"kpi_weights[{name!r}] must be finite, got {w}")
     return {k: float(v) for k, v in weights.items()}
 

@@ -50,16 +50,32 @@ def test_online_training_updates_the_policy_and_reports_the_signals(trained):
     assert np.allclose(runner["pi.0.weight"].numpy(), weights(algo)["pi.0.weight"])
 
 
-def test_kl_rollback_restores_the_last_good_state(ray_session):
-    algo = tiny(kl_rollback_threshold=1e-9).build_algo()
+def test_kl_rollback_restores_the_last_good_state(ray_session, monkeypatch):
+    algo = tiny(kl_rollback_threshold=0.3).build_algo()
     try:
+        kls = iter([0.0, 1.0, 0.0])       # iteration 1 is good, 2 leaves the trust region, 3 is good again
+        monkeypatch.setattr(algo, "_kl_from_reference", lambda obs: next(kls))
         start = weights(algo)
+        assert algo.train()["outer_controller"]["rolled_back"] == 0.0
+        good, good_optim = weights(algo), algo.learner_group.get_state(components="learner/optimizer")
+        assert not same(start, good)
         result = algo.train()["outer_controller"]
-        assert result["rolled_back"] == 1.0 and result["rollbacks"] == 1 and result["kl_from_reference"] > 1e-9
-        assert same(start, weights(algo))                    # learners back at the last good state
-        assert np.allclose(algo.get_module().state_dict()["log_std"].numpy(), start["log_std"])   # and so are the runners
+        assert result["rolled_back"] == 1.0 and result["rollbacks"] == 1
+        assert same(good, weights(algo))                     # back at iteration 1, not at the start
+        restored = algo.learner_group.get_state(components="learner/optimizer")["learner"]["optimizer"]
+        expected = good_optim["learner"]["optimizer"]
+        assert str(restored) == str(expected)                # the optimizer state too
+        assert np.allclose(algo.get_module().state_dict()["log_std"].numpy(), good["log_std"])   # and the runners
+        assert algo.train()["outer_controller"]["consecutive_rollbacks"] == 0
     finally:
         algo.stop()
+
+
+def test_each_iteration_samples_new_sessions(trained):
+    algo, _, _ = trained
+    first = algo.last_batch.obs.copy()
+    algo.train()
+    assert not np.array_equal(first[: len(algo.last_batch.obs)], algo.last_batch.obs[: len(first)])
 
 
 def test_kpi_weights_change_without_retraining(trained):
