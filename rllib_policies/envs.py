@@ -152,7 +152,8 @@ class UtilityWeightEnv(_DriverEnv):
 
     def __init__(self, env_config: dict | None = None):
         super().__init__(env_config)
-        self.actions = utility_weight_grid(int((env_config or {}).get("grid", 7)))
+        cfg = env_config or {}
+        self.actions = utility_weight_grid(int(cfg.get("grid", 7)), tuple(cfg.get("grid_high", (2.0, 40.0))))
         self.action_space = spaces.Discrete(len(self.actions))
 
     def step(self, action):

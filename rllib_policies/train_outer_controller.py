@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import yaml
+
+from rllib_policies.jobs import config_from_yaml, init_ray
 
 
 @dataclass
@@ -44,12 +45,7 @@ class TrainJobConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainJobConfig":
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**raw)
+        return config_from_yaml(cls, path)
 
 
 def build_algo_config(job: TrainJobConfig):
@@ -91,15 +87,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     job = TrainJobConfig.from_yaml(args.config)
 
-    import ray
     from ray.rllib.algorithms.algorithm import Algorithm
     from tensorboardX import SummaryWriter
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):     # inside `ray job submit`: join the job's cluster
-            ray.init()
-        else:
-            ray.init(address="local", num_cpus=job.num_cpus, include_dashboard=False)
+    init_ray(job.num_cpus)
     os.makedirs(job.checkpoint_dir, exist_ok=True)
     resume = latest_checkpoint(job.checkpoint_dir) if args.resume == "latest" else args.resume
     if resume:

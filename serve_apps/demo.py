@@ -122,9 +122,11 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
 
     runs = [run_arm("layered", seed, exp, on_trained=push), run_arm("monolithic", seed, exp)]
     print_table("Layered vs monolithic (same network, algorithm and budget; mean policy on 1 000 eval sessions)",
-                ("arm", "NDCG@10 before", "NDCG@10 after", "revenue/session", "next-day return", "CTR", "train s"),
-                [(r.arm, f"{r.ndcg_curve[0]:.3f}", f"{r.final['ndcg_at_10']:.3f}", f"{r.final['revenue_per_session']:.3f}",
-                  f"{r.final['return_rate']:.1%}", f"{r.final['ctr']:.2%}", f"{r.train_seconds[-1]:.1f}") for r in runs])
+                ("arm", "NDCG@10 before → after", "revenue/session before → after", "next-day return", "objective J", "train s"),
+                [(r.arm, f"{r.start_final['ndcg_at_10']:.3f} → {r.final['ndcg_at_10']:.3f}",
+                  f"{r.start_final['revenue_per_session']:.3f} → {r.final['revenue_per_session']:.3f}",
+                  f"{r.final['return_rate']:.1%}", f"{r.objective_curve[0]:.3f} → {r.objective_curve[-1]:.3f}",
+                  f"{r.train_seconds[-1]:.1f}") for r in runs])
     print(f"\ninner-reward weights fitted to the layered arm's credit → PUT /inner_reward/weights: v{pushed['version']} "
           + ", ".join(f"{k} {v:+.3f}" for k, v in pushed["weights"].items() if k in ("click_w", "dwell_w", "skip_penalty", "rel_w")))
 

@@ -6,6 +6,10 @@
   rewards from the inner-reward deployment (the Rust kernel), with its weights version
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
 - ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
+- with a utility agent (args ``utility_agent``): requests without ``ranking_weights`` get theirs from
+  the agent (serve_apps/utility_agent.py), asked in parallel with matching and pre-ranking;
+  ``GET|PUT /operating-point`` reads / switches the live λ (or fixed weights) on every agent
+  replica at once; ``GET /frontier`` returns the current Pareto-frontier artifact
 
 Every /feedback emits one served-item event per slate position (what /recommend served plus the
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
@@ -15,6 +19,7 @@ Each stage deployment runs the same pure stage function as the in-process Pipeli
 built from the same config, with parameters followed from a VersionedParamStore.
 """
 
+import json
 import os
 import tempfile
 import time
@@ -34,6 +39,7 @@ from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, Telemet
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
+from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
 
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
@@ -44,6 +50,7 @@ class RecommendRequest(BaseModel):
     history: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(default_factory=list, max_length=200,
                                                                  description="recently clicked item ids, oldest first")
     step: int = Field(default=0, ge=0, le=2**31 - 1, description="request index within the session")
+    clicks: int = Field(default=0, ge=0, le=2**31 - 1, description="clicks so far in the session (a policy feature)")
     ranking_weights: Optional[list[Weight]] = Field(
         default=None, min_length=3, max_length=3, description="per-request utility weights (w_click, w_long_view, w_purchase)")
 
@@ -55,6 +62,16 @@ class RecommendResponse(BaseModel):
     scores: list[float]
     predictions: dict[str, list[float]]
     versions: dict[str, int]
+    utility: Optional[dict[str, Any]] = None   # the agent's choice: weights, action, λ, operating-point version
+
+
+class OperatingPointBody(BaseModel):
+    """Exactly one of ``lambda`` (personalised π_λ) or ``weights`` (one global weight vector)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    lambda_: Optional[float] = Field(default=None, alias="lambda", ge=0, le=1, allow_inf_nan=False)
+    weights: Optional[list[Weight]] = Field(default=None, min_length=3, max_length=3,
+                                            description="fixed (w_click, w_long_view, w_purchase) for every request")
+    expected_version: Optional[int] = None
 
 
 class FeedbackRequest(BaseModel):
@@ -133,7 +150,8 @@ app.add_middleware(ServerTiming)
 @serve.ingress(app)
 class RecommendService:
     def __init__(self, matching, pre_ranking, ranking, world_config: WorldConfig, store_prefix: str,
-                 inner_reward_app: str = "inner_reward", telemetry: dict | None = None, served_cache_size: int = 100_000):
+                 inner_reward_app: str = "inner_reward", telemetry: dict | None = None, served_cache_size: int = 100_000,
+                 utility_agent=None, utility_config: dict | None = None):
         self.stages = {"matching": matching, "pre_ranking": pre_ranking, "ranking": ranking}
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
@@ -142,6 +160,9 @@ class RecommendService:
         self.served: OrderedDict[str, dict] = OrderedDict()
         self.cache_size = served_cache_size
         self.events = make_event_buffer(telemetry)
+        self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
+        self.operating_point = (operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5))
+                                if utility_agent is not None else None)
 
     def _request(self, body: RecommendRequest) -> RequestBatch:
         if body.user_id >= self.n_users:
@@ -154,26 +175,34 @@ class RecommendService:
         if len(hist):
             history[0, -min(20, len(hist)):] = hist[-20:]
         return RequestBatch(np.array([body.user_id]), history, np.array([body.step], np.int32),
-                            request_id=uuid.uuid4().int & ((1 << 62) - 1))
+                            request_id=uuid.uuid4().int & ((1 << 62) - 1), clicks=np.array([body.clicks], np.int32))
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         req = self._request(body)
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
+        # the agent's choice needs only the request context: ask for it now, await it before ranking
+        choice_ref = self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
         m, vm = await self.stages["matching"].run.remote(req)
         pr, vp = await self.stages["pre_ranking"].run.remote(req, m.items)
+        choice = await choice_ref if choice_ref is not None else None
+        if choice is not None:
+            weights = np.asarray(choice["weights"], np.float32)
         r, vr = await self.stages["ranking"].run.remote(req, pr.items, weights)
         request_id = f"{req.request_id:016x}"
         self.served[request_id] = {"uid": req.request_id, "user_id": body.user_id, "ts_us": served_us, "items": r.items[0],
                                    "predictions": {k: v[0] for k, v in r.predictions.items()}, "weights": weights,
-                                   "version": vr}
+                                   "version": vr, "propensity": 1.0 if choice is None else choice["propensity"],
+                                   "context": None if choice is None else choice["context"]}
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
         return RecommendResponse(
             request_id=request_id, user_id=body.user_id, slate=r.items[0].tolist(), scores=r.scores[0].round(6).tolist(),
             predictions={k: v[0].round(6).tolist() for k, v in r.predictions.items()},
-            versions={"matching": vm, "pre_ranking": vp, "ranking": vr})
+            versions={"matching": vm, "pre_ranking": vp, "ranking": vr},
+            utility=None if choice is None else {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                                                 for k, v in choice.items() if k != "context"})
 
     @app.post("/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
@@ -200,7 +229,7 @@ class RecommendService:
                 clicked=np.asarray(body.clicked), dwell_s=np.asarray(body.dwell_s), skipped=np.asarray(body.skipped),
                 inner_reward=rewards, predictions=served["predictions"], utility_weights=served["weights"],
                 policy_version=served["version"], purchased=body.purchased, revenue=body.revenue,
-                session_id=body.session_id))
+                session_id=body.session_id, propensity=served["propensity"], context=served["context"]))
         return FeedbackResponse(request_id=body.request_id, rewards=np.round(rewards.astype(np.float64), 6).tolist(),
                                 total=round(float(totals[0]), 6), weights_version=version)
 
@@ -231,6 +260,47 @@ class RecommendService:
             raise
         return {"stage": stage, **ack}
 
+    def _require_agent(self) -> None:
+        if self.utility_agent is None:
+            raise BadRequest(["app"], "this recommend app runs without a utility agent (args: utility_agent)", status=404,
+                             type_="not_found")
+
+    @app.get("/operating-point")
+    async def get_operating_point(self) -> dict[str, Any]:
+        self._require_agent()
+        snap = await self.operating_point.get.remote()
+        return {"version": snap.version, **snap.params, "mode": self.utility_config.get("mode", "agent")}
+
+    @app.put("/operating-point")
+    async def put_operating_point(self, body: OperatingPointBody) -> dict[str, Any]:
+        """Switch the live operating point on every agent replica (returns once they all hold it)."""
+        self._require_agent()
+        if (body.lambda_ is None) == (body.weights is None):
+            raise BadRequest(["body"], "give exactly one of 'lambda' (in [0, 1]) or 'weights' ([w_click, w_long_view, "
+                             "w_purchase], each in [0, 1e6])")
+        if self.utility_config.get("mode", "agent") == "explore" and body.lambda_ is not None:
+            raise BadRequest(["body", "lambda"], "the agent runs in explore mode (uniform logging policy): λ has no effect",
+                             status=409, type_="conflict")
+        params = {"lambda": body.lambda_, "weights": body.weights}
+        try:
+            ack = await self.operating_point.put.remote(params, body.expected_version)
+        except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError
+            if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
+                raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
+            raise
+        return {**params, **ack}
+
+    @app.get("/frontier")
+    async def frontier(self) -> dict[str, Any]:
+        """The current Pareto-frontier artifact (re-read, so a new study's file is served at once)."""
+        self._require_agent()
+        path = self.utility_config.get("frontier")
+        if not path or not os.path.exists(path):
+            raise BadRequest(["app", "utility_agent", "frontier"], f"no frontier artifact at {path!r}", status=404,
+                             type_="not_found")
+        with open(path) as f:
+            return json.load(f)
+
     @app.get("/telemetry")
     async def telemetry(self) -> dict[str, Any]:
         return {"sink": type(self.events.sink).__name__, **self.events.stats()} if self.events else {"sink": "off"}
@@ -247,9 +317,11 @@ class RecommendService:
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     """args: {"preset": str, "world": {WorldConfig overrides}, "pipeline": {PipelineConfig fields},
     "store_prefix": str, "inner_reward_app": name of the running inner-reward application,
-    "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields}}."""
+    "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields},
+    "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
+                      "num_replicas": 1, "grid_n", "grid_high" (explore)}}."""
     args = dict(args or {})
-    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app", "telemetry"}
+    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app", "telemetry", "utility_agent"}
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
     world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
@@ -258,5 +330,16 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     stages = {s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES}
     if args.get("telemetry", {}).get("sink", "parquet") not in ("parquet", "redis", "off"):
         raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {args['telemetry']['sink']!r}")
+    agent_cfg = args.get("utility_agent")
+    agent = None
+    if agent_cfg is not None:
+        agent_cfg = dict(agent_cfg)
+        if agent_cfg.get("mode", "agent") not in ("agent", "explore"):
+            raise ValueError(f"utility_agent.mode must be 'agent' or 'explore', got {agent_cfg['mode']!r}")
+        if agent_cfg.get("mode", "agent") == "agent" and not agent_cfg.get("path"):
+            raise ValueError("utility_agent.path (the trained agent.pt) is required in mode 'agent'")
+        agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
+            world_config, pipeline_config, agent_cfg, prefix)
     return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], world_config, prefix,
-                                 args.get("inner_reward_app", "inner_reward"), args.get("telemetry"))
+                                 args.get("inner_reward_app", "inner_reward"), args.get("telemetry"), 100_000,
+                                 agent, agent_cfg)

@@ -47,8 +47,10 @@ class RunResult:
     seed: int
     iterations: list[int]
     ndcg_curve: list[float]
+    objective_curve: list[float]         # the business objective J (business_objective) at each evaluation
     train_seconds: list[float]          # cumulative training wall time at each evaluation
     final: dict                          # final evaluation (SessionSummary row)
+    start_final: dict                    # the untrained policy on the final evaluation's users
     pg_noise_ratio: float                # median over iterations of the policy gradient's relative variance
     rollbacks: int
 
@@ -65,16 +67,28 @@ def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerC
                               min_sessions_for_kpi=exp.min_sessions_for_kpi, kl_rollback_threshold=None))
 
 
+KPI_COLUMNS = {"ndcg": "ndcg_at_10", "return": "return_rate", "revenue": "revenue_per_session", "clicks": "ctr"}
+
+
+def business_objective(row: dict, kpi_weights: dict) -> float:
+    """J = Σ_k w_k·KPI_k on an evaluation (NDCG@10, next-day return rate, revenue per session, CTR):
+    the KPI blend both arms are trained for, measured on the same simulated users."""
+    return float(sum(w * row[KPI_COLUMNS[k]] for k, w in kpi_weights.items()))
+
+
 def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_trained=None) -> RunResult:
     """Train and evaluate one (arm, seed); ``on_trained(algo)`` runs before the algorithm stops."""
     algo = build_config(arm, seed, exp).build_algo()
-    iters, curve, seconds, noise = [], [], [], []
+    iters, curve, objective, seconds, noise = [], [], [], [], []
     train_s = 0.0
     try:
+        start_final = evaluate(algo.get_module(), exp.env_config, exp.final_eval_sessions, name="final").row()
         for i in range(exp.iterations + 1):
             if i % exp.eval_every == 0:
                 iters.append(i)
-                curve.append(evaluate(algo.get_module(), exp.env_config, exp.eval_sessions).ndcg_at_10)
+                row = evaluate(algo.get_module(), exp.env_config, exp.eval_sessions).row()
+                curve.append(row["ndcg_at_10"])
+                objective.append(business_objective(row, exp.kpi_weights))
                 seconds.append(train_s)
             if i == exp.iterations:
                 break
@@ -88,9 +102,11 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
             on_trained(algo)
     finally:
         algo.stop()
-    progress(f"  {arm:<28} seed {seed}: NDCG@10 {curve[0]:.3f} → {final['ndcg_at_10']:.3f}, "
-             f"revenue {final['revenue_per_session']:.3f}, return {final['return_rate']:.3f}, {train_s:.1f} s")
-    return RunResult(arm, seed, iters, curve, seconds, final, float(np.nanmedian(noise)), rollbacks)
+    progress(f"  {arm:<28} seed {seed}: NDCG@10 {start_final['ndcg_at_10']:.3f} → {final['ndcg_at_10']:.3f}, "
+             f"revenue {start_final['revenue_per_session']:.3f} → {final['revenue_per_session']:.3f}, return "
+             f"{start_final['return_rate']:.3f} → {final['return_rate']:.3f}, J {objective[0]:.3f} → {objective[-1]:.3f}, "
+             f"{train_s:.1f} s")
+    return RunResult(arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks)
 
 
 def mean_ci(values) -> tuple[float, float]:
@@ -101,34 +117,50 @@ def mean_ci(values) -> tuple[float, float]:
     return float(v.mean()), float(T_975.get(len(v) - 1, 1.96) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
-def iterations_to_target(run: RunResult, target: float) -> tuple[float, float]:
-    """(first evaluated iteration with NDCG ≥ target, training seconds by then); (nan, nan) if never."""
-    for it, ndcg, s in zip(run.iterations, run.ndcg_curve, run.train_seconds):
-        if ndcg >= target:
+def iterations_to_target(run: RunResult, target: float | None, curve: str = "objective_curve") -> tuple[float, float]:
+    """(first evaluated iteration with the curve ≥ target, training seconds by then); (nan, nan) if
+    never or if there is no target."""
+    if target is None:
+        return float("nan"), float("nan")
+    for it, value, s in zip(run.iterations, getattr(run, curve), run.train_seconds):
+        if value >= target:
             return float(it), s
     return float("nan"), float("nan")
 
 
-def summarise(runs: list[RunResult]) -> tuple[list[dict], float]:
-    """Per-arm rows (means ± CI) and the NDCG target: start + 95 % of the way to the best arm's
-    final mean (the learning curves start where the untrained policy is, about 0.7 here)."""
+def target_for(runs: list[RunResult], curve: str) -> tuple[float | None, float, float]:
+    """(target, start, best): start = mean first point, best = the best arm's mean last point, target =
+    start + 95 % of the way to best; None when no arm ends above its start (nothing converges upward)."""
     arms = list(dict.fromkeys(r.arm for r in runs))
-    start = float(np.mean([r.ndcg_curve[0] for r in runs]))
-    best = max(np.mean([r.ndcg_curve[-1] for r in runs if r.arm == a]) for a in arms)
-    target = start + 0.95 * (best - start)
+    start = float(np.mean([getattr(r, curve)[0] for r in runs]))
+    best = max(np.mean([getattr(r, curve)[-1] for r in runs if r.arm == a]) for a in arms)
+    return (start + 0.95 * (best - start) if best > start else None), start, float(best)
+
+
+def summarise(runs: list[RunResult]) -> tuple[list[dict], dict]:
+    """Per-arm rows (means ± CI) and the convergence targets on the business objective J and on
+    NDCG@10 (see target_for): iterations and seconds to reach them per arm."""
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    targets = {c: target_for(runs, c) for c in ("objective_curve", "ndcg_curve")}
     rows = []
     for a in arms:
         rs = [r for r in runs if r.arm == a]
-        reach = [iterations_to_target(r, target) for r in rs]
+        reach = [iterations_to_target(r, targets["objective_curve"][0]) for r in rs]
+        reach_ndcg = [iterations_to_target(r, targets["ndcg_curve"][0], "ndcg_curve") for r in rs]
         reached = [x for x in reach if np.isfinite(x[0])]
         row = {"arm": a, "seeds": len(rs), "reached_target": f"{len(reached)}/{len(rs)}",
                "ndcg_seed_var": float(np.var([r.final["ndcg_at_10"] for r in rs], ddof=1)) if len(rs) > 1 else float("nan")}
         for key, values in {
             "iters_to_target": [x[0] for x in reached], "seconds_to_target": [x[1] for x in reached],
-            "ndcg_at_10": [r.final["ndcg_at_10"] for r in rs], "revenue_per_session": [r.final["revenue_per_session"] for r in rs],
+            "iters_to_ndcg_target": [x[0] for x in reach_ndcg if np.isfinite(x[0])],
+            "objective": [r.objective_curve[-1] for r in rs],
+            "objective_gain": [r.objective_curve[-1] - r.objective_curve[0] for r in rs],
+            "ndcg_at_10": [r.final["ndcg_at_10"] for r in rs],
+            "ndcg_gain": [r.final["ndcg_at_10"] - r.start_final["ndcg_at_10"] for r in rs],
+            "revenue_per_session": [r.final["revenue_per_session"] for r in rs],
             "return_rate": [r.final["return_rate"] for r in rs], "ctr": [r.final["ctr"] for r in rs],
             "pg_noise_ratio": [r.pg_noise_ratio for r in rs],
         }.items():
             row[key] = mean_ci(values) if values else (float("nan"), float("nan"))
         rows.append(row)
-    return rows, target
+    return rows, targets

@@ -144,3 +144,19 @@ def test_bad_config_is_rejected_by_name():
         WorldConfig(click_model="dbn")
     with pytest.raises(ValueError, match="unknown world preset 'nope'"):
         WorldConfig.preset("nope")
+
+
+@pytest.mark.parametrize("preset", ["default", "cascade_0.9"])
+def test_expected_response_matches_sampled_means(preset):
+    """World.expected_response (exact expectations) against the mean of 4 000 sampled responses."""
+    w = World(WorldConfig.preset(preset, n_items=2000, n_users=300))
+    rng = seed_sequence(0, "expected-response-test")
+    users, slates = rng.integers(0, 300, 8), rng.integers(0, 2000, (8, 10))
+    clicks, long_views = w.expected_response(users, slates)
+    n = 4000
+    reps = w.respond(np.repeat(users, n), np.repeat(slates, n, axis=0), rng)
+    sampled_clicks = reps.clicked.reshape(8, n, 10).mean(1)
+    sampled_long = (reps.clicked & (reps.dwell_s >= 18)).reshape(8, n, 10).mean(1)
+    np.testing.assert_allclose(clicks, sampled_clicks, atol=4 * np.sqrt(0.25 / n))
+    np.testing.assert_allclose(long_views, sampled_long, atol=4 * np.sqrt(0.25 / n))
+    assert long_views.sum() > 0.01

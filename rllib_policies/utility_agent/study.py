@@ -1,0 +1,238 @@
+"""The whole PRL-PUTS loop as functions: exploration logs → request rows (Ray Data) → offline
+training (RLlib) → λ sweep → frontier artifact with baselines. The job entrypoint
+(rllib_policies.train_utility_agent) and the benchmark (benchmarks/utility_agent.py) both run it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from actors.world import COHORTS
+
+from .exploration import OBJECTIVES, ActionGrid, as_arrays, request_dataset, simulate_exploration_logs, split_by_user
+from .ope import RewardAtHit
+from .pareto import hypervolume_2d, lambda_grid, non_dominated, plot_frontier, sweep_actions, write_frontier
+
+
+@dataclass
+class StudyConfig:
+    out_dir: str = "runs/utility_agent"
+    env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
+    grid_n: int = 7
+    grid_high: tuple[float, float] = (2.0, 40.0)
+    exploration_sessions: int = 3000
+    events_root: str | None = None        # existing exploration events; None: simulate them under out_dir
+    holdout: float = 0.3
+    iterations: int = 15
+    lr: float = 1e-3
+    batch_size: int = 512
+    hidden: int = 64
+    num_learners: int = 0
+    lambdas: int = 25
+    eval_sessions: int = 1000             # simulator ground truth per policy; 0 skips the simulator
+    seed: int = 0
+
+    @property
+    def grid(self) -> ActionGrid:
+        return ActionGrid(self.grid_n, tuple(self.grid_high))
+
+
+def log(msg: str) -> None:
+    print(f"[utility_agent] {msg}", flush=True)
+
+
+def prepare_requests(cfg: StudyConfig) -> tuple[str, str, dict]:
+    """Exploration events (simulated if needed) → request rows → train/ and holdout/ Parquet by user."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    events = cfg.events_root or os.path.join(cfg.out_dir, "events")
+    info = {}
+    if cfg.events_root is None and not os.path.exists(events):
+        t = time.perf_counter()
+        info = simulate_exploration_logs(cfg.env_config, events, cfg.exploration_sessions, cfg.grid, cfg.seed)
+        log(f"exploration logs: {info['sessions']} sessions, {info['requests']} requests, uniform over "
+            f"{cfg.grid.size} actions ({time.perf_counter() - t:.1f} s) → {events}")
+    table = pa.concat_tables(ray.get(request_dataset(events, cfg.grid).to_arrow_refs()))
+    if table.num_rows == 0:
+        raise ValueError(f"no request rows with a logged context under {events!r}")
+    train, held = split_by_user(table, cfg.holdout, cfg.seed)
+    paths = {}
+    for name, part in (("train", train), ("holdout", held)):
+        paths[name] = os.path.join(cfg.out_dir, "requests", name)
+        os.makedirs(paths[name], exist_ok=True)
+        pq.write_table(part, os.path.join(paths[name], "part-0.parquet"))
+    log(f"request rows: {train.num_rows} train / {held.num_rows} held out (split by user)")
+    return paths["train"], paths["holdout"], {**info, "train_rows": train.num_rows, "holdout_rows": held.num_rows}
+
+
+def build_agent(cfg: StudyConfig, train_path: str):
+    from rllib_policies.envs import UtilityWeightEnv
+
+    from .algorithm import UtilityAgentConfig
+
+    env = {**cfg.env_config, "grid": cfg.grid_n, "grid_high": tuple(cfg.grid_high), "seed": cfg.seed}
+    return (UtilityAgentConfig()
+            .environment(UtilityWeightEnv, env_config=env)
+            .utility_agent(grid_n=cfg.grid_n, grid_high=tuple(cfg.grid_high), offline_requests=train_path,
+                           hidden=cfg.hidden)
+            .training(lr=cfg.lr, train_batch_size_per_learner=cfg.batch_size)
+            .learners(num_learners=cfg.num_learners)
+            .debugging(seed=cfg.seed, log_level="ERROR")
+            .build_algo())
+
+
+def train(algo, iterations: int) -> list[dict]:
+    history = []
+    for it in range(1, iterations + 1):
+        t = time.perf_counter()
+        res = algo.train()
+        lr = res["learners"]["default_policy"]
+        row = {"iteration": it, **{k: float(lr[k]) for k in ("mse_head0", "mse_head1", "r2_head0", "r2_head1")},
+               "seconds": time.perf_counter() - t}
+        history.append(row)
+        log(f"iter {it:3d} | mse clicks {row['mse_head0']:.3f} long_views {row['mse_head1']:.3f} | "
+            f"R² {row['r2_head0']:.3f} / {row['r2_head1']:.3f} | {row['seconds']:.1f} s")
+    return history
+
+
+def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
+    """π_λ for every λ and the baselines, off-policy on held-out logs and (eval_sessions > 0) on the
+    simulator. Returns the artifact's points and meta."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from .evaluate import (agent_chooser, evaluation_users, fixed_chooser, off_policy_point, simulate_policy,
+                           simulated_point)
+
+    grid, weights, est = cfg.grid, cfg.grid.weights, RewardAtHit()
+    held = as_arrays(pq.read_table(holdout_path))
+    trained = as_arrays(pq.read_table(train_path))
+    with torch.no_grad():
+        scores = module.scores(torch.as_tensor(held["obs"])).numpy()
+    lambdas = lambda_grid(cfg.lambdas)
+    actions = sweep_actions(scores, lambdas)                                   # [L, N]
+    scale = trained["rewards"].std(axis=0)
+
+    # global fixed weights: each grid action for everyone, selected on the training logs
+    fixed_train = np.array([est.estimate(trained["action"], trained["propensity"], trained["rewards"],
+                                         np.full(len(trained["action"]), a)).value for a in range(grid.size)])
+    fixed_held = [off_policy_point(held, np.full(len(held["action"]), a)) for a in range(grid.size)]
+    users = evaluation_users(cfg.env_config, cfg.eval_sessions, cfg.seed + 1) if cfg.eval_sessions else None
+    sim = (lambda choose: simulate_policy(cfg.env_config, choose, users, cfg.seed + 1, grid)) if users is not None else None
+    fixed_runs = [sim(fixed_chooser(weights[a], a)) for a in range(grid.size)] if sim else None
+    if sim:
+        log(f"simulated {grid.size} global fixed-weight policies × {len(users)} sessions")
+
+    points = []
+    for li, lam in enumerate(lambdas):
+        a = actions[li]
+        share = np.bincount(a, minlength=grid.size) / len(a)
+        avg_w = weights[a].mean(axis=0)
+        nearest = int(np.abs(weights - avg_w).max(axis=1).argmin())
+        best_global = int((lam * fixed_train[:, 0] / scale[0] + (1 - lam) * fixed_train[:, 1] / scale[1]).argmax())
+        point = {"lambda": float(lam), "off_policy": off_policy_point(held, a),
+                 "action_distribution": {"share": share.round(4).tolist(), "mean_weights": avg_w.tolist(),
+                                         "distinct_actions": int((share > 0).sum())},
+                 "best_global_action": best_global, "best_global_weights": weights[best_global].tolist(),
+                 "static_average_weights": avg_w.tolist(), "static_average_nearest_action": nearest,
+                 "cohort_mean_weights": {name: weights[a[_cohort(held) == c]].mean(axis=0).tolist()
+                                         for c, name in enumerate(COHORTS) if (_cohort(held) == c).any()}}
+        if sim:
+            run = sim(agent_chooser(module, float(lam), grid))
+            static = sim(fixed_chooser(avg_w))
+            point["simulator"] = simulated_point(run)
+            point["static_average_simulator"] = simulated_point(static)
+            d, dci = run.minus(fixed_runs[best_global])
+            s, sci = run.minus(static)
+            point["lift_vs_best_global"] = _diff(d, dci, lam, scale)
+            point["lift_vs_static_average"] = _diff(s, sci, lam, scale)
+        points.append(point)
+        log(f"λ {lam:.3f}: off-policy clicks {point['off_policy']['clicks']:.3f} long_views "
+            f"{point['off_policy']['long_views']:.3f} (ESS {point['off_policy']['ess']:.0f})"
+            + (f" | simulator {point['simulator']['clicks']:.3f} / {point['simulator']['long_views']:.3f}" if sim else ""))
+
+    ope_xy = np.array([[p["off_policy"][o] for o in OBJECTIVES] for p in points])
+    glob_xy = np.array([[f[o] for o in OBJECTIVES] for f in fixed_held])
+    for p, nd in zip(points, non_dominated(ope_xy)):
+        p["non_dominated_off_policy"] = bool(nd)
+    meta = {"grid": {"n": grid.n, "high": list(grid.high), "weights": weights.tolist()},
+            "reward_scale": scale.tolist(), "estimator": "reward at hit (SNIPS, uniform logging)",
+            "holdout_requests": int(len(held["action"])), "global_fixed": [
+                {"action": a, "weights": weights[a].tolist(), "off_policy": fixed_held[a],
+                 **({"simulator": simulated_point(fixed_runs[a])} if sim else {})} for a in range(grid.size)]}
+    ref = np.minimum(np.nanmin(ope_xy, 0), np.nanmin(glob_xy, 0))
+    meta["hypervolume_off_policy"] = {"personalised": hypervolume_2d(ope_xy, ref), "global_fixed": hypervolume_2d(glob_xy, ref),
+                                      "reference_point": ref.tolist()}
+    if sim:
+        sim_xy = np.array([[p["simulator"][o] for o in OBJECTIVES] for p in points])
+        gsim_xy = np.array([[m["simulator"][o] for o in OBJECTIVES] for m in meta["global_fixed"]])
+        ssim_xy = np.array([[p["static_average_simulator"][o] for o in OBJECTIVES] for p in points])
+        for p, nd in zip(points, non_dominated(sim_xy)):
+            p["non_dominated_simulator"] = bool(nd)
+        ref = np.minimum.reduce([sim_xy.min(0), gsim_xy.min(0), ssim_xy.min(0)])
+        meta["hypervolume_simulator"] = {"personalised": hypervolume_2d(sim_xy, ref), "global_fixed": hypervolume_2d(gsim_xy, ref),
+                                         "static_average": hypervolume_2d(ssim_xy, ref), "reference_point": ref.tolist()}
+        meta["eval_sessions"] = int(len(users))
+    return {"points": points, "meta": meta}
+
+
+def _cohort(logs: dict) -> np.ndarray:
+    from .evaluate import cohort_of
+
+    return cohort_of(logs["obs"])
+
+
+def _diff(d: np.ndarray, ci: np.ndarray, lam: float, scale: np.ndarray) -> dict:
+    """Per-objective paired difference and the λ-scalarised one (common scale)."""
+    w = np.array([lam / scale[0], (1 - lam) / scale[1]])
+    return {**{o: float(x) for o, x in zip(OBJECTIVES, d)}, **{f"{o}_ci": float(x) for o, x in zip(OBJECTIVES, ci)},
+            "scalarised": float(w @ d), "scalarised_ci_bound": float(np.abs(w) @ ci)}
+
+
+def plot(path: str, result: dict) -> None:
+    pts, meta = result["points"], result["meta"]
+    series = {"personalised π_λ (off-policy)": _series(pts, "off_policy"),
+              "global fixed weights (off-policy)": _series(meta["global_fixed"], "off_policy", fmt="x")}
+    if "simulator" in pts[0]:
+        series["personalised π_λ (simulator)"] = _series(pts, "simulator", fmt="s-")
+        series["global fixed weights (simulator)"] = _series(meta["global_fixed"], "simulator", fmt="+")
+        series["static average weights (simulator)"] = _series(pts, "static_average_simulator", fmt="d--")
+    plot_frontier(path, series, "PRL-PUTS frontier: engagement vs long dwell (per request, 95 % CI)")
+
+
+def _series(rows: list[dict], key: str, fmt: str = "o-") -> dict:
+    xs = [r[key] for r in rows]
+    return {"x": [x["clicks"] for x in xs], "y": [x["long_views"] for x in xs], "xerr": [x["clicks_ci"] for x in xs],
+            "yerr": [x["long_views_ci"] for x in xs], "fmt": fmt}
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """logs → requests → training → sweep → artifact (frontier.json + frontier.png + agent.pt)."""
+    from .module import save_agent
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    train_path, holdout_path, data_info = prepare_requests(cfg)
+    algo = build_agent(cfg, train_path)
+    try:
+        history = train(algo, cfg.iterations)
+        module = algo.module_snapshot()
+        algo.save(os.path.join(cfg.out_dir, "checkpoint"))
+    finally:
+        algo.stop()
+    agent_path = os.path.join(cfg.out_dir, "agent.pt")
+    save_agent(module, agent_path)
+    result = sweep(cfg, module, holdout_path, train_path)
+    result["meta"].update(config=asdict(cfg), data=data_info, training=history, agent=agent_path)
+    artifact = write_frontier(os.path.join(cfg.out_dir, "frontier.json"), result["points"], result["meta"])
+    try:
+        plot(os.path.join(cfg.out_dir, "frontier.png"), result)
+    except ImportError:
+        log("matplotlib not installed: frontier.png skipped (pip install matplotlib)")
+    log(f"frontier v{artifact['version']} → {os.path.join(cfg.out_dir, 'frontier.json')}")
+    return artifact

@@ -1,0 +1,83 @@
+"""The utility-weight agent in the request path: picks the ranking utility weights per request.
+
+The recommend ingress calls ``choose`` at the start of a request, in parallel with matching and
+pre-ranking, and awaits it only before ranking. Calls are batched across concurrent requests
+(``serve.batch``): one forward pass scores every grid action for the whole batch.
+
+Modes (``utility_agent.mode`` in the recommend app's args):
+  agent    π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a) with the trained agent (agent.pt)
+  explore  the logging policy: a uniformly random grid action per request, propensity 1/|A|
+
+The live operating point — λ, or a fixed global weight vector — lives in a VersionedParamStore:
+``PUT /operating-point`` on the ingress bumps its version and returns once every agent replica
+holds it, so all replicas switch together without a redeploy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from actors.param_store import ParamFollower, get_or_create_store
+from actors.stages import Pipeline, RequestBatch
+from actors.world import PipelineConfig, World, WorldConfig
+
+DEFAULT_OPERATING_POINT = {"lambda": 0.5, "weights": None}
+
+
+def operating_point_store(prefix: str, initial_lambda: float = 0.5):
+    return get_or_create_store(f"{prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
+
+
+@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+class UtilityAgentDeployment:
+    def __init__(self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str):
+        from rllib_policies.utility_agent.exploration import ActionGrid
+        from rllib_policies.utility_agent.module import load_agent
+
+        self.mode = agent.get("mode", "agent")
+        self.pipeline = Pipeline(World(world_config), pipeline_config)
+        if self.mode == "agent":
+            self.module = load_agent(agent["path"])
+            self.weights = self.module.grid.numpy()
+        else:
+            self.module = None
+            self.weights = ActionGrid(int(agent.get("grid_n", 7)), tuple(agent.get("grid_high", (2.0, 40.0)))).weights
+        self.rng = np.random.default_rng()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        store = operating_point_store(store_prefix, agent.get("lambda", 0.5))
+        self.follower = ParamFollower(store, f"utility-agent-{self.replica}", dict)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    async def choose(self, requests: list[RequestBatch]) -> list[dict]:
+        """Per request: {"weights", "action", "propensity", "lambda", "operating_point_version", "mode", "context"}."""
+        from rllib_policies.envs import user_features
+
+        req = RequestBatch(np.concatenate([r.user for r in requests]), np.concatenate([r.history for r in requests]),
+                           np.concatenate([r.step for r in requests]),
+                           clicks=np.concatenate([np.zeros(len(r.user), np.int32) if r.clicks is None else r.clicks
+                                                  for r in requests]))
+        obs = user_features(self.pipeline, req)
+        version, op = self.follower.current
+        lam = op.get("lambda")
+        if self.mode == "explore":
+            actions = self.rng.integers(0, len(self.weights), len(obs))
+            weights, propensity = self.weights[actions], np.full(len(obs), 1.0 / len(self.weights))
+        elif op.get("weights") is not None:     # a fixed global operating point
+            actions = np.full(len(obs), -1)
+            weights, propensity = np.broadcast_to(np.asarray(op["weights"], np.float32), (len(obs), 3)), np.ones(len(obs))
+        else:
+            import torch
+
+            with torch.no_grad():
+                actions = self.module.greedy(torch.as_tensor(obs), float(lam)).numpy()
+            weights, propensity = self.weights[actions], np.ones(len(obs))
+        return [{"weights": weights[i], "action": int(actions[i]), "propensity": float(propensity[i]),
+                 "lambda": None if op.get("weights") is not None else lam, "operating_point_version": version,
+                 "mode": self.mode, "context": obs[i]} for i in range(len(obs))]
+
+    def replica_state(self) -> dict[str, Any]:
+        version, op = self.follower.current
+        return {"replica": self.replica, "operating_point_version": version, "operating_point": op, "mode": self.mode}
