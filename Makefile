@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test bench bench-outer train bootstrap serve serve-recommend clean
+.PHONY: run test bench bench-outer bench-utility train train-utility bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) -m serve_apps.demo
 
@@ -18,6 +18,12 @@ bench: bootstrap
 
 bench-outer: bootstrap
 	$(PY) benchmarks/layered_vs_monolithic.py
+
+bench-utility: bootstrap
+	$(PY) benchmarks/utility_agent.py
+
+train-utility: bootstrap
+	$(PY) -m rllib_policies.train_utility_agent --config rllib_policies/configs/utility_agent.yaml
 
 train: bootstrap
 	$(PY) -m rllib_policies.train_outer_controller --config rllib_policies/configs/outer_controller.yaml

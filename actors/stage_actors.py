@@ -50,6 +50,27 @@ class StageRunner:
     def get_params(self) -> tuple[int, dict[str, float]]:
         return self.version, dict(zip(PARAM_NAMES[self.stage], map(float, self.params)))
 
+    # ---------------------------------------------------------------- a learned stage policy
+    def set_policy(self, mlp_state: dict, high, version: int) -> int:
+        """Hot-update this stage's policy a = high·sigmoid(MLP(o)) (an nn.Sequential state dict of
+        Linear layers with ReLU between them, as NumPy arrays); the new version serves from now on."""
+        layers = sorted({int(k.split(".")[0]) for k in mlp_state})
+        self.policy = [(np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
+                       for i in layers]
+        self.policy_high, self.policy_version = np.asarray(high, np.float32), int(version)
+        return self.policy_version
+
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, int]:
+        """The held policy's deterministic actions for observations [B, D] (NumPy forward pass)."""
+        if getattr(self, "policy", None) is None:
+            raise ValueError(f"{self.stage}: no policy set (set_policy first)")
+        h = np.asarray(obs, np.float32)
+        for i, (w, b) in enumerate(self.policy):
+            h = h @ w.T + b
+            if i < len(self.policy) - 1:
+                h = np.maximum(h, 0.0)
+        return (self.policy_high / (1.0 + np.exp(-h))).astype(np.float32), self.policy_version
+
 
 StageActor = ray.remote(num_cpus=0)(StageRunner)
 

@@ -40,7 +40,7 @@ class RequestBatch:
     user: np.ndarray        # int64 [B]
     history: np.ndarray     # int64 [B, H] recently clicked items, -1 = empty
     step: np.ndarray        # int32 [B] request index within the session
-    request_id: int = 0     # keys the stages' randomness
+    request_id: int | np.ndarray = 0   # keys the stages' randomness: one id for the batch, or one per request [B]
     clicks: np.ndarray | None = None   # int [B] clicks so far in the session (a policy feature), if known
 
     def __post_init__(self) -> None:
@@ -70,6 +70,35 @@ class StageContext:
         pop = c.popularity
         self.popularity = ((pop - pop.mean()) / pop.std()).astype(np.float32)
         self.quality_estimate = (c.quality + 0.15 * rng.standard_normal(c.n)).astype(np.float32)
+
+
+class RowGenerators:
+    """Per-request random streams: row i draws from seed_sequence(seed, stage, request_ids[i]), so a
+    batch of B requests replays exactly what B single-request calls (B = 1) drew."""
+
+    def __init__(self, seed: int, stage: str, request_ids: np.ndarray):
+        self.gens = [seed_sequence(seed, stage, int(r)) for r in np.asarray(request_ids).ravel()]
+
+    def rows(self, sl: slice) -> "RowGenerators":
+        sub = RowGenerators.__new__(RowGenerators)
+        sub.gens = self.gens[sl]
+        return sub
+
+    def _stack(self, draw, size) -> np.ndarray:
+        if size[0] != len(self.gens):
+            raise ValueError(f"{len(self.gens)} request streams but {size[0]} rows requested")
+        return np.concatenate([draw(g, (1, *size[1:])) for g in self.gens], axis=0)
+
+    def standard_normal(self, size) -> np.ndarray:
+        return self._stack(lambda g, sz: g.standard_normal(sz), size)
+
+    def gumbel(self, size) -> np.ndarray:
+        return self._stack(lambda g, sz: g.gumbel(size=sz), size)
+
+
+def stage_rng(seed: int, stage: str, request_id):
+    """The stage's randomness for a batch: one stream keyed by a scalar request id, or one per row."""
+    return seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
 
 
 def _params(params, stage: str, b: int) -> np.ndarray:
@@ -108,13 +137,14 @@ def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, se
     b = len(req.user)
     p = _params(params, "matching", b)
     q = user_query(ctx, req, p[:, 2])
-    rng = seed_sequence(seed, "matching", req.request_id)
+    rng = stage_rng(seed, "matching", req.request_id)
     items = np.empty((b, k), np.int64)
     scores = np.empty((b, k), np.float32)
     for s in range(0, b, chunk):  # bounded memory at 1M items: chunk × N scores at a time
         sl = slice(s, s + chunk)
         sc = p[sl, :1] * (q[sl] @ ctx.item_tower.T) + p[sl, 1:2] * ctx.popularity
-        sc += p[sl, 3:4] * rng.gumbel(size=sc.shape).astype(np.float32)
+        noise = rng.rows(sl) if isinstance(rng, RowGenerators) else rng
+        sc += p[sl, 3:4] * noise.gumbel(size=sc.shape).astype(np.float32)
         idx = _top_k(sc, k, ordered=False)
         items[sl], scores[sl] = idx, np.take_along_axis(sc, idx, axis=1)
     return StageOutput(items, scores)
@@ -154,7 +184,7 @@ def ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params
             noise: float | None = None) -> StageOutput:
     """Utility score Σ_k w_k·p_k over the multi-task predictions; the top-k, best first, is the slate."""
     p = _params(params, "ranking", len(req.user))
-    rng = seed_sequence(seed, "ranking", req.request_id)
+    rng = stage_rng(seed, "ranking", req.request_id)
     preds = ranking_predictions(ctx, req, candidates, ctx.world.config.prediction_noise if noise is None else noise, rng)
     utility = p[:, :1] * preds["p_click"] + p[:, 1:2] * preds["p_long_view"] + p[:, 2:3] * preds["p_purchase"]
     idx = _top_k(utility, k, ordered=True)

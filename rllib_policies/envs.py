@@ -97,6 +97,7 @@ class _SessionDriver:
         s = self.sessions
         done = not bool(s.active[0])
         info = {"clicks": int(resp.clicked.sum()), "revenue": float(resp.revenue.sum()), "ndcg_at_10": ndcg,
+                "dwell_s": float(resp.dwell_s.sum()),
                 "reward_vector": np.array([resp.clicked.sum(), (resp.dwell_s >= 18).sum(), resp.revenue.sum()], np.float32),
                 # the inner reward's features summed over the slate: clicks, Σ ln(1+dwell), skips, Σ relevance
                 "inner_features": np.array([resp.clicked.sum(), np.log1p(resp.dwell_s).sum(), resp.skipped.sum(),
@@ -165,39 +166,51 @@ class UtilityWeightEnv(_DriverEnv):
 
 
 class MultiStageEnv(MultiAgentEnv):
-    """matching → pre_ranking → ranking act in turn each request; the slate's reward goes to all."""
+    """matching → pre_ranking → ranking act in turn each request; the slate's reward goes to all.
+
+    o_k = [request context, summary of the candidates stage k receives, upstream actions / a_max]
+    (rllib_policies.unex_rl.cic.stage_observations rebuilds exactly these from o_1 and the actions).
+    The acting matching stage's info carries the raw request (user, history, step, clicks,
+    request_id) so learners can replay the cascade."""
 
     STAGES = ("matching", "pre_ranking", "ranking")
 
     def __init__(self, env_config: dict | None = None):
+        from rllib_policies.unex_rl.cic import observation_dim
+
         super().__init__()
         self.driver = _SessionDriver(env_config)
-        d = self.driver.obs_dim + self.driver.world.config.embed_dim + 2  # + candidate summary
+        d = observation_dim(self.driver.pipeline)
         self.agents = self.possible_agents = list(self.STAGES)
         self.observation_spaces = {a: spaces.Box(-np.inf, np.inf, (d,), np.float32) for a in self.STAGES}
         self.action_spaces = {a: spaces.Box(np.zeros(len(PARAM_NAMES[a]), np.float32), STAGE_ACTION_HIGH[a], dtype=np.float32)
                               for a in self.STAGES}
 
-    def _obs(self, candidates: np.ndarray | None) -> np.ndarray:
-        """o_k = request context + summary of the candidates stage k receives (zeros for matching)."""
-        ctx = self.driver.pipeline.ctx
-        base = self.driver.observe(self._req)
-        if candidates is None:
-            summary = np.zeros(ctx.item_tower.shape[1] + 2, np.float32)
-        else:
-            c = candidates[0]
-            summary = np.concatenate([ctx.item_tower[c].mean(axis=0), [ctx.popularity[c].mean(), ctx.quality_estimate[c].mean()]])
-        return np.concatenate([base, summary]).astype(np.float32)
+    def _obs(self, stage: str) -> np.ndarray:
+        from rllib_policies.unex_rl.cic import candidate_summary, upstream_features
+
+        base = self.driver.observe(self._req)[None]
+        return np.concatenate([base, candidate_summary(self.driver.pipeline.ctx, self._candidates, 1),
+                               upstream_features(self._actions, stage, 1)], axis=1)[0].astype(np.float32)
+
+    def _request_info(self) -> dict:
+        r, s = self._req, self.driver.sessions
+        return {"request": {"user": int(r.user[0]), "history": r.history[0].copy(), "step": int(r.step[0]),
+                            "clicks": int(s.clicks[0]), "request_id": int(r.request_id)}}
+
+    def _new_request(self) -> None:
+        self._req = self.driver.request()
+        self._turn, self._candidates, self._actions = 0, None, {}
 
     def reset(self, *, seed=None, options=None):
         self.driver.reset(seed)
-        self._req = self.driver.request()
-        self._turn, self._candidates = 0, None
-        return {"matching": self._obs(None)}, {}
+        self._new_request()
+        return {"matching": self._obs("matching")}, {"matching": self._request_info()}
 
     def step(self, action_dict):
         stage = self.STAGES[self._turn]
         action = np.clip(np.asarray(action_dict[stage], np.float32), 0, STAGE_ACTION_HIGH[stage])[None]
+        self._actions[stage] = action
         cfg, ctx = self.driver.pipeline.config, self.driver.pipeline.ctx
         if stage == "matching":
             self._candidates = matching(ctx, self._req, action, cfg.k_matching, cfg.seed).items
@@ -209,11 +222,9 @@ class MultiStageEnv(MultiAgentEnv):
             rewards = {a: reward for a in self.STAGES}
             if done:
                 return ({}, rewards, {"__all__": True}, {"__all__": False}, {"ranking": info})
-            self._req = self.driver.request()
-            self._turn, self._candidates = 0, None
-            return ({"matching": self._obs(None)}, rewards, {"__all__": False}, {"__all__": False}, {"ranking": info})
+            self._new_request()
+            return ({"matching": self._obs("matching")}, rewards, {"__all__": False}, {"__all__": False},
+                    {"ranking": info, "matching": self._request_info()})
         self._turn += 1
         nxt = self.STAGES[self._turn]
-        return {nxt: self._obs(self._candidates)}, {}, {"__all__": False}, {"__all__": False}, {}
-
-
+        return {nxt: self._obs(nxt)}, {}, {"__all__": False}, {"__all__": False}, {}

@@ -55,7 +55,8 @@ def prepare_requests(cfg: StudyConfig) -> tuple[str, str, dict]:
     info = {}
     if cfg.events_root is None and not os.path.exists(events):
         t = time.perf_counter()
-        info = simulate_exploration_logs(cfg.env_config, events, cfg.exploration_sessions, cfg.grid, cfg.seed)
+        info = simulate_exploration_logs(cfg.env_config, events, cfg.exploration_sessions, cfg.grid, cfg.seed,
+                                         ground_truth_path=ground_truth_path(cfg))
         log(f"exploration logs: {info['sessions']} sessions, {info['requests']} requests, uniform over "
             f"{cfg.grid.size} actions ({time.perf_counter() - t:.1f} s) → {events}")
     table = pa.concat_tables(ray.get(request_dataset(events, cfg.grid).to_arrow_refs()))
@@ -69,6 +70,11 @@ def prepare_requests(cfg: StudyConfig) -> tuple[str, str, dict]:
         pq.write_table(part, os.path.join(paths[name], "part-0.parquet"))
     log(f"request rows: {train.num_rows} train / {held.num_rows} held out (split by user)")
     return paths["train"], paths["holdout"], {**info, "train_rows": train.num_rows, "holdout_rows": held.num_rows}
+
+
+def ground_truth_path(cfg: StudyConfig) -> str:
+    """Exact per-action expected rewards at every simulated logged request (absent for real logs)."""
+    return os.path.join(cfg.out_dir, "ground_truth.parquet")
 
 
 def build_agent(cfg: StudyConfig, train_path: str):
@@ -110,8 +116,13 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     from .evaluate import (agent_chooser, evaluation_users, fixed_chooser, off_policy_point, simulate_policy,
                            simulated_point)
 
+    from .exploration import exact_value, load_ground_truth
+
     grid, weights, est = cfg.grid, cfg.grid.weights, RewardAtHit()
     held = as_arrays(pq.read_table(holdout_path))
+    truth = (load_ground_truth(ground_truth_path(cfg), held["request_id"])
+             if cfg.events_root is None and os.path.exists(ground_truth_path(cfg)) else None)
+    exact = (lambda acts: dict(zip(OBJECTIVES, map(float, exact_value(truth, acts))))) if truth is not None else None
     trained = as_arrays(pq.read_table(train_path))
     with torch.no_grad():
         scores = module.scores(torch.as_tensor(held["obs"])).numpy()
@@ -137,6 +148,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         nearest = int(np.abs(weights - avg_w).max(axis=1).argmin())
         best_global = int((lam * fixed_train[:, 0] / scale[0] + (1 - lam) * fixed_train[:, 1] / scale[1]).argmax())
         point = {"lambda": float(lam), "off_policy": off_policy_point(held, a),
+                 **({"exact": exact(a)} if exact else {}),
                  "action_distribution": {"share": share.round(4).tolist(), "mean_weights": avg_w.tolist(),
                                          "distinct_actions": int((share > 0).sum())},
                  "best_global_action": best_global, "best_global_weights": weights[best_global].tolist(),
@@ -165,10 +177,17 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
             "reward_scale": scale.tolist(), "estimator": "reward at hit (SNIPS, uniform logging)",
             "holdout_requests": int(len(held["action"])), "global_fixed": [
                 {"action": a, "weights": weights[a].tolist(), "off_policy": fixed_held[a],
+                 **({"exact": exact(np.full(len(held["action"]), a))} if exact else {}),
                  **({"simulator": simulated_point(fixed_runs[a])} if sim else {})} for a in range(grid.size)]}
     ref = np.minimum(np.nanmin(ope_xy, 0), np.nanmin(glob_xy, 0))
     meta["hypervolume_off_policy"] = {"personalised": hypervolume_2d(ope_xy, ref), "global_fixed": hypervolume_2d(glob_xy, ref),
                                       "reference_point": ref.tolist()}
+    if exact:
+        ex_xy = np.array([[p["exact"][o] for o in OBJECTIVES] for p in points])
+        gex_xy = np.array([[m["exact"][o] for o in OBJECTIVES] for m in meta["global_fixed"]])
+        ref = np.minimum(ex_xy.min(0), gex_xy.min(0))
+        meta["hypervolume_exact"] = {"personalised": hypervolume_2d(ex_xy, ref), "global_fixed": hypervolume_2d(gex_xy, ref),
+                                     "reference_point": ref.tolist()}
     if sim:
         sim_xy = np.array([[p["simulator"][o] for o in OBJECTIVES] for p in points])
         gsim_xy = np.array([[m["simulator"][o] for o in OBJECTIVES] for m in meta["global_fixed"]])
@@ -199,6 +218,9 @@ def plot(path: str, result: dict) -> None:
     pts, meta = result["points"], result["meta"]
     series = {"personalised π_λ (off-policy)": _series(pts, "off_policy"),
               "global fixed weights (off-policy)": _series(meta["global_fixed"], "off_policy", fmt="x")}
+    if "exact" in pts[0]:
+        series["personalised π_λ (exact, held-out states)"] = _series(pts, "exact", fmt="^-")
+        series["global fixed weights (exact)"] = _series(meta["global_fixed"], "exact", fmt="1")
     if "simulator" in pts[0]:
         series["personalised π_λ (simulator)"] = _series(pts, "simulator", fmt="s-")
         series["global fixed weights (simulator)"] = _series(meta["global_fixed"], "simulator", fmt="+")
@@ -208,8 +230,8 @@ def plot(path: str, result: dict) -> None:
 
 def _series(rows: list[dict], key: str, fmt: str = "o-") -> dict:
     xs = [r[key] for r in rows]
-    return {"x": [x["clicks"] for x in xs], "y": [x["long_views"] for x in xs], "xerr": [x["clicks_ci"] for x in xs],
-            "yerr": [x["long_views_ci"] for x in xs], "fmt": fmt}
+    return {"x": [x["clicks"] for x in xs], "y": [x["long_views"] for x in xs], "xerr": [x.get("clicks_ci", 0) for x in xs],
+            "yerr": [x.get("long_views_ci", 0) for x in xs], "fmt": fmt}
 
 
 def run_study(cfg: StudyConfig) -> dict:

@@ -1,0 +1,120 @@
+"""Sessions served by the three stage policies (vectorised over sessions), and the replay buffer.
+
+Each request: o_1 → a_1 = μ_1(o_1) (+ noise) → matching → o_2 → a_2 → pre-ranking → o_3 → a_3 →
+ranking → slate → the world's response. Observations are built exactly as MultiStageEnv and the CIC
+replay build them (cic.candidate_summary, cic.upstream_features), with one random stream per request
+(request ids [B]), so a stored transition can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actors.stages import RequestBatch, matching, pre_ranking, ranking
+from actors.world import ndcg_at_k, seed_sequence
+from rllib_policies.envs import STAGE_ACTION_HIGH, user_features
+
+from .cic import STAGES, candidate_summary, upstream_features
+
+N_ITEM_GROUPS = 4
+
+
+def _act(module, obs: np.ndarray, rng: np.random.Generator, explore: bool, std: float, stage: str) -> np.ndarray:
+    with torch.no_grad():
+        a = module.act(torch.as_tensor(obs)).numpy()
+    if explore:
+        a = a + std * STAGE_ACTION_HIGH[stage] * rng.standard_normal(a.shape)
+    return np.clip(a, 0, STAGE_ACTION_HIGH[stage]).astype(np.float32)
+
+
+def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Generator, explore: bool = True,
+                    explore_std: float = 0.1, users_seed: int | None = None) -> tuple[dict, dict]:
+    """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary)."""
+    world, ctx, cfg = pipeline.world, pipeline.ctx, pipeline.config
+    users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(0, world.users.n, n_sessions)
+    resp_rng = seed_sequence(int(rng.integers(0, 2**31)) if users_seed is None else users_seed, "unex-responses")
+    sessions = world.start_sessions(users, cfg.history_len)
+    ideal = world.ideal_relevance(sessions.user, 10)
+    rows, pending = [], np.full(n_sessions, -1)
+    ndcg_sum, n_rows = np.zeros(n_sessions), 0
+    while sessions.active.any():
+        act = np.flatnonzero(sessions.active)
+        b = len(act)
+        rids = rng.integers(0, 2**62, b) if users_seed is None else seed_sequence(users_seed, "rid", n_rows).integers(0, 2**62, b)
+        req = RequestBatch(sessions.user[act], sessions.history[act].copy(), sessions.requests[act].copy(), rids,
+                           sessions.clicks[act].copy())
+        base = user_features(pipeline, req)
+        actions, obs, cand = {}, {}, None
+        for s in STAGES:
+            obs[s] = np.concatenate([base, candidate_summary(ctx, cand, b), upstream_features(actions, s, b)], axis=1)
+            actions[s] = _act(actors[s], obs[s], rng, explore, explore_std, s)
+            if s == "matching":
+                cand = matching(ctx, req, actions[s], cfg.k_matching, cfg.seed).items
+            elif s == "pre_ranking":
+                cand = pre_ranking(ctx, req, cand, actions[s], cfg.k_pre_ranking).items
+        slate = ranking(ctx, req, cand, actions["ranking"], cfg.k_slate, cfg.seed).items
+        full = np.zeros((n_sessions, slate.shape[1]), np.int64)
+        full[act] = slate
+        resp = world.step(sessions, full, resp_rng)
+        ndcg_sum[act] += ndcg_at_k(resp.relevance[act], ideal[act], 10)
+        idx = np.arange(n_rows, n_rows + b)
+        rows.append({"context": base, **{f"obs_{s}": obs[s] for s in STAGES}, **{f"act_{s}": actions[s] for s in STAGES},
+                     "user": req.user, "history": req.history, "step": req.step, "clicks": req.clicks, "request_id": rids,
+                     "reward_s": resp.dwell_s[act].sum(axis=1).astype(np.float32), "done": ~sessions.active[act],
+                     "user_group": world.users.cohort[req.user].astype(np.int64),
+                     "item_group": (world.catalogue.category[slate[:, 0]] * N_ITEM_GROUPS // world.config.n_categories).astype(np.int64),
+                     "session": act, "prev": pending[act].copy()})
+        pending[act] = idx
+        n_rows += b
+    batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    _link_next(batch)
+    summary = {"usage_s_per_session": float(sessions.dwell_s.mean()), "return_rate": float(sessions.returned_next_day.mean()),
+               "ndcg_at_10": float((ndcg_sum / np.maximum(sessions.requests, 1)).mean()),
+               "requests_per_session": float(sessions.requests.mean()), "clicks_per_session": float(sessions.clicks.mean())}
+    return batch, summary
+
+
+def _link_next(batch: dict) -> None:
+    """next_* columns: each request's next request in the same session (itself when it is the last)."""
+    n = len(batch["prev"])
+    nxt = np.arange(n)
+    has_prev = batch["prev"] >= 0
+    nxt[batch["prev"][has_prev]] = np.flatnonzero(has_prev)
+    for k in ("context", *(f"obs_{s}" for s in STAGES), "user", "history", "step", "clicks", "request_id"):
+        batch[f"next_{k}"] = batch[k][nxt]
+    del batch["prev"], batch["session"]
+
+
+class ReplayBuffer:
+    """A FIFO ring of transitions (dict of arrays), sampled uniformly."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.data, self.size, self.pos = capacity, {}, 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, batch: dict) -> None:
+        n = len(next(iter(batch.values())))
+        if not self.data:
+            self.data = {k: np.zeros((self.capacity, *np.asarray(v).shape[1:]), np.asarray(v).dtype) for k, v in batch.items()}
+        idx = (self.pos + np.arange(n)) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = v
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, n: int, rng: np.random.Generator) -> dict:
+        idx = rng.integers(0, self.size, n)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state(self) -> dict:
+        return {"size": self.size, "pos": self.pos, "data": {k: v[: self.size] for k, v in self.data.items()}}
+
+    def set_state(self, state: dict) -> None:
+        self.size, self.pos = int(state["size"]), int(state["pos"])
+        if state["data"]:
+            self.data = {k: np.zeros((self.capacity, *v.shape[1:]), v.dtype) for k, v in state["data"].items()}
+            for k, v in state["data"].items():
+                self.data[k][: len(v)] = v

@@ -1,0 +1,224 @@
+"""UNEX-RL: the cascading information chain rebuilds observations exactly, CQR maps rewards to
+within-cell quantiles, stop-gradient blocks the named gradient paths, and the critic and the three
+stage actors train end to end through RLlib (and hot-update stage actors)."""
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from rllib_policies.envs import STAGE_ACTION_HIGH, MultiStageEnv, build_world
+from rllib_policies.unex_rl import STAGES, CategoryQuantileRescaler, Requests, stage_observations
+from rllib_policies.unex_rl.cic import observation_dim
+
+TINY = {"world": {"n_items": 1500, "n_users": 400}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
+
+
+def _stack(rows):
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_cic_rebuilds_the_observations_the_env_produced():
+    env = MultiStageEnv({**TINY, "seed": 1})
+    obs, info = env.reset(seed=1)
+    rng = np.random.default_rng(0)
+    seen, raw, acts = {s: [] for s in STAGES}, [], {s: [] for s in STAGES}
+    request = info["matching"]["request"]
+    for _ in range(30):                                  # ten requests, three turns each
+        stage = next(iter(obs))
+        seen[stage].append(obs[stage])
+        a = rng.uniform(0, STAGE_ACTION_HIGH[stage]).astype(np.float32)
+        acts[stage].append(a)
+        if stage == "matching":
+            raw.append(request)
+        obs, _, terms, _, infos = env.step({stage: a})
+        if terms["__all__"]:
+            break
+        if "matching" in infos:
+            request = infos["matching"]["request"]
+    n = len(seen["ranking"])
+    assert n >= 2
+    r = _stack(raw[:n])
+    req = Requests(r["user"], r["history"], r["step"], r["clicks"], r["request_id"])
+    rebuilt, _ = stage_observations(env.driver.pipeline, req, {s: np.stack(acts[s][:n]) for s in STAGES})
+    for s in STAGES:
+        np.testing.assert_allclose(rebuilt[s], np.stack(seen[s][:n]), atol=1e-6, err_msg=s)
+    # a different upstream action changes the downstream observation (the cascading effect)
+    other = {s: np.stack(acts[s][:n]) for s in STAGES}
+    other["matching"] = np.tile(np.array([0.2, 1.0, 0.0, 0.5], np.float32), (n, 1))
+    moved, _ = stage_observations(env.driver.pipeline, req, other)
+    assert not np.allclose(moved["pre_ranking"], rebuilt["pre_ranking"])
+    np.testing.assert_allclose(moved["matching"], rebuilt["matching"])
+
+
+def test_sampler_transitions_replay_exactly():
+    from rllib_policies.unex_rl.sampler import sample_sessions
+
+    _, pipeline = build_world(TINY)
+    actors = {s: _actor(s, pipeline) for s in STAGES}
+    batch, summary = sample_sessions(pipeline, actors, 6, np.random.default_rng(0))
+    req = Requests(batch["user"], batch["history"], batch["step"], batch["clicks"], batch["request_id"])
+    rebuilt, _ = stage_observations(pipeline, req, {s: batch[f"act_{s}"] for s in STAGES})
+    for s in STAGES:
+        np.testing.assert_allclose(rebuilt[s], batch[f"obs_{s}"], atol=1e-6)
+    assert summary["requests_per_session"] * 6 == len(batch["reward_s"]) and batch["done"].sum() == 6
+
+
+def test_cqr_maps_rewards_to_within_cell_quantiles():
+    cqr = CategoryQuantileRescaler(n_user_groups=2, n_item_groups=2, window=100)
+    cqr.update(np.arange(100.0), np.zeros(100, int), np.zeros(100, int))          # cell (0, 0): 0 … 99
+    cqr.update(np.arange(0.0, 1000.0, 10.0), np.ones(100, int), np.zeros(100, int))  # cell (1, 0): 0 … 990
+    r = np.array([-1.0, 0.0, 49.5, 99.0, 200.0, 495.0, 7.0])
+    ug = np.array([0, 0, 0, 0, 0, 1, 1])
+    ig = np.array([0, 0, 0, 0, 0, 0, 1])
+    q = cqr.quantiles(r, ug, ig)
+    np.testing.assert_allclose(q, [0.0, 0.005, 0.5, 0.995, 1.0, 0.5, 0.5])   # last: an empty cell → ½
+    # within a cell, its own rewards map to uniform quantiles: (i + ½)/n
+    np.testing.assert_allclose(cqr.quantiles(np.arange(100.0), np.zeros(100, int), np.zeros(100, int)),
+                               (np.arange(100) + 0.5) / 100)
+    # the same reward in different cells gets its own cell's quantile
+    assert cqr.quantiles(np.array([50.0, 50.0]), np.array([0, 1]), np.array([0, 0])).tolist() == pytest.approx([0.505, 0.055])
+    cqr.update(np.full(100, 1000.0), np.zeros(100, int), np.zeros(100, int))     # the window keeps the last 100
+    assert cqr.quantiles(np.array([999.0]), np.array([0]), np.array([0]))[0] == 0.0
+
+
+def _actor(stage, pipeline, hidden=(16,)):
+    from actors.stages import DEFAULT_PARAMS
+    from rllib_policies.unex_rl.modules import StageActorModule
+
+    torch.manual_seed(len(stage))
+    d = observation_dim(pipeline)
+    return StageActorModule(observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+                            action_space=spaces.Box(np.zeros(len(STAGE_ACTION_HIGH[stage]), np.float32), STAGE_ACTION_HIGH[stage]),
+                            model_config={"hidden": hidden, "init": DEFAULT_PARAMS[stage].tolist()})
+
+
+def test_stop_gradient_blocks_the_paths_through_downstream_stages():
+    """∂(−Q)/∂θ_matching with SG equals the gradient through a_1's own critic input only; without SG
+    it also flows through ã_2 = μ_2(o_2(ã_1)) and ã_3, and differs."""
+    from rllib_policies.unex_rl.learner import rebuild
+    from rllib_policies.unex_rl.modules import GlobalCriticModule, JOINT_ACTION_DIM
+    from rllib_policies.unex_rl.sampler import sample_sessions
+
+    _, pipeline = build_world(TINY)
+    actors = {s: _actor(s, pipeline) for s in STAGES}
+    for a in actors.values():          # non-trivial weights so every path carries gradient
+        with torch.no_grad():
+            a.pi[-1].weight.normal_(0, 0.3)
+    d = observation_dim(pipeline)
+    critic = GlobalCriticModule(observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+                                action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32), model_config={"obs_dim": d})
+    batch, _ = sample_sessions(pipeline, actors, 4, np.random.default_rng(1))
+    req = Requests(batch["user"], batch["history"], batch["step"], batch["clicks"], batch["request_id"])
+    ctx, o1 = torch.as_tensor(batch["context"]), torch.as_tensor(batch["obs_matching"])
+
+    def grad_matching(stop_gradient: bool, cut_downstream: bool = False):
+        for m in actors.values():
+            m.zero_grad()
+        a1 = actors["matching"].act(o1)
+        up = a1.detach() if cut_downstream else a1
+        a2 = actors["pre_ranking"].act(rebuild(pipeline, req, ctx, {"matching": up}, "pre_ranking", stop_gradient))
+        a3 = actors["ranking"].act(rebuild(pipeline, req, ctx, {"matching": up, "pre_ranking": a2}, "ranking", stop_gradient))
+        joint = torch.cat([a1 / actors["matching"].high, a2 / actors["pre_ranking"].high, a3 / actors["ranking"].high], -1)
+        (-critic.value(o1, joint).mean()).backward()
+        return torch.cat([p.grad.flatten() for p in actors["matching"].pi.parameters()])
+
+    with_sg, direct_only, without_sg = grad_matching(True), grad_matching(False, cut_downstream=True), grad_matching(False)
+    torch.testing.assert_close(with_sg, direct_only)
+    assert (without_sg - with_sg).abs().max() > 1e-6 * with_sg.abs().max()
+    # and SG leaves the downstream actor's own gradient in place
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actors["pre_ranking"].pi.parameters())
+
+
+def _config(arm="unex_rl", **learners):
+    from rllib_policies.unex_rl import UnexRLConfig
+
+    return (UnexRLConfig().environment(MultiStageEnv, env_config=TINY)
+            .unex_rl(arm=arm, sessions_per_iteration=8, updates_per_iteration=3, minibatch_size=32, hidden=(16,))
+            .learners(**learners).debugging(seed=0, log_level="ERROR"))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("arm", ["unex_rl", "independent", "no_cic", "single_agent"])
+def test_critic_and_stage_actors_train_end_to_end(ray_session, arm):
+    algo = _config(arm).build_algo()
+    try:
+        before = {s: {k: v.copy() for k, v in algo.learner_group.get_weights([s])[s].items()} for s in STAGES}
+        for _ in range(2):
+            res = algo.train()
+        out, learner = res["unex_rl"], res["learners"]["global_critic"]
+        assert out["policy_version"] == 2 and out["buffer_size"] > 0 and np.isfinite(learner["critic_loss"])
+        after = algo.learner_group.get_weights(list(STAGES))
+        moved = {s: any(not np.allclose(before[s][k], after[s][k]) for k in before[s] if k.startswith("pi.")) for s in STAGES}
+        expected = {s: True for s in STAGES} if arm != "single_agent" else {"matching": False, "pre_ranking": False, "ranking": True}
+        assert moved == expected
+        assert set(algo.evaluate_policy(20)) >= {"usage_s_per_session", "return_rate", "ndcg_at_10"}
+    finally:
+        algo.stop()
+
+
+@pytest.mark.ray
+def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_path):
+    from actors.stage_actors import StageActor
+    from actors.world import PipelineConfig, WorldConfig
+    from rllib_policies.unex_rl import UnexRL
+
+    algo = _config().build_algo()
+    runners = {s: StageActor.remote(s, WorldConfig.preset("default", **TINY["world"]), PipelineConfig(**TINY["pipeline"]))
+               for s in STAGES}
+    try:
+        algo.attach_stage_actors(runners)
+        algo.train()
+        obs = np.random.default_rng(0).standard_normal((5, observation_dim(algo.pipeline))).astype(np.float32)
+        import ray
+
+        for s in STAGES:
+            acted, version = ray.get(runners[s].act.remote(obs))
+            assert version == algo.policy_version == 1
+            np.testing.assert_allclose(acted, algo.actors[s].act(torch.as_tensor(obs)).detach().numpy(), rtol=1e-5, atol=1e-5)
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        buffered = len(algo.buffer)
+        algo.train()
+        continued = algo.learner_group.get_weights(["ranking"])["ranking"]
+        restored = UnexRL.from_checkpoint(path)
+        try:
+            assert restored.sessions_seen == 8 and restored.policy_version == 1 and len(restored.buffer) == buffered
+            assert restored.cqr.state() and set(restored.cqr.state()) <= {f"{u},{i}" for u in range(3) for i in range(4)}
+            restored.train()
+            assert restored.policy_version == 2 and restored.sessions_seen == 16
+            assert set(restored.learner_group.get_weights(["ranking"])["ranking"]) == set(continued)
+        finally:
+            restored.stop()
+    finally:
+        algo.stop()
+        for r in runners.values():
+            ray.kill(r)
+
+
+@pytest.mark.ray
+def test_two_learners(ray_session):
+    algo = _config(num_learners=2, num_cpus_per_learner=0.5).build_algo()
+    try:
+        res = algo.train()
+        assert np.isfinite(res["learners"]["global_critic"]["critic_loss"])
+    finally:
+        algo.stop()
+
+
+@pytest.mark.ray
+def test_job_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
+    import yaml
+
+    from rllib_policies.train_unex_rl import main
+
+    cfg = {"env_config": TINY, "unex_rl": {"arm": "unex_rl", "sessions_per_iteration": 6, "updates_per_iteration": 2,
+                                           "minibatch_size": 16, "hidden": [16]},
+           "iterations": 2, "checkpoint_dir": str(tmp_path / "runs"), "checkpoint_every": 1, "eval_sessions": 10}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 0
+    cfg["iterations"] = 3
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "c.yaml"), "--resume", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "iter    1 |" in out and "iter    2 |" in out and "resumed from" in out and "iter    3 |" in out
+    assert (tmp_path / "runs" / "iter_000003").exists() and "usage_s_per_session" in out
