@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test bench bench-outer bench-utility train train-utility bootstrap serve serve-recommend clean
+.PHONY: run test bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) -m serve_apps.demo
 
@@ -21,6 +21,12 @@ bench-outer: bootstrap
 
 bench-utility: bootstrap
 	$(PY) benchmarks/utility_agent.py
+
+bench-unex: bootstrap
+	$(PY) benchmarks/unex_rl.py
+
+train-unex: bootstrap
+	$(PY) -m rllib_policies.train_unex_rl --config rllib_policies/configs/unex_rl.yaml
 
 train-utility: bootstrap
 	$(PY) -m rllib_policies.train_utility_agent --config rllib_policies/configs/utility_agent.yaml

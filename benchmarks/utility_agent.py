@@ -1,6 +1,6 @@
 """PRL-PUTS on our world: personalised utility weights vs the best global fixed weights.
 
-    python benchmarks/utility_agent.py                 # study + latency, ~20 minutes on 2 cores
+    python benchmarks/utility_agent.py                 # study + latency, ~9 minutes on 2 cores
     python benchmarks/utility_agent.py --part study --sessions 1500 --eval-sessions 300
 
 (a) the study (rllib_policies/utility_agent/study.py): uniform exploration logs over the 49-action
@@ -161,9 +161,9 @@ def serve_latency(config: str, rates: list[int], duration: float, warmup: float)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "study", "latency"], default="all")
-    parser.add_argument("--sessions", type=int, default=5000, help="exploration sessions")
+    parser.add_argument("--sessions", type=int, default=20000, help="exploration sessions")
     parser.add_argument("--eval-sessions", type=int, default=1500, help="simulated sessions per evaluated policy")
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     add_load_args(parser, "25,50", "--serve-config")
     args = parser.parse_args()

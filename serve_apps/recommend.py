@@ -19,6 +19,7 @@ Each stage deployment runs the same pure stage function as the in-process Pipeli
 built from the same config, with parameters followed from a VersionedParamStore.
 """
 
+import asyncio
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ from collections import OrderedDict
 from typing import Annotated, Any, Optional
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -186,7 +187,12 @@ class RecommendService:
         choice_ref = self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
         m, vm = await self.stages["matching"].run.remote(req)
         pr, vp = await self.stages["pre_ranking"].run.remote(req, m.items)
-        choice = await choice_ref if choice_ref is not None else None
+        choice, fallback = None, None
+        if choice_ref is not None:
+            try:   # the agent must never take the request down: default weights if it is slow or failing
+                choice = await asyncio.wait_for(choice_ref, self.utility_config.get("timeout_s", 0.5))
+            except Exception as e:
+                fallback = f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
         if choice is not None:
             weights = np.asarray(choice["weights"], np.float32)
         r, vr = await self.stages["ranking"].run.remote(req, pr.items, weights)
@@ -201,8 +207,8 @@ class RecommendService:
             request_id=request_id, user_id=body.user_id, slate=r.items[0].tolist(), scores=r.scores[0].round(6).tolist(),
             predictions={k: v[0].round(6).tolist() for k, v in r.predictions.items()},
             versions={"matching": vm, "pre_ranking": vp, "ranking": vr},
-            utility=None if choice is None else {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                                                 for k, v in choice.items() if k != "context"})
+            utility=({"fallback": fallback} if fallback else None) if choice is None else
+            {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in choice.items() if k != "context"})
 
     @app.post("/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
@@ -272,15 +278,17 @@ class RecommendService:
         return {"version": snap.version, **snap.params, "mode": self.utility_config.get("mode", "agent")}
 
     @app.put("/operating-point")
-    async def put_operating_point(self, body: OperatingPointBody) -> dict[str, Any]:
-        """Switch the live operating point on every agent replica (returns once they all hold it)."""
+    async def put_operating_point(self, body: OperatingPointBody, response: Response) -> dict[str, Any]:
+        """Switch the live operating point on every agent replica: 200 once every live replica holds
+        the new version, 202 (``all_acked: false``) if some had not acknowledged within the store's
+        ack timeout (they switch on their next poll)."""
         self._require_agent()
         if (body.lambda_ is None) == (body.weights is None):
             raise BadRequest(["body"], "give exactly one of 'lambda' (in [0, 1]) or 'weights' ([w_click, w_long_view, "
                              "w_purchase], each in [0, 1e6])")
-        if self.utility_config.get("mode", "agent") == "explore" and body.lambda_ is not None:
-            raise BadRequest(["body", "lambda"], "the agent runs in explore mode (uniform logging policy): λ has no effect",
-                             status=409, type_="conflict")
+        if self.utility_config.get("mode", "agent") == "explore":
+            raise BadRequest(["body"], "the agent runs in explore mode (the uniform logging policy): an operating point "
+                             "has no effect there", status=409, type_="conflict")
         params = {"lambda": body.lambda_, "weights": body.weights}
         try:
             ack = await self.operating_point.put.remote(params, body.expected_version)
@@ -288,6 +296,9 @@ class RecommendService:
             if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
                 raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
             raise
+        ack["all_acked"] = ack["readers_acked"] >= ack["readers_live"]
+        if not ack["all_acked"]:
+            response.status_code = 202
         return {**params, **ack}
 
     @app.get("/frontier")
@@ -338,6 +349,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
             raise ValueError(f"utility_agent.mode must be 'agent' or 'explore', got {agent_cfg['mode']!r}")
         if agent_cfg.get("mode", "agent") == "agent" and not agent_cfg.get("path"):
             raise ValueError("utility_agent.path (the trained agent.pt) is required in mode 'agent'")
+        lam = agent_cfg.get("lambda", 0.5)
+        if not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+            raise ValueError(f"utility_agent.lambda must be a number in [0, 1], got {lam!r}")
         agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
             world_config, pipeline_config, agent_cfg, prefix)
     return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], world_config, prefix,

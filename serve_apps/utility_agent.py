@@ -37,6 +37,9 @@ class UtilityAgentDeployment:
         from rllib_policies.utility_agent.exploration import ActionGrid
         from rllib_policies.utility_agent.module import load_agent
 
+        import torch
+
+        torch.set_num_threads(1)   # one small forward pass per batch: extra threads only contend with the stages
         self.mode = agent.get("mode", "agent")
         self.pipeline = Pipeline(World(world_config), pipeline_config)
         if self.mode == "agent":
@@ -55,10 +58,11 @@ class UtilityAgentDeployment:
         """Per request: {"weights", "action", "propensity", "lambda", "operating_point_version", "mode", "context"}."""
         from rllib_policies.envs import user_features
 
+        max_requests = self.pipeline.world.config.max_requests
         req = RequestBatch(np.concatenate([r.user for r in requests]), np.concatenate([r.history for r in requests]),
-                           np.concatenate([r.step for r in requests]),
-                           clicks=np.concatenate([np.zeros(len(r.user), np.int32) if r.clicks is None else r.clicks
-                                                  for r in requests]))
+                           np.minimum(np.concatenate([r.step for r in requests]), max_requests),   # the trained range
+                           clicks=np.minimum(np.concatenate([np.zeros(len(r.user), np.int32) if r.clicks is None
+                                                             else r.clicks for r in requests]), 10 * max_requests))
         obs = user_features(self.pipeline, req)
         version, op = self.follower.current
         lam = op.get("lambda")

@@ -9,11 +9,13 @@ RLlib's new API stack (a MultiRLModule of three StageActorModules + a learner-on
     for _ in range(30): print(algo.train()["unex_rl"])
 
 One iteration: ``sessions_per_iteration`` sessions are served by the current stage policies with
-Gaussian exploration — vectorised over sessions, through the same stage functions and the same
-observation builder as MultiStageEnv (the env itself steps one request at a time: ~50× slower on
-two cores) — their per-request transitions (raw o_1, stage observations and actions, usage time,
-next request) go to a replay buffer with rewards rescaled by CQR; then ``updates_per_iteration``
-minibatch updates of the critic and the actors (learner.py), target networks by Polyak averaging.
+Gaussian exploration on the learning stages — vectorised over sessions, through the same stage
+functions and the same observation builder as MultiStageEnv (the env itself steps one agent turn
+at a time: ~50× slower on two cores; it pays the inner reward, the sampler pays usage time, the
+long-term reward UNEX-RL optimises) — their per-request transitions (raw o_1, stage observations
+and actions, usage seconds, next request) go to a replay buffer with rewards rescaled by CQR; then
+``updates_per_iteration`` minibatch updates (each learner gets a full minibatch) of the critic and
+the actors (learner.py), target networks by Polyak averaging.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from rllib_policies.envs import STAGE_ACTION_HIGH, build_world
 
 from .cic import STAGES, CategoryQuantileRescaler, observation_dim
 from .modules import JOINT_ACTION_DIM, GlobalCriticModule, StageActorModule
-from .sampler import ReplayBuffer, sample_sessions
+from .sampler import N_ITEM_GROUPS, ReplayBuffer, sample_sessions
 
 METRICS = "unex_rl"
 CRITIC = "global_critic"
@@ -47,9 +49,11 @@ ARMS: dict[str, dict] = {
     "no_sg": {"stop_gradient": False},
     "no_cqr": {"cqr": False},
 }
+SWITCHES = ("cic", "stop_gradient", "cqr", "critic", "trainable_stages")
 _OPTIONS = dict(cic=True, stop_gradient=True, cqr=True, critic="global", trainable_stages=STAGES, tau=0.01,
                 buffer_size=50_000, sessions_per_iteration=64, updates_per_iteration=16, minibatch_size=256,
-                explore_std=0.1, reward_scale_s=30.0, cqr_window=4096, hidden=(64, 64))
+                explore_std=0.1, reward_scale_s=30.0, cqr_window=4096, hidden=(64, 64), actor_lr=1e-4,
+                actor_warmup_iterations=5, policy_delay=2)
 
 
 class UnexRLConfig(AlgorithmConfig):
@@ -63,6 +67,10 @@ class UnexRLConfig(AlgorithmConfig):
     critic               "global" (Q_g on the joint action) | "independent" (one Q_k(o_k, a_k) per stage)
     trainable_stages     the stages whose actors learn (others keep their default parameters)
     tau, buffer_size, sessions_per_iteration, updates_per_iteration, minibatch_size, explore_std
+    actor_lr             the actors' learning rate (the critic uses ``lr``)
+    actor_warmup_iterations, policy_delay   the critic trains alone for the first iterations, then the
+                         actors update on every ``policy_delay``-th minibatch (TD3): actors that follow
+                         an untrained critic walk away from good default parameters
     """
 
     def __init__(self, algo_class=None):
@@ -75,10 +83,10 @@ class UnexRLConfig(AlgorithmConfig):
         self.multi_agent(policies=set(STAGES), policy_mapping_fn=_stage_of)
 
     def unex_rl(self, arm: str | None = None, **kwargs) -> "UnexRLConfig":
-        if arm is not None:
+        if arm is not None:   # an arm sets every switch (the defaults, then its own), then explicit kwargs
             if arm not in ARMS:
                 raise ValueError(f"unknown UNEX-RL arm {arm!r}; arms: {sorted(ARMS)}")
-            kwargs = {**ARMS[arm], **kwargs}
+            kwargs = {**{k: _OPTIONS[k] for k in SWITCHES}, **ARMS[arm], **kwargs}
         unknown = set(kwargs) - set(_OPTIONS)
         if unknown:
             raise ValueError(f"unknown unex_rl option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
@@ -133,7 +141,7 @@ class UnexRL(Algorithm):
         cfg = self.config
         self.world, self.pipeline = build_world(cfg.env_config)
         self.buffer = ReplayBuffer(cfg.buffer_size)
-        self.cqr = CategoryQuantileRescaler(3, 4, cfg.cqr_window)
+        self.cqr = CategoryQuantileRescaler(3, N_ITEM_GROUPS + 1, cfg.cqr_window)
         self.rng = np.random.default_rng(cfg.seed)
         # driver copies of the stage actors (serve the sampled sessions), synced from the learners
         local = self.env_runner_group.local_env_runner.module
@@ -151,7 +159,7 @@ class UnexRL(Algorithm):
     def training_step(self) -> None:
         cfg = self.config
         batch, summary = sample_sessions(self.pipeline, self.actors, cfg.sessions_per_iteration, self.rng,
-                                         explore=True, explore_std=cfg.explore_std)
+                                         explore=True, explore_std=cfg.explore_std, explore_stages=cfg.trainable_stages)
         raw = batch["reward_s"]
         if cfg.cqr:
             batch["reward"] = self.cqr.rescale(raw, batch["user_group"], batch["item_group"]).astype(np.float32)
@@ -160,8 +168,10 @@ class UnexRL(Algorithm):
         self.buffer.add(batch)
         self.sessions_seen += cfg.sessions_per_iteration
         n = max(len(self.learner_group), 1) if not self.learner_group.is_local else 1
-        for _ in range(cfg.updates_per_iteration):
+        warm = self.iteration >= cfg.actor_warmup_iterations
+        for u in range(cfg.updates_per_iteration):
             mb = self.buffer.sample(cfg.minibatch_size * n, self.rng)
+            mb["actor_on"] = np.full(len(mb["reward"]), float(warm and u % cfg.policy_delay == 0), np.float32)
             if self.learner_group.is_local:
                 results = self.learner_group.update(batch=_ma_batch(mb))
             else:
@@ -201,7 +211,7 @@ class UnexRL(Algorithm):
     def get_state(self, *args, **kwargs):
         state = super().get_state(*args, **kwargs)
         state[METRICS] = {"cqr": self.cqr.state(), "sessions_seen": self.sessions_seen, "policy_version": self.policy_version,
-                          "buffer": self.buffer.state()}
+                          "buffer": self.buffer.state(), "rng": copy.deepcopy(self.rng.bit_generator.state)}
         return state
 
     def set_state(self, state) -> None:
@@ -211,6 +221,7 @@ class UnexRL(Algorithm):
             self.cqr.set_state(own["cqr"])
             self.sessions_seen, self.policy_version = own["sessions_seen"], own["policy_version"]
             self.buffer.set_state(own["buffer"])
+            self.rng.bit_generator.state = own["rng"]
         self._sync_actors()
 
 

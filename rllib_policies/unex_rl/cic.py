@@ -72,15 +72,18 @@ def observation_dim(pipeline) -> int:
 
 
 def stage_observations(pipeline, req: Requests, actions: dict[str, np.ndarray], upto: str = "ranking",
-                       context: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                       context: np.ndarray | None = None, matched: np.ndarray | None = None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """CIC: (o_k for every stage up to ``upto``, the candidates each stage received), by replaying
-    matching → pre-ranking with ``actions`` on ``req``. Needs the actions of the stages before ``upto``."""
+    matching → pre-ranking with ``actions`` on ``req``. Needs the actions of the stages before ``upto``;
+    ``matched`` reuses matching's candidates from an earlier replay with the same a_1."""
     rb, ctx, cfg = req.batch(), pipeline.ctx, pipeline.config
     b = len(req.user)
     base = user_features(pipeline, rb) if context is None else context
     candidates = {"matching": None}
     if upto in ("pre_ranking", "ranking"):
-        candidates["pre_ranking"] = matching(ctx, rb, actions["matching"], cfg.k_matching, cfg.seed).items
+        candidates["pre_ranking"] = (matched if matched is not None
+                                     else matching(ctx, rb, actions["matching"], cfg.k_matching, cfg.seed).items)
     if upto == "ranking":
         candidates["ranking"] = pre_ranking(ctx, rb, candidates["pre_ranking"], actions["pre_ranking"], cfg.k_pre_ranking).items
     obs = {s: np.concatenate([base, candidate_summary(ctx, candidates[s], b), upstream_features(actions, s, b)], axis=1)
@@ -91,7 +94,9 @@ def stage_observations(pipeline, req: Requests, actions: dict[str, np.ndarray], 
 class CategoryQuantileRescaler:
     """r̃ = Φ(r | G_u, G_i): the mid-rank quantile of r among the last ``window`` rewards of its
     (user group, item group) cell, (#{x < r} + ½·#{x = r}) / n; 0.5 for a cell with no history.
-    ``rescale`` scores a batch against the cells as they were, then adds the batch (online)."""
+    ``rescale`` scores a batch against the cells as they were, then adds the batch (online); a cell
+    seen for the first time is seeded with the batch's own rewards first (else its first batch
+    would all be ½). Stored transitions keep the quantile they were given at insertion."""
 
     def __init__(self, n_user_groups: int, n_item_groups: int, window: int = 4096):
         if window < 1:
@@ -117,8 +122,12 @@ class CategoryQuantileRescaler:
             self.cells[key] = np.concatenate([self.cells.get(key, np.empty(0)), rewards[m]])[-self.window:]
 
     def rescale(self, rewards: np.ndarray, user_group: np.ndarray, item_group: np.ndarray) -> np.ndarray:
+        new = np.array([(u, i) not in self.cells for u, i in zip(user_group.tolist(), item_group.tolist())], bool)
+        if new.any():
+            self.update(rewards[new], user_group[new], item_group[new])
         q = self.quantiles(rewards, user_group, item_group)
-        self.update(rewards, user_group, item_group)
+        if (~new).any():
+            self.update(rewards[~new], user_group[~new], item_group[~new])
         return q
 
     def state(self) -> dict:

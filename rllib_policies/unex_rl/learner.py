@@ -16,13 +16,12 @@ Q_k(o_k, a_k), each actor against its own critic, stored observations.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from rllib_policies.envs import build_world
 
-from .cic import STAGES, Requests, stage_observations
+from .cic import STAGES, UPSTREAM_DIM, Requests, stage_observations
 from .modules import MAX_ACTION_DIM, polyak
 
 CRITIC = "global_critic"
@@ -34,14 +33,16 @@ def requests_from(batch, prefix: str = "") -> Requests:
 
 
 def rebuild(pipeline, req: Requests, context: torch.Tensor, actions: dict[str, torch.Tensor], upto: str,
-            stop_gradient: bool) -> torch.Tensor:
+            stop_gradient: bool, cache: dict | None = None) -> torch.Tensor:
     """CIC with a differentiable tail: o_k = [context, summary(replayed candidates), a_{<k}/a_max], the
     replay (NumPy, exact) driven by the detached actions, the action features kept in the graph
-    unless ``stop_gradient``."""
+    unless ``stop_gradient``. ``cache`` carries matching's candidates from o_2's replay to o_3's."""
     np_actions = {s: a.detach().cpu().numpy() for s, a in actions.items()}
-    obs, _ = stage_observations(pipeline, req, np_actions, upto, context.detach().cpu().numpy())
+    cache = {} if cache is None else cache
+    obs, cand = stage_observations(pipeline, req, np_actions, upto, context.detach().cpu().numpy(), cache.get("matched"))
+    cache["matched"] = cand.get("pre_ranking")
     o = torch.as_tensor(obs[upto], device=context.device)
-    n_up = o.shape[1] - 7
+    n_up = o.shape[1] - UPSTREAM_DIM
     feats = [(a.detach() if stop_gradient else a) / _high(s, a) for s, a in actions.items() if s != upto]
     if not feats:
         return o
@@ -59,6 +60,12 @@ class UnexRLLearner(TorchLearner):
     def build(self) -> None:
         super().build()
         self._pipeline = build_world(self.config.env_config)[1]
+
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        """Adam per module: the critic at ``lr``, the stage actors at ``actor_lr``."""
+        params = self.get_parameters(self._module[module_id])
+        self.register_optimizer(module_id=module_id, optimizer=torch.optim.Adam(params), params=params,
+                                lr_or_lr_schedule=config.actor_lr if module_id in STAGES else config.lr)
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):   # all losses: compute_losses
         raise NotImplementedError
@@ -80,8 +87,8 @@ class UnexRLLearner(TorchLearner):
                 nxt = [critic.value(next_stored[s], _pad(actors[s].act(next_stored[s], True) / actors[s].high), i, True)
                        for i, s in enumerate(STAGES)]
             else:
-                target_actions = self._cascade(actors, next_stored, next_ctx, requests_from(b, "next_"), target=True,
-                                               cic=cfg.cic, stop_gradient=True)
+                target_actions = cascade(self._pipeline, actors, next_stored, next_ctx, requests_from(b, "next_"),
+                                         target=True, cic=cfg.cic, stop_gradient=True, trainable=cfg.trainable_stages)
                 nxt = [critic.value(next_stored["matching"], scaled(target_actions), 0, True)]
             not_done = 1.0 - b["done"].float()
             ys = [b["reward"] + cfg.gamma * not_done * q for q in nxt]
@@ -92,36 +99,41 @@ class UnexRLLearner(TorchLearner):
         critic_loss = sum(torch.mean((q - y) ** 2) for q, y in zip(qs, ys))
 
         # ---------------------------------------------------------------- actors (critic frozen)
-        critic.requires_grad_(False)
+        critic.q.requires_grad_(False)
         try:
-            if independent:
+            if not bool(b["actor_on"][0] > 0):   # critic warm-up / policy delay: no actor step on this minibatch
+                actor_loss = torch.zeros((), device=ctx.device)
+            elif independent:
                 actor_loss = -sum(critic.value(stored[s], _pad(actors[s].act(stored[s]) / actors[s].high), i).mean()
                                   for i, s in enumerate(STAGES) if s in cfg.trainable_stages)
             else:
-                new = self._cascade(actors, stored, ctx, requests_from(b), target=False, cic=cfg.cic,
-                                    stop_gradient=cfg.stop_gradient)
+                new = cascade(self._pipeline, actors, stored, ctx, requests_from(b), target=False, cic=cfg.cic,
+                              stop_gradient=cfg.stop_gradient, trainable=cfg.trainable_stages)
                 actor_loss = -critic.value(stored["matching"], scaled(new), 0).mean()
         finally:
-            critic.requires_grad_(True)
+            critic.q.requires_grad_(True)
         self.metrics.log_dict({"critic_loss": critic_loss.item(), "actor_loss": float(actor_loss.detach()) if torch.is_tensor(actor_loss) else float(actor_loss),
                                "q_mean": qs[0].mean().item(), "reward_mean": b["reward"].mean().item()},
                               key=CRITIC, window=1)
-        return {CRITIC: critic_loss, "ranking": actor_loss}
+        # one entry: the critic and the three actors are optimised from this sum (their parameter sets
+        # are disjoint: the critic is frozen in the actor term, the actors are absent from the TD term)
+        return {CRITIC: critic_loss + actor_loss}
 
-    def _cascade(self, actors, stored, context, req: Requests, target: bool, cic: bool, stop_gradient: bool) -> dict:
-        """ã_k = μ_k(o_k) for the three stages in order, o_k rebuilt by CIC or read from the buffer."""
-        out = {}
-        for s in STAGES:
-            if s == "matching" or not cic:
-                o = stored[s]
-                if not cic and s != "matching":   # stale observation; only the action features are current
-                    o = stored[s]
-            else:
-                o = rebuild(self._pipeline, req, context, dict(out), s, stop_gradient)
-            out[s] = actors[s].act(o, target)
-            if s not in self.config.trainable_stages:
-                out[s] = out[s].detach()
-        return out
+    def compute_gradients(self, loss_per_module, **kwargs):
+        """With several learners, only the critic runs through its DDP wrapper's forward, so DDP
+        averages only the critic's gradients: average the actors' here (all-reduce), or each
+        learner would train its own actors on its own shard."""
+        grads = super().compute_gradients(loss_per_module, **kwargs)
+        import torch.distributed as dist
+
+        if self.config.num_learners > 1 and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            for s in STAGES:
+                for p in self.module[s].unwrapped().pi.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+        return grads
 
     def after_gradient_based_update(self, *, timesteps) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
@@ -133,8 +145,18 @@ class UnexRLLearner(TorchLearner):
         polyak(critic.target_q, critic.q, tau)
 
 
+def cascade(pipeline, actors: dict, stored: dict, context: torch.Tensor, req: Requests, target: bool, cic: bool,
+            stop_gradient: bool, trainable=STAGES) -> dict:
+    """ã_k = μ_k(o_k) for the three stages in order; o_k rebuilt by CIC from o_1 and ã_{<k}, or (CIC
+    off) the buffer's o_k, produced under the behaviour actions. Frozen stages' actions are detached."""
+    out, cache = {}, {}
+    for s in STAGES:
+        o = stored[s] if s == "matching" or not cic else rebuild(pipeline, req, context, dict(out), s, stop_gradient, cache)
+        out[s] = actors[s].act(o, target)
+        if s not in trainable:
+            out[s] = out[s].detach()
+    return out
+
+
 def _pad(a: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(a, (0, MAX_ACTION_DIM - a.shape[-1]))
-
-
-__all__ = ["UnexRLLearner", "rebuild", "np"]

@@ -51,7 +51,7 @@ class StageActorModule(TorchRLModule):
         if cfg.get("init") is not None:   # start at a given action: bias = logit(init / high)
             p = np.clip(np.asarray(cfg["init"], np.float32) / high.numpy(), 1e-3, 1 - 1e-3)
             with torch.no_grad():
-                self.pi[-1].weight.mul_(0.01)
+                self.pi[-1].weight.mul_(0.1)   # near the default action, but still a function of o_k
                 self.pi[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p))))
         self.target_pi = copy.deepcopy(self.pi).requires_grad_(False)
         self.log_std = math.log(float(cfg["explore_std"]))

@@ -29,8 +29,9 @@ def _act(module, obs: np.ndarray, rng: np.random.Generator, explore: bool, std: 
 
 
 def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Generator, explore: bool = True,
-                    explore_std: float = 0.1, users_seed: int | None = None) -> tuple[dict, dict]:
-    """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary)."""
+                    explore_std: float = 0.1, users_seed: int | None = None, explore_stages=STAGES) -> tuple[dict, dict]:
+    """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary).
+    Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy)."""
     world, ctx, cfg = pipeline.world, pipeline.ctx, pipeline.config
     users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(0, world.users.n, n_sessions)
     resp_rng = seed_sequence(int(rng.integers(0, 2**31)) if users_seed is None else users_seed, "unex-responses")
@@ -48,7 +49,7 @@ def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Gene
         actions, obs, cand = {}, {}, None
         for s in STAGES:
             obs[s] = np.concatenate([base, candidate_summary(ctx, cand, b), upstream_features(actions, s, b)], axis=1)
-            actions[s] = _act(actors[s], obs[s], rng, explore, explore_std, s)
+            actions[s] = _act(actors[s], obs[s], rng, explore and s in explore_stages, explore_std, s)
             if s == "matching":
                 cand = matching(ctx, req, actions[s], cfg.k_matching, cfg.seed).items
             elif s == "pre_ranking":
@@ -63,7 +64,7 @@ def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Gene
                      "user": req.user, "history": req.history, "step": req.step, "clicks": req.clicks, "request_id": rids,
                      "reward_s": resp.dwell_s[act].sum(axis=1).astype(np.float32), "done": ~sessions.active[act],
                      "user_group": world.users.cohort[req.user].astype(np.int64),
-                     "item_group": (world.catalogue.category[slate[:, 0]] * N_ITEM_GROUPS // world.config.n_categories).astype(np.int64),
+                     "item_group": item_group(world, req.history),
                      "session": act, "prev": pending[act].copy()})
         pending[act] = idx
         n_rows += b
@@ -73,6 +74,15 @@ def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Gene
                "ndcg_at_10": float((ndcg_sum / np.maximum(sessions.requests, 1)).mean()),
                "requests_per_session": float(sessions.requests.mean()), "clicks_per_session": float(sessions.clicks.mean())}
     return batch, summary
+
+
+def item_group(world, history: np.ndarray) -> np.ndarray:
+    """CQR's item group, independent of the stages' actions (so a policy cannot move its own rewards
+    between cells): the popularity tier (0-3) of the category of the user's most recently clicked
+    item, N_ITEM_GROUPS for a request with no click history."""
+    last = history[:, -1]
+    tier = world.catalogue.category[np.maximum(last, 0)] * N_ITEM_GROUPS // world.config.n_categories
+    return np.where(last >= 0, tier, N_ITEM_GROUPS).astype(np.int64)
 
 
 def _link_next(batch: dict) -> None:
@@ -110,7 +120,7 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
     def state(self) -> dict:
-        return {"size": self.size, "pos": self.pos, "data": {k: v[: self.size] for k, v in self.data.items()}}
+        return {"size": self.size, "pos": self.pos, "data": {k: v[: self.size].copy() for k, v in self.data.items()}}
 
     def set_state(self, state: dict) -> None:
         self.size, self.pos = int(state["size"]), int(state["pos"])

@@ -18,7 +18,7 @@ from .ope import RewardAtHit, paired_ratio_difference, ratio_mean_ci
 
 # choose(obs [B, d]) → (weights [B, 3], action indices [B] or None)
 Chooser = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-COHORT_SLICE = slice(32, 35)   # the cohort one-hot inside user_features (2·16 tower dims first)
+N_TAIL = 2   # user_features ends with request index and clicks, after the cohort one-hot
 
 
 @dataclass
@@ -75,7 +75,7 @@ def simulate_policy(env_config: dict | None, choose: Chooser, users: np.ndarray,
                     grid: ActionGrid = ActionGrid()) -> PolicyRun:
     """Deploy ``choose`` on the simulator: one whole session per user with its utility weights at
     every request, sampled responses. All policies share the users and the response draws (common
-    random numbers), so differences are paired."""
+    random numbers until sessions start to end differently), so differences are paired by user."""
     world, pipeline = build_world(env_config)
     tally, chosen = _Tally(world, users, grid), {}
 
@@ -132,7 +132,9 @@ def agent_chooser(algo_or_module, lam: float, grid: ActionGrid = ActionGrid()) -
 
 
 def cohort_of(obs: np.ndarray) -> np.ndarray:
-    return obs[:, COHORT_SLICE].argmax(axis=1)
+    """The cohort one-hot inside user_features ([user tower d, history d, cohort 3, step, clicks])."""
+    end = obs.shape[1] - N_TAIL
+    return obs[:, end - len(COHORTS):end].argmax(axis=1)
 
 
 def off_policy_point(logs: dict, policy_actions: np.ndarray, estimator=RewardAtHit()) -> dict:
@@ -142,6 +144,8 @@ def off_policy_point(logs: dict, policy_actions: np.ndarray, estimator=RewardAtH
     per = {}
     for c, name in enumerate(COHORTS):
         m = cohorts == c
+        if not m.any():
+            continue
         per[name] = estimator.estimate(logs["action"][m], logs["propensity"][m], logs["rewards"][m],
                                        policy_actions[m], logs["user_id"][m]).row(OBJECTIVES)
     return {**overall.row(OBJECTIVES), "cohorts": per}

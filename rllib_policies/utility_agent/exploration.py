@@ -17,7 +17,7 @@ import pyarrow as pa
 
 import rust_ext
 from actors.simulate import run_sessions
-from actors.telemetry import ParquetSink, slates_events
+from actors.telemetry import ParquetSink, dedupe, slates_events
 from actors.telemetry.sessionise import map_user_partitions, requests_table
 from actors.world import seed_sequence
 from rllib_policies.envs import build_world, user_features, utility_weight_grid
@@ -48,13 +48,18 @@ class ActionGrid:
     def size(self) -> int:
         return self.n * self.n
 
+    def match(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(nearest grid index [N], whether the vector is on the grid [N]) for weight vectors [N, 3]."""
+        w = np.asarray(weights, np.float32).reshape(-1, 3)
+        dist = np.abs(w[:, None, :] - self.weights[None]).max(axis=2)
+        idx = dist.argmin(axis=1)
+        return idx, dist[np.arange(len(w)), idx] <= 1e-4 * max(self.high)
+
     def index_of(self, weights: np.ndarray) -> np.ndarray:
         """Grid index of each logged weight vector [N, 3]; ValueError if one is not on the grid."""
         w = np.asarray(weights, np.float32).reshape(-1, 3)
-        grid = self.weights
-        dist = np.abs(w[:, None, :] - grid[None]).max(axis=2)
-        idx = dist.argmin(axis=1)
-        off = dist[np.arange(len(w)), idx] > 1e-4 * max(self.high)
+        idx, on = self.match(w)
+        off = ~on
         if off.any():
             raise ValueError(f"logged utility weights {w[off][0].tolist()} are not on the action grid "
                              f"(n={self.n}, high={self.high}); log with the same grid you train on")
@@ -144,14 +149,20 @@ REQUEST_SCHEMA = pa.schema([
 
 
 def request_rows(events: pa.Table, grid: ActionGrid = ActionGrid()) -> pa.Table:
-    """Served-item events → one row per request with a logged context (REQUEST_SCHEMA)."""
+    """Served-item events → one row per *exploration* request (REQUEST_SCHEMA): deduplicated (sinks
+    deliver at least once), with a logged context, a weight vector on the grid and a propensity
+    below 1. Requests served greedily by the agent or with fixed weights (propensity 1) have no
+    support for other actions: they are dropped, not mixed into training and off-policy estimates."""
     if events.num_rows == 0:
         return REQUEST_SCHEMA.empty_table()
-    steps = requests_table(events)
-    steps = steps[steps["context"].notna()]
+    steps = requests_table(dedupe(events))
+    steps = steps[steps["context"].notna() & (steps["propensity"] < 1.0)]
     if steps.empty:
         return REQUEST_SCHEMA.empty_table()
-    action = grid.index_of(np.stack(steps["action"].to_numpy()))
+    action, on_grid = grid.match(np.stack(steps["action"].to_numpy()))
+    steps, action = steps[on_grid], action[on_grid]
+    if steps.empty:
+        return REQUEST_SCHEMA.empty_table()
     obs = np.stack(steps["context"].to_numpy()).astype(np.float32)
     return pa.table({
         "request_id": pa.array(steps["request_id"].to_numpy(), pa.string()),
@@ -187,8 +198,10 @@ def split_by_user(table: pa.Table, holdout: float = 0.3, seed: int = 0) -> tuple
 
 def as_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     """Columns as NumPy: obs [N, d], action [N], propensity [N], rewards [N, 2] (OBJECTIVES order)."""
+    if table.num_rows == 0:
+        raise ValueError("no request rows: the logs hold no exploration requests (context, propensity < 1, on the grid)")
     obs_col = table["obs"].combine_chunks()
-    d = len(obs_col[0]) if len(obs_col) else 0
+    d = len(obs_col[0])
     return {"obs": obs_col.flatten().to_numpy().reshape(-1, d).astype(np.float32),
             "action": table["action"].to_numpy().astype(np.int64),
             "propensity": table["propensity"].to_numpy().astype(np.float32),

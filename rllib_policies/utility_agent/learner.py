@@ -6,7 +6,8 @@ regresses on its own observed request-level reward,
     L = Σ_k mean_i ( Q̃_k(s_i, a_i) − (r_ik − μ_k)/σ_k )²
 
 with Q̃ the standardised head (module.scores). Under uniform logging the regression is unbiased
-for every action; a propensity column, if given, weights rows by 1/(|A|·p) for other loggers.
+for every action; rows are weighted by 1/(|A|·p) (the batch's "propensity" column), which corrects
+other stochastic loggers with full support (deterministic logs are dropped upstream).
 """
 
 from __future__ import annotations

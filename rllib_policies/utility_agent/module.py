@@ -107,7 +107,7 @@ def load_agent(path: str) -> UtilityQModule:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"utility agent file {path!r} not found: run rllib_policies.train_utility_agent first")
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     module = UtilityQModule(observation_space=gym.spaces.Box(-np.inf, np.inf, (int(saved["obs_dim"]),), np.float32),
                             action_space=gym.spaces.Discrete(len(saved["grid"])),
                             model_config={"grid": saved["grid"], "hidden": int(saved["hidden"])})

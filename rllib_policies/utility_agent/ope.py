@@ -37,10 +37,10 @@ class RewardAtHit:
 
     def estimate(self, logged_actions: np.ndarray, propensity: np.ndarray, rewards: np.ndarray,
                  policy_actions: np.ndarray, clusters: np.ndarray | None = None) -> OPEResult:
-        rewards = np.asarray(rewards, np.float64).reshape(len(logged_actions), -1)
+        rewards = np.asarray(rewards, np.float64).reshape(len(logged_actions), -1 if len(logged_actions) else 2)
         w = (np.asarray(logged_actions) == np.asarray(policy_actions)) / np.asarray(propensity, np.float64)
         total = w.sum()
-        if total == 0:
+        if total == 0:   # no hits (or no rows): no estimate
             nan = np.full(rewards.shape[1], np.nan)
             return OPEResult(nan, nan, 0.0, 0)
         value = (w[:, None] * rewards).sum(0) / total

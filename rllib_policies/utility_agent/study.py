@@ -5,6 +5,7 @@ training (RLlib) → λ sweep → frontier artifact with baselines. The job entr
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,12 +54,23 @@ def prepare_requests(cfg: StudyConfig) -> tuple[str, str, dict]:
 
     events = cfg.events_root or os.path.join(cfg.out_dir, "events")
     info = {}
+    manifest = os.path.join(cfg.out_dir, "exploration.json")
+    wanted = {"exploration_sessions": cfg.exploration_sessions, "seed": cfg.seed, "grid": [cfg.grid_n, list(cfg.grid_high)],
+              "env_config": cfg.env_config}
+    wanted = json.loads(json.dumps(wanted))   # as it reads back (tuples → lists)
+    if cfg.events_root is None and os.path.exists(events):   # reuse only logs this config finished writing
+        found = json.load(open(manifest)) if os.path.exists(manifest) else None
+        if found != wanted:
+            raise ValueError(f"{events} holds exploration logs from another or an unfinished run "
+                             f"(manifest {found!r}); delete {cfg.out_dir} or point events_root at the logs to use")
     if cfg.events_root is None and not os.path.exists(events):
         t = time.perf_counter()
         info = simulate_exploration_logs(cfg.env_config, events, cfg.exploration_sessions, cfg.grid, cfg.seed,
                                          ground_truth_path=ground_truth_path(cfg))
         log(f"exploration logs: {info['sessions']} sessions, {info['requests']} requests, uniform over "
             f"{cfg.grid.size} actions ({time.perf_counter() - t:.1f} s) → {events}")
+        with open(manifest, "w") as f:
+            json.dump(wanted, f)
     table = pa.concat_tables(ray.get(request_dataset(events, cfg.grid).to_arrow_refs()))
     if table.num_rows == 0:
         raise ValueError(f"no request rows with a logged context under {events!r}")
@@ -124,8 +136,9 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
              if cfg.events_root is None and os.path.exists(ground_truth_path(cfg)) else None)
     exact = (lambda acts: dict(zip(OBJECTIVES, map(float, exact_value(truth, acts))))) if truth is not None else None
     trained = as_arrays(pq.read_table(train_path))
-    with torch.no_grad():
-        scores = module.scores(torch.as_tensor(held["obs"])).numpy()
+    with torch.no_grad():   # in chunks: [N, A, hidden] activations for the whole holdout would not fit
+        scores = np.concatenate([module.scores(torch.as_tensor(held["obs"][i:i + 2048])).numpy()
+                                 for i in range(0, len(held["obs"]), 2048)])
     lambdas = lambda_grid(cfg.lambdas)
     actions = sweep_actions(scores, lambdas)                                   # [L, N]
     scale = trained["rewards"].std(axis=0)
@@ -145,7 +158,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         a = actions[li]
         share = np.bincount(a, minlength=grid.size) / len(a)
         avg_w = weights[a].mean(axis=0)
-        nearest = int(np.abs(weights - avg_w).max(axis=1).argmin())
+        nearest = int((np.abs(weights - avg_w) / np.maximum(weights.max(axis=0), 1e-6)).max(axis=1).argmin())
         best_global = int((lam * fixed_train[:, 0] / scale[0] + (1 - lam) * fixed_train[:, 1] / scale[1]).argmax())
         point = {"lambda": float(lam), "off_policy": off_policy_point(held, a),
                  **({"exact": exact(a)} if exact else {}),

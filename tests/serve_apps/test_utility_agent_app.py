@@ -149,6 +149,7 @@ def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path
     try:
         with httpx.Client(base_url=f"{serve_url}/uae", timeout=60) as c:
             assert c.put("/operating-point", json={"lambda": 0.3}).status_code == 409
+            assert c.put("/operating-point", json={"weights": [1, 1, 1]}).status_code == 409
             chosen = {}
             for i in range(12):
                 rec = c.post("/recommend", json={"user_id": i, "step": 1}).json()
@@ -159,7 +160,7 @@ def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path
                                                "dwell_s": [20.0] + [0.0] * 7, "skipped": [False] * 8})
                 assert fb.status_code == 200, fb.text
             assert c.get("/frontier").status_code == 404
-        deadline = time.time() + 20
+        deadline, table = time.time() + 20, None
         while time.time() < deadline:
             try:
                 table = pads.dataset(events, format="parquet").to_table()
@@ -168,6 +169,19 @@ def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path
             except (FileNotFoundError, ValueError):
                 pass
             time.sleep(0.2)
+        assert table is not None, f"no events under {events} after 20 s"
+        # a greedy (propensity 1) request and a duplicate delivery are in the logs too: neither reaches the rows
+        from actors.telemetry import ParquetSink
+
+        ParquetSink(events).write(table.slice(0, 8))
+        greedy = table.slice(8, 8).to_pydict()
+        greedy["propensity"] = [1.0] * 8
+        greedy["event_id"] = [bytes([i]) * 16 for i in range(8)]
+        greedy["request_id"] = ["ffffffffffffffff"] * 8
+        import pyarrow as pa
+
+        ParquetSink(events).write(pa.Table.from_pydict(greedy, schema=table.schema))
+        table = pads.dataset(events, format="parquet").to_table()
         rows = request_rows(table, ActionGrid()).to_pydict()
         assert len(rows["action"]) == 12
         assert dict(zip(rows["request_id"], rows["action"])) == chosen
