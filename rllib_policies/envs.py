@@ -171,7 +171,8 @@ class MultiStageEnv(MultiAgentEnv):
     o_k = [request context, summary of the candidates stage k receives, upstream actions / a_max]
     (rllib_policies.unex_rl.cic.stage_observations rebuilds exactly these from o_1 and the actions).
     The acting matching stage's info carries the raw request (user, history, step, clicks,
-    request_id) so learners can replay the cascade."""
+    request_id) so learners can replay the cascade. env_config["reward"]: "inner" (the slate's inner
+    reward, default) or "usage" (its dwell seconds)."""
 
     STAGES = ("matching", "pre_ranking", "ranking")
 
@@ -180,6 +181,9 @@ class MultiStageEnv(MultiAgentEnv):
 
         super().__init__()
         self.driver = _SessionDriver(env_config)
+        self.reward_kind = (env_config or {}).get("reward", "inner")
+        if self.reward_kind not in ("inner", "usage"):
+            raise ValueError(f"MultiStageEnv reward must be 'inner' or 'usage', got {self.reward_kind!r}")
         d = observation_dim(self.driver.pipeline)
         self.agents = self.possible_agents = list(self.STAGES)
         self.observation_spaces = {a: spaces.Box(-np.inf, np.inf, (d,), np.float32) for a in self.STAGES}
@@ -219,6 +223,8 @@ class MultiStageEnv(MultiAgentEnv):
         else:
             out = ranking(ctx, self._req, self._candidates, action, cfg.k_slate, cfg.seed)
             reward, done, info = self.driver.serve(out.items, out.predictions["p_click"])
+            if self.reward_kind == "usage":    # UNEX-RL's long-term reward: the slate's usage time (dwell seconds)
+                reward = info["dwell_s"]
             rewards = {a: reward for a in self.STAGES}
             if done:
                 return ({}, rewards, {"__all__": True}, {"__all__": False}, {"ranking": info})

@@ -36,7 +36,7 @@ from rllib_policies.envs import STAGE_ACTION_HIGH, build_world
 
 from .cic import STAGES, CategoryQuantileRescaler, observation_dim
 from .modules import JOINT_ACTION_DIM, GlobalCriticModule, StageActorModule
-from .sampler import N_ITEM_GROUPS, ReplayBuffer, sample_sessions
+from .sampler import N_ITEM_GROUPS, ReplayBuffer, sample_sessions, transitions_from_episodes
 
 METRICS = "unex_rl"
 CRITIC = "global_critic"
@@ -53,7 +53,7 @@ SWITCHES = ("cic", "stop_gradient", "cqr", "critic", "trainable_stages")
 _OPTIONS = dict(cic=True, stop_gradient=True, cqr=True, critic="global", trainable_stages=STAGES, tau=0.01,
                 buffer_size=50_000, sessions_per_iteration=64, updates_per_iteration=16, minibatch_size=256,
                 explore_std=0.1, reward_scale_s=30.0, cqr_window=4096, hidden=(64, 64), actor_lr=1e-4,
-                actor_warmup_iterations=5, policy_delay=2)
+                actor_warmup_iterations=5, policy_delay=2, sampler="vectorised")
 
 
 class UnexRLConfig(AlgorithmConfig):
@@ -68,6 +68,9 @@ class UnexRLConfig(AlgorithmConfig):
     trainable_stages     the stages whose actors learn (others keep their default parameters)
     tau, buffer_size, sessions_per_iteration, updates_per_iteration, minibatch_size, explore_std
     actor_lr             the actors' learning rate (the critic uses ``lr``)
+    sampler              "vectorised" (sessions batched through the stage functions, default) or
+                         "env_runner" (RLlib's MultiAgentEnvRunner stepping MultiStageEnv; needs
+                         env_config {"reward": "usage"}): the same transitions, ~50× slower here
     actor_warmup_iterations, policy_delay   the critic trains alone for the first iterations, then the
                          actors update on every ``policy_delay``-th minibatch (TD3): actors that follow
                          an untrained critic walk away from good default parameters
@@ -80,6 +83,8 @@ class UnexRLConfig(AlgorithmConfig):
         self.gamma = 0.9
         self.lr = 1e-3
         self.num_env_runners = 0
+        self.normalize_actions = False   # the actors emit actions in the env's units; the env clips
+        self.clip_actions = False
         self.multi_agent(policies=set(STAGES), policy_mapping_fn=_stage_of)
 
     def unex_rl(self, arm: str | None = None, **kwargs) -> "UnexRLConfig":
@@ -104,6 +109,11 @@ class UnexRLConfig(AlgorithmConfig):
             raise ValueError(f"trainable_stages must be a non-empty subset of {STAGES}, got {self.trainable_stages}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.sampler not in ("vectorised", "env_runner"):
+            raise ValueError(f"sampler must be 'vectorised' or 'env_runner', got {self.sampler!r}")
+        if self.sampler == "env_runner" and (self.env_config or {}).get("reward") != "usage":
+            raise ValueError("sampler='env_runner' trains on the env's rewards: set env_config['reward'] = 'usage' "
+                             "(UNEX-RL's long-term reward is usage time)")
         if self.minibatch_size < 2 or self.sessions_per_iteration < 1:
             raise ValueError("minibatch_size must be >= 2 and sessions_per_iteration >= 1")
 
@@ -158,8 +168,16 @@ class UnexRL(Algorithm):
 
     def training_step(self) -> None:
         cfg = self.config
-        batch, summary = sample_sessions(self.pipeline, self.actors, cfg.sessions_per_iteration, self.rng,
-                                         explore=True, explore_std=cfg.explore_std, explore_stages=cfg.trainable_stages)
+        if cfg.sampler == "env_runner":
+            from rllib_policies.outer_controller.algorithm import _sample_fresh
+
+            n_remote = self.env_runner_group.num_remote_env_runners()
+            per_runner = -(-cfg.sessions_per_iteration // max(n_remote, 1))
+            episodes = self.env_runner_group.foreach_env_runner(_sample_fresh(per_runner), local_env_runner=n_remote == 0)
+            batch, summary = transitions_from_episodes(self.pipeline, [e for eps in episodes for e in eps])
+        else:
+            batch, summary = sample_sessions(self.pipeline, self.actors, cfg.sessions_per_iteration, self.rng, explore=True,
+                                             explore_std=cfg.explore_std, explore_stages=cfg.trainable_stages)
         raw = batch["reward_s"]
         if cfg.cqr:
             batch["reward"] = self.cqr.rescale(raw, batch["user_group"], batch["item_group"]).astype(np.float32)
@@ -179,6 +197,7 @@ class UnexRL(Algorithm):
                 results = self.learner_group.update(batches=[_ma_batch({k: v[i] for k, v in mb.items()}) for i in shards])
             self.metrics.aggregate(results, key=LEARNER_RESULTS)
         self._sync_actors()
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         self.policy_version += 1
         self._hot_update()
         self.metrics.log_dict({**summary, "sessions_seen": self.sessions_seen, "buffer_size": len(self.buffer),

@@ -128,3 +128,39 @@ class ReplayBuffer:
             self.data = {k: np.zeros((self.capacity, *v.shape[1:]), v.dtype) for k, v in state["data"].items()}
             for k, v in state["data"].items():
                 self.data[k][: len(v)] = v
+
+
+def transitions_from_episodes(pipeline, episodes) -> tuple[dict, dict]:
+    """MultiStageEnv episodes (RLlib MultiAgentEpisodes, env_config reward "usage") → the same
+    transition columns as ``sample_sessions``: the raw request from matching's infos, each stage's
+    observation and (box-clipped) action, the ranking stage's reward as usage seconds."""
+    world = pipeline.world
+    rows, usage, requests = [], [], []
+    for ep in episodes:
+        per = {s: ep.agent_episodes[s] for s in STAGES}
+        n = len(per["ranking"].get_actions())
+        if n == 0:
+            continue
+        cols = {}
+        for s in STAGES:
+            cols[f"obs_{s}"] = np.asarray(per[s].get_observations(slice(0, n)), np.float32)
+            cols[f"act_{s}"] = np.clip(np.asarray(per[s].get_actions(slice(0, n)), np.float32), 0, STAGE_ACTION_HIGH[s])
+        reqs = [info["request"] for info in per["matching"].get_infos(slice(0, n))]
+        for f in ("user", "step", "clicks", "request_id"):
+            cols[f] = np.array([r[f] for r in reqs], np.int64)
+        cols["step"], cols["clicks"] = cols["step"].astype(np.int32), cols["clicks"].astype(np.int32)
+        cols["history"] = np.stack([r["history"] for r in reqs]).astype(np.int64)
+        d_ctx = cols["obs_matching"].shape[1] - (world.config.embed_dim + 2) - 7
+        cols["context"] = cols["obs_matching"][:, :d_ctx]
+        cols["reward_s"] = np.asarray(per["ranking"].get_rewards(slice(0, n)), np.float32)
+        cols["done"] = np.arange(n) == n - 1
+        cols["user_group"] = world.users.cohort[cols["user"]].astype(np.int64)
+        cols["item_group"] = item_group(world, cols["history"])
+        cols["prev"] = np.r_[-1, np.arange(n - 1)] + sum(len(r["done"]) for r in rows) * (np.arange(n) > 0)
+        rows.append(cols)
+        usage.append(cols["reward_s"].sum())
+        requests.append(n)
+    batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    batch["session"] = np.zeros(len(batch["done"]), np.int64)
+    _link_next(batch)
+    return batch, {"usage_s_per_session": float(np.mean(usage)), "requests_per_session": float(np.mean(requests))}

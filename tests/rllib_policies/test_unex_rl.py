@@ -243,3 +243,28 @@ def test_job_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "iter    1 |" in out and "iter    2 |" in out and "resumed from" in out and "iter    3 |" in out
     assert (tmp_path / "runs" / "iter_000003").exists() and "usage_s_per_session" in out
+
+
+@pytest.mark.ray
+def test_env_runner_sampling_on_the_multi_agent_env(ray_session):
+    """The same algorithm sampling through RLlib's MultiAgentEnvRunner on MultiStageEnv: transitions
+    carry the env's observations, which the CIC replay reproduces exactly."""
+    from rllib_policies.unex_rl import UnexRLConfig
+
+    algo = (UnexRLConfig().environment(MultiStageEnv, env_config={**TINY, "reward": "usage"})
+            .unex_rl(sampler="env_runner", sessions_per_iteration=3, updates_per_iteration=2, minibatch_size=16,
+                     hidden=(16,), actor_warmup_iterations=0)
+            .debugging(seed=0, log_level="ERROR").build_algo())
+    try:
+        res = algo.train()
+        assert res["unex_rl"]["usage_s_per_session"] >= 0 and np.isfinite(res["learners"]["global_critic"]["critic_loss"])
+        b = {k: v[: len(algo.buffer)] for k, v in algo.buffer.data.items()}
+        assert b["done"].sum() == 3
+        req = Requests(b["user"], b["history"], b["step"], b["clicks"], b["request_id"])
+        rebuilt, _ = stage_observations(algo.pipeline, req, {s: b[f"act_{s}"] for s in STAGES})
+        for s in STAGES:
+            np.testing.assert_allclose(rebuilt[s], b[f"obs_{s}"], atol=1e-5, err_msg=s)
+    finally:
+        algo.stop()
+    with pytest.raises(ValueError, match="reward"):
+        UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(sampler="env_runner").validate()

@@ -190,7 +190,7 @@ def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path
     95 % of the comparisons, as a calibrated CI should; never far outside)."""
     import ray
 
-    from rllib_policies.utility_agent import request_dataset, simulate_exploration_logs
+    from rllib_policies.utility_agent import request_dataset, simulate_exploration_logs, split_by_user
     from rllib_policies.utility_agent.exploration import as_arrays, exact_value, load_ground_truth
 
     grid = ActionGrid(3)
@@ -204,7 +204,13 @@ def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path
     # the logged action's expectation is what the sampled rewards average to
     np.testing.assert_allclose(exact_value(truth, logs["action"]), logs["rewards"].mean(0), rtol=0.06)
     policies = {}
-    pq.write_table(rows, str(tmp_path / "rows.parquet"))
+    # π_λ trained on some users' logs, evaluated on the others' (no winner's curse)
+    train_rows, held_rows = split_by_user(rows, 0.5, seed=0)
+    pq.write_table(train_rows, str(tmp_path / "rows.parquet"))
+    held_ids = set(held_rows["request_id"].to_pylist())
+    keep = np.array([r in held_ids for r in logs["request_id"]])
+    logs = {k: v[keep] for k, v in logs.items()}
+    truth = truth[keep]
     algo = _agent(str(tmp_path / "rows.parquet"), grid)
     try:
         for _ in range(5):
