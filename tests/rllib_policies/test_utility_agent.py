@@ -187,7 +187,9 @@ def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path
     """Exploration logs on the simulator, with the exact expected clicks / long views of every action
     at every logged state → reward at hit of fixed-weight policies and of a trained π_λ; the
     simulator's value of each policy on those states lies within the estimate's 95 % CI (for about
-    95 % of the comparisons, as a calibrated CI should; never far outside)."""
+    95 % of the comparisons, as a calibrated CI should; never far outside). The personalised
+    policies' training is not bit-for-bit reproducible across runs, so no single comparison is
+    asserted on its own."""
     import ray
 
     from rllib_policies.utility_agent import request_dataset, simulate_exploration_logs, split_by_user
@@ -226,9 +228,10 @@ def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path
         est = RewardAtHit().estimate(logs["action"], logs["propensity"], logs["rewards"], actions, logs["user_id"])
         z[name] = np.abs(est.value - exact_value(truth, actions)) / (est.ci / 1.96)
     scores = np.concatenate(list(z.values()))
-    # calibrated: the 95 % CI covers the truth for (about) 95 % of the 2 × 12 comparisons, none far off
-    assert (scores <= 1.96).mean() >= 0.85 and scores.max() < 3.5, z
-    assert (z["π_0.5"] <= 1.96).all(), z["π_0.5"]
+    # calibrated: the 95 % CI covers the truth for about 95 % of the 2 × 12 comparisons and none is
+    # far off. Bounds that a calibrated CI breaks with probability ~1e-3 (7+ misses of 24 at 5 %,
+    # or a 4σ miss), while a biased estimator or a wrong variance fails them outright.
+    assert (scores <= 1.96).mean() >= 0.75 and scores.max() < 4.0, z
 
 
 # ------------------------------------------------------------------ the job, end to end
