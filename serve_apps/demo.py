@@ -108,7 +108,7 @@ def trajectories_table(url: str, events_root: str, requests: int) -> None:
 
 
 def outer_controller_table(url: str, iterations: int, seed: int) -> None:
-    from rllib_policies.outer_controller.experiment import ExperimentConfig, run_arm
+    from rllib_policies.outer_controller.experiment import ExperimentConfig, business_objective, run_arm
     from rllib_policies.outer_controller.rails import push_inner_reward_weights
 
     exp = ExperimentConfig(iterations=iterations, eval_every=iterations, eval_sessions=300, final_eval_sessions=1000)
@@ -125,7 +125,8 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
                 ("arm", "NDCG@10 before → after", "revenue/session before → after", "next-day return", "objective J", "train s"),
                 [(r.arm, f"{r.start_final['ndcg_at_10']:.3f} → {r.final['ndcg_at_10']:.3f}",
                   f"{r.start_final['revenue_per_session']:.3f} → {r.final['revenue_per_session']:.3f}",
-                  f"{r.final['return_rate']:.1%}", f"{r.objective_curve[0]:.3f} → {r.objective_curve[-1]:.3f}",
+                  f"{r.final['return_rate']:.1%}",
+                  f"{business_objective(r.start_final, exp.kpi_weights):.3f} → {business_objective(r.final, exp.kpi_weights):.3f}",
                   f"{r.train_seconds[-1]:.1f}") for r in runs])
     print(f"\ninner-reward weights fitted to the layered arm's credit → PUT /inner_reward/weights: v{pushed['version']} "
           + ", ".join(f"{k} {v:+.3f}" for k, v in pushed["weights"].items() if k in ("click_w", "dwell_w", "skip_penalty", "rel_w")))
