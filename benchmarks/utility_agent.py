@@ -187,6 +187,7 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         meta = art["meta"]
         shutil.copy(os.path.join(OUT_DIR, "frontier.png"), os.path.join(RESULTS, "utility_agent.png"))
+        shutil.copy(os.path.join(OUT_DIR, "frontier_cohorts.png"), os.path.join(RESULTS, "utility_agent_cohorts.png"))
         shutil.copy(os.path.join(OUT_DIR, "frontier.json"), os.path.join(RESULTS, "utility_agent_frontier.json"))
         tables = {"frontier": frontier_table(art), "global": global_table(art), "hv": hypervolume_table(art),
                   "lift": lift_table(art), "cohort": cohort_table(art)}
@@ -211,7 +212,7 @@ def main() -> None:
                         "static average = π_λ's mean weight vector served to everyone. Scalarised Δ uses the same "
                         "σ-scaled λ weights; its ± is a conservative bound (sum of the scaled per-objective CIs).\n\n"
                         + tables["lift"] + "\n")
-        sections.append("## Per cohort (every ~6th λ)\n\n" + tables["cohort"] + "\n")
+        sections.append("## Per cohort (every ~6th λ)\n\n![per cohort](utility_agent_cohorts.png)\n\n" + tables["cohort"] + "\n")
     if args.part in ("all", "latency"):
         if not os.path.exists(os.path.join(OUT_DIR, "agent.pt")):
             sys.exit("no trained agent: run --part study first")

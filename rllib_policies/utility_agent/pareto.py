@@ -118,3 +118,31 @@ def plot_frontier(path: str, series: dict[str, dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_cohort_frontiers(path: str, artifact: dict, key: str = "off_policy") -> None:
+    """One panel per user cohort: π_λ's per-cohort values (``key``: off_policy or simulator) along λ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohorts = sorted({c for p in artifact["points"] for c in p.get(key, {}).get("cohorts", {})})
+    if not cohorts:
+        return
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(5 * len(cohorts), 4), squeeze=False)
+    for ax, cohort in zip(axes[0], cohorts):
+        pts = [(p["lambda"], p[key]["cohorts"][cohort]) for p in artifact["points"] if cohort in p[key].get("cohorts", {})]
+        x = np.array([np.nan if v.get("clicks") is None else v["clicks"] for _, v in pts], float)
+        y = np.array([np.nan if v.get("long_views") is None else v["long_views"] for _, v in pts], float)
+        sc = ax.scatter(x, y, c=[lam for lam, _ in pts], cmap="viridis", s=18)
+        ax.plot(x, y, lw=0.6, alpha=0.5)
+        ax.set_title(f"cohort {cohort}", fontsize=10)
+        ax.set_xlabel("clicks per request")
+        ax.set_ylabel("long views per request")
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(wspace=0.35, left=0.06, right=0.86, bottom=0.14)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="λ")
+    fig.suptitle(f"π_λ per user cohort ({key.replace('_', '-')})", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,7 +16,8 @@ from actors.world import COHORTS
 
 from .exploration import OBJECTIVES, ActionGrid, as_arrays, request_dataset, simulate_exploration_logs, split_by_user
 from .ope import RewardAtHit
-from .pareto import hypervolume_2d, lambda_grid, non_dominated, plot_frontier, sweep_actions, write_frontier
+from .pareto import (hypervolume_2d, lambda_grid, non_dominated, plot_cohort_frontiers, plot_frontier, sweep_actions,
+                     write_frontier)
 
 
 @dataclass
@@ -267,6 +268,8 @@ def run_study(cfg: StudyConfig) -> dict:
     artifact = write_frontier(os.path.join(cfg.out_dir, "frontier.json"), result["points"], result["meta"])
     try:
         plot(os.path.join(cfg.out_dir, "frontier.png"), result)
+        plot_cohort_frontiers(os.path.join(cfg.out_dir, "frontier_cohorts.png"), artifact,
+                              "simulator" if "simulator" in result["points"][0] else "off_policy")
     except ImportError:
         log("matplotlib not installed: frontier.png skipped (pip install matplotlib)")
     log(f"frontier v{artifact['version']} → {os.path.join(cfg.out_dir, 'frontier.json')}")

@@ -255,7 +255,8 @@ def test_job_runs_logs_training_sweep_and_writes_the_artifact(ray_session, tmp_p
     assert sum(p["action_distribution"]["share"]) == pytest.approx(1.0, abs=1e-3)
     assert set(p["off_policy"]["cohorts"]) == {"new", "casual", "power"}
     assert len(art["meta"]["global_fixed"]) == 9 and art["meta"]["hypervolume_simulator"]["personalised"] >= 0
-    assert os.path.exists(tmp_path / "run" / "agent.pt")
+    assert os.path.exists(tmp_path / "run" / "agent.pt") and os.path.exists(tmp_path / "run" / "frontier.png")
+    assert os.path.exists(tmp_path / "run" / "frontier_cohorts.png")
     # a second study over the same logs bumps the artifact's version
     assert main(["--config", str(tmp_path / "c.yaml")]) == 0
     assert json.loads((tmp_path / "run" / "frontier.json").read_text())["version"] == 2
