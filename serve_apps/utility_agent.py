@@ -24,9 +24,6 @@ from actors.param_store import ParamFollower, get_or_create_store
 from actors.stages import Pipeline, RequestBatch
 from actors.world import PipelineConfig, World, WorldConfig
 
-DEFAULT_OPERATING_POINT = {"lambda": 0.5, "weights": None}
-
-
 def operating_point_store(prefix: str, initial_lambda: float = 0.5):
     return get_or_create_store(f"{prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
 

@@ -15,7 +15,7 @@ from actors.stages import RequestBatch, matching, pre_ranking, ranking
 from actors.world import ndcg_at_k, seed_sequence
 from rllib_policies.envs import STAGE_ACTION_HIGH, user_features
 
-from .cic import STAGES, candidate_summary, upstream_features
+from .cic import STAGES, UPSTREAM_DIM, candidate_summary, upstream_features
 
 N_ITEM_GROUPS = 4
 
@@ -150,7 +150,7 @@ def transitions_from_episodes(pipeline, episodes) -> tuple[dict, dict]:
             cols[f] = np.array([r[f] for r in reqs], np.int64)
         cols["step"], cols["clicks"] = cols["step"].astype(np.int32), cols["clicks"].astype(np.int32)
         cols["history"] = np.stack([r["history"] for r in reqs]).astype(np.int64)
-        d_ctx = cols["obs_matching"].shape[1] - (world.config.embed_dim + 2) - 7
+        d_ctx = cols["obs_matching"].shape[1] - (world.config.embed_dim + 2) - UPSTREAM_DIM
         cols["context"] = cols["obs_matching"][:, :d_ctx]
         cols["reward_s"] = np.asarray(per["ranking"].get_rewards(slice(0, n)), np.float32)
         cols["done"] = np.arange(n) == n - 1

@@ -154,7 +154,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     if sim:
         log(f"simulated {grid.size} global fixed-weight policies × {len(users)} sessions")
 
-    points = []
+    points, held_cohort = [], _cohort(held)
     for li, lam in enumerate(lambdas):
         a = actions[li]
         share = np.bincount(a, minlength=grid.size) / len(a)
@@ -167,8 +167,8 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
                                          "distinct_actions": int((share > 0).sum())},
                  "best_global_action": best_global, "best_global_weights": weights[best_global].tolist(),
                  "static_average_weights": avg_w.tolist(), "static_average_nearest_action": nearest,
-                 "cohort_mean_weights": {name: weights[a[_cohort(held) == c]].mean(axis=0).tolist()
-                                         for c, name in enumerate(COHORTS) if (_cohort(held) == c).any()}}
+                 "cohort_mean_weights": {name: weights[a[held_cohort == c]].mean(axis=0).tolist()
+                                         for c, name in enumerate(COHORTS) if (held_cohort == c).any()}}
         if sim:
             run = sim(agent_chooser(module, float(lam), grid))
             static = sim(fixed_chooser(avg_w))
