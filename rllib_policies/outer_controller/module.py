@@ -18,17 +18,10 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
+from rllib_policies.building_blocks import mlp
 from rllib_policies.credit import GatedAttentionCredit
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
-def mlp(d_in: int, hidden: tuple[int, ...], d_out: int) -> nn.Sequential:
-    layers, d = [], d_in
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.Tanh()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
 
 
 class RankingPolicyModule(TorchRLModule):
@@ -38,7 +31,7 @@ class RankingPolicyModule(TorchRLModule):
         cfg = {"hidden": (64, 64), "init_std_frac": 0.15, "credit_dk": 32, **(self.model_config or {})}
         d_obs, d_act = self.observation_space.shape[0], self.action_space.shape[0]
         self.register_buffer("high", torch.as_tensor(np.asarray(self.action_space.high, np.float32)))
-        self.pi = mlp(d_obs, tuple(cfg["hidden"]), d_act)
+        self.pi = mlp(d_obs, tuple(cfg["hidden"]), d_act, nn.Tanh)
         self.log_std = nn.Parameter(torch.log(self.high * cfg["init_std_frac"]))
         self.credit = GatedAttentionCredit(d_obs + d_act, int(cfg["credit_dk"]))
 

@@ -32,6 +32,7 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 
 from actors.stages import DEFAULT_PARAMS
+from rllib_policies.building_blocks import init_options, set_options
 from rllib_policies.envs import STAGE_ACTION_HIGH, build_world
 
 from .cic import STAGES, CategoryQuantileRescaler, observation_dim
@@ -78,8 +79,7 @@ class UnexRLConfig(AlgorithmConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or UnexRL)
-        for k, v in _OPTIONS.items():
-            setattr(self, k, copy.deepcopy(v))
+        init_options(self, _OPTIONS)
         self.gamma = 0.9
         self.lr = 1e-3
         self.num_env_runners = 0
@@ -92,13 +92,9 @@ class UnexRLConfig(AlgorithmConfig):
             if arm not in ARMS:
                 raise ValueError(f"unknown UNEX-RL arm {arm!r}; arms: {sorted(ARMS)}")
             kwargs = {**{k: _OPTIONS[k] for k in SWITCHES}, **ARMS[arm], **kwargs}
-        unknown = set(kwargs) - set(_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown unex_rl option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        for k, v in kwargs.items():
-            if v is not NotProvided:
-                setattr(self, k, tuple(v) if k == "trainable_stages" else v)
-        return self
+        if kwargs.get("trainable_stages", NotProvided) is not NotProvided:
+            kwargs["trainable_stages"] = tuple(kwargs["trainable_stages"])
+        return set_options(self, _OPTIONS, kwargs, "unex_rl")
 
     def validate(self) -> None:
         super().validate()

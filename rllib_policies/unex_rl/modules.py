@@ -19,18 +19,11 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
+from rllib_policies.building_blocks import mlp
 from rllib_policies.envs import STAGE_ACTION_HIGH
 
 JOINT_ACTION_DIM = sum(len(v) for v in STAGE_ACTION_HIGH.values())   # 4 + 3 + 3
 MAX_ACTION_DIM = max(len(v) for v in STAGE_ACTION_HIGH.values())
-
-
-def mlp(d_in: int, hidden: tuple[int, ...], d_out: int) -> nn.Sequential:
-    layers, d = [], d_in
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
 
 
 def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:

@@ -21,12 +21,14 @@ import copy
 import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import LEARNER_RESULTS
+
+from rllib_policies.building_blocks import init_options, set_options
 
 from .exploration import OBJECTIVES, ActionGrid
 from .module import UtilityQModule
@@ -47,21 +49,14 @@ class UtilityAgentConfig(AlgorithmConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or UtilityAgent)
-        for k, v in _OPTIONS.items():
-            setattr(self, k, copy.deepcopy(v))
+        init_options(self, _OPTIONS)
         self.lr = 1e-3
         self.num_epochs = 1
         self.train_batch_size_per_learner = 512
         self.num_env_runners = 0
 
     def utility_agent(self, **kwargs) -> "UtilityAgentConfig":
-        unknown = set(kwargs) - set(_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown utility_agent option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        for k, v in kwargs.items():
-            if v is not NotProvided:
-                setattr(self, k, v)
-        return self
+        return set_options(self, _OPTIONS, kwargs, "utility_agent")
 
     @property
     def grid(self) -> ActionGrid:

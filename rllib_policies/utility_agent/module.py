@@ -21,15 +21,9 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
+from rllib_policies.building_blocks import mlp
+
 N_HEADS = 2
-
-
-def mlp(d_in: int, hidden: tuple[int, ...], d_out: int) -> nn.Sequential:
-    layers, d = [], d_in
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
 
 
 class UtilityQModule(TorchRLModule):
