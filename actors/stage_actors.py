@@ -10,11 +10,9 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from actors.stages import (DEFAULT_PARAMS, PARAM_NAMES, Recommendation, RequestBatch, StageContext, StageOutput,
-                           _params, matching, pre_ranking, ranking)
+from actors.cascade import Recommendation, run_cascade
+from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, StageContext, StageOutput, run_stage, stage_params
 from actors.world import PipelineConfig, World, WorldConfig
-
-STAGES = ("matching", "pre_ranking", "ranking")
 
 
 class StageRunner:
@@ -30,20 +28,14 @@ class StageRunner:
 
     def run(self, req: RequestBatch, candidates: np.ndarray | None = None, params=None) -> tuple[StageOutput, int]:
         """Run on a request batch; ``params`` (per request) override the held ones for this call."""
-        cfg, p = self.pipeline_config, self.params if params is None else params
-        if self.stage == "matching":
-            return matching(self.ctx, req, p, cfg.k_matching, cfg.seed), self.version
-        if candidates is None:
-            raise ValueError(f"{self.stage} needs the upstream candidates")
-        if self.stage == "pre_ranking":
-            return pre_ranking(self.ctx, req, candidates, p, cfg.k_pre_ranking), self.version
-        return ranking(self.ctx, req, candidates, p, cfg.k_slate, cfg.seed), self.version
+        p = self.params if params is None else params
+        return run_stage(self.ctx, self.pipeline_config, self.stage, req, candidates, p), self.version
 
     def set_params(self, params, expected_version: int | None = None) -> int:
         """Replace the held parameters (validated); returns the new version."""
         if expected_version is not None and expected_version != self.version:
             raise ValueError(f"expected_version {expected_version} but {self.stage} is at version {self.version}")
-        p = _params(params, self.stage, 1)[0].copy()
+        p = stage_params(params, self.stage, 1)[0].copy()
         self.params, self.version = p, self.version + 1
         return self.version
 
@@ -84,12 +76,17 @@ class ActorPipeline:
         self.actors = {s: StageActor.remote(s, wc, pc) for s in STAGES}
 
     def recommend(self, req: RequestBatch, params: dict | None = None) -> Recommendation:
+        """The cascade with each stage run by its actor (its held parameters unless ``params`` names the stage)."""
+        versions: dict[str, int] = {}
         params = params or {}
-        m, vm = ray.get(self.actors["matching"].run.remote(req, None, params.get("matching")))
-        pr, vp = ray.get(self.actors["pre_ranking"].run.remote(req, m.items, params.get("pre_ranking")))
-        r, vr = ray.get(self.actors["ranking"].run.remote(req, pr.items, params.get("ranking")))
-        return Recommendation(r.items, r.scores, r.predictions, m.items, pr.items,
-                              {"matching": vm, "pre_ranking": vp, "ranking": vr})
+
+        def remote(stage: str, r: RequestBatch, candidates, p) -> StageOutput:
+            out, versions[stage] = ray.get(self.actors[stage].run.remote(r, candidates, params.get(stage)))
+            return out
+
+        rec = run_cascade(None, self.config, req, params, stage_runner=remote)
+        rec.versions = versions
+        return rec
 
     def set_params(self, stage: str, params, expected_version: int | None = None) -> int:
         return ray.get(self.actors[stage].set_params.remote(params, expected_version))

@@ -1,4 +1,5 @@
 """The three stages of the cascade as pure, vectorised functions of (request batch, parameters).
+(``actors.cascade.run_cascade`` walks them in order; ``actors.observation`` builds what a policy sees.)
 
 matching     two-tower retrieval over the whole catalogue → top-K1 (default 500)
 pre_ranking  a cheap linear scorer over K1 candidates       → top-K2 (default 50)
@@ -20,6 +21,7 @@ import numpy as np
 from actors.world import PipelineConfig, World, seed_sequence
 from actors.world.world import sigmoid
 
+STAGES = ("matching", "pre_ranking", "ranking")   # the cascade's order
 # Parameter vectors (the stages' actions), with defaults.
 MATCHING_PARAMS = ("w_relevance", "w_popularity", "w_history", "exploration")
 PRE_RANKING_PARAMS = ("w_relevance", "w_popularity", "w_quality")
@@ -30,6 +32,13 @@ DEFAULT_PARAMS = {
     "ranking": np.array([1.0, 1.0, 10.0], np.float32),
 }
 PARAM_NAMES = {"matching": MATCHING_PARAMS, "pre_ranking": PRE_RANKING_PARAMS, "ranking": RANKING_PARAMS}
+# The box a learned stage policy acts in: a_k ∈ [0, STAGE_ACTION_HIGH[k]] (learners scale by it).
+STAGE_ACTION_HIGH = {
+    "matching": np.array([2.0, 1.0, 1.0, 0.5], np.float32),
+    "pre_ranking": np.array([2.0, 1.0, 2.0], np.float32),
+    "ranking": np.array([2.0, 2.0, 40.0], np.float32),   # w_click, w_long_view, w_purchase
+}
+RANKING_ACTION_HIGH = STAGE_ACTION_HIGH["ranking"]
 LONG_VIEW_S = 18.0  # KuaiRand "long view"
 
 
@@ -37,15 +46,42 @@ LONG_VIEW_S = 18.0  # KuaiRand "long view"
 class RequestBatch:
     """What the serving system observes for B requests (never the hidden session state)."""
 
-    user: np.ndarray        # int64 [B]
-    history: np.ndarray     # int64 [B, H] recently clicked items, -1 = empty
-    step: np.ndarray        # int32 [B] request index within the session
-    request_id: int | np.ndarray = 0   # keys the stages' randomness: one id for the batch, or one per request [B]
-    clicks: np.ndarray | None = None   # int [B] clicks so far in the session (a policy feature), if known
+    user: np.ndarray  # int64 [B]
+    history: np.ndarray  # int64 [B, H] recently clicked items, -1 = empty
+    step: np.ndarray  # int32 [B] request index within the session
+    clicks: np.ndarray | None = None  # int [B] clicks so far in the session (a policy feature), if known
+    request_id: int | np.ndarray = 0  # keys the stages' randomness: one id for the batch, or one per request [B]
 
     def __post_init__(self) -> None:
         if self.history.ndim != 2 or len(self.history) != len(self.user) or len(self.step) != len(self.user):
             raise ValueError("RequestBatch: user [B], history [B, H] and step [B] must share B")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def take(self, idx) -> RequestBatch:
+        """The requests at ``idx`` (a scalar request id is kept for all of them)."""
+        rid = self.request_id if np.ndim(self.request_id) == 0 else np.asarray(self.request_id)[idx]
+        clicks = None if self.clicks is None else self.clicks[idx]
+        return RequestBatch(self.user[idx], self.history[idx], self.step[idx], clicks, rid)
+
+    @staticmethod
+    def concat(parts: list[RequestBatch]) -> RequestBatch:
+        """One batch of all requests in ``parts`` (per-request ids; clicks 0 where unknown)."""
+
+        def ids(p: RequestBatch) -> np.ndarray:
+            return np.broadcast_to(np.asarray(p.request_id, np.int64), (len(p),))
+
+        def clicks(p: RequestBatch) -> np.ndarray:
+            return np.zeros(len(p), np.int32) if p.clicks is None else np.asarray(p.clicks)
+
+        return RequestBatch(
+            np.concatenate([p.user for p in parts]),
+            np.concatenate([p.history for p in parts]),
+            np.concatenate([p.step for p in parts]),
+            np.concatenate([clicks(p) for p in parts]),
+            np.concatenate([ids(p) for p in parts]),
+        )
 
 
 @dataclass
@@ -101,7 +137,9 @@ def stage_rng(seed: int, stage: str, request_id):
     return seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
 
 
-def _params(params, stage: str, b: int) -> np.ndarray:
+def stage_params(params, stage: str, b: int) -> np.ndarray:
+    """A stage's parameters as [B, n]: the default (None), one shared vector [n], or per request [B, n];
+    a ValueError names the stage and the expected shape."""
     p = DEFAULT_PARAMS[stage] if params is None else np.asarray(params, np.float32)
     if p.ndim == 1:
         p = np.broadcast_to(p, (b, len(p)))
@@ -135,7 +173,7 @@ def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> n
 def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64) -> StageOutput:
     """score_i = w_rel·⟨q, item_i⟩ + w_pop·popularity_i + exploration·Gumbel; top-k of the catalogue."""
     b = len(req.user)
-    p = _params(params, "matching", b)
+    p = stage_params(params, "matching", b)
     q = user_query(ctx, req, p[:, 2])
     rng = stage_rng(seed, "matching", req.request_id)
     items = np.empty((b, k), np.int64)
@@ -152,7 +190,7 @@ def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, se
 
 def pre_ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params=None, k: int = 50) -> StageOutput:
     """score = w_rel·⟨q, item⟩ + w_pop·popularity + w_quality·quality_estimate; top-k."""
-    p = _params(params, "pre_ranking", len(req.user))
+    p = stage_params(params, "pre_ranking", len(req.user))
     q = user_query(ctx, req, np.full(len(req.user), DEFAULT_PARAMS["matching"][2], np.float32))
     rel = np.einsum("bd,bkd->bk", q, ctx.item_tower[candidates])
     sc = p[:, :1] * rel + p[:, 1:2] * ctx.popularity[candidates] + p[:, 2:3] * ctx.quality_estimate[candidates]
@@ -183,7 +221,7 @@ def ranking_predictions(ctx: StageContext, req: RequestBatch, candidates: np.nda
 def ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params=None, k: int = 10, seed: int = 0,
             noise: float | None = None) -> StageOutput:
     """Utility score Σ_k w_k·p_k over the multi-task predictions; the top-k, best first, is the slate."""
-    p = _params(params, "ranking", len(req.user))
+    p = stage_params(params, "ranking", len(req.user))
     rng = stage_rng(seed, "ranking", req.request_id)
     preds = ranking_predictions(ctx, req, candidates, ctx.world.config.prediction_noise if noise is None else noise, rng)
     utility = p[:, :1] * preds["p_click"] + p[:, 1:2] * preds["p_long_view"] + p[:, 2:3] * preds["p_purchase"]
@@ -192,26 +230,15 @@ def ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params
     return StageOutput(take(candidates), take(utility), {name: take(v) for name, v in preds.items()})
 
 
-@dataclass
-class Recommendation:
-    slate: np.ndarray            # [B, K3] item ids, best first
-    scores: np.ndarray           # [B, K3] utility scores
-    predictions: dict[str, np.ndarray]
-    matched: np.ndarray          # [B, K1]
-    pre_ranked: np.ndarray       # [B, K2]
-    versions: dict[str, int] = field(default_factory=dict)
-
-
-class Pipeline:
-    """matching → pre_ranking → ranking in process (the same functions the stage actors run)."""
-
-    def __init__(self, world: World, config: PipelineConfig | None = None):
-        self.world, self.config = world, config or PipelineConfig()
-        self.ctx = StageContext(world, self.config.seed)
-
-    def recommend(self, req: RequestBatch, params: dict[str, np.ndarray] | None = None) -> Recommendation:
-        params, cfg = params or {}, self.config
-        m = matching(self.ctx, req, params.get("matching"), cfg.k_matching, cfg.seed)
-        pr = pre_ranking(self.ctx, req, m.items, params.get("pre_ranking"), cfg.k_pre_ranking)
-        r = ranking(self.ctx, req, pr.items, params.get("ranking"), cfg.k_slate, cfg.seed)
-        return Recommendation(r.items, r.scores, r.predictions, m.items, pr.items)
+def run_stage(ctx: StageContext, config: PipelineConfig, stage: str, req: RequestBatch,
+              candidates: np.ndarray | None = None, params=None) -> StageOutput:
+    """One stage on a request batch with the pipeline's sizes and seed (the only stage dispatch)."""
+    if stage == "matching":
+        return matching(ctx, req, params, config.k_matching, config.seed)
+    if candidates is None:
+        raise ValueError(f"{stage} needs the upstream candidates")
+    if stage == "pre_ranking":
+        return pre_ranking(ctx, req, candidates, params, config.k_pre_ranking)
+    if stage == "ranking":
+        return ranking(ctx, req, candidates, params, config.k_slate, config.seed)
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
