@@ -3,12 +3,16 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
+.PHONY: run test lint bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
 run: bootstrap
-	$(PY) -m serve_apps.demo
+	$(PY) scripts/main_job.py
 
 test: bootstrap
 	$(PY) -m pytest
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 bench: bootstrap
 	EXTRA_APT=wrk bash scripts/bootstrap.sh

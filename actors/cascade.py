@@ -19,7 +19,7 @@ import numpy as np
 
 from actors.observation import ObservationSpec
 from actors.stages import STAGES, RequestBatch, StageContext, StageOutput, run_stage, stage_params
-from actors.world import PipelineConfig, World
+from actors.world import PipelineConfig, World, WorldConfig
 
 StagePolicy = Callable[[np.ndarray], np.ndarray]  # o_k [B, D] → a_k [B, n_k]
 StageRunnerFn = Callable[[str, RequestBatch, "np.ndarray | None", np.ndarray], StageOutput]
@@ -126,3 +126,20 @@ class Pipeline:
     def context(self, req: RequestBatch) -> np.ndarray:
         """The requests' observable contexts (``ObservationSpec.context``)."""
         return self.spec.context(self.ctx, req)
+
+
+_WORLD_CACHE: dict[tuple, tuple[World, Pipeline]] = {}
+
+
+def build_world(env_config: dict | None) -> tuple[World, Pipeline]:
+    """World + Pipeline from a config mapping {"preset", "world": {overrides}, "pipeline": {...}} (the
+    learners' ``env_config``). Cached per process: envs and learners in one process share the
+    (read-only) world."""
+    cfg = dict(env_config or {})
+    world_overrides = dict(cfg.get("world", {}))
+    pipeline_kwargs = dict(cfg.get("pipeline", {}))
+    key = (cfg.get("preset", "default"), tuple(sorted(world_overrides.items())), tuple(sorted(pipeline_kwargs.items())))
+    if key not in _WORLD_CACHE:
+        world = World(WorldConfig.preset(cfg.get("preset", "default"), **world_overrides))
+        _WORLD_CACHE[key] = (world, Pipeline(world, PipelineConfig(**pipeline_kwargs)))
+    return _WORLD_CACHE[key]

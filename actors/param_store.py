@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -51,7 +52,9 @@ class VersionedParamStore:
     def get(self) -> Snapshot:
         return Snapshot(self._version, dict(self._params))
 
-    async def put(self, params: dict[str, Any], expected_version: int | None = None, ack_timeout_s: float = 2.0) -> dict:
+    async def put(
+        self, params: dict[str, Any], expected_version: int | None = None, ack_timeout_s: float = 2.0
+    ) -> dict:
         """Replace the params; wait until live readers hold the new version.
 
         Returns {"version", "readers_acked", "readers_live"}. Raises VersionConflict when
@@ -73,7 +76,7 @@ class VersionedParamStore:
                     break
                 try:
                     await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
         live = self._live_readers()
         acked = sum(v >= version for v, _ in live.values())
@@ -87,7 +90,7 @@ class VersionedParamStore:
             if self._version <= have_version:
                 try:
                     await asyncio.wait_for(self._changed.wait_for(lambda: self._version > have_version), timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return None
         return self.get()
 
@@ -111,9 +114,9 @@ class VersionedParamStore:
 
 def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "morl", **kwargs):
     """The named store actor (detached, so it outlives app redeploys); created on first use."""
-    return VersionedParamStore.options(
-        name=name, namespace=namespace, get_if_exists=True, lifetime="detached"
-    ).remote(initial, **kwargs)
+    return VersionedParamStore.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached").remote(
+        initial, **kwargs
+    )
 
 
 class ParamFollower:

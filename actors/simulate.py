@@ -7,12 +7,14 @@ same users, the same candidates and the same random draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 import numpy as np
 
-from actors.stages import Pipeline, RequestBatch
+import rust_ext
+from actors.cascade import Pipeline
+from actors.stages import RequestBatch
 from actors.world import World, ndcg_at_k, seed_sequence
 from actors.world.world import Response
 
@@ -21,10 +23,27 @@ SlatePolicy = Callable[[World, Pipeline, RequestBatch, np.random.Generator], np.
 Observer = Callable[[RequestBatch, np.ndarray, Response], None]
 
 
+def inner_rewards(resp: Response, relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Rust inner reward (default weights) of every served item [B, K] and each slate's total [B],
+    with ``relevance`` [B, K] as the reward's relevance term."""
+    b, k = resp.clicked.shape
+    offsets = np.arange(0, b * k + 1, k, dtype=np.int64)
+    rewards, totals = rust_ext.inner_reward_slates(
+        offsets,
+        resp.clicked.ravel(),
+        resp.dwell_s.ravel(),
+        resp.skipped.ravel(),
+        np.asarray(relevance, np.float32).ravel(),
+    )
+    return rewards.reshape(b, k), totals
+
+
 def pipeline_policy(params: dict | None = None) -> SlatePolicy:
     """The cascade with the given stage parameters (defaults when None)."""
+
     def policy(world, pipeline, req, rng):
         return pipeline.recommend(req, params).slate
+
     return policy
 
 
@@ -43,9 +62,7 @@ def popularity_policy(world: World, pipeline: Pipeline, req: RequestBatch, rng: 
 
 def oracle_policy(world: World, pipeline: Pipeline, req: RequestBatch, rng: np.random.Generator) -> np.ndarray:
     """The matched candidates ranked by *true* relevance: the best any ranker could do downstream."""
-    from actors.stages import matching
-
-    cand = matching(pipeline.ctx, req, None, pipeline.config.k_matching, pipeline.config.seed).items
+    cand = pipeline.recommend(req, upto="matching").matched
     rel = world.relevance(req.user, cand)
     idx = np.argsort(-rel, axis=1)[:, : pipeline.config.k_slate]
     return np.take_along_axis(cand, idx, axis=1)
@@ -65,22 +82,30 @@ class SessionSummary:
 
     policy: str
     sessions: int
-    ndcg_at_10: float          # mean over requests
-    ctr: float                 # clicks / impressions
+    ndcg_at_10: float  # mean over requests
+    ctr: float  # clicks / impressions
     requests_per_session: float
     items_per_session: float
     dwell_s_per_session: float
     revenue_per_session: float
-    return_rate: float         # next-day return
+    return_rate: float  # next-day return
     satisfaction_end: float
-    returned_mask: np.ndarray | None = field(default=None, repr=False, compare=False)   # [n_sessions] next-day return
+    returned_mask: np.ndarray | None = field(default=None, repr=False, compare=False)  # [n_sessions] next-day return
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "returned_mask"}
 
 
-def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessions: int = 500, seed: int = 0,
-                 name: str = "policy", users: np.ndarray | None = None, observer: Observer | None = None) -> SessionSummary:
+def run_sessions(
+    world: World,
+    pipeline: Pipeline,
+    policy: SlatePolicy,
+    n_sessions: int = 500,
+    seed: int = 0,
+    name: str = "policy",
+    users: np.ndarray | None = None,
+    observer: Observer | None = None,
+) -> SessionSummary:
     """Simulate n_sessions complete sessions (all concurrently, vectorised over users)."""
     rng = seed_sequence(seed, "sessions", name)
     if users is None:
@@ -90,8 +115,9 @@ def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessio
     ndcgs, request_id = [], 0
     while sessions.active.any():
         act = np.flatnonzero(sessions.active)
-        req = RequestBatch(sessions.user[act], sessions.history[act], sessions.requests[act], request_id,
-                           sessions.clicks[act])
+        req = RequestBatch(
+            sessions.user[act], sessions.history[act], sessions.requests[act], sessions.clicks[act], request_id
+        )
         slate = policy(world, pipeline, req, rng)
         full = np.zeros((sessions.size, slate.shape[1]), np.int64)
         full[act] = slate
@@ -102,17 +128,29 @@ def run_sessions(world: World, pipeline: Pipeline, policy: SlatePolicy, n_sessio
         request_id += 1
     ndcg = np.concatenate(ndcgs)
     return SessionSummary(
-        policy=name, sessions=sessions.size, ndcg_at_10=float(ndcg.mean()),
+        policy=name,
+        sessions=sessions.size,
+        ndcg_at_10=float(ndcg.mean()),
         ctr=float(sessions.clicks.sum() / max(sessions.items.sum(), 1)),
-        requests_per_session=float(sessions.requests.mean()), items_per_session=float(sessions.items.mean()),
-        dwell_s_per_session=float(sessions.dwell_s.mean()), revenue_per_session=float(sessions.revenue.mean()),
-        return_rate=float(sessions.returned_next_day.mean()), satisfaction_end=float(world.satisfaction(sessions).mean()),
+        requests_per_session=float(sessions.requests.mean()),
+        items_per_session=float(sessions.items.mean()),
+        dwell_s_per_session=float(sessions.dwell_s.mean()),
+        revenue_per_session=float(sessions.revenue.mean()),
+        return_rate=float(sessions.returned_next_day.mean()),
+        satisfaction_end=float(world.satisfaction(sessions).mean()),
         returned_mask=sessions.returned_next_day.copy(),
     )
 
 
-def compare_policies(world: World, pipeline: Pipeline, n_sessions: int = 500, seed: int = 0,
-                     policies: dict[str, SlatePolicy] | None = None) -> list[SessionSummary]:
+def compare_policies(
+    world: World,
+    pipeline: Pipeline,
+    n_sessions: int = 500,
+    seed: int = 0,
+    policies: dict[str, SlatePolicy] | None = None,
+) -> list[SessionSummary]:
     """Every policy on the same users (common random numbers per policy name)."""
     users = seed_sequence(seed, "session-users").integers(0, world.users.n, n_sessions)
-    return [run_sessions(world, pipeline, p, n_sessions, seed, name, users) for name, p in (policies or POLICIES).items()]
+    return [
+        run_sessions(world, pipeline, p, n_sessions, seed, name, users) for name, p in (policies or POLICIES).items()
+    ]

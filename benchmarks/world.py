@@ -15,6 +15,7 @@ Writes benchmarks/results/world.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,8 +26,19 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import (add_load_args, find_port, http_table, machine, run_loadgen, run_server_configs,  # noqa: E402
-                               wait_for, write_results)
+from actors.cascade import Pipeline  # noqa: E402
+from actors.stages import RequestBatch  # noqa: E402
+from actors.world import World, WorldConfig, seed_sequence  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_load_args,
+    find_port,
+    http_table,
+    machine,
+    run_loadgen,
+    run_server_configs,
+    wait_for,
+    write_results,
+)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "world.md")
 
@@ -43,9 +55,6 @@ def best_of(fn, repeat: int = 5) -> float:
 
 
 def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, str]:
-    from actors.stages import Pipeline, RequestBatch
-    from actors.world import World, WorldConfig, seed_sequence
-
     rows, pipe_rows = [], []
     for n_items in catalogue_sizes:
         t = time.perf_counter()
@@ -56,19 +65,27 @@ def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, s
         for b in batch_sizes:
             users = rng.integers(0, world.users.n, b)
             slates = rng.integers(0, n_items, (b, 10))
-            respond = best_of(lambda: world.respond(users, slates, rng))
+            respond = best_of(functools.partial(world.respond, users, slates, rng))
             sessions = world.start_sessions(users)
-            step = best_of(lambda: world.step(sessions, slates, rng))
+            step = best_of(functools.partial(world.step, sessions, slates, rng))
             rows.append((n_items, b, build_s, b * 10 / respond, b * 10 / step))
-            print(f"  N={n_items:>9,} B={b:>6,}: respond {b * 10 / respond / 1e6:6.2f} M/s, step {b * 10 / step / 1e6:6.2f} M/s",
-                  flush=True)
+            speed = f"respond {b * 10 / respond / 1e6:6.2f} M/s, step {b * 10 / step / 1e6:6.2f} M/s"
+            print(f"  N={n_items:>9,} B={b:>6,}: {speed}", flush=True)
         for b in (1, 64, 512):
-            req = RequestBatch(rng.integers(0, world.users.n, b), np.full((b, 20), -1, np.int64), np.zeros(b, np.int32), 1)
-            t_rec = best_of(lambda: pipeline.recommend(req), repeat=3)
+            req = RequestBatch(
+                rng.integers(0, world.users.n, b), np.full((b, 20), -1, np.int64), np.zeros(b, np.int32), request_id=1
+            )
+            t_rec = best_of(functools.partial(pipeline.recommend, req), repeat=3)
             pipe_rows.append((n_items, b, t_rec * 1e3, b / t_rec))
-            print(f"  N={n_items:>9,} cascade B={b:>4}: {t_rec * 1e3:8.2f} ms/batch, {b / t_rec:9.0f} requests/s", flush=True)
-    sim = ["| catalogue items | batch (slates of 10) | world build s | respond: responses/s | step (+ sessions): responses/s |",
-           "|---:|---:|---:|---:|---:|"]
+            print(
+                f"  N={n_items:>9,} cascade B={b:>4}: {t_rec * 1e3:8.2f} ms/batch, {b / t_rec:9.0f} requests/s",
+                flush=True,
+            )
+    sim = [
+        "| catalogue items | batch (slates of 10) | world build s | respond: responses/s "
+        "| step (+ sessions): responses/s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     sim += [f"| {n:,} | {b:,} | {bs:.1f} | {r:,.0f} | {s:,.0f} |" for n, b, bs, r, s in rows]
     cas = ["| catalogue items | requests per batch | ms per batch | requests/s |", "|---:|---:|---:|---:|"]
     cas += [f"| {n:,} | {b} | {ms:.2f} | {rps:,.0f} |" for n, b, ms, rps in pipe_rows]
@@ -77,8 +94,8 @@ def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, s
 
 def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: float) -> list[dict]:
     """Child process: deploy inner_reward + recommend with `ingress`, drive /recommend."""
-    from ray import serve
     import ray
+    from ray import serve
 
     from serve_apps import inner_reward, recommend
     from serve_apps.launch import start_local_ray
@@ -98,8 +115,8 @@ def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: flo
             res = run_loadgen(port, "/recommend", body.name, "application/json", rate, duration, warmup)
             res.update(route=f"recommend ({ingress})")
             results.append(res)
-            print(f"    /recommend {ingress} @ {rate} req/s: p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}",
-                  file=sys.stderr, flush=True)
+            latency = f"p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}"
+            print(f"    /recommend {ingress} @ {rate} req/s: {latency}", file=sys.stderr, flush=True)
     finally:
         os.unlink(body.name)
         serve.shutdown()
@@ -117,29 +134,48 @@ def main() -> None:
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     if args.serve_ingress:
-        print("RESULT " + json.dumps(serve_recommend(args.serve_ingress, rates, args.duration, args.warmup)), flush=True)
+        print(
+            "RESULT " + json.dumps(serve_recommend(args.serve_ingress, rates, args.duration, args.warmup)), flush=True
+        )
         return
-    sections = [f"# World benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. "
-                "Command: `python benchmarks/world.py` (one run; medians of 5).\n"]
+    sections = [
+        f"# World benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. "
+        "Command: `python benchmarks/world.py` (one run; medians of 5).\n"
+    ]
     if args.part in ("all", "sim"):
         print("(a, b) world and cascade in process", flush=True)
         sim, cascade = sim_part([int(x) for x in args.catalogues.split(",")], [int(x) for x in args.batches.split(",")])
         print(sim + "\n\n" + cascade)
-        sections.append("## (a) Simulated user-item responses per second (one process, NumPy)\n\n"
-                        "`respond` samples examination, click, dwell, skip, purchase and revenue for B slates of 10; "
-                        "`step` adds the session update (satisfaction, temper, history, category counts) and return "
-                        "draws. Target: ≥ 1 000 000 responses/s.\n\n" + sim + "\n")
-        sections.append("## (b) The cascade in process: matching over the whole catalogue → pre-ranking (500 → 50) → "
-                        "ranking (50 → 10)\n\n" + cascade + "\n")
+        sections.append(
+            "## (a) Simulated user-item responses per second (one process, NumPy)\n\n"
+            "`respond` samples examination, click, dwell, skip, purchase and revenue for B slates of 10; "
+            "`step` adds the session update (satisfaction, temper, history, category counts) and return "
+            "draws. Target: ≥ 1 000 000 responses/s.\n\n" + sim + "\n"
+        )
+        sections.append(
+            "## (b) The cascade in process: matching over the whole catalogue → pre-ranking (500 → 50) → "
+            "ranking (50 → 10)\n\n" + cascade + "\n"
+        )
     if args.part in ("all", "http"):
         print("(c) /recommend under fixed offered load", flush=True)
-        table = http_table(run_server_configs(__file__, "--serve-ingress", args.ingresses.split(","), rates,
-                                              args.duration, args.warmup, label=lambda i: f"recommend ({i})"))
+        table = http_table(
+            run_server_configs(
+                __file__,
+                "--serve-ingress",
+                args.ingresses.split(","),
+                rates,
+                args.duration,
+                args.warmup,
+                label=lambda i: f"recommend ({i})",
+            )
+        )
         print(table)
-        sections.append("## (c) POST /recommend under fixed offered load\n\nIngress → RecommendService → 3 stage "
-                        "deployments by DeploymentHandle (20 000 items, default stage parameters), 64 connections, "
-                        f"{args.duration:.0f} s per rate after {args.warmup:.0f} s warm-up, open loop from "
-                        "`benchmarks/loadgen` on the same 2 cores.\n\n" + table + "\n")
+        sections.append(
+            "## (c) POST /recommend under fixed offered load\n\nIngress → RecommendService → 3 stage "
+            "deployments by DeploymentHandle (20 000 items, default stage parameters), 64 connections, "
+            f"{args.duration:.0f} s per rate after {args.warmup:.0f} s warm-up, open loop from "
+            "`benchmarks/loadgen` on the same 2 cores.\n\n" + table + "\n"
+        )
     write_results(RESULTS, sections, partial=args.part != "all")
 
 

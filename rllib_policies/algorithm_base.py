@@ -21,9 +21,29 @@ from typing import ClassVar
 import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, LEARNER_RESULTS
+
+
+class AlgorithmConfigBase(AlgorithmConfig):
+    """The configs' shared part: subclasses name their Learner in ``default_learner_class`` and add one
+    typed options method (``.outer_controller(...)``, ``.utility_agent(...)``, ``.unex_rl(...)``)."""
+
+    default_learner_class: ClassVar[type]
+
+    def get_default_learner_class(self):
+        return self.default_learner_class
+
+
+def set_provided(config: AlgorithmConfig, options: dict) -> AlgorithmConfig:
+    """RLlib's options-method pattern in one place: set every option whose value is not
+    ``NotProvided`` (``options`` = the typed method's ``locals()``; ``self`` is skipped)."""
+    for name, value in options.items():
+        if name != "self" and value is not NotProvided:
+            setattr(config, name, value)
+    return config
 
 
 def learner_batch(columns: dict[str, np.ndarray], module_id: str = DEFAULT_MODULE_ID) -> MultiAgentBatch:
@@ -43,9 +63,14 @@ def shard_rows(n_rows: int, n_shards: int, groups: np.ndarray | None = None) -> 
 
 
 class AlgorithmBase(Algorithm):
-    """Shared plumbing for the package's algorithms; subclasses set ``metrics_key``."""
+    """Shared plumbing for the package's algorithms; subclasses set ``metrics_key`` and ``config_class``."""
 
-    metrics_key: ClassVar[str]
+    metrics_key: ClassVar[str]  # results[metrics_key] and the algorithm's own checkpoint state
+    config_class: ClassVar[type[AlgorithmConfig]]
+
+    @classmethod
+    def get_default_config(cls) -> AlgorithmConfig:
+        return cls.config_class()
 
     def setup(self, config) -> None:
         super().setup(config)
@@ -78,20 +103,29 @@ class AlgorithmBase(Algorithm):
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         return results
 
-    def learner_weights(self, module_ids: list[str] | tuple[str, ...] = (DEFAULT_MODULE_ID,)) -> dict[str, dict]:
-        """The learners' current weights (NumPy state dicts) by module id."""
-        return self.learner_group.get_weights(list(module_ids))
+    def learner_weights(
+        self, module_ids: list[str] | tuple[str, ...] = (DEFAULT_MODULE_ID,), *, inference_only: bool = False
+    ) -> dict[str, dict]:
+        """The learners' current weights (NumPy state dicts) by module id; ``inference_only`` leaves out
+        what inference copies do not hold (``InferenceOnlyAPI.get_non_inference_attributes``, e.g.
+        target networks), as RLlib's own env-runner sync does."""
+        if not inference_only:
+            return self.learner_group.get_weights(list(module_ids))
+        components = [f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{m}" for m in module_ids]
+        return self.learner_group.get_state(components, inference_only=True)[COMPONENT_LEARNER][COMPONENT_RL_MODULE]
 
     def inference_module(self, module_id: str = DEFAULT_MODULE_ID, weights: dict | None = None) -> torch.nn.Module:
         """The driver's CPU copy of a module, loaded with ``weights`` (default: the learners' current
-        ones). One copy per module id, reused across calls; never trained."""
+        inference weights). One copy per module id, reused across calls; never trained."""
         if module_id not in self._inference:
             module = self.get_module(module_id)
             if module is None:
-                raise ValueError(f"no module {module_id!r} on the env runners (learner-only modules have no driver copy)")
+                raise ValueError(
+                    f"no module {module_id!r} on the env runners (learner-only modules have no driver copy)"
+                )
             self._inference[module_id] = copy.deepcopy(module).cpu().eval()
         if weights is None:
-            weights = self.learner_weights([module_id])[module_id]
+            weights = self.learner_weights([module_id], inference_only=True)[module_id]
         self._inference[module_id].load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
         return self._inference[module_id]
 

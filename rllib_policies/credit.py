@@ -1,10 +1,12 @@
 """Returns and credit assignment for the outer controller: each piece one function (or one small
 module), batched over sessions [B, T] with a validity mask, its equation in the docstring.
 
-    discounted_returns   G_t = r_t + γ·G_{t+1}                 (optionally normalised)
-    kappa_schedule       κ(i): 0.2 → κ_max, annealed over the iterations
-    kpi_blend            (1 − κ)·G_t + κ·KPI
-    GatedAttentionCredit c_t = R_outer · g_t·α_t / Σ_j g_j·α_j,  α = softmax(Q(s_t,a_t)·K(S_T)ᵀ/√d_k)
+    discounted_returns   G_t = r_t + γ·G_{t+1}
+    KappaSchedule        κ(i): 0.2 → κ_max, annealed over the iterations
+    GatedAttentionCredit w_t = g_t·α_t / Σ_j g_j·α_j,  α = softmax(Q(s_t,a_t)·K(S_T)ᵀ/√d_k)
+    credit_weights       w_t: the gated attention, or uniform 1/T
+    kpi_credit           T·w_t·R: the session's outer reward R spread over its steps
+    kpi_blend            A_t = (1 − κ)·G_t + κ·T·w_t·R
     RollingBaseline      EMA mean / variance of the reward signal, α ∈ [0.005, 0.02]
     clip_rewards         clip to [−5, 5]
 """
@@ -18,15 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.telemetry.sessionise import window_starts
 
-
-def discounted_returns(rewards: np.ndarray, gamma: float, mask: np.ndarray | None = None,
-                       normalise: bool = False, eps: float = 1e-8) -> np.ndarray:
+def discounted_returns(rewards: np.ndarray, gamma: float, mask: np.ndarray | None = None) -> np.ndarray:
     """G_t = r_t + γ·G_{t+1} along the last axis (G = 0 past the last valid step).
 
-    rewards, mask: [B, T] (mask 1 = a real step; steps after a session's end are 0). With
-    ``normalise``, G ← (G − mean)/(std + eps) over the valid steps of the whole batch.
+    rewards, mask: [B, T] (mask 1 = a real step; steps after a session's end are 0).
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
@@ -37,10 +35,6 @@ def discounted_returns(rewards: np.ndarray, gamma: float, mask: np.ndarray | Non
     for t in range(r.shape[-1] - 1, -1, -1):  # a loop over time, vectorised over sessions
         running = (r[..., t] + gamma * running) * m[..., t]
         out[..., t] = running
-    if normalise:
-        valid = m > 0
-        mu, sd = out[valid].mean(), out[valid].std()
-        out = np.where(valid, (out - mu) / (sd + eps), 0.0)
     return out
 
 
@@ -58,20 +52,14 @@ class KappaSchedule:
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         if self.kind not in ("linear", "cosine") or self.anneal_iters < 1:
-            raise ValueError(f"kind must be 'linear' or 'cosine' and anneal_iters >= 1, got {self.kind!r}, {self.anneal_iters}")
+            raise ValueError(
+                f"kind must be 'linear' or 'cosine' and anneal_iters >= 1, got {self.kind!r}, {self.anneal_iters}"
+            )
 
     def __call__(self, iteration: int) -> float:
         x = min(1.0, max(0, iteration) / self.anneal_iters)
         ramp = x if self.kind == "linear" else (1 - math.cos(math.pi * x)) / 2
         return self.start + (self.end - self.start) * ramp
-
-
-def kpi_blend(returns: np.ndarray, kpi: np.ndarray, kappa: float, mask: np.ndarray | None = None) -> np.ndarray:
-    """(1 − κ)·G_t + κ·KPI, with the session-level KPI [B] broadcast over its steps [B, T]."""
-    if not 0.0 <= kappa <= 1.0:
-        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
-    blended = (1 - kappa) * np.asarray(returns, np.float64) + kappa * np.asarray(kpi, np.float64)[..., None]
-    return blended if mask is None else blended * np.asarray(mask, np.float64)
 
 
 def clip_rewards(rewards, low: float = -5.0, high: float = 5.0):
@@ -122,11 +110,11 @@ class GatedAttentionCredit(nn.Module):
 
     α_t = softmax_t(Q(x_t)·K(x_T)ᵀ/√d_k)   (x_t = step features ⊕ action; x_T = the last valid step)
     g_t = σ(w_g·x_t + b_g)                  (the gate; trained to tell engaged steps from impression-only ones)
-    c_t = R_outer · g_t·α_t / Σ_j g_j·α_j   (credit: sums to R_outer over the valid steps)
+    w_t = g_t·α_t / Σ_j g_j·α_j             (``weights``; the credit c_t = R_outer·w_t sums to R_outer)
 
     Trained jointly with the policy through two auxiliary losses (``aux_loss``): R̂ = Σ_t w_t·v(x_t)
-    regressed on R_outer, where w_t = g_t·α_t / Σ g·α (return decomposition), and a binary
-    cross-entropy that makes g_t predict whether step t had any engagement.
+    regressed on R_outer (return decomposition), and a binary cross-entropy that makes g_t predict
+    whether step t had any engagement.
     """
 
     def __init__(self, d_in: int, d_k: int = 32):
@@ -138,21 +126,18 @@ class GatedAttentionCredit(nn.Module):
     def weights(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised gated attention w [B, T], gate logits [B, T])."""
         last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-        x_last = x[torch.arange(x.shape[0]), last]                       # S_T
+        x_last = x[torch.arange(x.shape[0]), last]  # S_T
         scores = (self.q(x) * self.k(x_last)[:, None, :]).sum(-1) / math.sqrt(self.d_k)
         scores = scores.masked_fill(mask <= 0, float("-inf"))
         gate_logits = self.gate(x).squeeze(-1)
         logw = torch.log_softmax(scores, dim=1) + nn.functional.logsigmoid(gate_logits)
         logw = logw.masked_fill(mask <= 0, float("-inf"))
-        w = torch.softmax(logw, dim=1)                                     # = g·α / Σ g·α
+        w = torch.softmax(logw, dim=1)  # = g·α / Σ g·α
         return torch.nan_to_num(w, nan=0.0), gate_logits
 
-    def forward(self, x: torch.Tensor, r_outer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """c_t = R_outer · w_t, [B, T]."""
-        w, _ = self.weights(x, mask)
-        return w * r_outer[:, None]
-
-    def aux_loss(self, x: torch.Tensor, r_outer: torch.Tensor, mask: torch.Tensor, engaged: torch.Tensor) -> torch.Tensor:
+    def aux_loss(
+        self, x: torch.Tensor, r_outer: torch.Tensor, mask: torch.Tensor, engaged: torch.Tensor
+    ) -> torch.Tensor:
         w, gate_logits = self.weights(x, mask)
         r_hat = (w * self.v(x).squeeze(-1)).sum(dim=1)
         decomposition = ((r_hat - r_outer) ** 2).mean()
@@ -161,25 +146,25 @@ class GatedAttentionCredit(nn.Module):
         return decomposition + gate
 
 
-def credit_windows(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list[tuple[int, int, int]]:
-    """(start, end, first_owned) per window: the 512-step cap with 64-step overlapping chunks. The
-    first ``overlap`` steps of every window after the first are context only; each step's credit
-    comes from exactly one window (the one that owns it)."""
-    starts = window_starts(n_steps, max_steps, overlap)
-    return [(s, min(s + max_steps, n_steps), s if i == 0 else s + overlap) for i, s in enumerate(starts)]
+def credit_weights(credit: GatedAttentionCredit | None, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w_t [B, T]: the credit network's gated attention (no gradient: the policy gradient does not
+    train it), or uniform credit 1/T over each session's valid steps when ``credit`` is None."""
+    if credit is None:
+        return mask / mask.sum(dim=1, keepdim=True)
+    with torch.no_grad():
+        weights, _ = credit.weights(x, mask)
+    return weights
 
 
-def chunked_credit(module: GatedAttentionCredit, x: torch.Tensor, r_outer: float, max_steps: int = 512,
-                   overlap: int = 64) -> torch.Tensor:
-    """Credit for one long session x [T, D]: per window, c = module(window) with R_outer shared in
-    proportion to the steps the window owns; owned steps take their credit from their window."""
-    t = x.shape[0]
-    credit = torch.zeros(t)
-    for start, end, owned in credit_windows(t, max_steps, overlap):
-        share = r_outer * (end - owned) / t
-        part = x[start:end][None]
-        mask = torch.ones(1, end - start)
-        c = module(part, torch.tensor([1.0]), mask)[0]                    # weights within the window
-        owned_w = c[owned - start:]
-        credit[owned:end] = share * owned_w / owned_w.sum().clamp(min=1e-12)
-    return credit
+def kpi_credit(weights: torch.Tensor, mask: torch.Tensor, r_outer: torch.Tensor) -> torch.Tensor:
+    """T·w_t·R [B, T]: the session's outer reward R [B] spread over its T valid steps by the credit
+    weights (Σ_t w_t = 1), in per-step units (uniform credit gives R at every step)."""
+    return mask.sum(dim=1, keepdim=True) * weights * r_outer[:, None]
+
+
+def kpi_blend(step_signal, credit, kappa):
+    """A_t = (1 − κ)·Ĝ_t + κ·T·w_t·R̂: the per-step signal blended with the KPI credit (both [B, T],
+    NumPy or torch); κ a number in [0, 1] or one per session [B, 1]."""
+    if np.ndim(kappa) == 0 and not 0.0 <= float(kappa) <= 1.0:
+        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
+    return (1 - kappa) * step_signal + kappa * credit

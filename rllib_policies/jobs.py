@@ -24,11 +24,15 @@ import glob
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import numpy as np
+import ray
 import yaml
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from tensorboardX import SummaryWriter
 
 J = TypeVar("J", bound="JobConfig")
 
@@ -48,6 +52,24 @@ class JobConfig:
         return config_from_yaml(cls, path)
 
 
+@dataclass
+class AlgorithmJobConfig(JobConfig):
+    """A job that trains one algorithm on a world env, with RLlib's config sections as mappings."""
+
+    env_config: dict = field(default_factory=dict)  # the world: {"preset", "world": {…}, "pipeline": {…}}
+    training: dict = field(default_factory=dict)  # AlgorithmConfig.training(...): lr, gamma, …
+    learners: dict = field(default_factory=dict)  # AlgorithmConfig.learners(...): num_learners, …
+
+    def algorithm_config(self, config: AlgorithmConfig, env) -> AlgorithmConfig:
+        """``config`` with this job's env (seeded), training and learner sections, and seed."""
+        return (
+            config.environment(env, env_config={**self.env_config, "seed": self.seed})
+            .training(**self.training)
+            .learners(**self.learners)
+            .debugging(seed=self.seed, log_level="ERROR")
+        )
+
+
 def config_from_yaml(cls, path: str):
     """A dataclass from a YAML mapping of its fields; unknown keys are an error naming them."""
     with open(path) as f:
@@ -64,8 +86,6 @@ def config_from_yaml(cls, path: str):
 def init_ray(num_cpus: int | None = None) -> None:
     """Inside `ray job submit` (RAY_ADDRESS set) join the job's cluster; otherwise start a local Ray
     (never attach to some other cluster on the machine)."""
-    import ray
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -105,8 +125,6 @@ def run_training(
     returns the last result (None when there was nothing to do)."""
     writer = None
     if tensorboard:
-        from tensorboardX import SummaryWriter
-
         writer = SummaryWriter(os.path.join(checkpoint_dir, "tensorboard"))
     os.makedirs(checkpoint_dir, exist_ok=True)
     start, result = algo.iteration, None
@@ -154,8 +172,6 @@ def job_main(
         print(line, flush=True)
 
     init_ray(job.num_cpus)
-    from ray.rllib.algorithms.algorithm import Algorithm
-
     resume = latest_checkpoint(job.checkpoint_dir) if args.resume == "latest" else args.resume
     if resume:
         algo = Algorithm.from_checkpoint(os.path.abspath(resume))

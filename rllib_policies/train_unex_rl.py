@@ -1,4 +1,4 @@
-"""Train UNEX-RL's stage agents and global critic: the `ray job submit` entrypoint.
+"""Train UNEX-RL's stage policies and global critic: the `ray job submit` entrypoint (rllib_policies.jobs runs it).
 
     ray job submit --working-dir . -- python -m rllib_policies.train_unex_rl \\
         --config rllib_policies/configs/unex_rl.yaml
@@ -6,74 +6,52 @@
 
 One progress line per iteration; checkpoints every ``checkpoint_every`` iterations (and at the end)
 under ``checkpoint_dir/iter_NNNNNN`` with the learners, optimizers, target networks, replay buffer
-and CQR cells; ``--resume latest`` (or a path) goes on from there.
+and CQR cells; ``--resume latest`` (or a path) goes on from there. At the end, the deterministic
+stage policies are evaluated on ``eval_sessions`` simulated sessions.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 
-from rllib_policies.jobs import config_from_yaml, init_ray
+from rllib_policies.envs import MultiStageEnv
+from rllib_policies.jobs import AlgorithmJobConfig, job_main
+from rllib_policies.unex_rl import UnexRL, UnexRLConfig
+from rllib_policies.unex_rl.learner import CRITIC
 
 
 @dataclass
-class UnexJobConfig:
+class UnexJobConfig(AlgorithmJobConfig):
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 3000}})
-    unex_rl: dict = field(default_factory=lambda: {"arm": "unex_rl"})   # UnexRLConfig.unex_rl(...) options
-    training: dict = field(default_factory=dict)                       # lr, gamma
-    learners: dict = field(default_factory=dict)                       # num_learners, …
+    unex_rl: dict = field(default_factory=lambda: {"arm": "unex_rl"})  # UnexRLConfig.unex_rl(...) options
     iterations: int = 30
     checkpoint_dir: str = "runs/unex_rl"
     checkpoint_every: int = 10
     eval_sessions: int = 300
-    seed: int = 0
-    num_cpus: int | None = None
 
 
-def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    found = sorted(glob.glob(os.path.join(checkpoint_dir, "iter_*")))
-    return found[-1] if found else None
+def build(job: UnexJobConfig) -> UnexRL:
+    return job.algorithm_config(UnexRLConfig(), MultiStageEnv).unex_rl(**job.unex_rl).build_algo()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML with UnexJobConfig fields")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    args = p.parse_args(argv)
-    job = config_from_yaml(UnexJobConfig, args.config)
-    init_ray(job.num_cpus)
-    from rllib_policies.envs import MultiStageEnv
-    from rllib_policies.unex_rl import UnexRL, UnexRLConfig
+def progress(result: dict) -> str:
+    unex, learner = result["unex_rl"], result["learners"][CRITIC]
+    return (
+        f"sessions {int(unex['sessions_seen']):6d} | usage {unex['usage_s_per_session']:6.1f} s | "
+        f"return {unex['return_rate']:.3f} | ndcg {unex['ndcg_at_10']:.3f} | critic {learner['critic_loss']:.4f} | "
+        f"actor {learner['actor_loss']:.3f}"
+    )
 
-    resume = latest_checkpoint(job.checkpoint_dir) if args.resume == "latest" else args.resume
-    if resume:
-        algo = UnexRL.from_checkpoint(os.path.abspath(resume))
-        print(f"resumed from {resume} at iteration {algo.iteration}", flush=True)
-    else:
-        algo = (UnexRLConfig().environment(MultiStageEnv, env_config={**job.env_config, "seed": job.seed})
-                .unex_rl(**job.unex_rl).training(**job.training).learners(**job.learners)
-                .debugging(seed=job.seed, log_level="ERROR").build_algo())
-    os.makedirs(job.checkpoint_dir, exist_ok=True)
-    start = algo.iteration
-    for _ in range(max(job.iterations - start, 0)):
-        t0 = time.perf_counter()
-        res = algo.train()
-        it, u, lr = algo.iteration, res["unex_rl"], res["learners"]["global_critic"]
-        print(f"iter {it:4d} | sessions {int(u['sessions_seen']):6d} | usage {u['usage_s_per_session']:6.1f} s | "
-              f"return {u['return_rate']:.3f} | ndcg {u['ndcg_at_10']:.3f} | critic {lr['critic_loss']:.4f} | "
-              f"actor {lr['actor_loss']:.3f} | {time.perf_counter() - t0:.1f} s", flush=True)
-        if it % job.checkpoint_every == 0 or it == job.iterations:
-            path = algo.save_to_path(os.path.abspath(os.path.join(job.checkpoint_dir, f"iter_{it:06d}")))
-            print(f"checkpoint {path}", flush=True)
-    print(f"evaluation (deterministic policies, {job.eval_sessions} sessions): {algo.evaluate_policy(job.eval_sessions)}",
-          flush=True)
-    algo.stop()
-    return 0
+
+def after(algo: UnexRL, job: UnexJobConfig) -> None:
+    """The deterministic stage policies on ``eval_sessions`` simulated sessions."""
+    evaluation = algo.evaluate_policy(job.eval_sessions)
+    print(f"evaluation (deterministic policies, {job.eval_sessions} sessions): {evaluation}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(UnexJobConfig, build, progress, argv, description=__doc__, after=after)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def inner_reward(clicked, dwell, skipped, relevance, weights: RewardWeights | No
         if weights is not None and not isinstance(weights, RewardWeights):
             raise TypeError(f"weights: expected RewardWeights, got {type(weights).__name__}") from None
     return _native.inner_reward(
-        as_flags(clicked, "clicked"), as_f32(dwell, "dwell"),
-        as_flags(skipped, "skipped"), as_f32(relevance, "relevance"), weights, out,
+        as_flags(clicked, "clicked"),
+        as_f32(dwell, "dwell"),
+        as_flags(skipped, "skipped"),
+        as_f32(relevance, "relevance"),
+        weights,
+        out,
     )
 
 
@@ -54,6 +58,10 @@ def inner_reward_slates(offsets, clicked, dwell, skipped, relevance, weights: Re
             raise TypeError(f"weights: expected RewardWeights, got {type(weights).__name__}") from None
     clicked = as_flags(clicked, "clicked")
     return _native.inner_reward_slates(
-        as_offsets(offsets), clicked, as_f32(dwell, "dwell"),
-        as_flags(skipped, "skipped"), as_f32(relevance, "relevance"), weights,
+        as_offsets(offsets),
+        clicked,
+        as_f32(dwell, "dwell"),
+        as_flags(skipped, "skipped"),
+        as_f32(relevance, "relevance"),
+        weights,
     )

@@ -35,10 +35,7 @@ def inner_reward_numpy(clicked, dwell, skipped, relevance, weights: RewardWeight
         _first_bad(d, (d >= 0) & (d <= F32_MAX), "dwell", "dwell seconds must be finite and >= 0")
         _first_bad(r, np.abs(r) <= F32_MAX, "relevance", "relevance must be finite")
     reward = (
-        w.click_w * c
-        + w.dwell_w * np.log1p(d.astype(np.float64))
-        + w.skip_penalty * s
-        + w.rel_w * r.astype(np.float64)
+        w.click_w * c + w.dwell_w * np.log1p(d.astype(np.float64)) + w.skip_penalty * s + w.rel_w * r.astype(np.float64)
     )
     return np.clip(reward, w.clip_lo, w.clip_hi).astype(np.float32)
 

@@ -13,11 +13,10 @@ cost 4–6 ms here):
 Run it: ``python -m serve_apps.launch serve_apps/configs/inner_reward.yaml`` (or ``serve run``).
 """
 
-
 import io
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +45,7 @@ class InnerRewardConfig:
     max_slate_size: int = 1000
     max_slates_per_request: int = 512
     weights_store: str = "inner_reward_weights"
-    weights_snapshot_path: Optional[str] = None
+    weights_snapshot_path: str | None = None
     initial_weights: dict[str, float] = field(default_factory=lambda: rust_ext.RewardWeights().as_dict())
     weights_ack_timeout_s: float = 2.0
 
@@ -130,7 +129,13 @@ def pack_slates(slates: list[Slate]) -> tuple[np.ndarray, ...]:
     def flat(name: str, dtype) -> np.ndarray:
         return np.fromiter((v for s in slates for v in getattr(s, name)), dtype=dtype, count=int(offsets[-1]))
 
-    return offsets, flat("clicked", np.bool_), flat("dwell_s", np.float32), flat("skipped", np.bool_), flat("relevance", np.float32)
+    return (
+        offsets,
+        flat("clicked", np.bool_),
+        flat("dwell_s", np.float32),
+        flat("skipped", np.bool_),
+        flat("relevance", np.float32),
+    )
 
 
 app = FastAPI(title="Inner reward", description=__doc__)
@@ -153,10 +158,16 @@ class InnerRewardService:
     # ---- scoring -------------------------------------------------------------------------
     def _check_sizes(self, lengths: list[int], prefix: list) -> None:
         if len(lengths) > self.config.max_slates_per_request:
-            raise BadRequest([*prefix, "slates"], f"at most {self.config.max_slates_per_request} slates per request, got {len(lengths)}")
+            raise BadRequest(
+                [*prefix, "slates"],
+                f"at most {self.config.max_slates_per_request} slates per request, got {len(lengths)}",
+            )
         for j, n in enumerate(lengths):
             if n > self.config.max_slate_size:
-                raise BadRequest([*prefix, "slates", j, "clicked"], f"slate has {n} items; max_slate_size is {self.config.max_slate_size}")
+                raise BadRequest(
+                    [*prefix, "slates", j, "clicked"],
+                    f"slate has {n} items; max_slate_size is {self.config.max_slate_size}",
+                )
 
     def _score(self, offsets, clicked, dwell, skipped, relevance, prefix: list):
         version, weights = self._weights.current
@@ -178,7 +189,9 @@ class InnerRewardService:
         rewards, totals, version = self._score(offsets, *cols, prefix=["body"])
         rewards = np.round(rewards.astype(np.float64), 6)  # float32 precision, readable JSON
         per_slate = [r.tolist() for r in np.split(rewards, offsets[1:-1])] if len(slates) > 1 else [rewards.tolist()]
-        return RewardResponse(rewards=per_slate, totals=np.round(totals.astype(np.float64), 6).tolist(), weights_version=version)
+        return RewardResponse(
+            rewards=per_slate, totals=np.round(totals.astype(np.float64), 6).tolist(), weights_version=version
+        )
 
     @app.post("/reward/arrow")
     async def reward_arrow(self, request: Request) -> Response:
@@ -197,8 +210,10 @@ class InnerRewardService:
         self._check_sizes(np.diff(offsets).tolist(), ["body"])
         try:
             cols = (
-                rust_ext.as_flags(table["clicked"], "clicked"), rust_ext.as_f32(table["dwell_s"], "dwell"),
-                rust_ext.as_flags(table["skipped"], "skipped"), rust_ext.as_f32(table["relevance"], "relevance"),
+                rust_ext.as_flags(table["clicked"], "clicked"),
+                rust_ext.as_f32(table["dwell_s"], "dwell"),
+                rust_ext.as_flags(table["skipped"], "skipped"),
+                rust_ext.as_f32(table["relevance"], "relevance"),
             )
         except (TypeError, ValueError) as e:
             raise BadRequest(loc_from_kernel_error(str(e), ["body"], _KERNEL_FIELDS), str(e)) from None
@@ -238,11 +253,15 @@ class InnerRewardService:
             ack = await self._store.put.remote(params, body.expected_version, self.config.weights_ack_timeout_s)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, VersionConflict):
-                raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
+                raise BadRequest(
+                    ["body", "expected_version"], str(e.cause), status=409, type_="version_conflict"
+                ) from None
             raise
         self._weights.apply(await self._store.get.remote())
         version, weights = self._weights.current
-        return WeightsState(version=version, weights=weights.as_dict(), **{k: ack[k] for k in ("readers_acked", "readers_live")})
+        return WeightsState(
+            version=version, weights=weights.as_dict(), **{k: ack[k] for k in ("readers_acked", "readers_live")}
+        )
 
     # ---- health --------------------------------------------------------------------------
     @app.get("/healthz")
@@ -263,8 +282,12 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     num_replicas = args.pop("num_replicas", None)
     unknown = set(args) - set(InnerRewardConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown inner-reward args: {sorted(unknown)}; allowed: {sorted(InnerRewardConfig.__dataclass_fields__)}")
+        raise ValueError(
+            f"unknown inner-reward args: {sorted(unknown)}; allowed: {sorted(InnerRewardConfig.__dataclass_fields__)}"
+        )
     config = InnerRewardConfig(**args)
     log.info("inner reward config: %s", asdict(config))
-    deployment = InnerRewardService if num_replicas is None else InnerRewardService.options(num_replicas=int(num_replicas))
+    deployment = (
+        InnerRewardService if num_replicas is None else InnerRewardService.options(num_replicas=int(num_replicas))
+    )
     return deployment.bind(config)

@@ -25,6 +25,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import yaml
 
 INGRESS_ENV: dict[str, dict[str, str]] = {
@@ -48,8 +49,6 @@ def load_config(path: str) -> dict[str, Any]:
 
 def start_local_ray(num_cpus: int | None = None, ingress: str = "default", env: dict[str, str] | None = None) -> None:
     """A private local Ray (never attaches to another cluster on the machine)."""
-    import ray
-
     os.environ.update(INGRESS_ENV[ingress])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if env:
@@ -57,13 +56,18 @@ def start_local_ray(num_cpus: int | None = None, ingress: str = "default", env: 
     # HAProxy's admin socket path must stay under ~97 characters: keep Ray's temp dir short.
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="morl-ray-", dir="/tmp"))
     os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 def deploy(config: dict[str, Any]) -> list[str]:
     """serve.start with the file's http/logging options, then serve.run each application."""
-    from ray import serve
+    from ray import serve  # noqa: PLC0415  Serve reads the ingress variables at import: after start_local_ray sets them
 
     http = config.get("http_options", {})
     serve.start(http_options=http, logging_config=config.get("logging_config"))
@@ -72,8 +76,12 @@ def deploy(config: dict[str, Any]) -> list[str]:
         module, _, attr = spec["import_path"].partition(":")
         target = getattr(importlib.import_module(module), attr)
         app = target(spec.get("args", {})) if callable(target) and not hasattr(target, "_bound_deployment") else target
-        serve.run(app, name=spec.get("name", "default"), route_prefix=spec.get("route_prefix", "/"),
-                  logging_config=config.get("logging_config"))
+        serve.run(
+            app,
+            name=spec.get("name", "default"),
+            route_prefix=spec.get("route_prefix", "/"),
+            logging_config=config.get("logging_config"),
+        )
         names.append(spec.get("name", "default"))
     return names
 
@@ -98,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    from ray import serve
-    import ray
+    from ray import serve  # noqa: PLC0415  as in deploy: not before start_local_ray
 
     serve.shutdown()
     ray.shutdown()

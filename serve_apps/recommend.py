@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, Response
@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.stage_actors import STAGES, StageRunner
-from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, RequestBatch, _params
+from actors.stage_actors import StageRunner
+from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, stage_params
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
 from actors.world import PipelineConfig, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
@@ -48,12 +48,17 @@ Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: int = Field(ge=0, le=2**62)
-    history: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(default_factory=list, max_length=200,
-                                                                 description="recently clicked item ids, oldest first")
+    history: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(
+        default_factory=list, max_length=200, description="recently clicked item ids, oldest first"
+    )
     step: int = Field(default=0, ge=0, le=2**31 - 1, description="request index within the session")
     clicks: int = Field(default=0, ge=0, le=2**31 - 1, description="clicks so far in the session (a policy feature)")
-    ranking_weights: Optional[list[Weight]] = Field(
-        default=None, min_length=3, max_length=3, description="per-request utility weights (w_click, w_long_view, w_purchase)")
+    ranking_weights: list[Weight] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="per-request utility weights (w_click, w_long_view, w_purchase)",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -63,16 +68,21 @@ class RecommendResponse(BaseModel):
     scores: list[float]
     predictions: dict[str, list[float]]
     versions: dict[str, int]
-    utility: Optional[dict[str, Any]] = None   # the agent's choice: weights, action, λ, operating-point version
+    utility: dict[str, Any] | None = None  # the agent's choice: weights, action, λ, operating-point version
 
 
 class OperatingPointBody(BaseModel):
     """Exactly one of ``lambda`` (personalised π_λ) or ``weights`` (one global weight vector)."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    lambda_: Optional[float] = Field(default=None, alias="lambda", ge=0, le=1, allow_inf_nan=False)
-    weights: Optional[list[Weight]] = Field(default=None, min_length=3, max_length=3,
-                                            description="fixed (w_click, w_long_view, w_purchase) for every request")
-    expected_version: Optional[int] = None
+    lambda_: float | None = Field(default=None, alias="lambda", ge=0, le=1, allow_inf_nan=False)
+    weights: list[Weight] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="fixed (w_click, w_long_view, w_purchase) for every request",
+    )
+    expected_version: int | None = None
 
 
 class FeedbackRequest(BaseModel):
@@ -81,9 +91,9 @@ class FeedbackRequest(BaseModel):
     clicked: list[bool]
     dwell_s: list[DwellSeconds]
     skipped: list[bool]
-    purchased: Optional[list[bool]] = None
-    revenue: Optional[list[DwellSeconds]] = None  # same bounds: finite, >= 0, float32 range
-    session_id: Optional[str] = Field(default=None, max_length=128)
+    purchased: list[bool] | None = None
+    revenue: list[DwellSeconds] | None = None  # same bounds: finite, >= 0, float32 range
+    session_id: str | None = Field(default=None, max_length=128)
 
 
 class FeedbackResponse(BaseModel):
@@ -96,7 +106,7 @@ class FeedbackResponse(BaseModel):
 class StageParamsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: dict[str, FiniteFloat]
-    expected_version: Optional[int] = None
+    expected_version: int | None = None
 
 
 DEFAULT_EVENTS_PATH = os.path.join(tempfile.gettempdir(), "morl-events")
@@ -150,10 +160,20 @@ app.add_middleware(ServerTiming)
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class RecommendService:
-    def __init__(self, matching, pre_ranking, ranking, world_config: WorldConfig, store_prefix: str,
-                 inner_reward_app: str = "inner_reward", telemetry: dict | None = None, served_cache_size: int = 100_000,
-                 utility_agent=None, utility_config: dict | None = None):
-        self.stages = {"matching": matching, "pre_ranking": pre_ranking, "ranking": ranking}
+    def __init__(
+        self,
+        matching,
+        pre_ranking,
+        ranking,
+        world_config: WorldConfig,
+        store_prefix: str,
+        inner_reward_app: str = "inner_reward",
+        telemetry: dict | None = None,
+        served_cache_size: int = 100_000,
+        utility_agent=None,
+        utility_config: dict | None = None,
+    ):
+        self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
@@ -162,8 +182,11 @@ class RecommendService:
         self.cache_size = served_cache_size
         self.events = make_event_buffer(telemetry)
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
-        self.operating_point = (operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5))
-                                if utility_agent is not None else None)
+        self.operating_point = (
+            operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5))
+            if utility_agent is not None
+            else None
+        )
 
     def _request(self, body: RecommendRequest) -> RequestBatch:
         if body.user_id >= self.n_users:
@@ -171,12 +194,27 @@ class RecommendService:
         hist = np.asarray(body.history, np.int64)
         bad = np.flatnonzero((hist < 0) | (hist >= self.n_items))
         if len(bad):
-            raise BadRequest(["body", "history", int(bad[0])], f"unknown item id {int(hist[bad[0]])}: items are 0..{self.n_items - 1}")
+            raise BadRequest(
+                ["body", "history", int(bad[0])],
+                f"unknown item id {int(hist[bad[0]])}: items are 0..{self.n_items - 1}",
+            )
         history = np.full((1, 20), -1, np.int64)
         if len(hist):
-            history[0, -min(20, len(hist)):] = hist[-20:]
-        return RequestBatch(np.array([body.user_id]), history, np.array([body.step], np.int32),
-                            request_id=uuid.uuid4().int & ((1 << 62) - 1), clicks=np.array([body.clicks], np.int32))
+            history[0, -min(20, len(hist)) :] = hist[-20:]
+        return RequestBatch(
+            np.array([body.user_id]),
+            history,
+            np.array([body.step], np.int32),
+            clicks=np.array([body.clicks], np.int32),
+            request_id=uuid.uuid4().int & ((1 << 62) - 1),
+        )
+
+    async def _agent_choice(self, choice_ref) -> tuple[dict | None, str | None]:
+        """The agent's choice, or (None, why) if it is slow or failing: it must never take the request down."""
+        try:
+            return await asyncio.wait_for(choice_ref, self.utility_config.get("timeout_s", 0.5)), None
+        except Exception as e:
+            return None, f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
@@ -184,60 +222,102 @@ class RecommendService:
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
         # the agent's choice needs only the request context: ask for it now, await it before ranking
-        choice_ref = self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
-        m, vm = await self.stages["matching"].run.remote(req)
-        pr, vp = await self.stages["pre_ranking"].run.remote(req, m.items)
-        choice, fallback = None, None
-        if choice_ref is not None:
-            try:   # the agent must never take the request down: default weights if it is slow or failing
-                choice = await asyncio.wait_for(choice_ref, self.utility_config.get("timeout_s", 0.5))
-            except Exception as e:
-                fallback = f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
-        if choice is not None:
-            weights = np.asarray(choice["weights"], np.float32)
-        r, vr = await self.stages["ranking"].run.remote(req, pr.items, weights)
+        choice_ref = (
+            self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
+        )
+        params = {"ranking": weights}  # this request's overrides of the stages' held parameters
+        choice, fallback, out, versions = None, None, None, {}
+        for stage in STAGES:
+            if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
+                choice, fallback = await self._agent_choice(choice_ref)
+                if choice is not None:
+                    params["ranking"] = np.asarray(choice["weights"], np.float32)
+            candidates = None if out is None else out.items
+            out, versions[stage] = await self.stages[stage].run.remote(req, candidates, params.get(stage))
+        ranked, weights = out, params["ranking"]
         request_id = f"{req.request_id:016x}"
-        self.served[request_id] = {"uid": req.request_id, "user_id": body.user_id, "ts_us": served_us, "items": r.items[0],
-                                   "predictions": {k: v[0] for k, v in r.predictions.items()}, "weights": weights,
-                                   "version": vr, "propensity": 1.0 if choice is None else choice["propensity"],
-                                   "context": None if choice is None else choice["context"]}
+        self.served[request_id] = {
+            "uid": req.request_id,
+            "user_id": body.user_id,
+            "ts_us": served_us,
+            "items": ranked.items[0],
+            "predictions": {k: v[0] for k, v in ranked.predictions.items()},
+            "weights": weights,
+            "version": versions["ranking"],
+            "propensity": 1.0 if choice is None else choice["propensity"],
+            "context": None if choice is None else choice["context"],
+        }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
         return RecommendResponse(
-            request_id=request_id, user_id=body.user_id, slate=r.items[0].tolist(), scores=r.scores[0].round(6).tolist(),
-            predictions={k: v[0].round(6).tolist() for k, v in r.predictions.items()},
-            versions={"matching": vm, "pre_ranking": vp, "ranking": vr},
-            utility=({"fallback": fallback} if fallback else None) if choice is None else
-            {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in choice.items() if k != "context"})
+            request_id=request_id,
+            user_id=body.user_id,
+            slate=ranked.items[0].tolist(),
+            scores=ranked.scores[0].round(6).tolist(),
+            predictions={k: v[0].round(6).tolist() for k, v in ranked.predictions.items()},
+            versions=versions,
+            utility=({"fallback": fallback} if fallback else None)
+            if choice is None
+            else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in choice.items() if k != "context"},
+        )
 
     @app.post("/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         served = self.served.get(body.request_id)
         if served is None:
-            raise BadRequest(["body", "request_id"], f"unknown or expired request_id {body.request_id!r}", status=404,
-                             type_="not_found")
+            raise BadRequest(
+                ["body", "request_id"],
+                f"unknown or expired request_id {body.request_id!r}",
+                status=404,
+                type_="not_found",
+            )
         items, p_click = served["items"], served["predictions"]["p_click"]
         for name in ("clicked", "dwell_s", "skipped", "purchased", "revenue"):
             if getattr(body, name) is not None and len(getattr(body, name)) != len(items):
-                raise BadRequest(["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}")
+                raise BadRequest(
+                    ["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}"
+                )
         offsets = np.array([0, len(items)], np.int64)
         try:
             if self._inner_reward is None:  # the inner-reward app is deployed on its own; look it up lazily
                 self._inner_reward = serve.get_app_handle(self.inner_reward_app)
         except Exception:
-            raise BadRequest(["app"], f"inner-reward application {self.inner_reward_app!r} is not running", status=503,
-                             type_="unavailable") from None
+            raise BadRequest(
+                ["app"],
+                f"inner-reward application {self.inner_reward_app!r} is not running",
+                status=503,
+                type_="unavailable",
+            ) from None
         rewards, totals, version = await self._inner_reward.score_slates.remote(
-            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click)
+            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click
+        )
         if self.events is not None:
-            self.events.emit(slate_events(
-                request_uid=served["uid"], ts_us=served["ts_us"], user_id=served["user_id"], items=items,
-                clicked=np.asarray(body.clicked), dwell_s=np.asarray(body.dwell_s), skipped=np.asarray(body.skipped),
-                inner_reward=rewards, predictions=served["predictions"], utility_weights=served["weights"],
-                policy_version=served["version"], purchased=body.purchased, revenue=body.revenue,
-                session_id=body.session_id, propensity=served["propensity"], context=served["context"]))
-        return FeedbackResponse(request_id=body.request_id, rewards=np.round(rewards.astype(np.float64), 6).tolist(),
-                                total=round(float(totals[0]), 6), weights_version=version)
+            self.events.emit(
+                slate_events(
+                    request_uid=served["uid"],
+                    ts_us=served["ts_us"],
+                    user_id=served["user_id"],
+                    items=items,
+                    clicked=np.asarray(body.clicked),
+                    dwell_s=np.asarray(body.dwell_s),
+                    skipped=np.asarray(body.skipped),
+                    inner_reward=rewards,
+                    predictions=served["predictions"],
+                    utility_weights=served["weights"],
+                    policy_version=served["version"],
+                    purchased=body.purchased,
+                    revenue=body.revenue,
+                    session_id=body.session_id,
+                    propensity=served["propensity"],
+                    context=served["context"],
+                )
+            )
+        return FeedbackResponse(
+            request_id=body.request_id,
+            rewards=np.round(rewards.astype(np.float64), 6).tolist(),
+            total=round(float(totals[0]), 6),
+            weights_version=version,
+        )
 
     @app.get("/stages")
     async def get_stages(self) -> dict[str, Any]:
@@ -250,26 +330,36 @@ class RecommendService:
     @app.put("/stages/{stage}/params")
     async def put_stage_params(self, stage: str, body: StageParamsBody) -> dict[str, Any]:
         if stage not in STAGES:
-            raise BadRequest(["path", "stage"], f"unknown stage {stage!r}; stages are {list(STAGES)}", status=404, type_="not_found")
+            raise BadRequest(
+                ["path", "stage"], f"unknown stage {stage!r}; stages are {list(STAGES)}", status=404, type_="not_found"
+            )
         names = PARAM_NAMES[stage]
         if set(body.params) != set(names):
-            raise BadRequest(["body", "params"], f"{stage} params must be exactly {list(names)}, got {sorted(body.params)}")
+            raise BadRequest(
+                ["body", "params"], f"{stage} params must be exactly {list(names)}, got {sorted(body.params)}"
+            )
         try:  # the same check every stage replica applies, so a bad update can never reach them
-            _params(_params_to_array(stage, body.params), stage, 1)
+            stage_params(_params_to_array(stage, body.params), stage, 1)
         except ValueError as e:
             raise BadRequest(["body", "params"], str(e)) from None
         try:
             ack = await self.stores[stage].put.remote(body.params, body.expected_version)
         except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError
             if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
-                raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
+                raise BadRequest(
+                    ["body", "expected_version"], str(e.cause), status=409, type_="version_conflict"
+                ) from None
             raise
         return {"stage": stage, **ack}
 
     def _require_agent(self) -> None:
         if self.utility_agent is None:
-            raise BadRequest(["app"], "this recommend app runs without a utility agent (args: utility_agent)", status=404,
-                             type_="not_found")
+            raise BadRequest(
+                ["app"],
+                "this recommend app runs without a utility agent (args: utility_agent)",
+                status=404,
+                type_="not_found",
+            )
 
     @app.get("/operating-point")
     async def get_operating_point(self) -> dict[str, Any]:
@@ -284,17 +374,26 @@ class RecommendService:
         ack timeout (they switch on their next poll)."""
         self._require_agent()
         if (body.lambda_ is None) == (body.weights is None):
-            raise BadRequest(["body"], "give exactly one of 'lambda' (in [0, 1]) or 'weights' ([w_click, w_long_view, "
-                             "w_purchase], each in [0, 1e6])")
+            raise BadRequest(
+                ["body"],
+                "give exactly one of 'lambda' (in [0, 1]) or 'weights' ([w_click, w_long_view, "
+                "w_purchase], each in [0, 1e6])",
+            )
         if self.utility_config.get("mode", "agent") == "explore":
-            raise BadRequest(["body"], "the agent runs in explore mode (the uniform logging policy): an operating point "
-                             "has no effect there", status=409, type_="conflict")
+            raise BadRequest(
+                ["body"],
+                "the agent runs in explore mode (the uniform logging policy): an operating point has no effect there",
+                status=409,
+                type_="conflict",
+            )
         params = {"lambda": body.lambda_, "weights": body.weights}
         try:
             ack = await self.operating_point.put.remote(params, body.expected_version)
         except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError
             if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
-                raise BadRequest(["body", "expected_version"], str(e.cause), status=409, type_="version_conflict") from None
+                raise BadRequest(
+                    ["body", "expected_version"], str(e.cause), status=409, type_="version_conflict"
+                ) from None
             raise
         ack["all_acked"] = ack["readers_acked"] >= ack["readers_live"]
         if not ack["all_acked"]:
@@ -307,8 +406,9 @@ class RecommendService:
         self._require_agent()
         path = self.utility_config.get("frontier")
         if not path or not os.path.exists(path):
-            raise BadRequest(["app", "utility_agent", "frontier"], f"no frontier artifact at {path!r}", status=404,
-                             type_="not_found")
+            raise BadRequest(
+                ["app", "utility_agent", "frontier"], f"no frontier artifact at {path!r}", status=404, type_="not_found"
+            )
         with open(path) as f:
             return json.load(f)
 
@@ -332,13 +432,23 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
                       "num_replicas": 1, "grid_n", "grid_high" (explore)}}."""
     args = dict(args or {})
-    unknown = set(args) - {"preset", "world", "pipeline", "store_prefix", "inner_reward_app", "telemetry", "utility_agent"}
+    unknown = set(args) - {
+        "preset",
+        "world",
+        "pipeline",
+        "store_prefix",
+        "inner_reward_app",
+        "telemetry",
+        "utility_agent",
+    }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
     world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
     pipeline_config = PipelineConfig(**args.get("pipeline", {}))
     prefix = args.get("store_prefix", "recommend")
-    stages = {s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES}
+    stages = {
+        s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES
+    }
     if args.get("telemetry", {}).get("sink", "parquet") not in ("parquet", "redis", "off"):
         raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {args['telemetry']['sink']!r}")
     agent_cfg = args.get("utility_agent")
@@ -353,7 +463,15 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         if not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
             raise ValueError(f"utility_agent.lambda must be a number in [0, 1], got {lam!r}")
         agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
-            world_config, pipeline_config, agent_cfg, prefix)
-    return RecommendService.bind(stages["matching"], stages["pre_ranking"], stages["ranking"], world_config, prefix,
-                                 args.get("inner_reward_app", "inner_reward"), args.get("telemetry"), 100_000,
-                                 agent, agent_cfg)
+            world_config, pipeline_config, agent_cfg, prefix
+        )
+    return RecommendService.bind(
+        *(stages[s] for s in STAGES),
+        world_config,
+        prefix,
+        args.get("inner_reward_app", "inner_reward"),
+        args.get("telemetry"),
+        100_000,
+        agent,
+        agent_cfg,
+    )

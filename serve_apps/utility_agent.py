@@ -18,11 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from ray import serve
 
+from actors.cascade import Pipeline
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.stages import Pipeline, RequestBatch
+from actors.stages import RequestBatch
 from actors.world import PipelineConfig, World, WorldConfig
+from rllib_policies.utility_agent.exploration import ActionGrid
+from rllib_policies.utility_agent.module import load_agent
+
 
 def operating_point_store(prefix: str, initial_lambda: float = 0.5):
     return get_or_create_store(f"{prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
@@ -31,12 +36,7 @@ def operating_point_store(prefix: str, initial_lambda: float = 0.5):
 @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 class UtilityAgentDeployment:
     def __init__(self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str):
-        from rllib_policies.utility_agent.exploration import ActionGrid
-        from rllib_policies.utility_agent.module import load_agent
-
-        import torch
-
-        torch.set_num_threads(1)   # one small forward pass per batch: extra threads only contend with the stages
+        torch.set_num_threads(1)  # one small forward pass per batch: extra threads only contend with the stages
         self.mode = agent.get("mode", "agent")
         self.pipeline = Pipeline(World(world_config), pipeline_config)
         if self.mode == "agent":
@@ -53,31 +53,34 @@ class UtilityAgentDeployment:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
     async def choose(self, requests: list[RequestBatch]) -> list[dict]:
         """Per request: {"weights", "action", "propensity", "lambda", "operating_point_version", "mode", "context"}."""
-        from rllib_policies.envs import user_features
-
-        max_requests = self.pipeline.world.config.max_requests
-        req = RequestBatch(np.concatenate([r.user for r in requests]), np.concatenate([r.history for r in requests]),
-                           np.minimum(np.concatenate([r.step for r in requests]), max_requests),   # the trained range
-                           clicks=np.minimum(np.concatenate([np.zeros(len(r.user), np.int32) if r.clicks is None
-                                                             else r.clicks for r in requests]), 10 * max_requests))
-        obs = user_features(self.pipeline, req)
+        obs = self.pipeline.context(RequestBatch.concat(requests))  # step and clicks clipped to the trained range
         version, op = self.follower.current
         lam = op.get("lambda")
         if self.mode == "explore":
             actions = self.rng.integers(0, len(self.weights), len(obs))
             weights, propensity = self.weights[actions], np.full(len(obs), 1.0 / len(self.weights))
-        elif op.get("weights") is not None:     # a fixed global operating point
+        elif op.get("weights") is not None:  # a fixed global operating point
             actions = np.full(len(obs), -1)
-            weights, propensity = np.broadcast_to(np.asarray(op["weights"], np.float32), (len(obs), 3)), np.ones(len(obs))
+            weights, propensity = (
+                np.broadcast_to(np.asarray(op["weights"], np.float32), (len(obs), 3)),
+                np.ones(len(obs)),
+            )
         else:
-            import torch
-
             with torch.no_grad():
                 actions = self.module.greedy(torch.as_tensor(obs), float(lam)).numpy()
             weights, propensity = self.weights[actions], np.ones(len(obs))
-        return [{"weights": weights[i], "action": int(actions[i]), "propensity": float(propensity[i]),
-                 "lambda": None if op.get("weights") is not None else lam, "operating_point_version": version,
-                 "mode": self.mode, "context": obs[i]} for i in range(len(obs))]
+        return [
+            {
+                "weights": weights[i],
+                "action": int(actions[i]),
+                "propensity": float(propensity[i]),
+                "lambda": None if op.get("weights") is not None else lam,
+                "operating_point_version": version,
+                "mode": self.mode,
+                "context": obs[i],
+            }
+            for i in range(len(obs))
+        ]
 
     def replica_state(self) -> dict[str, Any]:
         version, op = self.follower.current

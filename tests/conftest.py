@@ -1,5 +1,6 @@
 """One real local Ray (and Serve) per test session, in a private temp dir."""
 
+import os
 import shutil
 import socket
 
@@ -14,8 +15,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    import os
-
     import ray
 
     from serve_apps.launch import start_local_ray

@@ -2,10 +2,33 @@
 
 from .buffer import BufferConfig, TelemetryBuffer
 from .schema import EVENT_SCHEMA, dedupe, event_ids, slate_events, slates_events
-from .sessionise import (TRAJECTORY_SCHEMA, StreamSessioniser, sessionise, sessionise_dataset, stream_sessioniser_actor,
-                         window_starts)
+from .sessionise import (
+    TRAJECTORY_SCHEMA,
+    StreamSessioniser,
+    sessionise,
+    sessionise_dataset,
+    stream_sessioniser_actor,
+    window_starts,
+)
 from .sinks import ParquetSink, RedisStreamReader, RedisStreamSink, read_parquet_events, user_bucket
 
-__all__ = ["BufferConfig", "TelemetryBuffer", "EVENT_SCHEMA", "dedupe", "event_ids", "slate_events", "slates_events",
-           "TRAJECTORY_SCHEMA", "StreamSessioniser", "stream_sessioniser_actor", "sessionise", "sessionise_dataset", "window_starts", "ParquetSink",
-           "RedisStreamReader", "RedisStreamSink", "read_parquet_events", "user_bucket"]
+__all__ = [
+    "BufferConfig",
+    "TelemetryBuffer",
+    "EVENT_SCHEMA",
+    "dedupe",
+    "event_ids",
+    "slate_events",
+    "slates_events",
+    "TRAJECTORY_SCHEMA",
+    "StreamSessioniser",
+    "stream_sessioniser_actor",
+    "sessionise",
+    "sessionise_dataset",
+    "window_starts",
+    "ParquetSink",
+    "RedisStreamReader",
+    "RedisStreamSink",
+    "read_parquet_events",
+    "user_bucket",
+]

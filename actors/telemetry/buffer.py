@@ -37,7 +37,7 @@ class Sink(Protocol):
 @dataclass(frozen=True)
 class BufferConfig:
     capacity_events: int = 1_000_000
-    drop_policy: str = "oldest"          # "oldest" | "newest"
+    drop_policy: str = "oldest"  # "oldest" | "newest"
     flush_interval_s: float = 0.010
     max_batch_events: int = 65_536
     backoff_initial_s: float = 0.01
@@ -90,8 +90,14 @@ class TelemetryBuffer:
         return self._rows
 
     def stats(self) -> dict[str, int]:
-        return {"emitted": self.emitted, "dropped": self.dropped, "flushed": self.flushed,
-                "buffered": self._rows, "in_flight": self.in_flight, "sink_errors": self.sink_errors}
+        return {
+            "emitted": self.emitted,
+            "dropped": self.dropped,
+            "flushed": self.flushed,
+            "buffered": self._rows,
+            "in_flight": self.in_flight,
+            "sink_errors": self.sink_errors,
+        }
 
     # ---------------------------------------------------------------- flusher side
     def _take_all(self) -> list[pa.RecordBatch]:
@@ -149,7 +155,9 @@ class TelemetryBuffer:
                 self.flush_once()
                 backoff = self.config.backoff_initial_s
             except Exception as e:
-                log.warning("telemetry sink write failed (%s); %d events kept, retrying in %.2fs", e, self._rows, backoff)
+                log.warning(
+                    "telemetry sink write failed (%s); %d events kept, retrying in %.2fs", e, self._rows, backoff
+                )
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, self.config.backoff_max_s)
 

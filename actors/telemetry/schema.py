@@ -15,29 +15,31 @@ import pyarrow as pa
 
 N_UTILITY_WEIGHTS = 3
 
-EVENT_SCHEMA = pa.schema([
-    pa.field("event_id", pa.binary(16), nullable=False),
-    pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("user_id", pa.int64(), nullable=False),
-    pa.field("session_id", pa.string()),            # client's session id if any; the sessioniser assigns its own
-    pa.field("request_id", pa.string(), nullable=False),
-    pa.field("position", pa.int16(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("policy_version", pa.int32()),
-    pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
-    pa.field("propensity", pa.float32()),
-    pa.field("p_click", pa.float32()),
-    pa.field("p_long_view", pa.float32()),
-    pa.field("p_purchase", pa.float32()),
-    pa.field("relevance", pa.float32()),
-    pa.field("clicked", pa.bool_()),
-    pa.field("dwell_s", pa.float32()),
-    pa.field("skipped", pa.bool_()),
-    pa.field("purchased", pa.bool_()),
-    pa.field("revenue", pa.float32()),
-    pa.field("inner_reward", pa.float32()),
-    pa.field("context", pa.list_(pa.float32())),
-])
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.binary(16), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("session_id", pa.string()),  # client's session id if any; the sessioniser assigns its own
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("policy_version", pa.int32()),
+        pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
+        pa.field("propensity", pa.float32()),
+        pa.field("p_click", pa.float32()),
+        pa.field("p_long_view", pa.float32()),
+        pa.field("p_purchase", pa.float32()),
+        pa.field("relevance", pa.float32()),
+        pa.field("clicked", pa.bool_()),
+        pa.field("dwell_s", pa.float32()),
+        pa.field("skipped", pa.bool_()),
+        pa.field("purchased", pa.bool_()),
+        pa.field("revenue", pa.float32()),
+        pa.field("inner_reward", pa.float32()),
+        pa.field("context", pa.list_(pa.float32())),
+    ]
+)
 
 
 def event_ids(request_uids: np.ndarray, positions: np.ndarray) -> pa.Array:
@@ -48,28 +50,66 @@ def event_ids(request_uids: np.ndarray, positions: np.ndarray) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(positions), [None, pa.py_buffer(raw.tobytes())])
 
 
-def slate_events(*, request_uid: int, ts_us: int, user_id: int, items: np.ndarray, clicked: np.ndarray,
-                 dwell_s: np.ndarray, skipped: np.ndarray, inner_reward: np.ndarray, predictions: dict[str, np.ndarray],
-                 utility_weights: np.ndarray | None = None, policy_version: int = 0, propensity: float = 1.0,
-                 purchased: np.ndarray | None = None, revenue: np.ndarray | None = None,
-                 session_id: str | None = None, context: np.ndarray | None = None) -> pa.RecordBatch:
+def slate_events(
+    *,
+    request_uid: int,
+    ts_us: int,
+    user_id: int,
+    items: np.ndarray,
+    clicked: np.ndarray,
+    dwell_s: np.ndarray,
+    skipped: np.ndarray,
+    inner_reward: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    utility_weights: np.ndarray | None = None,
+    policy_version: int = 0,
+    propensity: float = 1.0,
+    purchased: np.ndarray | None = None,
+    revenue: np.ndarray | None = None,
+    session_id: str | None = None,
+    context: np.ndarray | None = None,
+) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (see ``slates_events``)."""
     row = lambda a: None if a is None else np.asarray(a)[None]  # noqa: E731
     return slates_events(
-        request_uids=np.array([request_uid], np.uint64), ts_us=np.array([ts_us], np.int64),
-        user_ids=np.array([user_id], np.int64), items=row(items), clicked=row(clicked), dwell_s=row(dwell_s),
-        skipped=row(skipped), inner_reward=row(inner_reward), predictions={k: row(v) for k, v in predictions.items()},
-        utility_weights=row(utility_weights), policy_version=policy_version, propensity=np.array([propensity]),
-        purchased=row(purchased), revenue=row(revenue), session_ids=None if session_id is None else [session_id],
-        context=row(context))
+        request_uids=np.array([request_uid], np.uint64),
+        ts_us=np.array([ts_us], np.int64),
+        user_ids=np.array([user_id], np.int64),
+        items=row(items),
+        clicked=row(clicked),
+        dwell_s=row(dwell_s),
+        skipped=row(skipped),
+        inner_reward=row(inner_reward),
+        predictions={k: row(v) for k, v in predictions.items()},
+        utility_weights=row(utility_weights),
+        policy_version=policy_version,
+        propensity=np.array([propensity]),
+        purchased=row(purchased),
+        revenue=row(revenue),
+        session_ids=None if session_id is None else [session_id],
+        context=row(context),
+    )
 
 
-def slates_events(*, request_uids: np.ndarray, ts_us: np.ndarray, user_ids: np.ndarray, items: np.ndarray,
-                  clicked: np.ndarray, dwell_s: np.ndarray, skipped: np.ndarray, inner_reward: np.ndarray,
-                  predictions: dict[str, np.ndarray], utility_weights: np.ndarray | None = None,
-                  policy_version: int = 0, propensity: np.ndarray | float = 1.0, purchased: np.ndarray | None = None,
-                  revenue: np.ndarray | None = None, session_ids: list[str] | None = None,
-                  context: np.ndarray | None = None) -> pa.RecordBatch:
+def slates_events(
+    *,
+    request_uids: np.ndarray,
+    ts_us: np.ndarray,
+    user_ids: np.ndarray,
+    items: np.ndarray,
+    clicked: np.ndarray,
+    dwell_s: np.ndarray,
+    skipped: np.ndarray,
+    inner_reward: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    utility_weights: np.ndarray | None = None,
+    policy_version: int = 0,
+    propensity: np.ndarray | float = 1.0,
+    purchased: np.ndarray | None = None,
+    revenue: np.ndarray | None = None,
+    session_ids: list[str] | None = None,
+    context: np.ndarray | None = None,
+) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
     weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised)."""
     items = np.asarray(items, np.int64)
@@ -78,29 +118,35 @@ def slates_events(*, request_uids: np.ndarray, ts_us: np.ndarray, user_ids: np.n
     per_request = lambda a, dt: np.repeat(np.asarray(a, dt).reshape(b), k)  # noqa: E731
     uids = per_request(request_uids, np.uint64)
     pos = np.tile(np.arange(k, dtype=np.int16), b)
-    weights = (np.zeros((b, N_UTILITY_WEIGHTS), np.float32) if utility_weights is None
-               else np.broadcast_to(np.asarray(utility_weights, np.float32), (b, N_UTILITY_WEIGHTS)))
+    weights = (
+        np.zeros((b, N_UTILITY_WEIGHTS), np.float32)
+        if utility_weights is None
+        else np.broadcast_to(np.asarray(utility_weights, np.float32), (b, N_UTILITY_WEIGHTS))
+    )
     f32 = lambda a: pa.array(np.asarray(a, np.float32).ravel())  # noqa: E731
     zeros = np.zeros(n)
     if context is None or n == 0:
         context_col = pa.nulls(n, pa.list_(pa.float32()))
-    else:   # on position 0 of each slate only
+    else:  # on position 0 of each slate only
         ctx = np.asarray(context, np.float32).reshape(b, -1)
         lengths = np.where(pos == 0, ctx.shape[1], 0).astype(np.int32)
-        context_col = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32)),
-                                               pa.array(ctx.ravel()), mask=pa.array(pos > 0))
+        context_col = pa.ListArray.from_arrays(
+            pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32)), pa.array(ctx.ravel()), mask=pa.array(pos > 0)
+        )
     cols = {
         "event_id": event_ids(uids, pos.astype(np.uint64)),
         "ts": pa.array(per_request(ts_us, np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         "user_id": pa.array(per_request(user_ids, np.int64)),
-        "session_id": pa.array([None] * n if session_ids is None else list(np.repeat(np.asarray(session_ids, object), k)),
-                               pa.string()),
+        "session_id": pa.array(
+            [None] * n if session_ids is None else list(np.repeat(np.asarray(session_ids, object), k)), pa.string()
+        ),
         "request_id": pa.array(np.char.mod("%016x", uids).tolist() if n else [], pa.string()),
         "position": pa.array(pos),
         "item_id": pa.array(items.ravel()),
         "policy_version": pa.array(np.full(n, policy_version, np.int32)),
-        "utility_weights": pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(weights, k, axis=0).ravel()),
-                                                             N_UTILITY_WEIGHTS),
+        "utility_weights": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.repeat(weights, k, axis=0).ravel()), N_UTILITY_WEIGHTS
+        ),
         "propensity": f32(per_request(np.broadcast_to(propensity, (b,)), np.float32)),
         "p_click": f32(predictions["p_click"]),
         "p_long_view": f32(predictions.get("p_long_view", zeros)),
@@ -121,8 +167,12 @@ def dedupe(events: pa.Table) -> pa.Table:
     """Keep the first row of each event_id (sinks deliver at least once)."""
     if events.num_rows == 0:
         return events
-    ids = np.frombuffer(events["event_id"].combine_chunks().buffers()[1], dtype="V16",
-                        count=events.num_rows, offset=events["event_id"].combine_chunks().offset * 16)
+    ids = np.frombuffer(
+        events["event_id"].combine_chunks().buffers()[1],
+        dtype="V16",
+        count=events.num_rows,
+        offset=events["event_id"].combine_chunks().offset * 16,
+    )
     _, first = np.unique(ids, return_index=True)
     if len(first) == events.num_rows:
         return events

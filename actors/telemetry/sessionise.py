@@ -14,22 +14,44 @@ runs it as a Ray Data job, grouped by user, over a ParquetSink root.
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import ray.data
 
-from .schema import dedupe
+from actors.stages import LONG_VIEW_S
 
-TRAJECTORY_SCHEMA = pa.schema([
-    ("session_id", pa.string()), ("user_id", pa.int64()), ("window", pa.int32()), ("first_step", pa.int32()),
-    ("n_steps", pa.int32()), ("session_steps", pa.int32()), ("start_ts", pa.timestamp("us", tz="UTC")),
-    ("end_ts", pa.timestamp("us", tz="UTC")),
-    ("request_ids", pa.list_(pa.string())), ("actions", pa.list_(pa.list_(pa.float32()))),
-    ("propensities", pa.list_(pa.float32())), ("rewards", pa.list_(pa.float32())),
-    ("clicks", pa.list_(pa.int32())), ("step_revenue", pa.list_(pa.float32())),
-    ("session_revenue", pa.float32()), ("session_clicks", pa.int32()), ("returned", pa.bool_()),
-    ("observations", pa.list_(pa.list_(pa.float32()))),   # logged request contexts (null entries if not logged)
-])
+from .schema import EVENT_SCHEMA, dedupe
+from .sinks import RedisStreamReader
+
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("window", pa.int32()),
+        ("first_step", pa.int32()),
+        ("n_steps", pa.int32()),
+        ("session_steps", pa.int32()),
+        ("start_ts", pa.timestamp("us", tz="UTC")),
+        ("end_ts", pa.timestamp("us", tz="UTC")),
+        ("request_ids", pa.list_(pa.string())),
+        ("actions", pa.list_(pa.list_(pa.float32()))),
+        ("propensities", pa.list_(pa.float32())),
+        ("rewards", pa.list_(pa.float32())),
+        ("clicks", pa.list_(pa.int32())),
+        ("step_revenue", pa.list_(pa.float32())),
+        ("session_revenue", pa.float32()),
+        ("session_clicks", pa.int32()),
+        ("returned", pa.bool_()),
+        ("observations", pa.list_(pa.list_(pa.float32()))),  # logged request contexts (null entries if not logged)
+    ]
+)
 
 
 def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list[int]:
@@ -46,20 +68,43 @@ def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list
 def requests_table(events: pa.Table) -> pd.DataFrame:
     """One row per request (a step), ordered by user then time; ``long_views`` counts clicked items
     watched at least LONG_VIEW_S (18 s, KuaiRand's long view)."""
-    from actors.stages import LONG_VIEW_S
-
-    df = events.select(["user_id", "request_id", "ts", "inner_reward", "clicked", "dwell_s", "revenue", "propensity",
-                        "utility_weights", "context"]).to_pandas()
+    df = events.select(
+        [
+            "user_id",
+            "request_id",
+            "ts",
+            "inner_reward",
+            "clicked",
+            "dwell_s",
+            "revenue",
+            "propensity",
+            "utility_weights",
+            "context",
+        ]
+    ).to_pandas()
     df["long_view"] = df["clicked"].fillna(False).astype(bool) & (df["dwell_s"] >= LONG_VIEW_S)
     g = df.groupby(["user_id", "request_id"], sort=False)
-    steps = g.agg(ts=("ts", "min"), reward=("inner_reward", "sum"), clicks=("clicked", "sum"), revenue=("revenue", "sum"),
-                  long_views=("long_view", "sum"), propensity=("propensity", "first"), action=("utility_weights", "first"),
-                  context=("context", "first")).reset_index()
+    steps = g.agg(
+        ts=("ts", "min"),
+        reward=("inner_reward", "sum"),
+        clicks=("clicked", "sum"),
+        revenue=("revenue", "sum"),
+        long_views=("long_view", "sum"),
+        propensity=("propensity", "first"),
+        action=("utility_weights", "first"),
+        context=("context", "first"),
+    ).reset_index()
     return steps.sort_values(["user_id", "ts", "request_id"], kind="stable").reset_index(drop=True)
 
 
-def sessionise(events: pa.Table, gap_s: float = 1800.0, max_steps: int = 512, overlap: int = 64,
-               return_window_s: float = 86400.0, data_end=None) -> pa.Table:
+def sessionise(
+    events: pa.Table,
+    gap_s: float = 1800.0,
+    max_steps: int = 512,
+    overlap: int = 64,
+    return_window_s: float = 86400.0,
+    data_end=None,
+) -> pa.Table:
     """Deduplicated events → trajectory windows (TRAJECTORY_SCHEMA)."""
     events = dedupe(events)
     if events.num_rows == 0:
@@ -71,43 +116,58 @@ def sessionise(events: pa.Table, gap_s: float = 1800.0, max_steps: int = 512, ov
     new_session = new_user | np.r_[True, np.diff(ts) > gap_s * 1e6]
     steps["session"] = np.cumsum(new_session) - 1
     steps["step"] = steps.groupby("session").cumcount()
-    sess = steps.groupby("session").agg(user_id=("user_id", "first"), start=("ts", "min"), end=("ts", "max"),
-                                        n=("step", "size"), revenue=("revenue", "sum"), clicks=("clicks", "sum"))
+    sess = steps.groupby("session").agg(
+        user_id=("user_id", "first"),
+        start=("ts", "min"),
+        end=("ts", "max"),
+        n=("step", "size"),
+        revenue=("revenue", "sum"),
+        clicks=("clicks", "sum"),
+    )
     start_us = sess["start"].astype("int64").to_numpy()
     end_us = sess["end"].astype("int64").to_numpy()
     same_user_next = np.r_[sess["user_id"].to_numpy()[1:] == sess["user_id"].to_numpy()[:-1], False]
     next_start = np.r_[start_us[1:], 0]
-    horizon = (int(pd.Timestamp(data_end).value // 1000) if data_end is not None else int(ts.max()))
-    returned = np.where(same_user_next, next_start - end_us <= return_window_s * 1e6,
-                        np.where(horizon - end_us >= return_window_s * 1e6, False, np.nan))
+    horizon = int(pd.Timestamp(data_end).value // 1000) if data_end is not None else int(ts.max())
+    returned = np.where(
+        same_user_next,
+        next_start - end_us <= return_window_s * 1e6,
+        np.where(horizon - end_us >= return_window_s * 1e6, False, np.nan),
+    )
     rows = []
     by_session = steps.groupby("session", sort=True)
     for sid, group in by_session:  # one iteration per session; the work inside is vectorised
         k = int(sid)
         session_id = f"{int(sess['user_id'].iat[k])}-{start_us[k]}"
         for w, s in enumerate(window_starts(len(group), max_steps, overlap)):
-            part = group.iloc[s:s + max_steps]
-            rows.append({
-                "session_id": session_id, "user_id": int(sess["user_id"].iat[k]), "window": w, "first_step": s,
-                "n_steps": len(part), "session_steps": int(sess["n"].iat[k]),
-                "start_ts": sess["start"].iat[k], "end_ts": sess["end"].iat[k],
-                "request_ids": part["request_id"].tolist(), "actions": [list(a) for a in part["action"]],
-                "propensities": part["propensity"].astype(np.float32).tolist(),
-                "rewards": part["reward"].astype(np.float32).tolist(), "clicks": part["clicks"].astype(np.int32).tolist(),
-                "step_revenue": part["revenue"].astype(np.float32).tolist(),
-                "session_revenue": float(sess["revenue"].iat[k]), "session_clicks": int(sess["clicks"].iat[k]),
-                "returned": None if np.isnan(returned[k]) else bool(returned[k]),
-                "observations": [None if c is None else list(c) for c in part["context"]],
-            })
+            part = group.iloc[s : s + max_steps]
+            rows.append(
+                {
+                    "session_id": session_id,
+                    "user_id": int(sess["user_id"].iat[k]),
+                    "window": w,
+                    "first_step": s,
+                    "n_steps": len(part),
+                    "session_steps": int(sess["n"].iat[k]),
+                    "start_ts": sess["start"].iat[k],
+                    "end_ts": sess["end"].iat[k],
+                    "request_ids": part["request_id"].tolist(),
+                    "actions": [list(a) for a in part["action"]],
+                    "propensities": part["propensity"].astype(np.float32).tolist(),
+                    "rewards": part["reward"].astype(np.float32).tolist(),
+                    "clicks": part["clicks"].astype(np.int32).tolist(),
+                    "step_revenue": part["revenue"].astype(np.float32).tolist(),
+                    "session_revenue": float(sess["revenue"].iat[k]),
+                    "session_clicks": int(sess["clicks"].iat[k]),
+                    "returned": None if np.isnan(returned[k]) else bool(returned[k]),
+                    "observations": [None if c is None else list(c) for c in part["context"]],
+                }
+            )
     return pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA)
 
 
 def parquet_max_ts(events_root: str):
     """The newest event time under a Parquet root, from row-group statistics (no data scan)."""
-    import pyarrow.dataset as pads
-
-    from .schema import EVENT_SCHEMA
-
     ds = pads.dataset(events_root, format="parquet", schema=EVENT_SCHEMA, ignore_prefixes=[".", "_"])
     col = EVENT_SCHEMA.get_field_index("ts")
     best = None
@@ -126,24 +186,29 @@ def map_user_partitions(ds, fn, num_partitions: int = 8, num_cpus: float = 0.25)
     partition, not one per user (``map_groups`` costs ~5 ms of Python per user). A few partitions:
     Ray Data's default of 200 costs minutes of task overhead on a laptop."""
     return ds.repartition(num_partitions, keys=["user_id"]).map_batches(
-        fn, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
+        fn, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus
+    )
 
 
-def sessionise_dataset(events_root: str, out_dir: str | None = None, gap_s: float = 1800.0, max_steps: int = 512,
-                       overlap: int = 64, return_window_s: float = 86400.0, num_cpus: float = 0.25,
-                       num_partitions: int = 8):
+def sessionise_dataset(
+    events_root: str,
+    out_dir: str | None = None,
+    gap_s: float = 1800.0,
+    max_steps: int = 512,
+    overlap: int = 64,
+    return_window_s: float = 86400.0,
+    num_cpus: float = 0.25,
+    num_partitions: int = 8,
+):
     """The Ray Data job: read the Parquet sink, group by user, sessionise each group, optionally
     write trajectory Parquet. Returns the (materialised) trajectory Dataset.
 
     Its tasks ask for ``num_cpus`` each, so the job runs beside Serve replicas on a small cluster
     (whole-CPU read tasks starve behind them on 2 cores)."""
-    import ray.data
-
-    from .schema import EVENT_SCHEMA
-
     data_end = parquet_max_ts(events_root)
-    ds = ray.data.read_parquet(events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"],
-                               num_cpus=num_cpus)
+    ds = ray.data.read_parquet(
+        events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"], num_cpus=num_cpus
+    )
 
     def per_user(batch: pa.Table) -> pa.Table:
         return sessionise(batch, gap_s, max_steps, overlap, return_window_s, data_end)
@@ -165,12 +230,17 @@ class StreamSessioniser:
     ``returned`` is left null here: the next session is not known yet when a session closes.
     """
 
-    def __init__(self, url: str, stream: str, out_dir: str, group: str = "sessioniser", consumer: str = "s0",
-                 gap_s: float = 1800.0, max_steps: int = 512, overlap: int = 64):
-        import os
-
-        from .sinks import RedisStreamReader
-
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        out_dir: str,
+        group: str = "sessioniser",
+        consumer: str = "s0",
+        gap_s: float = 1800.0,
+        max_steps: int = 512,
+        overlap: int = 64,
+    ):
         self.reader = RedisStreamReader(url, stream, group, consumer)
         self.out_dir, self.gap_s, self.max_steps, self.overlap = out_dir, gap_s, max_steps, overlap
         os.makedirs(out_dir, exist_ok=True)
@@ -204,11 +274,6 @@ class StreamSessioniser:
         return {"open_users": len(self.pending), "sessions_written": self.sessions_written}
 
     def _close(self, is_closed) -> None:
-        import os
-        import uuid
-
-        import pyarrow.parquet as pq
-
         closing = [u for u in self.pending if is_closed(self.last_us[u])]
         if not closing:
             return
@@ -229,6 +294,4 @@ class StreamSessioniser:
 
 def stream_sessioniser_actor(**kwargs):
     """A StreamSessioniser as a Ray actor (call .poll.remote() / .flush_all.remote())."""
-    import ray
-
     return ray.remote(num_cpus=0)(StreamSessioniser).remote(**kwargs)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import redis
 
 from .schema import EVENT_SCHEMA, dedupe
 
@@ -60,8 +61,14 @@ def read_parquet_events(root: str) -> pa.Table:
     """All events under a ParquetSink root, deduplicated on event_id."""
     if not os.path.isdir(root):
         return EVENT_SCHEMA.empty_table()
-    ds = pads.dataset(root, format="parquet", schema=EVENT_SCHEMA, partitioning=None,
-                      exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+    ds = pads.dataset(
+        root,
+        format="parquet",
+        schema=EVENT_SCHEMA,
+        partitioning=None,
+        exclude_invalid_files=False,
+        ignore_prefixes=[".", "_"],
+    )
     return dedupe(ds.to_table())
 
 
@@ -75,10 +82,13 @@ def _ipc(table: pa.Table) -> bytes:
 class RedisStreamSink:
     """Batched, pipelined XADD of Arrow IPC payloads to one stream."""
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", stream: str = "morl:events", entry_rows: int = 4096,
-                 timeout_s: float = 1.0):
-        import redis
-
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        stream: str = "morl:events",
+        entry_rows: int = 4096,
+        timeout_s: float = 1.0,
+    ):
         self.stream, self.entry_rows = stream, entry_rows
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
@@ -93,10 +103,14 @@ class RedisStreamSink:
 class RedisStreamReader:
     """A consumer in a consumer group: read() → (entry ids, events table); ack(ids) when processed."""
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", stream: str = "morl:events", group: str = "sessioniser",
-                 consumer: str = "c0", timeout_s: float = 5.0):
-        import redis
-
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        stream: str = "morl:events",
+        group: str = "sessioniser",
+        consumer: str = "c0",
+        timeout_s: float = 5.0,
+    ):
         self.stream, self.group, self.consumer = stream, group, consumer
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         try:
@@ -113,7 +127,7 @@ class RedisStreamReader:
             got = self.client.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=count)
             entries = got[0][1] if got else []
             if entries:
-                self._pending_from = entries[-1][0]   # continue after the last pending id next time
+                self._pending_from = entries[-1][0]  # continue after the last pending id next time
             else:
                 self._pending_from = None
         else:

@@ -5,5 +5,18 @@ from .entities import COHORTS, Catalogue, Users, seed_sequence
 from .metrics import dcg, ndcg_at_k
 from .world import Response, Sessions, World, examination_curve
 
-__all__ = ["PRESETS", "PipelineConfig", "WorldConfig", "COHORTS", "Catalogue", "Users", "seed_sequence",
-           "dcg", "ndcg_at_k", "Response", "Sessions", "World", "examination_curve"]
+__all__ = [
+    "PRESETS",
+    "PipelineConfig",
+    "WorldConfig",
+    "COHORTS",
+    "Catalogue",
+    "Users",
+    "seed_sequence",
+    "dcg",
+    "ndcg_at_k",
+    "Response",
+    "Sessions",
+    "World",
+    "examination_curve",
+]

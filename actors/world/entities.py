@@ -23,7 +23,11 @@ def seed_sequence(seed: int, *stream: str | int) -> np.random.Generator:
     """
     words = [int(seed)]
     for s in stream:
-        words.append(int(s) if isinstance(s, (int, np.integer)) else int.from_bytes(str(s).encode()[:8].ljust(8, b"\0"), "little"))
+        words.append(
+            int(s)
+            if isinstance(s, (int, np.integer))
+            else int.from_bytes(str(s).encode()[:8].ljust(8, b"\0"), "little")
+        )
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
@@ -35,14 +39,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 class Catalogue:
     """N items: embedding, category, quality, clickbaitiness, duration, price, margin, popularity."""
 
-    embedding: np.ndarray      # float32 [N, d], unit norm
-    category: np.ndarray       # int32 [N]
-    quality: np.ndarray        # float32 [N] in (0, 1)
-    clickbait: np.ndarray      # float32 [N] in [0, 1]
-    duration_s: np.ndarray     # float32 [N]
-    price: np.ndarray          # float32 [N]
-    margin: np.ndarray         # float32 [N] fraction of price
-    popularity: np.ndarray     # float32 [N] log-popularity prior (what a popularity baseline sees)
+    embedding: np.ndarray  # float32 [N, d], unit norm
+    category: np.ndarray  # int32 [N]
+    quality: np.ndarray  # float32 [N] in (0, 1)
+    clickbait: np.ndarray  # float32 [N] in [0, 1]
+    duration_s: np.ndarray  # float32 [N]
+    price: np.ndarray  # float32 [N]
+    margin: np.ndarray  # float32 [N] fraction of price
+    popularity: np.ndarray  # float32 [N] log-popularity prior (what a popularity baseline sees)
     category_centroids: np.ndarray  # float32 [C, d]
 
     @property
@@ -50,7 +54,7 @@ class Catalogue:
         return len(self.category)
 
     @staticmethod
-    def build(cfg: WorldConfig) -> "Catalogue":
+    def build(cfg: WorldConfig) -> Catalogue:
         rng = seed_sequence(cfg.seed, "catalogue")
         n, c, d = cfg.n_items, cfg.n_categories, cfg.embed_dim
         centroids = _unit(rng.standard_normal((c, d))).astype(np.float32)
@@ -63,7 +67,8 @@ class Catalogue:
         quality = np.clip(rng.beta(4, 3, n) - 0.35 * clickbait, 0.01, 0.99).astype(np.float32)
         tail = rng.random(n) < cfg.duration_tail_frac
         duration = np.where(
-            tail, np.minimum(rng.lognormal(np.log(30.0), 0.8, n), 315.0),
+            tail,
+            np.minimum(rng.lognormal(np.log(30.0), 0.8, n), 315.0),
             rng.lognormal(np.log(cfg.duration_median_s), cfg.duration_log_sd, n),
         ).astype(np.float32)
         price = rng.lognormal(np.log(20.0), 0.8, n).astype(np.float32)
@@ -76,21 +81,22 @@ class Catalogue:
 class Users:
     """M users: latent preference, cohort, propensities, patience."""
 
-    preference: np.ndarray       # float32 [M, d], unit norm (hidden ground truth)
+    preference: np.ndarray  # float32 [M, d], unit norm (hidden ground truth)
     model_embedding: np.ndarray  # float32 [M, d] what a trained user tower would output (noisy)
-    cohort: np.ndarray           # int8 [M] index into COHORTS
-    click_propensity: np.ndarray   # float32 [M] log-odds offset
-    dwell_propensity: np.ndarray   # float32 [M] watch-ratio multiplier
+    cohort: np.ndarray  # int8 [M] index into COHORTS
+    click_propensity: np.ndarray  # float32 [M] log-odds offset
+    dwell_propensity: np.ndarray  # float32 [M] watch-ratio multiplier
     purchase_propensity: np.ndarray  # float32 [M] log-odds offset
-    patience: np.ndarray         # float32 [M] initial temper (requests)
+    patience: np.ndarray  # float32 [M] initial temper (requests)
     baseline_satisfaction: np.ndarray  # float32 [M] log-odds
+    taste: np.ndarray | None = None  # float32 [M, 3] hidden (click, watch, purchase) taste τ; None = off
 
     @property
     def n(self) -> int:
         return len(self.cohort)
 
     @staticmethod
-    def build(cfg: WorldConfig, catalogue: Catalogue) -> "Users":
+    def build(cfg: WorldConfig, catalogue: Catalogue) -> Users:
         rng = seed_sequence(cfg.seed, "users")
         m, d = cfg.n_users, cfg.embed_dim
         # Preference: a mix of 1-3 category centroids plus individual taste.
@@ -110,4 +116,23 @@ class Users:
             purchase_propensity=rng.normal(0.0, 0.5, m).astype(np.float32),
             patience=np.maximum(patience, 1.0),
             baseline_satisfaction=rng.normal(0.0, 0.5, m).astype(np.float32),
+            taste=_taste(cfg, model_embedding, cohort),
         )
+
+
+def _taste(cfg: WorldConfig, model_embedding: np.ndarray, cohort: np.ndarray) -> np.ndarray | None:
+    """Hidden engagement-type taste τ [M, 3] = sd ⊙ (√ρ·z + √(1−ρ)·ε) + shift[cohort] (None when all zero).
+
+    z: the user tower's embedding on 3 fixed random directions, standardised over users, so the
+    observable context carries a share ρ of each component's variance. Drawn from its own stream
+    ("taste"), so turning taste on leaves every other draw of the world unchanged.
+    """
+    sd, shift = np.asarray(cfg.taste_sd, np.float64), np.asarray(cfg.taste_cohort_shift, np.float64)
+    if not (sd.any() or shift.any()):
+        return None
+    rng = seed_sequence(cfg.seed, "taste")
+    z = model_embedding @ _unit(rng.standard_normal((cfg.embed_dim, 3)).T).T
+    z = (z - z.mean(axis=0)) / z.std(axis=0).clip(1e-9)
+    rho = cfg.taste_observed_share
+    eps = rng.standard_normal(z.shape)
+    return (sd * (np.sqrt(rho) * z + np.sqrt(1 - rho) * eps) + shift[cohort]).astype(np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import brentq
 
 from .config import ULTRA_PBM_TOP10, WorldConfig
 from .entities import Catalogue, Users, seed_sequence
@@ -40,8 +41,8 @@ class Response:
     skipped: np.ndarray
     purchased: np.ndarray
     revenue: np.ndarray
-    relevance: np.ndarray      # graded ground truth 0-4
-    p_click: np.ndarray        # true click probability if examined
+    relevance: np.ndarray  # graded ground truth 0-4
+    p_click: np.ndarray  # true click probability if examined
 
 
 @dataclass
@@ -58,8 +59,8 @@ class Sessions:
     dwell_s: np.ndarray
     purchases: np.ndarray
     revenue: np.ndarray
-    category_counts: np.ndarray   # [B, C]
-    history: np.ndarray           # [B, H] recently clicked item ids, -1 = empty
+    category_counts: np.ndarray  # [B, C]
+    history: np.ndarray  # [B, H] recently clicked item ids, -1 = empty
     returned_next_day: np.ndarray = field(default=None)
     return_gap_days: np.ndarray = field(default=None)
 
@@ -86,41 +87,78 @@ class World:
     def relevance(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """True long-term value in (0, 1): affinity and quality; clickbait counts against it."""
         c = self.catalogue
-        return sigmoid(4.0 * (self.affinity(users, items) - 0.25) + 2.5 * (c.quality[items] - 0.5) - 1.5 * c.clickbait[items])
+        return sigmoid(
+            4.0 * (self.affinity(users, items) - 0.25) + 2.5 * (c.quality[items] - 0.5) - 1.5 * c.clickbait[items]
+        )
 
     def graded_relevance(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Graded relevance 0-4 (for NDCG): floor(5 · relevance)."""
         return np.minimum((5.0 * self.relevance(users, items)).astype(np.int8), 4)
 
-    def click_logit(self, users: np.ndarray, items: np.ndarray, bias: float | None = None) -> np.ndarray:
+    # The three response models below, called with the default ``taste=False``, are what a trained
+    # multi-task ranker can learn (``actors.stages.ranking_predictions`` calls them so); the user's
+    # response adds the hidden engagement-type taste τ (``taste=True``; zero outside the
+    # heterogeneous preset, where both views coincide).
+    def _taste(self, users: np.ndarray, k: int, taste: bool) -> np.ndarray | None:
+        """τ_k of users [B] as [B, 1], or None (taste off, or the ranker's view)."""
+        t = self.users.taste
+        return t[users, k][:, None] if taste and t is not None else None
+
+    def click_logit(
+        self, users: np.ndarray, items: np.ndarray, bias: float | None = None, taste: bool = False
+    ) -> np.ndarray:
+        """Log-odds of a click given examination: b₀ + user propensity + slope·aff + lift·c (+ τ_click)."""
         cfg, c = self.config, self.catalogue
         b = self.click_bias if bias is None else bias
-        return (b + self.users.click_propensity[users][:, None] + cfg.affinity_click_slope * self.affinity(users, items)
-                + cfg.clickbait_click_lift * c.clickbait[items])
+        logit = (
+            b
+            + self.users.click_propensity[users][:, None]
+            + cfg.affinity_click_slope * self.affinity(users, items)
+            + cfg.clickbait_click_lift * c.clickbait[items]
+        )
+        tau = self._taste(users, 0, taste)
+        return logit if tau is None else logit + tau
 
-    def purchase_logit(self, users: np.ndarray, items: np.ndarray, bias: float | None = None) -> np.ndarray:
+    def purchase_logit(
+        self, users: np.ndarray, items: np.ndarray, bias: float | None = None, taste: bool = False
+    ) -> np.ndarray:
+        """Log-odds of a purchase given a click (+ τ_purchase)."""
         c = self.catalogue
         b = self.purchase_bias if bias is None else bias
-        return (b + self.users.purchase_propensity[users][:, None] + 2.0 * self.affinity(users, items)
-                + 1.5 * (c.quality[items] - 0.5) - 0.4 * np.log(c.price[items] / 20.0))
+        logit = (
+            b
+            + self.users.purchase_propensity[users][:, None]
+            + 2.0 * self.affinity(users, items)
+            + 1.5 * (c.quality[items] - 0.5)
+            - 0.4 * np.log(c.price[items] / 20.0)
+        )
+        tau = self._taste(users, 2, taste)
+        return logit if tau is None else logit + tau
 
-    def watch_scale(self, users: np.ndarray, items: np.ndarray, relevance: np.ndarray | None = None) -> np.ndarray:
-        """Weibull scale λ of the watch ratio: 0.91 · user multiplier · exp(slope·(relevance − mean))."""
+    def watch_scale(
+        self, users: np.ndarray, items: np.ndarray, relevance: np.ndarray | None = None, taste: bool = False
+    ) -> np.ndarray:
+        """Weibull scale λ of the watch ratio: 0.91 · user multiplier · exp(slope·(relevance − mean)) (· e^τ_watch)."""
         cfg = self.config
         rel = self.relevance(users, items) if relevance is None else relevance
-        return (cfg.watch_weibull_scale * self.users.dwell_propensity[users][:, None]
-                * np.exp(cfg.watch_relevance_slope * (rel - self.relevance_mean)))
+        scale = (
+            cfg.watch_weibull_scale
+            * self.users.dwell_propensity[users][:, None]
+            * np.exp(cfg.watch_relevance_slope * (rel - self.relevance_mean))
+        )
+        tau = self._taste(users, 1, taste)
+        return scale if tau is None else scale * np.exp(tau)
 
     def ideal_relevance(self, users: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
         """The k best graded relevances over the whole catalogue per user (ideal DCG), [B, k]."""
         out = np.empty((len(users), k), np.int8)
         c = self.catalogue
         for s in range(0, len(users), chunk):
-            u = users[s:s + chunk]
+            u = users[s : s + chunk]
             aff = self.users.preference[u] @ c.embedding.T
             rel = sigmoid(4.0 * (aff - 0.25) + 2.5 * (c.quality - 0.5) - 1.5 * c.clickbait)
             top = -np.partition(-rel, k - 1, axis=1)[:, :k]
-            out[s:s + chunk] = np.minimum((5.0 * np.sort(top, axis=1)[:, ::-1]).astype(np.int8), 4)
+            out[s : s + chunk] = np.minimum((5.0 * np.sort(top, axis=1)[:, ::-1]).astype(np.int8), 4)
         return out
 
     # ------------------------------------------------------------------ response to slates
@@ -136,7 +174,7 @@ class World:
     def respond(self, users: np.ndarray, slates: np.ndarray, rng: np.random.Generator) -> Response:
         """Sample feedback for slates [B, K] of item ids shown to users [B]."""
         c, cfg = self.catalogue, self.config
-        p_click = sigmoid(self.click_logit(users, slates))
+        p_click = sigmoid(self.click_logit(users, slates, taste=True))
         u = rng.random(slates.shape)
         if cfg.click_model == "pbm":
             examined = u < self.examination[: slates.shape[1]]
@@ -147,40 +185,84 @@ class World:
             examined = np.concatenate([np.ones((len(slates), 1), bool), np.cumprod(go_on, axis=1).astype(bool)], axis=1)
             clicked = examined & click_draw
         rel = self.relevance(users, slates)
-        scale = self.watch_scale(users, slates, rel)
+        scale = self.watch_scale(users, slates, rel, taste=True)
         ratio = np.minimum(scale * rng.weibull(cfg.watch_weibull_k, slates.shape), cfg.watch_ratio_cap)
         dwell = np.where(clicked, ratio * c.duration_s[slates], 0.0).astype(np.float32)
-        p_buy = sigmoid(self.purchase_logit(users, slates))
+        p_buy = sigmoid(self.purchase_logit(users, slates, taste=True))
         purchased = clicked & (rng.random(slates.shape) < p_buy)
         revenue = np.where(purchased, c.price[slates], 0.0).astype(np.float32)
         graded = np.minimum((5.0 * rel).astype(np.int8), 4)
-        return Response(examined, clicked, dwell, examined & ~clicked, purchased, revenue, graded, p_click.astype(np.float32))
+        return Response(
+            examined, clicked, dwell, examined & ~clicked, purchased, revenue, graded, p_click.astype(np.float32)
+        )
 
-    def expected_response(self, users: np.ndarray, slates: np.ndarray, long_view_s: float = 18.0) -> tuple[np.ndarray, np.ndarray]:
-        """Exact expected clicks and long views per position [B, K] (no sampling):
-        E[click] = P(examine)·p_click;  E[long view] = E[click]·P(min(λ·W, cap)·duration ≥ t),
-        W ~ Weibull(k): P = exp(−(t/(duration·λ))^k) when cap·duration ≥ t, else 0."""
+    def item_response(self, users: np.ndarray, items: np.ndarray, long_view_s: float = 18.0) -> dict[str, np.ndarray]:
+        """Each item's exact response probabilities [B, K], before examination (no sampling):
+
+        p_click      P(click | examined)
+        p_long_view  P(dwell ≥ t | click) = P(min(λ·W, cap)·duration ≥ t), W ~ Weibull(k):
+                     exp(−(t/(duration·λ))^k) when cap·duration ≥ t, else 0
+        p_purchase   P(purchase | click);   price   revenue of a purchase
+        """
         c, cfg = self.catalogue, self.config
-        p_click = sigmoid(self.click_logit(users, slates))
-        clicks = self.examine_probs(p_click) * p_click
-        ratio_needed = long_view_s / c.duration_s[slates]
-        survive = np.exp(-(ratio_needed / self.watch_scale(users, slates)) ** cfg.watch_weibull_k)
-        return clicks, clicks * np.where(ratio_needed <= cfg.watch_ratio_cap, survive, 0.0)
+        p_click = sigmoid(self.click_logit(users, items, taste=True))
+        ratio_needed = long_view_s / c.duration_s[items]
+        survive = np.exp(-((ratio_needed / self.watch_scale(users, items, taste=True)) ** cfg.watch_weibull_k))
+        return {
+            "p_click": p_click,
+            "p_long_view": np.where(ratio_needed <= cfg.watch_ratio_cap, survive, 0.0),
+            "p_purchase": sigmoid(self.purchase_logit(users, items, taste=True)),
+            "price": c.price[items],
+        }
+
+    def slate_expectations(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Exact expected KPIs per position [B, K] of slates whose items respond as ``item_response``:
+        E[click] = P(examine)·p_click (PBM curve, or the cascade's survival); E[long view] =
+        E[click]·p_long_view; E[purchase] = E[click]·p_purchase; E[revenue] = E[purchase]·price."""
+        clicks = self.examine_probs(item["p_click"]) * item["p_click"]
+        purchases = clicks * item["p_purchase"]
+        return {
+            "clicks": clicks,
+            "long_views": clicks * item["p_long_view"],
+            "purchases": purchases,
+            "revenue": purchases * item["price"],
+        }
+
+    def expected_kpis(self, users: np.ndarray, slates: np.ndarray, long_view_s: float = 18.0) -> dict[str, np.ndarray]:
+        """Exact expected clicks, long views, purchases and revenue per position [B, K] of slates [B, K]."""
+        return self.slate_expectations(self.item_response(users, slates, long_view_s))
+
+    def expected_response(
+        self, users: np.ndarray, slates: np.ndarray, long_view_s: float = 18.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact expected clicks and long views per position [B, K] (``expected_kpis``, two of them)."""
+        kpis = self.expected_kpis(users, slates, long_view_s)
+        return kpis["clicks"], kpis["long_views"]
 
     # ------------------------------------------------------------------ sessions
     def start_sessions(self, users: np.ndarray, history_len: int = 20) -> Sessions:
         b = len(users)
         z = lambda dt=np.float32: np.zeros(b, dt)  # noqa: E731
         return Sessions(
-            user=np.asarray(users, np.int64), temper=self.users.patience[users].copy(), npe=z(), active=np.ones(b, bool),
-            requests=z(np.int32), items=z(np.int32), clicks=z(np.int32), dwell_s=z(), purchases=z(np.int32), revenue=z(),
+            user=np.asarray(users, np.int64),
+            temper=self.users.patience[users].copy(),
+            npe=z(),
+            active=np.ones(b, bool),
+            requests=z(np.int32),
+            items=z(np.int32),
+            clicks=z(np.int32),
+            dwell_s=z(),
+            purchases=z(np.int32),
+            revenue=z(),
             category_counts=np.zeros((b, self.config.n_categories), np.float32),
             history=np.full((b, history_len), -1, np.int64),
         )
 
     def satisfaction(self, sessions: Sessions) -> np.ndarray:
         """RecSim: satisfaction = sigmoid(sensitivity · NPE + user baseline)."""
-        return sigmoid(self.config.satisfaction_sensitivity * sessions.npe + self.users.baseline_satisfaction[sessions.user])
+        return sigmoid(
+            self.config.satisfaction_sensitivity * sessions.npe + self.users.baseline_satisfaction[sessions.user]
+        )
 
     def step(self, sessions: Sessions, slates: np.ndarray, rng: np.random.Generator) -> Response:
         """Serve one slate to every active session, update hidden state, end sessions, draw returns.
@@ -196,12 +278,18 @@ class World:
         seen = np.take_along_axis(sessions.category_counts, cats, axis=1)
         repetition = (seen >= 3).mean(axis=1)
         bait = np.where(resp.clicked, c.clickbait[slates] - 0.5, 0.0).sum(axis=1)
-        npe = cfg.npe_decay * sessions.npe - 2.0 * bait - cfg.repetition_penalty * repetition \
+        npe = (
+            cfg.npe_decay * sessions.npe
+            - 2.0 * bait
+            - cfg.repetition_penalty * repetition
             + cfg.npe_noise * rng.standard_normal(sessions.size)
+        )
         sessions.npe = np.where(act, npe, sessions.npe).astype(np.float32)
         sat = self.satisfaction(sessions)
         n_clicks = resp.clicked.sum(axis=1)
-        temper = sessions.temper - 1.0 + cfg.temper_click_refund * n_clicks - cfg.temper_dissatisfaction_cost * (1 - sat)
+        temper = (
+            sessions.temper - 1.0 + cfg.temper_click_refund * n_clicks - cfg.temper_dissatisfaction_cost * (1 - sat)
+        )
         sessions.temper = np.where(act, temper, sessions.temper).astype(np.float32)
         a = act.astype(np.int32)
         sessions.requests += a
@@ -222,7 +310,7 @@ class World:
         """Append clicked items (in slate order) to each session's fixed-length recent history."""
         h = sessions.history.shape[1]
         new = np.where(clicked, slates, -1)
-        order = np.argsort(~clicked, axis=1, kind="stable")   # clicked first, in slate order
+        order = np.argsort(~clicked, axis=1, kind="stable")  # clicked first, in slate order
         new = np.take_along_axis(new, order, axis=1)
         n = clicked.sum(axis=1)
         merged = np.concatenate([sessions.history, new], axis=1)
@@ -240,12 +328,16 @@ class World:
         if not ending.any():
             return
         probs = np.asarray(cfg.return_gap_probs, np.float64)
-        p1 = sigmoid(np.log(probs[0] / (1 - probs[0])) + cfg.return_satisfaction_tilt * (sat[ending] - 0.5))
-        back = rng.random(ending.sum()) < p1
+        back = rng.random(ending.sum()) < self.return_probability(sat[ending])
         later = np.append(probs[1:], max(0.0, 1.0 - probs.sum()))
         gap = 2 + rng.choice(len(later), size=ending.sum(), p=later / later.sum())
         sessions.returned_next_day[ending] = back
         sessions.return_gap_days[ending] = np.where(back, 1, gap)
+
+    def return_probability(self, satisfaction: np.ndarray) -> np.ndarray:
+        """P(next-day return | satisfaction at the session's end) = σ(logit P(1) + tilt·(satisfaction − ½))."""
+        p1 = self.config.return_gap_probs[0]
+        return sigmoid(np.log(p1 / (1 - p1)) + self.config.return_satisfaction_tilt * (satisfaction - 0.5))
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, n_users: int = 2000, n_candidates: int = 500, k: int = 10):
@@ -253,7 +345,7 @@ class World:
 
         Reference policy: for each user, 500 random candidates ranked by true relevance + N(0, 0.1)
         (a decent production ranker), top k served. Solves E[CTR per impression] = target_ctr
-        and E[P(purchase | click)] = purchase_given_click by bisection on the biases.
+        and E[P(purchase | click)] = purchase_given_click for the biases (Brent's method, scipy brentq).
         """
         cfg = self.config
         rng = seed_sequence(cfg.seed, "calibration")
@@ -264,28 +356,29 @@ class World:
         relevance_mean = float(self.relevance(users, slates).mean())
 
         def ctr(bias):
-            p = sigmoid(self.click_logit(users, slates, bias))
+            p = sigmoid(self.click_logit(users, slates, bias, taste=True))
             return float((self.examine_probs(p) * p).mean())
 
-        click_bias = _bisect(ctr, cfg.target_ctr, -20.0, 20.0)
-        if abs(ctr(click_bias) - cfg.target_ctr) > 1e-3:
-            raise ValueError(f"target_ctr={cfg.target_ctr} is unreachable under this examination model "
-                             f"(CTR at the bias bound: {ctr(click_bias):.4f}); lower it or flatten position bias")
-        weight = self.examine_probs(sigmoid(self.click_logit(users, slates, click_bias))) * sigmoid(self.click_logit(users, slates, click_bias))
+        if ctr(20.0) < cfg.target_ctr:
+            raise ValueError(
+                f"target_ctr={cfg.target_ctr} is unreachable under this examination model "
+                f"(CTR at the bias bound: {ctr(20.0):.4f}); lower it or flatten position bias"
+            )
+        click_bias = _solve(ctr, cfg.target_ctr, -20.0, 20.0)
+        p_click = sigmoid(self.click_logit(users, slates, click_bias, taste=True))
+        weight = self.examine_probs(p_click) * p_click
 
         def cvr(bias):
-            return float((weight * sigmoid(self.purchase_logit(users, slates, bias))).sum() / weight.sum())
+            return float((weight * sigmoid(self.purchase_logit(users, slates, bias, taste=True))).sum() / weight.sum())
 
-        purchase_bias = _bisect(cvr, cfg.purchase_given_click, -25.0, 15.0) if cfg.purchase_given_click > 0 else -50.0
+        purchase_bias = _solve(cvr, cfg.purchase_given_click, -25.0, 15.0) if cfg.purchase_given_click > 0 else -50.0
         return click_bias, purchase_bias, relevance_mean
 
 
-def _bisect(fn, target: float, lo: float, hi: float, iters: int = 50) -> float:
-    """Root of the increasing function fn(x) = target on [lo, hi]."""
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if fn(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+def _solve(fn, target: float, lo: float, hi: float) -> float:
+    """x in [lo, hi] with fn(x) = target, fn increasing (Brent's method; the bound nearer the target
+    when it lies outside fn's range there)."""
+    f_lo, f_hi = fn(lo) - target, fn(hi) - target
+    if f_lo >= 0 or f_hi <= 0:
+        return lo if f_lo >= 0 else hi
+    return float(brentq(lambda x: fn(x) - target, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps))

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
+
+from rllib_policies.envs import SessionEnv
 
 from .algorithm import OuterControllerConfig
 from .rails import evaluate
@@ -24,7 +27,6 @@ ARMS: dict[str, dict] = {
     "layered_no_baseline": {"arm": "layered", "baseline": False},
     "layered_no_annealing": {"arm": "layered", "anneal": False},
 }
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass
@@ -47,24 +49,29 @@ class RunResult:
     seed: int
     iterations: list[int]
     ndcg_curve: list[float]
-    objective_curve: list[float]         # the business objective J (business_objective) at each evaluation
-    train_seconds: list[float]          # cumulative training wall time at each evaluation
-    final: dict                          # final evaluation (SessionSummary row)
-    start_final: dict                    # the untrained policy on the final evaluation's users
-    pg_noise_ratio: float                # median over iterations of the policy gradient's relative variance
+    objective_curve: list[float]  # the business objective J (business_objective) at each evaluation
+    train_seconds: list[float]  # cumulative training wall time at each evaluation
+    final: dict  # final evaluation (SessionSummary row)
+    start_final: dict  # the untrained policy on the final evaluation's users
+    pg_noise_ratio: float  # median over iterations of the policy gradient's relative variance
     rollbacks: int
 
 
 def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerConfig:
-    from rllib_policies.envs import SessionEnv
-
-    return (OuterControllerConfig()
-            .environment(SessionEnv, env_config={**exp.env_config, "seed": seed})
-            .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
-            .training(lr=exp.lr, num_epochs=exp.num_epochs)
-            .debugging(seed=seed, log_level="ERROR")
-            .outer_controller(**ARMS[arm], sessions_per_iteration=exp.sessions_per_iteration, kpi_weights=exp.kpi_weights,
-                              min_sessions_for_kpi=exp.min_sessions_for_kpi, kl_rollback_threshold=None))
+    return (
+        OuterControllerConfig()
+        .environment(SessionEnv, env_config={**exp.env_config, "seed": seed})
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
+        .training(lr=exp.lr, num_epochs=exp.num_epochs)
+        .debugging(seed=seed, log_level="ERROR")
+        .outer_controller(
+            **ARMS[arm],
+            sessions_per_iteration=exp.sessions_per_iteration,
+            kpi_weights=exp.kpi_weights,
+            min_sessions_for_kpi=exp.min_sessions_for_kpi,
+            kl_rollback_threshold=None,
+        )
+    )
 
 
 KPI_COLUMNS = {"ndcg": "ndcg_at_10", "return": "return_rate", "revenue": "revenue_per_session", "clicks": "ctr"}
@@ -102,19 +109,23 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
             on_trained(algo)
     finally:
         algo.stop()
-    progress(f"  {arm:<28} seed {seed}: NDCG@10 {start_final['ndcg_at_10']:.3f} → {final['ndcg_at_10']:.3f}, "
-             f"revenue {start_final['revenue_per_session']:.3f} → {final['revenue_per_session']:.3f}, return "
-             f"{start_final['return_rate']:.3f} → {final['return_rate']:.3f}, J {objective[0]:.3f} → {objective[-1]:.3f}, "
-             f"{train_s:.1f} s")
-    return RunResult(arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks)
+    progress(
+        f"  {arm:<28} seed {seed}: NDCG@10 {start_final['ndcg_at_10']:.3f} → {final['ndcg_at_10']:.3f}, "
+        f"revenue {start_final['revenue_per_session']:.3f} → {final['revenue_per_session']:.3f}, return "
+        f"{start_final['return_rate']:.3f} → {final['return_rate']:.3f}, J {objective[0]:.3f} → {objective[-1]:.3f}, "
+        f"{train_s:.1f} s"
+    )
+    return RunResult(
+        arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks
+    )
 
 
 def mean_ci(values) -> tuple[float, float]:
-    """(mean, half-width of the 95 % t-interval)."""
+    """(mean, half-width of the 95 % t-interval): x̄ ± t_{0.975, n−1}·s/√n."""
     v = np.asarray(values, np.float64)
     if len(v) < 2:
         return float(v.mean()), float("nan")
-    return float(v.mean()), float(T_975.get(len(v) - 1, 1.96) * v.std(ddof=1) / np.sqrt(len(v)))
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def iterations_to_target(run: RunResult, target: float | None, curve: str = "objective_curve") -> tuple[float, float]:
@@ -148,17 +159,25 @@ def summarise(runs: list[RunResult]) -> tuple[list[dict], dict]:
         reach = [iterations_to_target(r, targets["objective_curve"][0]) for r in rs]
         reach_ndcg = [iterations_to_target(r, targets["ndcg_curve"][0], "ndcg_curve") for r in rs]
         reached = [x for x in reach if np.isfinite(x[0])]
-        row = {"arm": a, "seeds": len(rs), "reached_target": f"{len(reached)}/{len(rs)}",
-               "ndcg_seed_var": float(np.var([r.final["ndcg_at_10"] for r in rs], ddof=1)) if len(rs) > 1 else float("nan")}
+        row = {
+            "arm": a,
+            "seeds": len(rs),
+            "reached_target": f"{len(reached)}/{len(rs)}",
+            "ndcg_seed_var": float(np.var([r.final["ndcg_at_10"] for r in rs], ddof=1))
+            if len(rs) > 1
+            else float("nan"),
+        }
         for key, values in {
-            "iters_to_target": [x[0] for x in reached], "seconds_to_target": [x[1] for x in reached],
+            "iters_to_target": [x[0] for x in reached],
+            "seconds_to_target": [x[1] for x in reached],
             "iters_to_ndcg_target": [x[0] for x in reach_ndcg if np.isfinite(x[0])],
             "objective": [r.objective_curve[-1] for r in rs],
             "objective_gain": [r.objective_curve[-1] - r.objective_curve[0] for r in rs],
             "ndcg_at_10": [r.final["ndcg_at_10"] for r in rs],
             "ndcg_gain": [r.final["ndcg_at_10"] - r.start_final["ndcg_at_10"] for r in rs],
             "revenue_per_session": [r.final["revenue_per_session"] for r in rs],
-            "return_rate": [r.final["return_rate"] for r in rs], "ctr": [r.final["ctr"] for r in rs],
+            "return_rate": [r.final["return_rate"] for r in rs],
+            "ctr": [r.final["ctr"] for r in rs],
             "pg_noise_ratio": [r.pg_noise_ratio for r in rs],
         }.items():
             row[key] = mean_ci(values) if values else (float("nan"), float("nan"))

@@ -3,8 +3,8 @@
 Per row (one request of a session), with the driver's signals (see signals.py):
 
     w_t  = gated-attention weights over the session (stop-gradient for the policy; uniform 1/T
-           without credit attention)
-    A_t  = clip((1 − κ)·Ĝ_t + κ·T·w_t·R̂, −c, c)
+           without credit attention)                       credit.credit_weights
+    A_t  = clip((1 − κ)·Ĝ_t + κ·T·w_t·R̂, −c, c)             credit.kpi_blend, kpi_credit, clip_rewards
     L_pg = −Σ_t A_t·log π(a_t|s_t) / N − β_H·H[π]
     L    = L_pg + λ_credit·L_credit         (return decomposition + engagement gate, credit.py)
 
@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from torch.func import functional_call, grad, vmap
+
+from rllib_policies.credit import clip_rewards, credit_weights, kpi_blend, kpi_credit
 
 from .sessions import pad_sessions
 
@@ -30,35 +33,47 @@ class OuterControllerLearner(TorchLearner):
         obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
         logp, entropy = module.log_prob(obs, actions)
         mask, sid, rel, (x, step_signal, outer_signal, kappa, engaged) = pad_sessions(
-            batch["session"], batch["t"], torch.cat([obs, actions / module.high], dim=-1),
-            batch["step_signal"], batch["outer_signal"], batch["kappa"], batch["engaged"])
-        lengths = mask.sum(dim=1)
+            batch["session"],
+            batch["t"],
+            torch.cat([obs, actions / module.high], dim=-1),
+            batch["step_signal"],
+            batch["outer_signal"],
+            batch["kappa"],
+            batch["engaged"],
+        )
         r_outer = outer_signal[:, 0]
         kappa_b = kappa[:, 0]
+        weights = credit_weights(module.credit if config.credit_attention else None, x, mask)
         if config.credit_attention:
-            with torch.no_grad():
-                weights, _ = module.credit.weights(x, mask)
             # the KPI gate covers the credit network too: no KPI gradient anywhere while κ = 0
             credit_loss = module.credit.aux_loss(x, r_outer, mask, engaged) * (kappa_b.max() > 0).float()
         else:
-            weights = mask / lengths[:, None]
             credit_loss = torch.zeros((), device=obs.device)
-        kpi_credit = lengths[:, None] * weights * r_outer[:, None]         # T·w_t·R̂ (= R̂ when uniform)
-        blended = (1 - kappa_b[:, None]) * step_signal + kappa_b[:, None] * kpi_credit
-        advantage = blended.clamp(-config.reward_clip, config.reward_clip)[sid, rel]
-        if config.offline_trajectories is not None:   # logged actions: advantage-weighted regression
+        blended = kpi_blend(step_signal, kpi_credit(weights, mask, r_outer), kappa_b[:, None])
+        clipped = clip_rewards(blended, -config.reward_clip, config.reward_clip)
+        advantage = clipped[sid, rel]
+        if config.offline_trajectories is not None:  # logged actions: advantage-weighted regression
             advantage = torch.exp((advantage / config.offline_advantage_temperature).clamp(-5.0, 3.0))
         pg_loss = -(advantage.detach() * logp).mean()
-        noise = pg_noise_ratio(module, x[..., :obs.shape[-1]], actions_padded(actions, sid, rel, mask),
-                               blended.clamp(-config.reward_clip, config.reward_clip).detach(), mask)
+        noise = pg_noise_ratio(
+            module, x[..., : obs.shape[-1]], actions_padded(actions, sid, rel, mask), clipped.detach(), mask
+        )
         loss = pg_loss - config.entropy_coeff * entropy.mean() + config.credit_loss_coeff * credit_loss
-        self.metrics.log_dict({
-            "pg_loss": pg_loss.item(), "credit_loss": float(credit_loss.detach()), "advantage_mean": advantage.mean().item(),
-            "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,
-            "clipped_fraction": (blended.abs() >= config.reward_clip).float().mul(mask).sum().item() / mask.sum().item(),
-            "policy_std_mean": module.log_std.exp().mean().item(), "pg_noise_ratio": noise,
-            "credit_on_engaged_steps": (weights * engaged.float()).sum().item() / mask.shape[0],
-        }, key=module_id, window=1)
+        self.metrics.log_dict(
+            {
+                "pg_loss": pg_loss.item(),
+                "credit_loss": float(credit_loss.detach()),
+                "advantage_mean": advantage.mean().item(),
+                "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,
+                "clipped_fraction": (blended.abs() >= config.reward_clip).float().mul(mask).sum().item()
+                / mask.sum().item(),
+                "policy_std_mean": module.log_std.exp().mean().item(),
+                "pg_noise_ratio": noise,
+                "credit_on_engaged_steps": (weights * engaged.float()).sum().item() / mask.shape[0],
+            },
+            key=module_id,
+            window=1,
+        )
         return loss
 
 
@@ -77,13 +92,13 @@ class _LogProb(torch.nn.Module):
         return self.m.log_prob(obs, actions)[0]
 
 
-def pg_noise_ratio(module, obs: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor) -> float:
+def pg_noise_ratio(
+    module, obs: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor
+) -> float:
     """Scale-free variance of the policy-gradient estimate over sessions:
     tr Cov_i[g_i] / (B·‖ḡ‖²), with g_i = ∇_θ Σ_t A_t·log π(a_t|s_t) of session i (policy parameters θ)
     and ḡ their mean: the squared relative error of the batch gradient. Comparable across arms
     whose signals have different scales (the seed's "reward variance")."""
-    from torch.func import functional_call, grad, vmap
-
     wrapper = _LogProb(module)
     params = {f"m.{k}": v.detach() for k, v in module.named_parameters() if not k.startswith("credit.")}
 
@@ -91,9 +106,9 @@ def pg_noise_ratio(module, obs: torch.Tensor, actions: torch.Tensor, advantage: 
         return (functional_call(wrapper, p, (o, a), strict=False) * adv * m).sum()
 
     grads = vmap(grad(session_objective), in_dims=(None, 0, 0, 0, 0))(params, obs, actions, advantage, mask)
-    g = torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)     # [B, |θ|]
+    g = torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)  # [B, |θ|]
     b = g.shape[0]
     if b < 2:
         return float("nan")
     mean = g.mean(0)
-    return float(((g - mean) ** 2).sum(1).mean() / (b * (mean ** 2).sum().clamp(min=1e-12)))
+    return float(((g - mean) ** 2).sum(1).mean() / (b * (mean**2).sum().clamp(min=1e-12)))

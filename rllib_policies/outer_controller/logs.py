@@ -12,15 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-import rust_ext
-from actors.simulate import run_sessions
+from actors.cascade import build_world
+from actors.simulate import inner_rewards, run_sessions
 from actors.stages import DEFAULT_PARAMS
 from actors.telemetry import ParquetSink, slate_events
 from actors.world import seed_sequence
-from rllib_policies.envs import build_world, user_features
 
 DAY_US = 86_400 * 10**6
-T0_US = 1_767_225_600 * 10**6          # 2026-01-01T00:00:00Z
+T0_US = 1_767_225_600 * 10**6  # 2026-01-01T00:00:00Z
 
 
 def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
@@ -32,11 +31,13 @@ def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
         w = (base * np.exp(noise * eps)).astype(np.float32)
         density = np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * noise * w), axis=1)
         return w, density.astype(np.float32)
+
     return sample
 
 
-def simulate_logs(env_config: dict, events_root: str, days: int = 3, users_per_day: int = 200, noise: float = 0.3,
-                  seed: int = 0) -> dict:
+def simulate_logs(
+    env_config: dict, events_root: str, days: int = 3, users_per_day: int = 200, noise: float = 0.3, seed: int = 0
+) -> dict:
     """Serve ``days`` of sessions with the log-normal behaviour policy and write their events."""
     world, pipeline = build_world(env_config)
     sink, behaviour = ParquetSink(events_root, n_buckets=4), lognormal_behaviour(noise)
@@ -44,30 +45,42 @@ def simulate_logs(env_config: dict, events_root: str, days: int = 3, users_per_d
     returners = np.array([], np.int64)
     n_events = n_sessions = 0
     for day in range(days):
-        fresh = rng.choice(np.setdiff1d(np.arange(world.users.n), returners), max(users_per_day - len(returners), 0),
-                           replace=False)
+        fresh = rng.choice(
+            np.setdiff1d(np.arange(world.users.n), returners), max(users_per_day - len(returners), 0), replace=False
+        )
         users = np.concatenate([returners, fresh])
         batches, served = [], {}
 
-        def policy(world_, pipeline_, req, rng_):
+        def policy(world_, pipeline_, req, rng_, served=served):  # this day's dicts (bound, not looked up later)
             w, density = behaviour(rng, len(req.user))
             rec = pipeline_.recommend(req, {"ranking": w})
-            served[req.request_id] = (w, density, rec.predictions, user_features(pipeline_, req))
+            served[req.request_id] = (w, density, rec.predictions, pipeline_.context(req))
             return rec.slate
 
-        def observer(req, slate, resp, day=day):
+        def observer(req, slate, resp, day=day, served=served, batches=batches):
             w, density, preds, context = served.pop(req.request_id)
             b, k = slate.shape
-            rewards, _ = rust_ext.inner_reward_slates(np.arange(0, b * k + 1, k, dtype=np.int64), resp.clicked.ravel(),
-                                                      resp.dwell_s.ravel(), resp.skipped.ravel(), preds["p_click"].ravel())
-            rewards = rewards.reshape(b, k)
+            rewards, _ = inner_rewards(resp, preds["p_click"])
             start = T0_US + day * DAY_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10 * 10**6
-            for i in range(b):   # one RecordBatch per served slate (a log generator, not a hot path)
-                batches.append(slate_events(
-                    request_uid=int(rng.integers(0, 2**63)), ts_us=int(start[i]), user_id=int(req.user[i]), items=slate[i],
-                    clicked=resp.clicked[i], dwell_s=resp.dwell_s[i], skipped=resp.skipped[i], inner_reward=rewards[i],
-                    predictions={n: v[i] for n, v in preds.items()}, utility_weights=w[i], propensity=float(density[i]),
-                    purchased=resp.purchased[i], revenue=resp.revenue[i], context=context[i]))
+            for i in range(b):  # one RecordBatch per served slate (a log generator, not a hot path)
+                batches.append(
+                    slate_events(
+                        request_uid=int(rng.integers(0, 2**63)),
+                        ts_us=int(start[i]),
+                        user_id=int(req.user[i]),
+                        items=slate[i],
+                        clicked=resp.clicked[i],
+                        dwell_s=resp.dwell_s[i],
+                        skipped=resp.skipped[i],
+                        inner_reward=rewards[i],
+                        predictions={n: v[i] for n, v in preds.items()},
+                        utility_weights=w[i],
+                        propensity=float(density[i]),
+                        purchased=resp.purchased[i],
+                        revenue=resp.revenue[i],
+                        context=context[i],
+                    )
+                )
 
         summary = run_sessions(world, pipeline, policy, len(users), seed + day, f"logs-day{day}", users, observer)
         table = pa.Table.from_batches(batches)
@@ -76,4 +89,3 @@ def simulate_logs(env_config: dict, events_root: str, days: int = 3, users_per_d
         n_sessions += len(users)
         returners = users[summary.returned_mask]
     return {"days": days, "sessions": n_sessions, "events": n_events}
-

@@ -14,26 +14,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import httpx
 import numpy as np
 import torch
 
-from actors.simulate import SessionSummary, SlatePolicy, run_sessions
+from actors.cascade import build_world
+from actors.simulate import SessionSummary, SlatePolicy, inner_rewards, run_sessions
 from actors.world import seed_sequence
-from rllib_policies.envs import build_world, slate_inner_reward, user_features
 
 INNER_REWARD_FIELDS = ("click_w", "dwell_w", "skip_penalty", "rel_w")
 
 
 def ranking_policy(module) -> SlatePolicy:
     """The module's mean action μ(s) as the ranking weights of each request (no exploration)."""
+
     def policy(world, pipeline, req, rng):
         with torch.no_grad():
-            mean, _ = module.gaussian(torch.as_tensor(user_features(pipeline, req)))
+            mean, _ = module.gaussian(torch.as_tensor(pipeline.context(req)))
         return pipeline.recommend(req, {"ranking": mean.numpy()}).slate
+
     return policy
 
 
-def evaluate(module, env_config: dict, n_sessions: int = 300, seed: int = 10_007, name: str = "policy") -> SessionSummary:
+def evaluate(
+    module, env_config: dict, n_sessions: int = 300, seed: int = 10_007, name: str = "policy"
+) -> SessionSummary:
     """Serve μ(s) to ``n_sessions`` simulated sessions (same users and draws for the same seed/name)."""
     world, pipeline = build_world(env_config)
     return run_sessions(world, pipeline, ranking_policy(module), n_sessions, seed, name)
@@ -53,10 +58,15 @@ class ShadowLog:
     def summary(self) -> dict:
         q = (0.1, 0.5, 0.9)
         live, cand = np.concatenate(self.live_reward), np.concatenate(self.candidate_reward)
-        return {"requests": len(live), "live_reward_mean": float(live.mean()), "candidate_reward_mean": float(cand.mean()),
-                "live_reward_quantiles": np.quantile(live, q).tolist(), "candidate_reward_quantiles": np.quantile(cand, q).tolist(),
-                "candidate_action_mean": np.concatenate(self.candidate_actions).mean(axis=0).tolist(),
-                "live_action_mean": np.concatenate(self.live_actions).mean(axis=0).tolist()}
+        return {
+            "requests": len(live),
+            "live_reward_mean": float(live.mean()),
+            "candidate_reward_mean": float(cand.mean()),
+            "live_reward_quantiles": np.quantile(live, q).tolist(),
+            "candidate_reward_quantiles": np.quantile(cand, q).tolist(),
+            "candidate_action_mean": np.concatenate(self.candidate_actions).mean(axis=0).tolist(),
+            "live_action_mean": np.concatenate(self.live_actions).mean(axis=0).tolist(),
+        }
 
 
 def shadow(live_module, candidate_module, log: ShadowLog, seed: int = 0) -> SlatePolicy:
@@ -64,7 +74,7 @@ def shadow(live_module, candidate_module, log: ShadowLog, seed: int = 0) -> Slat
     cand_rng, live_rng = seed_sequence(seed, "shadow-candidate"), seed_sequence(seed, "shadow-live")
 
     def policy(world, pipeline, req, rng):
-        obs = torch.as_tensor(user_features(pipeline, req))
+        obs = torch.as_tensor(pipeline.context(req))
         with torch.no_grad():
             live_w = live_module.gaussian(obs)[0].numpy()
             cand_w = candidate_module.gaussian(obs)[0].numpy()
@@ -72,16 +82,23 @@ def shadow(live_module, candidate_module, log: ShadowLog, seed: int = 0) -> Slat
         cand = pipeline.recommend(req, {"ranking": cand_w})
         # both slates scored the same way, on draws apart from the served session's (never served:
         # world.respond changes no session state)
-        log.live_reward.append(slate_inner_reward(world.respond(req.user, live.slate, live_rng), live.predictions["p_click"]))
-        log.candidate_reward.append(slate_inner_reward(world.respond(req.user, cand.slate, cand_rng), cand.predictions["p_click"]))
+        log.live_reward.append(
+            inner_rewards(world.respond(req.user, live.slate, live_rng), live.predictions["p_click"])[1]
+        )
+        log.candidate_reward.append(
+            inner_rewards(world.respond(req.user, cand.slate, cand_rng), cand.predictions["p_click"])[1]
+        )
         log.live_actions.append(live_w)
         log.candidate_actions.append(cand_w)
         log.served_slates.append(live.slate)
         return live.slate
+
     return policy
 
 
-def run_shadow(live_module, candidate_module, env_config: dict, n_sessions: int = 200, seed: int = 0) -> tuple[SessionSummary, ShadowLog]:
+def run_shadow(
+    live_module, candidate_module, env_config: dict, n_sessions: int = 200, seed: int = 0
+) -> tuple[SessionSummary, ShadowLog]:
     """Simulated sessions served by ``live_module`` with ``candidate_module`` in shadow."""
     world, pipeline = build_world(env_config)
     log = ShadowLog()
@@ -101,12 +118,11 @@ def fit_inner_reward_weights(features: np.ndarray, credited_kpi: np.ndarray, rid
     return dict(zip(INNER_REWARD_FIELDS, np.clip(w, -1e6, 1e6).round(6).tolist()))
 
 
-def push_inner_reward_weights(url: str, weights: dict[str, float], expected_version: int | None = None,
-                              timeout_s: float = 30.0) -> dict:
+def push_inner_reward_weights(
+    url: str, weights: dict[str, float], expected_version: int | None = None, timeout_s: float = 30.0
+) -> dict:
     """PUT the weights to ``{url}/weights``; returns the service's new state (version, weights).
     Raises RuntimeError with the service's message on a 4xx/5xx (e.g. 409 on a stale version)."""
-    import httpx
-
     body = {k: float(weights[k]) for k in INNER_REWARD_FIELDS}
     if expected_version is not None:
         body["expected_version"] = int(expected_version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 # Session-level KPIs the outer controller can blend. Online (simulator) sessions have all four;
@@ -19,13 +20,13 @@ KPIS = ("revenue", "return", "ndcg", "clicks")
 
 @dataclass
 class SessionBatch:
-    obs: np.ndarray                 # [N, D] float32
-    actions: np.ndarray             # [N, A] float32
-    inner_reward: np.ndarray        # [N] the slate's inner (per-impression) reward
-    engaged: np.ndarray             # [N] bool: any click on the slate
-    session: np.ndarray             # [N] int64 → row of the per-session arrays
-    t: np.ndarray                   # [N] int64 step within the session
-    kpis: dict[str, np.ndarray] = field(default_factory=dict)   # name → [B] float64
+    obs: np.ndarray  # [N, D] float32
+    actions: np.ndarray  # [N, A] float32
+    inner_reward: np.ndarray  # [N] the slate's inner (per-impression) reward
+    engaged: np.ndarray  # [N] bool: any click on the slate
+    session: np.ndarray  # [N] int64 → row of the per-session arrays
+    t: np.ndarray  # [N] int64 step within the session
+    kpis: dict[str, np.ndarray] = field(default_factory=dict)  # name → [B] float64
     step_objectives: dict[str, np.ndarray] = field(default_factory=dict)  # name → [N] per-step parts
 
     @property
@@ -53,7 +54,7 @@ def from_episodes(episodes) -> SessionBatch:
     parts = {"clicks": [], "long_views": [], "revenue": [], "inner_features": []}
     for b, ep in enumerate(e for e in episodes if e.is_done and len(e) > 0):
         n = len(ep)
-        infos = ep.get_infos()[1:n + 1]
+        infos = ep.get_infos()[1 : n + 1]
         obs.append(np.asarray(ep.get_observations()[:n], np.float32))
         actions.append(np.asarray(ep.get_actions(), np.float32))
         rewards.append(np.asarray(ep.get_rewards(), np.float64))
@@ -72,17 +73,22 @@ def from_episodes(episodes) -> SessionBatch:
     if not obs:
         raise ValueError("no complete episodes to train on")
     cat = np.concatenate
-    return SessionBatch(cat(obs), cat(actions), cat(rewards), cat(engaged), cat(session), cat(steps),
-                        {k: np.asarray(v, np.float64) for k, v in kpis.items()},
-                        {k: cat(v) for k, v in parts.items()})
+    return SessionBatch(
+        cat(obs),
+        cat(actions),
+        cat(rewards),
+        cat(engaged),
+        cat(session),
+        cat(steps),
+        {k: np.asarray(v, np.float64) for k, v in kpis.items()},
+        {k: cat(v) for k, v in parts.items()},
+    )
 
 
-def from_trajectories(table) -> SessionBatch:   # a pyarrow Table, a dict of columns or a list of rows
+def from_trajectories(table) -> SessionBatch:  # a pyarrow Table, a dict of columns or a list of rows
     """Trajectory rows (actors.telemetry TRAJECTORY_SCHEMA, with logged ``observations``) →
     SessionBatch. Each window row is one sequence; rows whose observations were not logged, or
     whose ``returned`` is still unknown, are skipped."""
-    import pyarrow as pa
-
     if isinstance(table, dict):
         table = pa.table(table)
     rows = table if isinstance(table, list) else table.to_pylist()
@@ -109,9 +115,16 @@ def from_trajectories(table) -> SessionBatch:   # a pyarrow Table, a dict of col
         raise ValueError("no trajectory rows with logged observations and a known 'returned' KPI")
     cat = np.concatenate
     c = cat(clicks)
-    return SessionBatch(cat(obs), cat(actions), cat(rewards), c > 0, cat(session), cat(steps),
-                        {k: np.asarray(v, np.float64) for k, v in kpis.items()},
-                        {"clicks": c, "revenue": cat(revenue)})
+    return SessionBatch(
+        cat(obs),
+        cat(actions),
+        cat(rewards),
+        c > 0,
+        cat(session),
+        cat(steps),
+        {k: np.asarray(v, np.float64) for k, v in kpis.items()},
+        {"clicks": c, "revenue": cat(revenue)},
+    )
 
 
 def pad_sessions(session: torch.Tensor, t: torch.Tensor, *values: torch.Tensor):

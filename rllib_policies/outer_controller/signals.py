@@ -20,16 +20,16 @@ import numpy as np
 
 from rllib_policies.credit import KappaSchedule, RollingBaseline, clip_rewards, discounted_returns
 
-from .sessions import SessionBatch
+from .sessions import KPIS, SessionBatch
 
 
 @dataclass
 class SignalConfig:
-    arm: str = "layered"                      # "layered" | "monolithic"
+    arm: str = "layered"  # "layered" | "monolithic"
     gamma: float = 0.9
     kpi_weights: dict = field(default_factory=lambda: {"revenue": 1.0, "return": 1.0, "ndcg": 1.0})
     kappa: KappaSchedule = field(default_factory=KappaSchedule)
-    anneal: bool = True                       # False: κ = kappa.end from the first gated iteration
+    anneal: bool = True  # False: κ = kappa.end from the first gated iteration
     baseline: bool = True
     baseline_alpha: float = 0.01
     reward_clip: float = 5.0
@@ -46,8 +46,6 @@ class SignalConfig:
 
 
 def validate_kpi_weights(weights: dict) -> dict:
-    from .sessions import KPIS
-
     if not weights:
         raise ValueError("kpi_weights must name at least one KPI")
     for name, w in weights.items():
@@ -113,15 +111,24 @@ class OuterSignals:
             "step_signal": step_signal.astype(np.float32),
             "outer_signal": outer_signal[batch.session].astype(np.float32),
             "kappa": np.full(len(batch.t), kappa, np.float32),
-            "metrics": {"kappa": kappa, "sessions_seen": self.sessions_seen,
-                        "kpi_gate_open": float(self.sessions_seen >= cfg.min_sessions_for_kpi),
-                        "outer_reward_mean": float(r_outer.mean()), "inner_reward_mean": float(batch.inner_reward.mean()),
-                        **{f"kpi_{k}": float(v.mean()) for k, v in batch.kpis.items()}},
+            "metrics": {
+                "kappa": kappa,
+                "sessions_seen": self.sessions_seen,
+                "kpi_gate_open": float(self.sessions_seen >= cfg.min_sessions_for_kpi),
+                "outer_reward_mean": float(r_outer.mean()),
+                "inner_reward_mean": float(batch.inner_reward.mean()),
+                **{f"kpi_{k}": float(v.mean()) for k, v in batch.kpis.items()},
+            },
         }
 
     def state(self) -> dict:
-        return {"kpi_weights": self.kpi_weights, "inner": self.inner_baseline.state(), "outer": self.outer_baseline.state(),
-                "sessions_seen": self.sessions_seen, "gated_iterations": self.gated_iterations}
+        return {
+            "kpi_weights": self.kpi_weights,
+            "inner": self.inner_baseline.state(),
+            "outer": self.outer_baseline.state(),
+            "sessions_seen": self.sessions_seen,
+            "gated_iterations": self.gated_iterations,
+        }
 
     def set_state(self, state: dict) -> None:
         self.kpi_weights = dict(state["kpi_weights"])

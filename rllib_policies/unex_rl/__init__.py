@@ -2,6 +2,6 @@
 cascading information chain (CIC), stop-gradient (SG) and category-quantile rescaling (CQR)."""
 
 from .algorithm import ARMS, UnexRL, UnexRLConfig
-from .cic import STAGES, CategoryQuantileRescaler, Requests, stage_observations
+from .cic import CategoryQuantileRescaler, stage_observations
 
-__all__ = ["ARMS", "UnexRL", "UnexRLConfig", "STAGES", "CategoryQuantileRescaler", "Requests", "stage_observations"]
+__all__ = ["ARMS", "UnexRL", "UnexRLConfig", "CategoryQuantileRescaler", "stage_observations"]

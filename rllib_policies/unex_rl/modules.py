@@ -1,39 +1,38 @@
-"""UNEX-RL's modules: one deterministic actor per stage and the global critic (RLlib new stack).
+"""UNEX-RL's modules: one deterministic policy per stage and the global critic (RLlib new stack).
 
-StageActorModule    μ_k(o_k) = a_max · sigmoid(MLP(o_k)); exploration samples N(μ, (σ·a_max)²)
-                    (RLlib's diagonal Gaussian from ACTION_DIST_INPUTS = [μ, log σ]); a slowly
-                    tracking target copy for TD targets.
-GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only, with
-                    its target copy; ``n_critics = 3`` gives the independent-learners arm one
-                    critic per stage, Q_k(o_k, a_k).
+StagePolicyModule   μ_k(o_k) = a_max · sigmoid(MLP(o_k)) (the actor of stage k's actor-critic);
+                    exploration samples N(μ, (σ·a_max)²) (RLlib's diagonal Gaussian from
+                    ACTION_DIST_INPUTS = [μ, log σ]).
+GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only;
+                    ``n_critics = 3`` gives the independent-learners arm one critic per stage,
+                    Q_k(o_k, a_k).
+
+Both implement RLlib's ``TargetNetworkAPI``: the learner makes the slowly tracking target copies
+(μ'_k, Q'_g) and Polyak-averages them after every update; the env runners' inference-only copies
+of the stage policies carry no target network (``InferenceOnlyAPI``).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 
+from actors.stages import STAGE_ACTION_HIGH
 from rllib_policies.building_blocks import mlp
-from rllib_policies.envs import STAGE_ACTION_HIGH
 
-JOINT_ACTION_DIM = sum(len(v) for v in STAGE_ACTION_HIGH.values())   # 4 + 3 + 3
+JOINT_ACTION_DIM = sum(len(v) for v in STAGE_ACTION_HIGH.values())  # 4 + 3 + 3
 MAX_ACTION_DIM = max(len(v) for v in STAGE_ACTION_HIGH.values())
+Q_VALUES = "q_values"
 
 
-def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """θ' ← (1 − τ)·θ' + τ·θ."""
-    with torch.no_grad():
-        for t, o in zip(target.parameters(), online.parameters()):
-            t.mul_(1 - tau).add_(o, alpha=tau)
-
-
-class StageActorModule(TorchRLModule):
+class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
     """model_config: hidden (64, 64), explore_std (0.1 of each action's range), init (default action)."""
 
     def setup(self):
@@ -41,15 +40,15 @@ class StageActorModule(TorchRLModule):
         high = torch.as_tensor(np.asarray(self.action_space.high, np.float32))
         self.register_buffer("high", high)
         self.pi = mlp(self.observation_space.shape[0], tuple(cfg["hidden"]), len(high))
-        if cfg.get("init") is not None:   # start at a given action: bias = logit(init / high)
+        if cfg.get("init") is not None:  # start at a given action: bias = logit(init / high)
             p = np.clip(np.asarray(cfg["init"], np.float32) / high.numpy(), 1e-3, 1 - 1e-3)
             with torch.no_grad():
-                self.pi[-1].weight.mul_(0.1)   # near the default action, but still a function of o_k
+                self.pi[-1].weight.mul_(0.1)  # near the default action, but still a function of o_k
                 self.pi[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p))))
-        self.target_pi = copy.deepcopy(self.pi).requires_grad_(False)
         self.log_std = math.log(float(cfg["explore_std"]))
 
     def act(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """μ_k(o_k), or the target policy's μ'_k(o_k)."""
         return self.high * torch.sigmoid((self.target_pi if target else self.pi)(obs))
 
     def _forward(self, batch, **kwargs):
@@ -60,8 +59,22 @@ class StageActorModule(TorchRLModule):
     def _forward_inference(self, batch, **kwargs):
         return {Columns.ACTIONS: self.act(batch[Columns.OBS])}
 
+    # ---------------------------------------------------------------- TargetNetworkAPI
+    def make_target_networks(self) -> None:
+        self.target_pi = make_target_network(self.pi)
 
-class GlobalCriticModule(TorchRLModule):
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.pi, self.target_pi)]
+
+    def forward_target(self, batch: dict) -> dict:
+        return {Columns.ACTIONS: self.act(batch[Columns.OBS], target=True)}
+
+    # ---------------------------------------------------------------- InferenceOnlyAPI
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["target_pi"]
+
+
+class GlobalCriticModule(TorchRLModule, TargetNetworkAPI):
     """model_config: obs_dim (o_1's width), n_critics (1 global or 3 per-stage), hidden (128, 128)."""
 
     def setup(self):
@@ -69,12 +82,22 @@ class GlobalCriticModule(TorchRLModule):
         d_obs, self.n_critics = int(cfg["obs_dim"]), int(cfg["n_critics"])
         d_act = JOINT_ACTION_DIM if self.n_critics == 1 else MAX_ACTION_DIM
         self.q = nn.ModuleList([mlp(d_obs + d_act, tuple(cfg["hidden"]), 1) for _ in range(self.n_critics)])
-        self.target_q = copy.deepcopy(self.q).requires_grad_(False)
 
     def value(self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0, target: bool = False) -> torch.Tensor:
-        """Q(o, a) [B]; actions already scaled to [0, 1] (joint for the global critic)."""
+        """Q(o, a) [B] (or the target Q'); actions already scaled to [0, 1] (joint for the global critic)."""
         net = (self.target_q if target else self.q)[index]
         return net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
 
     def _forward(self, batch, **kwargs):
         return {}
+
+    # ---------------------------------------------------------------- TargetNetworkAPI
+    def make_target_networks(self) -> None:
+        self.target_q = make_target_network(self.q)
+
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.q, self.target_q)]
+
+    def forward_target(self, batch: dict) -> dict:
+        """Q'(o, a) of critic ``batch.get("critic", 0)``."""
+        return {Q_VALUES: self.value(batch[Columns.OBS], batch[Columns.ACTIONS], batch.get("critic", 0), target=True)}

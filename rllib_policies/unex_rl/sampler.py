@@ -1,78 +1,112 @@
 """Sessions served by the three stage policies (vectorised over sessions), and the replay buffer.
 
-Each request: o_1 → a_1 = μ_1(o_1) (+ noise) → matching → o_2 → a_2 → pre-ranking → o_3 → a_3 →
-ranking → slate → the world's response. Observations are built exactly as MultiStageEnv and the CIC
-replay build them (cic.candidate_summary, cic.upstream_features), with one random stream per request
-(request ids [B]), so a stored transition can be replayed exactly.
+Each request walks the cascade once (``actors.cascade.run_cascade``): o_1 → a_1 = μ_1(o_1) (+ noise)
+→ matching → o_2 → a_2 → pre-ranking → o_3 → a_3 → ranking → slate → the world's response. The
+observations are the ``ObservationSpec``'s, as MultiStageEnv and the CIC replay build them, with one
+random stream per request (request ids [B]), so a stored transition can be replayed exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import fields
+
 import numpy as np
 import torch
 
-from actors.stages import RequestBatch, matching, pre_ranking, ranking
+from actors.cascade import Pipeline
+from actors.stages import STAGE_ACTION_HIGH, STAGES, RequestBatch
 from actors.world import ndcg_at_k, seed_sequence
-from rllib_policies.envs import STAGE_ACTION_HIGH, user_features
-
-from .cic import STAGES, UPSTREAM_DIM, candidate_summary, upstream_features
 
 N_ITEM_GROUPS = 4
+REQUEST_FIELDS = tuple(f.name for f in fields(RequestBatch))  # user, history, step, clicks, request_id
 
 
-def _act(module, obs: np.ndarray, rng: np.random.Generator, explore: bool, std: float, stage: str) -> np.ndarray:
-    with torch.no_grad():
-        a = module.act(torch.as_tensor(obs)).numpy()
-    if explore:
-        a = a + std * STAGE_ACTION_HIGH[stage] * rng.standard_normal(a.shape)
-    return np.clip(a, 0, STAGE_ACTION_HIGH[stage]).astype(np.float32)
+def behaviour_policy(
+    module, stage: str, rng: np.random.Generator, explore: bool, std: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    """o_k ↦ clip(μ_k(o_k) + σ·a_max·ε, 0, a_max), ε ~ N(0, I) from ``rng`` (no noise unless ``explore``)."""
+    high = STAGE_ACTION_HIGH[stage]
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            a = module.act(torch.as_tensor(obs)).numpy()
+        if explore:
+            a = a + std * high * rng.standard_normal(a.shape)
+        return np.clip(a, 0, high).astype(np.float32)
+
+    return act
 
 
-def sample_sessions(pipeline, actors: dict, n_sessions: int, rng: np.random.Generator, explore: bool = True,
-                    explore_std: float = 0.1, users_seed: int | None = None, explore_stages=STAGES) -> tuple[dict, dict]:
+def sample_sessions(
+    pipeline: Pipeline,
+    stage_policies: dict,
+    n_sessions: int,
+    rng: np.random.Generator,
+    explore: bool = True,
+    explore_std: float = 0.1,
+    users_seed: int | None = None,
+    explore_stages=STAGES,
+) -> tuple[dict, dict]:
     """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary).
-    Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy)."""
-    world, ctx, cfg = pipeline.world, pipeline.ctx, pipeline.config
-    users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(0, world.users.n, n_sessions)
+    Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy);
+    ``users_seed`` fixes the users, request ids and responses (evaluation on common random numbers)."""
+    world = pipeline.world
+    users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(
+        0, world.users.n, n_sessions
+    )
     resp_rng = seed_sequence(int(rng.integers(0, 2**31)) if users_seed is None else users_seed, "unex-responses")
-    sessions = world.start_sessions(users, cfg.history_len)
+    sessions = world.start_sessions(users, pipeline.config.history_len)
     ideal = world.ideal_relevance(sessions.user, 10)
+    policies = {
+        s: behaviour_policy(stage_policies[s], s, rng, explore and s in explore_stages, explore_std) for s in STAGES
+    }
     rows, pending = [], np.full(n_sessions, -1)
     ndcg_sum, n_rows = np.zeros(n_sessions), 0
     while sessions.active.any():
         act = np.flatnonzero(sessions.active)
         b = len(act)
-        rids = rng.integers(0, 2**62, b) if users_seed is None else seed_sequence(users_seed, "rid", n_rows).integers(0, 2**62, b)
-        req = RequestBatch(sessions.user[act], sessions.history[act].copy(), sessions.requests[act].copy(), rids,
-                           sessions.clicks[act].copy())
-        base = user_features(pipeline, req)
-        actions, obs, cand = {}, {}, None
-        for s in STAGES:
-            obs[s] = np.concatenate([base, candidate_summary(ctx, cand, b), upstream_features(actions, s, b)], axis=1)
-            actions[s] = _act(actors[s], obs[s], rng, explore and s in explore_stages, explore_std, s)
-            if s == "matching":
-                cand = matching(ctx, req, actions[s], cfg.k_matching, cfg.seed).items
-            elif s == "pre_ranking":
-                cand = pre_ranking(ctx, req, cand, actions[s], cfg.k_pre_ranking).items
-        slate = ranking(ctx, req, cand, actions["ranking"], cfg.k_slate, cfg.seed).items
-        full = np.zeros((n_sessions, slate.shape[1]), np.int64)
-        full[act] = slate
+        rid_rng = rng if users_seed is None else seed_sequence(users_seed, "rid", n_rows)
+        rids = rid_rng.integers(0, 2**62, b)
+        req = RequestBatch(
+            sessions.user[act],
+            sessions.history[act].copy(),
+            sessions.requests[act].copy(),
+            sessions.clicks[act].copy(),
+            rids,
+        )
+        context = pipeline.context(req)
+        rec = pipeline.recommend(req, policies=policies, observe=True, context=context)
+        full = np.zeros((n_sessions, rec.slate.shape[1]), np.int64)
+        full[act] = rec.slate
         resp = world.step(sessions, full, resp_rng)
         ndcg_sum[act] += ndcg_at_k(resp.relevance[act], ideal[act], 10)
         idx = np.arange(n_rows, n_rows + b)
-        rows.append({"context": base, **{f"obs_{s}": obs[s] for s in STAGES}, **{f"act_{s}": actions[s] for s in STAGES},
-                     "user": req.user, "history": req.history, "step": req.step, "clicks": req.clicks, "request_id": rids,
-                     "reward_s": resp.dwell_s[act].sum(axis=1).astype(np.float32), "done": ~sessions.active[act],
-                     "user_group": world.users.cohort[req.user].astype(np.int64),
-                     "item_group": item_group(world, req.history),
-                     "session": act, "prev": pending[act].copy()})
+        rows.append(
+            {
+                "context": context,
+                **{f"obs_{s}": rec.observations[s] for s in STAGES},
+                **{f"act_{s}": rec.actions[s] for s in STAGES},
+                **{f: getattr(req, f) for f in REQUEST_FIELDS},
+                "reward_s": resp.dwell_s[act].sum(axis=1).astype(np.float32),
+                "done": ~sessions.active[act],
+                "user_group": world.users.cohort[req.user].astype(np.int64),
+                "item_group": item_group(world, req.history),
+                "session": act,
+                "prev": pending[act].copy(),
+            }
+        )
         pending[act] = idx
         n_rows += b
     batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     _link_next(batch)
-    summary = {"usage_s_per_session": float(sessions.dwell_s.mean()), "return_rate": float(sessions.returned_next_day.mean()),
-               "ndcg_at_10": float((ndcg_sum / np.maximum(sessions.requests, 1)).mean()),
-               "requests_per_session": float(sessions.requests.mean()), "clicks_per_session": float(sessions.clicks.mean())}
+    summary = {
+        "usage_s_per_session": float(sessions.dwell_s.mean()),
+        "return_rate": float(sessions.returned_next_day.mean()),
+        "ndcg_at_10": float((ndcg_sum / np.maximum(sessions.requests, 1)).mean()),
+        "requests_per_session": float(sessions.requests.mean()),
+        "clicks_per_session": float(sessions.clicks.mean()),
+    }
     return batch, summary
 
 
@@ -91,7 +125,7 @@ def _link_next(batch: dict) -> None:
     nxt = np.arange(n)
     has_prev = batch["prev"] >= 0
     nxt[batch["prev"][has_prev]] = np.flatnonzero(has_prev)
-    for k in ("context", *(f"obs_{s}" for s in STAGES), "user", "history", "step", "clicks", "request_id"):
+    for k in ("context", *(f"obs_{s}" for s in STAGES), *REQUEST_FIELDS):
         batch[f"next_{k}"] = batch[k][nxt]
     del batch["prev"], batch["session"]
 
@@ -108,7 +142,9 @@ class ReplayBuffer:
     def add(self, batch: dict) -> None:
         n = len(next(iter(batch.values())))
         if not self.data:
-            self.data = {k: np.zeros((self.capacity, *np.asarray(v).shape[1:]), np.asarray(v).dtype) for k, v in batch.items()}
+            self.data = {
+                k: np.zeros((self.capacity, *np.asarray(v).shape[1:]), np.asarray(v).dtype) for k, v in batch.items()
+            }
         idx = (self.pos + np.arange(n)) % self.capacity
         for k, v in batch.items():
             self.data[k][idx] = v
@@ -130,11 +166,12 @@ class ReplayBuffer:
                 self.data[k][: len(v)] = v
 
 
-def transitions_from_episodes(pipeline, episodes) -> tuple[dict, dict]:
+def transitions_from_episodes(pipeline: Pipeline, episodes) -> tuple[dict, dict]:
     """MultiStageEnv episodes (RLlib MultiAgentEpisodes, env_config reward "usage") → the same
     transition columns as ``sample_sessions``: the raw request from matching's infos, each stage's
-    observation and (box-clipped) action, the ranking stage's reward as usage seconds."""
-    world = pipeline.world
+    observation and (box-clipped) action, the context (o_1's context part), the ranking stage's
+    reward as usage seconds."""
+    world, spec = pipeline.world, pipeline.spec
     rows, usage, requests = [], [], []
     for ep in episodes:
         per = {s: ep.agent_episodes[s] for s in STAGES}
@@ -146,12 +183,12 @@ def transitions_from_episodes(pipeline, episodes) -> tuple[dict, dict]:
             cols[f"obs_{s}"] = np.asarray(per[s].get_observations(slice(0, n)), np.float32)
             cols[f"act_{s}"] = np.clip(np.asarray(per[s].get_actions(slice(0, n)), np.float32), 0, STAGE_ACTION_HIGH[s])
         reqs = [info["request"] for info in per["matching"].get_infos(slice(0, n))]
-        for f in ("user", "step", "clicks", "request_id"):
+        for f in ("user", "request_id"):
             cols[f] = np.array([r[f] for r in reqs], np.int64)
-        cols["step"], cols["clicks"] = cols["step"].astype(np.int32), cols["clicks"].astype(np.int32)
+        for f in ("step", "clicks"):
+            cols[f] = np.array([r[f] for r in reqs], np.int32)
         cols["history"] = np.stack([r["history"] for r in reqs]).astype(np.int64)
-        d_ctx = cols["obs_matching"].shape[1] - (world.config.embed_dim + 2) - UPSTREAM_DIM
-        cols["context"] = cols["obs_matching"][:, :d_ctx]
+        cols["context"] = cols["obs_matching"][:, : spec.context_dim]
         cols["reward_s"] = np.asarray(per["ranking"].get_rewards(slice(0, n)), np.float32)
         cols["done"] = np.arange(n) == n - 1
         cols["user_group"] = world.users.cohort[cols["user"]].astype(np.int64)

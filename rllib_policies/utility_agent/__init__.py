@@ -7,6 +7,20 @@ from .module import UtilityQModule
 from .ope import InversePropensity, RewardAtHit
 from .pareto import hypervolume_2d, lambda_grid, non_dominated, sweep_actions
 
-__all__ = ["UtilityAgent", "UtilityAgentConfig", "OBJECTIVES", "ActionGrid", "request_dataset", "request_rows",
-           "simulate_exploration_logs", "split_by_user", "UtilityQModule", "InversePropensity", "RewardAtHit",
-           "hypervolume_2d", "lambda_grid", "non_dominated", "sweep_actions"]
+__all__ = [
+    "UtilityAgent",
+    "UtilityAgentConfig",
+    "OBJECTIVES",
+    "ActionGrid",
+    "request_dataset",
+    "request_rows",
+    "simulate_exploration_logs",
+    "split_by_user",
+    "UtilityQModule",
+    "InversePropensity",
+    "RewardAtHit",
+    "hypervolume_2d",
+    "lambda_grid",
+    "non_dominated",
+    "sweep_actions",
+]

@@ -14,18 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray.data
 
-import rust_ext
-from actors.simulate import run_sessions
-from actors.telemetry import ParquetSink, dedupe, slates_events
+from actors.cascade import build_world
+from actors.simulate import inner_rewards, run_sessions
+from actors.stages import run_stage, utility_weight_grid
+from actors.telemetry import EVENT_SCHEMA, ParquetSink, dedupe, slates_events
 from actors.telemetry.sessionise import map_user_partitions, requests_table
 from actors.world import seed_sequence
-from rllib_policies.envs import build_world, user_features, utility_weight_grid
 
 # Reward groups, one Q head each: engagement (clicks) vs. conversion-like long dwell (≥ 18 s views).
 OBJECTIVES = ("clicks", "long_views")
 DAY_US = 86_400 * 10**6
-T0_US = 1_767_225_600 * 10**6          # 2026-01-01T00:00:00Z
+T0_US = 1_767_225_600 * 10**6  # 2026-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,14 @@ class ActionGrid:
         idx, on = self.match(w)
         off = ~on
         if off.any():
-            raise ValueError(f"logged utility weights {w[off][0].tolist()} are not on the action grid "
-                             f"(n={self.n}, high={self.high}); log with the same grid you train on")
+            raise ValueError(
+                f"logged utility weights {w[off][0].tolist()} are not on the action grid "
+                f"(n={self.n}, high={self.high}); log with the same grid you train on"
+            )
         return idx
+
+
+DEFAULT_GRID = ActionGrid()  # PRL-PUTS's 7 × 7 grid
 
 
 def uniform_actions(rng: np.random.Generator, b: int, grid: ActionGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -71,9 +79,15 @@ def uniform_actions(rng: np.random.Generator, b: int, grid: ActionGrid) -> tuple
     return rng.integers(0, grid.size, b), np.full(b, 1.0 / grid.size, np.float32)
 
 
-def simulate_exploration_logs(env_config: dict | None, events_root: str, n_sessions: int = 2000,
-                              grid: ActionGrid = ActionGrid(), seed: int = 0, batch_sessions: int = 500,
-                              ground_truth_path: str | None = None) -> dict:
+def simulate_exploration_logs(
+    env_config: dict | None,
+    events_root: str,
+    n_sessions: int = 2000,
+    grid: ActionGrid = DEFAULT_GRID,
+    seed: int = 0,
+    batch_sessions: int = 500,
+    ground_truth_path: str | None = None,
+) -> dict:
     """Serve ``n_sessions`` whole sessions on the simulator with uniformly random utility weights per
     request, through the same stage functions as the Serve app, and write their events (with the
     request context and propensity) to a ParquetSink at ``events_root``.
@@ -86,43 +100,57 @@ def simulate_exploration_logs(env_config: dict | None, events_root: str, n_sessi
     sink = ParquetSink(events_root, n_buckets=4)
     rng = seed_sequence(seed, "exploration")
     weights = grid.weights
-    n_requests = n_events = 0
-    for start in range(0, n_sessions, batch_sessions):
-        users = rng.integers(0, world.users.n, min(batch_sessions, n_sessions - start))
-        served, batches = {}, []
+    served, batches = {}, []  # request id → what the policy chose; events of the current batch of sessions
 
-        def policy(world_, pipeline_, req, rng_):
-            action, propensity = uniform_actions(rng, len(req.user), grid)
-            rec = pipeline_.recommend(req, {"ranking": weights[action]})
-            truth = expected_rewards_all_actions(pipeline_, req, rec.pre_ranked, weights) if ground_truth_path else None
-            served[req.request_id] = (weights[action], propensity, rec.predictions, user_features(pipeline_, req), truth)
-            return rec.slate
+    def policy(world_, pipeline_, req, rng_):
+        action, propensity = uniform_actions(rng, len(req.user), grid)
+        rec = pipeline_.recommend(req, {"ranking": weights[action]})
+        truth = expected_rewards_all_actions(pipeline_, req, rec.pre_ranked, weights) if ground_truth_path else None
+        served[req.request_id] = (weights[action], propensity, rec.predictions, pipeline_.context(req), truth)
+        return rec.slate
 
-        def observer(req, slate, resp, start=start):
-            w, propensity, preds, context, truth = served.pop(req.request_id)
-            b, k = slate.shape
-            uids = rng.integers(0, 2**63, b, dtype=np.uint64)
-            if truth is not None:
-                truth_tables.append(pa.table({"request_id": np.char.mod("%016x", uids).tolist(),
-                                              "expected_clicks": list(truth[..., 0]), "expected_long_views": list(truth[..., 1])}))
-            rewards, _ = rust_ext.inner_reward_slates(np.arange(0, b * k + 1, k, dtype=np.int64), resp.clicked.ravel(),
-                                                      resp.dwell_s.ravel(), resp.skipped.ravel(), preds["p_click"].ravel())
-            batches.append(slates_events(
+    def observer(req, slate, resp):
+        w, propensity, preds, context, truth = served.pop(req.request_id)
+        b, k = slate.shape
+        uids = rng.integers(0, 2**63, b, dtype=np.uint64)
+        if truth is not None:
+            truth_tables.append(
+                pa.table(
+                    {
+                        "request_id": np.char.mod("%016x", uids).tolist(),
+                        "expected_clicks": list(truth[..., 0]),
+                        "expected_long_views": list(truth[..., 1]),
+                    }
+                )
+            )
+        rewards, _ = inner_rewards(resp, preds["p_click"])
+        batches.append(
+            slates_events(
                 request_uids=uids,
                 ts_us=T0_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10**7,
-                user_ids=req.user, items=slate, clicked=resp.clicked, dwell_s=resp.dwell_s, skipped=resp.skipped,
-                inner_reward=rewards.reshape(b, k), predictions=preds, utility_weights=w, propensity=propensity,
-                purchased=resp.purchased, revenue=resp.revenue, context=context))
+                user_ids=req.user,
+                items=slate,
+                clicked=resp.clicked,
+                dwell_s=resp.dwell_s,
+                skipped=resp.skipped,
+                inner_reward=rewards,
+                predictions=preds,
+                utility_weights=w,
+                propensity=propensity,
+                purchased=resp.purchased,
+                revenue=resp.revenue,
+                context=context,
+            )
+        )
 
+    for start in range(0, n_sessions, batch_sessions):
+        users = rng.integers(0, world.users.n, min(batch_sessions, n_sessions - start))
         run_sessions(world, pipeline, policy, len(users), seed + start, f"exploration-{start}", users, observer)
         sink.write(pa.Table.from_batches(batches))
-    import pyarrow.dataset as pads
-
+        batches.clear()
     n_events = pads.dataset(events_root, format="parquet").count_rows()
     n_requests = n_events // pipeline.config.k_slate
     if ground_truth_path:
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.concat_tables(truth_tables), ground_truth_path)
     return {"sessions": n_sessions, "requests": n_requests, "events": n_events}
 
@@ -131,24 +159,29 @@ def expected_rewards_all_actions(pipeline, req, candidates: np.ndarray, weights:
     """E[clicks], E[long views] of every action's slate at these requests [B, A, 2]: the ranking
     stage re-run with each weight vector on the same pre-ranked candidates and model noise, scored
     by the simulator's exact expectations."""
-    from actors.stages import ranking
-
-    cfg = pipeline.config
     out = np.empty((len(req.user), len(weights), 2), np.float32)
-    for a, w in enumerate(weights):   # |A| small ranking passes (50 candidates each), vectorised over B
-        slate = ranking(pipeline.ctx, req, candidates, w, cfg.k_slate, cfg.seed).items
+    for a, w in enumerate(weights):  # |A| small ranking passes (50 candidates each), vectorised over B
+        slate = run_stage(pipeline.ctx, pipeline.config, "ranking", req, candidates, w).items
         clicks, long_views = pipeline.world.expected_response(req.user, slate)
         out[:, a, 0], out[:, a, 1] = clicks.sum(axis=1), long_views.sum(axis=1)
     return out
 
 
-REQUEST_SCHEMA = pa.schema([
-    ("request_id", pa.string()), ("user_id", pa.int64()), ("action", pa.int32()), ("propensity", pa.float32()),
-    ("obs", pa.list_(pa.float32())), ("clicks", pa.float32()), ("long_views", pa.float32()), ("revenue", pa.float32()),
-])
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("action", pa.int32()),
+        ("propensity", pa.float32()),
+        ("obs", pa.list_(pa.float32())),
+        ("clicks", pa.float32()),
+        ("long_views", pa.float32()),
+        ("revenue", pa.float32()),
+    ]
+)
 
 
-def request_rows(events: pa.Table, grid: ActionGrid = ActionGrid()) -> pa.Table:
+def request_rows(events: pa.Table, grid: ActionGrid = DEFAULT_GRID) -> pa.Table:
     """Served-item events → one row per *exploration* request (REQUEST_SCHEMA): deduplicated (sinks
     deliver at least once), with a logged context, a weight vector on the grid and a propensity
     below 1. Requests served greedily by the agent or with fixed weights (propensity 1) have no
@@ -164,26 +197,27 @@ def request_rows(events: pa.Table, grid: ActionGrid = ActionGrid()) -> pa.Table:
     if steps.empty:
         return REQUEST_SCHEMA.empty_table()
     obs = np.stack(steps["context"].to_numpy()).astype(np.float32)
-    return pa.table({
-        "request_id": pa.array(steps["request_id"].to_numpy(), pa.string()),
-        "user_id": pa.array(steps["user_id"].to_numpy(np.int64)),
-        "action": pa.array(action.astype(np.int32)),
-        "propensity": pa.array(steps["propensity"].to_numpy(np.float32)),
-        "obs": pa.ListArray.from_arrays(pa.array(np.arange(0, obs.size + 1, obs.shape[1], dtype=np.int32)),
-                                        pa.array(obs.ravel())),
-        **{k: pa.array(steps[k].to_numpy(np.float32)) for k in ("clicks", "long_views", "revenue")},
-    }, schema=REQUEST_SCHEMA)
+    return pa.table(
+        {
+            "request_id": pa.array(steps["request_id"].to_numpy(), pa.string()),
+            "user_id": pa.array(steps["user_id"].to_numpy(np.int64)),
+            "action": pa.array(action.astype(np.int32)),
+            "propensity": pa.array(steps["propensity"].to_numpy(np.float32)),
+            "obs": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, obs.size + 1, obs.shape[1], dtype=np.int32)), pa.array(obs.ravel())
+            ),
+            **{k: pa.array(steps[k].to_numpy(np.float32)) for k in ("clicks", "long_views", "revenue")},
+        },
+        schema=REQUEST_SCHEMA,
+    )
 
 
-def request_dataset(events_root: str, grid: ActionGrid = ActionGrid(), num_cpus: float = 0.25, num_partitions: int = 8):
+def request_dataset(events_root: str, grid: ActionGrid = DEFAULT_GRID, num_cpus: float = 0.25, num_partitions: int = 8):
     """The Ray Data job: read the event Parquet, group by user (``num_partitions`` hash partitions),
     build request rows (materialised)."""
-    import ray.data
-
-    from actors.telemetry import EVENT_SCHEMA
-
-    ds = ray.data.read_parquet(events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"],
-                               num_cpus=num_cpus)
+    ds = ray.data.read_parquet(
+        events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"], num_cpus=num_cpus
+    )
     return map_user_partitions(ds, lambda t: request_rows(t, grid), num_partitions, num_cpus).materialize()
 
 
@@ -199,21 +233,24 @@ def split_by_user(table: pa.Table, holdout: float = 0.3, seed: int = 0) -> tuple
 def as_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     """Columns as NumPy: obs [N, d], action [N], propensity [N], rewards [N, 2] (OBJECTIVES order)."""
     if table.num_rows == 0:
-        raise ValueError("no request rows: the logs hold no exploration requests (context, propensity < 1, on the grid)")
+        raise ValueError(
+            "no request rows: the logs hold no exploration requests (context, propensity < 1, on the grid)"
+        )
     obs_col = table["obs"].combine_chunks()
     d = len(obs_col[0])
-    return {"obs": obs_col.flatten().to_numpy().reshape(-1, d).astype(np.float32),
-            "action": table["action"].to_numpy().astype(np.int64),
-            "propensity": table["propensity"].to_numpy().astype(np.float32),
-            "rewards": np.stack([table[k].to_numpy() for k in OBJECTIVES], axis=1).astype(np.float32),
-            "user_id": table["user_id"].to_numpy(), "request_id": np.asarray(table["request_id"].to_pylist(), object)}
+    return {
+        "obs": obs_col.flatten().to_numpy().reshape(-1, d).astype(np.float32),
+        "action": table["action"].to_numpy().astype(np.int64),
+        "propensity": table["propensity"].to_numpy().astype(np.float32),
+        "rewards": np.stack([table[k].to_numpy() for k in OBJECTIVES], axis=1).astype(np.float32),
+        "user_id": table["user_id"].to_numpy(),
+        "request_id": np.asarray(table["request_id"].to_pylist(), object),
+    }
 
 
 def load_ground_truth(path: str, request_ids: np.ndarray) -> np.ndarray:
     """The exact expected rewards of every action at the given logged requests [N, A, 2] (see
     simulate_exploration_logs(ground_truth_path=…)); KeyError naming a request without one."""
-    import pyarrow.parquet as pq
-
     t = pq.read_table(path)
     pos = {rid: i for i, rid in enumerate(t["request_id"].to_pylist())}
     missing = [r for r in request_ids if r not in pos]

@@ -2,8 +2,9 @@
 
 Q(s, a) ∈ R² for a request context s and a utility-weight vector a from the action grid:
 
-    h_s = MLP_s(s)                          state encoder: user tower, pooled recent history, cohort,
-                                            request index, clicks so far (rllib_policies.envs.user_features)
+    h_s = MLP_s(s)                          state encoder over the request context: user tower, pooled
+                                            recent history, cohort, request index, clicks so far
+                                            (actors.observation.ObservationSpec.context)
     h_a = MLP_a(a / a_max)                  the action is an input, not one output per action
     Q_k(s, a) = μ_k + σ_k · head_k(MLP([h_s, h_a, h_s ⊙ h_a]))      k ∈ {engagement, long dwell}
 
@@ -15,6 +16,9 @@ the batch's "lambda" column.
 
 from __future__ import annotations
 
+import os
+
+import gymnasium as gym
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
@@ -50,9 +54,9 @@ class UtilityQModule(TorchRLModule):
     def scores(self, obs: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised Q̃ = (Q − μ)/σ: [B, 2] for given action indices [B], else [B, A, 2] for all."""
         h_s = torch.relu(self.state_encoder(obs))
-        h_a = torch.relu(self.action_encoder(self.grid / self.grid_scale))          # [A, h]
+        h_a = torch.relu(self.action_encoder(self.grid / self.grid_scale))  # [A, h]
         if actions is not None:
-            h_a = h_a[actions.long()]                                                 # [B, h]
+            h_a = h_a[actions.long()]  # [B, h]
         else:
             h_s, h_a = h_s[:, None, :].expand(-1, len(self.grid), -1), h_a[None].expand(len(obs), -1, -1)
         return self.heads(self.trunk(torch.cat([h_s, h_a, h_s * h_a], dim=-1)))
@@ -80,7 +84,7 @@ class UtilityQModule(TorchRLModule):
         obs = batch[Columns.OBS]
         return {Columns.ACTIONS: self.greedy(obs, batch.get("lambda", self.lam))}
 
-    def _forward_exploration(self, batch, **kwargs):   # the logging policy: uniform over the grid
+    def _forward_exploration(self, batch, **kwargs):  # the logging policy: uniform over the grid
         obs = batch[Columns.OBS]
         return {Columns.ACTIONS: torch.randint(0, len(self.grid), (len(obs),), device=obs.device)}
 
@@ -88,22 +92,27 @@ class UtilityQModule(TorchRLModule):
 def save_agent(module: UtilityQModule, path: str) -> str:
     """What serving loads: the state dict (with reward scale) + grid + sizes, no RLlib checkpoint."""
     grid = module.grid.numpy()
-    torch.save({"state_dict": module.state_dict(), "grid": grid.tolist(), "hidden": module.heads.in_features,
-                "obs_dim": module.observation_space.shape[0]}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "grid": grid.tolist(),
+            "hidden": module.heads.in_features,
+            "obs_dim": module.observation_space.shape[0],
+        },
+        path,
+    )
     return path
 
 
 def load_agent(path: str) -> UtilityQModule:
     """A UtilityQModule saved by ``save_agent``, in eval mode."""
-    import os
-
-    import gymnasium as gym
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"utility agent file {path!r} not found: run rllib_policies.train_utility_agent first")
     saved = torch.load(path, weights_only=True)
-    module = UtilityQModule(observation_space=gym.spaces.Box(-np.inf, np.inf, (int(saved["obs_dim"]),), np.float32),
-                            action_space=gym.spaces.Discrete(len(saved["grid"])),
-                            model_config={"grid": saved["grid"], "hidden": int(saved["hidden"])})
+    module = UtilityQModule(
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (int(saved["obs_dim"]),), np.float32),
+        action_space=gym.spaces.Discrete(len(saved["grid"])),
+        model_config={"grid": saved["grid"], "hidden": int(saved["hidden"])},
+    )
     module.load_state_dict(saved["state_dict"])
     return module.eval()

@@ -1,24 +1,37 @@
 """Off-policy estimators for deterministic per-request policies on exploration logs (small
 dataclasses in the style of Open Bandit Pipeline), and the ratio-of-means CI the simulator's
-ground truth uses."""
+ground truth uses. Every CI is a normal one at confidence ``level``: half-width z·s.e. with
+z = Φ⁻¹((1 + level)/2) (1.95996… at 95 %)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
+
+
+def normal_quantile(level: float) -> float:
+    """z = Φ⁻¹((1 + level)/2), the two-sided normal CI's multiplier at confidence ``level``."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return float(stats.norm.ppf(0.5 + level / 2))
 
 
 @dataclass(frozen=True)
 class OPEResult:
-    value: np.ndarray         # [K] estimated mean reward per request, one per objective
-    ci: np.ndarray            # [K] half-width of the (1 − α) confidence interval
-    ess: float                # effective sample size (Σw)² / Σw²
-    hits: int                 # logged requests whose action equals the policy's
+    value: np.ndarray  # [K] estimated mean reward per request, one per objective
+    ci: np.ndarray  # [K] half-width of the confidence interval (the estimator's level)
+    ess: float  # effective sample size (Σw)² / Σw²
+    hits: int  # logged requests whose action equals the policy's
 
     def row(self, names) -> dict:
-        return {**{n: float(v) for n, v in zip(names, self.value)}, **{f"{n}_ci": float(c) for n, c in zip(names, self.ci)},
-                "ess": self.ess, "hits": self.hits}
+        return {
+            **{n: float(v) for n, v in zip(names, self.value)},
+            **{f"{n}_ci": float(c) for n, c in zip(names, self.ci)},
+            "ess": self.ess,
+            "hits": self.hits,
+        }
 
 
 @dataclass(frozen=True)
@@ -33,14 +46,24 @@ class RewardAtHit:
     long views vary across users far more than across requests). Under uniform logging
     (p_i = 1/|A|) V̂ is the mean reward of the logged requests whose action equals the policy's."""
 
-    z: float = 1.96
+    level: float = 0.95  # confidence level of the CI
 
-    def estimate(self, logged_actions: np.ndarray, propensity: np.ndarray, rewards: np.ndarray,
-                 policy_actions: np.ndarray, clusters: np.ndarray | None = None) -> OPEResult:
+    @property
+    def z(self) -> float:
+        return normal_quantile(self.level)
+
+    def estimate(
+        self,
+        logged_actions: np.ndarray,
+        propensity: np.ndarray,
+        rewards: np.ndarray,
+        policy_actions: np.ndarray,
+        clusters: np.ndarray | None = None,
+    ) -> OPEResult:
         rewards = np.asarray(rewards, np.float64).reshape(len(logged_actions), -1 if len(logged_actions) else 2)
         w = (np.asarray(logged_actions) == np.asarray(policy_actions)) / np.asarray(propensity, np.float64)
         total = w.sum()
-        if total == 0:   # no hits (or no rows): no estimate
+        if total == 0:  # no hits (or no rows): no estimate
             nan = np.full(rewards.shape[1], np.nan)
             return OPEResult(nan, nan, 0.0, 0)
         value = (w[:, None] * rewards).sum(0) / total
@@ -56,7 +79,11 @@ class RewardAtHit:
 class InversePropensity:
     """Unnormalised IPS: V̂ = (1/N)·Σ_i w_i·r_i, Var ≈ Var_i(w_i·r_i)/N (unbiased, higher variance)."""
 
-    z: float = 1.96
+    level: float = 0.95  # confidence level of the CI
+
+    @property
+    def z(self) -> float:
+        return normal_quantile(self.level)
 
     def estimate(self, logged_actions, propensity, rewards, policy_actions) -> OPEResult:
         rewards = np.asarray(rewards, np.float64).reshape(len(logged_actions), -1)
@@ -67,17 +94,17 @@ class InversePropensity:
         return OPEResult(terms.mean(0), self.z * terms.std(0, ddof=1) / np.sqrt(n), ess, int((w > 0).sum()))
 
 
-def ratio_mean_ci(numerator: np.ndarray, denominator: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+def ratio_mean_ci(numerator: np.ndarray, denominator: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Mean per request over sessions, V = Σ_s R_s / Σ_s N_s, with its CI by linearisation:
-    z_s = (R_s − V·N_s)/N̄, half-width = z·sd(z_s)/√S. numerator [S, K], denominator [S]."""
+    ℓ_s = (R_s − V·N_s)/N̄, half-width = z·sd(ℓ_s)/√S. numerator [S, K], denominator [S]."""
     num = np.asarray(numerator, np.float64).reshape(len(denominator), -1)
     den = np.asarray(denominator, np.float64)
     value = num.sum(0) / den.sum()
     lin = (num - value * den[:, None]) / den.mean()
-    return value, z * lin.std(0, ddof=1) / np.sqrt(len(den))
+    return value, normal_quantile(level) * lin.std(0, ddof=1) / np.sqrt(len(den))
 
 
-def paired_ratio_difference(num_a, den_a, num_b, den_b, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+def paired_ratio_difference(num_a, den_a, num_b, den_b, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """V_a − V_b for two policies run on the same sessions (common users and draws), with the CI of
     the paired linearised difference."""
     va, _ = ratio_mean_ci(num_a, den_a)
@@ -85,4 +112,4 @@ def paired_ratio_difference(num_a, den_a, num_b, den_b, z: float = 1.96) -> tupl
     la = (np.asarray(num_a, np.float64).reshape(len(den_a), -1) - va * np.asarray(den_a)[:, None]) / np.mean(den_a)
     lb = (np.asarray(num_b, np.float64).reshape(len(den_b), -1) - vb * np.asarray(den_b)[:, None]) / np.mean(den_b)
     d = la - lb
-    return va - vb, z * d.std(0, ddof=1) / np.sqrt(len(d))
+    return va - vb, normal_quantile(level) * d.std(0, ddof=1) / np.sqrt(len(d))

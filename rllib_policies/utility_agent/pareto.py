@@ -29,7 +29,7 @@ def sweep_actions(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
 def non_dominated(points: np.ndarray) -> np.ndarray:
     """Mask of the points [M, 2] no other point dominates (≥ on both objectives, > on one)."""
     p = np.asarray(points, np.float64)
-    ge = (p[None, :, :] >= p[:, None, :]).all(-1)       # [i, j]: j ≥ i everywhere
+    ge = (p[None, :, :] >= p[:, None, :]).all(-1)  # [i, j]: j ≥ i everywhere
     gt = (p[None, :, :] > p[:, None, :]).any(-1)
     dominated = (ge & gt).any(axis=1)
     return ~dominated & np.isfinite(p).all(axis=1)
@@ -63,11 +63,16 @@ def write_frontier(path: str, points: list[dict], meta: dict) -> dict:
                 version = int(json.load(f).get("version", 0)) + 1
         except (OSError, ValueError):
             pass
-    artifact = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "objectives": list(OBJECTIVES), "meta": meta, "points": points}
+    artifact = {
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "objectives": list(OBJECTIVES),
+        "meta": meta,
+        "points": points,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:   # strict JSON: NaN (no estimate) is written as null
+    with open(tmp, "w") as f:  # strict JSON: NaN (no estimate) is written as null
         json.dump(_finite(artifact), f, indent=1, default=_json_default, allow_nan=False)
     os.replace(tmp, path)
     return artifact
@@ -96,18 +101,27 @@ def _json_default(o):
 def plot_frontier(path: str, series: dict[str, dict], title: str) -> None:
     """Scatter + line per series {name: {"x", "y", "xerr", "yerr", "labels"?}} (x = clicks,
     y = long views per request)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional dependency: callers skip the plots without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the headless backend
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, s in series.items():
         x, y = np.asarray(s["x"]), np.asarray(s["y"])
         order = np.argsort(x)
-        ax.errorbar(x[order], y[order], xerr=np.asarray(s.get("xerr", np.zeros_like(x)))[order],
-                    yerr=np.asarray(s.get("yerr", np.zeros_like(y)))[order], fmt=s.get("fmt", "o-"), ms=4,
-                    capsize=2, lw=1, alpha=0.85, label=name)
+        ax.errorbar(
+            x[order],
+            y[order],
+            xerr=np.asarray(s.get("xerr", np.zeros_like(x)))[order],
+            yerr=np.asarray(s.get("yerr", np.zeros_like(y)))[order],
+            fmt=s.get("fmt", "o-"),
+            ms=4,
+            capsize=2,
+            lw=1,
+            alpha=0.85,
+            label=name,
+        )
         for lbl, xi, yi in zip(s.get("labels", []), x, y):
             ax.annotate(lbl, (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("clicks per request (engagement head)")
@@ -122,17 +136,19 @@ def plot_frontier(path: str, series: dict[str, dict], title: str) -> None:
 
 def plot_cohort_frontiers(path: str, artifact: dict, key: str = "off_policy") -> None:
     """One panel per user cohort: π_λ's per-cohort values (``key``: off_policy or simulator) along λ."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional dependency: callers skip the plots without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the headless backend
 
     cohorts = sorted({c for p in artifact["points"] for c in p.get(key, {}).get("cohorts", {})})
     if not cohorts:
         return
     fig, axes = plt.subplots(1, len(cohorts), figsize=(5 * len(cohorts), 4), squeeze=False)
     for ax, cohort in zip(axes[0], cohorts):
-        pts = [(p["lambda"], p[key]["cohorts"][cohort]) for p in artifact["points"] if cohort in p[key].get("cohorts", {})]
+        pts = [
+            (p["lambda"], p[key]["cohorts"][cohort]) for p in artifact["points"] if cohort in p[key].get("cohorts", {})
+        ]
         x = np.array([np.nan if v.get("clicks") is None else v["clicks"] for _, v in pts], float)
         y = np.array([np.nan if v.get("long_views") is None else v["long_views"] for _, v in pts], float)
         sc = ax.scatter(x, y, c=[lam for lam, _ in pts], cmap="viridis", s=18)

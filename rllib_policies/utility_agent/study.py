@@ -1,6 +1,12 @@
-"""The whole PRL-PUTS loop as functions: exploration logs → request rows (Ray Data) → offline
-training (RLlib) → λ sweep → frontier artifact with baselines. The job entrypoint
-(rllib_policies.train_utility_agent) and the benchmark (benchmarks/utility_agent.py) both run it.
+"""The whole PRL-PUTS loop as pieces of one training job: exploration logs → request rows (Ray
+Data) → offline training (RLlib, the shared job runner's loop) → λ sweep → frontier artifact with
+baselines. The job entrypoint (rllib_policies.train_utility_agent, ``job_main``) and the benchmark
+(benchmarks/utility_agent.py, ``run_study``) run the same pieces:
+
+    study = UtilityStudy()
+    algo = study.build(cfg)                                      # logs → request rows → agent
+    run_training(algo, cfg.iterations, cfg.checkpoint_dir, cfg.checkpoint_every, study.progress)
+    artifact = study.finish(algo, cfg)                           # λ sweep → frontier.json, agent.pt
 """
 
 from __future__ import annotations
@@ -11,32 +17,75 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 from actors.world import COHORTS
+from rllib_policies.envs import UtilityWeightEnv
+from rllib_policies.jobs import JobConfig, run_training
 
-from .exploration import OBJECTIVES, ActionGrid, as_arrays, request_dataset, simulate_exploration_logs, split_by_user
+from .algorithm import UtilityAgent, UtilityAgentConfig
+from .evaluate import (
+    agent_chooser,
+    cohort_of,
+    evaluation_users,
+    fixed_chooser,
+    observation_spec,
+    off_policy_point,
+    simulate_policy,
+    simulated_point,
+)
+from .exploration import (
+    OBJECTIVES,
+    ActionGrid,
+    as_arrays,
+    exact_value,
+    load_ground_truth,
+    request_dataset,
+    simulate_exploration_logs,
+    split_by_user,
+)
+from .module import save_agent
 from .ope import RewardAtHit
-from .pareto import (hypervolume_2d, lambda_grid, non_dominated, plot_cohort_frontiers, plot_frontier, sweep_actions,
-                     write_frontier)
+from .pareto import (
+    hypervolume_2d,
+    lambda_grid,
+    non_dominated,
+    plot_cohort_frontiers,
+    plot_frontier,
+    sweep_actions,
+    write_frontier,
+)
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(JobConfig):
+    """The study's YAML: the job runner's fields (iterations, checkpoint_dir, checkpoint_every, seed,
+    num_cpus) and the study's own. ``checkpoint_dir`` defaults to ``out_dir/checkpoints``."""
+
+    iterations: int = 15  # passes over the training request rows
+    checkpoint_dir: str | None = None
     out_dir: str = "runs/utility_agent"
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
     grid_n: int = 7
     grid_high: tuple[float, float] = (2.0, 40.0)
     exploration_sessions: int = 3000
-    events_root: str | None = None        # existing exploration events; None: simulate them under out_dir
+    events_root: str | None = None  # existing exploration events; None: simulate them under out_dir
     holdout: float = 0.3
-    iterations: int = 15
     lr: float = 1e-3
     batch_size: int = 512
     hidden: int = 64
     num_learners: int = 0
     lambdas: int = 25
-    eval_sessions: int = 1000             # simulator ground truth per policy; 0 skips the simulator
-    seed: int = 0
+    eval_sessions: int = 1000  # simulator ground truth per policy; 0 skips the simulator
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
 
     @property
     def grid(self) -> ActionGrid:
@@ -47,38 +96,52 @@ def log(msg: str) -> None:
     print(f"[utility_agent] {msg}", flush=True)
 
 
+def request_paths(cfg: StudyConfig) -> dict[str, str]:
+    """Where the train / holdout request rows live (absolute: a resumed job may run elsewhere)."""
+    return {name: os.path.abspath(os.path.join(cfg.out_dir, "requests", name)) for name in ("train", "holdout")}
+
+
 def prepare_requests(cfg: StudyConfig) -> tuple[str, str, dict]:
     """Exploration events (simulated if needed) → request rows → train/ and holdout/ Parquet by user."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
     events = cfg.events_root or os.path.join(cfg.out_dir, "events")
     info = {}
     manifest = os.path.join(cfg.out_dir, "exploration.json")
-    wanted = {"exploration_sessions": cfg.exploration_sessions, "seed": cfg.seed, "grid": [cfg.grid_n, list(cfg.grid_high)],
-              "env_config": cfg.env_config}
-    wanted = json.loads(json.dumps(wanted))   # as it reads back (tuples → lists)
-    if cfg.events_root is None and os.path.exists(events):   # reuse only logs this config finished writing
+    wanted = {
+        "exploration_sessions": cfg.exploration_sessions,
+        "seed": cfg.seed,
+        "grid": [cfg.grid_n, list(cfg.grid_high)],
+        "env_config": cfg.env_config,
+    }
+    wanted = json.loads(json.dumps(wanted))  # as it reads back (tuples → lists)
+    if cfg.events_root is None and os.path.exists(events):  # reuse only logs this config finished writing
         found = json.load(open(manifest)) if os.path.exists(manifest) else None
         if found != wanted:
-            raise ValueError(f"{events} holds exploration logs from another or an unfinished run "
-                             f"(manifest {found!r}); delete {cfg.out_dir} or point events_root at the logs to use")
+            raise ValueError(
+                f"{events} holds exploration logs from another or an unfinished run "
+                f"(manifest {found!r}); delete {cfg.out_dir} or point events_root at the logs to use"
+            )
     if cfg.events_root is None and not os.path.exists(events):
         t = time.perf_counter()
-        info = simulate_exploration_logs(cfg.env_config, events, cfg.exploration_sessions, cfg.grid, cfg.seed,
-                                         ground_truth_path=ground_truth_path(cfg))
-        log(f"exploration logs: {info['sessions']} sessions, {info['requests']} requests, uniform over "
-            f"{cfg.grid.size} actions ({time.perf_counter() - t:.1f} s) → {events}")
+        info = simulate_exploration_logs(
+            cfg.env_config,
+            events,
+            cfg.exploration_sessions,
+            cfg.grid,
+            cfg.seed,
+            ground_truth_path=ground_truth_path(cfg),
+        )
+        log(
+            f"exploration logs: {info['sessions']} sessions, {info['requests']} requests, uniform over "
+            f"{cfg.grid.size} actions ({time.perf_counter() - t:.1f} s) → {events}"
+        )
         with open(manifest, "w") as f:
             json.dump(wanted, f)
     table = pa.concat_tables(ray.get(request_dataset(events, cfg.grid).to_arrow_refs()))
     if table.num_rows == 0:
         raise ValueError(f"no request rows with a logged context under {events!r}")
     train, held = split_by_user(table, cfg.holdout, cfg.seed)
-    paths = {}
+    paths = request_paths(cfg)
     for name, part in (("train", train), ("holdout", held)):
-        paths[name] = os.path.join(cfg.out_dir, "requests", name)
         os.makedirs(paths[name], exist_ok=True)
         pq.write_table(part, os.path.join(paths[name], "part-0.parquet"))
     log(f"request rows: {train.num_rows} train / {held.num_rows} held out (split by user)")
@@ -90,85 +153,147 @@ def ground_truth_path(cfg: StudyConfig) -> str:
     return os.path.join(cfg.out_dir, "ground_truth.parquet")
 
 
-def build_agent(cfg: StudyConfig, train_path: str):
-    from rllib_policies.envs import UtilityWeightEnv
-
-    from .algorithm import UtilityAgentConfig
-
+def build_agent(cfg: StudyConfig, train_path: str) -> UtilityAgent:
     env = {**cfg.env_config, "grid": cfg.grid_n, "grid_high": tuple(cfg.grid_high), "seed": cfg.seed}
-    return (UtilityAgentConfig()
-            .environment(UtilityWeightEnv, env_config=env)
-            .utility_agent(grid_n=cfg.grid_n, grid_high=tuple(cfg.grid_high), offline_requests=train_path,
-                           hidden=cfg.hidden)
-            .training(lr=cfg.lr, train_batch_size_per_learner=cfg.batch_size)
-            .learners(num_learners=cfg.num_learners)
-            .debugging(seed=cfg.seed, log_level="ERROR")
-            .build_algo())
+    return (
+        UtilityAgentConfig()
+        .environment(UtilityWeightEnv, env_config=env)
+        .utility_agent(
+            grid_n=cfg.grid_n, grid_high=tuple(cfg.grid_high), offline_requests=train_path, hidden=cfg.hidden
+        )
+        .training(lr=cfg.lr, train_batch_size_per_learner=cfg.batch_size)
+        .learners(num_learners=cfg.num_learners)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+        .build_algo()
+    )
 
 
-def train(algo, iterations: int) -> list[dict]:
-    history = []
-    for it in range(1, iterations + 1):
-        t = time.perf_counter()
-        res = algo.train()
-        lr = res["learners"]["default_policy"]
-        row = {"iteration": it, **{k: float(lr[k]) for k in ("mse_head0", "mse_head1", "r2_head0", "r2_head1")},
-               "seconds": time.perf_counter() - t}
-        history.append(row)
-        log(f"iter {it:3d} | mse clicks {row['mse_head0']:.3f} long_views {row['mse_head1']:.3f} | "
-            f"R² {row['r2_head0']:.3f} / {row['r2_head1']:.3f} | {row['seconds']:.1f} s")
-    return history
+def history_row(result: dict) -> dict:
+    """One training pass's fit: per-head MSE and R² (standardised targets) and its wall time."""
+    fit = result["learners"][DEFAULT_MODULE_ID]
+    return {
+        "iteration": int(result["training_iteration"]),
+        **{k: float(fit[k]) for k in ("mse_head0", "mse_head1", "r2_head0", "r2_head1")},
+        "seconds": float(result["time_this_iter_s"]),
+    }
+
+
+class UtilityStudy:
+    """The study's pieces for the job runner: ``build`` (logs → request rows → agent), ``progress``
+    (one line per pass, kept as the training history) and ``finish`` (λ sweep → artifact)."""
+
+    def __init__(self) -> None:
+        self.data_info: dict = {}
+        self.history: list[dict] = []
+
+    def build(self, cfg: StudyConfig) -> UtilityAgent:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        train_path, _, self.data_info = prepare_requests(cfg)
+        return build_agent(cfg, train_path)
+
+    def progress(self, result: dict) -> str:
+        row = history_row(result)
+        self.history.append(row)
+        return (
+            f"mse clicks {row['mse_head0']:.3f} long_views {row['mse_head1']:.3f} | "
+            f"R² {row['r2_head0']:.3f} / {row['r2_head1']:.3f}"
+        )
+
+    def finish(self, algo: UtilityAgent, cfg: StudyConfig) -> dict:
+        """agent.pt (what serving loads) → λ sweep → frontier.json (versioned), frontier.png,
+        frontier_cohorts.png."""
+        paths = request_paths(cfg)
+        data_info = self.data_info or {  # a resumed job did not prepare the rows: count them
+            f"{name}_rows": pads.dataset(path, format="parquet").count_rows() for name, path in paths.items()
+        }
+        module = algo.inference_module()
+        agent_path = save_agent(module, os.path.join(cfg.out_dir, "agent.pt"))
+        result = sweep(cfg, module, paths["holdout"], paths["train"])
+        result["meta"].update(config=asdict(cfg), data=data_info, training=self.history, agent=agent_path)
+        artifact = write_frontier(os.path.join(cfg.out_dir, "frontier.json"), result["points"], result["meta"])
+        try:
+            plot(os.path.join(cfg.out_dir, "frontier.png"), result)
+            plot_cohort_frontiers(
+                os.path.join(cfg.out_dir, "frontier_cohorts.png"),
+                artifact,
+                "simulator" if "simulator" in result["points"][0] else "off_policy",
+            )
+        except ImportError:
+            log("matplotlib not installed: frontier.png skipped (pip install matplotlib)")
+        log(f"frontier v{artifact['version']} → {os.path.join(cfg.out_dir, 'frontier.json')}")
+        return artifact
 
 
 def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     """π_λ for every λ and the baselines, off-policy on held-out logs and (eval_sessions > 0) on the
     simulator. Returns the artifact's points and meta."""
-    import pyarrow.parquet as pq
-    import torch
-
-    from .evaluate import (agent_chooser, evaluation_users, fixed_chooser, off_policy_point, simulate_policy,
-                           simulated_point)
-
-    from .exploration import exact_value, load_ground_truth
-
     grid, weights, est = cfg.grid, cfg.grid.weights, RewardAtHit()
     held = as_arrays(pq.read_table(holdout_path))
-    truth = (load_ground_truth(ground_truth_path(cfg), held["request_id"])
-             if cfg.events_root is None and os.path.exists(ground_truth_path(cfg)) else None)
+    truth = (
+        load_ground_truth(ground_truth_path(cfg), held["request_id"])
+        if cfg.events_root is None and os.path.exists(ground_truth_path(cfg))
+        else None
+    )
     exact = (lambda acts: dict(zip(OBJECTIVES, map(float, exact_value(truth, acts))))) if truth is not None else None
     trained = as_arrays(pq.read_table(train_path))
-    with torch.no_grad():   # in chunks: [N, A, hidden] activations for the whole holdout would not fit
-        scores = np.concatenate([module.scores(torch.as_tensor(held["obs"][i:i + 2048])).numpy()
-                                 for i in range(0, len(held["obs"]), 2048)])
+    with torch.no_grad():  # in chunks: [N, A, hidden] activations for the whole holdout would not fit
+        scores = np.concatenate(
+            [
+                module.scores(torch.as_tensor(held["obs"][i : i + 2048])).numpy()
+                for i in range(0, len(held["obs"]), 2048)
+            ]
+        )
     lambdas = lambda_grid(cfg.lambdas)
-    actions = sweep_actions(scores, lambdas)                                   # [L, N]
+    actions = sweep_actions(scores, lambdas)  # [L, N]
     scale = trained["rewards"].std(axis=0)
 
     # global fixed weights: each grid action for everyone, selected on the training logs
-    fixed_train = np.array([est.estimate(trained["action"], trained["propensity"], trained["rewards"],
-                                         np.full(len(trained["action"]), a)).value for a in range(grid.size)])
-    fixed_held = [off_policy_point(held, np.full(len(held["action"]), a)) for a in range(grid.size)]
+    fixed_train = np.array(
+        [
+            est.estimate(
+                trained["action"], trained["propensity"], trained["rewards"], np.full(len(trained["action"]), a)
+            ).value
+            for a in range(grid.size)
+        ]
+    )
+    held_cohort = cohort_of(held["obs"], observation_spec(cfg.env_config))
+    fixed_held = [off_policy_point(held, np.full(len(held["action"]), a), held_cohort) for a in range(grid.size)]
     users = evaluation_users(cfg.env_config, cfg.eval_sessions, cfg.seed + 1) if cfg.eval_sessions else None
-    sim = (lambda choose: simulate_policy(cfg.env_config, choose, users, cfg.seed + 1, grid)) if users is not None else None
+    sim = (
+        (lambda choose: simulate_policy(cfg.env_config, choose, users, cfg.seed + 1, grid))
+        if users is not None
+        else None
+    )
     fixed_runs = [sim(fixed_chooser(weights[a], a)) for a in range(grid.size)] if sim else None
     if sim:
         log(f"simulated {grid.size} global fixed-weight policies × {len(users)} sessions")
 
-    points, held_cohort = [], _cohort(held)
+    points = []
     for li, lam in enumerate(lambdas):
         a = actions[li]
         share = np.bincount(a, minlength=grid.size) / len(a)
         avg_w = weights[a].mean(axis=0)
         nearest = int((np.abs(weights - avg_w) / np.maximum(weights.max(axis=0), 1e-6)).max(axis=1).argmin())
         best_global = int((lam * fixed_train[:, 0] / scale[0] + (1 - lam) * fixed_train[:, 1] / scale[1]).argmax())
-        point = {"lambda": float(lam), "off_policy": off_policy_point(held, a),
-                 **({"exact": exact(a)} if exact else {}),
-                 "action_distribution": {"share": share.round(4).tolist(), "mean_weights": avg_w.tolist(),
-                                         "distinct_actions": int((share > 0).sum())},
-                 "best_global_action": best_global, "best_global_weights": weights[best_global].tolist(),
-                 "static_average_weights": avg_w.tolist(), "static_average_nearest_action": nearest,
-                 "cohort_mean_weights": {name: weights[a[held_cohort == c]].mean(axis=0).tolist()
-                                         for c, name in enumerate(COHORTS) if (held_cohort == c).any()}}
+        point = {
+            "lambda": float(lam),
+            "off_policy": off_policy_point(held, a, held_cohort),
+            **({"exact": exact(a)} if exact else {}),
+            "action_distribution": {
+                "share": share.round(4).tolist(),
+                "mean_weights": avg_w.tolist(),
+                "distinct_actions": int((share > 0).sum()),
+            },
+            "best_global_action": best_global,
+            "best_global_weights": weights[best_global].tolist(),
+            "static_average_weights": avg_w.tolist(),
+            "static_average_nearest_action": nearest,
+            "cohort_mean_weights": {
+                name: weights[a[held_cohort == c]].mean(axis=0).tolist()
+                for c, name in enumerate(COHORTS)
+                if (held_cohort == c).any()
+            },
+        }
         if sim:
             run = sim(agent_chooser(module, float(lam), grid))
             static = sim(fixed_chooser(avg_w))
@@ -179,29 +304,51 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
             point["lift_vs_best_global"] = _diff(d, dci, lam, scale)
             point["lift_vs_static_average"] = _diff(s, sci, lam, scale)
         points.append(point)
-        log(f"λ {lam:.3f}: off-policy clicks {point['off_policy']['clicks']:.3f} long_views "
+        log(
+            f"λ {lam:.3f}: off-policy clicks {point['off_policy']['clicks']:.3f} long_views "
             f"{point['off_policy']['long_views']:.3f} (ESS {point['off_policy']['ess']:.0f})"
-            + (f" | simulator {point['simulator']['clicks']:.3f} / {point['simulator']['long_views']:.3f}" if sim else ""))
+            + (
+                f" | simulator {point['simulator']['clicks']:.3f} / {point['simulator']['long_views']:.3f}"
+                if sim
+                else ""
+            )
+        )
 
     ope_xy = np.array([[p["off_policy"][o] for o in OBJECTIVES] for p in points])
     glob_xy = np.array([[f[o] for o in OBJECTIVES] for f in fixed_held])
     for p, nd in zip(points, non_dominated(ope_xy)):
         p["non_dominated_off_policy"] = bool(nd)
-    meta = {"grid": {"n": grid.n, "high": list(grid.high), "weights": weights.tolist()},
-            "reward_scale": scale.tolist(), "estimator": "reward at hit (SNIPS, uniform logging)",
-            "holdout_requests": int(len(held["action"])), "global_fixed": [
-                {"action": a, "weights": weights[a].tolist(), "off_policy": fixed_held[a],
-                 **({"exact": exact(np.full(len(held["action"]), a))} if exact else {}),
-                 **({"simulator": simulated_point(fixed_runs[a])} if sim else {})} for a in range(grid.size)]}
+    meta = {
+        "grid": {"n": grid.n, "high": list(grid.high), "weights": weights.tolist()},
+        "reward_scale": scale.tolist(),
+        "estimator": "reward at hit (SNIPS, uniform logging)",
+        "holdout_requests": int(len(held["action"])),
+        "global_fixed": [
+            {
+                "action": a,
+                "weights": weights[a].tolist(),
+                "off_policy": fixed_held[a],
+                **({"exact": exact(np.full(len(held["action"]), a))} if exact else {}),
+                **({"simulator": simulated_point(fixed_runs[a])} if sim else {}),
+            }
+            for a in range(grid.size)
+        ],
+    }
     ref = np.minimum(np.nanmin(ope_xy, 0), np.nanmin(glob_xy, 0))
-    meta["hypervolume_off_policy"] = {"personalised": hypervolume_2d(ope_xy, ref), "global_fixed": hypervolume_2d(glob_xy, ref),
-                                      "reference_point": ref.tolist()}
+    meta["hypervolume_off_policy"] = {
+        "personalised": hypervolume_2d(ope_xy, ref),
+        "global_fixed": hypervolume_2d(glob_xy, ref),
+        "reference_point": ref.tolist(),
+    }
     if exact:
         ex_xy = np.array([[p["exact"][o] for o in OBJECTIVES] for p in points])
         gex_xy = np.array([[m["exact"][o] for o in OBJECTIVES] for m in meta["global_fixed"]])
         ref = np.minimum(ex_xy.min(0), gex_xy.min(0))
-        meta["hypervolume_exact"] = {"personalised": hypervolume_2d(ex_xy, ref), "global_fixed": hypervolume_2d(gex_xy, ref),
-                                     "reference_point": ref.tolist()}
+        meta["hypervolume_exact"] = {
+            "personalised": hypervolume_2d(ex_xy, ref),
+            "global_fixed": hypervolume_2d(gex_xy, ref),
+            "reference_point": ref.tolist(),
+        }
     if sim:
         sim_xy = np.array([[p["simulator"][o] for o in OBJECTIVES] for p in points])
         gsim_xy = np.array([[m["simulator"][o] for o in OBJECTIVES] for m in meta["global_fixed"]])
@@ -209,29 +356,33 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         for p, nd in zip(points, non_dominated(sim_xy)):
             p["non_dominated_simulator"] = bool(nd)
         ref = np.minimum.reduce([sim_xy.min(0), gsim_xy.min(0), ssim_xy.min(0)])
-        meta["hypervolume_simulator"] = {"personalised": hypervolume_2d(sim_xy, ref), "global_fixed": hypervolume_2d(gsim_xy, ref),
-                                         "static_average": hypervolume_2d(ssim_xy, ref), "reference_point": ref.tolist()}
+        meta["hypervolume_simulator"] = {
+            "personalised": hypervolume_2d(sim_xy, ref),
+            "global_fixed": hypervolume_2d(gsim_xy, ref),
+            "static_average": hypervolume_2d(ssim_xy, ref),
+            "reference_point": ref.tolist(),
+        }
         meta["eval_sessions"] = int(len(users))
     return {"points": points, "meta": meta}
-
-
-def _cohort(logs: dict) -> np.ndarray:
-    from .evaluate import cohort_of
-
-    return cohort_of(logs["obs"])
 
 
 def _diff(d: np.ndarray, ci: np.ndarray, lam: float, scale: np.ndarray) -> dict:
     """Per-objective paired difference and the λ-scalarised one (common scale)."""
     w = np.array([lam / scale[0], (1 - lam) / scale[1]])
-    return {**{o: float(x) for o, x in zip(OBJECTIVES, d)}, **{f"{o}_ci": float(x) for o, x in zip(OBJECTIVES, ci)},
-            "scalarised": float(w @ d), "scalarised_ci_bound": float(np.abs(w) @ ci)}
+    return {
+        **{o: float(x) for o, x in zip(OBJECTIVES, d)},
+        **{f"{o}_ci": float(x) for o, x in zip(OBJECTIVES, ci)},
+        "scalarised": float(w @ d),
+        "scalarised_ci_bound": float(np.abs(w) @ ci),
+    }
 
 
 def plot(path: str, result: dict) -> None:
     pts, meta = result["points"], result["meta"]
-    series = {"personalised π_λ (off-policy)": _series(pts, "off_policy"),
-              "global fixed weights (off-policy)": _series(meta["global_fixed"], "off_policy", fmt="x")}
+    series = {
+        "personalised π_λ (off-policy)": _series(pts, "off_policy"),
+        "global fixed weights (off-policy)": _series(meta["global_fixed"], "off_policy", fmt="x"),
+    }
     if "exact" in pts[0]:
         series["personalised π_λ (exact, held-out states)"] = _series(pts, "exact", fmt="^-")
         series["global fixed weights (exact)"] = _series(meta["global_fixed"], "exact", fmt="1")
@@ -244,33 +395,22 @@ def plot(path: str, result: dict) -> None:
 
 def _series(rows: list[dict], key: str, fmt: str = "o-") -> dict:
     xs = [r[key] for r in rows]
-    return {"x": [x["clicks"] for x in xs], "y": [x["long_views"] for x in xs], "xerr": [x.get("clicks_ci", 0) for x in xs],
-            "yerr": [x.get("long_views_ci", 0) for x in xs], "fmt": fmt}
+    return {
+        "x": [x["clicks"] for x in xs],
+        "y": [x["long_views"] for x in xs],
+        "xerr": [x.get("clicks_ci", 0) for x in xs],
+        "yerr": [x.get("long_views_ci", 0) for x in xs],
+        "fmt": fmt,
+    }
 
 
 def run_study(cfg: StudyConfig) -> dict:
-    """logs → requests → training → sweep → artifact (frontier.json + frontier.png + agent.pt)."""
-    from .module import save_agent
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    train_path, holdout_path, data_info = prepare_requests(cfg)
-    algo = build_agent(cfg, train_path)
+    """The whole study in process, with the job's pieces: build → ``run_training`` (progress lines,
+    checkpoints under ``checkpoint_dir``) → finish. Returns the frontier artifact."""
+    study = UtilityStudy()
+    algo = study.build(cfg)
     try:
-        history = train(algo, cfg.iterations)
-        module = algo.module_snapshot()
-        algo.save(os.path.join(cfg.out_dir, "checkpoint"))
+        run_training(algo, cfg.iterations, cfg.checkpoint_dir, cfg.checkpoint_every, study.progress, log)
+        return study.finish(algo, cfg)
     finally:
         algo.stop()
-    agent_path = os.path.join(cfg.out_dir, "agent.pt")
-    save_agent(module, agent_path)
-    result = sweep(cfg, module, holdout_path, train_path)
-    result["meta"].update(config=asdict(cfg), data=data_info, training=history, agent=agent_path)
-    artifact = write_frontier(os.path.join(cfg.out_dir, "frontier.json"), result["points"], result["meta"])
-    try:
-        plot(os.path.join(cfg.out_dir, "frontier.png"), result)
-        plot_cohort_frontiers(os.path.join(cfg.out_dir, "frontier_cohorts.png"), artifact,
-                              "simulator" if "simulator" in result["points"][0] else "off_policy")
-    except ImportError:
-        log("matplotlib not installed: frontier.png skipped (pip install matplotlib)")
-    log(f"frontier v{artifact['version']} → {os.path.join(cfg.out_dir, 'frontier.json')}")
-    return artifact

@@ -1,12 +1,25 @@
-"""The three stages: shapes, parameter validation, cascade containment, and in-process == actors."""
+"""The three stages and the cascade: shapes, parameter validation, containment, policies vs params,
+the observation layout, the stage actors' policies, and in-process == actors."""
 
 import numpy as np
 import pytest
 import ray
+import torch
 
-from actors.stage_actors import ActorPipeline
-from actors.stages import Pipeline, RequestBatch
-from actors.world import PipelineConfig, World, WorldConfig
+from actors.cascade import Pipeline, run_cascade
+from actors.observation import CLICKS_SCALE, ObservationSpec
+from actors.stage_actors import ActorPipeline, StageRunner
+from actors.stages import (
+    PARAM_NAMES,
+    STAGE_ACTION_HIGH,
+    STAGES,
+    RequestBatch,
+    history_embedding,
+    run_stage,
+    stage_params,
+)
+from actors.world import COHORTS, PipelineConfig, World, WorldConfig
+from actors.world.world import sigmoid
 
 SMALL = WorldConfig(n_items=3000, n_users=500, seed=3)
 PIPE = PipelineConfig(k_matching=200, k_pre_ranking=30, k_slate=8, seed=11)
@@ -17,11 +30,16 @@ def pipeline():
     return Pipeline(World(SMALL), PIPE)
 
 
-def request(b=6, request_id=42):
+def request(b=6, request_id=42, clicks=None):
     rng = np.random.default_rng(0)
     hist = np.full((b, 20), -1, np.int64)
     hist[:, -3:] = rng.integers(0, SMALL.n_items, (b, 3))
-    return RequestBatch(np.arange(b, dtype=np.int64) * 7, hist, np.zeros(b, np.int32), request_id)
+    return RequestBatch(np.arange(b, dtype=np.int64) * 7, hist, np.zeros(b, np.int32), clicks, request_id)
+
+
+def squashed(stage, cols):
+    """A deterministic per-request stage policy: a = a_max · sigmoid(o[:, cols])."""
+    return lambda obs: STAGE_ACTION_HIGH[stage] * sigmoid(obs[:, cols])
 
 
 def test_cascade_shapes_and_containment(pipeline):
@@ -46,13 +64,177 @@ def test_utility_weights_change_the_slate(pipeline):
     np.testing.assert_array_equal(mixed.slate[3:], purchase_only.slate[3:])
 
 
-@pytest.mark.parametrize("params, msg", [
-    ({"ranking": [1.0, 2.0]}, r"ranking params must have shape \(3,\)"),
-    ({"matching": [1.0, np.nan, 0, 0]}, "matching params must be finite"),
-])
-def test_bad_params_are_rejected(pipeline, params, msg):
+def test_cascade_is_the_stages_in_order(pipeline):
+    req, ctx = request(), pipeline.ctx
+    rec = pipeline.recommend(req)
+    candidates = None
+    for stage in STAGES:
+        out = run_stage(ctx, PIPE, stage, req, candidates)
+        candidates = out.items
+    np.testing.assert_array_equal(rec.slate, candidates)
+    np.testing.assert_array_equal(rec.scores, out.scores)
+    upto = pipeline.recommend(req, upto="pre_ranking")
+    assert upto.slate is None and upto.received("ranking") is not None
+    np.testing.assert_array_equal(upto.pre_ranked, rec.pre_ranked)
+    reused = pipeline.recommend(req, matched=rec.matched)
+    np.testing.assert_array_equal(reused.slate, rec.slate)
+
+
+@pytest.mark.parametrize(
+    "policy_stages",
+    [("ranking",), ("pre_ranking",), ("matching", "pre_ranking", "ranking")],
+    ids=lambda s: "+".join(s),
+)
+def test_policy_equals_its_actions_as_params(pipeline, policy_stages):
+    req = request(clicks=np.arange(6))
+    where = pipeline.spec.slices  # each acts on a part of o_k that varies by request
+    cols = {
+        "matching": slice(where["user_tower"].start, where["user_tower"].start + 4),
+        "pre_ranking": slice(where["history"].start, where["history"].start + 3),
+        "ranking": slice(where["candidates"].start, where["candidates"].start + 3),
+    }
+    policies = {s: squashed(s, cols[s]) for s in policy_stages}
+    by_policy = pipeline.recommend(req, policies=policies)
+    by_params = pipeline.recommend(req, {s: by_policy.actions[s] for s in policy_stages}, observe=True)
+    for s in policy_stages:
+        assert by_policy.actions[s].shape == (6, len(PARAM_NAMES[s]))
+        np.testing.assert_array_equal(by_policy.observations[s], by_params.observations[s])
+        np.testing.assert_allclose(by_policy.actions[s], policies[s](by_params.observations[s]), rtol=1e-6)
+    for name in ("matched", "pre_ranked", "slate", "scores"):
+        np.testing.assert_array_equal(getattr(by_policy, name), getattr(by_params, name))
+    # a policy takes precedence over params for the same stage
+    both = pipeline.recommend(req, {s: np.zeros(len(PARAM_NAMES[s])) for s in policy_stages}, policies)
+    np.testing.assert_array_equal(both.slate, by_policy.slate)
+
+
+def test_observations_are_the_spec_of_what_each_stage_received(pipeline):
+    req = request(clicks=np.array([0, 1, 2, 3, 4, 5]))
+    params = {"matching": [1.5, 0.2, 0.4, 0.1], "pre_ranking": [1.0, 0.5, 1.5]}
+    rec = pipeline.recommend(req, params, observe=True)
+    spec, context = pipeline.spec, pipeline.context(req)
+    for stage in STAGES:
+        expected = spec.stage_observation(pipeline.ctx, context, stage, rec.received(stage), rec.actions)
+        np.testing.assert_array_equal(rec.observations[stage], expected)
+    a1 = spec.field(rec.observations["ranking"], "upstream")[:, :4] * STAGE_ACTION_HIGH["matching"]
+    np.testing.assert_allclose(a1, np.broadcast_to(params["matching"], (6, 4)), rtol=1e-6)
+    np.testing.assert_array_equal(spec.field(rec.observations["matching"], "candidates"), 0.0)
+
+
+BAD_CASCADE = [
+    ("unknown stage in params", {"params": {"reranking": [1.0]}}, r"unknown stage\(s\) \['reranking'\]"),
+    ("unknown stage in policies", {"policies": {"slate": np.ones}}, r"unknown stage\(s\) \['slate'\]"),
+    ("bad upto", {"upto": "slate"}, "upto must be one of"),
+    ("short vector", {"params": {"ranking": [1.0, 2.0]}}, r"ranking params must have shape \(3,\) or \(6, 3\)"),
+    ("wrong batch", {"params": {"matching": np.ones((2, 4))}}, r"matching params must have shape \(4,\) or \(6, 4\)"),
+    ("NaN", {"params": {"matching": [1.0, np.nan, 0, 0]}}, "matching params must be finite"),
+    ("inf", {"params": {"pre_ranking": [1.0, np.inf, 0]}}, "pre_ranking params must be finite"),
+    (
+        "policy of the wrong width",
+        {"policies": {"ranking": lambda o: np.ones((len(o), 2))}},
+        r"ranking params must have shape",
+    ),
+    ("policy without ctx", {"ctx": None, "policies": {"ranking": np.ones_like}}, "needs the StageContext"),
+    ("observe without ctx", {"ctx": None, "observe": True}, "needs the StageContext"),
+]
+
+
+@pytest.mark.parametrize("kwargs, msg", [c[1:] for c in BAD_CASCADE], ids=[c[0] for c in BAD_CASCADE])
+def test_bad_cascade_inputs_are_rejected(pipeline, kwargs, msg):
+    kwargs = dict(kwargs)
+    ctx = kwargs.pop("ctx", pipeline.ctx)
     with pytest.raises(ValueError, match=msg):
-        pipeline.recommend(request(), params)
+        run_cascade(ctx, PIPE, request(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, msg",
+    [
+        (lambda ctx: stage_params([1.0, 2.0], "ranking", 4), r"ranking params must have shape \(3,\) or \(4, 3\)"),
+        (lambda ctx: stage_params(np.ones((4, 3)), "matching", 4), r"matching params must have shape \(4,\)"),
+        (lambda ctx: stage_params([1.0, -np.inf, 0.0], "pre_ranking", 2), "pre_ranking params must be finite"),
+        (lambda ctx: run_stage(ctx, PIPE, "reranking", request(), np.zeros((6, 5), np.int64)), "stage must be one of"),
+        (lambda ctx: run_stage(ctx, PIPE, "ranking", request()), "ranking needs the upstream candidates"),
+    ],
+    ids=["stage_params short", "stage_params batch", "stage_params inf", "run_stage unknown", "run_stage no input"],
+)
+def test_bad_stage_inputs_are_rejected(pipeline, call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call(pipeline.ctx)
+
+
+def test_observation_spec_layout_and_context():
+    world = World(WorldConfig(n_items=60, n_users=12, embed_dim=4, max_requests=5, seed=1))
+    pipe = Pipeline(world, PipelineConfig(k_matching=20, k_pre_ranking=10, k_slate=5))
+    spec, ctx, d = pipe.spec, pipe.ctx, 4
+    assert spec == ObservationSpec(embed_dim=d, max_requests=5)
+    # named slices are contiguous, in order, and cover [0, dim)
+    ordered = sorted(spec.slices.values(), key=lambda s: s.start)
+    assert ordered[0].start == 0 and ordered[-1].stop == spec.dim
+    assert all(a.stop == b.start for a, b in zip(ordered, ordered[1:]))
+    assert spec.context_dim == 2 * d + len(COHORTS) + 2
+    assert spec.dim == spec.context_dim + (d + 2) + sum(len(PARAM_NAMES[s]) for s in ("matching", "pre_ranking"))
+
+    hist = np.array([[-1, -1, 3], [-1, -1, -1], [7, 8, 9]], np.int64)
+    req = RequestBatch(np.array([0, 5, 11]), hist, np.array([0, 2, 9], np.int32), np.array([0, 3, 1000]), 7)
+    context = pipe.context(req)
+    assert context.shape == (3, spec.context_dim) and context.dtype == np.float32
+    # decode the cohort one-hot
+    cohort = spec.field(context, "cohort")
+    np.testing.assert_array_equal(cohort.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(cohort.argmax(axis=1), world.users.cohort[req.user])
+    # the layout by hand: [user tower | mean clicked-item tower | cohort | step / max | clicks / 10], clipped
+    hand = np.zeros((3, spec.context_dim), np.float32)
+    hand[:, :d] = ctx.user_tower[req.user]
+    hand[0, d : 2 * d] = ctx.item_tower[3]
+    hand[2, d : 2 * d] = ctx.item_tower[[7, 8, 9]].mean(axis=0)
+    hand[np.arange(3), 2 * d + world.users.cohort[req.user]] = 1.0
+    hand[:, -2] = [0.0, 2 / 5, 1.0]  # step 9 > max_requests is clipped to 1
+    hand[:, -1] = [0.0, 3 / CLICKS_SCALE, 5.0]  # clicks clipped to CLICKS_SCALE · max_requests
+    np.testing.assert_allclose(context, hand, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(spec.field(context, "history"), history_embedding(ctx, hist), rtol=1e-6)
+    # the same field of a stage observation (the context is its prefix)
+    obs = spec.stage_observation(
+        ctx,
+        context,
+        "ranking",
+        np.array([[1, 2]] * 3),
+        {
+            "matching": STAGE_ACTION_HIGH["matching"][None].repeat(3, 0),
+            "pre_ranking": np.zeros((3, 3), np.float32),
+        },
+    )
+    assert obs.shape == (3, spec.dim)
+    np.testing.assert_array_equal(spec.field(obs, "cohort"), cohort)
+    np.testing.assert_array_equal(obs[:, spec.upstream_offsets("ranking")["matching"]], 1.0)
+    np.testing.assert_array_equal(spec.field(obs, "upstream")[:, 4:], 0.0)
+
+
+def test_pipeline_config_checks_sizes():
+    with pytest.raises(ValueError, match="k_matching >= k_pre_ranking >= k_slate"):
+        PipelineConfig(k_matching=10, k_pre_ranking=50)
+
+
+def test_stage_runner_runs_its_stage_and_serves_a_policy(pipeline):
+    runner = StageRunner("ranking", SMALL, PIPE)
+    req = request()
+    out, version = runner.run(req, pipeline.recommend(req).pre_ranked)
+    np.testing.assert_array_equal(out.items, pipeline.recommend(req).slate)
+    assert version == 1 and runner.set_params([0.0, 0.0, 1.0]) == 2
+    with pytest.raises(ValueError, match="no policy set"):
+        runner.act(np.zeros((1, pipeline.spec.dim), np.float32))
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(pipeline.spec.dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    state = {k: v.numpy() for k, v in mlp.state_dict().items()}
+    assert runner.set_policy(state, STAGE_ACTION_HIGH["ranking"].tolist(), 5) == 5
+    obs = pipeline.recommend(req, observe=True).observations["ranking"]
+    actions, policy_version = runner.act(obs)
+    with torch.no_grad():
+        expected = STAGE_ACTION_HIGH["ranking"] * torch.sigmoid(mlp(torch.as_tensor(obs))).numpy()
+    assert policy_version == 5 and actions.shape == (6, 3) and actions.dtype == np.float32
+    np.testing.assert_allclose(actions, expected, rtol=1e-5, atol=1e-6)
+    # the served policy through the cascade == its actions as ranking params
+    served = pipeline.recommend(req, policies={"ranking": lambda o: runner.act(o)[0]})
+    np.testing.assert_array_equal(served.slate, pipeline.recommend(req, {"ranking": actions}).slate)
 
 
 def test_same_request_id_same_slate_other_id_other_noise(pipeline):
@@ -60,11 +242,6 @@ def test_same_request_id_same_slate_other_id_other_noise(pipeline):
     np.testing.assert_array_equal(a.slate, b.slate)
     c = pipeline.recommend(request(request_id=2))
     assert not np.array_equal(a.scores, c.scores)
-
-
-def test_pipeline_config_checks_sizes():
-    with pytest.raises(ValueError, match="k_matching >= k_pre_ranking >= k_slate"):
-        PipelineConfig(k_matching=10, k_pre_ranking=50)
 
 
 @pytest.mark.ray
@@ -83,7 +260,10 @@ def test_actor_pipeline_matches_in_process(ray_session, pipeline):
         req = request(request_id=9)
         hot = actors.recommend(req)
         np.testing.assert_array_equal(hot.slate, pipeline.recommend(req, {"ranking": new}).slate)
-        assert hot.versions["ranking"] == 2
+        assert hot.versions["ranking"] == 2 and hot.actions == {}
+        given = actors.recommend(req, {"ranking": [1.0, 0.0, 0.0]})
+        np.testing.assert_array_equal(given.slate, pipeline.recommend(req, {"ranking": [1.0, 0.0, 0.0]}).slate)
+        assert set(given.actions) == {"ranking"}
         with pytest.raises(ray.exceptions.RayTaskError, match="expected_version 1"):
             actors.set_params("ranking", new, expected_version=1)
     finally:

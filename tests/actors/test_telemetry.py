@@ -7,9 +7,20 @@ import time
 import pyarrow as pa
 import pytest
 
-from actors.telemetry import (EVENT_SCHEMA, BufferConfig, ParquetSink, RedisStreamReader, RedisStreamSink,
-                              TelemetryBuffer, dedupe, read_parquet_events, sessionise, window_starts)
-from actors.telemetry.testing import RedisServer, make_requests, request_at, wait_until
+from actors.telemetry import (
+    EVENT_SCHEMA,
+    BufferConfig,
+    ParquetSink,
+    RedisStreamReader,
+    RedisStreamSink,
+    TelemetryBuffer,
+    dedupe,
+    read_parquet_events,
+    sessionise,
+    window_starts,
+)
+from benchmarks.common import RedisServer
+from tests.telemetry_helpers import make_requests, request_at, wait_until
 
 
 class ListSink:
@@ -44,7 +55,7 @@ def test_schema_and_event_ids_are_unique_per_item():
 @pytest.mark.parametrize("policy", ["oldest", "newest"])
 def test_full_buffer_drops_and_counts_instead_of_blocking(policy):
     buf = TelemetryBuffer(ListSink(), BufferConfig(capacity_events=100, drop_policy=policy), start=False)
-    batches = make_requests(25, slate=10)               # 250 events into room for 100
+    batches = make_requests(25, slate=10)  # 250 events into room for 100
     assert [buf.emit(b) for b in batches].count(True) == (25 if policy == "oldest" else 10)
     assert buf.buffered == 100 and buf.dropped == 150 and buf.emitted == (250 if policy == "oldest" else 100)
     buf.flush_once()
@@ -76,7 +87,7 @@ def test_emit_never_blocks_while_the_sink_is_down():
 def test_parquet_sink_no_loss_no_duplicates_through_the_sessioniser(tmp_path):
     root = str(tmp_path / "events")
     buf = TelemetryBuffer(ParquetSink(root, n_buckets=8), BufferConfig(capacity_events=1_000_000))
-    batches = make_requests(30_000, slate=10, n_users=300)   # 300 000 events
+    batches = make_requests(30_000, slate=10, n_users=300)  # 300 000 events
     for b in batches:
         assert buf.emit(b)
     buf.close()
@@ -86,14 +97,16 @@ def test_parquet_sink_no_loss_no_duplicates_through_the_sessioniser(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp")), "no half-written file is visible"
     trajectories = sessionise(events, gap_s=1800)
     assert sum(trajectories["n_steps"].to_pylist()) == 30_000
-    assert trajectories["session_id"].unique().to_pylist().__len__() == 300   # 1 min apart: one session each
+    assert trajectories["session_id"].unique().to_pylist().__len__() == 300  # 1 min apart: one session each
 
 
 def test_parquet_sink_keeps_a_user_in_one_bucket(tmp_path):
     sink = ParquetSink(str(tmp_path), n_buckets=4)
     sink.write(pa.Table.from_batches(make_requests(200, n_users=20)))
     for folder in tmp_path.iterdir():
-        users = set(pa.concat_tables([pa.parquet.read_table(f) for f in folder.glob("*.parquet")])["user_id"].to_pylist())
+        users = set(
+            pa.concat_tables([pa.parquet.read_table(f) for f in folder.glob("*.parquet")])["user_id"].to_pylist()
+        )
         for other in tmp_path.iterdir():
             if other != folder:
                 others = pa.concat_tables([pa.parquet.read_table(f) for f in other.glob("*.parquet")])
@@ -130,16 +143,18 @@ def test_redis_stream_round_trip_with_consumer_group(redis_server):
 
 
 def test_redis_restart_loses_nothing_the_buffer_could_hold(redis_server):
-    buf = TelemetryBuffer(RedisStreamSink(redis_server.url, "ev", timeout_s=0.5),
-                          BufferConfig(capacity_events=200_000, flush_interval_s=0.005, backoff_max_s=0.2))
-    batches = make_requests(12_000, slate=10)       # 120 000 events
+    buf = TelemetryBuffer(
+        RedisStreamSink(redis_server.url, "ev", timeout_s=0.5),
+        BufferConfig(capacity_events=200_000, flush_interval_s=0.005, backoff_max_s=0.2),
+    )
+    batches = make_requests(12_000, slate=10)  # 120 000 events
     for i, b in enumerate(batches):
         buf.emit(b)
         if i == 3_000:
-            redis_server.stop(kill=True)            # broker killed mid-run ...
+            redis_server.stop(kill=True)  # broker killed mid-run ...
             assert wait_until(lambda: buf.sink_errors > 0, 10), "the flusher saw the outage"
         if i == 9_000:
-            redis_server.start()                    # ... and back
+            redis_server.start()  # ... and back
     buf.close(timeout_s=30)
     assert buf.dropped == 0 and buf.sink_errors > 0
     events = read_all(RedisStreamReader(redis_server.url, "ev", "g1", "c1"), 120_000)
@@ -158,11 +173,16 @@ def test_window_starts_512_64():
 
 def test_session_gaps_are_exact():
     gap = 1800
-    batches = [request_at(1, 1, 0), request_at(1, 2, gap),            # exactly 30 min: same session
-               request_at(1, 3, 2 * gap + 1),                            # 30 min + 1 s: new session
-               request_at(2, 4, 10), request_at(1, 5, 2 * gap + 2)]
-    t = sessionise(pa.Table.from_batches(batches), gap_s=gap, return_window_s=86400).sort_by([("user_id", "ascending"),
-                                                                                             ("start_ts", "ascending")])
+    batches = [
+        request_at(1, 1, 0),
+        request_at(1, 2, gap),  # exactly 30 min: same session
+        request_at(1, 3, 2 * gap + 1),  # 30 min + 1 s: new session
+        request_at(2, 4, 10),
+        request_at(1, 5, 2 * gap + 2),
+    ]
+    t = sessionise(pa.Table.from_batches(batches), gap_s=gap, return_window_s=86400).sort_by(
+        [("user_id", "ascending"), ("start_ts", "ascending")]
+    )
     assert t["user_id"].to_pylist() == [1, 1, 2]
     assert t["n_steps"].to_pylist() == [2, 2, 1]
     assert t["request_ids"].to_pylist()[0] == [f"{1:016x}", f"{2:016x}"]
@@ -187,16 +207,20 @@ def test_ray_data_sessioniser_matches_in_process(ray_session, tmp_path):
 
     root = str(tmp_path / "events")
     sink = ParquetSink(root, n_buckets=4)
-    batches = make_requests(3_000, slate=5, n_users=40, step_s=700)   # gaps of 700 s: sessions of 3 requests
+    batches = make_requests(3_000, slate=5, n_users=40, step_s=700)  # gaps of 700 s: sessions of 3 requests
     for i in range(0, len(batches), 500):
-        sink.write(pa.Table.from_batches(batches[i:i + 500]))
+        sink.write(pa.Table.from_batches(batches[i : i + 500]))
     local = sessionise(read_parquet_events(root), gap_s=1800)
     out = str(tmp_path / "trajectories")
     remote = pa.concat_tables(list(sessionise_dataset(root, out, gap_s=1800).iter_batches(batch_format="pyarrow")))
     key = [("session_id", "ascending"), ("window", "ascending")]
-    assert remote.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]).equals(
-        local.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]))
+    assert (
+        remote.sort_by(key)
+        .select(["session_id", "n_steps", "rewards", "returned"])
+        .equals(local.sort_by(key).select(["session_id", "n_steps", "rewards", "returned"]))
+    )
     import ray.data
+
     assert ray.data.read_parquet(out).count() == local.num_rows
 
 
@@ -209,7 +233,7 @@ def test_incremental_redis_sessioniser_matches_batch(ray_session, redis_server, 
     batches = make_requests(2_000, slate=5, n_users=40, step_s=700)
     sink = RedisStreamSink(redis_server.url, "ev")
     for i in range(0, len(batches), 250):
-        sink.write(pa.Table.from_batches(batches[i:i + 250]))
+        sink.write(pa.Table.from_batches(batches[i : i + 250]))
     out = str(tmp_path / "traj")
     actor = stream_sessioniser_actor(url=redis_server.url, stream="ev", out_dir=out, gap_s=1800)
     while ray.get(actor.poll.remote())["entries"]:
@@ -234,15 +258,15 @@ def redis_server_pending(url, stream, group):
 def test_restarted_consumer_walks_its_pending_entries_once_then_reads_new(redis_server):
     sink = RedisStreamSink(redis_server.url, "ev", entry_rows=10)
     batches = make_requests(3, slate=10)
-    sink.write(pa.Table.from_batches(batches))                      # 3 entries
+    sink.write(pa.Table.from_batches(batches))  # 3 entries
     first = RedisStreamReader(redis_server.url, "ev", "g", "c")
     ids, _ = first.read(count=10)
-    assert len(ids) == 3                                            # read but never acked (a crash)
+    assert len(ids) == 3  # read but never acked (a crash)
     sink.write(pa.Table.from_batches(make_requests(1, slate=10, seed=5)))
-    again = RedisStreamReader(redis_server.url, "ev", "g", "c")     # the restarted consumer
+    again = RedisStreamReader(redis_server.url, "ev", "g", "c")  # the restarted consumer
     seen = []
     for _ in range(4):
         ids, table = again.read(count=2, block_ms=50)
         seen += ids
         again.ack(ids)
-    assert len(seen) == 4 and len(set(seen)) == 4                   # 3 pending once each, then the new one
+    assert len(seen) == 4 and len(set(seen)) == 4  # 3 pending once each, then the new one

@@ -4,8 +4,9 @@ the clickbait trade-off, presets."""
 import numpy as np
 import pytest
 
+from actors.cascade import Pipeline
 from actors.simulate import compare_policies, oracle_policy, random_policy, run_sessions
-from actors.stages import Pipeline
+from actors.stages import matching
 from actors.world import World, WorldConfig, dcg, ndcg_at_k, seed_sequence
 from actors.world.config import KUAIRAND_RETURN_GAP, ULTRA_PBM_TOP10
 
@@ -32,10 +33,10 @@ def reference_slates(world, n, seed=1):
 def test_ctr_examination_watch_ratio_and_conversion_match_their_sources(world):
     users, slates, rng = reference_slates(world, 40_000)
     r = world.respond(users, slates, rng)
-    assert r.clicked.mean() == pytest.approx(0.04, abs=0.003)                      # Ali-CCP feed CTR
+    assert r.clicked.mean() == pytest.approx(0.04, abs=0.003)  # Ali-CCP feed CTR
     np.testing.assert_allclose(r.examined.mean(axis=0), ULTRA_PBM_TOP10, atol=0.01)  # ULTRA PBM
     ratio = (r.dwell_s / world.catalogue.duration_s[slates])[r.clicked]
-    q1, q2, q3 = np.percentile(ratio, [25, 50, 75])                                # KuaiRec watch ratio
+    q1, q2, q3 = np.percentile(ratio, [25, 50, 75])  # KuaiRec watch ratio
     assert 0.25 <= q1 <= 0.5 and 0.6 <= q2 <= 0.8 and 1.05 <= q3 <= 1.3
     assert ratio.mean() == pytest.approx(0.85, abs=0.08)
     assert r.purchased.sum() / r.clicked.sum() == pytest.approx(0.005, abs=0.0015)  # Ali-CCP CVR
@@ -43,14 +44,16 @@ def test_ctr_examination_watch_ratio_and_conversion_match_their_sources(world):
 
 def test_durations_match_kuairec(world):
     q1, med, q3 = np.percentile(world.catalogue.duration_s, [25, 50, 75])
-    assert med == pytest.approx(9.6, abs=0.6) and q1 == pytest.approx(7.4, abs=0.8) and q3 == pytest.approx(12.2, abs=1.3)
+    assert (
+        med == pytest.approx(9.6, abs=0.6) and q1 == pytest.approx(7.4, abs=0.8) and q3 == pytest.approx(12.2, abs=1.3)
+    )
     assert world.catalogue.duration_s.max() <= 315
 
 
 def test_session_length_and_return_gap(world, pipeline):
     s = run_sessions(world, pipeline, lambda w, p, req, rng: p.recommend(req).slate, n_sessions=1500, name="pipe")
-    assert 45 <= s.items_per_session <= 75          # KuaiRec items per user-day, mean 52-67
-    assert 0.5 <= s.return_rate <= 0.7              # KuaiRand P(1) 0.617, KuaiSim 0.57-0.61
+    assert 45 <= s.items_per_session <= 75  # KuaiRec items per user-day, mean 52-67
+    assert 0.5 <= s.return_rate <= 0.7  # KuaiRand P(1) 0.617, KuaiSim 0.57-0.61
 
 
 def test_return_gap_distribution_follows_kuairand(world):
@@ -87,8 +90,10 @@ def test_ndcg_hand_computed():
 
 
 def test_relevance_oracle_beats_random(world, pipeline):
-    oracle, rand = (run_sessions(world, pipeline, p, 800, seed=2, name=n) for n, p in
-                    (("oracle", oracle_policy), ("random", random_policy)))
+    oracle, rand = (
+        run_sessions(world, pipeline, p, 800, seed=2, name=n)
+        for n, p in (("oracle", oracle_policy), ("random", random_policy))
+    )
     assert oracle.ndcg_at_10 > rand.ndcg_at_10 + 0.3
     assert oracle.ctr > 2 * rand.ctr
     assert oracle.items_per_session > rand.items_per_session
@@ -96,13 +101,13 @@ def test_relevance_oracle_beats_random(world, pipeline):
 
 def clickbait_policies(world, pipeline):
     """Same candidates; one ranks by clickbaitiness, one by quality (clickbait last)."""
-    from actors.stages import matching
 
     def by(key):
         def policy(w, p, req, rng):
             cand = matching(p.ctx, req, None, 200, 0).items
             score = key(w, req, cand)
             return np.take_along_axis(cand, np.argsort(-score, axis=1)[:, :10], axis=1)
+
         return policy
 
     bait = by(lambda w, req, c: w.catalogue.clickbait[c] + 0.5 * w.affinity(req.user, c))

@@ -22,9 +22,15 @@ def serve_configs():
         yield path, yaml.safe_load(open(path))
 
 
-@pytest.mark.parametrize("path, config", list(serve_configs()), ids=lambda x: os.path.basename(x) if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "path, config", list(serve_configs()), ids=lambda x: os.path.basename(x) if isinstance(x, str) else ""
+)
 def test_serve_config_is_valid_and_builds(path, config):
-    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
+    schema = (
+        ServeDeploySchema.model_validate(config)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(config)
+    )
     for app in schema.applications:
         module, _, attr = app.import_path.partition(":")
         builder = getattr(importlib.import_module(module), attr)

@@ -4,10 +4,17 @@ new-stack env runners."""
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
+from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
-from rllib_policies.envs import MultiStageEnv, SessionEnv, UtilityWeightEnv, utility_weight_grid
+from actors.cascade import build_world
+from actors.stages import STAGES, RequestBatch, utility_weight_grid
+from rllib_policies.envs import MultiStageEnv, SessionEnv, UtilityWeightEnv
 
-CONFIG = {"world": {"n_items": 2000, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}, "seed": 1}
+CONFIG = {
+    "world": {"n_items": 2000, "n_users": 300},
+    "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6},
+    "seed": 1,
+}
 
 
 @pytest.mark.parametrize("env_cls", [SessionEnv, UtilityWeightEnv])
@@ -39,8 +46,6 @@ def test_utility_env_is_one_step_with_vector_reward():
 
 
 def test_multi_stage_env_turns_and_rllib_checker():
-    from ray.rllib.utils.pre_checks.env import check_multiagent_environments
-
     env = MultiStageEnv(CONFIG)
     check_multiagent_environments(env)
     obs, _ = env.reset(seed=0)
@@ -55,6 +60,36 @@ def test_multi_stage_env_turns_and_rllib_checker():
     assert order[:3] == ["matching", "pre_ranking", "ranking"]
 
 
+def test_observations_follow_the_observation_spec():
+    """Single-agent envs observe the request context; stage k observes o_k exactly as the cascade
+    rebuilds it from the request and the upstream actions (the CIC replay)."""
+    _, pipeline = build_world(CONFIG)
+    session = SessionEnv(CONFIG)
+    obs, _ = session.reset(seed=4)
+    assert session.observation_space.shape == (pipeline.spec.context_dim,)
+    np.testing.assert_array_equal(obs, pipeline.context(session._req)[0])
+
+    env = MultiStageEnv(CONFIG)
+    assert all(space.shape == (pipeline.spec.dim,) for space in env.observation_spaces.values())
+    obs, info = env.reset(seed=2)
+    rng = np.random.default_rng(2)
+    for _ in range(3):  # three requests
+        r = info["matching"]["request"]
+        req = RequestBatch(
+            np.array([r["user"]]), r["history"][None], np.array([r["step"]]), np.array([r["clicks"]]), r["request_id"]
+        )
+        seen, actions = {}, {}
+        for stage in STAGES:
+            seen[stage] = obs[stage]
+            actions[stage] = (rng.random(env.action_spaces[stage].shape) * env.action_spaces[stage].high)[None]
+            obs, _, terms, _, info = env.step({stage: actions[stage][0]})
+        replay = pipeline.recommend(req, actions, observe=True)
+        for stage in STAGES:
+            np.testing.assert_array_equal(seen[stage], replay.observations[stage][0])
+        if terms["__all__"]:
+            break
+
+
 @pytest.mark.ray
 def test_random_policy_through_rllib_env_runners(ray_session):
     from ray.rllib.algorithms.ppo import PPOConfig
@@ -65,8 +100,12 @@ def test_random_policy_through_rllib_env_runners(ray_session):
     episodes = SingleAgentEnvRunner(config=single).sample(num_episodes=2, random_actions=True)
     assert len([e for e in episodes if e.is_done]) >= 2
 
-    multi = (PPOConfig().environment(MultiStageEnv, env_config=CONFIG).env_runners(num_env_runners=0)
-             .multi_agent(policies={"matching", "pre_ranking", "ranking"}, policy_mapping_fn=lambda aid, *a, **k: aid))
+    multi = (
+        PPOConfig()
+        .environment(MultiStageEnv, env_config=CONFIG)
+        .env_runners(num_env_runners=0)
+        .multi_agent(policies={"matching", "pre_ranking", "ranking"}, policy_mapping_fn=lambda aid, *a, **k: aid)
+    )
     episodes = MultiAgentEnvRunner(config=multi).sample(num_episodes=1, random_actions=True)
     assert episodes and episodes[0].is_done
     assert set(episodes[0].agent_ids) == {"matching", "pre_ranking", "ranking"}

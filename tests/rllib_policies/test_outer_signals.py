@@ -1,25 +1,37 @@
-"""The outer controller's signals, KL, padding and inner-reward fit against hand-computed values
-(no Ray)."""
+"""The outer controller's signals, policy distribution (log-prob, entropy, KL), padding and
+inner-reward fit against hand-computed values (no Ray)."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussian
 
 from rllib_policies.credit import KappaSchedule
-from rllib_policies.outer_controller import OuterSignals, SessionBatch, SignalConfig, gaussian_kl
+from rllib_policies.outer_controller import OuterSignals, RankingPolicyModule, SessionBatch, SignalConfig
 from rllib_policies.outer_controller.rails import fit_inner_reward_weights
 from rllib_policies.outer_controller.sessions import from_trajectories, pad_sessions
 
 
 def two_sessions(inner=(1.0, 2.0, 4.0)) -> SessionBatch:
     """Session 0: two steps (rewards inner[0], inner[1]); session 1: one step (inner[2])."""
-    return SessionBatch(obs=np.zeros((3, 2), np.float32), actions=np.zeros((3, 3), np.float32),
-                        inner_reward=np.array(inner), engaged=np.array([True, False, True]),
-                        session=np.array([0, 0, 1]), t=np.array([0, 1, 0]),
-                        kpis={"revenue": np.array([10.0, 0.0]), "return": np.array([1.0, 0.0]), "ndcg": np.array([0.5, 0.3]),
-                              "clicks": np.array([3.0, 1.0])})
+    return SessionBatch(
+        obs=np.zeros((3, 2), np.float32),
+        actions=np.zeros((3, 3), np.float32),
+        inner_reward=np.array(inner),
+        engaged=np.array([True, False, True]),
+        session=np.array([0, 0, 1]),
+        t=np.array([0, 1, 0]),
+        kpis={
+            "revenue": np.array([10.0, 0.0]),
+            "return": np.array([1.0, 0.0]),
+            "ndcg": np.array([0.5, 0.3]),
+            "clicks": np.array([3.0, 1.0]),
+        },
+    )
 
 
 def config(**kw) -> SignalConfig:
@@ -27,11 +39,44 @@ def config(**kw) -> SignalConfig:
     return SignalConfig(**{**base, **kw})
 
 
-def test_gaussian_kl_hand_computed():
+def policy(seed: int) -> RankingPolicyModule:
+    torch.manual_seed(seed)
+    return RankingPolicyModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (4,), np.float32),
+        action_space=spaces.Box(np.zeros(3, np.float32), np.array([2.0, 2.0, 40.0], np.float32)),
+    )
+
+
+def test_diag_gaussian_kl_hand_computed():
     # KL(N(0,1) ‖ N(1,2²)) = ln 2 + (1 + 1)/8 − 1/2
-    kl = gaussian_kl(np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)), np.full((1, 1), math.log(2)))
-    assert kl[0] == pytest.approx(math.log(2) + 0.25 - 0.5)
-    assert gaussian_kl(np.ones((2, 3)), np.zeros((2, 3)), np.ones((2, 3)), np.zeros((2, 3))) == pytest.approx([0, 0])
+    p = TorchDiagGaussian(loc=torch.zeros(1, 1), scale=torch.ones(1, 1))
+    q = TorchDiagGaussian(loc=torch.ones(1, 1), scale=torch.full((1, 1), 2.0))
+    assert p.kl(q).item() == pytest.approx(math.log(2) + 0.25 - 0.5)
+    same = TorchDiagGaussian(loc=torch.ones(2, 3), scale=torch.ones(2, 3))
+    assert same.kl(same).tolist() == pytest.approx([0, 0])
+
+
+def test_policy_log_prob_entropy_and_kl_match_the_diagonal_gaussian_by_hand():
+    p, q = policy(0), policy(1)
+    with torch.no_grad():
+        q.log_std.add_(0.3)
+    assert p.get_train_action_dist_cls() is TorchDiagGaussian is p.get_exploration_action_dist_cls()
+    obs = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(3)) * p.high
+    with torch.no_grad():
+        logp, entropy = p.log_prob(obs, actions)
+        kl = p.action_dist(obs).kl(q.action_dist(obs))
+        (mp, lsp), (mq, lsq) = p.gaussian(obs), q.gaussian(obs)
+        # what the env runners sample from: the RLlib distribution over the forward pass's outputs
+        explore = TorchDiagGaussian.from_logits(p.forward_exploration({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS])
+    var_p, var_q = torch.exp(2 * lsp), torch.exp(2 * lsq)
+    # log N(a; μ, σ²) = −½ Σ_i [(a_i − μ_i)²/σ_i² + 2 log σ_i + log 2π];  H = Σ_i log σ_i + ½ log 2πe
+    torch.testing.assert_close(logp, -0.5 * ((actions - mp) ** 2 / var_p + 2 * lsp + math.log(2 * math.pi)).sum(-1))
+    torch.testing.assert_close(entropy, (lsp + 0.5 * math.log(2 * math.pi * math.e)).sum(-1))
+    # KL(p ‖ q) = Σ_i log σq/σp + (σp² + (μp − μq)²)/(2σq²) − ½
+    torch.testing.assert_close(kl, (lsq - lsp + (var_p + (mp - mq) ** 2) / (2 * var_q) - 0.5).sum(-1))
+    assert kl.min() > 0
+    torch.testing.assert_close(explore.logp(actions), logp)
 
 
 def test_layered_signals_hand_computed():
@@ -40,7 +85,7 @@ def test_layered_signals_hand_computed():
     np.testing.assert_allclose(out["step_signal"], [2.0, 2.0, 4.0])
     # R = 0.1·revenue + 1·return per session, broadcast over its steps
     np.testing.assert_allclose(out["outer_signal"], [2.0, 2.0, 0.0])
-    assert out["kappa"][0] == pytest.approx(0.2)   # the gate is open (min 0): κ(0) = start
+    assert out["kappa"][0] == pytest.approx(0.2)  # the gate is open (min 0): κ(0) = start
 
 
 def test_monolithic_is_one_weighted_sum_with_the_kpis_at_the_last_step():
@@ -77,13 +122,15 @@ def test_kpi_weights_change_at_run_time_and_bad_ones_are_refused():
         signals.set_kpi_weights({"dau": 1.0})
     with pytest.raises(ValueError, match=r"kpi_weights\['ndcg'\] must be finite"):
         signals.set_kpi_weights({"ndcg": float("nan")})
-    assert signals.kpi_weights == {"ndcg": 2.0}   # a refused change leaves the old weights
+    assert signals.kpi_weights == {"ndcg": 2.0}  # a refused change leaves the old weights
 
 
 def test_baseline_standardises_each_signal():
     signals = OuterSignals(config(baseline=True))
     out = signals.compute(two_sessions())
-    assert abs(out["step_signal"].mean()) < 1.0 and signals.inner_baseline.count == 3 and signals.outer_baseline.count == 2
+    assert (
+        abs(out["step_signal"].mean()) < 1.0 and signals.inner_baseline.count == 3 and signals.outer_baseline.count == 2
+    )
     state = signals.state()
     again = OuterSignals(config(baseline=True))
     again.set_state(state)
@@ -91,7 +138,7 @@ def test_baseline_standardises_each_signal():
 
 
 def test_pad_sessions_handles_a_session_cut_by_a_shard():
-    session, t = torch.tensor([4, 4, 7, 7, 7]), torch.tensor([3, 4, 0, 1, 2])   # session 4 starts mid-way
+    session, t = torch.tensor([4, 4, 7, 7, 7]), torch.tensor([3, 4, 0, 1, 2])  # session 4 starts mid-way
     mask, sid, rel, (v,) = pad_sessions(session, t, torch.arange(5.0))
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert v.tolist() == [[0, 1, 0], [2, 3, 4]] and rel.tolist() == [0, 1, 0, 1, 2]
@@ -108,8 +155,16 @@ def test_inner_reward_fit_recovers_known_weights():
 
 
 def test_trajectory_rows_without_observations_or_known_return_are_skipped():
-    row = dict(observations=[[0.0, 1.0], [1.0, 0.0]], actions=[[1, 1, 1], [2, 2, 2]], rewards=[1.0, 2.0], clicks=[1, 0],
-               step_revenue=[0.0, 3.0], session_revenue=3.0, session_clicks=1, returned=True)
+    row = dict(
+        observations=[[0.0, 1.0], [1.0, 0.0]],
+        actions=[[1, 1, 1], [2, 2, 2]],
+        rewards=[1.0, 2.0],
+        clicks=[1, 0],
+        step_revenue=[0.0, 3.0],
+        session_revenue=3.0,
+        session_clicks=1,
+        returned=True,
+    )
     batch = from_trajectories([row, {**row, "returned": None}, {**row, "observations": [None, None]}])
     assert batch.n_sessions == 1 and batch.obs.shape == (2, 2)
     assert batch.kpis["return"].tolist() == [1.0] and batch.engaged.tolist() == [True, False]

@@ -32,18 +32,43 @@ checkpoint_dir: {ckpt}
 def head():
     """`ray start --head --block` in its own process group: stopping it stops only this cluster
     (`ray stop` would also stop the test session's own Ray)."""
-    tmp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")          # short: Ray's socket paths must stay < 108 chars
+    tmp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": tmp}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     # every port explicit: the test session's own Ray already holds the defaults (e.g. the agent's 52365)
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-                                                     "object-manager-port", "ray-client-server-port")]
-    proc = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={tmp}", "--disable-usage-stats", *ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
+    proc = subprocess.Popen(
+        [
+            f"{BIN}/ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={tmp}",
+            "--disable-usage-stats",
+            *ports,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -72,10 +97,24 @@ def submit(env, address, config_path, *extra) -> str:
     """Submit, wait for the job to finish (bounded), return its logs."""
     job_id = f"oc-{uuid.uuid4().hex[:8]}"
     env = {**env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}
-    for _ in range(20):   # the first submits after start may find no agent yet (~15-60 s under load)
-        out = ray_cli(env, "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--no-wait",
-                      f"--working-dir={ROOT}", f"--runtime-env={ROOT}/cluster/job-runtime-env.yaml", "--",
-                      "python", "-m", "rllib_policies.train_outer_controller", "--config", config_path, *extra)
+    for _ in range(20):  # the first submits after start may find no agent yet (~15-60 s under load)
+        out = ray_cli(
+            env,
+            "job",
+            "submit",
+            f"--address={address}",
+            f"--submission-id={job_id}",
+            "--no-wait",
+            f"--working-dir={ROOT}",
+            f"--runtime-env={ROOT}/cluster/job-runtime-env.yaml",
+            "--",
+            "python",
+            "-m",
+            "rllib_policies.train_outer_controller",
+            "--config",
+            config_path,
+            *extra,
+        )
         if "No available agent" not in out.stdout + out.stderr:
             break
         time.sleep(5)

@@ -1,15 +1,24 @@
 """UNEX-RL: the cascading information chain rebuilds observations exactly, CQR maps rewards to
 within-cell quantiles, stop-gradient blocks the named gradient paths, and the critic and the three
-stage actors train end to end through RLlib (and hot-update stage actors)."""
+stage policies train end to end through RLlib (and hot-update the Ray stage actors)."""
 
 import numpy as np
 import pytest
+import ray
 import torch
+import yaml
 from gymnasium import spaces
 
-from rllib_policies.envs import STAGE_ACTION_HIGH, MultiStageEnv, build_world
-from rllib_policies.unex_rl import STAGES, CategoryQuantileRescaler, Requests, stage_observations
-from rllib_policies.unex_rl.cic import observation_dim
+from actors.cascade import build_world
+from actors.stage_actors import StageActor
+from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES, RequestBatch
+from actors.world import PipelineConfig, WorldConfig
+from rllib_policies.envs import MultiStageEnv
+from rllib_policies.train_unex_rl import main as train_main
+from rllib_policies.unex_rl import ARMS, CategoryQuantileRescaler, UnexRL, UnexRLConfig, stage_observations
+from rllib_policies.unex_rl.learner import cascade, rebuild
+from rllib_policies.unex_rl.modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
+from rllib_policies.unex_rl.sampler import sample_sessions
 
 TINY = {"world": {"n_items": 1500, "n_users": 400}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
 
@@ -24,7 +33,7 @@ def test_cic_rebuilds_the_observations_the_env_produced():
     rng = np.random.default_rng(0)
     seen, raw, acts = {s: [] for s in STAGES}, [], {s: [] for s in STAGES}
     request = info["matching"]["request"]
-    for _ in range(30):                                  # ten requests, three turns each
+    for _ in range(30):  # ten requests, three turns each
         stage = next(iter(obs))
         seen[stage].append(obs[stage])
         a = rng.uniform(0, STAGE_ACTION_HIGH[stage]).astype(np.float32)
@@ -39,7 +48,7 @@ def test_cic_rebuilds_the_observations_the_env_produced():
     n = len(seen["ranking"])
     assert n >= 2
     r = _stack(raw[:n])
-    req = Requests(r["user"], r["history"], r["step"], r["clicks"], r["request_id"])
+    req = RequestBatch(r["user"], r["history"], r["step"], r["clicks"], r["request_id"])
     rebuilt, _ = stage_observations(env.driver.pipeline, req, {s: np.stack(acts[s][:n]) for s in STAGES})
     for s in STAGES:
         np.testing.assert_allclose(rebuilt[s], np.stack(seen[s][:n]), atol=1e-6, err_msg=s)
@@ -52,12 +61,10 @@ def test_cic_rebuilds_the_observations_the_env_produced():
 
 
 def test_sampler_transitions_replay_exactly():
-    from rllib_policies.unex_rl.sampler import sample_sessions
-
     _, pipeline = build_world(TINY)
-    actors = {s: _actor(s, pipeline) for s in STAGES}
-    batch, summary = sample_sessions(pipeline, actors, 6, np.random.default_rng(0))
-    req = Requests(batch["user"], batch["history"], batch["step"], batch["clicks"], batch["request_id"])
+    policies = {s: _stage_policy(s, pipeline) for s in STAGES}
+    batch, summary = sample_sessions(pipeline, policies, 6, np.random.default_rng(0))
+    req = _requests(batch)
     rebuilt, _ = stage_observations(pipeline, req, {s: batch[f"act_{s}"] for s in STAGES})
     for s in STAGES:
         np.testing.assert_allclose(rebuilt[s], batch[f"obs_{s}"], atol=1e-6)
@@ -66,92 +73,138 @@ def test_sampler_transitions_replay_exactly():
 
 def test_cqr_maps_rewards_to_within_cell_quantiles():
     cqr = CategoryQuantileRescaler(n_user_groups=2, n_item_groups=2, window=100)
-    cqr.update(np.arange(100.0), np.zeros(100, int), np.zeros(100, int))          # cell (0, 0): 0 … 99
+    cqr.update(np.arange(100.0), np.zeros(100, int), np.zeros(100, int))  # cell (0, 0): 0 … 99
     cqr.update(np.arange(0.0, 1000.0, 10.0), np.ones(100, int), np.zeros(100, int))  # cell (1, 0): 0 … 990
     r = np.array([-1.0, 0.0, 49.5, 99.0, 200.0, 495.0, 7.0])
     ug = np.array([0, 0, 0, 0, 0, 1, 1])
     ig = np.array([0, 0, 0, 0, 0, 0, 1])
     q = cqr.quantiles(r, ug, ig)
-    np.testing.assert_allclose(q, [0.0, 0.005, 0.5, 0.995, 1.0, 0.5, 0.5])   # last: an empty cell → ½
+    np.testing.assert_allclose(q, [0.0, 0.005, 0.5, 0.995, 1.0, 0.5, 0.5])  # last: an empty cell → ½
     # within a cell, its own rewards map to uniform quantiles: (i + ½)/n
-    np.testing.assert_allclose(cqr.quantiles(np.arange(100.0), np.zeros(100, int), np.zeros(100, int)),
-                               (np.arange(100) + 0.5) / 100)
+    np.testing.assert_allclose(
+        cqr.quantiles(np.arange(100.0), np.zeros(100, int), np.zeros(100, int)), (np.arange(100) + 0.5) / 100
+    )
     # the same reward in different cells gets its own cell's quantile
-    assert cqr.quantiles(np.array([50.0, 50.0]), np.array([0, 1]), np.array([0, 0])).tolist() == pytest.approx([0.505, 0.055])
-    cqr.update(np.full(100, 1000.0), np.zeros(100, int), np.zeros(100, int))     # the window keeps the last 100
+    assert cqr.quantiles(np.array([50.0, 50.0]), np.array([0, 1]), np.array([0, 0])).tolist() == pytest.approx(
+        [0.505, 0.055]
+    )
+    cqr.update(np.full(100, 1000.0), np.zeros(100, int), np.zeros(100, int))  # the window keeps the last 100
     assert cqr.quantiles(np.array([999.0]), np.array([0]), np.array([0]))[0] == 0.0
 
 
-def _actor(stage, pipeline, hidden=(16,)):
-    from actors.stages import DEFAULT_PARAMS
-    from rllib_policies.unex_rl.modules import StageActorModule
+def _requests(b: dict) -> RequestBatch:
+    return RequestBatch(b["user"], b["history"], b["step"], b["clicks"], b["request_id"])
 
+
+def _stage_policy(stage, pipeline, hidden=(16,)):
     torch.manual_seed(len(stage))
-    d = observation_dim(pipeline)
-    return StageActorModule(observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
-                            action_space=spaces.Box(np.zeros(len(STAGE_ACTION_HIGH[stage]), np.float32), STAGE_ACTION_HIGH[stage]),
-                            model_config={"hidden": hidden, "init": DEFAULT_PARAMS[stage].tolist()})
+    d = pipeline.spec.dim
+    return StagePolicyModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+        action_space=spaces.Box(np.zeros(len(STAGE_ACTION_HIGH[stage]), np.float32), STAGE_ACTION_HIGH[stage]),
+        model_config={"hidden": hidden, "init": DEFAULT_PARAMS[stage].tolist()},
+    )
 
 
 def test_stop_gradient_blocks_the_paths_through_downstream_stages():
     """Through the learner's own cascade: with SG, ∂(−Q)/∂θ_k equals the gradient through ã_k's own
     critic input only (k = matching and pre_ranking); without SG it also flows through the
-    downstream actors and differs; SG leaves each downstream actor's own gradient in place."""
-    from rllib_policies.unex_rl.learner import cascade, rebuild
-    from rllib_policies.unex_rl.modules import GlobalCriticModule, JOINT_ACTION_DIM
-    from rllib_policies.unex_rl.sampler import sample_sessions
-
+    downstream policies and differs; SG leaves each downstream policy's own gradient in place."""
     _, pipeline = build_world(TINY)
-    actors = {s: _actor(s, pipeline) for s in STAGES}
-    for a in actors.values():          # non-trivial weights so every path carries gradient
+    policies = {s: _stage_policy(s, pipeline) for s in STAGES}
+    for a in policies.values():  # non-trivial weights so every path carries gradient
         with torch.no_grad():
             a.pi[-1].weight.normal_(0, 0.3)
-    d = observation_dim(pipeline)
-    critic = GlobalCriticModule(observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
-                                action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32), model_config={"obs_dim": d})
-    batch, _ = sample_sessions(pipeline, actors, 4, np.random.default_rng(1))
-    req = Requests(batch["user"], batch["history"], batch["step"], batch["clicks"], batch["request_id"])
+    d = pipeline.spec.dim
+    critic = GlobalCriticModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+        action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32),
+        model_config={"obs_dim": d},
+    )
+    batch, _ = sample_sessions(pipeline, policies, 4, np.random.default_rng(1))
+    req = _requests(batch)
     ctx = torch.as_tensor(batch["context"])
     stored = {s: torch.as_tensor(batch[f"obs_{s}"]) for s in STAGES}
 
     def grads(stop_gradient: bool, direct_only: str | None = None) -> dict:
         """θ gradients of −Q(o_1, ã); ``direct_only``: that stage's action reaches Q only directly
         (its copy fed downstream is detached by hand)."""
-        for m in actors.values():
+        for m in policies.values():
             m.zero_grad()
         if direct_only is None:
-            act = cascade(pipeline, actors, stored, ctx, req, target=False, cic=True, stop_gradient=stop_gradient)
+            act = cascade(pipeline, policies, stored, ctx, req, target=False, cic=True, stop_gradient=stop_gradient)
         else:
             act = {}
             for s in STAGES:
                 up = {k: (v.detach() if k == direct_only else v) for k, v in act.items()}
                 o = stored[s] if s == "matching" else rebuild(pipeline, req, ctx, up, s, False)
-                act[s] = actors[s].act(o)
-        joint = torch.cat([act[s] / actors[s].high for s in STAGES], -1)
+                act[s] = policies[s].act(o)
+        joint = torch.cat([act[s] / policies[s].high for s in STAGES], -1)
         (-critic.value(stored["matching"], joint).mean()).backward()
-        return {s: torch.cat([p.grad.flatten() for p in actors[s].pi.parameters()]) for s in STAGES}
+        return {s: torch.cat([p.grad.flatten() for p in policies[s].pi.parameters()]) for s in STAGES}
 
     with_sg, without_sg = grads(True), grads(False)
     for stage in ("matching", "pre_ranking"):
         direct = grads(False, direct_only=stage)
         torch.testing.assert_close(with_sg[stage], direct[stage])
         assert (without_sg[stage] - with_sg[stage]).abs().max() > 1e-3 * with_sg[stage].abs().max(), stage
-    assert all(with_sg[s].abs().sum() > 0 for s in STAGES)   # every actor still learns under SG
-    torch.testing.assert_close(with_sg["ranking"], without_sg["ranking"])   # nothing is downstream of ranking
+    assert all(with_sg[s].abs().sum() > 0 for s in STAGES)  # every stage policy still learns under SG
+    torch.testing.assert_close(with_sg["ranking"], without_sg["ranking"])  # nothing is downstream of ranking
 
 
 def _config(arm="unex_rl", **learners):
-    from rllib_policies.unex_rl import UnexRLConfig
+    return (
+        UnexRLConfig()
+        .environment(MultiStageEnv, env_config=TINY)
+        .unex_rl(
+            arm=arm,
+            sessions_per_iteration=8,
+            updates_per_iteration=3,
+            minibatch_size=32,
+            hidden=(16,),
+            actor_warmup_iterations=0,
+        )
+        .learners(**learners)
+        .debugging(seed=0, log_level="ERROR")
+    )
 
-    return (UnexRLConfig().environment(MultiStageEnv, env_config=TINY)
-            .unex_rl(arm=arm, sessions_per_iteration=8, updates_per_iteration=3, minibatch_size=32, hidden=(16,),
-                     actor_warmup_iterations=0)
-            .learners(**learners).debugging(seed=0, log_level="ERROR"))
+
+def test_options_are_keyword_only_and_an_arm_resets_the_switches():
+    cfg = UnexRLConfig()
+    assert {k: getattr(cfg, k) for k in ARMS["unex_rl"]} == ARMS["unex_rl"]  # the defaults are UNEX-RL's
+    cfg.unex_rl(cic=False, tau=0.5)
+    cfg.unex_rl(arm="single_agent", cqr=False)  # the switches: UNEX-RL's, then the arm's, then the explicit ones
+    assert (cfg.cic, cfg.cqr, cfg.trainable_stages, cfg.tau) == (True, False, ("ranking",), 0.5)
+    with pytest.raises(TypeError, match="cqr_windw"):
+        cfg.unex_rl(cqr_windw=3)
+    with pytest.raises(ValueError, match="arm"):
+        cfg.unex_rl(arm="no_such_arm")
+
+
+@pytest.mark.ray
+def test_target_networks_track_by_polyak_averaging(ray_session):
+    """RLlib's TargetNetworkAPI on the learner: after one update θ' = τ·θ + (1 − τ)·θ'_before; the
+    env runners' and the driver's stage policies are inference-only (no target network)."""
+    algo = _config().unex_rl(updates_per_iteration=1, tau=0.3).build_algo()
+    try:
+        ids = (*STAGES, "global_critic")
+        before = {m: {k: v.copy() for k, v in w.items()} for m, w in algo.learner_group.get_weights(ids).items()}
+        algo.train()
+        after = algo.learner_group.get_weights(ids)
+        for m, prefix in [(s, "pi.") for s in STAGES] + [("global_critic", "q.")]:
+            for k in (k for k in after[m] if k.startswith(prefix)):
+                target = "target_" + k
+                np.testing.assert_allclose(after[m][target], 0.3 * after[m][k] + 0.7 * before[m][target], atol=1e-6)
+        for s in STAGES:
+            assert not any(k.startswith("target_") for k in algo.stage_policies[s].state_dict())
+            assert not any(k.startswith("target_") for k in algo.get_module(s).state_dict())
+    finally:
+        algo.stop()
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("arm", ["unex_rl", "independent", "no_cic", "single_agent"])
-def test_critic_and_stage_actors_train_end_to_end(ray_session, arm):
+def test_critic_and_stage_policies_train_end_to_end(ray_session, arm):
     algo = _config(arm).build_algo()
     try:
         before = {s: {k: v.copy() for k, v in algo.learner_group.get_weights([s])[s].items()} for s in STAGES}
@@ -160,8 +213,14 @@ def test_critic_and_stage_actors_train_end_to_end(ray_session, arm):
         out, learner = res["unex_rl"], res["learners"]["global_critic"]
         assert out["policy_version"] == 2 and out["buffer_size"] > 0 and np.isfinite(learner["critic_loss"])
         after = algo.learner_group.get_weights(list(STAGES))
-        moved = {s: any(not np.allclose(before[s][k], after[s][k]) for k in before[s] if k.startswith("pi.")) for s in STAGES}
-        expected = {s: True for s in STAGES} if arm != "single_agent" else {"matching": False, "pre_ranking": False, "ranking": True}
+        moved = {
+            s: any(not np.allclose(before[s][k], after[s][k]) for k in before[s] if k.startswith("pi.")) for s in STAGES
+        }
+        expected = (
+            {s: True for s in STAGES}
+            if arm != "single_agent"
+            else {"matching": False, "pre_ranking": False, "ranking": True}
+        )
         assert moved == expected
         assert set(algo.evaluate_policy(20)) >= {"usage_s_per_session", "return_rate", "ndcg_at_10"}
     finally:
@@ -170,23 +229,21 @@ def test_critic_and_stage_actors_train_end_to_end(ray_session, arm):
 
 @pytest.mark.ray
 def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_path):
-    from actors.stage_actors import StageActor
-    from actors.world import PipelineConfig, WorldConfig
-    from rllib_policies.unex_rl import UnexRL
-
     algo = _config().build_algo()
-    runners = {s: StageActor.remote(s, WorldConfig.preset("default", **TINY["world"]), PipelineConfig(**TINY["pipeline"]))
-               for s in STAGES}
+    runners = {
+        s: StageActor.remote(s, WorldConfig.preset("default", **TINY["world"]), PipelineConfig(**TINY["pipeline"]))
+        for s in STAGES
+    }
     try:
         algo.attach_stage_actors(runners)
         algo.train()
-        obs = np.random.default_rng(0).standard_normal((5, observation_dim(algo.pipeline))).astype(np.float32)
-        import ray
-
+        obs = np.random.default_rng(0).standard_normal((5, algo.pipeline.spec.dim)).astype(np.float32)
         for s in STAGES:
             acted, version = ray.get(runners[s].act.remote(obs))
             assert version == algo.policy_version == 1
-            np.testing.assert_allclose(acted, algo.actors[s].act(torch.as_tensor(obs)).detach().numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                acted, algo.stage_policies[s].act(torch.as_tensor(obs)).detach().numpy(), rtol=1e-5, atol=1e-5
+            )
         path = algo.save_to_path(str(tmp_path / "ckpt"))
         buffered = len(algo.buffer)
         saved = {s: algo.learner_group.get_weights([s])[s] for s in (*STAGES, "global_critic")}
@@ -195,10 +252,12 @@ def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_pa
         restored = UnexRL.from_checkpoint(path)
         try:
             assert restored.sessions_seen == 8 and restored.policy_version == 1 and len(restored.buffer) == buffered
-            for s, w in saved.items():   # weights and target networks as they were at the checkpoint
+            for s, w in saved.items():  # weights and target networks as they were at the checkpoint
                 back = restored.learner_group.get_weights([s])[s]
                 assert all(np.allclose(back[k], w[k]) for k in w), s
-            assert restored.cqr.state() and set(restored.cqr.state()) <= {f"{u},{i}" for u in range(3) for i in range(5)}
+            assert restored.cqr.state() and set(restored.cqr.state()) <= {
+                f"{u},{i}" for u in range(3) for i in range(5)
+            }
             restored.train()
             assert restored.policy_version == 2 and restored.sessions_seen == 16
             assert set(restored.learner_group.get_weights(["ranking"])["ranking"]) == set(continued)
@@ -211,16 +270,26 @@ def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_pa
 
 
 @pytest.mark.ray
-def test_two_learners_keep_identical_actors_and_critic(ray_session):
-    algo = _config(num_learners=2, num_cpus_per_learner=0.5).unex_rl(actor_warmup_iterations=0, policy_delay=1).build_algo()
+def test_two_learners_keep_identical_stage_policies_and_critic(ray_session):
+    algo = (
+        _config(num_learners=2, num_cpus_per_learner=0.5)
+        .unex_rl(actor_warmup_iterations=0, policy_delay=1)
+        .build_algo()
+    )
     try:
         res = algo.train()
         assert np.isfinite(res["learners"]["global_critic"]["critic_loss"])
-        states = [r.get() for r in algo.learner_group.foreach_learner(
-            lambda l: {s: {k: v.detach().numpy().copy() for k, v in l.module[s].unwrapped().state_dict().items()}
-                       for s in (*STAGES, "global_critic")})]
+        states = [
+            r.get()
+            for r in algo.learner_group.foreach_learner(
+                lambda learner: {
+                    s: {k: v.detach().numpy().copy() for k, v in learner.module[s].unwrapped().state_dict().items()}
+                    for s in (*STAGES, "global_critic")
+                }
+            )
+        ]
         assert len(states) == 2
-        for s in states[0]:   # data-parallel: both learners hold the same (updated) parameters
+        for s in states[0]:  # data-parallel: both learners hold the same (updated) parameters
             assert all(np.allclose(states[0][s][k], states[1][s][k], atol=1e-6) for k in states[0][s]), s
     finally:
         algo.stop()
@@ -228,18 +297,25 @@ def test_two_learners_keep_identical_actors_and_critic(ray_session):
 
 @pytest.mark.ray
 def test_job_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
-    import yaml
-
-    from rllib_policies.train_unex_rl import main
-
-    cfg = {"env_config": TINY, "unex_rl": {"arm": "unex_rl", "sessions_per_iteration": 6, "updates_per_iteration": 2,
-                                           "minibatch_size": 16, "hidden": [16]},
-           "iterations": 2, "checkpoint_dir": str(tmp_path / "runs"), "checkpoint_every": 1, "eval_sessions": 10}
+    cfg = {
+        "env_config": TINY,
+        "unex_rl": {
+            "arm": "unex_rl",
+            "sessions_per_iteration": 6,
+            "updates_per_iteration": 2,
+            "minibatch_size": 16,
+            "hidden": [16],
+        },
+        "iterations": 2,
+        "checkpoint_dir": str(tmp_path / "runs"),
+        "checkpoint_every": 1,
+        "eval_sessions": 10,
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["--config", str(tmp_path / "c.yaml")]) == 0
+    assert train_main(["--config", str(tmp_path / "c.yaml")]) == 0
     cfg["iterations"] = 3
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["--config", str(tmp_path / "c.yaml"), "--resume", "latest"]) == 0
+    assert train_main(["--config", str(tmp_path / "c.yaml"), "--resume", "latest"]) == 0
     out = capsys.readouterr().out
     assert "iter    1 |" in out and "iter    2 |" in out and "resumed from" in out and "iter    3 |" in out
     assert (tmp_path / "runs" / "iter_000003").exists() and "usage_s_per_session" in out
@@ -249,19 +325,28 @@ def test_job_trains_checkpoints_and_resumes(ray_session, tmp_path, capsys):
 def test_env_runner_sampling_on_the_multi_agent_env(ray_session):
     """The same algorithm sampling through RLlib's MultiAgentEnvRunner on MultiStageEnv: transitions
     carry the env's observations, which the CIC replay reproduces exactly."""
-    from rllib_policies.unex_rl import UnexRLConfig
-
-    algo = (UnexRLConfig().environment(MultiStageEnv, env_config={**TINY, "reward": "usage"})
-            .unex_rl(sampler="env_runner", sessions_per_iteration=3, updates_per_iteration=2, minibatch_size=16,
-                     hidden=(16,), actor_warmup_iterations=0)
-            .debugging(seed=0, log_level="ERROR").build_algo())
+    algo = (
+        UnexRLConfig()
+        .environment(MultiStageEnv, env_config={**TINY, "reward": "usage"})
+        .unex_rl(
+            sampler="env_runner",
+            sessions_per_iteration=3,
+            updates_per_iteration=2,
+            minibatch_size=16,
+            hidden=(16,),
+            actor_warmup_iterations=0,
+        )
+        .debugging(seed=0, log_level="ERROR")
+        .build_algo()
+    )
     try:
         res = algo.train()
-        assert res["unex_rl"]["usage_s_per_session"] >= 0 and np.isfinite(res["learners"]["global_critic"]["critic_loss"])
+        assert res["unex_rl"]["usage_s_per_session"] >= 0 and np.isfinite(
+            res["learners"]["global_critic"]["critic_loss"]
+        )
         b = {k: v[: len(algo.buffer)] for k, v in algo.buffer.data.items()}
         assert b["done"].sum() == 3
-        req = Requests(b["user"], b["history"], b["step"], b["clicks"], b["request_id"])
-        rebuilt, _ = stage_observations(algo.pipeline, req, {s: b[f"act_{s}"] for s in STAGES})
+        rebuilt, _ = stage_observations(algo.pipeline, _requests(b), {s: b[f"act_{s}"] for s in STAGES})
         for s in STAGES:
             np.testing.assert_allclose(rebuilt[s], b[f"obs_{s}"], atol=1e-5, err_msg=s)
     finally:

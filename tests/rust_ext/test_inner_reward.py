@@ -46,8 +46,12 @@ def close_to_reference(actual, slate, w):
     """float32 vs float64: each term carries ~1 float32 ulp of error, so under cancellation the
     bound scales with the terms' magnitudes, not with the (possibly tiny) result."""
     c, d, s, r = slate
-    terms = (abs(w.click_w) * c + abs(w.dwell_w) * np.log1p(d.astype(np.float64)) + abs(w.skip_penalty) * s
-             + abs(w.rel_w) * np.abs(r.astype(np.float64)))
+    terms = (
+        abs(w.click_w) * c
+        + abs(w.dwell_w) * np.log1p(d.astype(np.float64))
+        + abs(w.skip_penalty) * s
+        + abs(w.rel_w) * np.abs(r.astype(np.float64))
+    )
     expected = inner_reward_numpy(*slate, w)
     inside = (expected > w.clip_lo) & (expected < w.clip_hi)
     tol = 2e-6 + 4e-7 * np.where(inside, terms, np.abs(expected))
@@ -61,7 +65,12 @@ def test_rust_matches_numpy_reference(slate, w):
 
 
 def test_cancellation_case_found_by_hypothesis():
-    slate = (np.array([False, False]), np.array([2.0, 0.0], np.float32), np.array([True, True]), np.zeros(2, np.float32))
+    slate = (
+        np.array([False, False]),
+        np.array([2.0, 0.0], np.float32),
+        np.array([True, True]),
+        np.zeros(2, np.float32),
+    )
     w = RewardWeights(click_w=0, dwell_w=-69, skip_penalty=76, rel_w=0, clip_lo=0, clip_hi=1)
     close_to_reference(inner_reward(*slate, w), slate, w)
 
@@ -73,8 +82,12 @@ def test_polynomial_log_matches_log1p(x):
 
 
 def test_default_weights_and_hand_computed_values():
-    r = inner_reward(np.array([1, 0, 0], bool), np.array([0, 3, 1e6], np.float32), np.array([0, 1, 0], bool),
-                     np.array([0.5, 0.2, 0.0], np.float32))
+    r = inner_reward(
+        np.array([1, 0, 0], bool),
+        np.array([0, 3, 1e6], np.float32),
+        np.array([0, 1, 0], bool),
+        np.array([0.5, 0.2, 0.0], np.float32),
+    )
     expected = [1.0 + 0.8 * 0.5, 0.5 * np.log(4) - 0.3 + 0.8 * 0.2, min(5.0, 0.5 * np.log1p(1e6))]
     close(r, expected)
     assert r.dtype == np.float32
@@ -109,8 +122,12 @@ def test_bad_relevance_is_rejected(impl, bad):
 @pytest.mark.parametrize("field", ["dwell", "skipped", "relevance"])
 @pytest.mark.parametrize("impl", [inner_reward, inner_reward_numpy])
 def test_length_mismatch_names_the_field(impl, field):
-    cols = dict(clicked=np.zeros(4, bool), dwell=np.ones(4, np.float32), skipped=np.zeros(4, bool),
-                relevance=np.zeros(4, np.float32))
+    cols = dict(
+        clicked=np.zeros(4, bool),
+        dwell=np.ones(4, np.float32),
+        skipped=np.zeros(4, bool),
+        relevance=np.zeros(4, np.float32),
+    )
     cols[field] = cols[field][:3]
     with pytest.raises(ValueError, match=rf"length mismatch: clicked has 4 items but {field} has 3"):
         impl(**cols)
@@ -131,8 +148,12 @@ def test_two_dimensional_input_is_rejected():
 def test_huge_batch_uses_threads_and_still_agrees():
     n = 3 * rust_ext.PARALLEL_MIN_ITEMS + 12345
     rng = np.random.default_rng(7)
-    cols = (rng.random(n) < 0.3, rng.exponential(20, n).astype(np.float32), rng.random(n) < 0.2,
-            rng.random(n).astype(np.float32))
+    cols = (
+        rng.random(n) < 0.3,
+        rng.exponential(20, n).astype(np.float32),
+        rng.random(n) < 0.2,
+        rng.random(n).astype(np.float32),
+    )
     close(inner_reward(*cols), inner_reward_numpy(*cols))
     cols[1][n - 3] = -5.0  # in the last parallel chunk
     with pytest.raises(ValueError, match=rf"^dwell\[{n - 3}\]"):
@@ -163,8 +184,12 @@ def test_offset_and_strided_views():
 
 
 def test_pyarrow_columns_are_accepted_and_nulls_named():
-    got = inner_reward(pa.array([True, False]), pa.array([0.0, 3.0], pa.float32()), pa.array([False, True]),
-                       pa.chunked_array([[0.5], [0.2]], pa.float32()))
+    got = inner_reward(
+        pa.array([True, False]),
+        pa.array([0.0, 3.0], pa.float32()),
+        pa.array([False, True]),
+        pa.chunked_array([[0.5], [0.2]], pa.float32()),
+    )
     close(got, inner_reward_numpy([1, 0], [0, 3], [0, 1], [0.5, 0.2]))
     with pytest.raises(ValueError, match="dwell: 1 null"):
         inner_reward(pa.array([True]), pa.array([None], pa.float32()), pa.array([False]), pa.array([0.1], pa.float32()))
@@ -183,12 +208,15 @@ def test_slates_match_reference_including_empty_slates(lengths, data):
     assert totals.shape == (len(lengths),)
 
 
-@pytest.mark.parametrize("offsets, message", [
-    ([1, 3], r"offsets\[0\] must be 0"),
-    ([0, 2, 1, 3], "non-decreasing"),
-    ([0, 2], r"must equal the number of items \(3\)"),
-    ([], "at least one entry"),
-])
+@pytest.mark.parametrize(
+    "offsets, message",
+    [
+        ([1, 3], r"offsets\[0\] must be 0"),
+        ([0, 2, 1, 3], "non-decreasing"),
+        ([0, 2], r"must equal the number of items \(3\)"),
+        ([], "at least one entry"),
+    ],
+)
 def test_bad_offsets_are_rejected(offsets, message):
     with pytest.raises(ValueError, match=message):
         inner_reward_slates(np.array(offsets, np.int64), [0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0])
@@ -220,12 +248,21 @@ def test_weights_clip_order_round_trip_and_pickle():
 def test_big_endian_input_is_converted_not_misread():
     dwell = np.array([1, 2, 100], ">f4")
     rel = np.array([0.5, 0.1, 0.3], ">f4")
-    close(inner_reward([1, 0, 1], dwell, [0, 1, 0], rel), inner_reward_numpy([1, 0, 1], [1, 2, 100], [0, 1, 0], [0.5, 0.1, 0.3]))
+    close(
+        inner_reward([1, 0, 1], dwell, [0, 1, 0], rel),
+        inner_reward_numpy([1, 0, 1], [1, 2, 100], [0, 1, 0], [0.5, 0.1, 0.3]),
+    )
 
 
 def test_largest_weights_cannot_produce_nan_or_inf():
     w = RewardWeights(click_w=1e6, dwell_w=1e6, skip_penalty=-1e6, rel_w=1e6, clip_lo=-1e6, clip_hi=1e6)
     f32max = np.finfo(np.float32).max
-    rewards, totals = inner_reward_slates([0, 3], [1, 1, 1], np.array([1e30, 0, 0], np.float32), [1, 0, 0],
-                                          np.array([-f32max, f32max, f32max], np.float32), w)
+    rewards, totals = inner_reward_slates(
+        [0, 3],
+        [1, 1, 1],
+        np.array([1e30, 0, 0], np.float32),
+        [1, 0, 0],
+        np.array([-f32max, f32max, f32max], np.float32),
+        w,
+    )
     assert np.isfinite(rewards).all() and np.isfinite(totals).all()

@@ -14,12 +14,18 @@ from serve_apps.inner_reward import ARROW_STREAM, app_builder
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 
-SLATE = {"clicked": [True, False, False], "dwell_s": [12.0, 0.0, 3.5], "skipped": [False, True, False],
-         "relevance": [0.9, 0.1, 0.4]}
+SLATE = {
+    "clicked": [True, False, False],
+    "dwell_s": [12.0, 0.0, 3.5],
+    "skipped": [False, True, False],
+    "relevance": [0.9, 0.1, 0.4],
+}
 
 
 def expected(slate, weights=None):
-    return rust_ext.inner_reward_numpy(slate["clicked"], slate["dwell_s"], slate["skipped"], slate["relevance"], weights)
+    return rust_ext.inner_reward_numpy(
+        slate["clicked"], slate["dwell_s"], slate["skipped"], slate["relevance"], weights
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +33,11 @@ def client(serve_url):
     from ray import serve
 
     store = f"inner_reward_test_{uuid.uuid4().hex[:8]}"
-    serve.run(app_builder({"num_replicas": 2, "max_slate_size": 8, "max_slates_per_request": 4, "weights_store": store}),
-              name="inner_reward_test", route_prefix="/ir")
+    serve.run(
+        app_builder({"num_replicas": 2, "max_slate_size": 8, "max_slates_per_request": 4, "weights_store": store}),
+        name="inner_reward_test",
+        route_prefix="/ir",
+    )
     with httpx.Client(base_url=f"{serve_url}/ir", timeout=30) as c:
         yield c
     serve.delete("inner_reward_test")
@@ -60,13 +69,16 @@ def test_batch_of_slates_including_empty(client):
     assert r.json()["totals"][1] == 0
 
 
-@pytest.mark.parametrize("patch, loc, msg", [
-    ({"dwell_s": [1.0, -2.0, 0.0]}, "slate.dwell_s.1", "greater than or equal to 0"),
-    ({"relevance": [0.1, 0.2]}, "slate", "length mismatch: clicked has 3 items but relevance has 2"),
-    ({"clicked": ["yes please", False, True]}, "slate.clicked.0", "boolean"),
-    ({"surprise": 1}, "slate.surprise", "Extra inputs"),
-    ({k: v * 3 for k, v in SLATE.items()}, "slates.0.clicked", "max_slate_size is 8"),
-])
+@pytest.mark.parametrize(
+    "patch, loc, msg",
+    [
+        ({"dwell_s": [1.0, -2.0, 0.0]}, "slate.dwell_s.1", "greater than or equal to 0"),
+        ({"relevance": [0.1, 0.2]}, "slate", "length mismatch: clicked has 3 items but relevance has 2"),
+        ({"clicked": ["yes please", False, True]}, "slate.clicked.0", "boolean"),
+        ({"surprise": 1}, "slate.surprise", "Extra inputs"),
+        ({k: v * 3 for k, v in SLATE.items()}, "slates.0.clicked", "max_slate_size is 8"),
+    ],
+)
 def test_bad_slates_get_422_naming_the_field(client, patch, loc, msg):
     assert_4xx_names(client.post("/reward", json={"slate": {**SLATE, **patch}}), 422, loc, msg)
 
@@ -101,20 +113,37 @@ def arrow_body(table: pa.Table) -> bytes:
 
 
 def test_arrow_ipc_round_trip(client):
-    table = pa.table({"slate": pa.array([0, 0, 0, 1], pa.int32()), "clicked": [True, False, False, True],
-                      "dwell_s": pa.array([12, 0, 3.5, 1], pa.float32()), "skipped": [False, True, False, False],
-                      "relevance": pa.array([0.9, 0.1, 0.4, 0.3], pa.float32())})
+    table = pa.table(
+        {
+            "slate": pa.array([0, 0, 0, 1], pa.int32()),
+            "clicked": [True, False, False, True],
+            "dwell_s": pa.array([12, 0, 3.5, 1], pa.float32()),
+            "skipped": [False, True, False, False],
+            "relevance": pa.array([0.9, 0.1, 0.4, 0.3], pa.float32()),
+        }
+    )
     r = client.post("/reward/arrow", content=arrow_body(table), headers={"content-type": ARROW_STREAM})
     assert r.status_code == 200, r.text
     got = pa.ipc.open_stream(r.content).read_all()
-    np.testing.assert_allclose(got["reward"].to_numpy(), rust_ext.inner_reward_numpy(
-        table["clicked"], table["dwell_s"], table["skipped"], table["relevance"]), atol=1e-6)
+    np.testing.assert_allclose(
+        got["reward"].to_numpy(),
+        rust_ext.inner_reward_numpy(table["clicked"], table["dwell_s"], table["skipped"], table["relevance"]),
+        atol=1e-6,
+    )
     assert int(r.headers["x-weights-version"]) >= 1
 
 
 def test_arrow_repeated_column_is_a_422(client):
-    t = pa.Table.from_arrays([pa.array([True]), pa.array([True]), pa.array([1.0], pa.float32()), pa.array([False]),
-                              pa.array([0.1], pa.float32())], names=["clicked", "clicked", "dwell_s", "skipped", "relevance"])
+    t = pa.Table.from_arrays(
+        [
+            pa.array([True]),
+            pa.array([True]),
+            pa.array([1.0], pa.float32()),
+            pa.array([False]),
+            pa.array([0.1], pa.float32()),
+        ],
+        names=["clicked", "clicked", "dwell_s", "skipped", "relevance"],
+    )
     assert_4xx_names(client.post("/reward/arrow", content=arrow_body(t)), 422, "body.clicked", "more than once")
 
 
@@ -123,8 +152,14 @@ def test_arrow_bad_input(client):
     assert_4xx_names(r, 400, "body", "not an Arrow IPC stream")
     no_dwell = pa.table({"clicked": [True], "skipped": [False], "relevance": pa.array([0.1], pa.float32())})
     assert_4xx_names(client.post("/reward/arrow", content=arrow_body(no_dwell)), 422, "body.dwell_s", "missing")
-    bad = pa.table({"clicked": [True, True], "dwell_s": pa.array([1, math.nan], pa.float32()), "skipped": [False, False],
-                    "relevance": pa.array([0.1, 0.1], pa.float32())})
+    bad = pa.table(
+        {
+            "clicked": [True, True],
+            "dwell_s": pa.array([1, math.nan], pa.float32()),
+            "skipped": [False, False],
+            "relevance": pa.array([0.1, 0.1], pa.float32()),
+        }
+    )
     assert_4xx_names(client.post("/reward/arrow", content=arrow_body(bad)), 422, "body.slates.0.dwell_s.1", "finite")
 
 
@@ -143,14 +178,17 @@ def test_weights_put_reaches_every_replica(client):
         np.testing.assert_allclose(got["rewards"][0], expected(SLATE, rust_ext.RewardWeights(**new)), atol=1e-5)
 
 
-@pytest.mark.parametrize("body, status, loc, msg", [
-    ({"click_w": "NaN"}, 422, "body.click_w", "finite"),
-    ({"clip_lo": 3, "clip_hi": 1}, 422, "body", "clip_lo (3.0) must not exceed clip_hi (1.0)"),
-    ({"click_w": 1e7}, 422, "body", "click_w must be finite with |click_w| <= 1e6"),
-    ({"click_w": 1e39}, 422, "body.click_w", "less than or equal"),
-    ({"click_weight": 1}, 422, "body.click_weight", "Extra inputs"),
-    ({"expected_version": 0}, 409, "body.expected_version", "current version is"),
-])
+@pytest.mark.parametrize(
+    "body, status, loc, msg",
+    [
+        ({"click_w": "NaN"}, 422, "body.click_w", "finite"),
+        ({"clip_lo": 3, "clip_hi": 1}, 422, "body", "clip_lo (3.0) must not exceed clip_hi (1.0)"),
+        ({"click_w": 1e7}, 422, "body", "click_w must be finite with |click_w| <= 1e6"),
+        ({"click_w": 1e39}, 422, "body.click_w", "less than or equal"),
+        ({"click_weight": 1}, 422, "body.click_weight", "Extra inputs"),
+        ({"expected_version": 0}, 409, "body.expected_version", "current version is"),
+    ],
+)
 def test_bad_weights_are_rejected_and_nothing_changes(client, body, status, loc, msg):
     before = client.get("/weights").json()
     assert_4xx_names(client.put("/weights", json=body), status, loc, msg)

@@ -25,11 +25,22 @@ def client(serve_url):
     from serve_apps import inner_reward
 
     prefix = f"rec_test_{uuid.uuid4().hex[:8]}"
-    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="rec_test_inner", route_prefix="/rec_ir")
+    serve.run(
+        inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="rec_test_inner", route_prefix="/rec_ir"
+    )
     events = tempfile.mkdtemp(prefix="morl-events-test-")
-    serve.run(app_builder({**ARGS, "store_prefix": prefix, "inner_reward_app": "rec_test_inner",
-                           "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01}}),
-              name="recommend_test", route_prefix="/rec")
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": "rec_test_inner",
+                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+            }
+        ),
+        name="recommend_test",
+        route_prefix="/rec",
+    )
     with httpx.Client(base_url=f"{serve_url}/rec", timeout=60) as c:
         c.events_root = events
         yield c
@@ -53,24 +64,29 @@ def test_per_request_weights_and_feedback_scored_by_inner_reward(client):
     clicked = [True] + [False] * 7
     dwell = [12.5] + [0.0] * 7
     skipped = [False] + [True] * 7
-    fb = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": clicked, "dwell_s": dwell, "skipped": skipped})
+    fb = client.post(
+        "/feedback", json={"request_id": rec["request_id"], "clicked": clicked, "dwell_s": dwell, "skipped": skipped}
+    )
     assert fb.status_code == 200, fb.text
     expected = rust_ext.inner_reward_numpy(clicked, dwell, skipped, rec["predictions"]["p_click"])
     np.testing.assert_allclose(fb.json()["rewards"], expected, atol=1e-5)
     assert fb.json()["total"] == pytest.approx(float(expected.sum()), abs=1e-4)
 
 
-@pytest.mark.parametrize("body, loc, msg", [
-    ({"user_id": 500}, "body.user_id", "unknown user_id 500"),
-    ({"user_id": -1}, "body.user_id", "greater than or equal to 0"),
-    ({"user_id": 1, "history": [5, 99999]}, "body.history.1", "unknown item id 99999"),
-    ({"user_id": 1, "ranking_weights": [1, 2]}, "body.ranking_weights", "at least 3"),
-    ({"user_id": 1, "ranking_weights": [1, -2, 0]}, "body.ranking_weights.1", "greater than or equal to 0"),
-    ({"user": 1}, "body.user", "Extra inputs"),
-    ({"user_id": 1, "history": [10**30]}, "body.history.0", "less than or equal"),
-    ({"user_id": 1, "step": 2**31}, "body.step", "less than or equal"),
-    ({"user_id": 1, "ranking_weights": [1e39, 0, 0]}, "body.ranking_weights.0", "less than or equal"),
-])
+@pytest.mark.parametrize(
+    "body, loc, msg",
+    [
+        ({"user_id": 500}, "body.user_id", "unknown user_id 500"),
+        ({"user_id": -1}, "body.user_id", "greater than or equal to 0"),
+        ({"user_id": 1, "history": [5, 99999]}, "body.history.1", "unknown item id 99999"),
+        ({"user_id": 1, "ranking_weights": [1, 2]}, "body.ranking_weights", "at least 3"),
+        ({"user_id": 1, "ranking_weights": [1, -2, 0]}, "body.ranking_weights.1", "greater than or equal to 0"),
+        ({"user": 1}, "body.user", "Extra inputs"),
+        ({"user_id": 1, "history": [10**30]}, "body.history.0", "less than or equal"),
+        ({"user_id": 1, "step": 2**31}, "body.step", "less than or equal"),
+        ({"user_id": 1, "ranking_weights": [1e39, 0, 0]}, "body.ranking_weights.0", "less than or equal"),
+    ],
+)
 def test_bad_recommend_requests_get_422(client, body, loc, msg):
     r = client.post("/recommend", json=body)
     assert r.status_code == 422, r.text
@@ -81,10 +97,14 @@ def test_bad_feedback(client):
     r = client.post("/feedback", json={"request_id": "ffff", "clicked": [], "dwell_s": [], "skipped": []})
     assert r.status_code == 404 and "unknown or expired request_id" in r.text
     rec = client.post("/recommend", json={"user_id": 2}).json()
-    r = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True], "dwell_s": [1.0], "skipped": [False]})
+    r = client.post(
+        "/feedback", json={"request_id": rec["request_id"], "clicked": [True], "dwell_s": [1.0], "skipped": [False]}
+    )
     assert r.status_code == 422 and "the slate had 8 items but clicked has 1" in r.text
-    r = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [False] * 8, "dwell_s": [1e39] * 8,
-                                       "skipped": [False] * 8})
+    r = client.post(
+        "/feedback",
+        json={"request_id": rec["request_id"], "clicked": [False] * 8, "dwell_s": [1e39] * 8, "skipped": [False] * 8},
+    )
     assert r.status_code == 422, r.text
 
 
@@ -101,8 +121,10 @@ def test_stage_params_hot_update(client):
     assert client.put("/stages/reranking/params", json={"params": params}).status_code == 404
     stale = client.put("/stages/ranking/params", json={"params": params, "expected_version": 1})
     assert stale.status_code == 409
-    huge = client.put("/stages/matching/params", json={"params": {"w_relevance": 1e39, "w_popularity": 0.0,
-                                                                  "w_history": 0.0, "exploration": 0.0}})
+    huge = client.put(
+        "/stages/matching/params",
+        json={"params": {"w_relevance": 1e39, "w_popularity": 0.0, "w_history": 0.0, "exploration": 0.0}},
+    )
     assert huge.status_code == 422, huge.text
     assert client.post("/recommend", json={"user_id": 4}).status_code == 200
 
@@ -115,9 +137,17 @@ def test_feedback_emits_served_item_events_that_sessionise(client):
     for step in range(3):
         rec = client.post("/recommend", json={"user_id": 11, "step": step}).json()
         request_ids.append(rec["request_id"])
-        fb = client.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True] + [False] * 7,
-                                            "dwell_s": [20.0] + [0.0] * 7, "skipped": [False] + [True] * 7,
-                                            "purchased": [True] + [False] * 7, "revenue": [9.5] + [0.0] * 7})
+        fb = client.post(
+            "/feedback",
+            json={
+                "request_id": rec["request_id"],
+                "clicked": [True] + [False] * 7,
+                "dwell_s": [20.0] + [0.0] * 7,
+                "skipped": [False] + [True] * 7,
+                "purchased": [True] + [False] * 7,
+                "revenue": [9.5] + [0.0] * 7,
+            },
+        )
         assert fb.status_code == 200, fb.text
     stats = client.get("/telemetry").json()
     assert stats["sink"] == "ParquetSink" and stats["emitted"] == before + 24 and stats["dropped"] == 0

@@ -12,6 +12,9 @@ import pyarrow.compute  # noqa: F401
 import pytest
 import torch
 
+from actors.cascade import Pipeline
+from actors.stages import RequestBatch
+from actors.world import PipelineConfig, World, WorldConfig
 from serve_apps.recommend import app_builder
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
@@ -25,9 +28,11 @@ def _random_agent(path):
     from rllib_policies.utility_agent.module import save_agent
 
     torch.manual_seed(0)
-    module = UtilityQModule(observation_space=gym.spaces.Box(-np.inf, np.inf, (37,), np.float32),
-                            action_space=gym.spaces.Discrete(49), model_config={"grid": ActionGrid().weights.tolist(),
-                                                                                "hidden": 16})
+    module = UtilityQModule(
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (37,), np.float32),
+        action_space=gym.spaces.Discrete(49),
+        model_config={"grid": ActionGrid().weights.tolist(), "hidden": 16},
+    )
     module.set_reward_scale(np.array([0.4, 0.05]), np.array([0.7, 0.2]))
     return save_agent(module, path), module
 
@@ -38,11 +43,23 @@ def _deploy(name, route, tmp, agent_cfg):
     from serve_apps import inner_reward
 
     prefix = f"{name}_{uuid.uuid4().hex[:8]}"
-    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name=f"{name}_inner", route_prefix=f"{route}_ir")
+    serve.run(
+        inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name=f"{name}_inner", route_prefix=f"{route}_ir"
+    )
     events = str(tmp / "events")
-    serve.run(app_builder({**ARGS, "store_prefix": prefix, "inner_reward_app": f"{name}_inner", "utility_agent": agent_cfg,
-                           "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01}}),
-              name=name, route_prefix=route)
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": f"{name}_inner",
+                "utility_agent": agent_cfg,
+                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+            }
+        ),
+        name=name,
+        route_prefix=route,
+    )
     return events
 
 
@@ -55,7 +72,12 @@ def agent_app(serve_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent_app")
     path, module = _random_agent(str(tmp / "agent.pt"))
     frontier = write_frontier(str(tmp / "frontier.json"), [{"lambda": 0.0}, {"lambda": 1.0}], {"note": "test"})
-    _deploy("ua_test", "/ua", tmp, {"mode": "agent", "path": path, "frontier": str(tmp / "frontier.json"), "num_replicas": 2})
+    _deploy(
+        "ua_test",
+        "/ua",
+        tmp,
+        {"mode": "agent", "path": path, "frontier": str(tmp / "frontier.json"), "num_replicas": 2},
+    )
     with httpx.Client(base_url=f"{serve_url}/ua", timeout=60) as c:
         c.module, c.frontier = module, frontier
         yield c
@@ -64,10 +86,6 @@ def agent_app(serve_url, tmp_path_factory):
 
 
 def test_requests_without_weights_get_the_agents_choice(agent_app):
-    from actors.stages import Pipeline, RequestBatch
-    from actors.world import PipelineConfig, World, WorldConfig
-    from rllib_policies.envs import user_features
-
     body = {"user_id": 11, "history": [3, 4, 5], "step": 2, "clicks": 1}
     r = agent_app.post("/recommend", json=body)
     assert r.status_code == 200, r.text
@@ -77,7 +95,7 @@ def test_requests_without_weights_get_the_agents_choice(agent_app):
     pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
     hist = np.full((1, 20), -1)
     hist[0, -3:] = [3, 4, 5]
-    obs = user_features(pipeline, RequestBatch(np.array([11]), hist, np.array([2], np.int32), clicks=np.array([1])))
+    obs = pipeline.context(RequestBatch(np.array([11]), hist, np.array([2], np.int32), np.array([1])))
     op = agent_app.get("/operating-point").json()
     with torch.no_grad():
         expected = int(agent_app.module.greedy(torch.as_tensor(obs), op["lambda"])[0])
@@ -102,7 +120,9 @@ def test_operating_point_switch_is_seen_by_every_replica(agent_app):
         state = handle.replica_state.remote().result()
         seen[state["replica"]] = state
     assert len(seen) == 2
-    assert all(s["operating_point_version"] == ack["version"] and s["operating_point"]["lambda"] == 0.9 for s in seen.values())
+    assert all(
+        s["operating_point_version"] == ack["version"] and s["operating_point"]["lambda"] == 0.9 for s in seen.values()
+    )
     for _ in range(4):
         u = agent_app.post("/recommend", json={"user_id": 5}).json()["utility"]
         assert u["lambda"] == 0.9 and u["operating_point_version"] == ack["version"]
@@ -113,19 +133,22 @@ def test_operating_point_switch_is_seen_by_every_replica(agent_app):
     assert agent_app.put("/operating-point", json={"lambda": 0.5}).status_code == 200
 
 
-@pytest.mark.parametrize("body, status, loc", [
-    ({"lambda": 1.5}, 422, "body.lambda"),
-    ({"lambda": -0.01}, 422, "body.lambda"),
-    ({"lambda": float("nan")}, 422, "body.lambda"),
-    ({"lambda": "high"}, 422, "body.lambda"),
-    ({}, 422, "body"),
-    ({"lambda": 0.3, "weights": [1, 1, 1]}, 422, "body"),
-    ({"weights": [1, -1, 0]}, 422, "body.weights.1"),
-    ({"weights": [1, 2]}, 422, "body.weights"),
-    ({"weights": [1, 2, 1e9]}, 422, "body.weights.2"),
-    ({"lambda": 0.2, "lambada": 1}, 422, "body.lambada"),
-    ({"lambda": 0.2, "expected_version": 0}, 409, "body.expected_version"),
-])
+@pytest.mark.parametrize(
+    "body, status, loc",
+    [
+        ({"lambda": 1.5}, 422, "body.lambda"),
+        ({"lambda": -0.01}, 422, "body.lambda"),
+        ({"lambda": float("nan")}, 422, "body.lambda"),
+        ({"lambda": "high"}, 422, "body.lambda"),
+        ({}, 422, "body"),
+        ({"lambda": 0.3, "weights": [1, 1, 1]}, 422, "body"),
+        ({"weights": [1, -1, 0]}, 422, "body.weights.1"),
+        ({"weights": [1, 2]}, 422, "body.weights"),
+        ({"weights": [1, 2, 1e9]}, 422, "body.weights.2"),
+        ({"lambda": 0.2, "lambada": 1}, 422, "body.lambada"),
+        ({"lambda": 0.2, "expected_version": 0}, 409, "body.expected_version"),
+    ],
+)
 def test_bad_operating_points_get_4xx_and_change_nothing(agent_app, body, status, loc):
     before = agent_app.get("/operating-point").json()
     r = agent_app.put("/operating-point", content=json.dumps(body), headers={"content-type": "application/json"})
@@ -156,8 +179,15 @@ def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path
                 u = rec["utility"]
                 assert u["mode"] == "explore" and u["propensity"] == pytest.approx(1 / 49)
                 chosen[rec["request_id"]] = u["action"]
-                fb = c.post("/feedback", json={"request_id": rec["request_id"], "clicked": [True] + [False] * 7,
-                                               "dwell_s": [20.0] + [0.0] * 7, "skipped": [False] * 8})
+                fb = c.post(
+                    "/feedback",
+                    json={
+                        "request_id": rec["request_id"],
+                        "clicked": [True] + [False] * 7,
+                        "dwell_s": [20.0] + [0.0] * 7,
+                        "skipped": [False] * 8,
+                    },
+                )
                 assert fb.status_code == 200, fb.text
             assert c.get("/frontier").status_code == 404
         deadline, table = time.time() + 20, None
