@@ -14,7 +14,7 @@ import numpy as np
 
 import rust_ext
 from actors.cascade import Pipeline
-from actors.stages import RequestBatch
+from actors.stages import RequestBatch, StageContext, retrieval_relevance
 from actors.world import World, ndcg_at_k, seed_sequence
 from actors.world.world import Response
 
@@ -23,17 +23,23 @@ SlatePolicy = Callable[[World, Pipeline, RequestBatch, np.random.Generator], np.
 Observer = Callable[[RequestBatch, np.ndarray, Response], None]
 
 
-def inner_rewards(resp: Response, relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The Rust inner reward (default weights) of every served item [B, K] and each slate's total [B],
-    with ``relevance`` [B, K] as the reward's relevance term."""
+def inner_rewards(
+    ctx: StageContext, user: np.ndarray, slate: np.ndarray, resp: Response
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Rust inner reward (default weights) of every served item [B, K] and each slate's total [B]
+    for users [B] served ``slate`` [B, K] with response ``resp``. Its relevance term is the
+    retrieval towers' similarity ``retrieval_relevance(ctx, user, slate)``, never the ranker's
+    p_click: the dense signal stays independent of the ranking policy being trained."""
     b, k = resp.clicked.shape
+    if np.shape(slate) != (b, k):
+        raise ValueError(f"inner_rewards: slate {np.shape(slate)} and response {(b, k)} must have the same shape")
     offsets = np.arange(0, b * k + 1, k, dtype=np.int64)
     rewards, totals = rust_ext.inner_reward_slates(
         offsets,
         resp.clicked.ravel(),
         resp.dwell_s.ravel(),
         resp.skipped.ravel(),
-        np.asarray(relevance, np.float32).ravel(),
+        retrieval_relevance(ctx, user, slate).ravel(),
     )
     return rewards.reshape(b, k), totals
 

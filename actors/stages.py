@@ -186,6 +186,30 @@ def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> n
     return ctx.user_tower[req.user] + w_history[:, None] * history_embedding(ctx, req.history)
 
 
+def retrieval_relevance(ctx: StageContext, user: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The inner reward's relevance term: the matching stage's two-tower similarity of users [B] with
+    items [B, K] → [B, K] float32 in [0, 1],
+
+        rel(u, i) = (1 + cos(user_tower_u, item_tower_i)) / 2.
+
+    Only the towers enter: no ranking weights or predictions and no stage action (the query's
+    history term w_history is matching's action, so it is left out), so a policy cannot move the
+    relevance of an item it serves, only choose which items it serves. (1 + cos)/2 rather than
+    σ(τ·⟨u, i⟩): it is exactly in [0, 1] with nothing to fit (a sigmoid's temperature and offset
+    would have to be calibrated, i.e. on clicks), scale-free in the towers, and monotone in
+    matching's relevance score ⟨q, i⟩."""
+    u = ctx.user_tower[np.asarray(user)]
+    v = ctx.item_tower[np.asarray(items)]
+    if u.ndim != 2 or v.ndim != 3 or len(u) != len(v):
+        raise ValueError(
+            f"retrieval_relevance: user must be [B] and items [B, K], got {u.shape[:-1]} and {v.shape[:-1]}"
+        )
+    cos = np.einsum("bd,bkd->bk", u, v) / np.maximum(
+        np.linalg.norm(u, axis=1)[:, None] * np.linalg.norm(v, axis=2), 1e-12
+    )
+    return np.clip(0.5 * (1.0 + cos), 0.0, 1.0).astype(np.float32)
+
+
 def matching(
     ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64
 ) -> StageOutput:

@@ -2,6 +2,7 @@
 
     python benchmarks/layered_vs_monolithic.py              # 5 arms × 5 seeds, ~15 minutes on 2 cores
     python benchmarks/layered_vs_monolithic.py --seeds 2 --arms layered monolithic --iterations 10
+    python benchmarks/layered_vs_monolithic.py --results-dir /tmp/lvm    # leave benchmarks/results alone
 
 Every arm is OuterController with the same network, optimiser, batch and budget; only the reward
 signal differs (see rllib_policies/outer_controller/signals.py). The mean policy is evaluated on
@@ -110,7 +111,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--iterations", type=int, default=ExperimentConfig.iterations)
+    p.add_argument("--results-dir", default=RESULTS, help="where the .md, .png and runs .json go")
     args = p.parse_args()
+    results = args.results_dir
 
     import ray
 
@@ -147,15 +150,15 @@ def main() -> None:
         f"| reward-signal variance | {CLAIMS['pg_noise_ratio']} | {ratio(rows, 'pg_noise_ratio')} (PG noise ratio) |"
     )
     paired = paired_table(runs)
-    png = os.path.join(RESULTS, "layered_vs_monolithic.png")
-    os.makedirs(RESULTS, exist_ok=True)
+    png = os.path.join(results, "layered_vs_monolithic.png")
+    os.makedirs(results, exist_ok=True)
     plot(runs, png)
     print(table, "\n", paired, "\n", claims, sep="\n")
-    with open(os.path.join(RESULTS, "layered_vs_monolithic_runs.json"), "w") as f:
+    with open(os.path.join(results, "layered_vs_monolithic_runs.json"), "w") as f:
         json.dump([asdict(r) for r in runs], f, indent=1, default=float)
     e = asdict(exp)
     write_results(
-        os.path.join(RESULTS, "layered_vs_monolithic.md"),
+        os.path.join(results, "layered_vs_monolithic.md"),
         [
             "# Layered vs monolithic outer controller",
             "",
@@ -165,7 +168,8 @@ def main() -> None:
             f"Setup: {e['iterations']} iterations × {e['sessions_per_iteration']} sessions per arm and seed; "
             f"lr {e['lr']}, {e['num_epochs']} epochs per batch; KPI weights {e['kpi_weights']}; KPI gate opens after "
             f"{e['min_sessions_for_kpi']} sessions (the production default is 10 000, more than this whole budget); "
-            f"KL rollback off (the rail is tested separately); world {e['env_config']}. Evaluation: the mean policy "
+            f"KL rollback off (the rail is tested separately); trust region {e['trust_region_kl'] or 'off'}; "
+            f"world {e['env_config']}. Evaluation: the mean policy "
             f"on {e['eval_sessions']} sessions every {e['eval_every']} iterations and {e['final_eval_sessions']} at "
             "the end, the same simulated users for every arm. ± is the 95 % t-interval over seeds.",
             "",

@@ -38,6 +38,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PAPER = "+0.558 % usage time over single-agent RL (Kuaishou online A/B, 100 M+ users; UNEX-RL, arXiv 2401.06470)"
 ENV = {"world": {"n_items": 5000, "n_users": 3000}, "pipeline": {"k_matching": 300, "k_pre_ranking": 50}}
 METRICS = ("usage_s_per_session", "return_rate", "ndcg_at_10")
+DEFAULTS = UnexRLConfig()  # every arm's shared settings (the ones not set here)
 UPDATES = 8  # minibatch updates per iteration (CIC replays the cascade in each: the main cost on 2 cores)
 
 
@@ -165,7 +166,9 @@ def main() -> None:
             f"{time.time() - t0:.0f} s in all).",
             "",
             f"Setup: world {ENV}; {args.iterations} iterations × 64 sessions ({UPDATES} minibatch updates of 256 "
-            "transitions each), γ 0.9, lr 1e-3, Gaussian exploration σ = 0.1 of each action's range; stage policies "
+            f"transitions each), γ 0.9, lr 1e-3 (stage policies {DEFAULTS.actor_lr:g} after a "
+            f"{DEFAULTS.actor_warmup_iterations}-iteration critic warm-up), Gaussian exploration "
+            f"σ = {DEFAULTS.explore_std:g} of each action's range; stage policies "
             "start at the default stage parameters. Evaluation: the deterministic policies on the same "
             f"{args.final_sessions} simulated users for every arm (before and after training), and on "
             f"{args.eval_sessions} every {args.eval_every} iterations for the curves. ± is the 95 % t-interval over "

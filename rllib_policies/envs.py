@@ -1,7 +1,8 @@
 """Gymnasium / RLlib views of the world that the learners train on.
 
 SessionEnv        one user session; action = ranking utility weights per request; reward = the
-                  slate's inner reward; delayed KPIs (revenue, return) in the final ``info``.
+                  slate's inner reward (relevance term: the two-tower similarity, not the ranker's
+                  p_click); delayed KPIs (revenue, return) in the final ``info``.
 UtilityWeightEnv  one step: request context → index into a grid of utility-weight vectors;
                   scalar reward = clicks, ``info["reward_vector"]`` = per-objective rewards.
 MultiStageEnv     MultiAgentEnv: matching, pre_ranking, ranking act in turn within each request
@@ -29,6 +30,7 @@ from actors.stages import (
     STAGE_ACTION_HIGH,
     STAGES,
     RequestBatch,
+    retrieval_relevance,
     run_stage,
     utility_weight_grid,
 )
@@ -62,9 +64,13 @@ class _SessionDriver:
         """The request context [context_dim] (``ObservationSpec.context``)."""
         return self.pipeline.context(req)[0]
 
-    def serve(self, slate: np.ndarray, predicted_relevance: np.ndarray) -> tuple[float, bool, dict]:
+    def serve(self, slate: np.ndarray) -> tuple[float, bool, dict]:
+        """Serve ``slate`` [1, K]; reward = its inner reward, whose relevance term is the retrieval
+        towers' similarity (``retrieval_relevance``), a signal the acting policy does not control."""
+        user = self.sessions.user
         resp = self.world.step(self.sessions, slate, self.rng)
-        reward = float(inner_rewards(resp, predicted_relevance)[1][0])
+        reward = float(inner_rewards(self.pipeline.ctx, user, slate, resp)[1][0])
+        relevance = retrieval_relevance(self.pipeline.ctx, user, slate)
         ndcg = float(ndcg_at_k(resp.relevance, self.ideal, 10)[0])
         self.ndcg_sum += ndcg
         s = self.sessions
@@ -77,7 +83,7 @@ class _SessionDriver:
             "reward_vector": np.array([resp.clicked.sum(), (resp.dwell_s >= 18).sum(), resp.revenue.sum()], np.float32),
             # the inner reward's features summed over the slate: clicks, Σ ln(1+dwell), skips, Σ relevance
             "inner_features": np.array(
-                [resp.clicked.sum(), np.log1p(resp.dwell_s).sum(), resp.skipped.sum(), predicted_relevance.sum()],
+                [resp.clicked.sum(), np.log1p(resp.dwell_s).sum(), resp.skipped.sum(), relevance.sum()],
                 np.float32,
             ),
         }
@@ -121,7 +127,7 @@ class SessionEnv(_DriverEnv):
     def step(self, action):
         weights = np.clip(np.asarray(action, np.float32), 0, RANKING_ACTION_HIGH)[None]
         rec = self.driver.pipeline.recommend(self._req, {"ranking": weights})
-        reward, done, info = self.driver.serve(rec.slate, rec.predictions["p_click"])
+        reward, done, info = self.driver.serve(rec.slate)
         self._req = self.driver.request()
         return self.driver.observe(self._req), reward, done, False, info
 
@@ -138,7 +144,7 @@ class UtilityWeightEnv(_DriverEnv):
     def step(self, action):
         weights = self.actions[int(action)][None]
         rec = self.driver.pipeline.recommend(self._req, {"ranking": weights})
-        _, _, info = self.driver.serve(rec.slate, rec.predictions["p_click"])
+        _, _, info = self.driver.serve(rec.slate)
         info["weights"] = weights[0]
         return self.driver.observe(self._req), float(info["reward_vector"][0]), True, False, info
 
@@ -201,7 +207,7 @@ class MultiStageEnv(MultiAgentEnv):
         out = run_stage(pipeline.ctx, pipeline.config, stage, self._req, self._candidates, action)
         self._candidates = out.items
         if stage == "ranking":
-            reward, done, info = self.driver.serve(out.items, out.predictions["p_click"])
+            reward, done, info = self.driver.serve(out.items)
             if self.reward_kind == "usage":  # UNEX-RL's long-term reward: the slate's usage time (dwell seconds)
                 reward = info["dwell_s"]
             rewards = {a: reward for a in STAGES}

@@ -43,7 +43,8 @@ def build(job: TrainJobConfig) -> OuterController:
 def progress(result: dict) -> str:
     oc, learner = result["outer_controller"], result["learners"]["default_policy"]
     return (
-        f"sessions {int(oc['sessions_seen']):7d} | κ {oc['kappa']:.2f} | KL {oc['kl_from_reference']:.3f} "
+        f"sessions {int(oc['sessions_seen']):7d} | κ {oc['kappa']:.2f} | KL step {oc['kl_step']:.3f} "
+        f"({int(oc['epochs'])} epochs) | KL from start {oc['kl_from_reference']:.3f} "
         f"| rollbacks {int(oc['rollbacks'])} | inner {oc['inner_reward_mean']:.2f} "
         f"| outer {oc['outer_reward_mean']:.2f} | ndcg {oc.get('kpi_ndcg', float('nan')):.3f} "
         f"| pg_loss {learner['pg_loss']:.3f}"

@@ -8,8 +8,9 @@ Steps, each with progress lines: exploration logs (uniform over the action grid,
 telemetry sink; skipped when ``events_root`` names existing logs) → request rows (Ray Data) →
 offline training of the two-head Q agent (RLlib learners, ``num_learners``; the shared job runner:
 one line per pass, checkpoints under ``checkpoint_dir``, default ``out_dir/checkpoints``) → λ sweep
-on held-out logs and on the simulator → ``out_dir/frontier.json`` (versioned), ``frontier.png``,
-``agent.pt`` (what the Serve app loads). Then, e.g.:
+on held-out logs and on the simulator → do no harm per λ (π_λ only where held-out logs show it beats
+the best global vector g_λ) → ``out_dir/frontier.json`` (versioned), ``frontier.png``, ``agent.pt``
+(what the Serve app loads, with the per-λ choice). Then, e.g.:
 
     curl -X PUT localhost:8000/operating-point -d '{"lambda": 0.4}'
 """
@@ -30,6 +31,8 @@ def summary(artifact: dict) -> str:
     lines = [
         f"frontier v{artifact['version']}: {n_nd} non-dominated of {len(artifact['points'])} λ points (off-policy)",
         "hypervolume " + ", ".join(f"{k} {v:.4f}" for k, v in hv.items() if k != "reference_point"),
+        f"do no harm: π_λ deployed at {len(meta['do_no_harm']['personalised_lambdas'])} of "
+        f"{len(artifact['points'])} λ, the best global vector g_λ elsewhere",
     ]
     return "\n".join(lines)
 

@@ -16,9 +16,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 import tempfile
 import time
+import warnings
 
 import httpx
 import numpy as np
@@ -35,6 +38,37 @@ from rllib_policies.outer_controller.experiment import ExperimentConfig, busines
 from rllib_policies.outer_controller.rails import push_inner_reward_weights
 from serve_apps import inner_reward, recommend
 from serve_apps.launch import start_local_ray
+
+
+class _WithoutRayletNotices:
+    """stdout without two raylet notices that ask nothing of the reader: "N PYTHON worker processes have
+    been started" (Ray Data's sessioniser starts short-lived workers on a 2-core machine) and the Serve
+    controller's retried graceful shutdown at exit. Ray prints them through ``sys.stdout`` with no
+    logger or flag to turn them off."""
+
+    NOTICES = ("worker processes have been started on node", "ServeController.graceful_shutdown failed")
+
+    def __init__(self, stream):
+        self.stream, self._dropped = stream, False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, any(n in text for n in self.NOTICES)
+        if self._dropped or (dropped and text == "\n"):  # print() writes the line, then its newline
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_frameworks() -> None:
+    """The job prints its own tables: Ray's, Serve's, Ray Data's and RLlib's info logs and API notices,
+    gymnasium's re-registration warnings and two raylet notices are kept out."""
+    for name in ("ray", "ray.serve", "ray.data", "ray.rllib", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*already in registry.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    sys.stdout = _WithoutRayletNotices(sys.stdout)
 
 
 def print_table(title: str, header: tuple, rows: list[tuple]) -> None:
@@ -148,7 +182,7 @@ def trajectories_table(url: str, events_root: str, requests: int) -> None:
                 break
             time.sleep(0.05)
     out = os.path.join(events_root, "..", os.path.basename(events_root) + "-trajectories")
-    ds = sessionise_dataset(events_root, out)
+    ds = sessionise_dataset(events_root, out, num_partitions=2)  # a few hundred events: two partitions
     rows = ds.take_all()
     print_table(
         f"Telemetry → trajectories (events {stats['emitted']:,}, dropped {stats['dropped']}, "
@@ -169,7 +203,14 @@ def trajectories_table(url: str, events_root: str, requests: int) -> None:
 
 
 def outer_controller_table(url: str, iterations: int, seed: int) -> None:
-    exp = ExperimentConfig(iterations=iterations, eval_every=iterations, eval_sessions=300, final_eval_sessions=1000)
+    exp = ExperimentConfig(
+        iterations=iterations,
+        eval_every=iterations,
+        eval_sessions=300,
+        final_eval_sessions=1000,
+        trust_region_kl=0.5,  # the training rail: KL(π_old ‖ π_new) ≤ 0.5 per iteration
+        promote=True,  # do no harm: the trained policy replaces its start only if it is significantly better
+    )
     print(
         f"\nouter controller: {iterations} iterations × {exp.sessions_per_iteration} sessions per arm "
         f"(python benchmarks/layered_vs_monolithic.py runs the full 5-seed comparison)",
@@ -181,15 +222,22 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
         weights = algo.inner_reward_weights(algo.last_batch)
         pushed.update(push_inner_reward_weights(f"{url}/inner_reward", weights))
 
-    runs = [run_arm("layered", seed, exp, on_trained=push), run_arm("monolithic", seed, exp)]
+    def silent(*_args, **_kwargs) -> None:  # the table below reports each arm once, on the final evaluation
+        pass
+
+    runs = [
+        run_arm("layered", seed, exp, progress=silent, on_trained=push),
+        run_arm("monolithic", seed, exp, progress=silent),
+    ]
     print_table(
-        "Layered vs monolithic (same network, algorithm and budget; mean policy on 1 000 eval sessions)",
+        "Layered vs monolithic (same network, algorithm and budget; the promoted policy on 1 000 eval sessions)",
         (
             "arm",
             "NDCG@10 before → after",
             "revenue/session before → after",
             "next-day return",
             "objective J",
+            "promoted",
             "train s",
         ),
         [
@@ -200,6 +248,7 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
                 f"{r.final['return_rate']:.1%}",
                 f"{business_objective(r.start_final, exp.kpi_weights):.3f} → "
                 f"{business_objective(r.final, exp.kpi_weights):.3f}",
+                r.promoted,
                 f"{r.train_seconds[-1]:.1f}",
             )
             for r in runs
@@ -224,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-iterations", type=int, default=10, help="outer-controller iterations per arm")
     args = parser.parse_args(argv)
 
+    quiet_frameworks()
     t0 = time.perf_counter()
     world = World(WorldConfig())
     pipeline = Pipeline(world)

@@ -3,7 +3,9 @@
 - ``POST /recommend``  {user_id, history?, step?, ranking_weights?} → slate, scores, predictions,
   stage parameter versions, request id
 - ``POST /feedback``   {request_id, clicked, dwell_s, skipped} for a served slate → per-item inner
-  rewards from the inner-reward deployment (the Rust kernel), with its weights version
+  rewards from the inner-reward deployment (the Rust kernel), with its weights version; the reward's
+  relevance term is the two-tower similarity of the user and the served items
+  (``actors.stages.retrieval_relevance``, from the ingress's own StageContext), not the ranker's p_click
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
 - ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
 - with a utility agent (args ``utility_agent``): requests without ``ranking_weights`` get theirs from
@@ -35,9 +37,17 @@ from ray import serve
 
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.stage_actors import StageRunner
-from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, stage_params
+from actors.stages import (
+    DEFAULT_PARAMS,
+    PARAM_NAMES,
+    STAGES,
+    RequestBatch,
+    StageContext,
+    retrieval_relevance,
+    stage_params,
+)
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
-from actors.world import PipelineConfig, WorldConfig
+from actors.world import PipelineConfig, World, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
 from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
@@ -172,8 +182,11 @@ class RecommendService:
         served_cache_size: int = 100_000,
         utility_agent=None,
         utility_config: dict | None = None,
+        pipeline_config: PipelineConfig | None = None,
     ):
         self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
+        # the stages' own towers (same world and seed), for the inner reward's relevance term at /feedback
+        self.ctx = StageContext(World(world_config), (pipeline_config or PipelineConfig()).seed)
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
@@ -271,13 +284,14 @@ class RecommendService:
                 status=404,
                 type_="not_found",
             )
-        items, p_click = served["items"], served["predictions"]["p_click"]
+        items = served["items"]
         for name in ("clicked", "dwell_s", "skipped", "purchased", "revenue"):
             if getattr(body, name) is not None and len(getattr(body, name)) != len(items):
                 raise BadRequest(
                     ["body", name], f"the slate had {len(items)} items but {name} has {len(getattr(body, name))}"
                 )
         offsets = np.array([0, len(items)], np.int64)
+        relevance = retrieval_relevance(self.ctx, np.array([served["user_id"]]), items[None])[0]
         try:
             if self._inner_reward is None:  # the inner-reward app is deployed on its own; look it up lazily
                 self._inner_reward = serve.get_app_handle(self.inner_reward_app)
@@ -289,7 +303,7 @@ class RecommendService:
                 type_="unavailable",
             ) from None
         rewards, totals, version = await self._inner_reward.score_slates.remote(
-            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), p_click
+            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), relevance
         )
         if self.events is not None:
             self.events.emit(
@@ -303,6 +317,7 @@ class RecommendService:
                     skipped=np.asarray(body.skipped),
                     inner_reward=rewards,
                     predictions=served["predictions"],
+                    relevance=relevance,
                     utility_weights=served["weights"],
                     policy_version=served["version"],
                     purchased=body.purchased,
@@ -474,4 +489,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         100_000,
         agent,
         agent_cfg,
+        pipeline_config,
     )

@@ -5,7 +5,9 @@ pre-ranking, and awaits it only before ranking. Calls are batched across concurr
 (``serve.batch``): one forward pass scores every grid action for the whole batch.
 
 Modes (``utility_agent.mode`` in the recommend app's args):
-  agent    π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a) with the trained agent (agent.pt)
+  agent    the deployed policy at λ (UtilityQModule.act): π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a)
+           with the trained agent (agent.pt), or — where do no harm fell back at that λ (the nearest
+           swept one) — the best global vector g_λ for every request
   explore  the logging policy: a uniformly random grid action per request, propensity 1/|A|
 
 The live operating point — λ, or a fixed global weight vector — lives in a VersionedParamStore:
@@ -67,7 +69,9 @@ class UtilityAgentDeployment:
             )
         else:
             with torch.no_grad():
-                actions = self.module.greedy(torch.as_tensor(obs), float(lam)).numpy()
+                actions = self.module.act(
+                    torch.as_tensor(obs), float(lam)
+                ).numpy()  # π_λ, or g_λ where do no harm fell back
             weights, propensity = self.weights[actions], np.ones(len(obs))
         return [
             {

@@ -6,6 +6,10 @@ unique per served item and cheap to build for a whole slate at once.
 ``context`` is the request's observation as the policy saw it (feature logging), so learners
 train on exactly what was served from and never rebuild features offline. It is stored once per
 request, on position 0 (null elsewhere, and when not logged).
+
+``relevance`` is the inner reward's relevance term as it was scored: the retrieval towers'
+similarity (1 + cos)/2 (``actors.stages.retrieval_relevance``), not the ranker's ``p_click``,
+which keeps its own column.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def slate_events(
     skipped: np.ndarray,
     inner_reward: np.ndarray,
     predictions: dict[str, np.ndarray],
+    relevance: np.ndarray | None = None,
     utility_weights: np.ndarray | None = None,
     policy_version: int = 0,
     propensity: float = 1.0,
@@ -81,6 +86,7 @@ def slate_events(
         skipped=row(skipped),
         inner_reward=row(inner_reward),
         predictions={k: row(v) for k, v in predictions.items()},
+        relevance=row(relevance),
         utility_weights=row(utility_weights),
         policy_version=policy_version,
         propensity=np.array([propensity]),
@@ -102,6 +108,7 @@ def slates_events(
     skipped: np.ndarray,
     inner_reward: np.ndarray,
     predictions: dict[str, np.ndarray],
+    relevance: np.ndarray | None = None,
     utility_weights: np.ndarray | None = None,
     policy_version: int = 0,
     propensity: np.ndarray | float = 1.0,
@@ -111,7 +118,9 @@ def slates_events(
     context: np.ndarray | None = None,
 ) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
-    weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised)."""
+    weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised).
+    ``relevance`` [B, K] is the inner reward's relevance term (``actors.stages.retrieval_relevance``,
+    the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``."""
     items = np.asarray(items, np.int64)
     b, k = items.shape
     n = b * k
@@ -151,7 +160,7 @@ def slates_events(
         "p_click": f32(predictions["p_click"]),
         "p_long_view": f32(predictions.get("p_long_view", zeros)),
         "p_purchase": f32(predictions.get("p_purchase", zeros)),
-        "relevance": f32(predictions["p_click"]),
+        "relevance": pa.nulls(n, pa.float32()) if relevance is None else f32(np.broadcast_to(relevance, (b, k))),
         "clicked": pa.array(np.asarray(clicked, bool).ravel()),
         "dwell_s": f32(dwell_s),
         "skipped": pa.array(np.asarray(skipped, bool).ravel()),

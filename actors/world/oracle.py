@@ -499,20 +499,29 @@ class SessionObjective:
 def simulate_sessions(
     pipeline: Pipeline, family: Family, actions: np.ndarray, users: np.ndarray, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Whole sessions of ``users`` [n], session i served with action ``actions[i]`` of ``family``.
+    """Whole sessions of ``users`` [n], session i served with action ``actions[i]`` of ``family``
+    (``session_kpis``: common random numbers, per-session "ndcg", "return", "revenue", "clicks", "usage",
+    "requests")."""
+    params = family.params(np.asarray(actions))
+    return session_kpis(pipeline, lambda req, act: {s: p[act] for s, p in params.items()}, users, seed)
+
+
+def session_kpis(pipeline: Pipeline, params_of, users: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The one session loop of the oracle: whole sessions of ``users`` [n], the active sessions ``act`` at
+    each request served with ``params_of(req, act) → {stage: params}`` (stages not named keep their defaults).
 
     Common random numbers: step t draws the response from seed_sequence(seed, "oracle-sessions", t) over all
     n sessions (active or not) and session i's stage noise from request id SESSION_ID_BASE + i·max_requests + t,
     so two settings differ only where their slates differ. Per session: "ndcg" (mean over its requests),
-    "return" (P(next-day return) at its end: the exact conditional expectation, not the draw) and "revenue"
-    (Σ of the exact expected revenue of its slates), "requests".
+    "return" (P(next-day return) at its end: the exact conditional expectation, not the draw), "revenue" and
+    "clicks" (Σ of the exact expectations over its slates), "usage" (Σ dwell seconds drawn), "requests".
     """
     world, cfg = pipeline.world, pipeline.world.config
+    users = np.asarray(users)
     n = len(users)
-    params = family.params(np.asarray(actions))
-    sessions: Sessions = world.start_sessions(np.asarray(users), pipeline.config.history_len)
+    sessions: Sessions = world.start_sessions(users, pipeline.config.history_len)
     ideal = dcg(world.ideal_relevance(sessions.user, 10), 10)
-    ndcg_sum, revenue, p_return = np.zeros(n), np.zeros(n), np.zeros(n)
+    ndcg_sum, revenue, clicks, p_return = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for t in range(cfg.max_requests):
         act = np.flatnonzero(sessions.active)
         if len(act) == 0:
@@ -524,10 +533,12 @@ def simulate_sessions(
             sessions.clicks[act],
             SESSION_ID_BASE + act.astype(np.int64) * cfg.max_requests + t,
         )
-        rec = pipeline.recommend(req, {s: p[act] for s, p in params.items()})
+        rec = pipeline.recommend(req, params_of(req, act))
         slates = np.zeros((n, rec.slate.shape[1]), np.int64)
         slates[act] = rec.slate
-        revenue[act] += world.expected_kpis(sessions.user[act], rec.slate)["revenue"].sum(axis=1)
+        expected = world.expected_kpis(sessions.user[act], rec.slate)
+        revenue[act] += expected["revenue"].sum(axis=1)
+        clicks[act] += expected["clicks"].sum(axis=1)
         resp = world.step(sessions, slates, seed_sequence(seed, "oracle-sessions", t))
         ndcg_sum[act] += np.divide(
             dcg(resp.relevance[act], 10), ideal[act], out=np.zeros(len(act)), where=ideal[act] > 0
@@ -538,6 +549,8 @@ def simulate_sessions(
         "ndcg": ndcg_sum / np.maximum(sessions.requests, 1),
         "return": p_return,
         "revenue": revenue,
+        "clicks": clicks,
+        "usage": sessions.dwell_s.astype(np.float64),
         "requests": sessions.requests.astype(np.float64),
     }
 
@@ -624,3 +637,80 @@ def session_headroom(
         cohort_actions={COHORTS[c]: a for c, a in best.items()},
         confidence=confidence,
     )
+
+
+def headroom_of_values(
+    values: np.ndarray, users: np.ndarray, cohorts: np.ndarray, objective, family: str = "ranking"
+) -> Headroom:
+    """The oracle's levels (module docstring) for exact action values [N, A] at states known only by
+    their users [N] and cohorts [N] — e.g. logged requests with stored per-action ground truth
+    (rllib_policies.utility_agent.exploration.load_ground_truth) instead of ``RequestStates``."""
+    v = np.asarray(values, np.float64)
+    users, cohorts = np.asarray(users), np.asarray(cohorts, np.int64)
+    if v.ndim != 2 or len(v) == 0 or v.shape[1] == 0 or users.shape != (len(v),) or cohorts.shape != (len(v),):
+        raise ValueError(
+            f"need values [N, A] (non-empty) with users [N] and cohorts [N], "
+            f"got {v.shape}, {users.shape}, {cohorts.shape}"
+        )
+    n = len(v)
+    cohort_total, cohort_ids, cohort_best = _group_best(v, cohorts)
+    user_total, _, _ = _group_best(v, users)
+    static = float(v.mean(axis=0).max())
+    cohort = max(cohort_total / n, static)
+    user = max(user_total / n, cohort)
+    return Headroom(
+        objective=objective_name(objective),
+        family=family,
+        n_states=n,
+        n_users=len(np.unique(users)),
+        n_actions=v.shape[1],
+        reference=None,
+        static=static,
+        cohort=cohort,
+        user=user,
+        request=max(float(v.max(axis=1).mean()), user),
+        static_action=int(v.mean(axis=0).argmax()),
+        cohort_actions={COHORTS[c]: int(a) for c, a in zip(cohort_ids, cohort_best)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- policies (simulated)
+def simulate_policy_sessions(pipeline: Pipeline, policy, users: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Whole sessions of ``users`` [n] served by a state-dependent ``policy(req) → {stage: params [B, n_s]}``,
+    with the same common random numbers as ``simulate_sessions`` (``session_kpis``): a static action of a
+    family and a learned policy evaluated on the same ``users`` and ``seed`` differ only where their slates
+    differ, so their per-session difference is paired."""
+    return session_kpis(pipeline, lambda req, act: policy(req), users, seed)
+
+
+def static_policy(stage: str, params):
+    """policy(req) serving one parameter vector of ``stage`` to every request (for ``simulate_policy_sessions``)."""
+    p = np.asarray(params, np.float32).reshape(1, -1)
+    if p.shape[1] != len(PARAM_NAMES[stage]):
+        raise ValueError(f"a {stage} setting needs {len(PARAM_NAMES[stage])} values, got {p.shape[1]}")
+    return lambda req: {stage: np.repeat(p, len(req.user), axis=0)}
+
+
+# ---------------------------------------------------------------------------------------------- usage time (simulated)
+def simulate_session_usage(
+    pipeline: Pipeline, family: Family, actions: np.ndarray, users: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """Usage time per session [n]: Σ dwell seconds (UNEX-RL's long-term reward) of the sessions that
+    ``simulate_sessions`` serves — the same users, stage noise and common random numbers."""
+    return simulate_sessions(pipeline, family, actions, users, seed)["usage"]
+
+
+def usage_static(pipeline: Pipeline, family: Family, n_sessions: int = 500, seed: int = 0) -> tuple[int, np.ndarray]:
+    """The best static action for usage time per session: argmax_a of the mean of
+    ``simulate_session_usage`` over the same ``n_sessions`` users (common random numbers across
+    actions, as ``session_headroom`` selects); returns (action, mean usage of every action [A])."""
+    world = pipeline.world
+    pick = seed_sequence(seed, "oracle-session-users")  # session_headroom's selection users
+    users = pick.choice(world.users.n, 2 * n_sessions, replace=world.users.n < 2 * n_sessions)[:n_sessions]
+    mean = np.array(
+        [
+            simulate_session_usage(pipeline, family, np.full(n_sessions, a), users, seed).mean()
+            for a in range(family.size)
+        ]
+    )
+    return int(mean.argmax()), mean

@@ -4,17 +4,26 @@ algorithm on RLlib's new API stack, with the monolithic weighted-sum arm as a sw
     config = (OuterControllerConfig()
               .environment(SessionEnv, env_config={...})
               .outer_controller(arm="layered", kpi_weights={"revenue": 1, "return": 2, "ndcg": 1},
-                                min_sessions_for_kpi=10_000, kl_rollback_threshold=0.3)
+                                min_sessions_for_kpi=10_000, trust_region_kl=0.5)
               .learners(num_learners=0))
     algo = config.build_algo()
     algo.warm_start("trajectories/")          # optional: behaviour cloning on logged sessions
     for _ in range(50): print(algo.train()["outer_controller"])
+    algo.promote()                            # do no harm: keep π only if it beats its start
 
 One iteration: sample ``sessions_per_iteration`` complete sessions on the env runners (or read them
 from trajectory Parquet with Ray Data when ``offline_trajectories`` is set) → signals on the driver
-→ one learner-group update (whole sessions per learner shard) → KL(π_ref ‖ π) on the batch's
-states; above the threshold the learner state rolls back to the last good one, otherwise this one
-becomes the last good one → weights synced to the env runners.
+→ up to ``num_epochs`` learner-group updates (whole sessions per learner shard) inside the trust
+region KL(π_old ‖ π) ≤ δ on the batch's states (π_old: the policy before this iteration; the epoch
+that crosses δ is shortened by backtracking and ends the iteration) → optionally the rollback rail
+(KL(π_ref ‖ π) to the start above ``kl_rollback_threshold`` restores the last good state; off by
+default: it guards live traffic after a promotion, it does not bound training) → weights synced
+to the env runners.
+
+``promote()`` is the do-no-harm check at the end of training: π and its start π_ref serve the same
+simulated users with common random numbers (``actors.world.oracle.simulate_policy_sessions``);
+π stays only when the paired 95 % interval of J(π) − J(π_ref) lies above 0, else the learners fall
+back to π_ref.
 """
 
 from __future__ import annotations
@@ -28,11 +37,15 @@ import pyarrow.dataset as pads
 import ray.data
 import torch
 from ray.rllib.algorithms.algorithm_config import NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+from scipy import stats
 
+from actors.cascade import build_world
+from actors.world import seed_sequence
+from actors.world.oracle import simulate_policy_sessions
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 from rllib_policies.credit import KappaSchedule, credit_weights, kpi_credit
 
@@ -43,6 +56,24 @@ from .rails import fit_inner_reward_weights
 from .signals import OuterSignals, SignalConfig
 
 logger = logging.getLogger(__name__)
+
+
+def ranking_mean_policy(module, pipeline):
+    """policy(req) → {"ranking": μ(s) [B, 3]}: the module's mean action as each request's ranking weights."""
+
+    def policy(req):
+        with torch.no_grad():
+            return {"ranking": module.gaussian(torch.as_tensor(pipeline.context(req)))[0].numpy()}
+
+    return policy
+
+
+def paired_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t interval of paired differences d̄ ± t·s/√n."""
+    d = np.asarray(differences, np.float64)
+    if len(d) < 2:
+        raise ValueError(f"a paired interval needs >= 2 differences, got {len(d)}")
+    return float(d.mean()), float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
 
 
 class OuterControllerConfig(AlgorithmConfigBase):
@@ -64,8 +95,13 @@ class OuterControllerConfig(AlgorithmConfigBase):
         self.baseline = True
         self.baseline_alpha = 0.01
         self.reward_clip = 5.0
+        self.inner_reward_weight = 1.0
         self.min_sessions_for_kpi = 10_000
-        self.kl_rollback_threshold = 0.3
+        self.kl_rollback_threshold = None
+        self.trust_region_kl = 0.5
+        self.trust_region_backtracks = 6
+        self.promotion_sessions = 1000
+        self.promotion_confidence = 0.95
         self.sessions_per_iteration = 64
         self.entropy_coeff = 0.0
         self.credit_loss_coeff = 0.5
@@ -92,8 +128,13 @@ class OuterControllerConfig(AlgorithmConfigBase):
         baseline: bool | None = NotProvided,
         baseline_alpha: float | None = NotProvided,
         reward_clip: float | None = NotProvided,
+        inner_reward_weight: float | None = NotProvided,
         min_sessions_for_kpi: int | None = NotProvided,
         kl_rollback_threshold: float | None = NotProvided,
+        trust_region_kl: float | None = NotProvided,
+        trust_region_backtracks: int | None = NotProvided,
+        promotion_sessions: int | None = NotProvided,
+        promotion_confidence: float | None = NotProvided,
         sessions_per_iteration: int | None = NotProvided,
         entropy_coeff: float | None = NotProvided,
         credit_loss_coeff: float | None = NotProvided,
@@ -116,9 +157,18 @@ class OuterControllerConfig(AlgorithmConfigBase):
             baseline: standardise each signal with a rolling EMA baseline.
             baseline_alpha: the baselines' EMA rate α ∈ [0.005, 0.02].
             reward_clip: rewards and advantages are clipped to ±reward_clip (5).
+            inner_reward_weight: β, the inner reward's weight in either arm's signal (1); 0 trains on
+                the KPIs alone (see signals.py).
             min_sessions_for_kpi: the KPI gate: κ = 0 until this many sessions were seen (10 000).
-            kl_rollback_threshold: roll the learners back to the last good state when
-                KL(π_ref ‖ π) on the batch's states exceeds it (0.3); None disables the rail.
+            kl_rollback_threshold: the rollback rail (off: None, the default): roll the learners
+                back to the last good state when KL(π_ref ‖ π) to the start on the batch's states
+                exceeds it. It pins a learning policy near its start; it is meant for live traffic.
+            trust_region_kl: δ, the per-iteration trust region KL(π_old ‖ π_new) ≤ δ on the batch's
+                states (0.5); the epochs stop at the first that crosses δ, whose step is halved
+                until inside. None: every epoch runs, unbounded.
+            trust_region_backtracks: halvings of the crossing epoch's step before it is undone (6).
+            promotion_sessions: simulated sessions of ``promote``'s paired check (1000).
+            promotion_confidence: the paired interval's level in ``promote`` (0.95).
             sessions_per_iteration: complete sessions per training batch.
             entropy_coeff: β_H, the entropy bonus's weight in the policy loss.
             credit_loss_coeff: λ_credit, the credit network's auxiliary loss weight.
@@ -141,6 +191,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
             baseline=self.baseline,
             baseline_alpha=self.baseline_alpha,
             reward_clip=self.reward_clip,
+            inner_reward_weight=self.inner_reward_weight,
             min_sessions_for_kpi=self.min_sessions_for_kpi,
         )
 
@@ -156,6 +207,14 @@ class OuterControllerConfig(AlgorithmConfigBase):
             )
         if self.kl_rollback_threshold is not None and self.kl_rollback_threshold <= 0:
             raise ValueError(f"kl_rollback_threshold must be > 0 or None, got {self.kl_rollback_threshold}")
+        if self.trust_region_kl is not None and not self.trust_region_kl > 0:
+            raise ValueError(f"trust_region_kl must be > 0 or None, got {self.trust_region_kl}")
+        if self.trust_region_backtracks < 0:
+            raise ValueError(f"trust_region_backtracks must be >= 0, got {self.trust_region_backtracks}")
+        if self.promotion_sessions < 2:
+            raise ValueError(f"promotion_sessions must be >= 2, got {self.promotion_sessions}")
+        if not 0 < self.promotion_confidence < 1:
+            raise ValueError(f"promotion_confidence must be in (0, 1), got {self.promotion_confidence}")
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(module_class=RankingPolicyModule)
@@ -170,6 +229,7 @@ class OuterController(AlgorithmBase):
         self.signals = OuterSignals(self.config.signal_config())
         self.rollbacks = self.consecutive_rollbacks = 0
         self.last_batch = None
+        self.last_promotion: dict | None = None
         self._offline_batches = None
         self._reference = self._policy_params()  # π_ref: the pre-training policy
         self._last_good = self._snapshot()
@@ -202,7 +262,7 @@ class OuterController(AlgorithmBase):
             batch = session_data.from_episodes(self.sample_episodes(self.config.sessions_per_iteration))
         self.last_batch = batch
         signals = self.signals.compute(batch)
-        self._update(batch, signals)
+        step = self._trust_region_update(batch, signals)
         kl = self.kl_from_reference(batch.obs)
         rolled_back = self.config.kl_rollback_threshold is not None and kl > self.config.kl_rollback_threshold
         if rolled_back:
@@ -223,6 +283,7 @@ class OuterController(AlgorithmBase):
         self.metrics.log_dict(
             {
                 **signals["metrics"],
+                **step,
                 "kl_from_reference": kl,
                 "rolled_back": float(rolled_back),
                 "rollbacks": self.rollbacks,
@@ -247,6 +308,36 @@ class OuterController(AlgorithmBase):
             "kappa": signals["kappa"],
         }
         self.update_learners(columns, groups=batch.session, num_epochs=num_epochs or self.config.num_epochs)
+
+    def _trust_region_update(self, batch: session_data.SessionBatch, signals: dict) -> dict:
+        """Up to ``num_epochs`` one-epoch updates inside KL(π_old ‖ π) ≤ δ on the batch's states.
+        The first epoch that crosses δ is backtracked, θ = θ_e + 2^{−k}(θ − θ_e) (θ_e: before that
+        epoch) for the first k that lands inside (undone after ``trust_region_backtracks`` halvings),
+        and ends the iteration. δ = None: one update of ``num_epochs`` epochs, as RLlib runs it."""
+        delta, x = self.config.trust_region_kl, torch.as_tensor(batch.obs)
+        old = self._policy_params()
+        if delta is None:
+            self._update(batch, signals)
+            return {"kl_step": self.kl(x, old), "epochs": float(self.config.num_epochs), "backtracked": 0.0}
+        epochs, backtracked, kl = 0, 0.0, 0.0
+        for _ in range(self.config.num_epochs):
+            before = self._policy_params() if epochs else old
+            self._update(batch, signals, num_epochs=1)
+            epochs += 1
+            kl = self.kl(x, old)
+            if kl <= delta:
+                continue
+            after, backtracked = self._policy_params(), 1.0
+            for k in range(1, self.config.trust_region_backtracks + 1):
+                weights = {n: before[n] + 0.5**k * (after[n] - before[n]) for n in after}
+                kl = self.kl(x, old, weights)
+                if kl <= delta:
+                    break
+            else:
+                weights, kl = before, self.kl(x, old, before)
+            self.learner_group.set_weights({DEFAULT_MODULE_ID: weights})
+            break
+        return {"kl_step": kl, "epochs": float(epochs), "backtracked": backtracked}
 
     def warm_start(self, trajectories, iterations: int = 20) -> dict:
         """Behaviour cloning on logged sessions: maximise log π(a|s) of the logged actions (the KPI
@@ -280,13 +371,63 @@ class OuterController(AlgorithmBase):
         with torch.no_grad():
             return self.inference_module().gaussian(torch.as_tensor(obs))[0].numpy()
 
-    def kl_from_reference(self, obs: np.ndarray) -> float:
-        """Mean over the batch's states of KL(π_ref(·|s) ‖ π(·|s))."""
+    def kl(self, obs, p_weights: dict, q_weights: dict | None = None) -> float:
+        """Mean over the states of KL(π_p(·|s) ‖ π_q(·|s)); q defaults to the learners' current weights."""
         x = torch.as_tensor(obs)
         with torch.no_grad():
-            reference = self.inference_module(weights=self._reference).action_dist(x)
-            current = self.inference_module().action_dist(x)
-            return float(reference.kl(current).mean())
+            p = self.inference_module(weights=p_weights).action_dist(x)
+            q = self.inference_module(weights=q_weights).action_dist(x)
+            return float(p.kl(q).mean())
+
+    def kl_from_reference(self, obs: np.ndarray) -> float:
+        """Mean over the batch's states of KL(π_ref(·|s) ‖ π(·|s))."""
+        return self.kl(obs, self._reference)
+
+    # ---------------------------------------------------------------- do no harm
+    def session_objective(
+        self, weights: dict | None = None, n_sessions: int | None = None, seed: int = 0
+    ) -> np.ndarray:
+        """J = Σ_k w_k·KPI_k per simulated session [n] of μ(s) under ``weights`` (default: the learners'
+        current ones) with the current KPI weights; the same users and common random numbers for the
+        same ``n_sessions`` and ``seed`` (``actors.world.oracle.simulate_policy_sessions``)."""
+        world, pipeline = build_world(self.config.env_config)
+        n = n_sessions or self.config.promotion_sessions
+        users = seed_sequence(seed, "promotion-users").integers(0, world.users.n, n)
+        module = copy.deepcopy(self.inference_module(weights=weights))
+        kpis = simulate_policy_sessions(pipeline, ranking_mean_policy(module, pipeline), users, seed)
+        missing = sorted(set(self.signals.kpi_weights) - set(kpis))
+        if missing:
+            raise ValueError(f"promotion: the simulated sessions carry no {missing} (they have {sorted(kpis)})")
+        return sum(w * kpis[k] for k, w in self.signals.kpi_weights.items())
+
+    def promote(self, n_sessions: int | None = None, seed: int = 0) -> dict:
+        """Do no harm: π (the learners' policy) stays only when the paired interval of J(π) − J(π_ref)
+        on common random numbers lies above 0; otherwise the learners and env runners fall back to
+        π_ref, the start. Returns (and keeps in ``last_promotion``) both means, the paired difference
+        with its half-width, and which policy was promoted."""
+        j_start = self.session_objective(self._reference, n_sessions, seed)
+        j_trained = self.session_objective(None, n_sessions, seed)
+        diff, half = paired_interval(j_trained - j_start, self.config.promotion_confidence)
+        promoted = "trained" if diff - half > 0 else "start"
+        if promoted == "start":
+            self.learner_group.set_weights({DEFAULT_MODULE_ID: self._reference})
+            # no update since the last sync: the env runners would skip a sync at the same weights_seq_no,
+            # so the start's weights are pushed without one (a missing seq no forces the update)
+            state = {COMPONENT_RL_MODULE: {DEFAULT_MODULE_ID: dict(self._reference)}}
+            self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.set_state(state),
+                local_env_runner=self.env_runner_group.num_remote_env_runners() == 0,
+            )
+            self._last_good = self._snapshot()
+        self.last_promotion = {
+            "promoted": promoted,
+            "j_start": float(j_start.mean()),
+            "j_trained": float(j_trained.mean()),
+            "difference": diff,
+            "half_width": half,
+            "sessions": len(j_start),
+        }
+        return self.last_promotion
 
     def inner_reward_weights(self, batch: session_data.SessionBatch, ridge: float = 1e-2) -> dict[str, float]:
         """Fit the inner reward's weights to the current credit: c_t = T·w_t·R (KPI units) per step."""

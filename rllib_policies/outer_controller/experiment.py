@@ -8,15 +8,28 @@ benchmarks/layered_vs_monolithic.py (5 seeds) and by the main job (a brief run).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 
+from actors.cascade import build_world
+from actors.world import seed_sequence
+from actors.world.oracle import (
+    Family,
+    SessionObjective,
+    head_means,
+    ranking_grid,
+    sample_states,
+    session_headroom,
+    simulate_policy_sessions,
+    static_policy,
+)
 from rllib_policies.envs import SessionEnv
 
-from .algorithm import OuterControllerConfig
+from .algorithm import OuterControllerConfig, ranking_mean_policy
 from .rails import evaluate
 
 # arm name → outer_controller options (the ablations switch one piece of the layered arm off)
@@ -41,6 +54,8 @@ class ExperimentConfig:
     min_sessions_for_kpi: int = 512
     lr: float = 3e-3
     num_epochs: int = 4
+    trust_region_kl: float | None = None  # the published layered_vs_monolithic run had none
+    promote: bool = False  # do no harm after training: keep π only if it beats its start (algo.promote)
 
 
 @dataclass
@@ -55,6 +70,7 @@ class RunResult:
     start_final: dict  # the untrained policy on the final evaluation's users
     pg_noise_ratio: float  # median over iterations of the policy gradient's relative variance
     rollbacks: int
+    promoted: str | None = None  # "trained" or "start" when the experiment ran the do-no-harm check
 
 
 def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerConfig:
@@ -70,6 +86,7 @@ def build_config(arm: str, seed: int, exp: ExperimentConfig) -> OuterControllerC
             kpi_weights=exp.kpi_weights,
             min_sessions_for_kpi=exp.min_sessions_for_kpi,
             kl_rollback_threshold=None,
+            trust_region_kl=exp.trust_region_kl,
         )
     )
 
@@ -103,6 +120,7 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
             result = algo.train()
             train_s += time.perf_counter() - t0
             noise.append(result["learners"]["default_policy"]["pg_noise_ratio"])
+        promoted = algo.promote()["promoted"] if exp.promote else None
         final = evaluate(algo.get_module(), exp.env_config, exp.final_eval_sessions, name="final").row()
         rollbacks = int(algo.rollbacks)
         if on_trained is not None:
@@ -116,7 +134,7 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
         f"{train_s:.1f} s"
     )
     return RunResult(
-        arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks
+        arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks, promoted
     )
 
 
@@ -183,3 +201,140 @@ def summarise(runs: list[RunResult]) -> tuple[list[dict], dict]:
             row[key] = mean_ci(values) if values else (float("nan"), float("nan"))
         rows.append(row)
     return rows, targets
+
+
+# ---------------------------------------------------------------------------------------------- learning test
+# arm → outer_controller options that make it optimise the business objective J from its first
+# iteration: the KPI gate open (min_sessions_for_kpi = 0) and, for the layered arm, κ = κ_end = 1
+# (the credited KPI alone; the inner reward does not rank by J).
+LEARNING_ARMS: dict[str, dict] = {
+    "layered": {"arm": "layered", "min_sessions_for_kpi": 0, "anneal": False, "kappa_end": 1.0},
+    "monolithic": {"arm": "monolithic", "min_sessions_for_kpi": 0},
+}
+CLICK_ONLY = (1.0, 0.0, 0.0)
+
+
+@dataclass
+class LearningSpec:
+    """A learning test: start every seed at ``start`` (ranking weights), train ``iterations`` ×
+    ``sessions_per_iteration`` sessions, and measure J on ``eval_sessions`` fixed simulated users with
+    common random numbers (``actors.world.oracle.simulate_policy_sessions``) every ``eval_every``."""
+
+    env_config: dict = field(default_factory=lambda: {"preset": "default", "world": {"n_items": 5000, "n_users": 2000}})
+    start: tuple = CLICK_ONLY
+    iterations: int = 30
+    sessions_per_iteration: int = 64
+    eval_every: int = 15
+    eval_sessions: int = 400
+    eval_seed: int = 7
+    kpi_weights: dict = field(default_factory=lambda: {"ndcg": 1.0, "return": 1.0, "revenue": 0.3})
+    lr: float = 1e-2
+    num_epochs: int = 4
+    trust_region_kl: float | None = 0.5
+    options: dict = field(default_factory=dict)  # more outer_controller options (override the arm's)
+
+    def eval_users(self) -> np.ndarray:
+        world, _ = build_world(self.env_config)
+        return seed_sequence(self.eval_seed, "learning-eval-users").integers(0, world.users.n, self.eval_sessions)
+
+    def objective(self, kpis: dict) -> np.ndarray:
+        return SessionObjective(self.kpi_weights)(kpis)
+
+
+@dataclass
+class LearningRun:
+    arm: str
+    seed: int
+    sessions: list[int]  # training sessions at each evaluation
+    objective_curve: list[float]  # mean J on the evaluation users at each evaluation
+    gap_closed_curve: list[float]  # (J − J_start) / (J_static − J_start) at each evaluation
+    final_action_mean: list[float]  # mean μ(s) over the last batch's states
+    train_seconds: float
+    promotion: dict | None
+    trust_region: dict  # means over iterations: KL(π_old ‖ π_new), epochs run, fraction backtracked
+
+
+def policy_objective(spec: LearningSpec, module) -> np.ndarray:
+    """J per evaluation session [n] of the module's mean action μ(s)."""
+    _, pipeline = build_world(spec.env_config)
+    kpis = simulate_policy_sessions(pipeline, ranking_mean_policy(module, pipeline), spec.eval_users(), spec.eval_seed)
+    return spec.objective(kpis)
+
+
+def static_objective(spec: LearningSpec, weights) -> np.ndarray:
+    """J per evaluation session [n] of one static ranking-weight vector (same users and random numbers)."""
+    _, pipeline = build_world(spec.env_config)
+    kpis = simulate_policy_sessions(pipeline, static_policy("ranking", weights), spec.eval_users(), spec.eval_seed)
+    return spec.objective(kpis)
+
+
+def oracle_static(spec: LearningSpec, n_sessions: int = 300, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The oracle's best static ranking weights for J (``session_headroom`` over the resolution-2
+    simplex of the heads' contribution shares plus the start), then its J on the evaluation users."""
+    _, pipeline = build_world(spec.env_config)
+    scale = head_means(pipeline, sample_states(pipeline, 200, 2, seed=seed))
+    family = Family.ranking(ranking_grid(2, scale))
+    h = session_headroom(pipeline, family, SessionObjective(spec.kpi_weights), n_sessions, seed, reference=spec.start)
+    weights = family.with_action(spec.start)[0].stage_grid("ranking")[h.static_action]
+    return weights, {"static": h.static, "reference": h.reference, "n_actions": h.n_actions}
+
+
+def learning_config(arm: str, seed: int, spec: LearningSpec, lr: float | None = None) -> OuterControllerConfig:
+    return (
+        OuterControllerConfig()
+        .environment(SessionEnv, env_config={**spec.env_config, "seed": seed})
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
+        .training(lr=spec.lr if lr is None else lr, num_epochs=spec.num_epochs)
+        .debugging(seed=seed, log_level="ERROR")
+        .rl_module(model_config={"init_action": list(spec.start)})
+        .outer_controller(
+            **{
+                **LEARNING_ARMS[arm],
+                "sessions_per_iteration": spec.sessions_per_iteration,
+                "kpi_weights": spec.kpi_weights,
+                "trust_region_kl": spec.trust_region_kl,
+                **spec.options,
+            }
+        )
+    )
+
+
+def run_learning(
+    arm: str,
+    seed: int,
+    spec: LearningSpec,
+    j_static: float,
+    lr: float | None = None,
+    promote_sessions: int | None = None,
+    progress=print,
+) -> LearningRun:
+    """Train one (arm, seed) from ``spec.start``; the gap closed is measured against ``j_static`` (the
+    oracle's best static J on the evaluation users). ``promote_sessions``: run the do-no-harm check."""
+    algo = learning_config(arm, seed, spec, lr).build_algo()
+    sessions, curve, train_s, steps = [], [], 0.0, []
+    try:
+        for i in range(spec.iterations + 1):
+            if i % spec.eval_every == 0 or i == spec.iterations:
+                sessions.append(i * spec.sessions_per_iteration)
+                curve.append(float(policy_objective(spec, copy.deepcopy(algo.inference_module())).mean()))
+            if i == spec.iterations:
+                break
+            t0 = time.perf_counter()
+            oc = algo.train()["outer_controller"]
+            train_s += time.perf_counter() - t0
+            steps.append([oc["kl_step"], oc["epochs"], oc["backtracked"]])
+        action = algo.policy_mean(algo.last_batch.obs).mean(axis=0).tolist() if algo.last_batch else list(spec.start)
+        promotion = algo.promote(promote_sessions, seed=spec.eval_seed + 1) if promote_sessions else None
+        if promotion is not None and promotion["promoted"] == "start":
+            curve[-1] = curve[0]  # the promoted policy is the start again
+    finally:
+        algo.stop()
+    gap = j_static - curve[0]
+    closed = [(j - curve[0]) / gap if gap > 0 else float("nan") for j in curve]
+    progress(
+        f"  {arm:<11} seed {seed}: J {curve[0]:.4f} → {curve[-1]:.4f} (oracle static {j_static:.4f}), gap closed "
+        f"{closed[-1]:.1%}, μ {np.round(action, 3).tolist()}, {train_s:.0f} s"
+        + (f", promoted {promotion['promoted']}" if promotion else "")
+    )
+    trust = dict(zip(("kl_step", "epochs", "backtracked"), np.mean(steps, axis=0).tolist())) if steps else {}
+    return LearningRun(arm, seed, sessions, curve, closed, action, train_s, promotion, trust)

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from actors.cascade import build_world
 from actors.simulate import inner_rewards, run_sessions
-from actors.stages import DEFAULT_PARAMS
+from actors.stages import DEFAULT_PARAMS, retrieval_relevance
 from actors.telemetry import ParquetSink, slate_events
 from actors.world import seed_sequence
 
@@ -60,7 +60,8 @@ def simulate_logs(
         def observer(req, slate, resp, day=day, served=served, batches=batches):
             w, density, preds, context = served.pop(req.request_id)
             b, k = slate.shape
-            rewards, _ = inner_rewards(resp, preds["p_click"])
+            rewards, _ = inner_rewards(pipeline.ctx, req.user, slate, resp)
+            relevance = retrieval_relevance(pipeline.ctx, req.user, slate)
             start = T0_US + day * DAY_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10 * 10**6
             for i in range(b):  # one RecordBatch per served slate (a log generator, not a hot path)
                 batches.append(
@@ -74,6 +75,7 @@ def simulate_logs(
                         skipped=resp.skipped[i],
                         inner_reward=rewards[i],
                         predictions={n: v[i] for n, v in preds.items()},
+                        relevance=relevance[i],
                         utility_weights=w[i],
                         propensity=float(density[i]),
                         purchased=resp.purchased[i],

@@ -83,10 +83,10 @@ def shadow(live_module, candidate_module, log: ShadowLog, seed: int = 0) -> Slat
         # both slates scored the same way, on draws apart from the served session's (never served:
         # world.respond changes no session state)
         log.live_reward.append(
-            inner_rewards(world.respond(req.user, live.slate, live_rng), live.predictions["p_click"])[1]
+            inner_rewards(pipeline.ctx, req.user, live.slate, world.respond(req.user, live.slate, live_rng))[1]
         )
         log.candidate_reward.append(
-            inner_rewards(world.respond(req.user, cand.slate, cand_rng), cand.predictions["p_click"])[1]
+            inner_rewards(pipeline.ctx, req.user, cand.slate, world.respond(req.user, cand.slate, cand_rng))[1]
         )
         log.live_actions.append(live_w)
         log.candidate_actions.append(cand_w)

@@ -1,12 +1,15 @@
 """The learning signals each arm feeds its policy gradient, computed on the driver per iteration.
 
-layered     inner: G_t = Σ γ^k·clip(r_{t+k})  → rolling baseline → Ĝ_t
+layered     inner: G_t = Σ γ^k·clip(r_{t+k})  → rolling baseline → β·Ĝ_t
             outer: R = Σ_k w_k·KPI_k (session)  → rolling baseline → R̂
-            the learner blends A_t = clip((1 − κ)·Ĝ_t + κ·T·c_t(R̂), ±5) with gated-attention
+            the learner blends A_t = clip((1 − κ)·β·Ĝ_t + κ·T·c_t(R̂), ±5) with gated-attention
             credit c_t; κ = 0 until ``min_sessions_for_kpi`` sessions have been seen (the gate),
             then κ(i) from the anneal schedule (or κ_end throughout without annealing).
-monolithic  one per-step weighted sum m_t = clip(r_t) + [t = T]·Σ_k w_k·KPI_k, G_t = Σ γ^k·m_{t+k}
+monolithic  one per-step weighted sum m_t = β·clip(r_t) + [t = T]·Σ_k w_k·KPI_k, G_t = Σ γ^k·m_{t+k}
             → the same rolling baseline; no second signal, no credit, no κ.
+
+β (``inner_reward_weight``, 1 by default) is the inner reward's weight; β = 0 leaves the KPIs alone
+(the learning tests train both arms on the business objective J that way).
 
 KPI weights live here (not in the frozen AlgorithmConfig) so an operator can change them at run
 time; the next iteration uses them.
@@ -34,6 +37,7 @@ class SignalConfig:
     baseline_alpha: float = 0.01
     reward_clip: float = 5.0
     min_sessions_for_kpi: int = 10_000
+    inner_reward_weight: float = 1.0  # β
 
     def __post_init__(self) -> None:
         if self.arm not in ("layered", "monolithic"):
@@ -42,6 +46,8 @@ class SignalConfig:
             raise ValueError("min_sessions_for_kpi must be >= 0 and reward_clip > 0")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not (np.isfinite(self.inner_reward_weight) and self.inner_reward_weight >= 0):
+            raise ValueError(f"inner_reward_weight must be finite and >= 0, got {self.inner_reward_weight}")
         validate_kpi_weights(self.kpi_weights)
 
 
@@ -94,6 +100,7 @@ class OuterSignals:
         r_outer = self.outer_reward(batch)
         inner = clip_rewards(batch.inner_reward, -clip, clip)
         if cfg.arm == "monolithic":
+            inner = cfg.inner_reward_weight * inner
             per_step = inner + batch.last_step() * r_outer[batch.session]
             kappa, outer_signal = 0.0, np.zeros(batch.n_sessions)
         else:
@@ -106,6 +113,8 @@ class OuterSignals:
                 outer_signal = self.outer_baseline.advantage(r_outer)
         elif cfg.arm == "layered":
             outer_signal = r_outer
+        if cfg.arm == "layered":
+            g = cfg.inner_reward_weight * g
         step_signal = g[batch.session, batch.t]
         return {
             "step_signal": step_signal.astype(np.float32),

@@ -66,7 +66,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         # sampling and replay
         self.sampler: str = "vectorised"
         self.sessions_per_iteration: int = 64
-        self.explore_std: float = 0.1
+        self.explore_std: float = 0.2
         self.buffer_size: int = 50_000
         self.reward_scale_s: float = 30.0
         self.cqr_window: int = 4096
@@ -75,8 +75,9 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.minibatch_size: int = 256
         self.tau: float = 0.01
         self.hidden: tuple[int, ...] = (64, 64)
-        self.actor_lr: float = 1e-4
-        self.actor_warmup_iterations: int = 5
+        self.init_params: dict[str, tuple[float, ...]] = {}
+        self.actor_lr: float = 3e-4
+        self.actor_warmup_iterations: int = 2
         self.policy_delay: int = 2
         # RLlib's own settings, UNEX-RL's values
         self.gamma = 0.9
@@ -105,6 +106,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         minibatch_size: int = NotProvided,
         tau: float = NotProvided,
         hidden: tuple[int, ...] | list[int] = NotProvided,
+        init_params: dict = NotProvided,
         actor_lr: float = NotProvided,
         actor_warmup_iterations: int = NotProvided,
         policy_delay: int = NotProvided,
@@ -120,8 +122,8 @@ class UnexRLConfig(AlgorithmConfigBase):
             cqr: Rewards as quantiles within (user cohort, item category tier) cells; False: usage
                 seconds / ``reward_scale_s``.
             critic: "global" (Q_g on the joint action) or "independent" (one Q_k(o_k, a_k) per stage).
-            trainable_stages: The stages whose policies learn (the others keep their initial,
-                default parameters).
+            trainable_stages: The stages whose policies learn (the others keep their initial
+                parameters: ``init_params``, else the defaults).
             sampler: "vectorised" (sessions batched through the cascade, default) or "env_runner"
                 (RLlib's MultiAgentEnvRunner stepping MultiStageEnv; needs env_config
                 {"reward": "usage"}): the same transitions, ~50× slower here.
@@ -134,6 +136,9 @@ class UnexRLConfig(AlgorithmConfigBase):
             minibatch_size: Transitions per minibatch and learner.
             tau: Polyak rate of the target networks, θ' ← τ·θ + (1 − τ)·θ'.
             hidden: Hidden widths of the stage policies' MLPs.
+            init_params: Stage → the parameter vector its policy starts at (e.g. a starved matching
+                stage for a learning test); stages not named start at ``DEFAULT_PARAMS``. Each value
+                must lie in (0, ``STAGE_ACTION_HIGH``) (the policies' sigmoid box).
             actor_lr: The stage policies' (the actors') learning rate; the critic uses ``lr``.
             actor_warmup_iterations: The critic trains alone for this many iterations first (stage
                 policies that follow an untrained critic walk away from good default parameters).
@@ -152,6 +157,7 @@ class UnexRLConfig(AlgorithmConfigBase):
                 setattr(self, name, value)
         set_provided(self, options)
         self.trainable_stages, self.hidden = tuple(self.trainable_stages), tuple(self.hidden)
+        self.init_params = {s: tuple(float(x) for x in p) for s, p in dict(self.init_params).items()}
         return self
 
     def validate(self) -> None:
@@ -170,6 +176,14 @@ class UnexRLConfig(AlgorithmConfigBase):
                 "sampler='env_runner' trains on the env's rewards: set env_config['reward'] = 'usage' "
                 "(UNEX-RL's long-term reward is usage time)"
             )
+        for s, p in self.init_params.items():
+            if s not in STAGES:
+                raise ValueError(f"init_params: unknown stage {s!r}; stages: {STAGES}")
+            high = STAGE_ACTION_HIGH[s]
+            if len(p) != len(high) or not all(0 < x < h for x, h in zip(p, high)):
+                raise ValueError(
+                    f"init_params[{s!r}] must be {len(high)} values inside (0, {high.tolist()}), got {list(p)}"
+                )
         if self.minibatch_size < 2 or self.sessions_per_iteration < 1:
             raise ValueError("minibatch_size must be >= 2 and sessions_per_iteration >= 1")
 
@@ -183,7 +197,7 @@ class UnexRLConfig(AlgorithmConfigBase):
                 spec.rl_module_specs[s].model_config = {
                     "hidden": self.hidden,
                     "explore_std": self.explore_std,
-                    "init": DEFAULT_PARAMS[s].tolist(),
+                    "init": list(self.init_params.get(s, DEFAULT_PARAMS[s].tolist())),
                 }
         if not kwargs.get("inference_only") and CRITIC not in spec.rl_module_specs:
             d = build_world(self.env_config)[1].spec.dim

@@ -20,7 +20,7 @@ import ray.data
 
 from actors.cascade import build_world
 from actors.simulate import inner_rewards, run_sessions
-from actors.stages import run_stage, utility_weight_grid
+from actors.stages import retrieval_relevance, run_stage, utility_weight_grid
 from actors.telemetry import EVENT_SCHEMA, ParquetSink, dedupe, slates_events
 from actors.telemetry.sessionise import map_user_partitions, requests_table
 from actors.world import seed_sequence
@@ -123,7 +123,7 @@ def simulate_exploration_logs(
                     }
                 )
             )
-        rewards, _ = inner_rewards(resp, preds["p_click"])
+        rewards, _ = inner_rewards(pipeline.ctx, req.user, slate, resp)
         batches.append(
             slates_events(
                 request_uids=uids,
@@ -135,6 +135,7 @@ def simulate_exploration_logs(
                 skipped=resp.skipped,
                 inner_reward=rewards,
                 predictions=preds,
+                relevance=retrieval_relevance(pipeline.ctx, req.user, slate),
                 utility_weights=w,
                 propensity=propensity,
                 purchased=resp.purchased,

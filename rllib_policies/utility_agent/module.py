@@ -11,7 +11,8 @@ Q(s, a) ∈ R² for a request context s and a utility-weight vector a from the a
 μ_k, σ_k are the reward groups' mean and standard deviation on the training logs (buffers), so each
 head learns a standardised target and ``scores(s)`` = (Q − μ)/σ puts both heads on a common scale.
 Inference: π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a), λ from ``model_config["lambda"]`` or
-the batch's "lambda" column.
+the batch's "lambda" column. What is deployed at λ (``act``) also honours the do-no-harm guard
+(guard.py): where held-out logs did not show π_λ beating the best global vector g_λ, g_λ is served.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class UtilityQModule(TorchRLModule):
         self.action_encoder = mlp(grid.shape[1], (h,), h)
         self.trunk = nn.Sequential(nn.Linear(3 * h, h), nn.ReLU())
         self.heads = nn.Linear(h, N_HEADS)
+        self.guard: tuple[np.ndarray, np.ndarray] | None = None  # (swept λ [L], fallback action [L], −1 = π_λ)
 
     def scores(self, obs: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised Q̃ = (Q − μ)/σ: [B, 2] for given action indices [B], else [B, A, 2] for all."""
@@ -75,6 +77,26 @@ class UtilityQModule(TorchRLModule):
         lam = torch.as_tensor(lam, dtype=s.dtype).reshape(-1, 1)
         return (lam * s[..., 0] + (1 - lam) * s[..., 1]).argmax(dim=-1)
 
+    def set_guard(self, lambdas: np.ndarray, fallback_actions: np.ndarray) -> None:
+        """The do-no-harm decisions: at swept λ_l serve grid action fallback_actions[l] to everyone,
+        or π_λ where it is −1."""
+        lam, fb = np.asarray(lambdas, np.float64).ravel(), np.asarray(fallback_actions, np.int64).ravel()
+        if len(lam) == 0 or len(lam) != len(fb) or not ((fb >= -1) & (fb < len(self.grid))).all():
+            raise ValueError(
+                f"guard needs one fallback action in [-1, {len(self.grid)}) per λ, got {len(fb)} for {len(lam)} λ"
+            )
+        self.guard = (lam, fb)
+
+    def act(self, obs: torch.Tensor, lam: float) -> torch.Tensor:
+        """The deployed policy at λ: the guard's decision at the nearest swept λ — g_λ for everyone
+        where it fell back, else π_λ(s). Without a guard, π_λ."""
+        if self.guard is not None:
+            lambdas, fallback = self.guard
+            g = int(fallback[np.abs(lambdas - float(lam)).argmin()])
+            if g >= 0:
+                return torch.full((len(obs),), g, dtype=torch.long, device=obs.device)
+        return self.greedy(obs, lam)
+
     def _forward(self, batch, **kwargs):
         obs = batch[Columns.OBS]
         out = {"q_scores": self.scores(obs, batch.get(Columns.ACTIONS))}
@@ -90,7 +112,8 @@ class UtilityQModule(TorchRLModule):
 
 
 def save_agent(module: UtilityQModule, path: str) -> str:
-    """What serving loads: the state dict (with reward scale) + grid + sizes, no RLlib checkpoint."""
+    """What serving loads: the state dict (with reward scale) + grid + sizes + the do-no-harm guard,
+    no RLlib checkpoint."""
     grid = module.grid.numpy()
     torch.save(
         {
@@ -98,6 +121,7 @@ def save_agent(module: UtilityQModule, path: str) -> str:
             "grid": grid.tolist(),
             "hidden": module.heads.in_features,
             "obs_dim": module.observation_space.shape[0],
+            "guard": None if module.guard is None else [g.tolist() for g in module.guard],
         },
         path,
     )
@@ -115,4 +139,6 @@ def load_agent(path: str) -> UtilityQModule:
         model_config={"grid": saved["grid"], "hidden": int(saved["hidden"])},
     )
     module.load_state_dict(saved["state_dict"])
+    if saved.get("guard") is not None:
+        module.set_guard(*saved["guard"])
     return module.eval()

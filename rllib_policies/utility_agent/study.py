@@ -49,8 +49,8 @@ from .exploration import (
     simulate_exploration_logs,
     split_by_user,
 )
+from .guard import GLOBAL, GLOBAL_CHOICES, DoNoHarm, best_global_actions, deployed_actions, model_global_actions
 from .module import save_agent
-from .ope import RewardAtHit
 from .pareto import (
     hypervolume_2d,
     lambda_grid,
@@ -82,8 +82,12 @@ class StudyConfig(JobConfig):
     num_learners: int = 0
     lambdas: int = 25
     eval_sessions: int = 1000  # simulator ground truth per policy; 0 skips the simulator
+    do_no_harm_level: float = 0.95  # one-sided confidence π_λ must beat g_λ on held-out logs to be deployed
+    global_choice: str = "model"  # g_λ on the training logs: "model" (mean Q̂) or "logs" (reward at hit)
 
     def __post_init__(self) -> None:
+        if self.global_choice not in GLOBAL_CHOICES:
+            raise ValueError(f"global_choice must be one of {GLOBAL_CHOICES}, got {self.global_choice!r}")
         if self.checkpoint_dir is None:
             self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
 
@@ -207,8 +211,12 @@ class UtilityStudy:
             f"{name}_rows": pads.dataset(path, format="parquet").count_rows() for name, path in paths.items()
         }
         module = algo.inference_module()
-        agent_path = save_agent(module, os.path.join(cfg.out_dir, "agent.pt"))
         result = sweep(cfg, module, paths["holdout"], paths["train"])
+        module.set_guard(
+            [p["lambda"] for p in result["points"]],
+            [p["deployed"]["global_action"] if p["deployed"]["deployed"] == GLOBAL else -1 for p in result["points"]],
+        )
+        agent_path = save_agent(module, os.path.join(cfg.out_dir, "agent.pt"))  # serves the deployed choice per λ
         result["meta"].update(config=asdict(cfg), data=data_info, training=self.history, agent=agent_path)
         artifact = write_frontier(os.path.join(cfg.out_dir, "frontier.json"), result["points"], result["meta"])
         try:
@@ -227,7 +235,7 @@ class UtilityStudy:
 def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     """π_λ for every λ and the baselines, off-policy on held-out logs and (eval_sessions > 0) on the
     simulator. Returns the artifact's points and meta."""
-    grid, weights, est = cfg.grid, cfg.grid.weights, RewardAtHit()
+    grid, weights = cfg.grid, cfg.grid.weights
     held = as_arrays(pq.read_table(holdout_path))
     truth = (
         load_ground_truth(ground_truth_path(cfg), held["request_id"])
@@ -236,26 +244,20 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     )
     exact = (lambda acts: dict(zip(OBJECTIVES, map(float, exact_value(truth, acts))))) if truth is not None else None
     trained = as_arrays(pq.read_table(train_path))
-    with torch.no_grad():  # in chunks: [N, A, hidden] activations for the whole holdout would not fit
-        scores = np.concatenate(
-            [
-                module.scores(torch.as_tensor(held["obs"][i : i + 2048])).numpy()
-                for i in range(0, len(held["obs"]), 2048)
-            ]
-        )
+    scores = chunked_scores(module, held["obs"])
     lambdas = lambda_grid(cfg.lambdas)
     actions = sweep_actions(scores, lambdas)  # [L, N]
     scale = trained["rewards"].std(axis=0)
-
-    # global fixed weights: each grid action for everyone, selected on the training logs
-    fixed_train = np.array(
-        [
-            est.estimate(
-                trained["action"], trained["propensity"], trained["rewards"], np.full(len(trained["action"]), a)
-            ).value
-            for a in range(grid.size)
-        ]
+    logs_globals = best_global_actions(trained, grid.size, lambdas, scale)
+    globals_ = (
+        model_global_actions(chunked_scores(module, trained["obs"]), lambdas)
+        if cfg.global_choice == "model"
+        else logs_globals
     )
+    decisions = DoNoHarm(cfg.do_no_harm_level).decide(held, actions, globals_, lambdas, scale)
+    deployed = deployed_actions(decisions, actions)
+
+    # global fixed weights: each grid action for everyone (g_λ above: the best on the training logs)
     held_cohort = cohort_of(held["obs"], observation_spec(cfg.env_config))
     fixed_held = [off_policy_point(held, np.full(len(held["action"]), a), held_cohort) for a in range(grid.size)]
     users = evaluation_users(cfg.env_config, cfg.eval_sessions, cfg.seed + 1) if cfg.eval_sessions else None
@@ -274,11 +276,17 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         share = np.bincount(a, minlength=grid.size) / len(a)
         avg_w = weights[a].mean(axis=0)
         nearest = int((np.abs(weights - avg_w) / np.maximum(weights.max(axis=0), 1e-6)).max(axis=1).argmin())
-        best_global = int((lam * fixed_train[:, 0] / scale[0] + (1 - lam) * fixed_train[:, 1] / scale[1]).argmax())
+        best_global = int(globals_[li])
+        dec = decisions[li]
         point = {
             "lambda": float(lam),
             "off_policy": off_policy_point(held, a, held_cohort),
             **({"exact": exact(a)} if exact else {}),
+            "deployed": {
+                **dec,
+                "off_policy": off_policy_point(held, deployed[li], held_cohort),
+                **({"exact": exact(deployed[li])} if exact else {}),
+            },
             "action_distribution": {
                 "share": share.round(4).tolist(),
                 "mean_weights": avg_w.tolist(),
@@ -286,6 +294,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
             },
             "best_global_action": best_global,
             "best_global_weights": weights[best_global].tolist(),
+            "best_global_action_by_reward_at_hit": int(logs_globals[li]),
             "static_average_weights": avg_w.tolist(),
             "static_average_nearest_action": nearest,
             "cohort_mean_weights": {
@@ -303,9 +312,14 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
             s, sci = run.minus(static)
             point["lift_vs_best_global"] = _diff(d, dci, lam, scale)
             point["lift_vs_static_average"] = _diff(s, sci, lam, scale)
+            dep = run if dec["deployed"] != GLOBAL else fixed_runs[best_global]
+            point["deployed"]["simulator"] = simulated_point(dep)
+            dd, ddci = dep.minus(fixed_runs[best_global])
+            point["deployed"]["lift_vs_best_global"] = _diff(dd, ddci, lam, scale)
         points.append(point)
         log(
-            f"λ {lam:.3f}: off-policy clicks {point['off_policy']['clicks']:.3f} long_views "
+            f"λ {lam:.3f}: deploys {dec['deployed']} (lower bound {dec['lower_bound']:+.4f}) | "
+            f"off-policy clicks {point['off_policy']['clicks']:.3f} long_views "
             f"{point['off_policy']['long_views']:.3f} (ESS {point['off_policy']['ess']:.0f})"
             + (
                 f" | simulator {point['simulator']['clicks']:.3f} / {point['simulator']['long_views']:.3f}"
@@ -322,6 +336,14 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         "grid": {"n": grid.n, "high": list(grid.high), "weights": weights.tolist()},
         "reward_scale": scale.tolist(),
         "estimator": "reward at hit (SNIPS, uniform logging)",
+        "do_no_harm": {
+            "level": cfg.do_no_harm_level,
+            "rule": "deploy π_λ iff Δ̂ − z·se > 0 (Δ̂ = V̂_λ(π_λ) − V̂_λ(g_λ), paired reward at hit on the held-out "
+            "logs, clustered by user, z one-sided at level); else serve g_λ, the best global vector on the "
+            "training logs (global_choice: by the agent's mean Q̂ or by reward at hit)",
+            "global_choice": cfg.global_choice,
+            "personalised_lambdas": [d["lambda"] for d in decisions if d["deployed"] != GLOBAL],
+        },
         "holdout_requests": int(len(held["action"])),
         "global_fixed": [
             {
@@ -364,6 +386,14 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
         }
         meta["eval_sessions"] = int(len(users))
     return {"points": points, "meta": meta}
+
+
+def chunked_scores(module, obs: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Q̃(s, a) for every action [N, A, 2], in chunks ([N, A, hidden] activations at once would not fit)."""
+    with torch.no_grad():
+        return np.concatenate(
+            [module.scores(torch.as_tensor(obs[i : i + chunk])).numpy() for i in range(0, len(obs), chunk)]
+        )
 
 
 def _diff(d: np.ndarray, ci: np.ndarray, lam: float, scale: np.ndarray) -> dict:

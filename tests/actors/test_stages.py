@@ -6,8 +6,10 @@ import pytest
 import ray
 import torch
 
+import rust_ext
 from actors.cascade import Pipeline, run_cascade
 from actors.observation import CLICKS_SCALE, ObservationSpec
+from actors.simulate import inner_rewards
 from actors.stage_actors import ActorPipeline, StageRunner
 from actors.stages import (
     PARAM_NAMES,
@@ -15,6 +17,8 @@ from actors.stages import (
     STAGES,
     RequestBatch,
     history_embedding,
+    ranking_predictions,
+    retrieval_relevance,
     run_stage,
     stage_params,
 )
@@ -268,3 +272,64 @@ def test_actor_pipeline_matches_in_process(ray_session, pipeline):
             actors.set_params("ranking", new, expected_version=1)
     finally:
         actors.shutdown()
+
+
+# ------------------------------------------------------------------ the inner reward's relevance term
+def test_retrieval_relevance_is_the_two_tower_similarity(pipeline):
+    ctx, req = pipeline.ctx, request()
+    slate = pipeline.recommend(req).slate
+    u = ctx.user_tower[req.user].astype(np.float64)
+    v = ctx.item_tower[slate].astype(np.float64)
+    cos = np.einsum("bd,bkd->bk", u, v) / (np.linalg.norm(u, axis=1)[:, None] * np.linalg.norm(v, axis=2))
+    rel = retrieval_relevance(ctx, req.user, slate)
+    assert rel.shape == slate.shape and rel.dtype == np.float32
+    np.testing.assert_allclose(rel, (1 + cos) / 2, atol=1e-6)
+    # bounded on the whole catalogue, its extremes included
+    users = np.arange(20)
+    everything = retrieval_relevance(ctx, users, np.broadcast_to(np.arange(SMALL.n_items), (20, SMALL.n_items)))
+    assert 0.0 <= everything.min() < 0.2 and 0.8 < everything.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "user, items, msg",
+    [
+        (np.arange(3), np.zeros(3, np.int64), r"user must be \[B\] and items \[B, K\]"),
+        (np.arange(3), np.zeros((2, 4), np.int64), r"user must be \[B\] and items \[B, K\]"),
+        (np.array(1), np.zeros((1, 4), np.int64), r"user must be \[B\] and items \[B, K\]"),
+    ],
+    ids=["items-1d", "batch-mismatch", "scalar-user"],
+)
+def test_retrieval_relevance_rejects_bad_shapes(pipeline, user, items, msg):
+    with pytest.raises(ValueError, match=msg):
+        retrieval_relevance(pipeline.ctx, user, items)
+
+
+def test_inner_reward_does_not_move_with_the_rankers_predictions(pipeline):
+    """Same slate, same response, different ranker (prediction noise, ranking weights) → identical
+    inner rewards, equal to the kernel fed the towers' similarity (and not the ranker's p_click)."""
+    ctx, world, req = pipeline.ctx, pipeline.world, request()
+    slate = pipeline.recommend(req).slate
+    resp = world.respond(req.user, slate, np.random.default_rng(5))
+    p_click = {
+        noise: ranking_predictions(ctx, req, slate, noise, np.random.default_rng(int(noise * 10)))["p_click"]
+        for noise in (0.0, 1.5)
+    }
+    assert not np.allclose(p_click[0.0], p_click[1.5])  # the rankers disagree
+    rewards, totals = inner_rewards(ctx, req.user, slate, resp)
+    again, _ = inner_rewards(ctx, req.user, slate.copy(), resp)
+    np.testing.assert_array_equal(rewards, again)
+    kernel = lambda rel: rust_ext.inner_reward_numpy(  # noqa: E731
+        resp.clicked.ravel(), resp.dwell_s.ravel(), resp.skipped.ravel(), np.asarray(rel, np.float32).ravel()
+    ).reshape(slate.shape)
+    np.testing.assert_allclose(rewards, kernel(retrieval_relevance(ctx, req.user, slate)), atol=1e-5)
+    np.testing.assert_allclose(totals, rewards.sum(axis=1), rtol=1e-5, atol=1e-5)
+    for p in p_click.values():
+        assert not np.allclose(rewards, kernel(p), atol=1e-3)
+
+
+def test_inner_rewards_rejects_a_slate_that_is_not_the_responses(pipeline):
+    req = request(2)
+    slate = np.arange(16).reshape(2, 8)
+    resp = pipeline.world.respond(req.user, slate, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"slate \(2, 4\) and response \(2, 8\)"):
+        inner_rewards(pipeline.ctx, req.user, slate[:, :4], resp)

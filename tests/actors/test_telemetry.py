@@ -4,9 +4,13 @@ duplicate nothing (after dedupe), Redis restart, sessioniser gaps and 512/64 win
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
+import rust_ext
+from actors.cascade import build_world
+from actors.stages import retrieval_relevance
 from actors.telemetry import (
     EVENT_SCHEMA,
     BufferConfig,
@@ -17,6 +21,7 @@ from actors.telemetry import (
     dedupe,
     read_parquet_events,
     sessionise,
+    slates_events,
     window_starts,
 )
 from benchmarks.common import RedisServer
@@ -50,6 +55,59 @@ def test_schema_and_event_ids_are_unique_per_item():
     table = pa.Table.from_batches(make_requests(50, slate=4))
     assert dedupe(table).num_rows == table.num_rows == 200
     assert dedupe(pa.concat_tables([table, table.slice(10, 30)])).num_rows == 200
+
+
+def _events(**kw) -> pa.RecordBatch:
+    b, k = 2, 3
+    return slates_events(
+        request_uids=np.arange(1, b + 1),
+        ts_us=np.zeros(b, np.int64),
+        user_ids=np.arange(b),
+        items=np.arange(b * k).reshape(b, k),
+        clicked=np.zeros((b, k), bool),
+        dwell_s=np.zeros((b, k)),
+        skipped=np.ones((b, k), bool),
+        inner_reward=np.zeros((b, k)),
+        predictions={"p_click": np.full((b, k), 0.25)},
+        **kw,
+    )
+
+
+def test_relevance_column_is_the_logged_relevance_never_p_click():
+    rel = np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float32)
+    batch = _events(relevance=rel)
+    np.testing.assert_array_equal(batch["relevance"].to_numpy(), rel.ravel())
+    np.testing.assert_array_equal(batch["p_click"].to_numpy(), np.full(6, 0.25, np.float32))
+    assert _events()["relevance"].null_count == 6  # not given: unknown, not p_click
+    with pytest.raises(ValueError, match="broadcast"):
+        _events(relevance=np.zeros((2, 4)))
+
+
+LOG_CONFIG = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20}}
+
+
+@pytest.mark.parametrize("producer", ["exploration", "outer_controller"])
+def test_simulated_logs_carry_the_towers_relevance_and_its_inner_reward(producer, tmp_path):
+    """Both log generators log relevance = the two-tower similarity of the served items, and the
+    inner reward the kernel gives with it."""
+    from rllib_policies.outer_controller.logs import simulate_logs
+    from rllib_policies.utility_agent.exploration import ActionGrid, simulate_exploration_logs
+
+    root = str(tmp_path / "events")
+    if producer == "exploration":
+        simulate_exploration_logs(LOG_CONFIG, root, n_sessions=12, grid=ActionGrid(3), batch_sessions=12)
+    else:
+        simulate_logs(LOG_CONFIG, root, days=1, users_per_day=12)
+    events = read_parquet_events(root)
+    assert events.num_rows > 0 and events["relevance"].null_count == 0
+    _, pipeline = build_world(LOG_CONFIG)
+    users, items = events["user_id"].to_numpy(), events["item_id"].to_numpy()
+    towers = retrieval_relevance(pipeline.ctx, users, items[:, None])[:, 0]
+    np.testing.assert_allclose(events["relevance"].to_numpy(), towers, atol=1e-6)
+    assert not np.allclose(events["relevance"].to_numpy(), events["p_click"].to_numpy(), atol=1e-3)
+    col = lambda name: events[name].to_numpy(zero_copy_only=False)  # noqa: E731
+    expected = rust_ext.inner_reward_numpy(col("clicked"), col("dwell_s"), col("skipped"), towers)
+    np.testing.assert_allclose(col("inner_reward"), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["oldest", "newest"])

@@ -6,8 +6,10 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
+import actors.stages
+import rust_ext
 from actors.cascade import build_world
-from actors.stages import STAGES, RequestBatch, utility_weight_grid
+from actors.stages import STAGES, RequestBatch, retrieval_relevance, utility_weight_grid
 from rllib_policies.envs import MultiStageEnv, SessionEnv, UtilityWeightEnv
 
 CONFIG = {
@@ -109,3 +111,46 @@ def test_random_policy_through_rllib_env_runners(ray_session):
     episodes = MultiAgentEnvRunner(config=multi).sample(num_episodes=1, random_actions=True)
     assert episodes and episodes[0].is_done
     assert set(episodes[0].agent_ids) == {"matching", "pre_ranking", "ranking"}
+
+
+def _first_slate(env_cls, seed: int) -> tuple[float, dict]:
+    """Reward and info of the first served slate (fixed actions)."""
+    env = env_cls(CONFIG)
+    obs, _ = env.reset(seed=seed)
+    if env_cls is SessionEnv:
+        _, reward, _, _, info = env.step(np.array([1.0, 1.0, 10.0], np.float32))
+        return reward, info
+    for stage in STAGES:
+        obs, rewards, _, _, infos = env.step({stage: env.action_spaces[stage].high / 2})
+    return rewards["ranking"], infos["ranking"]
+
+
+@pytest.mark.parametrize("env_cls", [SessionEnv, MultiStageEnv])
+def test_inner_reward_is_the_towers_relevance_not_the_rankers_prediction(env_cls, monkeypatch):
+    """Same slate and response, the ranker's predictions all halved (its ranking unchanged) →
+    identical reward and inner features; the reward is the kernel fed the two-tower similarity."""
+    world, pipeline = build_world(CONFIG)
+    served = []
+    step = world.step
+
+    def recording_step(sessions, slate, rng):
+        resp = step(sessions, slate, rng)
+        served.append((sessions.user.copy(), slate.copy(), resp))
+        return resp
+
+    monkeypatch.setattr(world, "step", recording_step)
+    reward, info = _first_slate(env_cls, seed=5)
+    user, slate, resp = served[-1]
+    relevance = retrieval_relevance(pipeline.ctx, user, slate)
+    expected = rust_ext.inner_reward_numpy(resp.clicked[0], resp.dwell_s[0], resp.skipped[0], relevance[0])
+    assert reward == pytest.approx(float(expected.sum()), abs=1e-4)
+    assert info["inner_features"][3] == pytest.approx(float(relevance.sum()), rel=1e-5)
+
+    predict = actors.stages.ranking_predictions
+    halved = lambda *args: {k: 0.5 * v for k, v in predict(*args).items()}  # noqa: E731
+    monkeypatch.setattr(actors.stages, "ranking_predictions", halved)
+    reward_halved, info_halved = _first_slate(env_cls, seed=5)
+    np.testing.assert_array_equal(served[-1][1], slate)  # the same slate was served ...
+    np.testing.assert_array_equal(served[-1][2].clicked, resp.clicked)  # ... and answered alike
+    assert reward_halved == reward
+    np.testing.assert_array_equal(info_halved["inner_features"], info["inner_features"])

@@ -12,6 +12,7 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussi
 
 from rllib_policies.credit import KappaSchedule
 from rllib_policies.outer_controller import OuterSignals, RankingPolicyModule, SessionBatch, SignalConfig
+from rllib_policies.outer_controller.module import SquashedDiagGaussian
 from rllib_policies.outer_controller.rails import fit_inner_reward_weights
 from rllib_policies.outer_controller.sessions import from_trajectories, pad_sessions
 
@@ -56,27 +57,36 @@ def test_diag_gaussian_kl_hand_computed():
     assert same.kl(same).tolist() == pytest.approx([0, 0])
 
 
-def test_policy_log_prob_entropy_and_kl_match_the_diagonal_gaussian_by_hand():
+def test_policy_log_prob_entropy_and_kl_match_the_squashed_gaussian_by_hand():
     p, q = policy(0), policy(1)
     with torch.no_grad():
         q.log_std.add_(0.3)
-    assert p.get_train_action_dist_cls() is TorchDiagGaussian is p.get_exploration_action_dist_cls()
+    assert issubclass(p.get_train_action_dist_cls(), SquashedDiagGaussian)
+    assert p.get_train_action_dist_cls() is p.get_exploration_action_dist_cls()
     obs = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
-    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(3)) * p.high
+    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(3)).clamp(0.01, 0.99) * p.high
     with torch.no_grad():
         logp, entropy = p.log_prob(obs, actions)
         kl = p.action_dist(obs).kl(q.action_dist(obs))
-        (mp, lsp), (mq, lsq) = p.gaussian(obs), q.gaussian(obs)
+        (mp, lsp), (mq, lsq) = p.logits(obs), q.logits(obs)
         # what the env runners sample from: the RLlib distribution over the forward pass's outputs
-        explore = TorchDiagGaussian.from_logits(p.forward_exploration({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS])
+        inputs = p.forward_exploration({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        explore = p.get_exploration_action_dist_cls().from_logits(inputs)
+        samples = explore.sample()
+        served = explore.to_deterministic().sample()
     var_p, var_q = torch.exp(2 * lsp), torch.exp(2 * lsq)
-    # log N(a; μ, σ²) = −½ Σ_i [(a_i − μ_i)²/σ_i² + 2 log σ_i + log 2π];  H = Σ_i log σ_i + ½ log 2πe
-    torch.testing.assert_close(logp, -0.5 * ((actions - mp) ** 2 / var_p + 2 * lsp + math.log(2 * math.pi)).sum(-1))
+    u = torch.logit(actions / p.high)
+    s = torch.sigmoid(u)
+    # log π(a) = log N(u; m, σ²) − Σ log(high·σ(u)(1 − σ(u))), u = logit(a/high);  H = Σ_i log σ_i + ½ log 2πe
+    gauss = -0.5 * ((u - mp) ** 2 / var_p + 2 * lsp + math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(logp, gauss - torch.log(p.high * s * (1 - s)).sum(-1))
     torch.testing.assert_close(entropy, (lsp + 0.5 * math.log(2 * math.pi * math.e)).sum(-1))
-    # KL(p ‖ q) = Σ_i log σq/σp + (σp² + (μp − μq)²)/(2σq²) − ½
+    # KL(p ‖ q) over u = Σ_i log σq/σp + (σp² + (mp − mq)²)/(2σq²) − ½ (the same for a: a bijection)
     torch.testing.assert_close(kl, (lsq - lsp + (var_p + (mp - mq) ** 2) / (2 * var_q) - 0.5).sum(-1))
     assert kl.min() > 0
     torch.testing.assert_close(explore.logp(actions), logp)
+    assert ((samples > 0) & (samples < p.high)).all()  # inside the box: nothing for the env to clip
+    torch.testing.assert_close(served, p.gaussian(obs)[0])  # explore=False serves μ(s) = high·sigmoid(m)
 
 
 def test_layered_signals_hand_computed():

@@ -22,6 +22,7 @@ from rllib_policies.utility_agent import (
     request_rows,
     sweep_actions,
 )
+from rllib_policies.utility_agent.guard import GLOBAL, PERSONALISED, DoNoHarm, best_global_actions, deployed_actions
 from rllib_policies.utility_agent.ope import InversePropensity, paired_ratio_difference, ratio_mean_ci
 
 SMALL = {"world": {"n_items": 1500, "n_users": 3000}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
@@ -51,6 +52,78 @@ def test_reward_at_hit_is_snips_with_delta_ci_and_ess():
     np.testing.assert_allclose(clustered.ci, Z95 * np.sqrt(((t[0] + t[2]) ** 2 + (t[3] + t[4]) ** 2) / 64.0))
     none = RewardAtHit().estimate(logged, p, r, np.full(5, 9))
     assert none.hits == 0 and np.isnan(none.value).all()
+
+
+def test_paired_reward_at_hit_difference_by_hand():
+    logged = np.array([0, 1, 0, 1, 2])
+    p = np.full(5, 1 / 3)
+    r = np.array([[1.0], [3.0], [2.0], [5.0], [9.0]])
+    users = np.array([7, 7, 8, 8, 9])
+    a, b = np.zeros(5, int), np.ones(5, int)
+    d, se = RewardAtHit().difference(logged, p, r, a, b, users)
+    assert d[0] == pytest.approx(1.5 - 4.0)  # V(a) = mean(1, 2), V(b) = mean(3, 5)
+    psi = np.array([3 * (1 - 1.5) / 6, -3 * (3 - 4) / 6, 3 * (2 - 1.5) / 6, -3 * (5 - 4) / 6, 0.0])
+    assert se[0] == pytest.approx(np.sqrt((psi[0] + psi[1]) ** 2 + (psi[2] + psi[3]) ** 2))
+    # a policy against itself: exactly zero with zero error; no hits: NaN
+    d0, se0 = RewardAtHit().difference(logged, p, r, a, a, users)
+    assert d0[0] == 0 and se0[0] == 0
+    assert np.isnan(RewardAtHit().difference(logged, p, r, a, np.full(5, 4))[0]).all()
+    # the difference's s.e. is the one of the two one-policy estimates when they share no hit and no user
+    ea = RewardAtHit().estimate(logged, p, r, a, np.arange(5))
+    eb = RewardAtHit().estimate(logged, p, r, b, np.arange(5))
+    _, se_ind = RewardAtHit().difference(logged, p, r, a, b, np.arange(5))
+    assert se_ind[0] == pytest.approx(np.hypot(ea.ci[0], eb.ci[0]) / Z95)
+
+
+def _guard_logs(n: int, personal: bool, seed: int = 0, n_actions: int = 4):
+    """Uniform logs over n_actions, Bernoulli rewards; x ∈ {0, 1} per request. personal: action
+    x·(A−1) pays 0.7, the others 0.2 (the best action depends on the state); else action 1 pays 0.6
+    for everyone, the others 0.3 (no headroom over it)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 2, n)
+    a = rng.integers(0, n_actions, n)
+    if personal:
+        mean = np.where(a == x * (n_actions - 1), 0.7, 0.2)
+    else:
+        mean = np.where(a == 1, 0.6, 0.3)
+    r = (rng.random((n, 2)) < mean[:, None]).astype(np.float32)
+    logs = {"action": a, "propensity": np.full(n, 1 / n_actions), "rewards": r, "user_id": np.arange(n) // 4}
+    return logs, x
+
+
+@pytest.mark.parametrize(
+    "personal, n, expected",
+    [
+        (False, 4000, GLOBAL),  # no headroom: a personalised π_λ cannot beat g_λ → falls back
+        (True, 4000, PERSONALISED),  # the best action depends on the state: π_λ's gain is significant
+        (True, 40, GLOBAL),  # a real gain, but too few held-out requests to show it → falls back
+    ],
+)
+def test_do_no_harm_deploys_pi_lambda_only_where_the_logs_show_a_gain(personal, n, expected):
+    logs, x = _guard_logs(n, personal)
+    lambdas = np.array([0.0, 0.5, 1.0])
+    scale = logs["rewards"].std(axis=0)
+    g = best_global_actions(_guard_logs(20_000, personal, seed=1)[0], 4, lambdas, scale)
+    # the personalised policy: the state's best action (personal world), or a state-dependent
+    # mix of g and another action (no-headroom world, where any deviation from g costs)
+    pi = np.where(x == 1, 3, 0) if personal else np.where(x == 1, 1, 2)
+    decisions = DoNoHarm().decide(logs, np.stack([pi] * 3), g, lambdas, scale)
+    assert [d["deployed"] for d in decisions] == [expected] * 3, decisions
+    for d in decisions:
+        assert (d["lower_bound"] > 0) == (expected == PERSONALISED) and d["reason"]
+    acts = deployed_actions(decisions, np.stack([pi] * 3))
+    assert (acts == (pi if expected == PERSONALISED else g[:, None])).all()
+    if not personal:
+        assert (g == 1).all()  # the no-headroom world's one good action, found on other logs
+    # π_λ identical to g_λ: nothing to deploy, the global vector is served
+    same = DoNoHarm().decide(logs, np.stack([np.full(n, 1)] * 3), np.array([1, 1, 1]), lambdas, scale)
+    assert {d["deployed"] for d in same} == {GLOBAL}
+
+
+@pytest.mark.parametrize("level", [0.4, 1.0, 1.5])
+def test_do_no_harm_level_must_be_a_confidence(level):
+    with pytest.raises(ValueError, match="DoNoHarm level"):
+        DoNoHarm(level)
 
 
 def test_ratio_mean_and_paired_difference():
@@ -87,6 +160,48 @@ def test_lambda_endpoints_reproduce_the_single_objective_argmax():
         np.testing.assert_array_equal(module.greedy(obs, 1.0), s[..., 0].argmax(1))
         np.testing.assert_array_equal(module.greedy(obs, 0.0), s[..., 1].argmax(1))
         np.testing.assert_allclose(module.q_values(obs), module.reward_mean + module.reward_std * s)
+
+
+def test_deployed_policy_follows_the_guard_at_the_nearest_swept_lambda(tmp_path):
+    from rllib_policies.utility_agent.module import load_agent, save_agent
+
+    module = _module(ActionGrid())
+    obs = torch.as_tensor(np.random.default_rng(0).standard_normal((32, 37)).astype(np.float32))
+    with torch.no_grad():
+        np.testing.assert_array_equal(module.act(obs, 0.3), module.greedy(obs, 0.3))  # no guard: π_λ
+        module.set_guard([0.0, 0.5, 1.0], [-1, 7, -1])
+        assert (module.act(obs, 0.5) == 7).all() and (module.act(obs, 0.6) == 7).all()  # nearest λ 0.5: g_λ
+        np.testing.assert_array_equal(module.act(obs, 0.9), module.greedy(obs, 0.9))  # nearest λ 1: π_λ
+        loaded = load_agent(save_agent(module, str(tmp_path / "agent.pt")))
+        assert (loaded.act(obs, 0.45) == 7).all()
+        np.testing.assert_array_equal(loaded.act(obs, 0.0), module.greedy(obs, 0.0))
+
+
+@pytest.mark.parametrize(
+    "lambdas, fallback, match",
+    [
+        ([0.0, 1.0], [-1], "one fallback action"),
+        ([], [], "one fallback action"),
+        ([0.5], [49], r"in \[-1, 49\)"),
+        ([0.5], [-2], r"in \[-1, 49\)"),
+    ],
+)
+def test_bad_guards_are_refused(lambdas, fallback, match):
+    with pytest.raises(ValueError, match=match):
+        _module(ActionGrid()).set_guard(lambdas, fallback)
+
+
+def test_oracle_levels_from_logged_ground_truth():
+    from actors.world.oracle import headroom_of_values
+
+    values = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    h = headroom_of_values(values, users=np.array([0, 0, 1, 1]), cohorts=np.array([0, 0, 0, 2]), objective="x")
+    assert h.static == pytest.approx(1.0) and h.static_action == 0  # column means 1.0, 0.75
+    assert h.cohort == pytest.approx((4 + 1) / 4)  # cohort 0: rows 0–2 → action 0 (4); cohort 2: row 3 → 1
+    assert h.user == pytest.approx((2 + 3) / 4) and h.request == pytest.approx((1 + 2 + 3 + 1) / 4)
+    assert h.n_users == 2 and h.cohort_actions == {"new": 0, "power": 1}
+    with pytest.raises(ValueError, match="users"):
+        headroom_of_values(values, np.zeros(3), np.zeros(4), "x")
 
 
 def test_request_rows_from_served_events():
@@ -288,6 +403,49 @@ def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path
     assert (scores <= Z95).mean() >= 0.75 and scores.max() < 4.0, z
 
 
+# ------------------------------------------------------------------ learning test (CI size)
+@pytest.mark.ray
+def test_agent_closes_half_the_gap_to_the_oracle_where_an_untrained_one_closes_none(ray_session, tmp_path):
+    """Tiny world, 3 × 3 grid, fixed seed, 1 500 exploration sessions, at most 4 passes (early
+    stopping): start = the uniform logging policy, target = the oracle's best static grid vector on
+    the test users' logged states (exact expectations). The deployed policy (after do no harm) closes
+    at least half of the gap on each single objective (λ = 0 long views, λ = 1 clicks) and on average
+    over λ ∈ {0, 0.5, 1}; 16 untrained agents' π_λ close none on average. At this size the default
+    preset has no personalisation gain the validation logs could show (the oracle's per-request
+    headroom is ~1 %), so do no harm falls back to the model's global vector at every λ: the fallback
+    engaging on a world without (detectable) headroom."""
+    from rllib_policies.utility_agent.learning import LearningConfig, run_learning_test
+
+    cfg = LearningConfig(
+        env_config=SMALL, sessions=1500, passes=4, seed=0, grid_n=3, lr=3e-3, batch_size=256, hidden=32, ray_data=False
+    )
+    out = run_learning_test(cfg, str(tmp_path))
+    pts = {p["lambda"]: p for p in out["points"]}
+    assert set(pts) == {0.0, 0.5, 1.0} and out["data"]["test_rows"] > 1000 and 1 <= out["passes_kept"] <= 4
+    for p in pts.values():
+        assert p["oracle_request"] >= p["oracle_user"] >= p["oracle_static"] > p["start"]
+        assert p["decision"]["deployed"] == GLOBAL and p["final"] == p["global"], p["decision"]
+    closed = {lam: p["gap_closed_final"] for lam, p in pts.items()}
+    assert closed[0.0] >= 0.5 and closed[1.0] >= 0.5 and np.mean(list(closed.values())) >= 0.5, closed
+    assert np.mean([p["gap_closed_frozen"] for p in pts.values()]) < 0.25, pts
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"validation": 0.0}, "validation and test shares"),
+        ({"validation": 0.6, "test": 0.5}, "validation and test shares"),
+        ({"global_choice": "best"}, "global_choice"),
+        ({"sessions": 0}, "sessions must be"),
+    ],
+)
+def test_learning_config_errors_name_the_field(kw, match):
+    from rllib_policies.utility_agent.learning import LearningConfig
+
+    with pytest.raises(ValueError, match=match):
+        LearningConfig(**kw)
+
+
 # ------------------------------------------------------------------ the job, end to end
 @pytest.mark.ray
 def test_job_runs_logs_training_sweep_and_writes_the_artifact(ray_session, tmp_path, capsys):
@@ -323,6 +481,18 @@ def test_job_runs_logs_training_sweep_and_writes_the_artifact(ray_session, tmp_p
         "cohort_mean_weights",
     } <= set(p)
     assert sum(p["action_distribution"]["share"]) == pytest.approx(1.0, abs=1e-3)
+    # do no harm: per λ which policy is deployed and why; agent.pt serves exactly that choice
+    for q in art["points"]:
+        dep = q["deployed"]
+        assert dep["deployed"] in ("personalised", "global") and dep["reason"] and "simulator" in dep
+        assert (dep["deployed"] == "personalised") == (dep["lower_bound"] > 0)
+        assert dep["global_action"] == q["best_global_action"]
+    from rllib_policies.utility_agent.module import load_agent
+
+    agent = load_agent(str(tmp_path / "run" / "agent.pt"))
+    fallback = [q["deployed"]["global_action"] if q["deployed"]["deployed"] == "global" else -1 for q in art["points"]]
+    np.testing.assert_array_equal(agent.guard[1], fallback)
+    assert art["meta"]["do_no_harm"]["level"] == 0.95
     assert set(p["off_policy"]["cohorts"]) == {"new", "casual", "power"}
     assert len(art["meta"]["global_fixed"]) == 9 and art["meta"]["hypervolume_simulator"]["personalised"] >= 0
     assert os.path.exists(tmp_path / "run" / "agent.pt") and os.path.exists(tmp_path / "run" / "frontier.png")

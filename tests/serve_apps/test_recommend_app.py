@@ -12,10 +12,22 @@ import pyarrow.compute  # noqa: F401
 import pytest
 
 import rust_ext
+from actors.stages import StageContext, retrieval_relevance
+from actors.world import PipelineConfig, World, WorldConfig
 from serve_apps.recommend import app_builder
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 ARGS = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
+
+
+@pytest.fixture(scope="module")
+def towers() -> StageContext:
+    """The stages' towers (same world and seed as the app): the inner reward's relevance term."""
+    return StageContext(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]).seed)
+
+
+def tower_relevance(towers: StageContext, user: int, slate: list[int]) -> np.ndarray:
+    return retrieval_relevance(towers, np.array([user]), np.array([slate]))[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +71,8 @@ def test_recommend_returns_a_slate_with_versions(client):
     assert len(body["request_id"]) == 16
 
 
-def test_per_request_weights_and_feedback_scored_by_inner_reward(client):
+def test_per_request_weights_and_feedback_scored_by_inner_reward(client, towers):
+    """/feedback's relevance term is the towers' similarity of the served items, not the ranker's p_click."""
     rec = client.post("/recommend", json={"user_id": 3, "ranking_weights": [0.0, 0.0, 1.0]}).json()
     clicked = [True] + [False] * 7
     dwell = [12.5] + [0.0] * 7
@@ -68,8 +81,10 @@ def test_per_request_weights_and_feedback_scored_by_inner_reward(client):
         "/feedback", json={"request_id": rec["request_id"], "clicked": clicked, "dwell_s": dwell, "skipped": skipped}
     )
     assert fb.status_code == 200, fb.text
-    expected = rust_ext.inner_reward_numpy(clicked, dwell, skipped, rec["predictions"]["p_click"])
+    expected = rust_ext.inner_reward_numpy(clicked, dwell, skipped, tower_relevance(towers, 3, rec["slate"]))
     np.testing.assert_allclose(fb.json()["rewards"], expected, atol=1e-5)
+    by_p_click = rust_ext.inner_reward_numpy(clicked, dwell, skipped, rec["predictions"]["p_click"])
+    assert not np.allclose(fb.json()["rewards"], by_p_click, atol=1e-3)
     assert fb.json()["total"] == pytest.approx(float(expected.sum()), abs=1e-4)
 
 
@@ -129,14 +144,16 @@ def test_stage_params_hot_update(client):
     assert client.post("/recommend", json={"user_id": 4}).status_code == 200
 
 
-def test_feedback_emits_served_item_events_that_sessionise(client):
+def test_feedback_emits_served_item_events_that_sessionise(client, towers):
     from actors.telemetry import read_parquet_events, sessionise
 
     before = client.get("/telemetry").json()["emitted"]
-    request_ids = []
+    request_ids, slates, p_clicks = [], [], []
     for step in range(3):
         rec = client.post("/recommend", json={"user_id": 11, "step": step}).json()
         request_ids.append(rec["request_id"])
+        slates.append(rec["slate"])
+        p_clicks.append(rec["predictions"]["p_click"])
         fb = client.post(
             "/feedback",
             json={
@@ -157,6 +174,14 @@ def test_feedback_emits_served_item_events_that_sessionise(client):
     events = read_parquet_events(client.events_root)
     mine = events.filter(pa.compute.equal(events["user_id"], 11))
     assert mine.num_rows == 24 and mine["revenue"].to_numpy().sum() == pytest.approx(28.5)
+    # relevance = the towers' similarity of the served items; the prediction stays logged as p_click
+    mine = mine.sort_by([("ts", "ascending"), ("position", "ascending")])
+    assert mine["request_id"].to_pylist() == [r for r in request_ids for _ in range(8)]
+    assert mine["item_id"].to_pylist() == [i for s in slates for i in s]
+    np.testing.assert_allclose(
+        mine["relevance"].to_numpy(), np.concatenate([tower_relevance(towers, 11, s) for s in slates]), atol=1e-6
+    )
+    np.testing.assert_allclose(mine["p_click"].to_numpy(), np.concatenate(p_clicks), atol=1e-5)
     traj = sessionise(mine)
     assert traj.num_rows == 1 and traj["request_ids"].to_pylist()[0] == request_ids
     assert traj["session_revenue"].to_pylist() == [pytest.approx(28.5)]

@@ -34,6 +34,7 @@ def _random_agent(path):
         model_config={"grid": ActionGrid().weights.tolist(), "hidden": 16},
     )
     module.set_reward_scale(np.array([0.4, 0.05]), np.array([0.7, 0.2]))
+    module.set_guard([0.0, 0.25, 0.5, 0.75, 1.0], [-1, -1, -1, 7, -1])  # do no harm fell back to action 7 at λ 0.75
     return save_agent(module, path), module
 
 
@@ -98,7 +99,7 @@ def test_requests_without_weights_get_the_agents_choice(agent_app):
     obs = pipeline.context(RequestBatch(np.array([11]), hist, np.array([2], np.int32), np.array([1])))
     op = agent_app.get("/operating-point").json()
     with torch.no_grad():
-        expected = int(agent_app.module.greedy(torch.as_tensor(obs), op["lambda"])[0])
+        expected = int(agent_app.module.act(torch.as_tensor(obs), op["lambda"])[0])
     assert u["action"] == expected and u["lambda"] == op["lambda"]
     np.testing.assert_allclose(u["weights"], agent_app.module.grid[expected].numpy())
     fixed = agent_app.post("/recommend", json={"user_id": 11, "ranking_weights": [1, 0, 0]}).json()
@@ -130,6 +131,26 @@ def test_operating_point_switch_is_seen_by_every_replica(agent_app):
     assert agent_app.put("/operating-point", json={"weights": [1.0, 0.5, 10.0]}).status_code == 200
     u = agent_app.post("/recommend", json={"user_id": 5}).json()["utility"]
     assert u["weights"] == [1.0, 0.5, 10.0] and u["action"] == -1 and u["lambda"] is None
+    assert agent_app.put("/operating-point", json={"lambda": 0.5}).status_code == 200
+
+
+def test_the_do_no_harm_fallback_is_served_where_it_engaged(agent_app):
+    """agent.pt's guard fell back to global action 7 at λ 0.75: λ near it serves action 7 to every
+    user; λ 1 (π_λ kept) serves the agent's own per-request choice."""
+    assert agent_app.put("/operating-point", json={"lambda": 0.7}).status_code == 200
+    users = range(20, 28)
+    fallback = [agent_app.post("/recommend", json={"user_id": u}).json()["utility"] for u in users]
+    assert all(u["action"] == 7 and u["lambda"] == 0.7 for u in fallback), fallback
+    np.testing.assert_allclose(fallback[0]["weights"], agent_app.module.grid[7].numpy())
+    assert agent_app.put("/operating-point", json={"lambda": 1.0}).status_code == 200
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    obs = pipeline.context(
+        RequestBatch(np.array(list(users)), np.full((8, 20), -1), np.zeros(8, np.int32), np.zeros(8, np.int32))
+    )
+    with torch.no_grad():
+        expected = agent_app.module.greedy(torch.as_tensor(obs), 1.0).numpy()
+    served = [agent_app.post("/recommend", json={"user_id": u}).json()["utility"]["action"] for u in users]
+    assert served == expected.tolist()
     assert agent_app.put("/operating-point", json={"lambda": 0.5}).status_code == 200
 
 

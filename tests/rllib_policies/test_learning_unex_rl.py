@@ -1,0 +1,102 @@
+"""UNEX-RL's CI-sized learning test: from a starved matching stage, training closes at least half of the
+usage-time gap to the oracle's best static matching parameters, where a frozen policy closes none
+(tiny world, fixed seeds; the full test is benchmarks/learning_unex_rl.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from actors.cascade import build_world
+from actors.stages import STAGE_ACTION_HIGH
+from actors.world.oracle import simulate_session_usage, simulate_sessions, usage_static
+from rllib_policies.envs import MultiStageEnv
+from rllib_policies.unex_rl import UnexRLConfig
+from rllib_policies.unex_rl.learning import (
+    STARVED_MATCHING,
+    build_learner,
+    gap_closed,
+    learning_run,
+    matching_family,
+    mean_actions,
+    oracle_static,
+    static_policies,
+    usage_per_session,
+)
+
+TINY = {"world": {"n_items": 1500, "n_users": 400}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
+# 25 iterations × 32 sessions, 16 minibatch updates of 64 transitions each (the learner's other settings are
+# its defaults); measured: 36.5 → 61.2 s per session, the oracle about 50 (the matching grid below)
+BUDGET = {"iterations": 25, "eval_sessions": 400, "sessions_per_iteration": 32, "minibatch_size": 64}
+EVAL_SEED = 10_000
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """The oracle's best static matching parameters on a small grid and its usage on the evaluation users."""
+    pipeline = build_world(TINY)[1]
+    family = matching_family(
+        w_relevance=(0.1, 1.0, 1.9), w_popularity=(0.05,), w_history=(0.5,), exploration=(0.05, 0.4)
+    )
+    best, usage = oracle_static(pipeline, family, n_sessions=150)
+    target = usage_per_session(pipeline, static_policies(best), BUDGET["eval_sessions"], EVAL_SEED)
+    return best, usage, target
+
+
+def test_usage_time_by_simulation_with_common_random_numbers(oracle):
+    """The oracle's usage time: the sessions simulate_sessions serves (same lengths), reproducible, and
+    the starved start is far below the best static matching parameters."""
+    pipeline = build_world(TINY)[1]
+    family = matching_family(w_relevance=(0.1, 1.0), w_popularity=(0.05,), w_history=(0.5,), exploration=(0.4,))
+    users, actions = np.arange(50), np.zeros(50, int)
+    usage = simulate_session_usage(pipeline, family, actions, users, seed=3)
+    np.testing.assert_array_equal(usage, simulate_session_usage(pipeline, family, actions, users, seed=3))
+    assert usage.shape == (50,) and (usage >= 0).all() and usage.sum() > 0
+    requests = simulate_sessions(pipeline, family, actions, users, seed=3)["requests"]
+    assert (usage[requests == 0] == 0).all() and requests.min() >= 1
+    action, means = usage_static(pipeline, family, n_sessions=30)
+    assert means.shape == (2,) and action == int(means.argmax())
+    best, per_action, target = oracle
+    assert per_action.argmax() != 0 and best["matching"][0] > STARVED_MATCHING[0]  # the starved start is not the best
+    starved = usage_per_session(
+        pipeline, static_policies({"matching": STARVED_MATCHING}), BUDGET["eval_sessions"], EVAL_SEED
+    )
+    assert target > starved + 5  # a gap of several seconds per session to close
+
+
+@pytest.mark.parametrize(
+    ("init", "match"),
+    [
+        ({"matchin": (0.1, 0.05, 0.5, 0.4)}, "unknown stage"),
+        ({"matching": (0.1, 0.05, 0.5)}, "4 values"),
+        ({"matching": (0.0, 0.05, 0.5, 0.4)}, "inside"),
+        ({"matching": (0.1, 0.05, 0.5, 0.5)}, "inside"),  # on the box's edge: the sigmoid never gets there
+    ],
+)
+def test_bad_init_params_are_refused(init, match):
+    with pytest.raises(ValueError, match=match):
+        UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(init_params=init).validate()
+
+
+@pytest.mark.ray
+def test_stage_policies_start_at_the_given_parameters(ray_session):
+    algo = build_learner(TINY, "unex_rl", 0, sessions_per_iteration=4)
+    try:
+        start = mean_actions(algo)
+        np.testing.assert_allclose(start["matching"], STARVED_MATCHING, rtol=0.15)
+        assert np.all(np.asarray(start["matching"]) < STAGE_ACTION_HIGH["matching"])
+    finally:
+        algo.stop()
+
+
+@pytest.mark.ray
+def test_unex_rl_closes_half_the_gap_where_a_frozen_policy_closes_none(ray_session, oracle):
+    torch.set_num_threads(1)
+    _, _, target = oracle
+    budget = dict(BUDGET)
+    iterations, eval_sessions = budget.pop("iterations"), budget.pop("eval_sessions")
+    frozen = learning_run(TINY, "unex_rl", 0, 2, eval_sessions, EVAL_SEED, actor_warmup_iterations=2, **budget)
+    assert gap_closed(frozen["start"], frozen["final"], target) == 0.0  # the critic trained, the policies did not
+    run = learning_run(TINY, "unex_rl", 0, iterations, eval_sessions, EVAL_SEED, **budget)
+    closed = gap_closed(run["start"], run["final"], target)
+    assert run["start"] == frozen["start"]  # the same start, the same evaluation
+    assert closed >= 0.5, (closed, run)
