@@ -12,6 +12,7 @@ samplers and CIC replays, and over the stage actors (``stage_runner`` sends each
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,7 +129,7 @@ class Pipeline:
         return self.spec.context(self.ctx, req)
 
 
-_WORLD_CACHE: dict[tuple, tuple[World, Pipeline]] = {}
+_WORLD_CACHE: dict[str, tuple[World, Pipeline]] = {}  # by the config as canonical JSON (lists from YAML)
 
 
 def build_world(env_config: dict | None) -> tuple[World, Pipeline]:
@@ -138,7 +139,7 @@ def build_world(env_config: dict | None) -> tuple[World, Pipeline]:
     cfg = dict(env_config or {})
     world_overrides = dict(cfg.get("world", {}))
     pipeline_kwargs = dict(cfg.get("pipeline", {}))
-    key = (cfg.get("preset", "default"), tuple(sorted(world_overrides.items())), tuple(sorted(pipeline_kwargs.items())))
+    key = json.dumps([cfg.get("preset", "default"), world_overrides, pipeline_kwargs], sort_keys=True, default=str)
     if key not in _WORLD_CACHE:
         world = World(WorldConfig.preset(cfg.get("preset", "default"), **world_overrides))
         _WORLD_CACHE[key] = (world, Pipeline(world, PipelineConfig(**pipeline_kwargs)))

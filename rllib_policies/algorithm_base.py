@@ -62,6 +62,11 @@ def shard_rows(n_rows: int, n_shards: int, groups: np.ndarray | None = None) -> 
     return [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(ordered, n_shards)]
 
 
+def nonempty_shards(shards: list[np.ndarray]) -> list[np.ndarray]:
+    """The shards that hold rows; a batch with fewer groups than learners leaves some learners idle."""
+    return [s for s in shards if len(s)]
+
+
 class AlgorithmBase(Algorithm):
     """Shared plumbing for the package's algorithms; subclasses set ``metrics_key`` and ``config_class``."""
 
@@ -97,7 +102,7 @@ class AlgorithmBase(Algorithm):
             results = self.learner_group.update(batch=learner_batch(columns, module_id), **update_kwargs)
         else:
             n = len(next(iter(columns.values())))
-            shards = shard_rows(n, self.num_learner_shards, groups)
+            shards = nonempty_shards(shard_rows(n, self.num_learner_shards, groups))
             batches = [learner_batch({k: v[idx] for k, v in columns.items()}, module_id) for idx in shards]
             results = self.learner_group.update(batches=batches, **update_kwargs)
         self.metrics.aggregate(results, key=LEARNER_RESULTS)

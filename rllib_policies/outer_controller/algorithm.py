@@ -452,10 +452,18 @@ class OuterController(AlgorithmBase):
 
     # ---------------------------------------------------------------- checkpoints
     def own_state(self) -> dict:
-        return {"signals": self.signals.state(), "rollbacks": self.rollbacks, "reference": self._reference}
+        return {
+            "signals": self.signals.state(),
+            "rollbacks": self.rollbacks,
+            "consecutive_rollbacks": self.consecutive_rollbacks,
+            "last_promotion": self.last_promotion,
+            "reference": self._reference,
+        }
 
     def set_own_state(self, state: dict) -> None:
         self.signals.set_state(state["signals"])
         self.rollbacks = state["rollbacks"]
+        self.consecutive_rollbacks = state.get("consecutive_rollbacks", 0)
+        self.last_promotion = state.get("last_promotion")
         self._reference = dict(state["reference"])
         self._last_good = self._snapshot()  # the restored learner state is the last good one

@@ -44,8 +44,7 @@ def best_global_actions(logs: dict, n_actions: int, lambdas: np.ndarray, scale: 
             for a in range(n_actions)
         ]
     )  # [A, 2]
-    lam = np.asarray(lambdas, np.float64)[:, None]
-    return (lam * values[None, :, 0] / scale[0] + (1 - lam) * values[None, :, 1] / scale[1]).argmax(axis=1)
+    return np.array([scalarised_rewards(values, lam, scale).argmax() for lam in np.asarray(lambdas, np.float64)])
 
 
 def model_global_actions(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:

@@ -333,3 +333,13 @@ def test_inner_rewards_rejects_a_slate_that_is_not_the_responses(pipeline):
     resp = pipeline.world.respond(req.user, slate, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"slate \(2, 4\) and response \(2, 8\)"):
         inner_rewards(pipeline.ctx, req.user, slate[:, :4], resp)
+
+
+def test_build_world_caches_configs_with_list_values():
+    """YAML gives tuples as lists: the cache key must still work, and equal configs share one world."""
+    from actors.cascade import build_world
+
+    cfg = {"world": {"n_items": 2000, "n_users": 300, "cohort_shares": [0.3, 0.5, 0.2]}}
+    world, pipeline = build_world(cfg)
+    again, _ = build_world({"world": dict(reversed(list(cfg["world"].items())))})
+    assert again is world and pipeline.world is world

@@ -518,3 +518,12 @@ def test_config_errors_name_the_field(tmp_path):
         UtilityAgentConfig().utility_agent(lamda=0.3)
     with pytest.raises(ValueError, match="ActionGrid"):
         ActionGrid(1)
+
+
+def test_best_global_action_with_an_objective_that_never_fires():
+    """σ = 0 for one objective (it never fired in the logs): g_λ is still the argmax of the other, not NaN's."""
+    logs, _ = _guard_logs(4000, False)
+    logs = {**logs, "rewards": np.stack([logs["rewards"][:, 0], np.zeros(len(logs["rewards"]))], axis=1)}
+    scale = logs["rewards"].std(axis=0)
+    g = best_global_actions(logs, 4, np.array([1.0, 0.5]), scale)
+    assert g[0] == g[1] == best_global_actions(logs, 4, np.array([1.0]), np.array([scale[0], 1.0]))[0]
