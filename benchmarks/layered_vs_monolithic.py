@@ -56,7 +56,7 @@ def ratio(rows, key) -> str:
 
 def paired_table(runs) -> str:
     """Layered minus each other arm, per seed (the seeds share env seeds and evaluation users)."""
-    from rllib_policies.outer_controller.experiment import mean_ci
+    from actors.world.metrics import mean_ci
 
     final = {(r.arm, r.seed): r.final for r in runs}
     seeds = sorted({r.seed for r in runs if r.arm == "layered"})

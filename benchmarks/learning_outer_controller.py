@@ -29,11 +29,11 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from actors.world.metrics import mean_ci  # noqa: E402
 from benchmarks.common import machine, plot_mean_se  # noqa: E402
 from rllib_policies.outer_controller.experiment import (  # noqa: E402
     LEARNING_ARMS,
     LearningSpec,
-    mean_ci,
     oracle_static,
     run_learning,
     static_objective,

@@ -33,11 +33,10 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the Agg backend)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
+from actors.world.metrics import gap_closed, mean_ci  # noqa: E402
 from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402
-from rllib_policies.outer_controller.experiment import mean_ci  # noqa: E402 (x̄ ± the 95 % t-interval)
 from rllib_policies.unex_rl.learning import (  # noqa: E402
     STARVED_MATCHING,
-    gap_closed,
     learning_run,
     matching_family,
     oracle_static,

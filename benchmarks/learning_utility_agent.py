@@ -24,10 +24,10 @@ import tempfile
 import time
 
 import numpy as np
-from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from actors.world.metrics import mean_ci  # noqa: E402
 from benchmarks.common import machine, write_results  # noqa: E402 (after the sys.path line: run as a script)
 from rllib_policies.utility_agent.learning import LearningConfig, run_learning_test  # noqa: E402
 from serve_apps.launch import start_local_ray  # noqa: E402
@@ -41,14 +41,6 @@ POLICIES = {
     "global_logs": "g_λ by reward at hit",
     "frozen": "untrained agent",
 }
-
-
-def mean_ci(x, level: float = 0.95) -> tuple[float, float]:
-    """Mean over seeds and the t-interval half-width (0 with one seed)."""
-    x = np.asarray(x, np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 
 def collect(runs: list[dict], lam: float, key: str) -> np.ndarray:

@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the Agg backend)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from actors.world.metrics import mean_ci  # noqa: E402 (x̄ ± the 95 % t-interval)
 from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402 (after sys.path: run as a script)
 from rllib_policies.envs import MultiStageEnv  # noqa: E402
-from rllib_policies.outer_controller.experiment import mean_ci  # noqa: E402 (x̄ ± the 95 % t-interval)
 from rllib_policies.unex_rl import ARMS, UnexRLConfig  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")

@@ -38,13 +38,12 @@ from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
-from scipy import stats
 
 from actors.cascade import Pipeline, run_cascade
 from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, ranking_predictions, stage_rng
 
 from .entities import COHORTS, seed_sequence
-from .metrics import dcg
+from .metrics import dcg, mean_ci
 from .world import Sessions
 
 KPIS = ("clicks", "long_views", "purchases", "revenue", "ndcg")  # exact per-request objectives
@@ -573,11 +572,6 @@ class SessionHeadroom:
     confidence: float
 
 
-def _mean_ci(x: np.ndarray, confidence: float) -> tuple[float, float]:
-    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else np.nan
-    return float(x.mean()), float(half)
-
-
 def session_headroom(
     pipeline: Pipeline,
     family: Family,
@@ -629,10 +623,10 @@ def session_headroom(
         family=family.name,
         n_actions=family.size,
         n_sessions=n_sessions,
-        reference=None if ref is None else _mean_ci(run(np.full(n_sessions, ref)), confidence),
-        static=_mean_ci(js, confidence),
-        cohort=_mean_ci(jc, confidence),
-        cohort_minus_static=_mean_ci(jc - js, confidence),
+        reference=None if ref is None else mean_ci(run(np.full(n_sessions, ref)), confidence),
+        static=mean_ci(js, confidence),
+        cohort=mean_ci(jc, confidence),
+        cohort_minus_static=mean_ci(jc - js, confidence),
         static_action=static_action,
         cohort_actions={COHORTS[c]: a for c, a in best.items()},
         confidence=confidence,

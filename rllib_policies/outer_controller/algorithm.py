@@ -41,10 +41,10 @@ from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
-from scipy import stats
 
 from actors.cascade import build_world
 from actors.world import seed_sequence
+from actors.world.metrics import mean_ci
 from actors.world.oracle import simulate_policy_sessions
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 from rllib_policies.credit import KappaSchedule, credit_weights, kpi_credit
@@ -73,7 +73,7 @@ def paired_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[
     d = np.asarray(differences, np.float64)
     if len(d) < 2:
         raise ValueError(f"a paired interval needs >= 2 differences, got {len(d)}")
-    return float(d.mean()), float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return mean_ci(d, confidence)
 
 
 class OuterControllerConfig(AlgorithmConfigBase):

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from actors.cascade import build_world
 from actors.world import seed_sequence
+from actors.world.metrics import gap_closed, mean_ci
 from actors.world.oracle import (
     Family,
     SessionObjective,
@@ -136,14 +136,6 @@ def run_arm(arm: str, seed: int, exp: ExperimentConfig, progress=print, on_train
     return RunResult(
         arm, seed, iters, curve, objective, seconds, final, start_final, float(np.nanmedian(noise)), rollbacks, promoted
     )
-
-
-def mean_ci(values) -> tuple[float, float]:
-    """(mean, half-width of the 95 % t-interval): x̄ ± t_{0.975, n−1}·s/√n."""
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def iterations_to_target(run: RunResult, target: float | None, curve: str = "objective_curve") -> tuple[float, float]:
@@ -329,8 +321,7 @@ def run_learning(
             curve[-1] = curve[0]  # the promoted policy is the start again
     finally:
         algo.stop()
-    gap = j_static - curve[0]
-    closed = [(j - curve[0]) / gap if gap > 0 else float("nan") for j in curve]
+    closed = [gap_closed(curve[0], j, j_static) for j in curve]
     progress(
         f"  {arm:<11} seed {seed}: J {curve[0]:.4f} → {curve[-1]:.4f} (oracle static {j_static:.4f}), gap closed "
         f"{closed[-1]:.1%}, μ {np.round(action, 3).tolist()}, {train_s:.0f} s"

@@ -81,11 +81,6 @@ def usage_per_session(pipeline: Pipeline, policies: dict, n_sessions: int, seed:
     return summary["usage_s_per_session"]
 
 
-def gap_closed(start: float, final: float, target: float) -> float:
-    """(final − start) / (target − start); NaN when the target is not above the start."""
-    return (final - start) / (target - start) if target > start else float("nan")
-
-
 def build_learner(env: dict, arm: str, seed: int, init_params: dict | None = None, **options) -> UnexRL:
     """UnexRL on ``env`` with ``arm``, started at ``init_params`` (default: the starved matching stage)."""
     init = {"matching": STARVED_MATCHING} if init_params is None else init_params

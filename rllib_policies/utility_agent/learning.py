@@ -31,6 +31,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from actors.telemetry import EVENT_SCHEMA
+from actors.world.metrics import gap_closed
 from actors.world.oracle import Scalarised, headroom_of_values, objective_values
 
 from .evaluate import cohort_of, observation_spec
@@ -106,12 +107,6 @@ def validation_loss(module, logs: dict) -> float:
         pred = module.scores(torch.as_tensor(logs["obs"]), torch.as_tensor(logs["action"]))
         target = (torch.as_tensor(logs["rewards"]) - module.reward_mean) / module.reward_std
         return float(((pred - target) ** 2).mean(0).sum())
-
-
-def gap_closed(value: float, start: float, oracle: float) -> float:
-    """(value − start) / (oracle − start); NaN when there is no gap."""
-    gap = oracle - start
-    return float((value - start) / gap) if gap > 1e-12 else float("nan")
 
 
 def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
@@ -196,7 +191,7 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
                 "oracle_request": oracle.request,
                 "oracle_static_action": oracle.static_action,
                 **value,
-                **{f"gap_closed_{k}": gap_closed(v, start, oracle.static) for k, v in value.items()},
+                **{f"gap_closed_{k}": gap_closed(start, v, oracle.static) for k, v in value.items()},
                 "decision": decisions[li],
             }
         )

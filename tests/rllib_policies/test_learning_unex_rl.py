@@ -8,13 +8,13 @@ import torch
 
 from actors.cascade import build_world
 from actors.stages import STAGE_ACTION_HIGH
+from actors.world.metrics import gap_closed
 from actors.world.oracle import simulate_session_usage, simulate_sessions, usage_static
 from rllib_policies.envs import MultiStageEnv
 from rllib_policies.unex_rl import UnexRLConfig
 from rllib_policies.unex_rl.learning import (
     STARVED_MATCHING,
     build_learner,
-    gap_closed,
     learning_run,
     matching_family,
     mean_actions,
