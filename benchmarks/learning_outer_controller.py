@@ -139,9 +139,13 @@ def main() -> None:
         f"Machine: {machine()} (shared with other jobs). One run of `python benchmarks/learning_outer_controller.py "
         f"--seeds {args.seeds} --presets {' '.join(args.presets)}`, {time.time() - t_all:.0f} s in all.",
         "",
-        f"Setup: start μ(s) ≈ (1, 0, 0) (click-only ranking weights); {args.iterations} iterations × "
+        f"Setup: start μ(s) ≈ (1, 0, 0) (click-only ranking weights; the action is a direction on the simplex, "
+        f"each share floored at 1e-3); {args.iterations} iterations × "
         f"{s.sessions_per_iteration} sessions, lr {s.lr}, up to {s.num_epochs} epochs per batch inside the trust "
-        f"region KL(π_old ‖ π_new) ≤ {s.trust_region_kl} per iteration; objective "
+        f"region KL(π_old ‖ π_new) ≤ {s.trust_region_kl} per iteration; exploration σ_u = "
+        f"{s.model_config.get('init_std')} (learned); μ(s) shrunk toward one action for all states "
+        f"(personalisation_l2 {s.personalisation_l2}); NDCG and revenue credited to the request that earned them "
+        f"(step KPIs, γ = {s.gamma}), the next-day return to every request of its session; objective "
         "J = NDCG@10 + P(return) + 0.3·revenue per "
         "session; layered arm at κ = 1 from the first iteration (KPI gate open), monolithic arm with the inner "
         "reward's weight β = 0 (both optimise J alone). Evaluation: μ(s) on "

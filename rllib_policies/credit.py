@@ -90,6 +90,27 @@ class RollingBaseline:
         self.update(r[valid])
         return adv
 
+    def centred(self, rewards: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """r − μ with the same before-this-batch rule as ``advantage`` (no scaling)."""
+        r = np.asarray(rewards, np.float64)
+        valid = np.ones_like(r, bool) if mask is None else np.asarray(mask) > 0
+        if self.count == 0:
+            self.update(r[valid])
+            return np.where(valid, r - self.mean, 0.0)
+        out = np.where(valid, r - self.mean, 0.0)
+        self.update(r[valid])
+        return out
+
+    def scale(self, rewards: np.ndarray) -> float:
+        """√(σ² + eps) before this batch updates σ² (after it, for the first batch)."""
+        r = np.asarray(rewards, np.float64).ravel()
+        if self.count == 0:
+            self.update(r)
+            return math.sqrt(self.var + self.eps)
+        sigma = math.sqrt(self.var + self.eps)
+        self.update(r)
+        return sigma
+
     def update(self, values: np.ndarray) -> None:
         if values.size == 0:
             return

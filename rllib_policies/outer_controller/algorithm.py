@@ -96,6 +96,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
         self.baseline_alpha = 0.01
         self.reward_clip = 5.0
         self.inner_reward_weight = 1.0
+        self.step_kpis = True
         self.min_sessions_for_kpi = 10_000
         self.kl_rollback_threshold = None
         self.trust_region_kl = 0.5
@@ -105,6 +106,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
         self.sessions_per_iteration = 64
         self.entropy_coeff = 0.0
         self.credit_loss_coeff = 0.5
+        self.personalisation_l2 = 0.0
         self.offline_trajectories = None
         self.offline_advantage_temperature = 1.0
         # AlgorithmConfig defaults overridden
@@ -129,6 +131,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
         baseline_alpha: float | None = NotProvided,
         reward_clip: float | None = NotProvided,
         inner_reward_weight: float | None = NotProvided,
+        step_kpis: bool | None = NotProvided,
         min_sessions_for_kpi: int | None = NotProvided,
         kl_rollback_threshold: float | None = NotProvided,
         trust_region_kl: float | None = NotProvided,
@@ -138,6 +141,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
         sessions_per_iteration: int | None = NotProvided,
         entropy_coeff: float | None = NotProvided,
         credit_loss_coeff: float | None = NotProvided,
+        personalisation_l2: float | None = NotProvided,
         offline_trajectories: str | list[str] | None = NotProvided,
         offline_advantage_temperature: float | None = NotProvided,
     ) -> Self:
@@ -159,6 +163,9 @@ class OuterControllerConfig(AlgorithmConfigBase):
             reward_clip: rewards and advantages are clipped to ±reward_clip (5).
             inner_reward_weight: β, the inner reward's weight in either arm's signal (1); 0 trains on
                 the KPIs alone (see signals.py).
+            step_kpis: credit the KPIs that decompose over a session's requests (NDCG, revenue,
+                clicks) per request, where they were earned; only the rest (the next-day return)
+                is a session-level reward (True). False: every KPI at the session level.
             min_sessions_for_kpi: the KPI gate: κ = 0 until this many sessions were seen (10 000).
             kl_rollback_threshold: the rollback rail (off: None, the default): roll the learners
                 back to the last good state when KL(π_ref ‖ π) to the start on the batch's states
@@ -172,6 +179,10 @@ class OuterControllerConfig(AlgorithmConfigBase):
             sessions_per_iteration: complete sessions per training batch.
             entropy_coeff: β_H, the entropy bonus's weight in the policy loss.
             credit_loss_coeff: λ_credit, the credit network's auxiliary loss weight.
+            personalisation_l2: λ_p ≥ 0, the weight of mean_s ‖m(s) − m̄‖² in the loss (m: the
+                policy's logits, m̄ their batch mean): it shrinks the policy toward one action for
+                every state, so it personalises only where the policy gradient keeps pulling states
+                apart. 0: no shrinkage.
             offline_trajectories: trajectory Parquet path(s): train from logs (Ray Data, advantage-
                 weighted regression onto the logged actions) instead of sampling.
             offline_advantage_temperature: T in the offline weight exp(A_t/T).
@@ -192,6 +203,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
             baseline_alpha=self.baseline_alpha,
             reward_clip=self.reward_clip,
             inner_reward_weight=self.inner_reward_weight,
+            step_kpis=self.step_kpis,
             min_sessions_for_kpi=self.min_sessions_for_kpi,
         )
 
@@ -211,6 +223,8 @@ class OuterControllerConfig(AlgorithmConfigBase):
             raise ValueError(f"trust_region_kl must be > 0 or None, got {self.trust_region_kl}")
         if self.trust_region_backtracks < 0:
             raise ValueError(f"trust_region_backtracks must be >= 0, got {self.trust_region_backtracks}")
+        if not (np.isfinite(self.personalisation_l2) and self.personalisation_l2 >= 0):
+            raise ValueError(f"personalisation_l2 must be finite and >= 0, got {self.personalisation_l2}")
         if self.promotion_sessions < 2:
             raise ValueError(f"promotion_sessions must be >= 2, got {self.promotion_sessions}")
         if not 0 < self.promotion_confidence < 1:
@@ -305,6 +319,7 @@ class OuterController(AlgorithmBase):
             "engaged": batch.engaged.astype(np.float32),
             "step_signal": signals["step_signal"],
             "outer_signal": signals["outer_signal"],
+            "kpi_step_signal": signals["kpi_step_signal"],
             "kappa": signals["kappa"],
         }
         self.update_learners(columns, groups=batch.session, num_epochs=num_epochs or self.config.num_epochs)
@@ -346,7 +361,16 @@ class OuterController(AlgorithmBase):
         ones = np.ones(len(batch.t), np.float32)
         for _ in range(iterations):  # A_t ≡ 1: the loss is −mean log π(a|s) (exp(0) = 1 as well offline)
             step_signal = ones * (0 if self.config.offline_trajectories else 1)
-            self._update(batch, {"step_signal": step_signal, "outer_signal": ones * 0, "kappa": ones * 0})
+            zeros = ones * 0
+            self._update(
+                batch,
+                {
+                    "step_signal": step_signal,
+                    "outer_signal": zeros,
+                    "kpi_step_signal": zeros,
+                    "kappa": zeros,
+                },
+            )
         self.sync_env_runners()
         self._reference = self._policy_params()
         self._last_good = self._snapshot()
@@ -400,6 +424,18 @@ class OuterController(AlgorithmBase):
             raise ValueError(f"promotion: the simulated sessions carry no {missing} (they have {sorted(kpis)})")
         return sum(w * kpis[k] for k, w in self.signals.kpi_weights.items())
 
+    def _set_policy(self, weights: dict) -> None:
+        """Load module weights into the learners and the env runners; they become the last good state."""
+        self.learner_group.set_weights({DEFAULT_MODULE_ID: weights})
+        # no update since the last sync: the env runners would skip a sync at the same weights_seq_no,
+        # so the weights are pushed without one (a missing seq no forces the update)
+        state = {COMPONENT_RL_MODULE: {DEFAULT_MODULE_ID: dict(weights)}}
+        self.env_runner_group.foreach_env_runner(
+            lambda runner: runner.set_state(state),
+            local_env_runner=self.env_runner_group.num_remote_env_runners() == 0,
+        )
+        self._last_good = self._snapshot()
+
     def promote(self, n_sessions: int | None = None, seed: int = 0) -> dict:
         """Do no harm: π (the learners' policy) stays only when the paired interval of J(π) − J(π_ref)
         on common random numbers lies above 0; otherwise the learners and env runners fall back to
@@ -410,15 +446,7 @@ class OuterController(AlgorithmBase):
         diff, half = paired_interval(j_trained - j_start, self.config.promotion_confidence)
         promoted = "trained" if diff - half > 0 else "start"
         if promoted == "start":
-            self.learner_group.set_weights({DEFAULT_MODULE_ID: self._reference})
-            # no update since the last sync: the env runners would skip a sync at the same weights_seq_no,
-            # so the start's weights are pushed without one (a missing seq no forces the update)
-            state = {COMPONENT_RL_MODULE: {DEFAULT_MODULE_ID: dict(self._reference)}}
-            self.env_runner_group.foreach_env_runner(
-                lambda runner: runner.set_state(state),
-                local_env_runner=self.env_runner_group.num_remote_env_runners() == 0,
-            )
-            self._last_good = self._snapshot()
+            self._set_policy(self._reference)
         self.last_promotion = {
             "promoted": promoted,
             "j_start": float(j_start.mean()),

@@ -220,10 +220,18 @@ class LearningSpec:
     eval_sessions: int = 400
     eval_seed: int = 7
     kpi_weights: dict = field(default_factory=lambda: {"ndcg": 1.0, "return": 1.0, "revenue": 0.3})
-    lr: float = 1e-2
+    lr: float = 3e-2
     num_epochs: int = 4
-    trust_region_kl: float | None = 0.5
+    trust_region_kl: float | None = 0.1
     options: dict = field(default_factory=dict)  # more outer_controller options (override the arm's)
+    # RankingPolicyModule options. σ_u = 6: from a click-only corner, J is flat for ~7 logit units
+    # (purchase weight has no effect until w_purchase·p_purchase rivals w_click·p_click), so the
+    # exploration must reach across that plateau to see any gradient (docs/outer_controller.md).
+    model_config: dict = field(default_factory=lambda: {"init_std": 6.0})
+    personalisation_l2: float = 0.1  # shrink μ(s) toward one action for all states (OuterControllerConfig)
+    # discount of the per-step streams. 0: each request is credited with the NDCG and revenue it
+    # earned itself (plus the session's return); γ → 1 adds the noise of every later request's draw.
+    gamma: float = 0.0
 
     def eval_users(self) -> np.ndarray:
         world, _ = build_world(self.env_config)
@@ -276,15 +284,16 @@ def learning_config(arm: str, seed: int, spec: LearningSpec, lr: float | None = 
         OuterControllerConfig()
         .environment(SessionEnv, env_config={**spec.env_config, "seed": seed})
         .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
-        .training(lr=spec.lr if lr is None else lr, num_epochs=spec.num_epochs)
+        .training(lr=spec.lr if lr is None else lr, num_epochs=spec.num_epochs, gamma=spec.gamma)
         .debugging(seed=seed, log_level="ERROR")
-        .rl_module(model_config={"init_action": list(spec.start)})
+        .rl_module(model_config={**spec.model_config, "init_action": list(spec.start)})
         .outer_controller(
             **{
                 **LEARNING_ARMS[arm],
                 "sessions_per_iteration": spec.sessions_per_iteration,
                 "kpi_weights": spec.kpi_weights,
                 "trust_region_kl": spec.trust_region_kl,
+                "personalisation_l2": spec.personalisation_l2,
                 **spec.options,
             }
         )

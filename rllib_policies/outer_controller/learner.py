@@ -4,9 +4,11 @@ Per row (one request of a session), with the driver's signals (see signals.py):
 
     w_t  = gated-attention weights over the session (stop-gradient for the policy; uniform 1/T
            without credit attention)                       credit.credit_weights
-    A_t  = clip((1 − κ)·Ĝ_t + κ·T·w_t·R̂, −c, c)             credit.kpi_blend, kpi_credit, clip_rewards
+    A_t  = clip((1 − κ)·Ĝ_t + κ·(T·w_t·R̂ + D̂_t), −c, c)     credit.kpi_blend, kpi_credit, clip_rewards
+           (D̂_t: the step KPIs' credit, signals.py)
     L_pg = −Σ_t A_t·log π(a_t|s_t) / N − β_H·H[π]
     L    = L_pg + λ_credit·L_credit         (return decomposition + engagement gate, credit.py)
+           + λ_p·mean_s ‖m(s) − m̄‖²         (personalisation_l2: shrink toward one action for all states)
 
 Offline (actions logged by another policy) the weight is exp(A_t/T) instead of A_t:
 advantage-weighted regression onto the logged actions.
@@ -32,12 +34,13 @@ class OuterControllerLearner(TorchLearner):
         module = self.module[module_id].unwrapped()
         obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
         logp, entropy = module.log_prob(obs, actions)
-        mask, sid, rel, (x, step_signal, outer_signal, kappa, engaged) = pad_sessions(
+        mask, sid, rel, (x, step_signal, outer_signal, kpi_step, kappa, engaged) = pad_sessions(
             batch["session"],
             batch["t"],
             torch.cat([obs, actions / module.high], dim=-1),
             batch["step_signal"],
             batch["outer_signal"],
+            batch["kpi_step_signal"],
             batch["kappa"],
             batch["engaged"],
         )
@@ -49,7 +52,7 @@ class OuterControllerLearner(TorchLearner):
             credit_loss = module.credit.aux_loss(x, r_outer, mask, engaged) * (kappa_b.max() > 0).float()
         else:
             credit_loss = torch.zeros((), device=obs.device)
-        blended = kpi_blend(step_signal, kpi_credit(weights, mask, r_outer), kappa_b[:, None])
+        blended = kpi_blend(step_signal, kpi_credit(weights, mask, r_outer) + kpi_step, kappa_b[:, None])
         clipped = clip_rewards(blended, -config.reward_clip, config.reward_clip)
         advantage = clipped[sid, rel]
         if config.offline_trajectories is not None:  # logged actions: advantage-weighted regression
@@ -58,10 +61,18 @@ class OuterControllerLearner(TorchLearner):
         noise = pg_noise_ratio(
             module, x[..., : obs.shape[-1]], actions_padded(actions, sid, rel, mask), clipped.detach(), mask
         )
-        loss = pg_loss - config.entropy_coeff * entropy.mean() + config.credit_loss_coeff * credit_loss
+        m, _ = module.logits(obs)
+        personalisation = ((m - m.mean(0)) ** 2).sum(-1).mean()  # spread of m(s) across the batch's states
+        loss = (
+            pg_loss
+            - config.entropy_coeff * entropy.mean()
+            + config.credit_loss_coeff * credit_loss
+            + config.personalisation_l2 * personalisation
+        )
         self.metrics.log_dict(
             {
                 "pg_loss": pg_loss.item(),
+                "personalisation": personalisation.item(),
                 "credit_loss": float(credit_loss.detach()),
                 "advantage_mean": advantage.mean().item(),
                 "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,

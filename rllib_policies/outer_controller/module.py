@@ -1,23 +1,28 @@
 """The ranking policy as an RLlib (new API stack) RLModule.
 
-Action = the ranking stage's utility weights for one request, a ∈ (0, high) (w_click, w_long_view,
-w_purchase). The policy explores in logit space:
+Action = the ranking stage's utility weights for one request, a = high ⊙ x with x on the simplex
+(w_click, w_long_view, w_purchase). Ranking by Σ_k w_k·p_k depends only on the weights' direction,
+so the policy has K − 1 = 2 degrees of freedom and explores them with an additive logistic normal:
 
-    u ~ N(m(s), diag σ²),   a = high·sigmoid(u),   m(s) = MLP(s), learned state-independent log σ
+    u ~ N(m(s), diag σ²) ∈ R^{K−1},   x = softmax([u, 0]),   a = high ⊙ x
 
-(``SquashedDiagGaussian``, an RLlib ``TorchDiagGaussian`` over u whose samples are squashed into
-the box). Inference serves μ(s) = high·sigmoid(m(s)). Ranking by Σ_k w_k·p_k depends on the
-weights' ratios, and logit(a/high) ≈ log(a/high) for small weights, so a step of σ in u is a
-multiplicative step in a: a weight near 0 can grow by orders of magnitude in a few steps, and no
-sample is clipped to 0. (An earlier version explored with σ = 0.15·high in action units: from
-click-only weights half of the w_purchase samples were clipped to 0 (σ = 6 around μ ≈ 0.04), the
-policy gradient then favoured hedging with w_click, and μ(s) did not follow the samples.)
-log π(a|s) = log N(logit(a/high); m, σ²) − Σ_k log|da_k/du_k|; KL and entropy are those of the
-Gaussian over u (KL is invariant under the bijection; the entropy is u's).
+(``SimplexLogisticNormal``, an RLlib ``TorchDiagGaussian`` over u whose samples are mapped onto the
+simplex). Inference serves μ(s) = high ⊙ softmax([m(s), 0]). A step of σ in u multiplies one share
+against the last by e^σ, so a share near 0 can grow by orders of magnitude in a few steps, and no
+sample is clipped. ``high`` sets the scale of each share: x = (1, 0, 0) is click-only ranking and
+x = (0, 0, 1) purchase-only, whatever the heads' base rates.
+log π(a|s) = log N(u; m, σ²) − Σ_{k=1..K} log x_k (the additive-logistic Jacobian), u_k = log(x_k/x_K).
+KL and entropy are those of the Gaussian over u (KL is invariant under the bijection; the entropy is u's).
+
+Why not one free weight per head: earlier versions explored each weight separately (in action
+units, then in logit space). The common scale of the weights is then a free direction the policy
+gradient random-walks along: seeds drifted to a corner of the box ((0, 0, 0) or (2, 2, 0)) while J
+did not change, and the learning test closed 15 % of its gap (benchmarks/results/learning_tests.md).
 
 ``model_config["init_action"]`` = a₀ starts the policy at a₀ in every state: the output layer's
-bias is logit(a₀/high) (a₀/high clipped to [1e-3, 1 − 1e-3], so a zero weight starts at
-high·1e-3) and its weights are scaled by ``init_output_scale`` (0.01), so μ(s) ≈ a₀ everywhere.
+bias is log(x₀_k / x₀_K) with x₀ = (a₀/high) normalised to sum 1 and each share floored at 1e-3
+(then renormalised), and its weights are scaled by ``init_output_scale`` (0.01), so μ(s) ≈ a₀'s
+direction everywhere.
 
 The module also owns the gated-attention credit network: it is trained jointly with the policy by
 the learner, checkpointed with it, and never used at inference.
@@ -36,20 +41,48 @@ from rllib_policies.building_blocks import mlp
 from rllib_policies.credit import GatedAttentionCredit
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-EDGE = 1e-6  # a/high is kept in [EDGE, 1 − EDGE] when mapped back to u
+EDGE = 1e-6  # shares are kept ≥ EDGE when mapped back to u
+INIT_SHARE_FLOOR = 1e-3
 
 
-class SquashedDiagGaussian(TorchDiagGaussian):
-    """u ~ N(loc, diag scale²) and a = high·sigmoid(u); ``high`` is a class attribute (one subclass
-    per module, ``squashed``), since RLlib builds distributions with ``from_logits(inputs)``."""
+def to_simplex(u: torch.Tensor) -> torch.Tensor:
+    """x = softmax([u, 0]) [..., K] from u [..., K − 1]."""
+    return torch.softmax(torch.cat([u, torch.zeros_like(u[..., :1])], dim=-1), dim=-1)
+
+
+def shares(a: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """x = (a/high) / Σ(a/high), each share ≥ EDGE: the direction of a weight vector on the simplex."""
+    x = (a / high).clamp(min=EDGE)
+    return x / x.sum(-1, keepdim=True)
+
+
+def simplex_logits(action, high, floor: float = INIT_SHARE_FLOOR) -> torch.Tensor:
+    """u₀ [K − 1] with high ⊙ softmax([u₀, 0]) ∝ the direction of ``action`` [K]: u₀_k = log(x₀_k/x₀_K),
+    x₀ = action's shares floored at ``floor``. Refuses a vector outside [0, high] or all zero."""
+    high = torch.as_tensor(high, dtype=torch.float32)
+    a0 = torch.as_tensor(np.asarray(action, np.float32))
+    if a0.shape != high.shape or not torch.isfinite(a0).all() or (a0 < 0).any() or (a0 > high).any() or not a0.any():
+        raise ValueError(
+            f"init_action must be {tuple(high.shape)} values in [0, high={high.tolist()}], not all 0, got {action}"
+        )
+    x0 = ((a0 / high) / (a0 / high).sum()).clamp(min=floor)
+    log_x0 = torch.log(x0 / x0.sum())
+    return log_x0[:-1] - log_x0[-1]
+
+
+class SimplexLogisticNormal(TorchDiagGaussian):
+    """u ~ N(loc, diag scale²) over K − 1 dims and a = high ⊙ softmax([u, 0]); ``high`` is a class
+    attribute (one subclass per module, ``on_simplex``), since RLlib builds distributions with
+    ``from_logits(inputs)``."""
 
     high: torch.Tensor = torch.ones(1)
 
     def squash(self, u: torch.Tensor) -> torch.Tensor:
-        return self.high * torch.sigmoid(u)
+        return self.high * to_simplex(u)
 
     def unsquash(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.logit((a / self.high).clamp(EDGE, 1 - EDGE))
+        log_x = torch.log(shares(a, self.high))
+        return log_x[..., :-1] - log_x[..., -1:]
 
     def sample(self, *, sample_shape=None):
         return self.squash(super().sample(sample_shape=sample_shape))
@@ -58,22 +91,20 @@ class SquashedDiagGaussian(TorchDiagGaussian):
         return self.squash(super().rsample(sample_shape=sample_shape))
 
     def logp(self, value: torch.Tensor) -> torch.Tensor:
-        """log N(u; m, σ²) − Σ_k log(high_k·σ(u_k)(1 − σ(u_k))), u = logit(a/high)."""
-        u = self.unsquash(value)
-        log_jacobian = torch.log(self.high) + nn.functional.logsigmoid(u) + nn.functional.logsigmoid(-u)
-        return super().logp(u) - log_jacobian.sum(-1)
+        """log N(u; m, σ²) − Σ_k log x_k, x = shares(a), u_k = log(x_k/x_K)."""
+        return super().logp(self.unsquash(value)) - torch.log(shares(value, self.high)).sum(-1)
 
     def to_deterministic(self) -> TorchDeterministic:
         return TorchDeterministic(loc=self.squash(self.loc))
 
 
-def squashed(high: torch.Tensor) -> type[SquashedDiagGaussian]:
-    return type("SquashedDiagGaussian", (SquashedDiagGaussian,), {"high": high.detach().clone()})
+def on_simplex(high: torch.Tensor) -> type[SimplexLogisticNormal]:
+    return type("SimplexLogisticNormal", (SimplexLogisticNormal,), {"high": high.detach().clone()})
 
 
 class RankingPolicyModule(TorchRLModule):
-    """model_config: hidden (64, 64), init_std (σ of u = logit(a/high), 2.5), credit_dk (32),
-    init_action (None: the default initialisation; a₀ [d_act]: μ(s) ≈ a₀), init_output_scale (0.01)."""
+    """model_config: hidden (64, 64), init_std (σ of u, 2.5), credit_dk (32), init_action (None: the
+    default initialisation; a₀ [K]: μ(s) ≈ a₀'s direction), init_output_scale (0.01)."""
 
     def setup(self):
         cfg = {
@@ -86,42 +117,38 @@ class RankingPolicyModule(TorchRLModule):
         }
         d_obs, d_act = self.observation_space.shape[0], self.action_space.shape[0]
         self.register_buffer("high", torch.as_tensor(np.asarray(self.action_space.high, np.float32)))
-        self.pi = mlp(d_obs, tuple(cfg["hidden"]), d_act, nn.Tanh)
+        self.pi = mlp(d_obs, tuple(cfg["hidden"]), d_act - 1, nn.Tanh)  # m(s): K − 1 logits on the simplex
         if cfg["init_action"] is not None:
             self.start_at(cfg["init_action"], float(cfg["init_output_scale"]))
-        self.log_std = nn.Parameter(torch.full((d_act,), float(np.log(cfg["init_std"]))))
+        self.log_std = nn.Parameter(torch.full((d_act - 1,), float(np.log(cfg["init_std"]))))
         self.credit = GatedAttentionCredit(d_obs + d_act, int(cfg["credit_dk"]))
         # π(·|s) for exploration, inference and training (get_*_action_dist_cls)
-        self.action_dist_cls = squashed(self.high)
+        self.action_dist_cls = on_simplex(self.high)
 
     def start_at(self, action, output_scale: float = 0.01) -> None:
-        """μ(s) ≈ a₀ for every s: output bias = logit(clip(a₀/high, 1e-3, 1 − 1e-3)), output weights × scale."""
-        a0 = torch.as_tensor(np.asarray(action, np.float32))
-        if a0.shape != self.high.shape or not torch.isfinite(a0).all() or (a0 < 0).any() or (a0 > self.high).any():
-            raise ValueError(
-                f"init_action must be {tuple(self.high.shape)} values in [0, high={self.high.tolist()}], got {action}"
-            )
+        """μ(s) ≈ a₀'s direction for every s: output bias = ``simplex_logits(a₀)``, output weights × scale."""
+        bias = simplex_logits(action, self.high)
         out = self.pi[-1]
         with torch.no_grad():
-            out.bias.copy_(torch.logit((a0 / self.high).clamp(1e-3, 1 - 1e-3)))
+            out.bias.copy_(bias)
             out.weight.mul_(output_scale)
 
     def logits(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m(s), log σ): the Gaussian over u = logit(a/high) for a batch of observations."""
+        """(m(s), log σ) [B, K − 1]: the Gaussian over u for a batch of observations."""
         m = self.pi(obs)
         return m, self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).expand_as(m)
 
     def gaussian(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ(s) = high·sigmoid(m(s)), log σ): the served action and the exploration scale in u."""
+        """(μ(s) = high ⊙ softmax([m(s), 0]), log σ): the served action and the exploration scale in u."""
         m, log_std = self.logits(obs)
-        return self.high * torch.sigmoid(m), log_std
+        return self.high * to_simplex(m), log_std
 
     def _forward(self, batch, **kwargs):
         m, log_std = self.logits(batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: torch.cat([m, log_std], dim=-1)}
 
-    def action_dist(self, obs: torch.Tensor) -> SquashedDiagGaussian:
-        """π(·|s): u ~ N(m(s), diag σ²), a = high·sigmoid(u), for a batch of observations."""
+    def action_dist(self, obs: torch.Tensor) -> SimplexLogisticNormal:
+        """π(·|s): u ~ N(m(s), diag σ²), a = high ⊙ softmax([u, 0]), for a batch of observations."""
         m, log_std = self.logits(obs)
         return self.get_train_action_dist_cls()(loc=m, scale=log_std.exp())
 

@@ -16,6 +16,10 @@ import torch
 # Session-level KPIs the outer controller can blend. Online (simulator) sessions have all four;
 # logged trajectories have revenue, return and clicks (NDCG needs relevance labels).
 KPIS = ("revenue", "return", "ndcg", "clicks")
+# KPIs that decompose over the session's requests, and how: KPI = Σ_t part_t ("sum") or
+# KPI = (1/T)·Σ_t part_t ("mean"); the per-request part is the step_objectives column of that name.
+# The next-day return has no per-request part.
+STEP_KPIS = {"revenue": "sum", "clicks": "sum", "ndcg": "mean"}
 
 
 @dataclass
@@ -41,6 +45,16 @@ class SessionBatch:
         mask[self.session, self.t] = 1.0
         return out, mask
 
+    def step_kpi(self, name: str) -> np.ndarray | None:
+        """KPI ``name``'s per-request part [N], scaled so that it sums to the session KPI (``STEP_KPIS``);
+        None when the KPI has no per-request part in this batch."""
+        if name not in STEP_KPIS or name not in self.step_objectives:
+            return None
+        part = self.step_objectives[name]
+        if STEP_KPIS[name] == "mean":
+            part = part / np.bincount(self.session, minlength=self.n_sessions)[self.session]
+        return part
+
     def last_step(self) -> np.ndarray:
         """[N] bool: the row is its session's final step."""
         return np.r_[self.session[1:] != self.session[:-1], True]
@@ -51,7 +65,7 @@ def from_episodes(episodes) -> SessionBatch:
     is ``get_infos()[t + 1]`` (index 0 is the reset info); the last info carries the session KPIs."""
     obs, actions, rewards, engaged, session, steps = [], [], [], [], [], []
     kpis = {k: [] for k in KPIS}
-    parts = {"clicks": [], "long_views": [], "revenue": [], "inner_features": []}
+    parts = {"clicks": [], "long_views": [], "revenue": [], "ndcg": [], "inner_features": []}
     for b, ep in enumerate(e for e in episodes if e.is_done and len(e) > 0):
         n = len(ep)
         infos = ep.get_infos()[1 : n + 1]
@@ -62,6 +76,7 @@ def from_episodes(episodes) -> SessionBatch:
         vec = np.stack([i["reward_vector"] for i in infos]).astype(np.float64)
         for j, name in enumerate(("clicks", "long_views", "revenue")):
             parts[name].append(vec[:, j])
+        parts["ndcg"].append(np.array([i["ndcg_at_10"] for i in infos], np.float64))
         parts["inner_features"].append(np.stack([i["inner_features"] for i in infos]).astype(np.float64))
         session.append(np.full(n, b))
         steps.append(np.arange(n))

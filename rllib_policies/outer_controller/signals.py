@@ -2,11 +2,19 @@
 
 layered     inner: G_t = Σ γ^k·clip(r_{t+k})  → rolling baseline → β·Ĝ_t
             outer: R = Σ_k w_k·KPI_k (session)  → rolling baseline → R̂
-            the learner blends A_t = clip((1 − κ)·β·Ĝ_t + κ·T·c_t(R̂), ±5) with gated-attention
+            the learner blends A_t = clip((1 − κ)·β·Ĝ_t + κ·(T·c_t(R̂) + D̂_t), ±5) with gated-attention
             credit c_t; κ = 0 until ``min_sessions_for_kpi`` sessions have been seen (the gate),
             then κ(i) from the anneal schedule (or κ_end throughout without annealing).
-monolithic  one per-step weighted sum m_t = β·clip(r_t) + [t = T]·Σ_k w_k·KPI_k, G_t = Σ γ^k·m_{t+k}
+monolithic  one per-step weighted sum m_t = β·clip(r_t) + d_t + [t = T]·R, G_t = Σ γ^k·m_{t+k}
             → the same rolling baseline; no second signal, no credit, no κ.
+
+Step KPIs (``step_kpis``, on by default): a KPI that decomposes over the session's requests
+(``sessions.STEP_KPIS``: revenue and clicks are sums, NDCG a mean) is credited where it was earned:
+d_t = Σ_{k decomposable} w_k·part_{k,t} joins the per-step stream, and only the rest (the next-day
+return) stays in the session reward R. In the layered arm D_t = Σ γ^k·d_{t+k} is centred by its own
+rolling mean and scaled by the rolling σ of the whole KPI blend (R + Σ_t d_t), so the KPIs keep their
+weights relative to each other: D̂_t = (D_t − μ_D)/σ_J, R̂ = (R − μ_R)/σ_J. A request's action cannot
+change the NDCG or revenue of the requests before it, so this drops their noise from its credit.
 
 β (``inner_reward_weight``, 1 by default) is the inner reward's weight; β = 0 leaves the KPIs alone
 (the learning tests train both arms on the business objective J that way).
@@ -38,6 +46,7 @@ class SignalConfig:
     reward_clip: float = 5.0
     min_sessions_for_kpi: int = 10_000
     inner_reward_weight: float = 1.0  # β
+    step_kpis: bool = True  # credit decomposable KPIs per request (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.arm not in ("layered", "monolithic"):
@@ -70,6 +79,8 @@ class OuterSignals:
         self.kpi_weights = dict(config.kpi_weights)
         self.inner_baseline = RollingBaseline(config.baseline_alpha)
         self.outer_baseline = RollingBaseline(config.baseline_alpha)
+        self.step_kpi_baseline = RollingBaseline(config.baseline_alpha)  # D_t (step KPIs)
+        self.blend_baseline = RollingBaseline(config.baseline_alpha)  # σ_J of the whole KPI blend
         self.sessions_seen = 0
         self.gated_iterations = 0
 
@@ -82,6 +93,19 @@ class OuterSignals:
         if missing:
             raise ValueError(f"kpi_weights name KPIs this data does not carry: {missing} (has {sorted(batch.kpis)})")
         return sum(w * batch.kpis[k] for k, w in self.kpi_weights.items())
+
+    def split_reward(self, batch: SessionBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(d [N], R [B]): the KPI blend split into per-request parts d_t = Σ_{k decomposable} w_k·part_{k,t}
+        and the session-level rest R = Σ_{k not decomposable} w_k·KPI_k (all of it without step KPIs)."""
+        d = np.zeros(len(batch.t))
+        r_session = np.zeros(batch.n_sessions)
+        for k, w in self.kpi_weights.items():
+            part = batch.step_kpi(k) if self.config.step_kpis else None
+            if part is None:
+                r_session = r_session + w * batch.kpis[k]
+            else:
+                d = d + w * part
+        return d, r_session
 
     def kappa(self) -> float:
         """κ for this iteration: 0 while the session gate is closed."""
@@ -98,27 +122,34 @@ class OuterSignals:
         if kappa > 0:
             self.gated_iterations += 1
         r_outer = self.outer_reward(batch)
+        d, r_session = self.split_reward(batch)
         inner = clip_rewards(batch.inner_reward, -clip, clip)
+        kpi_step = np.zeros(len(batch.t))
         if cfg.arm == "monolithic":
-            inner = cfg.inner_reward_weight * inner
-            per_step = inner + batch.last_step() * r_outer[batch.session]
+            per_step = cfg.inner_reward_weight * inner + d + batch.last_step() * r_session[batch.session]
             kappa, outer_signal = 0.0, np.zeros(batch.n_sessions)
         else:
             per_step = inner
+            d_padded, mask = batch.padded(d)
+            kpi_step = discounted_returns(d_padded, cfg.gamma, mask)
+            if cfg.baseline:
+                sigma = self.blend_baseline.scale(r_outer)
+                kpi_step = self.step_kpi_baseline.centred(kpi_step, mask) / sigma
+                outer_signal = self.outer_baseline.centred(r_session) / sigma
+            else:
+                outer_signal = r_session
+            kpi_step = kpi_step[batch.session, batch.t]
         padded, mask = batch.padded(per_step)
         g = discounted_returns(padded, cfg.gamma, mask)
         if cfg.baseline:
             g = self.inner_baseline.advantage(g, mask)
-            if cfg.arm == "layered":
-                outer_signal = self.outer_baseline.advantage(r_outer)
-        elif cfg.arm == "layered":
-            outer_signal = r_outer
         if cfg.arm == "layered":
             g = cfg.inner_reward_weight * g
         step_signal = g[batch.session, batch.t]
         return {
             "step_signal": step_signal.astype(np.float32),
             "outer_signal": outer_signal[batch.session].astype(np.float32),
+            "kpi_step_signal": kpi_step.astype(np.float32),
             "kappa": np.full(len(batch.t), kappa, np.float32),
             "metrics": {
                 "kappa": kappa,
@@ -135,12 +166,20 @@ class OuterSignals:
             "kpi_weights": self.kpi_weights,
             "inner": self.inner_baseline.state(),
             "outer": self.outer_baseline.state(),
+            "step_kpi": self.step_kpi_baseline.state(),
+            "blend": self.blend_baseline.state(),
             "sessions_seen": self.sessions_seen,
             "gated_iterations": self.gated_iterations,
         }
 
     def set_state(self, state: dict) -> None:
         self.kpi_weights = dict(state["kpi_weights"])
-        for baseline, s in ((self.inner_baseline, state["inner"]), (self.outer_baseline, state["outer"])):
+        for name, baseline in (
+            ("inner", self.inner_baseline),
+            ("outer", self.outer_baseline),
+            ("step_kpi", self.step_kpi_baseline),
+            ("blend", self.blend_baseline),
+        ):
+            s = state[name]
             baseline.mean, baseline.var, baseline.count = s["mean"], s["var"], s["count"]
         self.sessions_seen, self.gated_iterations = state["sessions_seen"], state["gated_iterations"]

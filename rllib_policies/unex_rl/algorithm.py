@@ -79,6 +79,8 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.actor_lr: float = 3e-4
         self.actor_warmup_iterations: int = 2
         self.policy_delay: int = 2
+        self.twin_q: bool = False
+        self.max_action_step: float | None = None
         # RLlib's own settings, UNEX-RL's values
         self.gamma = 0.9
         self.lr = 1e-3
@@ -110,6 +112,8 @@ class UnexRLConfig(AlgorithmConfigBase):
         actor_lr: float = NotProvided,
         actor_warmup_iterations: int = NotProvided,
         policy_delay: int = NotProvided,
+        twin_q: bool = NotProvided,
+        max_action_step: float | None = NotProvided,
     ) -> Self:
         """Sets UNEX-RL's own options.
 
@@ -144,6 +148,12 @@ class UnexRLConfig(AlgorithmConfigBase):
                 policies that follow an untrained critic walk away from good default parameters).
             policy_delay: After the warm-up, the stage policies update on every
                 ``policy_delay``-th minibatch (TD3).
+            twin_q: Two heads per critic, the TD target from the smaller target head (TD3's clipped
+                double-Q: the critic's overestimation no longer drives the actions into the box's corners).
+            max_action_step: δ, the per-iteration bound on each learning stage policy's step: the mean
+                change of its deterministic action on a minibatch, as a fraction of each action's range,
+                at most δ per action dimension from the iteration's start (longer steps are shortened);
+                None: unbounded.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -184,6 +194,8 @@ class UnexRLConfig(AlgorithmConfigBase):
                 raise ValueError(
                     f"init_params[{s!r}] must be {len(high)} values inside (0, {high.tolist()}), got {list(p)}"
                 )
+        if self.max_action_step is not None and not 0 < self.max_action_step <= 1:
+            raise ValueError(f"max_action_step must be in (0, 1] or None, got {self.max_action_step}")
         if self.minibatch_size < 2 or self.sessions_per_iteration < 1:
             raise ValueError("minibatch_size must be >= 2 and sessions_per_iteration >= 1")
 
@@ -206,7 +218,11 @@ class UnexRLConfig(AlgorithmConfigBase):
                 learner_only=True,
                 observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
                 action_space=spaces.Box(0.0, 1.0, (JOINT_ACTION_DIM,), np.float32),
-                model_config={"obs_dim": d, "n_critics": 1 if self.critic == "global" else len(STAGES)},
+                model_config={
+                    "obs_dim": d,
+                    "n_critics": 1 if self.critic == "global" else len(STAGES),
+                    "twin": self.twin_q,
+                },
             )
         return spec
 
@@ -257,6 +273,7 @@ class UnexRL(AlgorithmBase):
         for u in range(cfg.updates_per_iteration):
             mb = self.buffer.sample(cfg.minibatch_size * self.num_learner_shards, self.rng)
             mb["actor_on"] = np.full(len(mb["reward"]), float(warm and u % cfg.policy_delay == 0), np.float32)
+            mb["anchor"] = np.full(len(mb["reward"]), float(u == 0), np.float32)  # the step bound's start
             self.update_learners(mb, module_id=CRITIC)
         self._sync_stage_policies()
         self.sync_env_runners()

@@ -8,6 +8,12 @@ critic          y = r̃ + γ·(1 − done)·Q'_g(o'_1, a'_1, a'_2, a'_3),   a'_k
 stage policies  ã_k = μ_k(o_k),  L_μ = −mean Q_g(o_1, ã_1, ã_2, ã_3)   (critic frozen; the actor loss)
 targets         θ' ← τ·θ + (1 − τ)·θ' after every update (RLlib's TargetNetworkAPI + update_target_network)
 
+Twin critics (``twin_q``, TD3's clipped double-Q): y = r̃ + γ·(1 − done)·min_h Q'^h, both heads
+regress on y, the actors ascend Q^1. Step bound (``max_action_step``): after every update each
+learning stage's deterministic action may have moved at most δ (a fraction of its range, mean over
+the minibatch) from where it stood at the iteration's start; a longer step is shortened towards the
+start (``UnexRLLearner.bound_action_step``), as the outer controller backtracks its KL trust region.
+
 CIC on: o'_k and the policies' o_k are rebuilt from o_1 and the *current* upstream actions by
 replaying the cascade (cic.stage_observations); off: the buffer's stored o_k (stale: produced under
 the behaviour actions). SG on: the upstream actions inside o_k are detached, so ∂L/∂θ_1 flows only
@@ -16,6 +22,8 @@ Q_k(o_k, a_k), each stage policy against its own critic, stored observations.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -105,8 +113,8 @@ class UnexRLLearner(TorchLearner):
         with torch.no_grad():
             if independent:
                 nxt = [
-                    critic.value(
-                        next_stored[s], _pad(policies[s].act(next_stored[s], True) / policies[s].high), i, True
+                    critic.target_value(
+                        next_stored[s], _pad(policies[s].act(next_stored[s], True) / policies[s].high), i
                     )
                     for i, s in enumerate(STAGES)
                 ]
@@ -122,14 +130,17 @@ class UnexRLLearner(TorchLearner):
                     stop_gradient=True,
                     trainable=cfg.trainable_stages,
                 )
-                nxt = [critic.value(next_stored["matching"], scaled(target_actions), 0, True)]
+                nxt = [critic.target_value(next_stored["matching"], scaled(target_actions), 0)]
             not_done = 1.0 - b["done"].float()
             ys = [b["reward"] + cfg.gamma * not_done * q for q in nxt]
         if independent:
-            qs = [critic.value(stored[s], _pad(acts[s] / policies[s].high), i) for i, s in enumerate(STAGES)]
+            qs = [critic.values(stored[s], _pad(acts[s] / policies[s].high), i) for i, s in enumerate(STAGES)]
         else:
-            qs = [critic.value(stored["matching"], scaled(acts), 0)]
-        critic_loss = sum(torch.mean((q - y) ** 2) for q, y in zip(qs, ys))
+            qs = [critic.values(stored["matching"], scaled(acts), 0)]
+        critic_loss = sum(torch.mean((q - y) ** 2) for heads, y in zip(qs, ys) for q in heads)
+        if cfg.max_action_step is not None and bool(b["anchor"][0] > 0):  # the iteration's first minibatch
+            self._anchor = {s: copy.deepcopy(policies[s].pi.state_dict()) for s in cfg.trainable_stages}
+        self._anchor_obs = {s: stored[s].detach() for s in STAGES}
 
         # ---------------------------------------------------------------- stage policies (critic frozen)
         critic.q.requires_grad_(False)
@@ -160,7 +171,7 @@ class UnexRLLearner(TorchLearner):
         metrics = {
             "critic_loss": critic_loss.item(),
             "actor_loss": float(actor_loss.detach()),
-            "q_mean": qs[0].mean().item(),
+            "q_mean": qs[0][0].mean().item(),
             "reward_mean": b["reward"].mean().item(),
         }
         self.metrics.log_dict(metrics, key=CRITIC, window=1)
@@ -183,12 +194,67 @@ class UnexRLLearner(TorchLearner):
         return grads
 
     def after_gradient_based_update(self, *, timesteps) -> None:
-        """θ' ← τ·θ + (1 − τ)·θ' for every (main, target) pair of the modules (RLlib's Polyak update)."""
+        """The step bound (``bound_action_step``), then θ' ← τ·θ + (1 − τ)·θ' for every (main, target)
+        pair of the modules (RLlib's Polyak update)."""
+        if self.config.max_action_step is not None and getattr(self, "_anchor", None):
+            self.metrics.log_value((CRITIC, "action_step"), self.bound_action_step(), window=1)
         super().after_gradient_based_update(timesteps=timesteps)
         for module in self.module.foreach_module(lambda _, module: module):
             if isinstance(module, TargetNetworkAPI):
                 for main, target in module.get_target_network_pairs():
                     update_target_network(main_net=main, target_net=target, tau=self.config.tau)
+
+    def bound_action_step(self) -> float:
+        """The per-iteration step bound of the stage policies: for each learning stage k, with θ_a its
+        parameters at the iteration's start and the minibatch's observations o,
+
+            d_k(θ) = max_j mean_o |μ_θ(o)_j − μ_θa(o)_j| / a_max,j  ≤  δ = ``max_action_step``,
+
+        else θ ← θ_a + c·(θ − θ_a), c = 0.99·δ/d_k first, then halved until inside (0 after 8
+        halvings). With several learners d_k is the max over them (the policies stay identical).
+        Returns the largest d_k after the bound."""
+        steps = [
+            _bound_step(self.module[s].unwrapped(), anchor, self._anchor_obs[s], self.config.max_action_step)
+            for s, anchor in self._anchor.items()
+        ]
+        return max(steps, default=0.0)
+
+
+@torch.no_grad()
+def _bound_step(policy, anchor: dict, obs: torch.Tensor, delta: float) -> float:
+    """One stage's step bound (``UnexRLLearner.bound_action_step``); returns d after the bound."""
+    theta = {k: v.clone() for k, v in policy.pi.state_dict().items()}
+    moved = policy.act(obs)
+    policy.pi.load_state_dict(anchor)
+    start = policy.act(obs)
+
+    def dist_of(actions: torch.Tensor) -> float:
+        return float(_global_max(((actions - start).abs().mean(dim=0) / policy.high).max()))
+
+    def step(c: float) -> float:
+        policy.pi.load_state_dict({k: anchor[k] + c * (theta[k] - anchor[k]) for k in theta})
+        return dist_of(policy.act(obs))
+
+    d = dist_of(moved)
+    if d <= delta:
+        policy.pi.load_state_dict(theta)
+        return d
+    c = 0.99 * delta / d
+    d = step(c)
+    for _ in range(8):
+        if d <= delta:
+            return d
+        c /= 2
+        d = step(c)
+    return d if d <= delta else step(0.0)
+
+
+def _global_max(x: torch.Tensor) -> torch.Tensor:
+    """max over the learners (itself with one learner)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
 
 
 def cascade(

@@ -5,7 +5,8 @@ StagePolicyModule   μ_k(o_k) = a_max · sigmoid(MLP(o_k)) (the actor of stage k
                     ACTION_DIST_INPUTS = [μ, log σ]).
 GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only;
                     ``n_critics = 3`` gives the independent-learners arm one critic per stage,
-                    Q_k(o_k, a_k).
+                    Q_k(o_k, a_k); ``twin`` gives each critic two heads Q^1, Q^2 (TD3's clipped
+                    double-Q: the TD target takes min(Q'^1, Q'^2), the actor ascends Q^1).
 
 Both implement RLlib's ``TargetNetworkAPI``: the learner makes the slowly tracking target copies
 (μ'_k, Q'_g) and Polyak-averages them after every update; the env runners' inference-only copies
@@ -75,18 +76,33 @@ class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
 
 
 class GlobalCriticModule(TorchRLModule, TargetNetworkAPI):
-    """model_config: obs_dim (o_1's width), n_critics (1 global or 3 per-stage), hidden (128, 128)."""
+    """model_config: obs_dim (o_1's width), n_critics (1 global or 3 per-stage), twin (two heads per
+    critic, TD3), hidden (128, 128)."""
 
     def setup(self):
-        cfg = {"hidden": (128, 128), "n_critics": 1, **(self.model_config or {})}
+        cfg = {"hidden": (128, 128), "n_critics": 1, "twin": False, **(self.model_config or {})}
         d_obs, self.n_critics = int(cfg["obs_dim"]), int(cfg["n_critics"])
+        self.n_heads = 2 if cfg["twin"] else 1
         d_act = JOINT_ACTION_DIM if self.n_critics == 1 else MAX_ACTION_DIM
-        self.q = nn.ModuleList([mlp(d_obs + d_act, tuple(cfg["hidden"]), 1) for _ in range(self.n_critics)])
+        self.q = nn.ModuleList(
+            [mlp(d_obs + d_act, tuple(cfg["hidden"]), 1) for _ in range(self.n_critics * self.n_heads)]
+        )
 
-    def value(self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0, target: bool = False) -> torch.Tensor:
-        """Q(o, a) [B] (or the target Q'); actions already scaled to [0, 1] (joint for the global critic)."""
-        net = (self.target_q if target else self.q)[index]
+    def value(
+        self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0, target: bool = False, head: int = 0
+    ) -> torch.Tensor:
+        """Q(o, a) [B] of critic ``index``'s ``head`` (or the target Q'); actions already scaled to [0, 1]
+        (joint for the global critic)."""
+        net = (self.target_q if target else self.q)[index * self.n_heads + head]
         return net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+    def values(self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0, target: bool = False) -> list:
+        """[Q^h(o, a) for every head h] of critic ``index``."""
+        return [self.value(obs, actions, index, target, h) for h in range(self.n_heads)]
+
+    def target_value(self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """min_h Q'^h(o, a): the clipped double-Q target (one head: Q'(o, a))."""
+        return torch.stack(self.values(obs, actions, index, target=True)).min(dim=0).values
 
     def _forward(self, batch, **kwargs):
         return {}

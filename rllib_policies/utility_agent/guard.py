@@ -10,10 +10,11 @@ With r_λ = λ·r₁/σ₁ + (1 − λ)·r₂/σ₂ (the scalarisation π_λ max
 so the deployed policy at λ is never significantly worse than g_λ: π_λ is kept only when its lower
 confidence bound beats g_λ. g_λ is chosen on the *training* logs, so the held-out logs judge both
 policies fresh: by the agent's own model (``model_global_actions``: the action with the best mean
-Q̂ over the training states; every request informs every action) or by reward at hit per action
-(``best_global_actions``: only the ~N/|A| requests that logged the action). The learning test
-(benchmarks/results/learning_utility_agent.md) measures both against the oracle; the model's is the
-default.
+Q̂ over the training states; every request informs every action), by reward at hit per action
+(``best_global_actions``: only the ~N/|A| requests that logged the action), or doubly robust
+(``DoublyRobustGlobal``: the model's value plus each action's logged residual, optionally smoothed
+over the grid and picked pessimistically against the model's choice). The learning test
+(benchmarks/results/learning_utility_agent.md) measures every choice against the oracle.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from scipy import stats
 from .ope import RewardAtHit
 
 PERSONALISED, GLOBAL = "personalised", "global"
-GLOBAL_CHOICES = ("model", "logs")  # how g_λ is picked on the training logs: mean Q̂, or reward at hit
+# how g_λ is picked on the training logs: mean Q̂, reward at hit, doubly robust (argmax, pessimistic
+# against the model's choice, residuals smoothed over the grid: see DoublyRobustGlobal)
+GLOBAL_CHOICES = ("model", "logs", "dr", "dr_lcb", "dr_smooth")
 
 
 def scalarised_rewards(rewards: np.ndarray, lam: float, scale: np.ndarray) -> np.ndarray:
@@ -54,6 +57,122 @@ def model_global_actions(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
     mean = scores.mean(axis=0)  # [A, 2]
     lam = np.asarray(lambdas, np.float64)[:, None]
     return (lam * mean[None, :, 0] + (1 - lam) * mean[None, :, 1]).argmax(axis=1)
+
+
+def scalarised_q(q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Q̂_λ(s_i, a) = λ·Q̂₁/σ₁ + (1 − λ)·Q̂₂/σ₂ for every λ: q [N, A, 2] in reward units
+    (UtilityQModule.q_values) → [L, N, A], on the scale of ``scalarised_rewards``."""
+    s = np.maximum(np.asarray(scale, np.float64), 1e-12)
+    lam = np.asarray(lambdas, np.float64)[:, None, None]
+    q = np.asarray(q, np.float64)
+    return lam * q[None, ..., 0] / s[0] + (1 - lam) * q[None, ..., 1] / s[1]
+
+
+def _cluster_se(terms: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
+    """s.e. of the mean of per-row terms [N, ...], clustered: √(Σ_c (Σ_{i∈c} (t_i − t̄))²) / N."""
+    centred = terms - terms.mean(axis=0)
+    if clusters is not None:
+        _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+        flat = centred.reshape(len(centred), -1)
+        summed = np.zeros((inverse.max() + 1, flat.shape[1]))
+        np.add.at(summed, inverse, flat)
+        centred = summed.reshape((-1, *terms.shape[1:]))
+    return np.sqrt((centred**2).sum(axis=0)) / len(terms)
+
+
+@dataclass(frozen=True)
+class DoublyRobustGlobal:
+    """g_λ by a doubly robust value of each global grid vector a on logs with known propensities p_i:
+
+        ψ_i(a) = Q̂_λ(s_i, a) + 1{a_i = a}/p_i · (r_λ,i − Q̂_λ(s_i, a_i)),    V̂_DR(a) = (1/N) Σ_i ψ_i(a)
+
+    (the model's mean Q̂ plus its residual where a was logged: unbiased for any Q̂, the model's
+    pooling across actions kept in the first term). se clustered by user. Variants:
+
+    - ``smooth``: the residual term replaced by its weighted least-squares fit on a quadratic in the
+      grid coordinates, ρ(a) ≈ φ(a)ᵀβ, φ = (1, x, y, x², y², xy), x, y ∈ [0, 1]: corrects a smooth
+      bias of the model's action effect with 6 parameters instead of |A| residual means.
+    - ``pessimistic``: a* = argmax_a V̂_DR(a) replaces the model's choice a_m only where the paired
+      Δ̂ = V̂_DR(a*) − V̂_DR(a_m) has a one-sided lower bound Δ̂ − z·se > 0, z = Φ⁻¹(1 − (1 − level)/(|A| − 1))
+      (Bonferroni: a* is the best of |A| − 1 alternatives, so a plain z would switch on noise); ties
+      and unresolved differences go to the model.
+
+    Under uniform logging the residual term of one action averages ~N/|A| requests: its variance is
+    reward at hit's times (1 − R²) of the heads, so it resolves value differences of about
+    z·σ(r_λ)·√(2|A|/N) and no finer (the learning test reports what that means at its budgets)."""
+
+    level: float = 0.95
+    pessimistic: bool = False
+    smooth: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.level < 1.0:
+            raise ValueError(f"DoublyRobustGlobal level must be in [0.5, 1), got {self.level}")
+
+    def terms(self, logs: dict, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, grid: np.ndarray | None = None):
+        """ψ_i(a) for every λ → [L, N, A]: logs = as_arrays columns, q [N, A, 2] = Q̂ in reward units
+        at the logged states, grid [A, 3] = the weight vectors (needed when ``smooth``)."""
+        q_lam = scalarised_q(q, lambdas, scale)  # [L, N, A]
+        n, n_actions = q_lam.shape[1], q_lam.shape[2]
+        if len(logs["action"]) != n:
+            raise ValueError(f"q has {n} rows but the logs have {len(logs['action'])}")
+        rows, logged = np.arange(n), np.asarray(logs["action"])
+        r = np.stack([scalarised_rewards(logs["rewards"], lam, scale) for lam in np.asarray(lambdas, np.float64)])
+        resid = r - q_lam[:, rows, logged]  # [L, N]
+        hit = logged[:, None] == np.arange(n_actions)[None, :]  # [N, A]
+        w = hit / np.asarray(logs["propensity"], np.float64)[:, None]
+        if not self.smooth:
+            return q_lam + w[None] * resid[..., None]
+        if grid is None:
+            raise ValueError("the smoothed doubly robust value needs the grid's weight vectors")
+        xy = np.asarray(grid, np.float64)[:, 1:]
+        xy = xy / np.maximum(xy.max(axis=0), 1e-12)
+        phi = np.column_stack([np.ones(n_actions), xy, xy**2, xy[:, 0] * xy[:, 1]])  # [A, 6]
+        # ρ̂ = φ β̂, β̂ = argmin Σ_i (resid_i − φ(a_i)ᵀβ)² (the per-action means weighted by their hits):
+        # row i enters ρ̂(a) with weight φ(a)ᵀ (Φᵀ Φ)⁻¹ φ(a_i), Φ = φ(a_i) stacked over rows
+        gram_inv = np.linalg.pinv(phi.T @ (phi * hit.sum(axis=0)[:, None]))
+        per_row = n * phi[logged] @ gram_inv @ phi.T  # [N, A]
+        return q_lam + per_row[None] * resid[..., None]
+
+    def values(self, logs: dict, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, grid=None):
+        """(V̂_DR [L, A], se [L, A])."""
+        psi = self.terms(logs, q, lambdas, scale, grid)
+        return psi.mean(axis=1), np.stack([_cluster_se(p, logs.get("user_id")) for p in psi])
+
+    def choose(
+        self, logs: dict, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, model_actions=None, grid=None
+    ) -> np.ndarray:
+        """g_λ for every λ → [L] (``model_actions`` [L]: the model's choice, needed when pessimistic)."""
+        psi = self.terms(logs, q, lambdas, scale, grid)  # [L, N, A]
+        best = psi.mean(axis=1).argmax(axis=1)
+        if not self.pessimistic:
+            return best
+        if model_actions is None:
+            raise ValueError("the pessimistic doubly robust choice needs the model's actions")
+        out = np.asarray(model_actions).copy()
+        z = float(stats.norm.ppf(1 - (1 - self.level) / max(psi.shape[2] - 1, 1)))
+        for li, (a, m) in enumerate(zip(best, out)):
+            d = psi[li, :, a] - psi[li, :, m]
+            se = float(_cluster_se(d, logs.get("user_id")))
+            if d.mean() - z * se > 0:
+                out[li] = a
+        return out
+
+
+def choose_global_actions(
+    choice: str, logs: dict, scores: np.ndarray, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, grid
+) -> np.ndarray:
+    """g_λ [L] by ``choice`` (GLOBAL_CHOICES) on ``logs`` (as_arrays columns): scores [N, A, 2] = Q̃
+    (standardised), q = Q̂ in reward units at the logged states, grid [A, 3] = the weight vectors."""
+    if choice not in GLOBAL_CHOICES:
+        raise ValueError(f"global_choice must be one of {GLOBAL_CHOICES}, got {choice!r}")
+    model = model_global_actions(scores, lambdas)
+    if choice == "model":
+        return model
+    if choice == "logs":
+        return best_global_actions(logs, len(grid), lambdas, scale)
+    dr = DoublyRobustGlobal(pessimistic=choice == "dr_lcb", smooth=choice == "dr_smooth")
+    return dr.choose(logs, q, lambdas, scale, model, grid)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,13 @@ from .exploration import (
     simulate_exploration_logs,
     split_by_user,
 )
-from .guard import GLOBAL_CHOICES, DoNoHarm, best_global_actions, deployed_actions, model_global_actions
+from .guard import (
+    GLOBAL_CHOICES,
+    DoNoHarm,
+    DoublyRobustGlobal,
+    choose_global_actions,
+    deployed_actions,
+)
 from .module import UtilityQModule
 from .pareto import sweep_actions
 from .study import StudyConfig, build_agent, chunked_scores
@@ -68,7 +74,7 @@ class LearningConfig:
     batch_size: int = 512
     hidden: int = 64
     do_no_harm_level: float = 0.95
-    global_choice: str = "model"  # how g_λ is picked on the training logs: "model" (mean Q̂) or "logs" (reward at hit)
+    global_choice: str = "model"  # how g_λ is picked on the training logs: one of guard.GLOBAL_CHOICES
     frozen_inits: int = 16  # random initialisations averaged for the untrained agent
     ray_data: bool = True  # request rows by the Ray Data job (as the study); False: in process (small logs)
 
@@ -151,17 +157,27 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
                 best = (loss, copy.deepcopy(algo.inference_module().state_dict()), i + 1)
         module = algo.inference_module(weights=best[1]) if best[1] is not None else algo.inference_module()
         train_scores, val_scores, test_scores = (chunked_scores(module, x["obs"]) for x in (tr, va, te))
+        q_mean, q_std = (getattr(module, k).numpy().astype(np.float64) for k in ("reward_mean", "reward_std"))
     finally:
         algo.stop()
     t_train = time.perf_counter() - t0 - t_data
 
     lambdas = np.asarray(cfg.lambdas, np.float64)
     scale = tr["rewards"].std(axis=0)
-    logs_globals = best_global_actions(tr, grid.size, lambdas, scale)
-    model_globals = model_global_actions(train_scores, lambdas)
-    globals_ = model_globals if cfg.global_choice == "model" else logs_globals
-    decisions = DoNoHarm(cfg.do_no_harm_level).decide(va, sweep_actions(val_scores, lambdas), globals_, lambdas, scale)
+    train_q = q_mean + q_std * train_scores  # Q̂ in reward units [N, A, 2]
+    candidates = {
+        k: choose_global_actions(k, tr, train_scores, train_q, lambdas, scale, grid.weights) for k in GLOBAL_CHOICES
+    }
+    dr_value, dr_se = DoublyRobustGlobal().values(tr, train_q, lambdas, scale)  # [L, A]
+    globals_ = candidates[cfg.global_choice]
+    val_actions = sweep_actions(val_scores, lambdas)
+    guard = DoNoHarm(cfg.do_no_harm_level)
     raw = sweep_actions(test_scores, lambdas)
+    # the deployed policy (do no harm on validation) under each choice of g_λ; cfg.global_choice's is "final"
+    deployed_by = {
+        k: deployed_actions(guard.decide(va, val_actions, g, lambdas, scale), raw) for k, g in candidates.items()
+    }
+    decisions = guard.decide(va, val_actions, globals_, lambdas, scale)
     deployed = deployed_actions(decisions, raw)
     frozen = frozen_actions(te["obs"], grid, cfg.hidden, lambdas, cfg.frozen_inits, cfg.seed)  # [K, L, N]
     truth = load_ground_truth(truth_path, te["request_id"])
@@ -178,9 +194,22 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
             "final": float(values[rows, deployed[li]].mean()),
             "personalised": float(values[rows, raw[li]].mean()),
             "global": float(values[:, globals_[li]].mean()),
-            "global_logs": float(values[:, logs_globals[li]].mean()),
-            "global_model": float(values[:, model_globals[li]].mean()),
+            **{f"global_{k}": float(values[:, g[li]].mean()) for k, g in candidates.items()},
+            **{f"final_{k}": float(values[rows, d[li]].mean()) for k, d in deployed_by.items()},
             "frozen": float(np.mean([values[rows, f[li]].mean() for f in frozen])),
+        }
+        a_star = oracle.static_action
+        kpi = {  # per request, absolute units: [clicks, long views]
+            "start": truth.mean(axis=(0, 1)).tolist(),
+            "oracle_static": truth[:, a_star].mean(axis=0).tolist(),
+            "final": truth[rows, deployed[li]].mean(axis=0).tolist(),
+        }
+        dr = {  # the doubly robust values on the training logs (σ units) at the oracle's and the model's choice
+            "value_oracle_action": float(dr_value[li, a_star]),
+            "value_model_action": float(dr_value[li, candidates["model"][li]]),
+            "se_median": float(np.median(dr_se[li])),
+            "values": dr_value[li].tolist(),  # every grid vector's V̂_DR, next to its exact value on the test states
+            "exact_values": values.mean(axis=0).tolist(),
         }
         points.append(
             {
@@ -193,6 +222,9 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
                 **value,
                 **{f"gap_closed_{k}": gap_closed(start, v, oracle.static) for k, v in value.items()},
                 "decision": decisions[li],
+                "global_actions": {k: int(g[li]) for k, g in candidates.items()},
+                "kpi": kpi,
+                "dr": dr,
             }
         )
     return {

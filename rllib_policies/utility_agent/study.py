@@ -49,7 +49,7 @@ from .exploration import (
     simulate_exploration_logs,
     split_by_user,
 )
-from .guard import GLOBAL, GLOBAL_CHOICES, DoNoHarm, best_global_actions, deployed_actions, model_global_actions
+from .guard import GLOBAL, GLOBAL_CHOICES, DoNoHarm, best_global_actions, choose_global_actions, deployed_actions
 from .module import save_agent
 from .pareto import (
     hypervolume_2d,
@@ -83,7 +83,7 @@ class StudyConfig(JobConfig):
     lambdas: int = 25
     eval_sessions: int = 1000  # simulator ground truth per policy; 0 skips the simulator
     do_no_harm_level: float = 0.95  # one-sided confidence π_λ must beat g_λ on held-out logs to be deployed
-    global_choice: str = "model"  # g_λ on the training logs: "model" (mean Q̂) or "logs" (reward at hit)
+    global_choice: str = "model"  # g_λ on the training logs: one of guard.GLOBAL_CHOICES (model, logs, dr, …)
 
     def __post_init__(self) -> None:
         if self.global_choice not in GLOBAL_CHOICES:
@@ -249,11 +249,9 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     actions = sweep_actions(scores, lambdas)  # [L, N]
     scale = trained["rewards"].std(axis=0)
     logs_globals = best_global_actions(trained, grid.size, lambdas, scale)
-    globals_ = (
-        model_global_actions(chunked_scores(module, trained["obs"]), lambdas)
-        if cfg.global_choice == "model"
-        else logs_globals
-    )
+    trained_scores = chunked_scores(module, trained["obs"])
+    trained_q = module.reward_mean.numpy() + module.reward_std.numpy() * trained_scores  # Q̂ in reward units
+    globals_ = choose_global_actions(cfg.global_choice, trained, trained_scores, trained_q, lambdas, scale, weights)
     decisions = DoNoHarm(cfg.do_no_harm_level).decide(held, actions, globals_, lambdas, scale)
     deployed = deployed_actions(decisions, actions)
 
@@ -340,7 +338,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
             "level": cfg.do_no_harm_level,
             "rule": "deploy π_λ iff Δ̂ − z·se > 0 (Δ̂ = V̂_λ(π_λ) − V̂_λ(g_λ), paired reward at hit on the held-out "
             "logs, clustered by user, z one-sided at level); else serve g_λ, the best global vector on the "
-            "training logs (global_choice: by the agent's mean Q̂ or by reward at hit)",
+            "training logs (global_choice: the agent's mean Q̂, reward at hit or doubly robust; guard.py)",
             "global_choice": cfg.global_choice,
             "personalised_lambdas": [d["lambda"] for d in decisions if d["deployed"] != GLOBAL],
         },

@@ -52,6 +52,11 @@ def test_online_training_updates_the_policy_and_reports_the_signals(trained):
     assert oc["sessions_seen"] >= 12 and oc["kpi_gate_open"] == 1.0 and oc["kappa"] > 0
     learner = results[-1]["learners"]["default_policy"]
     assert np.isfinite(learner["pg_loss"]) and 0 <= learner["clipped_fraction"] <= 1
+    # the per-request parts of the decomposable KPIs add up to the session KPIs
+    batch = algo.last_batch
+    for k in ("revenue", "clicks", "ndcg"):
+        total = np.bincount(batch.session, batch.step_kpi(k), batch.n_sessions)
+        np.testing.assert_allclose(total, batch.kpis[k], rtol=1e-5)
     # the env runners act with the learners' weights
     runner = algo.get_module().state_dict()
     assert np.allclose(runner["pi.0.weight"].numpy(), weights(algo)["pi.0.weight"])

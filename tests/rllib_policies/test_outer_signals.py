@@ -12,7 +12,7 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussi
 
 from rllib_policies.credit import KappaSchedule
 from rllib_policies.outer_controller import OuterSignals, RankingPolicyModule, SessionBatch, SignalConfig
-from rllib_policies.outer_controller.module import SquashedDiagGaussian
+from rllib_policies.outer_controller.module import SimplexLogisticNormal
 from rllib_policies.outer_controller.rails import fit_inner_reward_weights
 from rllib_policies.outer_controller.sessions import from_trajectories, pad_sessions
 
@@ -57,16 +57,18 @@ def test_diag_gaussian_kl_hand_computed():
     assert same.kl(same).tolist() == pytest.approx([0, 0])
 
 
-def test_policy_log_prob_entropy_and_kl_match_the_squashed_gaussian_by_hand():
+def test_policy_log_prob_entropy_and_kl_match_the_logistic_normal_by_hand():
     p, q = policy(0), policy(1)
     with torch.no_grad():
         q.log_std.add_(0.3)
-    assert issubclass(p.get_train_action_dist_cls(), SquashedDiagGaussian)
+    assert issubclass(p.get_train_action_dist_cls(), SimplexLogisticNormal)
     assert p.get_train_action_dist_cls() is p.get_exploration_action_dist_cls()
     obs = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
-    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(3)).clamp(0.01, 0.99) * p.high
+    x = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), -1)  # shares on the simplex
+    actions = x * p.high
     with torch.no_grad():
         logp, entropy = p.log_prob(obs, actions)
+        scaled = p.log_prob(obs, 0.5 * actions)[0]  # only the direction matters
         kl = p.action_dist(obs).kl(q.action_dist(obs))
         (mp, lsp), (mq, lsq) = p.logits(obs), q.logits(obs)
         # what the env runners sample from: the RLlib distribution over the forward pass's outputs
@@ -74,19 +76,34 @@ def test_policy_log_prob_entropy_and_kl_match_the_squashed_gaussian_by_hand():
         explore = p.get_exploration_action_dist_cls().from_logits(inputs)
         samples = explore.sample()
         served = explore.to_deterministic().sample()
+    assert mp.shape == (6, 2)  # K − 1 = 2 degrees of freedom
     var_p, var_q = torch.exp(2 * lsp), torch.exp(2 * lsq)
-    u = torch.logit(actions / p.high)
-    s = torch.sigmoid(u)
-    # log π(a) = log N(u; m, σ²) − Σ log(high·σ(u)(1 − σ(u))), u = logit(a/high);  H = Σ_i log σ_i + ½ log 2πe
+    u = torch.log(x[:, :2] / x[:, 2:])
+    # log π(a) = log N(u; m, σ²) − Σ_k log x_k, u_k = log(x_k/x_K);  H = Σ_i log σ_i + ½ log 2πe
     gauss = -0.5 * ((u - mp) ** 2 / var_p + 2 * lsp + math.log(2 * math.pi)).sum(-1)
-    torch.testing.assert_close(logp, gauss - torch.log(p.high * s * (1 - s)).sum(-1))
+    torch.testing.assert_close(logp, gauss - torch.log(x).sum(-1))
+    torch.testing.assert_close(scaled, logp)
     torch.testing.assert_close(entropy, (lsp + 0.5 * math.log(2 * math.pi * math.e)).sum(-1))
     # KL(p ‖ q) over u = Σ_i log σq/σp + (σp² + (mp − mq)²)/(2σq²) − ½ (the same for a: a bijection)
     torch.testing.assert_close(kl, (lsq - lsp + (var_p + (mp - mq) ** 2) / (2 * var_q) - 0.5).sum(-1))
     assert kl.min() > 0
     torch.testing.assert_close(explore.logp(actions), logp)
-    assert ((samples > 0) & (samples < p.high)).all()  # inside the box: nothing for the env to clip
-    torch.testing.assert_close(served, p.gaussian(obs)[0])  # explore=False serves μ(s) = high·sigmoid(m)
+    assert ((samples >= 0) & (samples <= p.high)).all()  # inside the box: nothing for the env to clip
+    torch.testing.assert_close((samples / p.high).sum(-1), torch.ones(6))  # on the simplex
+    torch.testing.assert_close(served, p.gaussian(obs)[0])  # explore=False serves μ(s)
+    torch.testing.assert_close(served, p.high * torch.softmax(torch.cat([mp, torch.zeros(6, 1)], -1), -1))
+
+
+def test_logistic_normal_density_integrates_to_one_on_the_simplex():
+    """∫ π(a) over the simplex's shares (x1, x2) = 1: the Jacobian term is right."""
+    dist = SimplexLogisticNormal(loc=torch.tensor([[0.5, -1.0]]), scale=torch.tensor([[0.8, 1.2]]))
+    n = 400
+    g = (torch.arange(n) + 0.5) / n
+    x1, x2 = torch.meshgrid(g, g, indexing="ij")
+    inside = (x1 + x2) < 1
+    x = torch.stack([x1[inside], x2[inside], 1 - x1[inside] - x2[inside]], -1)
+    density = dist.logp(x * dist.high).exp()
+    assert float(density.sum() / n**2) == pytest.approx(1.0, abs=0.02)
 
 
 def test_layered_signals_hand_computed():
@@ -103,6 +120,53 @@ def test_monolithic_is_one_weighted_sum_with_the_kpis_at_the_last_step():
     # m = [1, 2 + 2, 4 + 0] → G = [1 + 0.5·4, 4, 4]
     np.testing.assert_allclose(out["step_signal"], [3.0, 4.0, 4.0])
     assert not out["outer_signal"].any() and not out["kappa"].any()
+
+
+def with_steps(batch: SessionBatch) -> SessionBatch:
+    """two_sessions with per-request parts: revenue [4, 6 | 0] (sums to 10, 0), NDCG [0.4, 0.6 | 0.3]
+    (means 0.5, 0.3)."""
+    batch.step_objectives = {"revenue": np.array([4.0, 6.0, 0.0]), "ndcg": np.array([0.4, 0.6, 0.3])}
+    return batch
+
+
+STEP_WEIGHTS = {"revenue": 0.1, "return": 1.0, "ndcg": 1.0}
+
+
+def test_step_kpis_are_credited_where_they_were_earned():
+    signals = OuterSignals(config(kpi_weights=STEP_WEIGHTS))
+    d, r_session = signals.split_reward(with_steps(two_sessions()))
+    # d = 0.1·revenue_t + NDCG_t / T: session 0 (T = 2) → [0.4 + 0.2, 0.6 + 0.3]; session 1 → [0 + 0.3]
+    np.testing.assert_allclose(d, [0.6, 0.9, 0.3])
+    np.testing.assert_allclose(r_session, [1.0, 0.0])  # the return alone stays a session reward
+    # the parts add up to the blend: Σ_t d_t + R = Σ_k w_k·KPI_k
+    np.testing.assert_allclose(np.bincount([0, 0, 1], d) + r_session, signals.outer_reward(two_sessions()))
+    out = signals.compute(with_steps(two_sessions()))
+    np.testing.assert_allclose(out["kpi_step_signal"], [0.6 + 0.5 * 0.9, 0.9, 0.3])  # D_t = Σ γ^k·d_{t+k}
+    np.testing.assert_allclose(out["outer_signal"], [1.0, 1.0, 0.0])
+
+
+def test_monolithic_sum_carries_the_step_kpis_per_step():
+    out = OuterSignals(config(arm="monolithic", kpi_weights=STEP_WEIGHTS)).compute(with_steps(two_sessions()))
+    # m = inner + d + [t = T]·return = [1.6, 2 + 0.9 + 1, 4 + 0.3] → G = [1.6 + 0.5·3.9, 3.9, 4.3]
+    np.testing.assert_allclose(out["step_signal"], [3.55, 3.9, 4.3])
+
+
+def test_without_step_kpis_every_kpi_is_a_session_reward():
+    signals = OuterSignals(config(kpi_weights=STEP_WEIGHTS, step_kpis=False))
+    d, r_session = signals.split_reward(with_steps(two_sessions()))
+    assert not d.any()
+    np.testing.assert_allclose(r_session, [0.1 * 10 + 1 + 0.5, 0.3])
+
+
+def test_step_kpi_baselines_share_one_scale():
+    signals = OuterSignals(config(kpi_weights=STEP_WEIGHTS, baseline=True))
+    batch = with_steps(two_sessions())
+    out = signals.compute(batch)
+    sigma = float(np.sqrt(signals.blend_baseline.var + signals.blend_baseline.eps))
+    # first batch: μ_D, μ_R from this batch, σ_J = the KPI blend's spread across sessions
+    d = np.array([0.6 + 0.5 * 0.9, 0.9, 0.3])
+    np.testing.assert_allclose(out["kpi_step_signal"], (d - d.mean()) / sigma, rtol=1e-6)
+    np.testing.assert_allclose(out["outer_signal"], (np.array([1.0, 1.0, 0.0]) - 0.5) / sigma, rtol=1e-6)
 
 
 def test_rewards_are_clipped_to_plus_minus_5():

@@ -16,7 +16,7 @@ from actors.world import PipelineConfig, WorldConfig
 from rllib_policies.envs import MultiStageEnv
 from rllib_policies.train_unex_rl import main as train_main
 from rllib_policies.unex_rl import ARMS, CategoryQuantileRescaler, UnexRL, UnexRLConfig, stage_observations
-from rllib_policies.unex_rl.learner import cascade, rebuild
+from rllib_policies.unex_rl.learner import _bound_step, cascade, rebuild
 from rllib_policies.unex_rl.modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
 from rllib_policies.unex_rl.sampler import sample_sessions
 
@@ -152,6 +152,71 @@ def test_stop_gradient_blocks_the_paths_through_downstream_stages():
     torch.testing.assert_close(with_sg["ranking"], without_sg["ranking"])  # nothing is downstream of ranking
 
 
+def test_twin_critic_targets_the_smaller_head():
+    """TD3's clipped double-Q: two heads per critic, the target value is their element-wise minimum."""
+    d = 6
+    critic = GlobalCriticModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+        action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32),
+        model_config={"obs_dim": d, "twin": True},
+    )
+    critic.make_target_networks()
+    obs, act = torch.randn(64, d), torch.rand(64, JOINT_ACTION_DIM)
+    q1, q2 = critic.values(obs, act, target=True)
+    assert len(critic.q) == 2 and not torch.allclose(q1, q2)
+    torch.testing.assert_close(critic.target_value(obs, act), torch.minimum(q1, q2))
+    single = GlobalCriticModule(
+        observation_space=critic.observation_space, action_space=critic.action_space, model_config={"obs_dim": d}
+    )
+    single.make_target_networks()
+    torch.testing.assert_close(single.target_value(obs, act), single.value(obs, act, target=True))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 3.0])
+def test_step_bound_shortens_a_long_step_towards_the_start(scale):
+    """After a parameter step of any size, the deterministic action moved at most δ (mean over the
+    observations, per dimension, as a fraction of the range); a step inside the bound is kept as it is,
+    a longer one is shortened (not undone: the policy still moves)."""
+    _, pipeline = build_world(TINY)
+    policy = _stage_policy("matching", pipeline)
+    obs = torch.randn(128, pipeline.spec.dim)
+    anchor = {k: v.clone() for k, v in policy.pi.state_dict().items()}
+    with torch.no_grad():
+        for p in policy.pi.parameters():
+            p.add_(scale * torch.randn_like(p))
+    stepped = {k: v.clone() for k, v in policy.pi.state_dict().items()}
+    with torch.no_grad():
+        moved = policy.act(obs)
+        policy.pi.load_state_dict(anchor)
+        start = policy.act(obs)
+        policy.pi.load_state_dict(stepped)
+    free = float(((moved - start).abs().mean(0) / policy.high).max())
+    delta = 0.05
+    d = _bound_step(policy, anchor, obs, delta)
+    with torch.no_grad():
+        after = float(((policy.act(obs) - start).abs().mean(0) / policy.high).max())
+    assert d == pytest.approx(after, abs=1e-6) and after <= delta + 1e-6
+    if free <= delta:
+        assert all(torch.equal(v, stepped[k]) for k, v in policy.pi.state_dict().items())
+    else:
+        assert delta / 4 < after  # shortened, not undone
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_action_step": 0.0}, "max_action_step"),
+        ({"max_action_step": -0.1}, "max_action_step"),
+        ({"max_action_step": 1.5}, "max_action_step"),
+        ({"tau": 0.0}, "tau"),
+        ({"critic": "twin"}, "critic"),
+    ],
+)
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(**options).validate()
+
+
 def _config(arm="unex_rl", **learners):
     return (
         UnexRLConfig()
@@ -205,13 +270,15 @@ def test_target_networks_track_by_polyak_averaging(ray_session):
 @pytest.mark.ray
 @pytest.mark.parametrize("arm", ["unex_rl", "independent", "no_cic", "single_agent"])
 def test_critic_and_stage_policies_train_end_to_end(ray_session, arm):
-    algo = _config(arm).build_algo()
+    """Every arm trains, here with the twin critics and the step bound on (both off by default)."""
+    algo = _config(arm).unex_rl(twin_q=True, max_action_step=0.05).build_algo()
     try:
         before = {s: {k: v.copy() for k, v in algo.learner_group.get_weights([s])[s].items()} for s in STAGES}
         for _ in range(2):
             res = algo.train()
         out, learner = res["unex_rl"], res["learners"]["global_critic"]
         assert out["policy_version"] == 2 and out["buffer_size"] > 0 and np.isfinite(learner["critic_loss"])
+        assert 0 < learner["action_step"] <= algo.config.max_action_step + 1e-6  # the step bound held
         after = algo.learner_group.get_weights(list(STAGES))
         moved = {
             s: any(not np.allclose(before[s][k], after[s][k]) for k in before[s] if k.startswith("pi.")) for s in STAGES

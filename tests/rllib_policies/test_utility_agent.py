@@ -22,7 +22,15 @@ from rllib_policies.utility_agent import (
     request_rows,
     sweep_actions,
 )
-from rllib_policies.utility_agent.guard import GLOBAL, PERSONALISED, DoNoHarm, best_global_actions, deployed_actions
+from rllib_policies.utility_agent.guard import (
+    GLOBAL,
+    PERSONALISED,
+    DoNoHarm,
+    DoublyRobustGlobal,
+    best_global_actions,
+    deployed_actions,
+    model_global_actions,
+)
 from rllib_policies.utility_agent.ope import InversePropensity, paired_ratio_difference, ratio_mean_ci
 
 SMALL = {"world": {"n_items": 1500, "n_users": 3000}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
@@ -124,6 +132,61 @@ def test_do_no_harm_deploys_pi_lambda_only_where_the_logs_show_a_gain(personal, 
 def test_do_no_harm_level_must_be_a_confidence(level):
     with pytest.raises(ValueError, match="DoNoHarm level"):
         DoNoHarm(level)
+
+
+def _biased_model_logs(n: int, seed: int = 0, size: float = 0.1):
+    """3 × 3 grid, uniform logs, Gaussian rewards with a smooth true action effect of ``size`` on
+    both heads (best: the last action) and a model whose action effect is reversed (its best:
+    action 0); size 0: no action effect, every action as good as the model's."""
+    rng = np.random.default_rng(seed)
+    grid = ActionGrid(3, (2.0, 40.0))
+    xy = grid.weights[:, 1:] / grid.weights[:, 1:].max(axis=0)
+    effect = size * (xy[:, 0] + xy[:, 1])  # [A], smooth in the grid coordinates
+    x = rng.normal(size=n)  # a state feature both the truth and the model know
+    a = rng.integers(0, grid.size, n)
+    r = (x + effect[a])[:, None] + rng.normal(size=(n, 2))
+    q = np.repeat((x[:, None] - effect[None, :])[..., None], 2, axis=2)  # [N, A, 2], reversed action effect
+    logs = {"action": a, "propensity": np.full(n, 1 / grid.size), "rewards": r, "user_id": np.arange(n) // 3}
+    return logs, q, grid, effect
+
+
+def test_doubly_robust_global_choice_corrects_a_biased_model():
+    """The model's mean Q̂ picks the worst action; V̂_DR is unbiased for each action's value (its CI
+    covers the truth) and picks the best; the smoothed residual does too; the pessimistic rule
+    switches from the model's choice where the logs resolve the difference and keeps it where no
+    action is better (while plain DR then follows the noise)."""
+    logs, q, grid, effect = _biased_model_logs(40_000)
+    lambdas, scale = np.array([0.0, 1.0]), logs["rewards"].std(axis=0)
+    model = model_global_actions(q, lambdas)
+    assert (model == 0).all()
+    values, se = DoublyRobustGlobal().values(logs, q, lambdas, scale)
+    truth = (logs["rewards"].mean(axis=0)[None, :] - effect.mean() + effect[:, None]) / scale  # [A, 2]
+    for li, k in ((0, 1), (1, 0)):  # λ = 0: long views (head 1), λ = 1: clicks (head 0)
+        assert (np.abs(values[li] - truth[:, k]) < 4 * se[li]).all(), (values[li], truth[:, k], se[li])
+    best = grid.size - 1
+    assert (DoublyRobustGlobal().choose(logs, q, lambdas, scale) == best).all()
+    assert (DoublyRobustGlobal(smooth=True).choose(logs, q, lambdas, scale, grid=grid.weights) == best).all()
+    assert (DoublyRobustGlobal(pessimistic=True).choose(logs, q, lambdas, scale, model) == best).all()
+    for seed in range(5):  # no action effect: nothing to resolve, the model's choice stays
+        flat, q_flat, _, _ = _biased_model_logs(900, seed=seed, size=0.0)
+        assert (DoublyRobustGlobal(pessimistic=True).choose(flat, q_flat, lambdas, scale, model) == model).all()
+    assert (DoublyRobustGlobal().choose(flat, q_flat, lambdas, scale) != model).any()
+
+
+@pytest.mark.parametrize(
+    "kw, call, match",
+    [
+        ({"level": 0.3}, {}, "DoublyRobustGlobal level"),
+        ({"level": 1.0}, {}, "DoublyRobustGlobal level"),
+        ({"smooth": True}, {}, "needs the grid"),
+        ({"pessimistic": True}, {}, "needs the model's actions"),
+        ({}, {"rows": 5}, "q has 5 rows"),
+    ],
+)
+def test_bad_doubly_robust_inputs_are_refused(kw, call, match):
+    logs, q, _, _ = _biased_model_logs(30)
+    with pytest.raises(ValueError, match=match):
+        DoublyRobustGlobal(**kw).choose(logs, q[: call.get("rows", len(q))], np.array([0.5]), np.ones(2))
 
 
 def test_ratio_mean_and_paired_difference():
@@ -436,6 +499,7 @@ def test_agent_closes_half_the_gap_to_the_oracle_where_an_untrained_one_closes_n
         ({"validation": 0.0}, "validation and test shares"),
         ({"validation": 0.6, "test": 0.5}, "validation and test shares"),
         ({"global_choice": "best"}, "global_choice"),
+        ({"global_choice": "doubly_robust"}, "global_choice"),
         ({"sessions": 0}, "sessions must be"),
     ],
 )
