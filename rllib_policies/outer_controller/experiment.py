@@ -230,7 +230,7 @@ class LearningSpec:
     model_config: dict = field(default_factory=lambda: {"init_std": 6.0})
     personalisation_l2: float = 0.1  # shrink μ(s) toward one action for all states (OuterControllerConfig)
     # discount of the per-step streams. 0: each request is credited with the NDCG and revenue it
-    # earned itself (plus the session's return); γ → 1 adds the noise of every later request's draw.
+    # earned itself, plus the session's return (both arms); γ → 1 adds the noise of every later request's draw.
     gamma: float = 0.0
 
     def eval_users(self) -> np.ndarray:

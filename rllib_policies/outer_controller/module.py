@@ -19,7 +19,7 @@ units, then in logit space). The common scale of the weights is then a free dire
 gradient random-walks along: seeds drifted to a corner of the box ((0, 0, 0) or (2, 2, 0)) while J
 did not change, and the learning test closed 15 % of its gap (benchmarks/results/learning_tests.md).
 
-``model_config["init_action"]`` = a₀ starts the policy at a₀ in every state: the output layer's
+``model_config["init_action"]`` = a₀ starts the policy at a₀'s direction in every state: the output layer's
 bias is log(x₀_k / x₀_K) with x₀ = (a₀/high) normalised to sum 1 and each share floored at 1e-3
 (then renormalised), and its weights are scaled by ``init_output_scale`` (0.01), so μ(s) ≈ a₀'s
 direction everywhere.
@@ -41,7 +41,9 @@ from rllib_policies.building_blocks import mlp
 from rllib_policies.credit import GatedAttentionCredit
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-EDGE = 1e-6  # shares are kept ≥ EDGE when mapped back to u
+# shares are kept ≥ EDGE when mapped back to u: float32's smallest normal, so a sampled share is
+# recovered exactly unless u lies ~85 logit units out (σ_u = 6 reaches 14σ before that)
+EDGE = 1e-37
 INIT_SHARE_FLOOR = 1e-3
 
 

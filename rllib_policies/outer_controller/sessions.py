@@ -18,7 +18,9 @@ import torch
 KPIS = ("revenue", "return", "ndcg", "clicks")
 # KPIs that decompose over the session's requests, and how: KPI = Σ_t part_t ("sum") or
 # KPI = (1/T)·Σ_t part_t ("mean"); the per-request part is the step_objectives column of that name.
-# The next-day return has no per-request part.
+# The next-day return has no per-request part. (Offline, a session longer than one trajectory window
+# has per-request parts per window but session KPIs for the whole session: the windows' parts are
+# credited where they were earned, and the blend's scale σ_J still comes from the session totals.)
 STEP_KPIS = {"revenue": "sum", "clicks": "sum", "ndcg": "mean"}
 
 

@@ -5,7 +5,8 @@ layered     inner: G_t = Σ γ^k·clip(r_{t+k})  → rolling baseline → β·Ĝ
             the learner blends A_t = clip((1 − κ)·β·Ĝ_t + κ·(T·c_t(R̂) + D̂_t), ±5) with gated-attention
             credit c_t; κ = 0 until ``min_sessions_for_kpi`` sessions have been seen (the gate),
             then κ(i) from the anneal schedule (or κ_end throughout without annealing).
-monolithic  one per-step weighted sum m_t = β·clip(r_t) + d_t + [t = T]·R, G_t = Σ γ^k·m_{t+k}
+monolithic  one per-step weighted sum m_t = β·clip(r_t) + d_t, G_t = Σ γ^k·m_{t+k} + R (the session
+            reward R reaches every step undiscounted, as the layered arm's uniform credit does)
             → the same rolling baseline; no second signal, no credit, no κ.
 
 Step KPIs (``step_kpis``, on by default): a KPI that decomposes over the session's requests
@@ -125,8 +126,10 @@ class OuterSignals:
         d, r_session = self.split_reward(batch)
         inner = clip_rewards(batch.inner_reward, -clip, clip)
         kpi_step = np.zeros(len(batch.t))
+        session_reward = np.zeros(len(batch.t))
         if cfg.arm == "monolithic":
-            per_step = cfg.inner_reward_weight * inner + d + batch.last_step() * r_session[batch.session]
+            per_step = cfg.inner_reward_weight * inner + d
+            session_reward = r_session[batch.session]
             kappa, outer_signal = 0.0, np.zeros(batch.n_sessions)
         else:
             per_step = inner
@@ -140,7 +143,7 @@ class OuterSignals:
                 outer_signal = r_session
             kpi_step = kpi_step[batch.session, batch.t]
         padded, mask = batch.padded(per_step)
-        g = discounted_returns(padded, cfg.gamma, mask)
+        g = discounted_returns(padded, cfg.gamma, mask) + batch.padded(session_reward)[0]
         if cfg.baseline:
             g = self.inner_baseline.advantage(g, mask)
         if cfg.arm == "layered":

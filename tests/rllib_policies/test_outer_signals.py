@@ -115,10 +115,10 @@ def test_layered_signals_hand_computed():
     assert out["kappa"][0] == pytest.approx(0.2)  # the gate is open (min 0): κ(0) = start
 
 
-def test_monolithic_is_one_weighted_sum_with_the_kpis_at_the_last_step():
+def test_monolithic_is_one_weighted_sum_with_the_session_reward_at_every_step():
     out = OuterSignals(config(arm="monolithic")).compute(two_sessions())
-    # m = [1, 2 + 2, 4 + 0] → G = [1 + 0.5·4, 4, 4]
-    np.testing.assert_allclose(out["step_signal"], [3.0, 4.0, 4.0])
+    # m = [1, 2 | 4], G = Σ γ^k·m + R with R = 0.1·revenue + return = [2 | 0] at every step
+    np.testing.assert_allclose(out["step_signal"], [1 + 0.5 * 2 + 2, 2 + 2, 4 + 0])
     assert not out["outer_signal"].any() and not out["kappa"].any()
 
 
@@ -147,8 +147,8 @@ def test_step_kpis_are_credited_where_they_were_earned():
 
 def test_monolithic_sum_carries_the_step_kpis_per_step():
     out = OuterSignals(config(arm="monolithic", kpi_weights=STEP_WEIGHTS)).compute(with_steps(two_sessions()))
-    # m = inner + d + [t = T]·return = [1.6, 2 + 0.9 + 1, 4 + 0.3] → G = [1.6 + 0.5·3.9, 3.9, 4.3]
-    np.testing.assert_allclose(out["step_signal"], [3.55, 3.9, 4.3])
+    # m = inner + d = [1.6, 2.9 | 4.3], G = Σ γ^k·m + return = [1.6 + 0.5·2.9 + 1, 2.9 + 1 | 4.3 + 0]
+    np.testing.assert_allclose(out["step_signal"], [4.05, 3.9, 4.3])
 
 
 def test_without_step_kpis_every_kpi_is_a_session_reward():
