@@ -80,36 +80,32 @@ class RollingBaseline:
         self.alpha, self.eps = alpha, eps
         self.mean, self.var, self.count = 0.0, 1.0, 0
 
+    def judge(self, values: np.ndarray) -> tuple[float, float]:
+        """(μ, √(σ² + eps)) that this batch's ``values`` are judged by, then update with them: the
+        statistics before the batch, except for the very first batch, which initialises them."""
+        if self.count == 0:
+            self.update(values)
+            return self.mean, math.sqrt(self.var + self.eps)
+        mean, sd = self.mean, math.sqrt(self.var + self.eps)
+        self.update(values)
+        return mean, sd
+
     def advantage(self, rewards: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         r = np.asarray(rewards, np.float64)
         valid = np.ones_like(r, bool) if mask is None else np.asarray(mask) > 0
-        if self.count == 0:
-            self.update(r[valid])
-            return np.where(valid, (r - self.mean) / math.sqrt(self.var + self.eps), 0.0)
-        adv = np.where(valid, (r - self.mean) / math.sqrt(self.var + self.eps), 0.0)
-        self.update(r[valid])
-        return adv
+        mean, sd = self.judge(r[valid])
+        return np.where(valid, (r - mean) / sd, 0.0)
 
     def centred(self, rewards: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """r − μ with the same before-this-batch rule as ``advantage`` (no scaling)."""
+        """r − μ with the same rule as ``advantage`` (no scaling)."""
         r = np.asarray(rewards, np.float64)
         valid = np.ones_like(r, bool) if mask is None else np.asarray(mask) > 0
-        if self.count == 0:
-            self.update(r[valid])
-            return np.where(valid, r - self.mean, 0.0)
-        out = np.where(valid, r - self.mean, 0.0)
-        self.update(r[valid])
-        return out
+        mean, _ = self.judge(r[valid])
+        return np.where(valid, r - mean, 0.0)
 
     def scale(self, rewards: np.ndarray) -> float:
-        """√(σ² + eps) before this batch updates σ² (after it, for the first batch)."""
-        r = np.asarray(rewards, np.float64).ravel()
-        if self.count == 0:
-            self.update(r)
-            return math.sqrt(self.var + self.eps)
-        sigma = math.sqrt(self.var + self.eps)
-        self.update(r)
-        return sigma
+        """√(σ² + eps) with the same rule as ``advantage``."""
+        return self.judge(np.asarray(rewards, np.float64).ravel())[1]
 
     def update(self, values: np.ndarray) -> None:
         if values.size == 0:

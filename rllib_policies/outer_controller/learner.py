@@ -33,7 +33,8 @@ class OuterControllerLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         module = self.module[module_id].unwrapped()
         obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
-        logp, entropy = module.log_prob(obs, actions)
+        dist = module.action_dist(obs)
+        logp, entropy = dist.logp(actions), dist.entropy()
         mask, sid, rel, (x, step_signal, outer_signal, kpi_step, kappa, engaged) = pad_sessions(
             batch["session"],
             batch["t"],
@@ -61,7 +62,7 @@ class OuterControllerLearner(TorchLearner):
         noise = pg_noise_ratio(
             module, x[..., : obs.shape[-1]], actions_padded(actions, sid, rel, mask), clipped.detach(), mask
         )
-        m, _ = module.logits(obs)
+        m = dist.loc
         personalisation = ((m - m.mean(0)) ** 2).sum(-1).mean()  # spread of m(s) across the batch's states
         loss = (
             pg_loss

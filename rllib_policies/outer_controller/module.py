@@ -67,7 +67,7 @@ def simplex_logits(action, high, floor: float = INIT_SHARE_FLOOR) -> torch.Tenso
         raise ValueError(
             f"init_action must be {tuple(high.shape)} values in [0, high={high.tolist()}], not all 0, got {action}"
         )
-    x0 = ((a0 / high) / (a0 / high).sum()).clamp(min=floor)
+    x0 = shares(a0, high).clamp(min=floor)
     log_x0 = torch.log(x0 / x0.sum())
     return log_x0[:-1] - log_x0[-1]
 

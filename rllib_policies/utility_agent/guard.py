@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from .ope import RewardAtHit
+from .ope import RewardAtHit, cluster_sums
 
 PERSONALISED, GLOBAL = "personalised", "global"
 # how g_λ is picked on the training logs: mean Q̂, reward at hit, doubly robust (argmax, pessimistic
@@ -70,13 +70,7 @@ def scalarised_q(q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray) -> np.nd
 
 def _cluster_se(terms: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
     """s.e. of the mean of per-row terms [N, ...], clustered: √(Σ_c (Σ_{i∈c} (t_i − t̄))²) / N."""
-    centred = terms - terms.mean(axis=0)
-    if clusters is not None:
-        _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-        flat = centred.reshape(len(centred), -1)
-        summed = np.zeros((inverse.max() + 1, flat.shape[1]))
-        np.add.at(summed, inverse, flat)
-        centred = summed.reshape((-1, *terms.shape[1:]))
+    centred = cluster_sums(terms - terms.mean(axis=0), clusters)
     return np.sqrt((centred**2).sum(axis=0)) / len(terms)
 
 

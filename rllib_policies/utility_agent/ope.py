@@ -18,6 +18,17 @@ def normal_quantile(level: float) -> float:
     return float(stats.norm.ppf(0.5 + level / 2))
 
 
+def cluster_sums(terms: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
+    """Per-row terms [N, ...] summed within each cluster → [C, ...] (one row per distinct id, sorted;
+    unchanged when ``clusters`` is None: every row its own cluster)."""
+    if clusters is None:
+        return terms
+    _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    flat = terms.reshape(len(terms), -1)
+    summed = np.stack([np.bincount(inverse, weights=flat[:, k]) for k in range(flat.shape[1])], axis=1)
+    return summed.reshape((-1, *terms.shape[1:]))
+
+
 @dataclass(frozen=True)
 class OPEResult:
     value: np.ndarray  # [K] estimated mean reward per request, one per objective
@@ -68,9 +79,7 @@ class RewardAtHit:
             return OPEResult(nan, nan, 0.0, 0)
         value = (w[:, None] * rewards).sum(0) / total
         terms = w[:, None] * (rewards - value)
-        if clusters is not None:
-            _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-            terms = np.stack([np.bincount(inverse, weights=terms[:, k]) for k in range(terms.shape[1])], axis=1)
+        terms = cluster_sums(terms, clusters)
         var = (terms**2).sum(0) / total**2
         return OPEResult(value, self.z * np.sqrt(var), float(total**2 / (w**2).sum()), int((w > 0).sum()))
 
@@ -103,9 +112,7 @@ class RewardAtHit:
             values.append(v)
             psi.append(w[:, None] * (rewards - v) / total)
         terms = psi[0] - psi[1]
-        if clusters is not None:
-            _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-            terms = np.stack([np.bincount(inverse, weights=terms[:, k]) for k in range(terms.shape[1])], axis=1)
+        terms = cluster_sums(terms, clusters)
         return values[0] - values[1], np.sqrt((terms**2).sum(0))
 
 
