@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test lint bench-headroom bench-learning bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
+.PHONY: run test lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
@@ -27,6 +27,10 @@ bench-learning: bootstrap
 	$(PY) benchmarks/learning_outer_controller.py
 	$(PY) benchmarks/learning_utility_agent.py
 	$(PY) benchmarks/learning_unex_rl.py
+
+bench-ope: bootstrap
+	$(PY) benchmarks/ope_coverage.py
+	$(PY) benchmarks/crm.py
 
 bench-outer: bootstrap
 	$(PY) benchmarks/layered_vs_monolithic.py

@@ -15,6 +15,7 @@ import numpy as np
 import rust_ext
 from actors.cascade import Pipeline
 from actors.stages import RequestBatch, StageContext, retrieval_relevance
+from actors.telemetry import slates_events
 from actors.world import World, ndcg_at_k, seed_sequence
 from actors.world.world import Response
 
@@ -160,3 +161,30 @@ def compare_policies(
     return [
         run_sessions(world, pipeline, p, n_sessions, seed, name, users) for name, p in (policies or POLICIES).items()
     ]
+
+
+SIMULATED_T0_US = 1_767_225_600 * 10**6  # 2026-01-01T00:00:00Z: the clock of simulated logs
+
+
+def simulated_events(
+    pipeline: Pipeline, req: RequestBatch, slate: np.ndarray, resp: Response, request_uids: np.ndarray, **fields
+):
+    """Simulated slates' events as serving would log them (one RecordBatch): the logs' clock
+    ts = T0 + (user·7919 mod 6 h) + 10 s per request, the inner reward and its retrieval relevance from
+    the world, the response's clicks, dwell, skips, purchases and revenue; ``fields`` are the rest of
+    ``slates_events``'s arguments (predictions, utility_weights, propensity, context, weight_mean, ...)."""
+    rewards, _ = inner_rewards(pipeline.ctx, req.user, slate, resp)
+    return slates_events(
+        request_uids=request_uids,
+        ts_us=SIMULATED_T0_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10**7,
+        user_ids=req.user,
+        items=slate,
+        clicked=resp.clicked,
+        dwell_s=resp.dwell_s,
+        skipped=resp.skipped,
+        inner_reward=rewards,
+        relevance=retrieval_relevance(pipeline.ctx, req.user, slate),
+        purchased=resp.purchased,
+        revenue=resp.revenue,
+        **fields,
+    )

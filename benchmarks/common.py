@@ -216,6 +216,18 @@ class RedisServer:
 
 
 # ---------------------------------------------------------------- reporting
+def init_ray_worker() -> None:
+    """A benchmark process's own local Ray (one CPU, its own RAY_TMPDIR) and one torch thread: runs of tiny
+    networks in parallel processes only contend on shared cores otherwise."""
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+
 def machine() -> str:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

@@ -3,34 +3,39 @@
     python benchmarks/learning_outer_controller.py                        # 2 arms × 5 seeds, default preset
     python benchmarks/learning_outer_controller.py --presets default heterogeneous --seeds 3
     python benchmarks/learning_outer_controller.py --results-dir /tmp/oc  # leave benchmarks/results alone
+    python benchmarks/learning_outer_controller.py --sessions-per-iteration 320 --jobs 2   # 5× the budget
 
 Both arms (layered, monolithic) start at μ(s) ≈ (1, 0, 0) (the module's output bias at the start
 vector; see RankingPolicyModule) and are trained on the business objective
 J = NDCG@10 + P(return) + 0.3·revenue per session (the layered arm at κ = 1, the monolithic arm
-with the inner reward's weight β = 0; see experiment.LEARNING_ARMS). The target is the oracle's best
-static ranking-weight vector for J (``actors.world.oracle.session_headroom`` over the resolution-2
-simplex plus the start). Start, target and the trained μ(s) are all measured on the same simulated
-users with common random numbers (``simulate_policy_sessions``), so the gap closed
-(J_final − J_start)/(J_static − J_start) is paired per seed. Writes
-``learning_outer_controller.md`` and ``learning_outer_controller.png`` to the results folder.
+with the inner reward's weight β = 0; see experiment.LEARNING_ARMS). With one exploration draw per
+session (``--exploration session``, the default) every session is one sample with one advantage, and
+the two arms' estimators coincide; ``--exploration request`` gives each arm its own per-request credit.
+
+The target is the oracle's best static ranking-weight vector for J (``session_headroom`` over the
+resolution-2 simplex plus the start). Start, target and the trained μ(s) are all measured on the same
+simulated users with common random numbers (``simulate_policy_sessions``), so the gap closed
+(J_final − J_start)/(J_static − J_start) is paired per seed. Writes ``learning_outer_controller.md``
+and ``learning_outer_controller.png`` to the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.world.metrics import mean_ci  # noqa: E402
-from benchmarks.common import machine, plot_mean_se  # noqa: E402
+from benchmarks.common import init_ray_worker, machine, plot_mean_se  # noqa: E402
 from rllib_policies.outer_controller.experiment import (  # noqa: E402
     LEARNING_ARMS,
     LearningSpec,
@@ -67,6 +72,11 @@ def plot(curves: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _run(job: tuple):
+    arm, seed, spec, j_static = job
+    return run_learning(arm, seed, spec, j_static, promote_sessions=spec.eval_sessions)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
@@ -75,14 +85,15 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=LearningSpec.iterations)
     p.add_argument("--eval-sessions", type=int, default=LearningSpec.eval_sessions)
     p.add_argument("--oracle-sessions", type=int, default=300)
+    p.add_argument("--sessions-per-iteration", type=int, default=LearningSpec.sessions_per_iteration)
+    p.add_argument("--exploration", default=LearningSpec.exploration, choices=("session", "request"))
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one process and Ray each)")
     p.add_argument("--results-dir", default=RESULTS)
     args = p.parse_args()
 
-    import ray
-
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.jobs == 1:
+        init_ray_worker()
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_ray_worker)
     t_all = time.time()
     rows, curves, runs_json, notes = [], {}, [], []
     for preset in args.presets:
@@ -90,6 +101,9 @@ def main() -> None:
             env_config={"preset": preset, "world": {"n_items": 5000, "n_users": 2000}},
             iterations=args.iterations,
             eval_sessions=args.eval_sessions,
+            sessions_per_iteration=args.sessions_per_iteration,
+            exploration=args.exploration,
+            kpi_shrinkage=args.exploration == "session",
         )
         t0 = time.time()
         weights, h = oracle_static(spec, args.oracle_sessions)
@@ -104,10 +118,8 @@ def main() -> None:
         )
         print(notes[-1], flush=True)
         for arm in args.arms:
-            runs = [
-                run_learning(arm, seed, spec, j_static, promote_sessions=spec.eval_sessions)
-                for seed in range(args.seeds)
-            ]
+            jobs = [(arm, seed, spec, j_static) for seed in range(args.seeds)]
+            runs = list(pool.map(_run, jobs) if args.jobs > 1 else map(_run, jobs))
             runs_json += [{"preset": preset, **asdict(r)} for r in runs]
             closed = mean_ci([r.gap_closed_curve[-1] for r in runs])
             rows.append(
@@ -127,25 +139,36 @@ def main() -> None:
             )
             print(rows[-1], "\n", notes[-1], flush=True)
             curves[f"{arm} ({preset})"] = (runs[0].sessions, [r.gap_closed_curve for r in runs])
+    pool.shutdown()
     os.makedirs(args.results_dir, exist_ok=True)
     png = os.path.join(args.results_dir, "learning_outer_controller.png")
     plot(curves, png)
     with open(os.path.join(args.results_dir, "learning_outer_controller_runs.json"), "w") as f:
         json.dump(runs_json, f, indent=1, default=float)
-    s = LearningSpec()
+    s = replace(LearningSpec(), sessions_per_iteration=args.sessions_per_iteration, exploration=args.exploration)
+    exploration = (
+        "one exploration draw per session (u_t = m(s_t) + σ·ε, one advantage per session: J centred by the other "
+        "sessions of the batch), each KPI's share of the gradient weighted by its signal-to-noise ratio on the "
+        "batch (kpi_shrinkage)"
+        if s.exploration == "session"
+        else "a fresh exploration draw per request; NDCG and revenue credited to the request that earned them "
+        f"(step KPIs, γ = {s.gamma}), the next-day return to every request of its session"
+    )
     text = [
         "# Learning test: the outer controller",
         "",
         f"Machine: {machine()} (shared with other jobs). One run of `python benchmarks/learning_outer_controller.py "
-        f"--seeds {args.seeds} --presets {' '.join(args.presets)}`, {time.time() - t_all:.0f} s in all.",
+        f"--seeds {args.seeds} --presets {' '.join(args.presets)} --arms {' '.join(args.arms)} "
+        f"--sessions-per-iteration {args.sessions_per_iteration} --exploration {args.exploration} --jobs {args.jobs}`, "
+        f"{time.time() - t_all:.0f} s in all ({args.jobs} training run(s) at a time).",
         "",
         f"Setup: start μ(s) ≈ (1, 0, 0) (click-only ranking weights; the action is a direction on the simplex, "
         f"each share floored at 1e-3); {args.iterations} iterations × "
         f"{s.sessions_per_iteration} sessions, lr {s.lr}, up to {s.num_epochs} epochs per batch inside the trust "
         f"region KL(π_old ‖ π_new) ≤ {s.trust_region_kl} per iteration; exploration σ_u = "
-        f"{s.model_config.get('init_std')} (learned); μ(s) shrunk toward one action for all states "
-        f"(personalisation_l2 {s.personalisation_l2}); NDCG and revenue credited to the request that earned them "
-        f"(step KPIs, γ = {s.gamma}), the next-day return to every request of its session; objective "
+        f"{s.model_config.get('init_std')} (learned, floored at {s.model_config.get('min_std')}), the mean logits "
+        f"bounded to ±{s.model_config.get('max_logit')}; μ(s) shrunk toward one action for all states "
+        f"(personalisation_l2 {s.personalisation_l2}); {exploration}; objective "
         "J = NDCG@10 + P(return) + 0.3·revenue per "
         "session; layered arm at κ = 1 from the first iteration (KPI gate open), monolithic arm with the inner "
         "reward's weight β = 0 (both optimise J alone). Evaluation: μ(s) on "

@@ -25,14 +25,11 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import matplotlib
 import numpy as np
-import ray
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the Agg backend)
@@ -42,7 +39,7 @@ sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
 from actors.world.config import PRESETS  # noqa: E402
 from actors.world.metrics import gap_closed, mean_ci  # noqa: E402
-from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402
+from benchmarks.common import init_ray_worker, machine, plot_mean_se, write_results  # noqa: E402
 from rllib_policies.unex_rl import UnexRLConfig  # noqa: E402
 from rllib_policies.unex_rl.learning import (  # noqa: E402
     STARVED_MATCHING,
@@ -59,12 +56,6 @@ WORLDS = {
 }
 EVAL_SEED = 10_000
 LEARNER_OPTIONS = ("twin_q", "max_action_step", "actor_lr", "explore_std", "actor_warmup_iterations")
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # tiny networks: threads only contend on shared cores
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 
 
 def _run(job: tuple) -> dict:
@@ -96,7 +87,7 @@ def main() -> None:
     if args.page_only:
         write_page(args.results_dir)
         return
-    _init_worker()
+    init_ray_worker()
     env = {"preset": args.preset, **WORLDS[args.world]}
     pipeline = build_world(env)[1]
     t0 = time.time()
@@ -148,7 +139,7 @@ def main() -> None:
     jobs = [(env, arm, seed, args.iterations, kwargs) for arm in args.arms for seed in range(args.seeds)]
     runs = []
     with ProcessPoolExecutor(
-        args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_ray_worker
     ) as pool:
         for r in pool.map(_run, jobs) if args.jobs > 1 else map(_run, jobs):
             r["gap_closed"] = gap_closed(r["start"], r["final"], target)

@@ -12,6 +12,11 @@
   the agent (serve_apps/utility_agent.py), asked in parallel with matching and pre-ranking;
   ``GET|PUT /operating-point`` reads / switches the live λ (or fixed weights) on every agent
   replica at once; ``GET /frontier`` returns the current Pareto-frontier artifact
+- with Gaussian weight logging (args ``weight_logging``, serve_apps/weight_logging.py): requests without
+  ``ranking_weights`` are served log w ~ N(log μ, Σ) truncated to a box around the live weights μ (the
+  agent's choice, else the ranking stage's held parameters); the response's ``weight_logging`` names the
+  served weights, μ and the log density, and every /feedback event logs μ (``weight_mean``) and the density
+  (``weight_log_density``) next to the served ``utility_weights``
 
 Every /feedback emits one served-item event per slate position (what /recommend served plus the
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
@@ -51,6 +56,7 @@ from actors.world import PipelineConfig, World, WorldConfig
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
 from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
+from serve_apps.weight_logging import WeightLogging
 
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
@@ -79,6 +85,8 @@ class RecommendResponse(BaseModel):
     predictions: dict[str, list[float]]
     versions: dict[str, int]
     utility: dict[str, Any] | None = None  # the agent's choice: weights, action, λ, operating-point version
+    # Gaussian weight logging: {"weights": served, "mean": μ, "log_density": log π(log w | μ)} or {"fallback": why}
+    weight_logging: dict[str, Any] | None = None
 
 
 class OperatingPointBody(BaseModel):
@@ -183,6 +191,7 @@ class RecommendService:
         utility_agent=None,
         utility_config: dict | None = None,
         pipeline_config: PipelineConfig | None = None,
+        weight_logging: dict | None = None,
     ):
         self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
         # the stages' own towers (same world and seed), for the inner reward's relevance term at /feedback
@@ -200,6 +209,24 @@ class RecommendService:
             if utility_agent is not None
             else None
         )
+        self.weight_logging = WeightLogging.from_config(weight_logging)
+        if self.weight_logging is not None:  # μ without an agent: the ranking stage's held (hot-updated) weights
+            replica = serve.get_replica_context().replica_id.unique_id
+            self.weight_rng = self.weight_logging.rng(replica)
+            self.held_ranking = ParamFollower(
+                self.stores["ranking"], f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
+            )
+
+    def _draw_weights(self, live: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Gaussian weight logging: the weights to serve around μ = ``live`` (None: the held ones), and the
+        record {"weights", "mean", "log_density"} (or {"fallback"} when a full Σ found no exact draw)."""
+        mu = self.held_ranking.current[1] if live is None else live
+        drawn = self.weight_logging.draw(mu, self.weight_rng)
+        if drawn is None:
+            why = "no draw inside the box in weight_logging.max_tries candidates: the live weights served, unlogged"
+            return np.asarray(mu, np.float32), {"fallback": why}
+        weights, mean, log_density = drawn
+        return weights, {"weights": weights, "mean": mean, "log_density": log_density}
 
     def _request(self, body: RecommendRequest) -> RequestBatch:
         if body.user_id >= self.n_users:
@@ -239,12 +266,14 @@ class RecommendService:
             self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
         )
         params = {"ranking": weights}  # this request's overrides of the stages' held parameters
-        choice, fallback, out, versions = None, None, None, {}
+        choice, fallback, logged, out, versions = None, None, None, None, {}
         for stage in STAGES:
             if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
                 choice, fallback = await self._agent_choice(choice_ref)
                 if choice is not None:
                     params["ranking"] = np.asarray(choice["weights"], np.float32)
+            if stage == "ranking" and weights is None and self.weight_logging is not None:
+                params["ranking"], logged = self._draw_weights(params["ranking"])
             candidates = None if out is None else out.items
             out, versions[stage] = await self.stages[stage].run.remote(req, candidates, params.get(stage))
         ranked, weights = out, params["ranking"]
@@ -259,6 +288,8 @@ class RecommendService:
             "version": versions["ranking"],
             "propensity": 1.0 if choice is None else choice["propensity"],
             "context": None if choice is None else choice["context"],
+            "weight_mean": None if logged is None else logged.get("mean"),
+            "weight_log_density": None if logged is None else logged.get("log_density"),
         }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
@@ -272,6 +303,9 @@ class RecommendService:
             utility=({"fallback": fallback} if fallback else None)
             if choice is None
             else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in choice.items() if k != "context"},
+            weight_logging=None
+            if logged is None
+            else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in logged.items()},
         )
 
     @app.post("/feedback", response_model=FeedbackResponse)
@@ -325,6 +359,8 @@ class RecommendService:
                     session_id=body.session_id,
                     propensity=served["propensity"],
                     context=served["context"],
+                    weight_mean=served["weight_mean"],
+                    weight_log_density=served["weight_log_density"],
                 )
             )
         return FeedbackResponse(
@@ -445,7 +481,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "store_prefix": str, "inner_reward_app": name of the running inner-reward application,
     "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields},
     "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
-                      "num_replicas": 1, "grid_n", "grid_high" (explore)}}."""
+                      "num_replicas": 1, "grid_n", "grid_high" (explore)},
+    "weight_logging": {"std": 0.3 | [3] or "cov": [[3 × 3]], "floor": 1e-3, "seed": int | None,
+                       "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off)}."""
     args = dict(args or {})
     unknown = set(args) - {
         "preset",
@@ -455,6 +493,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "inner_reward_app",
         "telemetry",
         "utility_agent",
+        "weight_logging",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -466,6 +505,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     }
     if args.get("telemetry", {}).get("sink", "parquet") not in ("parquet", "redis", "off"):
         raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {args['telemetry']['sink']!r}")
+    WeightLogging.from_config(args.get("weight_logging"))  # bad config fails here, naming the field
     agent_cfg = args.get("utility_agent")
     agent = None
     if agent_cfg is not None:
@@ -490,4 +530,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         agent,
         agent_cfg,
         pipeline_config,
+        weight_logging=args.get("weight_logging"),
     )

@@ -10,6 +10,11 @@ request, on position 0 (null elsewhere, and when not logged).
 ``relevance`` is the inner reward's relevance term as it was scored: the retrieval towers'
 similarity (1 + cos)/2 (``actors.stages.retrieval_relevance``), not the ranker's ``p_click``,
 which keeps its own column.
+
+``weight_mean`` and ``weight_log_density`` are Gaussian weight logging's record (Jeunen et al.): the
+request's utility weights were drawn as log w ~ N(log μ, Σ) truncated to a box, ``weight_mean`` is μ
+(weight units) and ``weight_log_density`` the log density of the served log w under that truncated
+Gaussian — what an off-policy estimate divides by. Null when the weights were not drawn that way.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ EVENT_SCHEMA = pa.schema(
         pa.field("policy_version", pa.int32()),
         pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
         pa.field("propensity", pa.float32()),
+        pa.field("weight_mean", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
+        pa.field("weight_log_density", pa.float64()),
         pa.field("p_click", pa.float32()),
         pa.field("p_long_view", pa.float32()),
         pa.field("p_purchase", pa.float32()),
@@ -73,6 +80,8 @@ def slate_events(
     revenue: np.ndarray | None = None,
     session_id: str | None = None,
     context: np.ndarray | None = None,
+    weight_mean: np.ndarray | None = None,
+    weight_log_density: float | None = None,
 ) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (see ``slates_events``)."""
     row = lambda a: None if a is None else np.asarray(a)[None]  # noqa: E731
@@ -94,6 +103,8 @@ def slate_events(
         revenue=row(revenue),
         session_ids=None if session_id is None else [session_id],
         context=row(context),
+        weight_mean=row(weight_mean),
+        weight_log_density=None if weight_log_density is None else np.array([weight_log_density]),
     )
 
 
@@ -116,11 +127,14 @@ def slates_events(
     revenue: np.ndarray | None = None,
     session_ids: list[str] | None = None,
     context: np.ndarray | None = None,
+    weight_mean: np.ndarray | None = None,
+    weight_log_density: np.ndarray | None = None,
 ) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
     weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised).
     ``relevance`` [B, K] is the inner reward's relevance term (``actors.stages.retrieval_relevance``,
-    the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``."""
+    the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``.
+    ``weight_mean`` [B, 3] and ``weight_log_density`` [B]: Gaussian weight logging (null when not given)."""
     items = np.asarray(items, np.int64)
     b, k = items.shape
     n = b * k
@@ -157,6 +171,15 @@ def slates_events(
             pa.array(np.repeat(weights, k, axis=0).ravel()), N_UTILITY_WEIGHTS
         ),
         "propensity": f32(per_request(np.broadcast_to(propensity, (b,)), np.float32)),
+        "weight_mean": pa.nulls(n, EVENT_SCHEMA.field("weight_mean").type)
+        if weight_mean is None
+        else pa.FixedSizeListArray.from_arrays(
+            pa.array(np.repeat(np.asarray(weight_mean, np.float32).reshape(b, N_UTILITY_WEIGHTS), k, axis=0).ravel()),
+            N_UTILITY_WEIGHTS,
+        ),
+        "weight_log_density": pa.nulls(n, pa.float64())
+        if weight_log_density is None
+        else pa.array(per_request(weight_log_density, np.float64)),
         "p_click": f32(predictions["p_click"]),
         "p_long_view": f32(predictions.get("p_long_view", zeros)),
         "p_purchase": f32(predictions.get("p_purchase", zeros)),

@@ -51,11 +51,12 @@ from rllib_policies.credit import KappaSchedule, credit_weights, kpi_credit
 
 from . import sessions as session_data
 from .learner import OuterControllerLearner
-from .module import RankingPolicyModule
+from .module import RankingPolicyModule, SessionNoise
 from .rails import fit_inner_reward_weights
 from .signals import OuterSignals, SignalConfig
 
 logger = logging.getLogger(__name__)
+EXPLORATION = ("request", "session")
 
 
 def ranking_mean_policy(module, pipeline):
@@ -66,6 +67,20 @@ def ranking_mean_policy(module, pipeline):
             return {"ranking": module.gaussian(torch.as_tensor(pipeline.context(req)))[0].numpy()}
 
     return policy
+
+
+def kpi_shrinkage_weights(parts: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """c_k [C] = max(0, 1 − V_k/‖ĝ_k‖²) per objective term k: ĝ_k = mean_i a_ik·ε_i is term k's share of
+    the policy gradient in exploration space (a_ik: session i's advantage part, ε_i [D] its exploration
+    draw) and V_k = tr Cov_i(a_ik·ε_i)/B its variance: the plug-in MSE-optimal multiplier of an unbiased
+    estimate, 0 where the batch cannot tell the term's gradient from noise."""
+    z = parts[:, :, None] * noise[:, None, :]  # [B, C, D]
+    b = len(z)
+    if b < 2:
+        return np.ones(parts.shape[1])
+    g2 = (z.mean(axis=0) ** 2).sum(axis=-1)
+    v = z.var(axis=0, ddof=1).sum(axis=-1) / b
+    return np.clip(1.0 - v / np.maximum(g2, 1e-12), 0.0, 1.0)
 
 
 def paired_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -109,6 +124,8 @@ class OuterControllerConfig(AlgorithmConfigBase):
         self.personalisation_l2 = 0.0
         self.offline_trajectories = None
         self.offline_advantage_temperature = 1.0
+        self.exploration = "request"
+        self.kpi_shrinkage = False
         # AlgorithmConfig defaults overridden
         self.gamma = 0.9
         self.lr = 3e-3
@@ -144,6 +161,8 @@ class OuterControllerConfig(AlgorithmConfigBase):
         personalisation_l2: float | None = NotProvided,
         offline_trajectories: str | list[str] | None = NotProvided,
         offline_advantage_temperature: float | None = NotProvided,
+        exploration: str | None = NotProvided,
+        kpi_shrinkage: bool | None = NotProvided,
     ) -> Self:
         """Sets the outer controller's own settings.
 
@@ -186,6 +205,15 @@ class OuterControllerConfig(AlgorithmConfigBase):
             offline_trajectories: trajectory Parquet path(s): train from logs (Ray Data, advantage-
                 weighted regression onto the logged actions) instead of sampling.
             offline_advantage_temperature: T in the offline weight exp(A_t/T).
+            exploration: "request" (default): a fresh u ~ N(m(s), σ²) at every request; "session":
+                one ε ~ N(0, I) per session and u_t = m(s_t) + σ·ε at each of its requests
+                (``module.SessionNoise``), and each session gets one advantage (signals.py): the
+                session's return then answers one direction, not T.
+            kpi_shrinkage: with per-session exploration, weigh each objective term's share of the
+                policy gradient by its signal-to-noise ratio on the batch, c_k = max(0, 1 − V_k/‖ĝ_k‖²)
+                (``kpi_shrinkage_weights``): a term whose gradient the batch cannot tell from noise
+                (a next-day-return coin flip, a rare purchase's revenue) stops drowning the others.
+                Biased toward the well-measured terms; do no harm (``promote``) checks the whole J.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -205,6 +233,7 @@ class OuterControllerConfig(AlgorithmConfigBase):
             inner_reward_weight=self.inner_reward_weight,
             step_kpis=self.step_kpis,
             min_sessions_for_kpi=self.min_sessions_for_kpi,
+            per_session=self.exploration == "session",
         )
 
     def validate(self) -> None:
@@ -225,6 +254,10 @@ class OuterControllerConfig(AlgorithmConfigBase):
             raise ValueError(f"trust_region_backtracks must be >= 0, got {self.trust_region_backtracks}")
         if not (np.isfinite(self.personalisation_l2) and self.personalisation_l2 >= 0):
             raise ValueError(f"personalisation_l2 must be finite and >= 0, got {self.personalisation_l2}")
+        if self.exploration not in EXPLORATION:
+            raise ValueError(f"exploration must be one of {EXPLORATION}, got {self.exploration!r}")
+        if self.kpi_shrinkage and self.exploration != "session":
+            raise ValueError("kpi_shrinkage needs exploration='session' (one advantage per session to split by KPI)")
         if self.promotion_sessions < 2:
             raise ValueError(f"promotion_sessions must be >= 2, got {self.promotion_sessions}")
         if not 0 < self.promotion_confidence < 1:
@@ -232,6 +265,13 @@ class OuterControllerConfig(AlgorithmConfigBase):
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(module_class=RankingPolicyModule)
+
+    def build_env_to_module_connector(self, env=None, spaces=None, device=None):
+        """RLlib's pipeline, led by ``SessionNoise`` when exploration is per session."""
+        pipeline = super().build_env_to_module_connector(env=env, spaces=spaces, device=device)
+        if self.exploration == "session":
+            pipeline.prepend(SessionNoise())
+        return pipeline
 
 
 class OuterController(AlgorithmBase):
@@ -276,6 +316,12 @@ class OuterController(AlgorithmBase):
             batch = session_data.from_episodes(self.sample_episodes(self.config.sessions_per_iteration))
         self.last_batch = batch
         signals = self.signals.compute(batch)
+        if self.config.kpi_shrinkage:
+            weights = kpi_shrinkage_weights(signals["session_parts"], self._session_noise(batch))
+            length = np.bincount(batch.session, minlength=batch.n_sessions)
+            advantage = signals["session_parts"] @ weights / length
+            signals["step_signal"] = advantage[batch.session].astype(np.float32)
+            signals["metrics"] |= {f"shrinkage_{k}": float(c) for k, c in zip(signals["part_names"], weights)}
         step = self._trust_region_update(batch, signals)
         kl = self.kl_from_reference(batch.obs)
         rolled_back = self.config.kl_rollback_threshold is not None and kl > self.config.kl_rollback_threshold
@@ -308,6 +354,16 @@ class OuterController(AlgorithmBase):
             key=self.metrics_key,
             window=1,
         )
+
+    def _session_noise(self, batch: session_data.SessionBatch) -> np.ndarray:
+        """ε [B, K − 1] of each session's exploration draw, ε = (u₀ − m(s₀))/σ at its first request."""
+        first = np.flatnonzero(batch.t == 0)
+        first = first[np.argsort(batch.session[first])]
+        with torch.no_grad():
+            module = self.inference_module()
+            m, log_std = module.logits(torch.as_tensor(batch.obs[first]))
+            u = module.action_dist_cls(loc=m, scale=log_std.exp()).unsquash(torch.as_tensor(batch.actions[first]))
+            return ((u - m) / log_std.exp()).numpy()
 
     def _update(self, batch: session_data.SessionBatch, signals: dict, num_epochs: int | None = None) -> None:
         """One learner-group update; each learner shard holds whole sessions (credit attends over them)."""

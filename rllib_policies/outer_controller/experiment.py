@@ -196,12 +196,12 @@ def summarise(runs: list[RunResult]) -> tuple[list[dict], dict]:
 
 
 # ---------------------------------------------------------------------------------------------- learning test
-# arm → outer_controller options that make it optimise the business objective J from its first
-# iteration: the KPI gate open (min_sessions_for_kpi = 0) and, for the layered arm, κ = κ_end = 1
-# (the credited KPI alone; the inner reward does not rank by J).
+# arm → outer_controller options that make it optimise the business objective J alone from its first
+# iteration: the KPI gate open (min_sessions_for_kpi = 0), the layered arm at κ = κ_end = 1 (the credited
+# KPI alone) and the monolithic arm with the inner reward's weight β = 0 (the inner reward does not rank by J).
 LEARNING_ARMS: dict[str, dict] = {
     "layered": {"arm": "layered", "min_sessions_for_kpi": 0, "anneal": False, "kappa_end": 1.0},
-    "monolithic": {"arm": "monolithic", "min_sessions_for_kpi": 0},
+    "monolithic": {"arm": "monolithic", "min_sessions_for_kpi": 0, "inner_reward_weight": 0.0},
 }
 CLICK_ONLY = (1.0, 0.0, 0.0)
 
@@ -227,11 +227,22 @@ class LearningSpec:
     # RankingPolicyModule options. σ_u = 6: from a click-only corner, J is flat for ~7 logit units
     # (purchase weight has no effect until w_purchase·p_purchase rivals w_click·p_click), so the
     # exploration must reach across that plateau to see any gradient (docs/outer_controller.md).
-    model_config: dict = field(default_factory=lambda: {"init_std": 6.0})
+    # σ_u is floored at its start and m(s) bounded to |m| ≤ 8: J's local gradient at the click-only corner
+    # points back into it (revenue falls before NDCG rises); a shrinking σ, or a mean that runs 35 logit units
+    # deep into the corner (measured), leaves the other corners out of the exploration's reach.
+    model_config: dict = field(default_factory=lambda: {"init_std": 6.0, "min_std": 6.0, "max_logit": 8.0})
     personalisation_l2: float = 0.1  # shrink μ(s) toward one action for all states (OuterControllerConfig)
     # discount of the per-step streams. 0: each request is credited with the NDCG and revenue it
     # earned itself, plus the session's return (both arms); γ → 1 adds the noise of every later request's draw.
     gamma: float = 0.0
+    # one exploration draw per session (OuterControllerConfig.exploration): the session's J then answers one
+    # direction. Per-request draws credit the session's return to T independent directions, and the
+    # gradient's signal-to-noise ratio at the click-only start stayed near 1 (docs/outer_controller.md).
+    exploration: str = "session"
+    # weigh each KPI's share of the gradient by its signal-to-noise ratio on the batch
+    # (OuterControllerConfig.kpi_shrinkage): the next-day return's coin flip and a rare purchase's revenue
+    # add most of J's variance per session but little of its gradient at the start
+    kpi_shrinkage: bool = True
 
     def eval_users(self) -> np.ndarray:
         world, _ = build_world(self.env_config)
@@ -294,6 +305,8 @@ def learning_config(arm: str, seed: int, spec: LearningSpec, lr: float | None = 
                 "kpi_weights": spec.kpi_weights,
                 "trust_region_kl": spec.trust_region_kl,
                 "personalisation_l2": spec.personalisation_l2,
+                "exploration": spec.exploration,
+                "kpi_shrinkage": spec.kpi_shrinkage,
                 **spec.options,
             }
         )

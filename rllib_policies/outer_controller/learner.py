@@ -79,7 +79,7 @@ class OuterControllerLearner(TorchLearner):
                 "advantage_var": advantage.var().item() if advantage.numel() > 1 else 0.0,
                 "clipped_fraction": (blended.abs() >= config.reward_clip).float().mul(mask).sum().item()
                 / mask.sum().item(),
-                "policy_std_mean": module.log_std.exp().mean().item(),
+                "policy_std_mean": module.logits(obs[:1])[1].exp().mean().item(),
                 "pg_noise_ratio": noise,
                 "credit_on_engaged_steps": (weights * engaged.float()).sum().item() / mask.shape[0],
             },

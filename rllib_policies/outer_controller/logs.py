@@ -13,13 +13,12 @@ import numpy as np
 import pyarrow as pa
 
 from actors.cascade import build_world
-from actors.simulate import inner_rewards, run_sessions
+from actors.simulate import SIMULATED_T0_US, inner_rewards, run_sessions
 from actors.stages import DEFAULT_PARAMS, retrieval_relevance
 from actors.telemetry import ParquetSink, slate_events
 from actors.world import seed_sequence
 
 DAY_US = 86_400 * 10**6
-T0_US = 1_767_225_600 * 10**6  # 2026-01-01T00:00:00Z
 
 
 def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
@@ -62,7 +61,8 @@ def simulate_logs(
             b, k = slate.shape
             rewards, _ = inner_rewards(pipeline.ctx, req.user, slate, resp)
             relevance = retrieval_relevance(pipeline.ctx, req.user, slate)
-            start = T0_US + day * DAY_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10 * 10**6
+            offset = (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10 * 10**6
+            start = SIMULATED_T0_US + day * DAY_US + offset
             for i in range(b):  # one RecordBatch per served slate (a log generator, not a hot path)
                 batches.append(
                     slate_events(

@@ -24,6 +24,12 @@ bias is log(x₀_k / x₀_K) with x₀ = (a₀/high) normalised to sum 1 and eac
 (then renormalised), and its weights are scaled by ``init_output_scale`` (0.01), so μ(s) ≈ a₀'s
 direction everywhere.
 
+``exploration="session"`` (OuterControllerConfig) draws one ε ~ N(0, I) per session and explores with
+u_t = m(s_t) + σ·ε at every request of it (``SessionNoise`` puts ε into the exploration batch): the
+session's next-day return then answers one direction instead of T independent ones, so its coin flip
+adds Var(R) to the policy gradient rather than T·Var(R) (the score of each step, (u_t − m_t)/σ² = ε/σ,
+is unchanged; exact for a state-independent m, as ``personalisation_l2`` pulls m toward).
+
 The module also owns the gated-attention credit network: it is trained jointly with the policy by
 the learner, checkpointed with it, and never used at inference.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDiagGaussian
 from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -45,6 +52,7 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 # recovered exactly unless u lies ~85 logit units out (σ_u = 6 reaches 14σ before that)
 EDGE = 1e-37
 INIT_SHARE_FLOOR = 1e-3
+SESSION_NOISE = "session_noise"  # the exploration batch's per-session ε [B, K − 1] (SessionNoise)
 
 
 def to_simplex(u: torch.Tensor) -> torch.Tensor:
@@ -105,8 +113,10 @@ def on_simplex(high: torch.Tensor) -> type[SimplexLogisticNormal]:
 
 
 class RankingPolicyModule(TorchRLModule):
-    """model_config: hidden (64, 64), init_std (σ of u, 2.5), credit_dk (32), init_action (None: the
-    default initialisation; a₀ [K]: μ(s) ≈ a₀'s direction), init_output_scale (0.01)."""
+    """model_config: hidden (64, 64), init_std (σ of u, 2.5), min_std (σ's floor, None: e^−5; init_std
+    keeps exploring at the start's reach), max_logit (U: m(s) = U·tanh(raw/U) stays in [−U, U], so σ-sized
+    exploration always reaches every corner; None: unbounded), credit_dk (32), init_action (None: the default
+    initialisation; a₀ [K]: μ(s) ≈ a₀'s direction), init_output_scale (0.01)."""
 
     def setup(self):
         cfg = {
@@ -115,14 +125,18 @@ class RankingPolicyModule(TorchRLModule):
             "credit_dk": 32,
             "init_action": None,
             "init_output_scale": 0.01,
+            "min_std": None,
+            "max_logit": None,
             **(self.model_config or {}),
         }
         d_obs, d_act = self.observation_space.shape[0], self.action_space.shape[0]
         self.register_buffer("high", torch.as_tensor(np.asarray(self.action_space.high, np.float32)))
         self.pi = mlp(d_obs, tuple(cfg["hidden"]), d_act - 1, nn.Tanh)  # m(s): K − 1 logits on the simplex
+        self.max_logit = None if cfg["max_logit"] is None else float(cfg["max_logit"])
         if cfg["init_action"] is not None:
             self.start_at(cfg["init_action"], float(cfg["init_output_scale"]))
         self.log_std = nn.Parameter(torch.full((d_act - 1,), float(np.log(cfg["init_std"]))))
+        self.log_std_min = LOG_STD_MIN if cfg["min_std"] is None else float(np.log(cfg["min_std"]))
         self.credit = GatedAttentionCredit(d_obs + d_act, int(cfg["credit_dk"]))
         # π(·|s) for exploration, inference and training (get_*_action_dist_cls)
         self.action_dist_cls = on_simplex(self.high)
@@ -130,6 +144,9 @@ class RankingPolicyModule(TorchRLModule):
     def start_at(self, action, output_scale: float = 0.01) -> None:
         """μ(s) ≈ a₀'s direction for every s: output bias = ``simplex_logits(a₀)``, output weights × scale."""
         bias = simplex_logits(action, self.high)
+        if self.max_logit is not None:  # the raw output that U·tanh(raw/U) maps onto u₀
+            u = self.max_logit
+            bias = u * torch.atanh((bias / u).clamp(-0.999, 0.999))
         out = self.pi[-1]
         with torch.no_grad():
             out.bias.copy_(bias)
@@ -138,7 +155,9 @@ class RankingPolicyModule(TorchRLModule):
     def logits(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m(s), log σ) [B, K − 1]: the Gaussian over u for a batch of observations."""
         m = self.pi(obs)
-        return m, self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).expand_as(m)
+        if self.max_logit is not None:
+            m = self.max_logit * torch.tanh(m / self.max_logit)
+        return m, self.log_std.clamp(self.log_std_min, LOG_STD_MAX).expand_as(m)
 
     def gaussian(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ(s) = high ⊙ softmax([m(s), 0]), log σ): the served action and the exploration scale in u."""
@@ -149,6 +168,17 @@ class RankingPolicyModule(TorchRLModule):
         m, log_std = self.logits(batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: torch.cat([m, log_std], dim=-1)}
 
+    def _forward_exploration(self, batch, **kwargs):
+        """Samples π(·|s) as RLlib does, or, when the batch carries the session's ε (``SessionNoise``),
+        acts u = m(s) + σ·ε with log π(a|s) of the same per-step distribution."""
+        out = self._forward(batch)
+        if SESSION_NOISE not in batch:
+            return out
+        m, log_std = self.logits(batch[Columns.OBS])
+        dist = self.action_dist_cls(loc=m, scale=log_std.exp())
+        actions = dist.squash(m + log_std.exp() * batch[SESSION_NOISE].to(m.dtype))
+        return {**out, Columns.ACTIONS: actions, Columns.ACTION_LOGP: dist.logp(actions)}
+
     def action_dist(self, obs: torch.Tensor) -> SimplexLogisticNormal:
         """π(·|s): u ~ N(m(s), diag σ²), a = high ⊙ softmax([u, 0]), for a batch of observations."""
         m, log_std = self.logits(obs)
@@ -158,3 +188,19 @@ class RankingPolicyModule(TorchRLModule):
         """(log π(a|s) [N], entropy H[π(·|s)] [N])."""
         dist = self.action_dist(obs)
         return dist.logp(actions), dist.entropy()
+
+
+class SessionNoise(ConnectorV2):
+    """Env-to-module piece for session-level exploration: one ε ~ N(0, I_{K−1}) per episode (drawn
+    from torch's seeded RNG at the episode's first step, kept in ``episode.custom_data``), added to
+    the exploration batch as ``SESSION_NOISE``; nothing at inference."""
+
+    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
+        if not explore:
+            return batch
+        dim = rl_module.action_space.shape[0] - 1
+        for episode in self.single_agent_episode_iterator(episodes):
+            if SESSION_NOISE not in episode.custom_data:
+                episode.custom_data[SESSION_NOISE] = torch.randn(dim).numpy()
+            self.add_batch_item(batch, SESSION_NOISE, episode.custom_data[SESSION_NOISE], single_agent_episode=episode)
+        return batch

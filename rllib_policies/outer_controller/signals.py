@@ -17,6 +17,17 @@ rolling mean and scaled by the rolling σ of the whole KPI blend (R + Σ_t d_t),
 weights relative to each other: D̂_t = (D_t − μ_D)/σ_J, R̂ = (R − μ_R)/σ_J. A request's action cannot
 change the NDCG or revenue of the requests before it, so this drops their noise from its credit.
 
+Per-session exploration (``exploration="session"``: one ε per session, u_t = m(s_t) + σ·ε) makes a
+session one sample of one action, so it gets one advantage: the session objective
+S = β·Σ_t clip(r_t) + J (monolithic) or (1 − κ)·β·Σ_t clip(r_t) + κ·J (layered), J = Σ_k w_k·KPI_k,
+centred by the mean of the *other* sessions of the batch (leave-one-out, so the estimate stays
+unbiased) and scaled by the batch's σ, is spread evenly over the session's T requests (A_t = Â/T; the
+``step_signal`` column, with the learner's κ column 0). Its parts per term (the inner reward and each
+KPI) are returned too, for the algorithm's per-KPI shrinkage (``kpi_shrinkage``). Per-request credit
+would be biased there: a step credit or baseline counted T times correlates with ε wherever the action
+changes the session's length (measured: seeds drifted to long-view-only ranking, which lengthens
+sessions).
+
 β (``inner_reward_weight``, 1 by default) is the inner reward's weight; β = 0 leaves the KPIs alone
 (the learning tests train both arms on the business objective J that way).
 
@@ -48,6 +59,7 @@ class SignalConfig:
     min_sessions_for_kpi: int = 10_000
     inner_reward_weight: float = 1.0  # β
     step_kpis: bool = True  # credit decomposable KPIs per request (see the module docstring)
+    per_session: bool = False  # one advantage per session (per-session exploration; module docstring)
 
     def __post_init__(self) -> None:
         if self.arm not in ("layered", "monolithic"):
@@ -142,6 +154,8 @@ class OuterSignals:
             else:
                 outer_signal = r_session
             kpi_step = kpi_step[batch.session, batch.t]
+        if cfg.per_session:
+            return self._per_session(batch, inner, r_outer, kappa)
         padded, mask = batch.padded(per_step)
         g = discounted_returns(padded, cfg.gamma, mask) + batch.padded(session_reward)[0]
         if cfg.baseline:
@@ -154,14 +168,41 @@ class OuterSignals:
             "outer_signal": outer_signal[batch.session].astype(np.float32),
             "kpi_step_signal": kpi_step.astype(np.float32),
             "kappa": np.full(len(batch.t), kappa, np.float32),
-            "metrics": {
-                "kappa": kappa,
-                "sessions_seen": self.sessions_seen,
-                "kpi_gate_open": float(self.sessions_seen >= cfg.min_sessions_for_kpi),
-                "outer_reward_mean": float(r_outer.mean()),
-                "inner_reward_mean": float(batch.inner_reward.mean()),
-                **{f"kpi_{k}": float(v.mean()) for k, v in batch.kpis.items()},
-            },
+            "metrics": self._metrics(batch, r_outer, kappa),
+        }
+
+    def _per_session(self, batch: SessionBatch, inner: np.ndarray, r_outer: np.ndarray, kappa: float) -> dict:
+        """One advantage per session, spread evenly over its requests (per-session exploration); also the
+        advantage's parts per objective term (``session_parts`` [B, C], named ``part_names``), which sum to it."""
+        cfg, n = self.config, batch.n_sessions
+        inner_sum = cfg.inner_reward_weight * np.bincount(batch.session, weights=inner, minlength=n)
+        kpi_weight = 1.0 if cfg.arm == "monolithic" else kappa
+        parts = {"inner": inner_sum * (1.0 if cfg.arm == "monolithic" else 1 - kappa)}
+        parts |= {k: kpi_weight * w * batch.kpis[k] for k, w in self.kpi_weights.items()}
+        if cfg.baseline and n > 1:
+            scale = max(float(sum(parts.values()).std()), 1e-8)
+            parts = {k: (v - (v.sum() - v) / (n - 1)) / scale for k, v in parts.items()}  # leave-one-out
+        stacked = np.stack(list(parts.values()), axis=1)
+        length = np.bincount(batch.session, minlength=n)
+        zeros = np.zeros(len(batch.t), np.float32)
+        return {
+            "step_signal": (stacked.sum(axis=1) / length)[batch.session].astype(np.float32),
+            "outer_signal": zeros,
+            "kpi_step_signal": zeros,
+            "kappa": zeros,
+            "session_parts": stacked,
+            "part_names": list(parts),
+            "metrics": self._metrics(batch, r_outer, kappa),
+        }
+
+    def _metrics(self, batch: SessionBatch, r_outer: np.ndarray, kappa: float) -> dict:
+        return {
+            "kappa": kappa,
+            "sessions_seen": self.sessions_seen,
+            "kpi_gate_open": float(self.sessions_seen >= self.config.min_sessions_for_kpi),
+            "outer_reward_mean": float(r_outer.mean()),
+            "inner_reward_mean": float(batch.inner_reward.mean()),
+            **{f"kpi_{k}": float(v.mean()) for k, v in batch.kpis.items()},
         }
 
     def state(self) -> dict:

@@ -19,16 +19,15 @@ import pyarrow.parquet as pq
 import ray.data
 
 from actors.cascade import build_world
-from actors.simulate import inner_rewards, run_sessions
-from actors.stages import retrieval_relevance, run_stage, utility_weight_grid
-from actors.telemetry import EVENT_SCHEMA, ParquetSink, dedupe, slates_events
+from actors.simulate import run_sessions, simulated_events
+from actors.stages import run_stage, utility_weight_grid
+from actors.telemetry import EVENT_SCHEMA, ParquetSink, dedupe
 from actors.telemetry.sessionise import map_user_partitions, requests_table
 from actors.world import seed_sequence
 
 # Reward groups, one Q head each: engagement (clicks) vs. conversion-like long dwell (≥ 18 s views).
 OBJECTIVES = ("clicks", "long_views")
 DAY_US = 86_400 * 10**6
-T0_US = 1_767_225_600 * 10**6  # 2026-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -123,23 +122,16 @@ def simulate_exploration_logs(
                     }
                 )
             )
-        rewards, _ = inner_rewards(pipeline.ctx, req.user, slate, resp)
         batches.append(
-            slates_events(
-                request_uids=uids,
-                ts_us=T0_US + (req.user * 7919 % 21_600) * 10**6 + req.step.astype(np.int64) * 10**7,
-                user_ids=req.user,
-                items=slate,
-                clicked=resp.clicked,
-                dwell_s=resp.dwell_s,
-                skipped=resp.skipped,
-                inner_reward=rewards,
+            simulated_events(
+                pipeline,
+                req,
+                slate,
+                resp,
+                uids,
                 predictions=preds,
-                relevance=retrieval_relevance(pipeline.ctx, req.user, slate),
                 utility_weights=w,
                 propensity=propensity,
-                purchased=resp.purchased,
-                revenue=resp.revenue,
                 context=context,
             )
         )

@@ -8,25 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-
-def normal_quantile(level: float) -> float:
-    """z = Φ⁻¹((1 + level)/2), the two-sided normal CI's multiplier at confidence ``level``."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"confidence level must be in (0, 1), got {level}")
-    return float(stats.norm.ppf(0.5 + level / 2))
-
-
-def cluster_sums(terms: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
-    """Per-row terms [N, ...] summed within each cluster → [C, ...] (one row per distinct id, sorted;
-    unchanged when ``clusters`` is None: every row its own cluster)."""
-    if clusters is None:
-        return terms
-    _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-    flat = terms.reshape(len(terms), -1)
-    summed = np.stack([np.bincount(inverse, weights=flat[:, k]) for k in range(flat.shape[1])], axis=1)
-    return summed.reshape((-1, *terms.shape[1:]))
+from rllib_policies.ope.intervals import cluster_sums, normal_quantile
 
 
 @dataclass(frozen=True)

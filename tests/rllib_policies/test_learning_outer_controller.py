@@ -1,7 +1,7 @@
-"""The outer controller learns: a CI-sized learning test from a click-only start on a tiny world
-(the trained policy closes at least half of the gap to the oracle's best static J, a frozen one
-none), the per-iteration trust region, the start-vector initialisation, and do no harm (the
-promotion check falls back to the start where training cannot help)."""
+"""The outer controller learns: a CI-sized learning test from a click-only start (the trained policy
+closes at least half of the gap to the oracle's best static J and do no harm keeps it; a frozen one
+closes none), per-session exploration, the per-iteration trust region, the start-vector
+initialisation, and do no harm (the promotion check falls back to the start where training cannot help)."""
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from rllib_policies.outer_controller.experiment import (
     run_learning,
     static_objective,
 )
+from rllib_policies.outer_controller.sessions import from_episodes
 
 TINY = {"world": {"n_items": 2000, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
 BEST_STATIC = (0.0, 0.0, 40.0)  # purchase-only: the oracle's best static J on this world (asserted below)
@@ -78,6 +79,8 @@ def test_init_action_refuses_bad_vectors(bad, match):
         ({"promotion_sessions": 1}, "promotion_sessions must be >= 2"),
         ({"promotion_confidence": 1.0}, "promotion_confidence must be in"),
         ({"kl_rollback_threshold": 0.0}, "kl_rollback_threshold must be > 0"),
+        ({"exploration": "episode"}, "exploration must be one of"),
+        ({"exploration": "request", "kpi_shrinkage": True}, "kpi_shrinkage needs exploration='session'"),
     ],
 )
 def test_config_refuses_bad_rail_settings(options, match):
@@ -126,15 +129,36 @@ def test_trust_region_bounds_each_iterations_kl(ray_session):
 
 
 @pytest.mark.ray
-def test_learns_from_a_click_only_start(ray_session):
-    """CI-sized learning test: tiny world, fixed seed, 24 × 32 sessions from click-only weights.
-    Seed 0 closes 100 % (measured 2026-12-01); seeds 1 and 2 end in a corner (16 %, 0 %): the test
-    guards the learning machinery, the benchmark measures reliability (docs/outer_controller.md)."""
-    spec = tiny_spec()
+def test_session_exploration_draws_one_direction_per_session(ray_session):
+    """ε = (u_t − m(s_t))/σ is the same at every request of a session and differs across sessions."""
+    algo = learning_config("layered", 0, tiny_spec(sessions_per_iteration=8)).build_algo()
+    try:
+        batch = from_episodes(algo.sample_episodes(8))
+        module = algo.inference_module()
+        with torch.no_grad():
+            m, log_std = module.logits(torch.as_tensor(batch.obs))
+            u = module.action_dist_cls(loc=m, scale=log_std.exp()).unsquash(torch.as_tensor(batch.actions))
+            eps = ((u - m) / log_std.exp()).numpy()
+    finally:
+        algo.stop()
+    firsts = np.stack([eps[batch.session == s][0] for s in range(batch.n_sessions)])
+    assert np.allclose(eps, firsts[batch.session], atol=1e-3)
+    assert len(np.unique(firsts.round(3), axis=0)) == batch.n_sessions
+
+
+@pytest.mark.ray
+def test_learns_from_a_click_only_start_and_do_no_harm_keeps_it(ray_session):
+    """CI-sized learning test on the learning test's own world (5 000 items, 2 000 users), fixed seed, 20 × 64
+    sessions from click-only weights with `LearningSpec`'s settings (one exploration draw per session, KPI
+    shrinkage, σ_u floored at 6, |m| ≤ 8): seeds 0 and 1 close 99 % and 100 % (measured 2026-12-01), and the
+    do-no-harm check keeps the trained policy. The tiny world is not used here: its long-view corner is a
+    local optimum that this budget does not leave (docs/outer_controller.md)."""
+    spec = LearningSpec(iterations=20, eval_every=20, eval_sessions=200)
     j_static = float(static_objective(spec, BEST_STATIC).mean())
     j_click = float(static_objective(spec, CLICK_ONLY).mean())
     assert j_static > j_click + 0.02  # there is a gap to close on this world
-    trained = run_learning("layered", 0, spec, j_static, progress=lambda s: None)
+    trained = run_learning("layered", 0, spec, j_static, promote_sessions=300, progress=lambda s: None)
+    assert trained.promotion["promoted"] == "trained", trained.promotion
     assert trained.gap_closed_curve[-1] >= 0.5
 
 
@@ -167,16 +191,3 @@ def test_do_no_harm_falls_back_to_the_start(ray_session, case, lr, trust_region_
         assert np.allclose(served["pi.4.bias"].numpy(), start["pi.4.bias"])  # and the env runners
     finally:
         algo.stop()
-
-
-@pytest.mark.ray
-def test_do_no_harm_keeps_a_policy_that_learned(ray_session):
-    spec = tiny_spec()
-    algo = learning_config("layered", 0, spec).outer_controller(promotion_sessions=300).build_algo()
-    try:
-        for _ in range(spec.iterations):
-            algo.train()
-        promotion = algo.promote()
-    finally:
-        algo.stop()
-    assert promotion["promoted"] == "trained" and promotion["difference"] - promotion["half_width"] > 0

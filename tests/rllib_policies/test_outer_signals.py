@@ -12,6 +12,7 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussi
 
 from rllib_policies.credit import KappaSchedule
 from rllib_policies.outer_controller import OuterSignals, RankingPolicyModule, SessionBatch, SignalConfig
+from rllib_policies.outer_controller.algorithm import kpi_shrinkage_weights
 from rllib_policies.outer_controller.module import SimplexLogisticNormal
 from rllib_policies.outer_controller.rails import fit_inner_reward_weights
 from rllib_policies.outer_controller.sessions import from_trajectories, pad_sessions
@@ -244,3 +245,58 @@ def test_trajectory_rows_without_observations_or_known_return_are_skipped():
     assert batch.kpis["return"].tolist() == [1.0] and batch.engaged.tolist() == [True, False]
     with pytest.raises(ValueError, match="no trajectory rows"):
         from_trajectories([{**row, "returned": None}])
+
+
+# ---------------------------------------------------------------------------------------------- per-session exploration
+def test_per_session_signals_give_each_session_one_advantage_hand_computed():
+    """κ = 1 (layered): S = R = 0.1·revenue + return = (2, 0) for the two sessions; without a baseline
+    A_t = S/T: session 0 (T = 2) gives 1 per step, session 1 (T = 1) gives 0."""
+    s = OuterSignals(config(per_session=True, anneal=False, kappa=KappaSchedule(end=1.0)))
+    out = s.compute(two_sessions())
+    assert out["step_signal"].tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert out["kappa"].tolist() == [0, 0, 0] and not out["kpi_step_signal"].any()
+    assert out["part_names"] == ["inner", "revenue", "return"]
+    assert np.allclose(out["session_parts"], [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+
+
+def test_per_session_baseline_is_leave_one_out():
+    """S = (2, 0, 5) over three sessions: Â_i = (S_i − mean of the others)/σ(S), so the baseline of a
+    session never contains its own (action-dependent) outcome."""
+    batch = SessionBatch(
+        obs=np.zeros((3, 2), np.float32),
+        actions=np.zeros((3, 3), np.float32),
+        inner_reward=np.zeros(3),
+        engaged=np.zeros(3, bool),
+        session=np.array([0, 1, 2]),
+        t=np.zeros(3, np.int64),
+        kpis={"return": np.array([2.0, 0.0, 5.0])},
+    )
+    s = OuterSignals(config(per_session=True, baseline=True, kpi_weights={"return": 1.0}, gamma=0.0))
+    objective = np.array([2.0, 0.0, 5.0])
+    loo = (objective.sum() - objective) / 2
+    expected = (objective - loo) / objective.std()  # κ·S: κ cancels in the standardisation
+    assert s.compute(batch)["step_signal"].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("signal, expected", [(1.0, 1.0), (0.0, 0.0)])
+def test_kpi_shrinkage_keeps_a_measured_term_and_drops_noise(signal, expected):
+    """Two terms over 4 000 sessions: term 0 = signal·ε₀ + noise (its gradient is (signal, 0)), term 1 pure
+    noise. c₀ ≈ 1 when the signal is strong, ≈ 0 when there is none; c₁ ≈ 0 either way."""
+    rng = np.random.default_rng(0)
+    eps = rng.normal(size=(4000, 2))
+    parts = np.stack([signal * eps[:, 0] + rng.normal(size=4000), rng.normal(size=4000)], axis=1)
+    c = kpi_shrinkage_weights(parts, eps)
+    assert c[0] == pytest.approx(expected, abs=0.05)
+    assert c[1] < 0.05 or expected == 1.0 and c[1] < 0.2
+
+
+def test_min_std_floors_the_exploration_scale():
+    torch.manual_seed(0)
+    module = RankingPolicyModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (4,), np.float32),
+        action_space=spaces.Box(np.zeros(3, np.float32), np.array([2.0, 2.0, 40.0], np.float32)),
+        model_config={"init_std": 6.0, "min_std": 6.0},
+    )
+    with torch.no_grad():
+        module.log_std.fill_(0.0)  # σ = 1 below the floor
+    assert np.allclose(module.logits(torch.zeros(2, 4))[1].exp().detach().numpy(), 6.0)

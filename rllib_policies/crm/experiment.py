@@ -1,0 +1,200 @@
+"""CRM's learning experiment on the simulator, measured against the world's oracle (issue 14, item 7).
+
+logs      Gaussian-logged sessions around μ₀ (logs.simulate_gaussian_logs), with the logged states
+rows      request rows (Ray Data), users split train / validation / test
+learn     CRM on train (``iterations`` × ``steps_per_iteration`` full-batch steps)
+deploy    do no harm on validation: π_θ's mean weights exp(m_θ(x)) if certified, else μ₀
+measure   on the test states, exact (World.expected_kpis of the slate each weight vector makes):
+          start   V(μ₀)                  the logging mean, deterministic
+          oracle  max_w V(w)             best static weights on the simplex grid (oracle.ranking_grid)
+          final   V(deployed)            gap closed = (final − start) / (oracle − start)
+          and π_θ itself (stochastic, M draws per state), per-request headroom, and the OPE estimates
+          of the same policies on the test rows next to their exact values (alignment).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from actors.cascade import build_world
+from actors.telemetry import EVENT_SCHEMA
+from actors.world.metrics import gap_closed
+from actors.world.oracle import Family, RequestStates, action_values, ranking_grid
+from rllib_policies.envs import SessionEnv
+from rllib_policies.ope import AbstainRule, DensityRatioSNIPS, EssCorrected, KernelSNIPS, LoggedBandit
+
+from .config import CRMConfig
+from .logs import (
+    DEFAULT_WEIGHTS,
+    LOG_HIGH,
+    LOG_LOW,
+    LoggedStates,
+    as_arrays,
+    logging_policy,
+    policy_value,
+    request_dataset,
+    request_rows,
+    simulate_gaussian_logs,
+    split_by_user,
+)
+
+
+@dataclass
+class CRMExperiment:
+    """One run (one seed): budget, logging policy and learner settings."""
+
+    env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
+    sessions: int = 5000
+    logging_weights: tuple[float, float, float] = tuple(DEFAULT_WEIGHTS.tolist())
+    logging_sigma: float = 2.0  # wide enough that the oracle's region has support (ESS)
+    lam: float = 0.25
+    iterations: int = 12
+    steps_per_iteration: int = 50
+    lr: float = 0.01
+    learn_sigma: bool = True
+    confidence: float = 0.95
+    min_ess_fraction: float = 0.2
+    l2: float = 1.0
+    validation: float = 0.35
+    test: float = 0.2
+    oracle_resolution: int = 20
+    policy_draws: int = 4  # M draws per test state for π_θ's exact value
+    ray_data: bool = (
+        True  # events → rows by the Ray Data job (False: in process; the learner reads rows with Ray Data either way)
+    )
+    seed: int = 0
+
+    def algorithm_config(self, train_path: str) -> CRMConfig:
+        return (
+            CRMConfig()
+            .environment(SessionEnv, env_config={**self.env_config, "seed": self.seed})
+            .crm(
+                offline_requests=train_path,
+                lam=self.lam,
+                init_weights=tuple(self.logging_weights),
+                init_sigma=self.logging_sigma,
+                learn_sigma=self.learn_sigma,
+                confidence=self.confidence,
+                min_ess_fraction=self.min_ess_fraction,
+                l2=self.l2,
+                steps_per_iteration=self.steps_per_iteration,
+            )
+            .training(lr=self.lr)
+            .learners(num_learners=0)
+            .debugging(seed=self.seed, log_level="ERROR")
+        )
+
+
+def _ope(data: LoggedBandit, target, deterministic: bool) -> dict:
+    never = AbstainRule(min_ess=0, min_ess_fraction=0)
+    est = (
+        KernelSNIPS(bandwidth=0.3, interval=EssCorrected(), abstain=never)
+        if deterministic
+        else DensityRatioSNIPS(interval=EssCorrected(), abstain=never)
+    ).estimate(data, target)
+    return {"estimate": est.value, "low": est.low, "high": est.high, "ess": est.ess}
+
+
+def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
+    """Logs → CRM → do no harm → exact values on test states (module docstring); the untrained ("frozen")
+    policy goes through the same do no harm and is measured too (the learning test's control). Needs Ray."""
+    t0 = time.perf_counter()
+    world, pipeline = build_world(cfg.env_config)
+    events, states_path = os.path.join(work_dir, "events"), os.path.join(work_dir, "states.npz")
+    info = simulate_gaussian_logs(
+        cfg.env_config, events, cfg.sessions, cfg.logging_weights, cfg.logging_sigma, cfg.seed, states_path=states_path
+    )
+    table = (
+        pa.concat_tables(ray.get(request_dataset(events).to_arrow_refs()))
+        if cfg.ray_data
+        else request_rows(pads.dataset(events, format="parquet", schema=EVENT_SCHEMA).to_table())
+    )
+    train, val, test = split_by_user(table, (1 - cfg.validation - cfg.test, cfg.validation), cfg.seed)
+    train_path = os.path.join(work_dir, "train")
+    os.makedirs(train_path, exist_ok=True)
+    pq.write_table(train, os.path.join(train_path, "part-0.parquet"))
+    tr, va, te = (as_arrays(t) for t in (train, val, test))
+    t_data = time.perf_counter() - t0
+
+    algo = cfg.algorithm_config(train_path).build_algo()
+    try:
+        algo.load_rows()
+        q = logging_policy(cfg.logging_weights, cfg.logging_sigma)
+        frozen = algo.inference_module()
+        frozen_decision = algo.do_no_harm(va, q, frozen)
+        frozen_mean = np.clip(algo.policy(te["obs"], frozen).mean, LOG_LOW, LOG_HIGH)
+        history = [dict(algo.train()["crm"]) for _ in range(cfg.iterations)]
+        module = algo.inference_module()
+        decision = algo.do_no_harm(va, q)
+        objective = algo.reward_fn
+        pi = algo.policy(te["obs"], module)
+        test_data = algo.logged_bandit(te)
+    finally:
+        algo.stop()
+    t_train = time.perf_counter() - t0 - t_data
+
+    states = LoggedStates.load(states_path).select(te["request_id"])
+    rng = np.random.default_rng(cfg.seed)
+    mu0 = np.clip(np.log(np.asarray(cfg.logging_weights, np.float64)), LOG_LOW, LOG_HIGH)
+    learned_mean = np.clip(pi.mean, LOG_LOW, LOG_HIGH)
+    deployed = learned_mean if decision.deploy else np.broadcast_to(mu0, learned_mean.shape)
+    frozen_deployed = frozen_mean if frozen_decision.deploy else np.broadcast_to(mu0, learned_mean.shape)
+    draws = np.stack([pi.sample(rng) for _ in range(cfg.policy_draws)])
+    q_draws = np.stack(
+        [
+            logging_policy(cfg.logging_weights, cfg.logging_sigma).sample(rng, len(states))
+            for _ in range(cfg.policy_draws)
+        ]
+    )
+    exact = {
+        "logging_mean": policy_value(pipeline, states, objective, np.broadcast_to(mu0, (len(states), 3))),
+        "logging_policy": policy_value(pipeline, states, objective, q_draws),
+        "learned_mean": policy_value(pipeline, states, objective, learned_mean),
+        "learned_policy": policy_value(pipeline, states, objective, draws),
+        "deployed": policy_value(pipeline, states, objective, deployed),
+        "frozen_deployed": policy_value(pipeline, states, objective, frozen_deployed),
+    }
+    grid = ranking_grid(cfg.oracle_resolution)
+    oracle_states = RequestStates(states.req, states.cohort, np.empty((len(states), 0), np.int64), states.pre_ranked)
+    kpis = action_values(pipeline, oracle_states, Family.ranking(grid)).kpis
+    values = objective(kpis)  # [N, A]
+    best = int(values.mean(0).argmax())
+    exact["oracle_static"] = float(values[:, best].mean())
+    exact["oracle_request"] = float(values.max(1).mean())
+    oracle_w = np.clip(np.log(np.maximum(grid[best].astype(np.float64), 1e-12)), LOG_LOW, LOG_HIGH)
+    ope = {
+        "logging_mean": _ope(test_data, np.broadcast_to(mu0, (len(test_data), 3)), True),
+        "learned_mean": _ope(test_data, learned_mean, True),
+        "learned_policy": _ope(test_data, pi, False),
+        "oracle_static": _ope(test_data, np.broadcast_to(oracle_w, (len(test_data), 3)), True),
+    }
+    start, top = exact["logging_mean"], exact["oracle_static"]
+    return {
+        "config": asdict(cfg),
+        "data": {**info, "train_rows": train.num_rows, "validation_rows": val.num_rows, "test_rows": test.num_rows},
+        "history": history,
+        "decision": {
+            "deploy": decision.deploy,
+            "reason": decision.reason,
+            "learned_estimate": decision.learned.value,
+            "learned_low": decision.learned.low,
+            "logging_estimate": decision.logging.value,
+            "difference_low": decision.difference_low,
+            "frozen_deploy": frozen_decision.deploy,
+        },
+        "sigma": pi.cov.tolist(),
+        "learned_weights_mean": np.exp(learned_mean).mean(0).tolist(),
+        "oracle_weights": grid[best].tolist(),
+        "exact": exact,
+        "ope": ope,
+        "gap_closed": {k: gap_closed(start, v, top) for k, v in exact.items()},
+        "wall_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},
+    }

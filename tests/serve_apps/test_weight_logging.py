@@ -1,0 +1,279 @@
+"""Gaussian weight logging (serve_apps/weight_logging.py): the sampler draws exactly from the truncated
+Gaussian whose density it logs, and the recommend app logs μ and that density with every event."""
+
+import tempfile
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
+import pytest
+from scipy import stats
+
+from actors.stages import DEFAULT_PARAMS, RANKING_ACTION_HIGH
+from serve_apps.recommend import app_builder
+from serve_apps.weight_logging import WeightLogging
+
+STD = np.array([0.3, 0.5, 0.2])
+
+
+def truncnorm_marginals(wl: WeightLogging, mean: np.ndarray, std: np.ndarray) -> list:
+    """scipy's truncated normal per dimension over a = log w, around log μ (μ moved into the box)."""
+    mu = np.log(wl.clip_mean(mean).astype(np.float64))
+    a, b = (wl.log_low - mu) / std, (wl.log_high - mu) / std
+    return [stats.truncnorm(a[j], b[j], loc=mu[j], scale=std[j]) for j in range(len(mu))]
+
+
+def test_box_is_floor_high_to_high_in_log_space():
+    wl = WeightLogging.from_config({"std": 0.3})
+    np.testing.assert_allclose(wl.weight_low, 1e-3 * RANKING_ACTION_HIGH, rtol=1e-6)
+    np.testing.assert_array_equal(wl.weight_high, RANKING_ACTION_HIGH)
+    np.testing.assert_allclose(wl.log_low, np.log(1e-3 * RANKING_ACTION_HIGH), atol=1e-6)
+    assert (wl.weight_low.astype(np.float64) >= 1e-3 * RANKING_ACTION_HIGH.astype(np.float64)).all()
+    # μ: a zero weight is lifted to floor·high, one above high lowered to it
+    np.testing.assert_array_equal(wl.clip_mean([0.0, 1.0, 1e3]), [wl.weight_low[0], 1.0, wl.weight_high[2]])
+
+
+@pytest.mark.parametrize("config", [{"std": STD.tolist(), "seed": 3}, {"cov": np.diag(STD**2).tolist(), "seed": 3}])
+def test_draws_stay_in_the_box_and_log_the_truncnorm_density(config):
+    wl = WeightLogging.from_config(config)
+    rng = wl.rng("replica-a")
+    for mean in ([1.0, 1.0, 10.0], [1.0, 0.0, 40.0], [2.0, 1e-4, 1e6]):
+        for _ in range(50):
+            weights, mu, log_density = wl.draw(np.asarray(mean), rng)
+            assert weights.dtype == np.float32 and mu.dtype == np.float32
+            assert ((weights >= wl.weight_low) & (weights <= wl.weight_high)).all()
+            log_w = np.log(weights.astype(np.float64))
+            expected = sum(d.logpdf(x) for d, x in zip(truncnorm_marginals(wl, mean, STD), log_w))
+            assert np.isfinite(log_density) and log_density == pytest.approx(expected, abs=1e-9)
+            # recomputed from what telemetry stores (float32 μ and weights): identical
+            assert wl.log_density(mu, weights)[0] == log_density
+
+
+@pytest.mark.parametrize("config", [{"std": STD.tolist(), "seed": 0}, {"cov": np.diag(STD**2).tolist(), "seed": 0}])
+def test_sample_distribution_is_the_truncated_gaussian(config):
+    """KS per dimension of 20 000 draws against scipy.stats.truncnorm (μ near the box's edges, so the
+    truncation matters): the diagonal path (truncnorm) and the full-Σ path (rejection) alike."""
+    wl = WeightLogging.from_config(config)
+    mean = np.array([1.8, 0.0, 20.0])  # w_click near high, w_long_view at the floor
+    a = wl.sample_log(np.tile(mean, (20_000, 1)), wl.rng())
+    for j, dist in enumerate(truncnorm_marginals(wl, mean, STD)):
+        assert stats.kstest(a[:, j], dist.cdf).pvalue > 1e-3, j
+    # the truncation is visible: the lower edge holds about half the w_long_view draws' mass
+    assert (a[:, 1] >= wl.log_low[1]).all() and np.mean(a[:, 1] < wl.log_low[1] + STD[1]) > 0.5
+
+
+def test_correlated_covariance_draws_inside_and_density_normalises():
+    """A full Σ: draws inside the box, and the logged density integrates to 1 over the box (Monte Carlo)."""
+    cov = np.array([[0.09, 0.05, 0.0], [0.05, 0.25, -0.04], [0.0, -0.04, 0.04]])
+    wl = WeightLogging.from_config({"cov": cov.tolist(), "seed": 1})
+    mean = np.array([1.8, 0.01, 30.0])
+    a = wl.sample_log(np.tile(mean, (2000, 1)), wl.rng())
+    assert ((a >= wl.log_low) & (a <= wl.log_high)).all()
+    # E_uniform[π(a)] · vol(box) = 1 on a sub-box holding all the mass (±6σ around log μ, within the box)
+    mu = np.log(wl.clip_mean(mean).astype(np.float64))
+    lo = np.maximum(wl.log_low, mu - 6 * np.sqrt(np.diag(cov)))
+    hi = np.minimum(wl.log_high, mu + 6 * np.sqrt(np.diag(cov)))
+    u = np.random.default_rng(2).uniform(lo, hi, (400_000, 3))
+    density = np.exp(wl.policy(mean).log_density(u))
+    assert density.mean() * np.prod(hi - lo) == pytest.approx(1.0, abs=0.02)
+
+
+def test_full_covariance_without_an_exact_draw_refuses():
+    wl = WeightLogging.from_config({"cov": np.diag([1e6] * 3).tolist(), "max_tries": 10, "seed": 0})
+    assert wl.draw(np.array([1.0, 1.0, 10.0]), wl.rng()) is None
+
+
+def test_seeded_streams_repeat_and_differ_per_replica():
+    wl = WeightLogging.from_config({"seed": 7})
+    mean = np.array([1.0, 1.0, 10.0])
+    first = wl.sample_log(np.tile(mean, (5, 1)), wl.rng("a"))
+    np.testing.assert_array_equal(first, wl.sample_log(np.tile(mean, (5, 1)), wl.rng("a")))
+    assert not np.allclose(first, wl.sample_log(np.tile(mean, (5, 1)), wl.rng("b")))
+    assert WeightLogging.from_config(None) is None
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"std": -0.1}, r"weight_logging\.std must be finite and > 0"),
+        ({"std": [0.3, 0.0, 0.3]}, r"weight_logging\.std must be finite and > 0"),
+        ({"std": [0.3, 0.3]}, r"weight_logging\.std has 2 entries; expected one float or 3"),
+        ({"floor": 0}, r"weight_logging\.floor must be a number in \(0, 1\)"),
+        ({"floor": 1.0}, r"weight_logging\.floor must be a number in \(0, 1\)"),
+        ({"floor": -1e-3}, r"weight_logging\.floor must be a number in \(0, 1\)"),
+        (
+            {"cov": [[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]},
+            r"weight_logging\.cov must be positive definite",
+        ),
+        ({"cov": [[1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]}, r"weight_logging\.cov must be symmetric"),
+        ({"cov": [[1.0, 0.0], [0.0, 1.0]]}, r"weight_logging\.cov has shape \(2, 2\); expected \(3, 3\)"),
+        ({"std": 0.3, "cov": np.eye(3).tolist()}, r"give 'std' .* or 'cov' .*, not both"),
+        ({"sigma": 0.3}, r"weight_logging: unknown keys \['sigma'\]"),
+        ({"seed": -1}, r"weight_logging\.seed must be an integer >= 0"),
+        ({"max_tries": 0}, r"weight_logging\.max_tries must be an integer >= 1"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_field(config, match):
+    with pytest.raises(ValueError, match=match):
+        WeightLogging.from_config(config)
+
+
+def test_app_builder_refuses_bad_weight_logging_at_build_time():
+    with pytest.raises(ValueError, match=r"weight_logging\.std must be finite and > 0"):
+        app_builder({"weight_logging": {"std": [0.3, -1.0, 0.3]}})
+
+
+# ------------------------------------------------------------------ a real Serve app with weight logging on
+
+ARGS = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
+LOGGING = {"std": STD.tolist(), "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def client(serve_url):
+    from ray import serve
+
+    from serve_apps import inner_reward
+
+    prefix = f"wl_test_{uuid.uuid4().hex[:8]}"
+    serve.run(
+        inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="wl_test_inner", route_prefix="/wl_ir"
+    )
+    events = tempfile.mkdtemp(prefix="morl-events-wl-")
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": "wl_test_inner",
+                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+                "weight_logging": LOGGING,
+            }
+        ),
+        name="weight_logging_test",
+        route_prefix="/wl",
+    )
+    with httpx.Client(base_url=f"{serve_url}/wl", timeout=60) as c:
+        c.events_root = events
+        yield c
+    serve.delete("weight_logging_test")
+    serve.delete("wl_test_inner")
+
+
+@pytest.mark.ray
+@pytest.mark.serve
+def test_served_weights_mean_and_density_reach_the_events(client):
+    from actors.telemetry import read_parquet_events
+
+    wl = WeightLogging.from_config(LOGGING)
+    user, n_slate = 17, 8
+    feedback = {"clicked": [True] + [False] * 7, "dwell_s": [5.0] + [0.0] * 7, "skipped": [False] + [True] * 7}
+    logged = {}
+    for step in range(4):
+        rec = client.post("/recommend", json={"user_id": user, "step": step})
+        assert rec.status_code == 200, rec.text
+        body = rec.json()["weight_logging"]
+        # μ = the ranking stage's held weights (no agent, no per-request weights); served ≠ μ
+        np.testing.assert_allclose(body["mean"], DEFAULT_PARAMS["ranking"], rtol=1e-6)
+        assert not np.allclose(body["weights"], body["mean"])
+        assert body["log_density"] == pytest.approx(wl.log_density(body["mean"], body["weights"])[0], abs=1e-9)
+        logged[rec.json()["request_id"]] = body
+        fb = client.post("/feedback", json={"request_id": rec.json()["request_id"], **feedback})
+        assert fb.status_code == 200, fb.text
+    # explicit per-request weights are served as given: nothing drawn, nothing logged
+    rec = client.post("/recommend", json={"user_id": user, "step": 9, "ranking_weights": [1.0, 0.5, 5.0]})
+    assert rec.status_code == 200 and rec.json()["weight_logging"] is None
+    explicit_id = rec.json()["request_id"]
+    assert client.post("/feedback", json={"request_id": explicit_id, **feedback}).status_code == 200
+
+    emitted = client.get("/telemetry").json()["emitted"]
+    deadline = time.time() + 10
+    while time.time() < deadline and client.get("/telemetry").json()["flushed"] < emitted:
+        time.sleep(0.05)
+    events = read_parquet_events(client.events_root)
+    mine = events.filter(pa.compute.equal(events["user_id"], user))
+    assert mine.num_rows == 5 * n_slate
+    rows = mine.to_pylist()
+    for request_id, body in logged.items():
+        slate = [r for r in rows if r["request_id"] == request_id]
+        assert len(slate) == n_slate
+        for r in slate:  # every position carries the request's served weights, μ and density
+            np.testing.assert_array_equal(np.float32(r["utility_weights"]), np.float32(body["weights"]))
+            np.testing.assert_array_equal(np.float32(r["weight_mean"]), np.float32(body["mean"]))
+            assert r["weight_log_density"] == body["log_density"]
+    # the logged density is recomputable from the logged columns alone
+    drawn = mine.filter(pa.compute.is_valid(mine["weight_log_density"]))
+    assert drawn.num_rows == 4 * n_slate
+    recomputed = wl.log_density(
+        np.stack(drawn["weight_mean"].to_numpy(zero_copy_only=False)),
+        np.stack(drawn["utility_weights"].to_numpy(zero_copy_only=False)),
+    )
+    np.testing.assert_array_equal(recomputed, drawn["weight_log_density"].to_numpy())
+    explicit = [r for r in rows if r["request_id"] == explicit_id]
+    assert all(r["weight_mean"] is None and r["weight_log_density"] is None for r in explicit)
+    np.testing.assert_allclose(explicit[0]["utility_weights"], [1.0, 0.5, 5.0])
+
+
+@pytest.fixture(scope="module")
+def explore_client(serve_url):
+    """The same app with the utility agent in explore mode: μ is the agent's grid point."""
+    from ray import serve
+
+    from serve_apps import inner_reward
+
+    prefix = f"wlx_test_{uuid.uuid4().hex[:8]}"
+    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="wlx_inner", route_prefix="/wlx_ir")
+    events = tempfile.mkdtemp(prefix="morl-events-wlx-")
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": "wlx_inner",
+                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+                "utility_agent": {"mode": "explore", "timeout_s": 30},
+                "weight_logging": {"cov": np.diag(STD**2).tolist(), "seed": 1},
+            }
+        ),
+        name="weight_logging_explore_test",
+        route_prefix="/wlx",
+    )
+    with httpx.Client(base_url=f"{serve_url}/wlx", timeout=60) as c:
+        c.events_root = events
+        yield c
+    serve.delete("weight_logging_explore_test")
+    serve.delete("wlx_inner")
+
+
+@pytest.mark.ray
+@pytest.mark.serve
+def test_with_an_agent_the_mean_is_its_choice_and_its_propensity_stays(explore_client):
+    from actors.telemetry import read_parquet_events
+
+    wl = WeightLogging.from_config({"cov": np.diag(STD**2).tolist()})
+    user = 23
+    feedback = {"clicked": [False] * 8, "dwell_s": [0.0] * 8, "skipped": [True] * 8}
+    for step in range(3):
+        rec = explore_client.post("/recommend", json={"user_id": user, "step": step})
+        assert rec.status_code == 200, rec.text
+        choice, body = rec.json()["utility"], rec.json()["weight_logging"]
+        assert choice["mode"] == "explore" and choice["propensity"] == pytest.approx(1 / 49)
+        np.testing.assert_array_equal(np.float32(body["mean"]), wl.clip_mean(choice["weights"]))
+        assert body["log_density"] == pytest.approx(wl.log_density(body["mean"], body["weights"])[0], abs=1e-9)
+        assert explore_client.post("/feedback", json={"request_id": rec.json()["request_id"], **feedback}).is_success
+    emitted = explore_client.get("/telemetry").json()["emitted"]
+    deadline = time.time() + 10
+    while time.time() < deadline and explore_client.get("/telemetry").json()["flushed"] < emitted:
+        time.sleep(0.05)
+    events = read_parquet_events(explore_client.events_root)
+    mine = events.filter(pa.compute.equal(events["user_id"], user))
+    assert mine.num_rows == 24
+    np.testing.assert_allclose(mine["propensity"].to_numpy(), 1 / 49, rtol=1e-6)  # the grid draw's probability
+    recomputed = wl.log_density(
+        np.stack(mine["weight_mean"].to_numpy(zero_copy_only=False)),
+        np.stack(mine["utility_weights"].to_numpy(zero_copy_only=False)),
+    )
+    np.testing.assert_array_equal(recomputed, mine["weight_log_density"].to_numpy())
