@@ -536,6 +536,12 @@ def _bandit(table: pa.Table, columns: Columns, where: Locator, n_actions: int | 
             clusters=np.asarray(table[columns.cluster].to_numpy(zero_copy_only=False)) if columns.cluster else None,
             reward_names=columns.reward,
             n_actions=n_actions,
+            sources={
+                "action": columns.action,
+                "propensity": p_col,
+                **({"context": ", ".join(columns.context)} if columns.context else {}),
+                **({"clusters": columns.cluster} if columns.cluster else {}),
+            },
         )
     except ValueError as e:
         raise _wrap_row(e, where) from e
@@ -732,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args, lambda line: print(line, flush=True))
     except BadInput as e:
         print(f"evaluate_logs: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, pa.ArrowInvalid) as e:  # unreadable or corrupt Parquet: one line, not a traceback
+        print(f"evaluate_logs: error: cannot read the logs: {e}", file=sys.stderr)
         return 2
     return 0
 

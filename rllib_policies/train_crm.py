@@ -83,6 +83,10 @@ def finish(algo, job: CRMJob) -> None:
     torch.save(algo.inference_module().state_dict(), path)
     out = {
         "deploy": decision.deploy,
+        # what serving must draw from: "mean" = N(m_θ(x), mean_jitter²·I), "policy" = π_θ, "logging" = q
+        "deployed": decision.deployed,
+        "mean_jitter": algo.config.mean_jitter,
+        "logging_sigma": job.logging_sigma,
         "reason": decision.reason,
         "learned_estimate": [decision.learned.value, decision.learned.low, decision.learned.high],
         "logging_estimate": decision.logging.value,

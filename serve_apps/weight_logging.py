@@ -15,7 +15,9 @@ is ``rllib_policies.ope.GaussianPolicy(log μ, Σ, low, high).log_density`` — 
 so serving and OPE agree by construction. The weights are served as float32 (the telemetry's
 ``utility_weights``) and μ is logged as float32 (``weight_mean``); both are rounded *before* the density is
 taken and the box's ends are float32 values, so ``log_density(weight_mean, utility_weights)`` on the logged
-columns gives the logged ``weight_log_density`` exactly.
+columns gives the logged ``weight_log_density`` exactly for a diagonal Σ. For a full Σ, Z is Genz's
+quasi-Monte Carlo box probability (scipy, fixed generator, tolerance 1e-7), so a recomputation agrees to
+about 1e-7 rather than bit for bit.
 
 No Ray, no torch: usable outside Serve (simulators, offline checks).
 """
@@ -179,6 +181,8 @@ class WeightLogging:
     def draw(self, mean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float] | None:
         """One request: (served weights float32 [k], μ float32 [k], log density of the served log w), or None
         when a full Σ could not be sampled exactly (then serve μ unexplored and log no density)."""
+        if not np.all(np.isfinite(mean)):
+            raise ValueError(f"weight_logging: the live weights must be finite, got {np.asarray(mean).tolist()}")
         a = self.sample_log(mean, rng)
         if a is None:
             return None

@@ -3,13 +3,15 @@
 logs      Gaussian-logged sessions around μ₀ (logs.simulate_gaussian_logs), with the logged states
 rows      request rows (Ray Data), users split train / validation / test
 learn     CRM on train (``iterations`` × ``steps_per_iteration`` full-batch steps)
-deploy    do no harm on validation: π_θ's mean weights exp(m_θ(x)) if certified, else μ₀
-measure   on the test states, exact (World.expected_kpis of the slate each weight vector makes):
+deploy    do no harm on validation (algorithm.do_no_harm): the first certified of the learned mean with jitter h
+          (N(m_θ(x), h²I)) and π_θ, each against q; none → q. What is certified is what is served.
+measure   on the test states, exact (World.expected_kpis of the slate each weight vector makes; stochastic
+          policies by M draws per state):
           start   V(μ₀)                  the logging mean, deterministic
           oracle  max_w V(w)             best static weights on the simplex grid (oracle.ranking_grid)
-          final   V(deployed)            gap closed = (final − start) / (oracle − start)
-          and π_θ itself (stochastic, M draws per state), per-request headroom, and the OPE estimates
-          of the same policies on the test rows next to their exact values (alignment).
+          final   V(deployed)            the certified policy itself; gap closed = (final − start) / (oracle − start)
+          and beside it the deterministic mean exp(m_θ(x)) (never served), the jittered mean, π_θ, q,
+          per-request headroom, and the OPE estimates on the test rows next to exact values (alignment).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from actors.telemetry import EVENT_SCHEMA
 from actors.world.metrics import gap_closed
 from actors.world.oracle import Family, RequestStates, action_values, ranking_grid
 from rllib_policies.envs import SessionEnv
-from rllib_policies.ope import AbstainRule, DensityRatioSNIPS, EssCorrected, KernelSNIPS, LoggedBandit
+from rllib_policies.ope import AbstainRule, DensityRatioSNIPS, EssCorrected, GaussianPolicy, KernelSNIPS, LoggedBandit
 
-from .config import CRMConfig
+from .algorithm import CRMConfig
 from .logs import (
     DEFAULT_WEIGHTS,
     LOG_HIGH,
@@ -63,6 +65,8 @@ class CRMExperiment:
     confidence: float = 0.95
     min_ess_fraction: float = 0.2
     l2: float = 1.0
+    mean_jitter: float = 0.3  # h: the learned mean is certified and served as N(m_θ(x), h²I)
+    do_no_harm_level: float = 0.95
     validation: float = 0.35
     test: float = 0.2
     oracle_resolution: int = 20
@@ -86,6 +90,8 @@ class CRMExperiment:
                 min_ess_fraction=self.min_ess_fraction,
                 l2=self.l2,
                 steps_per_iteration=self.steps_per_iteration,
+                mean_jitter=self.mean_jitter,
+                do_no_harm_level=self.do_no_harm_level,
             )
             .training(lr=self.lr)
             .learners(num_learners=0)
@@ -130,12 +136,13 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
         q = logging_policy(cfg.logging_weights, cfg.logging_sigma)
         frozen = algo.inference_module()
         frozen_decision = algo.do_no_harm(va, q, frozen)
-        frozen_mean = np.clip(algo.policy(te["obs"], frozen).mean, LOG_LOW, LOG_HIGH)
+        frozen_served = algo.deployed_policy(te["obs"], frozen_decision, q, frozen)
         history = [dict(algo.train()["crm"]) for _ in range(cfg.iterations)]
         module = algo.inference_module()
         decision = algo.do_no_harm(va, q)
         objective = algo.reward_fn
-        pi = algo.policy(te["obs"], module)
+        candidates = algo.candidates(te["obs"], module)
+        pi, jittered = candidates["policy"], candidates["mean"]
         test_data = algo.logged_bandit(te)
     finally:
         algo.stop()
@@ -145,23 +152,25 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
     rng = np.random.default_rng(cfg.seed)
     mu0 = np.clip(np.log(np.asarray(cfg.logging_weights, np.float64)), LOG_LOW, LOG_HIGH)
     learned_mean = np.clip(pi.mean, LOG_LOW, LOG_HIGH)
-    deployed = learned_mean if decision.deploy else np.broadcast_to(mu0, learned_mean.shape)
-    frozen_deployed = frozen_mean if frozen_decision.deploy else np.broadcast_to(mu0, learned_mean.shape)
-    draws = np.stack([pi.sample(rng) for _ in range(cfg.policy_draws)])
-    q_draws = np.stack(
-        [
-            logging_policy(cfg.logging_weights, cfg.logging_sigma).sample(rng, len(states))
-            for _ in range(cfg.policy_draws)
-        ]
-    )
+
+    def draws(policy) -> np.ndarray:  # [M, N, 3]: M exact draws per test state
+        return np.stack([policy.sample(rng) for _ in range(cfg.policy_draws)])
+
+    q_test = GaussianPolicy(np.broadcast_to(q.mean, (len(states), 3)), q.cov, LOG_LOW, LOG_HIGH)
     exact = {
         "logging_mean": policy_value(pipeline, states, objective, np.broadcast_to(mu0, (len(states), 3))),
-        "logging_policy": policy_value(pipeline, states, objective, q_draws),
+        "logging_policy": policy_value(pipeline, states, objective, draws(q_test)),
         "learned_mean": policy_value(pipeline, states, objective, learned_mean),
-        "learned_policy": policy_value(pipeline, states, objective, draws),
-        "deployed": policy_value(pipeline, states, objective, deployed),
-        "frozen_deployed": policy_value(pipeline, states, objective, frozen_deployed),
+        "learned_mean_jitter": policy_value(pipeline, states, objective, draws(jittered)),
+        "learned_policy": policy_value(pipeline, states, objective, draws(pi)),
     }
+    kind = {"mean": "learned_mean_jitter", "policy": "learned_policy", "logging": "logging_policy"}
+    exact["deployed"] = exact[kind[decision.deployed]]  # the certified policy, same draws
+    exact["frozen_deployed"] = (
+        exact["logging_policy"]
+        if frozen_decision.deployed == "logging"
+        else policy_value(pipeline, states, objective, draws(frozen_served))
+    )
     grid = ranking_grid(cfg.oracle_resolution)
     oracle_states = RequestStates(states.req, states.cohort, np.empty((len(states), 0), np.int64), states.pre_ranked)
     kpis = action_values(pipeline, oracle_states, Family.ranking(grid)).kpis
@@ -170,11 +179,14 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
     exact["oracle_static"] = float(values[:, best].mean())
     exact["oracle_request"] = float(values.max(1).mean())
     oracle_w = np.clip(np.log(np.maximum(grid[best].astype(np.float64), 1e-12)), LOG_LOW, LOG_HIGH)
+    served = {"mean": jittered, "policy": pi, "logging": q_test}[decision.deployed]
     ope = {
         "logging_mean": _ope(test_data, np.broadcast_to(mu0, (len(test_data), 3)), True),
         "learned_mean": _ope(test_data, learned_mean, True),
+        "learned_mean_jitter": _ope(test_data, jittered, False),
         "learned_policy": _ope(test_data, pi, False),
         "oracle_static": _ope(test_data, np.broadcast_to(oracle_w, (len(test_data), 3)), True),
+        "deployed": _ope(test_data, served, False),
     }
     start, top = exact["logging_mean"], exact["oracle_static"]
     return {
@@ -182,13 +194,18 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
         "data": {**info, "train_rows": train.num_rows, "validation_rows": val.num_rows, "test_rows": test.num_rows},
         "history": history,
         "decision": {
+            "deployed": decision.deployed,
             "deploy": decision.deploy,
             "reason": decision.reason,
-            "learned_estimate": decision.learned.value,
-            "learned_low": decision.learned.low,
+            "level": decision.level,
             "logging_estimate": decision.logging.value,
-            "difference_low": decision.difference_low,
-            "frozen_deploy": frozen_decision.deploy,
+            "certificates": {
+                k: {"estimate": c.estimate.value, "ess": c.estimate.ess, "difference": c.difference}
+                | {"difference_low": c.difference_low, "certified": c.certified}
+                for k, c in decision.certificates.items()
+            },
+            "frozen_deployed": frozen_decision.deployed,
+            "frozen_reason": frozen_decision.reason,
         },
         "sigma": pi.cov.tolist(),
         "learned_weights_mean": np.exp(learned_mean).mean(0).tolist(),

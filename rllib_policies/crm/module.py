@@ -6,8 +6,10 @@ log-weights a = log w ∈ ℝ³, truncated to the logging box [low, high]³ (Jeu
                                                                  init: π_θ starts as the logging policy)
     Z_θ(x) = Π_k [Φ((high_k − m_k)/σ_k) − Φ((low_k − m_k)/σ_k)],
 
-with RLlib's ``TorchDiagGaussian`` for the normal part. Inference serves the mean weights exp(m_θ(x))
-(``_forward_inference``) or a draw (``_forward_exploration``: the next round's logging policy).
+with RLlib's ``TorchDiagGaussian`` for the normal part. ``_forward_inference`` returns the mean weights
+exp(m_θ(x)) (for inspection: do no harm certifies and serves stochastic policies, algorithm.py);
+``_forward_exploration`` an exact draw of π_θ (``sample_truncated``: per-dimension inverse CDF of the truncated
+normal, the density that is logged as the next round's q).
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ def log_box_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     a, b = torch.where(flip, -beta, alpha), torch.where(flip, -alpha, beta)
     la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
     return lb + torch.log1p(-torch.exp((la - lb).clamp_max(-1e-12)))
+
+
+def sample_truncated(mean: torch.Tensor, sigma: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """One exact draw per entry of N(mean, σ²) truncated to [low, high] (diagonal σ: per dimension), by the
+    inverse CDF u ~ U(Φ(α), Φ(β)), a = m + σ·Φ⁻¹(u), α = (low − m)/σ, β = (high − m)/σ. On the upper tail
+    (α + β > 0) it draws −a from the mirrored box so Φ stays away from 1; the final clamp only removes
+    float round-off. Computed in float64 (Φ⁻¹ resolves |x| up to ≈ 8 there, not ≈ 5 as in float32)."""
+    dtype = mean.dtype
+    mean, sigma, low, high = (t.to(torch.float64) for t in (mean, sigma.expand_as(mean), low, high))
+    alpha, beta = (low - mean) / sigma, (high - mean) / sigma
+    flip = (alpha + beta) > 0
+    a, b = torch.where(flip, -beta, alpha), torch.where(flip, -alpha, beta)
+    pa, pb = torch.special.ndtr(a), torch.special.ndtr(b)
+    u = pa + (pb - pa) * torch.rand_like(mean)
+    x = torch.special.ndtri(u.clamp(torch.finfo(mean.dtype).tiny, 1.0)).clamp(a, b)
+    return (mean + sigma * torch.where(flip, -x, x)).clamp(low, high).to(dtype)
 
 
 class CRMPolicyModule(TorchRLModule):
@@ -82,12 +100,6 @@ class CRMPolicyModule(TorchRLModule):
     def _forward_inference(self, batch, **kwargs):
         return {Columns.ACTIONS: self.mean_weights(batch[Columns.OBS])}
 
-    def _forward_exploration(self, batch, **kwargs):  # one draw per row, by rejection into the box
+    def _forward_exploration(self, batch, **kwargs):  # one exact draw of π_θ per row
         mean, sigma = self.gaussian(batch[Columns.OBS])
-        a = mean + sigma * torch.randn_like(mean)
-        for _ in range(100):
-            out = (a < self.low) | (a > self.high)
-            if not out.any():
-                break
-            a = torch.where(out, mean + sigma * torch.randn_like(mean), a)
-        return {Columns.ACTIONS: torch.exp(a.clamp(self.low, self.high))}
+        return {Columns.ACTIONS: torch.exp(sample_truncated(mean, sigma, self.low, self.high))}

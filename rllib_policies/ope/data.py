@@ -233,8 +233,11 @@ class GaussianPolicy:
         if self.diagonal:
             z = stats.norm.cdf((high - mean) / self.cov) - stats.norm.cdf((low - mean) / self.cov)
             return z.prod(axis=1)
-        mvn = stats.multivariate_normal(np.zeros(self.dim), self.cov)
-        return np.atleast_1d(mvn.cdf(high - mean, lower_limit=low - mean)).reshape(len(mean))
+        # Genz's randomised quasi-Monte Carlo, with a fixed generator so the same μ always gives the same Z
+        # (a logged density is recomputed later and must match) and a tolerance 100× tighter than scipy's
+        mvn = stats.multivariate_normal(np.zeros(self.dim), self.cov, abseps=1e-7, releps=1e-7)
+        z = mvn.cdf(high - mean, lower_limit=low - mean, rng=np.random.default_rng(0))
+        return np.atleast_1d(z).reshape(len(mean))
 
     def log_density(self, action: np.ndarray) -> np.ndarray:
         """log π(a_i|x_i) per row [n] (−inf outside the box)."""

@@ -136,6 +136,12 @@ class RankingPolicyModule(TorchRLModule):
         if cfg["init_action"] is not None:
             self.start_at(cfg["init_action"], float(cfg["init_output_scale"]))
         self.log_std = nn.Parameter(torch.full((d_act - 1,), float(np.log(cfg["init_std"]))))
+        if cfg["min_std"] is not None and not 0 < cfg["min_std"] <= np.exp(LOG_STD_MAX):
+            raise ValueError(f"min_std must be in (0, e^{LOG_STD_MAX:g}], got {cfg['min_std']}")
+        if self.max_logit is not None and not self.max_logit > 0:
+            raise ValueError(f"max_logit must be > 0 or None, got {self.max_logit}")
+        # a floor, σ = max(σ_θ, min_std): below it the parameter gets no gradient, so once σ_θ has fallen
+        # under the floor σ stays at min_std (with min_std = init_std: a fixed exploration scale)
         self.log_std_min = LOG_STD_MIN if cfg["min_std"] is None else float(np.log(cfg["min_std"]))
         self.credit = GatedAttentionCredit(d_obs + d_act, int(cfg["credit_dk"]))
         # π(·|s) for exploration, inference and training (get_*_action_dist_cls)

@@ -20,8 +20,9 @@ change the NDCG or revenue of the requests before it, so this drops their noise 
 Per-session exploration (``exploration="session"``: one ε per session, u_t = m(s_t) + σ·ε) makes a
 session one sample of one action, so it gets one advantage: the session objective
 S = β·Σ_t clip(r_t) + J (monolithic) or (1 − κ)·β·Σ_t clip(r_t) + κ·J (layered), J = Σ_k w_k·KPI_k,
-centred by the mean of the *other* sessions of the batch (leave-one-out, so the estimate stays
-unbiased) and scaled by the batch's σ, is spread evenly over the session's T requests (A_t = Â/T; the
+centred by the mean of the *other* sessions of the batch (leave-one-out: the baseline holds no part of
+the session's own outcome) and scaled by the batch's σ (which does, slightly: a small bias), is spread
+evenly over the session's T requests (A_t = Â/T; the
 ``step_signal`` column, with the learner's κ column 0). Its parts per term (the inner reward and each
 KPI) are returned too, for the algorithm's per-KPI shrinkage (``kpi_shrinkage``). Per-request credit
 would be biased there: a step credit or baseline counted T times correlates with ε wherever the action

@@ -131,6 +131,21 @@ def test_bad_input_exits_2_naming_column_and_row(tmp_path, capsys, edit, policy,
     assert re.search(match, stderr), stderr
 
 
+def test_errors_name_the_users_columns_and_a_corrupt_file_exits_2(tmp_path, capsys):
+    """Renamed columns: the checks past the CLI's own name the logged column ('arm'), not the field."""
+    t = _grid_table()
+    t["arm"] = t.pop("action")
+    t["arm"][3] = 5
+    pq.write_table(pa.table(t), tmp_path / "logs.parquet")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump([{"name": "a0", "kind": "grid", "action": 0}]))
+    args = ("--policies", tmp_path / "p.yaml", "--columns", "action=arm", "--n-actions", "3")
+    rc, _, stderr = cli(capsys, "--logs", tmp_path / "logs.parquet", *args)
+    assert rc == 2 and "column 'arm' row 3: grid index 5" in stderr, stderr
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not a parquet file")
+    rc, _, stderr = cli(capsys, "--logs", tmp_path / "corrupt.parquet", *args)
+    assert rc == 2 and stderr.startswith("evaluate_logs: error: ") and len(stderr.strip().splitlines()) == 1
+
+
 def test_row_of_a_bad_value_names_its_file(tmp_path, capsys):
     """Several files: the row is located in its file (read in sorted file order)."""
     (tmp_path / "logs").mkdir()

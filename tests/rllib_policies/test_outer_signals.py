@@ -300,3 +300,20 @@ def test_min_std_floors_the_exploration_scale():
     with torch.no_grad():
         module.log_std.fill_(0.0)  # σ = 1 below the floor
     assert np.allclose(module.logits(torch.zeros(2, 4))[1].exp().detach().numpy(), 6.0)
+
+
+@pytest.mark.parametrize(
+    "model_config, match",
+    [
+        ({"min_std": 0.0}, "min_std must be in"),
+        ({"min_std": 9.0}, "min_std must be in"),
+        ({"max_logit": 0.0}, "max_logit"),
+    ],
+)
+def test_exploration_bounds_refuse_bad_values(model_config, match):
+    with pytest.raises(ValueError, match=match):
+        RankingPolicyModule(
+            observation_space=spaces.Box(-np.inf, np.inf, (4,), np.float32),
+            action_space=spaces.Box(np.zeros(3, np.float32), np.array([2.0, 2.0, 40.0], np.float32)),
+            model_config=model_config,
+        )
