@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -273,6 +274,18 @@ def write_results(path: str, sections: list[str], partial: bool) -> None:
     with open(path, "w") as f:
         f.write("\n".join(sections))
     print(f"wrote {path}")
+
+
+def write_marked_section(path: str, name: str, section: str, title: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the page at ``path``
+    (appending the markers with the section when absent; a new page starts with ``title``), keeping every
+    other section: several scripts write one results page."""
+    text = open(path).read() if os.path.exists(path) else f"# {title}\n"
+    block = f"<!-- {name}:start -->\n{section.rstrip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n")
 
 
 def run_server_configs(

@@ -14,14 +14,14 @@ benchmarks/results/crm_policy.png.
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+from actors.world.metrics import mean_ci
+from benchmarks.common import write_marked_section
 from rllib_policies.crm.experiment import CRMExperiment, run_experiment
 from rllib_policies.jobs import init_ray
 
@@ -40,27 +40,15 @@ ROWS = {
 
 
 def ci(values) -> tuple[float, float]:
-    """Mean and 95 % Student-t half-width over seeds (scipy.stats)."""
+    """``mean_ci`` (mean, 95 % Student-t half-width) over the seeds where the value is finite."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return mean_ci(v) if len(v) else (float("nan"), float("nan"))
 
 
 def fmt(mean_half: tuple[float, float], digits: int = 4) -> str:
     m, h = mean_half
     return "—" if not np.isfinite(m) else f"{m:.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else f"{m:.{digits}f}"
-
-
-def write_marked_section(path: Path, name: str, section: str) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` (append
-    the markers with the section when absent); everything else is kept."""
-    text = path.read_text() if path.exists() else "# CRM off-policy evaluation\n"
-    block = f"<!-- {name}:start -->\n{section.rstrip()}\n<!-- {name}:end -->"
-    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    path.write_text(text.rstrip() + "\n")
 
 
 def markdown(runs: list[dict], cfg: CRMExperiment, wall: float) -> str:
@@ -189,7 +177,7 @@ def main() -> None:
     print(section)
     if args.quick:
         return
-    write_marked_section(RESULTS / "crm_ope.md", "crm", section)
+    write_marked_section(str(RESULTS / "crm_ope.md"), "crm", section, "CRM off-policy evaluation")
     try:
         plot(RESULTS / "crm_policy.png", runs)
     except ImportError:

@@ -16,12 +16,12 @@ benchmarks/results/crm_ope_coverage.png.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import write_marked_section
 from rllib_policies.ope import (
     DR,
     IPS,
@@ -186,23 +186,6 @@ def markdown(rows, swept, args, wall: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between ``<!-- coverage:start -->`` and ``<!-- coverage:end -->`` in ``path`` (the
-    other scripts' sections, e.g. benchmarks/crm.py's, are kept); without the markers, the old unmarked
-    "## Coverage" section (up to the next '## ' heading) is replaced by the marked one, else it is appended."""
-    text = path.read_text() if path.exists() else "# CRM off-policy evaluation\n"
-    block = f"<!-- coverage:start -->\n{section.rstrip()}\n<!-- coverage:end -->\n"
-    marked = re.compile(r"<!-- coverage:start -->.*?<!-- coverage:end -->\n?", re.S)
-    unmarked = re.compile(r"^## Coverage\n.*?(?=^## (?!#)|^<!-- |\Z)", re.S | re.M)
-    if marked.search(text):
-        text = marked.sub(lambda _: block, text)
-    elif unmarked.search(text):
-        text = unmarked.sub(lambda _: block + "\n", text)
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text.rstrip() + "\n")
-
-
 def plot(path: Path, swept: dict, args) -> None:
     import matplotlib  # noqa: PLC0415 - optional dependency
 
@@ -249,7 +232,7 @@ def main() -> None:
     if args.quick:
         return
     RESULTS.mkdir(exist_ok=True)
-    write_section(RESULTS / "crm_ope.md", section)
+    write_marked_section(str(RESULTS / "crm_ope.md"), "coverage", section, "CRM off-policy evaluation")
     try:
         plot(RESULTS / "crm_ope_coverage.png", swept, args)
     except ImportError:
