@@ -28,6 +28,13 @@ class VersionConflict(Exception):
     """A put named an expected version that is no longer current."""
 
 
+class NothingToRollBack(LookupError):
+    """A rollback asked of a store that holds no earlier version."""
+
+
+HISTORY = 16  # earlier versions a store keeps for rollback
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: int
@@ -48,6 +55,7 @@ class VersionedParamStore:
             self._version, self._params = int(saved["version"]), dict(saved["params"])
         self._changed = asyncio.Condition()
         self._readers: dict[str, tuple[int, float]] = {}  # reader id -> (version held, last seen)
+        self._history: list[Snapshot] = []  # the versions before the current one, oldest first
 
     def get(self) -> Snapshot:
         return Snapshot(self._version, dict(self._params))
@@ -61,13 +69,39 @@ class VersionedParamStore:
         ``expected_version`` is given and is not the current version (optimistic concurrency).
         """
         async with self._changed:  # check and bump under one lock: two writers cannot both pass the check
-            if expected_version is not None and expected_version != self._version:
-                raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
-            self._version += 1
-            self._params = dict(params)
-            self._write_snapshot()
-            self._changed.notify_all()
-        version = self._version
+            self._check(expected_version)
+            self._history = [*self._history, self.get()][-HISTORY:]
+            self._bump(params)
+            version = self._version
+        return await self._acks(version, ack_timeout_s)
+
+    async def rollback(self, expected_version: int | None = None, ack_timeout_s: float = 2.0) -> dict:
+        """Serve the previous version's params again, as a new version (versions only grow, so every
+        reader follows); a second rollback goes one further back. Returns put's dict plus
+        ``restored_version``. Raises NothingToRollBack when no earlier version is held."""
+        async with self._changed:
+            self._check(expected_version)
+            if not self._history:
+                raise NothingToRollBack(f"no version before {self._version} to roll back to")
+            previous = self._history.pop()
+            self._bump(previous.params)
+            version = self._version
+        return {**await self._acks(version, ack_timeout_s), "restored_version": previous.version}
+
+    def history(self) -> list[Snapshot]:
+        return list(self._history)
+
+    def _check(self, expected_version: int | None) -> None:
+        if expected_version is not None and expected_version != self._version:
+            raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
+
+    def _bump(self, params: dict[str, Any]) -> None:
+        self._version += 1
+        self._params = dict(params)
+        self._write_snapshot()
+        self._changed.notify_all()
+
+    async def _acks(self, version: int, ack_timeout_s: float) -> dict:
         deadline = time.monotonic() + ack_timeout_s
         async with self._changed:
             while time.monotonic() < deadline:

@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import re
 import time
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 _INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\](?: \(slate (?P<slate>\d+), position (?P<pos>\d+)\))?")
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error an app answers: FastAPI's validation shape."""
+
+    detail: list[ErrorDetail]
+
+
+def error_responses(*codes: int) -> dict[int, dict]:
+    """``responses=`` for a route: each status code it can answer besides 200, in the OpenAPI schema."""
+    return {code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in codes}
 
 
 class BadRequest(Exception):

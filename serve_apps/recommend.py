@@ -1,9 +1,10 @@
 """The recommend application: the three stage deployments composed by DeploymentHandles.
 
 - ``POST /recommend``  {user_id, history?, step?, ranking_weights?} → slate, scores, predictions,
-  stage parameter versions, request id
-- ``POST /feedback``   {request_id, clicked, dwell_s, skipped} for a served slate → per-item inner
-  rewards from the inner-reward deployment (the Rust kernel), with its weights version; the reward's
+  stage parameter versions, request id, ``served_record`` (what was served, signed: serve_apps/served_record.py)
+- ``POST /feedback``   {request_id, clicked, dwell_s, skipped, served_record?} for a served slate: the replica's
+  cache, else the signed record (another replica, or a restarted one, scores it; forged 403, stale 410)
+  → per-item inner rewards from the inner-reward deployment (the Rust kernel), with its weights version; the reward's
   relevance term is the two-tower similarity of the user and the served items
   (``actors.stages.retrieval_relevance``, from the ingress's own StageContext), not the ranker's p_click
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
@@ -52,9 +53,12 @@ from actors.stages import (
     stage_params,
 )
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
+from actors.telemetry.sinks import read_parquet_events
 from actors.world import PipelineConfig, World, WorldConfig
-from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers
+from serve_apps.errors import BadRequest, ServerTiming, error_responses, install_error_handlers
+from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
+from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
@@ -87,6 +91,9 @@ class RecommendResponse(BaseModel):
     utility: dict[str, Any] | None = None  # the agent's choice: weights, action, λ, operating-point version
     # Gaussian weight logging: {"weights": served, "mean": μ, "log_density": log π(log w | μ)} or {"fallback": why}
     weight_logging: dict[str, Any] | None = None
+    # what was served, signed: hand it back with /feedback so any replica can score the slate
+    served_record: str
+    arm: dict[str, Any] | None = None  # the A/B arm: {"name", "policy", "version"} (None outside an experiment)
 
 
 class OperatingPointBody(BaseModel):
@@ -112,6 +119,11 @@ class FeedbackRequest(BaseModel):
     purchased: list[bool] | None = None
     revenue: list[DwellSeconds] | None = None  # same bounds: finite, >= 0, float32 range
     session_id: str | None = Field(default=None, max_length=128)
+    served_record: str | None = Field(
+        default=None,
+        max_length=MAX_TOKEN_CHARS,
+        description="the /recommend response's served_record: lets any replica score a slate it did not serve",
+    )
 
 
 class FeedbackResponse(BaseModel):
@@ -119,6 +131,19 @@ class FeedbackResponse(BaseModel):
     rewards: list[float]
     total: float
     weights_version: int
+
+
+class ArmWeightsBody(BaseModel):
+    """A promotion: new ranking weights for one arm (versioned; ``expected_version`` guards races)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: list[Weight] = Field(min_length=3, max_length=3, description="(w_click, w_long_view, w_purchase)")
+    expected_version: int | None = None
+
+
+class ArmRollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expected_version: int | None = None
 
 
 class StageParamsBody(BaseModel):
@@ -192,6 +217,8 @@ class RecommendService:
         utility_config: dict | None = None,
         pipeline_config: PipelineConfig | None = None,
         weight_logging: dict | None = None,
+        served_record: dict | None = None,
+        experiment: dict | None = None,
     ):
         self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
         # the stages' own towers (same world and seed), for the inner reward's relevance term at /feedback
@@ -202,6 +229,17 @@ class RecommendService:
         self.stores = {s: get_or_create_store(f"{store_prefix}_{s}", default_stage_params(s)) for s in STAGES}
         self.served: OrderedDict[str, dict] = OrderedDict()
         self.cache_size = served_cache_size
+        self.served_record = ServedRecordCodec.from_config(served_record)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.experiment = None if experiment is None else ArmSplit.from_config(experiment)
+        self.arm_stores, self.arm_weights = {}, {}  # per "weights" arm: its store, and this replica's follower
+        for arm in self.experiment.arms if self.experiment else ():
+            if arm.policy == "weights":
+                store = get_or_create_store(f"{store_prefix}_arm_{arm.name}", arm_weights_params(arm.weights))
+                self.arm_stores[arm.name] = store
+                self.arm_weights[arm.name] = ParamFollower(
+                    store, f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
+                )
         self.events = make_event_buffer(telemetry)
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
         self.operating_point = (
@@ -211,7 +249,6 @@ class RecommendService:
         )
         self.weight_logging = WeightLogging.from_config(weight_logging)
         if self.weight_logging is not None:  # μ without an agent: the ranking stage's held (hot-updated) weights
-            replica = serve.get_replica_context().replica_id.unique_id
             self.weight_rng = self.weight_logging.rng(replica)
             self.held_ranking = ParamFollower(
                 self.stores["ranking"], f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
@@ -256,16 +293,20 @@ class RecommendService:
         except Exception as e:
             return None, f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
 
-    @app.post("/recommend", response_model=RecommendResponse)
+    @app.post("/recommend", response_model=RecommendResponse, responses=error_responses(422))
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         req = self._request(body)
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
+        live, arm, arm_version = None, None, None  # live: the weights the serving policy chose (None: the stage's)
+        if self.experiment is not None:  # the user's arm; a "weights" arm serves its held weights
+            arm = self.experiment.arms[int(self.experiment.assign(np.array([body.user_id]))[0])]
+            if weights is None and arm.policy == "weights":
+                arm_version, live = self.arm_weights[arm.name].current
         # the agent's choice needs only the request context: ask for it now, await it before ranking
-        choice_ref = (
-            self.utility_agent.choose.remote(req) if weights is None and self.utility_agent is not None else None
-        )
-        params = {"ranking": weights}  # this request's overrides of the stages' held parameters
+        ask_agent = weights is None and live is None and self.utility_agent is not None
+        choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
+        params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
         choice, fallback, logged, out, versions = None, None, None, None, {}
         for stage in STAGES:
             if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
@@ -277,8 +318,10 @@ class RecommendService:
             candidates = None if out is None else out.items
             out, versions[stage] = await self.stages[stage].run.remote(req, candidates, params.get(stage))
         ranked, weights = out, params["ranking"]
+        if arm is not None and arm.policy == "utility_agent" and choice is not None:
+            arm_version = choice.get("operating_point_version")
         request_id = f"{req.request_id:016x}"
-        self.served[request_id] = {
+        self.served[request_id] = served = {
             "uid": req.request_id,
             "user_id": body.user_id,
             "ts_us": served_us,
@@ -290,6 +333,8 @@ class RecommendService:
             "context": None if choice is None else choice["context"],
             "weight_mean": None if logged is None else logged.get("mean"),
             "weight_log_density": None if logged is None else logged.get("log_density"),
+            "arm": None if arm is None else arm.name,
+            "arm_version": arm_version,
         }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
@@ -306,15 +351,20 @@ class RecommendService:
             weight_logging=None
             if logged is None
             else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in logged.items()},
+            served_record=self.served_record.seal(request_id, served),
+            arm=None if arm is None else {"name": arm.name, "policy": arm.policy, "version": arm_version},
         )
 
-    @app.post("/feedback", response_model=FeedbackResponse)
+    @app.post("/feedback", response_model=FeedbackResponse, responses=error_responses(403, 404, 410, 422, 503))
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         served = self.served.get(body.request_id)
+        if served is None and body.served_record is not None:  # served by another replica, or a dead one
+            served = self.served_record.open(body.served_record, body.request_id)
         if served is None:
             raise BadRequest(
                 ["body", "request_id"],
-                f"unknown or expired request_id {body.request_id!r}",
+                f"unknown or expired request_id {body.request_id!r} on this replica: send the /recommend "
+                "response's served_record with the feedback",
                 status=404,
                 type_="not_found",
             )
@@ -361,6 +411,8 @@ class RecommendService:
                     context=served["context"],
                     weight_mean=served["weight_mean"],
                     weight_log_density=served["weight_log_density"],
+                    arm=served["arm"],
+                    arm_version=served["arm_version"],
                 )
             )
         return FeedbackResponse(
@@ -370,6 +422,71 @@ class RecommendService:
             weights_version=version,
         )
 
+    def _require_experiment(self) -> ArmSplit:
+        if self.experiment is None:
+            raise BadRequest(
+                ["app"], "this recommend app runs no experiment (args: experiment)", status=404, type_="not_found"
+            )
+        return self.experiment
+
+    def _arm(self, name: str, weights_only: bool = False):
+        arm = self._require_experiment().by_name.get(name)
+        if arm is None or (weights_only and arm.policy != "weights"):
+            which = [a.name for a in self.experiment.arms if a.policy == "weights" or not weights_only]
+            raise BadRequest(
+                ["path", "arm"], f"no {'weights ' if weights_only else ''}arm {name!r}; arms: {which}", 404, "not_found"
+            )
+        return arm
+
+    @app.get("/experiments", responses=error_responses(404))
+    async def experiments(self) -> dict[str, Any]:
+        """The live experiment: each arm's share, policy, version and weights, and its KPIs per request with
+        95 % intervals clustered by user, from the events the sink has written so far."""
+        arms = {}
+        for arm in self._require_experiment().arms:
+            held = {"policy": arm.policy, "share": arm.share}
+            if arm.name in self.arm_stores:
+                snap = await self.arm_stores[arm.name].get.remote()
+                held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
+            arms[arm.name] = held
+        sink = getattr(self.events, "sink", None)
+        if isinstance(sink, ParquetSink):
+            report = await asyncio.to_thread(lambda: arm_report(read_parquet_events(sink.root)))
+            for name, held in arms.items():
+                held |= report.get(name, {"requests": 0, "users": 0, "kpis": None})
+            note = "KPIs per request from the Parquet events written so far; 95 % intervals clustered by user"
+        else:
+            note = "KPIs need the Parquet telemetry sink (telemetry.sink 'parquet'); read Redis logs offline"
+        return {"name": self.experiment.name, "salt": self.experiment.salt, "arms": arms, "note": note}
+
+    async def _arm_store_call(self, store_call):
+        try:
+            return await store_call
+        except Exception as e:  # VersionConflict / NothingToRollBack arrive wrapped in a RayTaskError
+            cause = getattr(e, "cause", e)
+            if type(cause).__name__ in ("VersionConflict", "NothingToRollBack"):
+                raise BadRequest(["body", "expected_version"], str(cause), status=409, type_="conflict") from None
+            raise
+
+    @app.put("/experiments/arms/{arm}/weights", responses=error_responses(404, 409, 422))
+    async def put_arm_weights(self, arm: str, body: ArmWeightsBody) -> dict[str, Any]:
+        """Promote: a versioned hot update of one arm's weights (every replica serves it once acked)."""
+        arm = self._arm(arm, weights_only=True)
+        if sum(body.weights) <= 0:
+            raise BadRequest(["body", "weights"], "weights must not all be 0")
+        ack = await self._arm_store_call(
+            self.arm_stores[arm.name].put.remote(arm_weights_params(body.weights), body.expected_version)
+        )
+        return {"arm": arm.name, "weights": body.weights, **ack}
+
+    @app.post("/experiments/arms/{arm}/rollback", responses=error_responses(404, 409, 422))
+    async def rollback_arm(self, arm: str, body: ArmRollbackBody) -> dict[str, Any]:
+        """Roll one arm back to its previous version (served again as a new version)."""
+        arm = self._arm(arm, weights_only=True)
+        ack = await self._arm_store_call(self.arm_stores[arm.name].rollback.remote(body.expected_version))
+        snap = await self.arm_stores[arm.name].get.remote()
+        return {"arm": arm.name, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]], **ack}
+
     @app.get("/stages")
     async def get_stages(self) -> dict[str, Any]:
         out = {}
@@ -378,7 +495,7 @@ class RecommendService:
             out[s] = {"version": snap.version, "params": snap.params}
         return out
 
-    @app.put("/stages/{stage}/params")
+    @app.put("/stages/{stage}/params", responses=error_responses(404, 409, 422))
     async def put_stage_params(self, stage: str, body: StageParamsBody) -> dict[str, Any]:
         if stage not in STAGES:
             raise BadRequest(
@@ -412,13 +529,13 @@ class RecommendService:
                 type_="not_found",
             )
 
-    @app.get("/operating-point")
+    @app.get("/operating-point", responses=error_responses(404))
     async def get_operating_point(self) -> dict[str, Any]:
         self._require_agent()
         snap = await self.operating_point.get.remote()
         return {"version": snap.version, **snap.params, "mode": self.utility_config.get("mode", "agent")}
 
-    @app.put("/operating-point")
+    @app.put("/operating-point", responses={202: {"description": "Accepted"}, **error_responses(404, 409, 422)})
     async def put_operating_point(self, body: OperatingPointBody, response: Response) -> dict[str, Any]:
         """Switch the live operating point on every agent replica: 200 once every live replica holds
         the new version, 202 (``all_acked: false``) if some had not acknowledged within the store's
@@ -451,7 +568,7 @@ class RecommendService:
             response.status_code = 202
         return {**params, **ack}
 
-    @app.get("/frontier")
+    @app.get("/frontier", responses=error_responses(404))
     async def frontier(self) -> dict[str, Any]:
         """The current Pareto-frontier artifact (re-read, so a new study's file is served at once)."""
         self._require_agent()
@@ -483,7 +600,12 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
                       "num_replicas": 1, "grid_n", "grid_high" (explore)},
     "weight_logging": {"std": 0.3 | [3] or "cov": [[3 × 3]], "floor": 1e-3, "seed": int | None,
-                       "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off)}."""
+                       "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off),
+    "num_replicas": RecommendService replicas (1),
+    "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent", "weights"}}}
+                  (the live A/B split, serve_apps/experiments.py; None: no experiment),
+    "served_record": {"key_env": env var with the signing key, "max_age_s": 86400} (serve_apps/served_record.py;
+                      without key_env a random key, shared by this deployment's replicas)}."""
     args = dict(args or {})
     unknown = set(args) - {
         "preset",
@@ -494,6 +616,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "telemetry",
         "utility_agent",
         "weight_logging",
+        "served_record",
+        "num_replicas",
+        "experiment",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -520,7 +645,12 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
             world_config, pipeline_config, agent_cfg, prefix
         )
-    return RecommendService.bind(
+    experiment = args.get("experiment")
+    if experiment is not None:
+        split = ArmSplit.from_config(experiment)  # bad config fails here, naming the field
+        if agent is None and any(a.policy == "utility_agent" for a in split.arms):
+            raise ValueError("experiment arm with policy 'utility_agent' needs the utility_agent arg")
+    return RecommendService.options(num_replicas=int(args.get("num_replicas", 1))).bind(
         *(stages[s] for s in STAGES),
         world_config,
         prefix,
@@ -531,4 +661,6 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         agent_cfg,
         pipeline_config,
         weight_logging=args.get("weight_logging"),
+        served_record=ServedRecordCodec.from_config(args.get("served_record")).config(),  # one key for all replicas
+        experiment=experiment,
     )

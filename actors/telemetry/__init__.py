@@ -3,10 +3,12 @@
 from .buffer import BufferConfig, TelemetryBuffer
 from .schema import EVENT_SCHEMA, dedupe, event_ids, slate_events, slates_events
 from .sessionise import (
+    RETURNS_SCHEMA,
     TRAJECTORY_SCHEMA,
     StreamSessioniser,
     sessionise,
     sessionise_dataset,
+    read_trajectories,
     stream_sessioniser_actor,
     window_starts,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "slate_events",
     "slates_events",
     "TRAJECTORY_SCHEMA",
+    "RETURNS_SCHEMA",
+    "read_trajectories",
     "StreamSessioniser",
     "stream_sessioniser_actor",
     "sessionise",

@@ -15,6 +15,9 @@ which keeps its own column.
 request's utility weights were drawn as log w ~ N(log μ, Σ) truncated to a box, ``weight_mean`` is μ
 (weight units) and ``weight_log_density`` the log density of the served log w under that truncated
 Gaussian — what an off-policy estimate divides by. Null when the weights were not drawn that way.
+
+``arm`` and ``arm_version`` name the live A/B arm (serve_apps/experiments.py) and the version of the
+arm's policy that served the request; null outside an experiment.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ EVENT_SCHEMA = pa.schema(
         pa.field("position", pa.int16(), nullable=False),
         pa.field("item_id", pa.int64(), nullable=False),
         pa.field("policy_version", pa.int32()),
+        pa.field("arm", pa.string()),  # the A/B arm the user is assigned to (null outside an experiment)
+        pa.field("arm_version", pa.int32()),  # the version of the arm's policy that served the request
         pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
         pa.field("propensity", pa.float32()),
         pa.field("weight_mean", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
@@ -82,6 +87,8 @@ def slate_events(
     context: np.ndarray | None = None,
     weight_mean: np.ndarray | None = None,
     weight_log_density: float | None = None,
+    arm: str | None = None,
+    arm_version: int | None = None,
 ) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (see ``slates_events``)."""
     row = lambda a: None if a is None else np.asarray(a)[None]  # noqa: E731
@@ -105,6 +112,8 @@ def slate_events(
         context=row(context),
         weight_mean=row(weight_mean),
         weight_log_density=None if weight_log_density is None else np.array([weight_log_density]),
+        arm=arm,
+        arm_version=arm_version,
     )
 
 
@@ -129,12 +138,15 @@ def slates_events(
     context: np.ndarray | None = None,
     weight_mean: np.ndarray | None = None,
     weight_log_density: np.ndarray | None = None,
+    arm: str | None = None,
+    arm_version: int | None = None,
 ) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
     weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised).
     ``relevance`` [B, K] is the inner reward's relevance term (``actors.stages.retrieval_relevance``,
     the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``.
-    ``weight_mean`` [B, 3] and ``weight_log_density`` [B]: Gaussian weight logging (null when not given)."""
+    ``weight_mean`` [B, 3] and ``weight_log_density`` [B]: Gaussian weight logging (null when not given).
+    ``arm``, ``arm_version``: the A/B arm of all B requests (null when not given)."""
     items = np.asarray(items, np.int64)
     b, k = items.shape
     n = b * k
@@ -167,6 +179,8 @@ def slates_events(
         "position": pa.array(pos),
         "item_id": pa.array(items.ravel()),
         "policy_version": pa.array(np.full(n, policy_version, np.int32)),
+        "arm": pa.array([arm] * n, pa.string()),
+        "arm_version": pa.array([arm_version] * n, pa.int32()),
         "utility_weights": pa.FixedSizeListArray.from_arrays(
             pa.array(np.repeat(weights, k, axis=0).ravel()), N_UTILITY_WEIGHTS
         ),

@@ -10,6 +10,12 @@ this one's end. ``returned`` is null while that window is still open in the data
 
 ``sessionise`` is a pure function on one table (vectorised with pandas). ``sessionise_dataset``
 runs it as a Ray Data job, grouped by user, over a ParquetSink root.
+
+Late KPIs: ``returned`` closes up to ``return_window_s`` after a session ends. The batch job recomputes it
+from all the data it reads. The streaming sessioniser writes a session as soon as it closes, so it
+backfills: when the user's next event arrives, or the watermark passes the window, it writes the
+session's ``returned`` once to ``<out_dir>/_returns/`` (RETURNS_SCHEMA). ``read_trajectories`` applies
+those updates (first one per session) to the trajectory rows.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import uuid
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
@@ -52,6 +59,39 @@ TRAJECTORY_SCHEMA = pa.schema(
         ("observations", pa.list_(pa.list_(pa.float32()))),  # logged request contexts (null entries if not logged)
     ]
 )
+
+
+RETURNS_SCHEMA = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("returned", pa.bool_()),
+        ("resolved_ts", pa.timestamp("us", tz="UTC")),  # the event time at which the window was decided
+    ]
+)
+RETURNS_DIR = "_returns"  # '_'-prefixed: dataset discovery over the trajectory folder skips it
+
+
+def _write_atomically(table: pa.Table, folder: str, prefix: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    name = f"{prefix}-{uuid.uuid4().hex}.parquet"
+    tmp = os.path.join(folder, f".{name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def read_trajectories(out_dir: str) -> pa.Table:
+    """Trajectory rows under ``out_dir`` with backfilled late KPIs applied: a row whose ``returned`` was
+    null when written takes the first update for its session from ``<out_dir>/_returns``."""
+    ds = pads.dataset(out_dir, format="parquet", schema=TRAJECTORY_SCHEMA, ignore_prefixes=[".", "_"])
+    trajectories = ds.to_table()
+    returns_dir = os.path.join(out_dir, RETURNS_DIR)
+    if trajectories.num_rows == 0 or not os.path.isdir(returns_dir):
+        return trajectories
+    updates = pads.dataset(returns_dir, format="parquet", schema=RETURNS_SCHEMA, ignore_prefixes=[".", "_"]).to_table()
+    at = pc.index_in(trajectories["session_id"], value_set=updates["session_id"])  # first match per session
+    filled = pc.coalesce(trajectories["returned"], pc.take(updates["returned"], at))
+    return trajectories.set_column(trajectories.schema.get_field_index("returned"), "returned", filled)
 
 
 def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list[int]:
@@ -227,7 +267,11 @@ class StreamSessioniser:
     ``gap_s`` has closed sessions. Those are sessionised and written as one trajectory Parquet file,
     by atomic rename. Only then are the stream entries acknowledged whose events all belong to
     written sessions, so a crash re-delivers whatever was not yet written (at least once; ids dedupe).
-    ``returned`` is left null here: the next session is not known yet when a session closes.
+
+    ``returned`` is known at close only for a user's earlier sessions in the same batch (or once the
+    watermark has passed the window). The user's last written session waits in ``awaiting``. When that
+    user's next event arrives, or the watermark passes end + ``return_window_s``, its ``returned`` is
+    written once to ``<out_dir>/_returns/`` (see ``read_trajectories``).
     """
 
     def __init__(
@@ -240,9 +284,14 @@ class StreamSessioniser:
         gap_s: float = 1800.0,
         max_steps: int = 512,
         overlap: int = 64,
+        return_window_s: float = 86400.0,
     ):
         self.reader = RedisStreamReader(url, stream, group, consumer)
         self.out_dir, self.gap_s, self.max_steps, self.overlap = out_dir, gap_s, max_steps, overlap
+        self.return_window_us = int(return_window_s * 1e6)
+        self.awaiting: dict[int, tuple[str, int]] = {}  # user → (session id, end µs) whose return is open
+        self.first_us: dict[int, int] = {}  # oldest pending event time per pending user
+        self.returns_backfilled = 0
         os.makedirs(out_dir, exist_ok=True)
         self.pending: dict[int, list[pa.Table]] = {}
         self.last_us: dict[int, int] = {}  # newest event time per pending user
@@ -262,30 +311,69 @@ class StreamSessioniser:
                 user, rows = int(users[order[s]]), order[s:e]
                 self.pending.setdefault(user, []).append(table.take(pa.array(rows)))
                 self.last_us[user] = max(self.last_us.get(user, 0), int(ts[rows].max()))
+                self.first_us[user] = min(self.first_us.get(user, 2**63 - 1), int(ts[rows].min()))
             read_users = set(np.unique(users).tolist())
             for eid in ids:  # an entry's users: conservatively all users of this read
                 self.entry_users[eid] = read_users
+        self._backfill_returns()
         self._close(lambda last_us: last_us < self.watermark_us - self.gap_s * 1e6)
-        return {"entries": len(ids), "open_users": len(self.pending), "sessions_written": self.sessions_written}
+        return {
+            "entries": len(ids),
+            "open_users": len(self.pending),
+            "sessions_written": self.sessions_written,
+            "returns_backfilled": self.returns_backfilled,
+        }
 
     def flush_all(self) -> dict[str, int]:
-        """Close every open session (end of stream or shutdown)."""
+        """Close every open session (end of stream or shutdown); returns still open stay awaiting."""
+        self._backfill_returns()
         self._close(lambda last_us: True)
-        return {"open_users": len(self.pending), "sessions_written": self.sessions_written}
+        return {
+            "open_users": len(self.pending),
+            "sessions_written": self.sessions_written,
+            "returns_backfilled": self.returns_backfilled,
+        }
+
+    def _backfill_returns(self) -> None:
+        """Decide every awaiting session whose user came back (returned iff within the window) or whose
+        window the watermark has passed (not returned); write the decisions once."""
+        decided = []
+        for user, (session_id, end_us) in self.awaiting.items():
+            if user in self.first_us:  # the user's next event: the next session's start
+                decided.append((user, session_id, self.first_us[user] - end_us <= self.return_window_us))
+            elif self.watermark_us - end_us > self.return_window_us:
+                decided.append((user, session_id, False))
+        if not decided:
+            return
+        users, sessions, returned = zip(*decided)
+        resolved = pa.array([self.watermark_us] * len(users), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        table = pa.table([pa.array(sessions), pa.array(users), pa.array(returned), resolved], schema=RETURNS_SCHEMA)
+        _write_atomically(table, os.path.join(self.out_dir, RETURNS_DIR), "returns")
+        for user in users:
+            del self.awaiting[user]
+        self.returns_backfilled += len(users)
 
     def _close(self, is_closed) -> None:
         closing = [u for u in self.pending if is_closed(self.last_us[u])]
         if not closing:
             return
         events = pa.concat_tables([t for u in closing for t in self.pending[u]])
-        trajectories = sessionise(events, self.gap_s, self.max_steps, self.overlap, return_window_s=float("inf"))
-        name = f"trajectories-{uuid.uuid4().hex}.parquet"
-        tmp = os.path.join(self.out_dir, f".{name}.tmp")
-        pq.write_table(trajectories, tmp)
-        os.replace(tmp, os.path.join(self.out_dir, name))
+        watermark = pd.Timestamp(self.watermark_us, unit="us", tz="UTC")
+        trajectories = sessionise(
+            events, self.gap_s, self.max_steps, self.overlap, self.return_window_us / 1e6, data_end=watermark
+        )
+        _write_atomically(trajectories, self.out_dir, "trajectories")
         self.sessions_written += len(set(trajectories["session_id"].to_pylist()))
+        # each closing user's last session: its return stays open until their next event or the window ends
+        first_windows = trajectories.filter(pc.equal(trajectories["window"], 0))
+        still_open = first_windows.filter(pc.is_null(first_windows["returned"]))
+        ends = still_open["end_ts"].cast(pa.int64()).to_numpy()
+        for user, session_id, end_us in zip(
+            still_open["user_id"].to_pylist(), still_open["session_id"].to_pylist(), ends
+        ):
+            self.awaiting[user] = (session_id, int(end_us))
         for u in closing:
-            del self.pending[u], self.last_us[u]
+            del self.pending[u], self.last_us[u], self.first_us[u]
         done = [eid for eid, users in self.entry_users.items() if not users & self.pending.keys()]
         self.reader.ack(done)
         for eid in done:

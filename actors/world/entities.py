@@ -6,6 +6,7 @@ so the catalogue does not change when the user count does and vice versa.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,20 @@ def seed_sequence(seed: int, *stream: str | int) -> np.random.Generator:
             else int.from_bytes(str(s).encode()[:8].ljust(8, b"\0"), "little")
         )
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
+
+
+def user_uniform(user_ids: np.ndarray, salt: int | str) -> np.ndarray:
+    """A fixed u ∈ [0, 1) per user id: u = splitmix64(id + φ·(salt + 1)) / 2⁶⁴ (φ = 0x9E3779B97F4A7C15; a text
+    salt enters as the first 8 bytes of its BLAKE2b digest). The same user gets the same u whatever else
+    happens, so a user stays on one side of a split (A/B arms, train/test folds) for as long as the salt."""
+    if not isinstance(salt, (int, np.integer)):
+        salt = int.from_bytes(hashlib.blake2b(str(salt).encode(), digest_size=8).digest(), "little")
+    with np.errstate(over="ignore"):
+        x = np.asarray(user_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64((int(salt) + 1) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import ray
 
-from actors.param_store import ParamFollower, VersionConflict, VersionedParamStore
+from actors.param_store import NothingToRollBack, ParamFollower, VersionConflict, VersionedParamStore
 
 pytestmark = pytest.mark.ray
 
@@ -42,3 +42,23 @@ def test_snapshot_survives_a_store_restart(ray_session, tmp_path):
     snap = ray.get(revived.get.remote())
     assert (snap.version, snap.params) == (2, {"a": 5})
     assert not list(tmp_path.glob("*.tmp-*")), "no half-written snapshot left behind"
+
+
+def test_rollback_restores_earlier_versions_as_new_ones(ray_session):
+    store = VersionedParamStore.remote({"a": 1})
+    follower = ParamFollower(store, "r", dict, poll_timeout_s=1.0)
+    try:
+        ray.get([store.put.remote({"a": 2}), store.put.remote({"a": 3})])  # served in order: v2, v3
+        ack = ray.get(store.rollback.remote(expected_version=3))
+        assert (ack["version"], ack["restored_version"]) == (4, 2) and follower.current == (4, {"a": 2})
+        ack = ray.get(store.rollback.remote())  # one further back
+        assert (ack["version"], ack["restored_version"]) == (5, 1) and follower.current == (5, {"a": 1})
+        with pytest.raises(ray.exceptions.RayTaskError) as err:
+            ray.get(store.rollback.remote())
+        assert isinstance(err.value.cause, NothingToRollBack)
+        with pytest.raises(ray.exceptions.RayTaskError) as err:
+            ray.get(store.rollback.remote(expected_version=4))
+        assert isinstance(err.value.cause, VersionConflict)
+        assert ray.get(store.get.remote()).params == {"a": 1}
+    finally:
+        follower.stop()

@@ -17,9 +17,11 @@ from actors.telemetry import (
     ParquetSink,
     RedisStreamReader,
     RedisStreamSink,
+    StreamSessioniser,
     TelemetryBuffer,
     dedupe,
     read_parquet_events,
+    read_trajectories,
     sessionise,
     slates_events,
     window_starts,
@@ -328,3 +330,37 @@ def test_restarted_consumer_walks_its_pending_entries_once_then_reads_new(redis_
         seen += ids
         again.ack(ids)
     assert len(seen) == 4 and len(set(seen)) == 4  # 3 pending once each, then the new one
+
+
+def test_streaming_sessioniser_backfills_next_day_return_exactly_once(redis_server, tmp_path):
+    """Sessions are written when they close, with ``returned`` open; each is decided once, when the user
+    comes back or the watermark passes the 24 h window, and read_trajectories then equals the batch job."""
+    h = 3600.0
+    chunks = [  # (user, uid, hours) in event-time order, written and polled chunk by chunk
+        [(1, 1, 0), (1, 2, 0.01), (2, 3, 0), (3, 4, 0), (4, 5, 1)],  # watermark 1 h: t=0 sessions close
+        [(1, 6, 10)],  # user 1 back within 24 h: returned; watermark 10 h closes user 4's session
+        [(3, 7, 30)],  # user 3 back after 30 h: not returned; watermark 30 h ends users 2's and 4's windows
+    ]
+    sink, out = RedisStreamSink(redis_server.url, "ev"), str(tmp_path / "traj")
+    sessioniser = StreamSessioniser(redis_server.url, "ev", out, gap_s=1800, return_window_s=24 * h)
+    counts = []
+    for chunk in chunks:
+        sink.write(pa.Table.from_batches([request_at(u, uid, t * h) for u, uid, t in chunk]))
+        while sessioniser.poll()["entries"]:
+            pass
+        counts.append(sessioniser.returns_backfilled)
+    final = sessioniser.flush_all()
+    assert counts == [0, 1, 4] and final["returns_backfilled"] == 4
+    for _ in range(2):  # polls with no new data decide nothing twice
+        sessioniser.poll(block_ms=1)
+    assert sessioniser.returns_backfilled == 4
+    written = read_trajectories(out)
+    batch = sessionise(
+        pa.Table.from_batches([request_at(u, uid, t * h) for c in chunks for u, uid, t in c]),
+        gap_s=1800,
+        return_window_s=24 * h,
+    )
+    got = dict(zip(written["session_id"].to_pylist(), written["returned"].to_pylist()))
+    want = dict(zip(batch["session_id"].to_pylist(), batch["returned"].to_pylist()))
+    assert got == want and list(want.values()).count(None) == 2  # user 1's and 3's last sessions: still open
+    assert sorted(v for v in want.values() if v is not None) == [False, False, False, True]
