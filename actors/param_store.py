@@ -56,6 +56,8 @@ class VersionedParamStore:
         self._changed = asyncio.Condition()
         self._readers: dict[str, tuple[int, float]] = {}  # reader id -> (version held, last seen)
         self._history: list[Snapshot] = []  # the versions before the current one, oldest first
+        if snapshot_path and os.path.exists(snapshot_path):
+            self._history = [Snapshot(int(v), dict(p)) for v, p in saved.get("history", [])]
 
     def get(self) -> Snapshot:
         return Snapshot(self._version, dict(self._params))
@@ -78,7 +80,8 @@ class VersionedParamStore:
     async def rollback(self, expected_version: int | None = None, ack_timeout_s: float = 2.0) -> dict:
         """Serve the previous version's params again, as a new version (versions only grow, so every
         reader follows); a second rollback goes one further back. Returns put's dict plus
-        ``restored_version``. Raises NothingToRollBack when no earlier version is held."""
+        ``restored_version`` and the restored ``params``. Raises NothingToRollBack when no earlier version
+        is held."""
         async with self._changed:
             self._check(expected_version)
             if not self._history:
@@ -86,7 +89,8 @@ class VersionedParamStore:
             previous = self._history.pop()
             self._bump(previous.params)
             version = self._version
-        return {**await self._acks(version, ack_timeout_s), "restored_version": previous.version}
+        acks = await self._acks(version, ack_timeout_s)
+        return {**acks, "restored_version": previous.version, "params": dict(previous.params)}
 
     def history(self) -> list[Snapshot]:
         return list(self._history)
@@ -140,7 +144,8 @@ class VersionedParamStore:
             return
         tmp = f"{self._snapshot_path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"version": self._version, "params": self._params}, f)
+            history = [[h.version, h.params] for h in self._history]
+            json.dump({"version": self._version, "params": self._params, "history": history}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._snapshot_path)

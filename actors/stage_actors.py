@@ -3,6 +3,12 @@
 Each actor builds the same World/StageContext from the config (deterministic in the seed) and
 runs the same pure stage function as the in-process Pipeline, so for the same request and
 parameters both paths give identical slates (tests/actors/test_stages.py).
+
+A stage may also hold a learned stage policy (UNEX-RL's a_k = high·sigmoid(MLP(o_k))). ``act_and_run``
+then builds o_k exactly as ``run_cascade`` does (the request's context, the candidates it receives,
+the upstream stages' actions) and runs the stage with the policy's action. Policies reach the Serve
+stage deployments through a versioned store (``publish_stage_policy``), so a hot update and a
+rollback work as for parameters.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import numpy as np
 import ray
 
 from actors.cascade import Recommendation, run_cascade
+from actors.observation import ObservationSpec
+from actors.param_store import get_or_create_store
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -32,6 +40,7 @@ class StageRunner:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.stage, self.pipeline_config = stage, pipeline_config
         self.ctx = StageContext(World(world_config), pipeline_config.seed)
+        self.spec = ObservationSpec.of(world_config)
         self.params = DEFAULT_PARAMS[stage].copy()
         self.version = 1
         # a learned stage policy a = high·sigmoid(MLP(o)), once set_policy is called
@@ -59,27 +68,68 @@ class StageRunner:
     def set_policy(self, mlp_state: dict, high, version: int) -> int:
         """Hot-update this stage's policy a = high·sigmoid(MLP(o)) (an nn.Sequential state dict of
         Linear layers with ReLU between them, as NumPy arrays); the new version serves from now on."""
-        layers = sorted({int(k.split(".")[0]) for k in mlp_state})
-        self.policy = [
-            (np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
-            for i in layers
-        ]
+        self.policy = mlp_layers(mlp_state)
         self.policy_high, self.policy_version = np.asarray(high, np.float32), int(version)
         return self.policy_version
+
+    def clear_policy(self) -> None:
+        """Back to the held parameters."""
+        self.policy, self.policy_high, self.policy_version = None, None, 0
+
+    def observe(self, req: RequestBatch, candidates: np.ndarray | None, upstream: dict[str, np.ndarray]) -> np.ndarray:
+        """o_k = [context, candidates summary, upstream actions] [B, D], as ``run_cascade`` builds it."""
+        return self.spec.stage_observation(self.ctx, self.spec.context(self.ctx, req), self.stage, candidates, upstream)
+
+    def act_and_run(
+        self, req: RequestBatch, candidates: np.ndarray | None, upstream: dict[str, np.ndarray]
+    ) -> tuple[StageOutput, int, np.ndarray]:
+        """The held policy's action on o_k and the stage run with it: (output, policy version, action [B, n])."""
+        action, version = self.act(self.observe(req, candidates, upstream))
+        out = run_stage(self.ctx, self.pipeline_config, self.stage, req, candidates, action)
+        return out, version, action
 
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, int]:
         """The held policy's deterministic actions for observations [B, D] (NumPy forward pass)."""
         if self.policy is None:
             raise ValueError(f"{self.stage}: no policy set (set_policy first)")
-        h = np.asarray(obs, np.float32)
-        for i, (w, b) in enumerate(self.policy):
-            h = h @ w.T + b
-            if i < len(self.policy) - 1:
-                h = np.maximum(h, 0.0)
-        return (self.policy_high / (1.0 + np.exp(-h))).astype(np.float32), self.policy_version
+        return mlp_act(self.policy, self.policy_high, obs), self.policy_version
+
+
+def mlp_layers(mlp_state: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An nn.Sequential state dict of Linear layers ("0.weight", "0.bias", "2.weight", …) as (W, b) pairs."""
+    layers = sorted({int(k.split(".")[0]) for k in mlp_state})
+    return [
+        (np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
+        for i in layers
+    ]
+
+
+def mlp_act(layers: list[tuple[np.ndarray, np.ndarray]], high: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """a = high·sigmoid(MLP(o)) with ReLU between the Linear layers (NumPy forward pass) [B, n]."""
+    h = np.asarray(obs, np.float32)
+    for i, (w, b) in enumerate(layers):
+        h = h @ w.T + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    return (np.asarray(high, np.float32) / (1.0 + np.exp(-h))).astype(np.float32)
 
 
 StageActor = ray.remote(num_cpus=0)(StageRunner)
+
+
+def stage_policy_store(store_prefix: str, stage: str):
+    """The versioned store a stage's Serve deployments follow for their learned policy ({}: none)."""
+    return get_or_create_store(f"{store_prefix}_{stage}_policy", {})
+
+
+def publish_stage_policy(store_prefix: str, stage: str, mlp_state: dict | None, high=None) -> dict:
+    """Hot-update the stage policy every Serve replica of ``stage`` serves (None: back to the held
+    parameters); returns the store's ack. ``mlp_state``: an nn.Sequential state dict (tensors or arrays)."""
+    params = {}
+    if mlp_state is not None:
+        layers = {k: np.asarray(v, np.float32).tolist() for k, v in mlp_state.items()}
+        params = {"mlp_state": layers, "high": np.asarray(high, np.float32).tolist()}
+    return ray.get(stage_policy_store(store_prefix, stage).put.remote(params))
 
 
 class ActorPipeline:

@@ -95,6 +95,10 @@ class ArmSplit:
     def by_name(self) -> MappingProxyType:
         return MappingProxyType({a.name: a for a in self.arms})
 
+    def arm_id(self, arm: Arm) -> str:
+        """What events log as ``arm``: "<experiment>/<arm>", so a later experiment's arms never pool with it."""
+        return f"{self.name}/{arm.name}"
+
     def assign(self, user_ids: np.ndarray) -> np.ndarray:
         """Arm index per user id (vectorised)."""
         edges = np.cumsum([a.share for a in self.arms])
@@ -108,13 +112,14 @@ def arm_weights_params(weights) -> dict[str, float]:
 
 
 def request_kpis(events: pa.Table) -> pa.Table:
-    """One row per logged request: arm, user_id and the REQUEST_KPIS summed over its slate."""
+    """One row per logged request: arm, arm_version, user_id and the REQUEST_KPIS summed over its slate."""
     clicked = pc.fill_null(events["clicked"], False)
     long_view = pc.and_(clicked, pc.greater_equal(pc.fill_null(events["dwell_s"], 0.0), LONG_VIEW_S))
     table = pa.table(
         {
             "request_id": events["request_id"],
             "arm": events["arm"],
+            "arm_version": events["arm_version"],
             "user_id": events["user_id"],
             "clicks": pc.cast(clicked, pa.int64()),
             "long_views": pc.cast(long_view, pa.int64()),
@@ -123,7 +128,7 @@ def request_kpis(events: pa.Table) -> pa.Table:
             "inner_reward": pc.fill_null(events["inner_reward"], 0.0),
         }
     )
-    out = table.group_by(["request_id", "arm", "user_id"]).aggregate([(k, "sum") for k in REQUEST_KPIS])
+    out = table.group_by(["request_id", "arm", "arm_version", "user_id"]).aggregate([(k, "sum") for k in REQUEST_KPIS])
     return out.rename_columns([c.removesuffix("_sum") for c in out.column_names])
 
 
@@ -132,19 +137,29 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def arm_report(events: pa.Table, level: float = 0.95) -> dict[str, dict[str, Any]]:
-    """Per arm: requests, users and each KPI's {"mean", "low", "high"} (interval clustered by user)."""
+def arm_report(
+    events: pa.Table, split: ArmSplit, versions: dict[str, int | None] | None = None, level: float = 0.95
+) -> dict[str, dict[str, Any]]:
+    """Per arm of ``split`` with logged requests: requests, users and each KPI's {"mean", "low", "high"}
+    (interval clustered by user). ``versions``: arm → the version to report (None or absent: all versions),
+    so a promotion's KPIs are not pooled with its predecessor's."""
+    versions = versions or {}
     per_request = request_kpis(events.filter(pc.is_valid(events["arm"])))
     report = {}
-    for arm in sorted(set(per_request["arm"].to_pylist())):
-        rows = per_request.filter(pc.equal(per_request["arm"], arm))
+    for arm in split.arms:
+        keep = pc.equal(per_request["arm"], split.arm_id(arm))
+        if versions.get(arm.name) is not None:
+            keep = pc.and_(keep, pc.equal(per_request["arm_version"], versions[arm.name]))
+        rows = per_request.filter(keep)
+        if rows.num_rows == 0:
+            continue
         values = np.stack([rows[k].to_numpy().astype(np.float64) for k in REQUEST_KPIS], axis=1)  # [n, K]
         n = len(values)
         parts = Parts(values[:, None, :], np.ones((n, 1)), np.ones(n))
         mean = parts.value()
         users = rows["user_id"].to_numpy()
         low, high = Normal(level).bounds(parts, mean, users, float(n))
-        report[arm] = {
+        report[arm.name] = {
             "requests": n,
             "users": int(len(np.unique(users))),
             "kpis": {

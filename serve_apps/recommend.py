@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.stage_actors import StageRunner
+from actors.stage_actors import StageRunner, mlp_act, mlp_layers, stage_policy_store
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -153,6 +153,8 @@ class StageParamsBody(BaseModel):
 
 
 DEFAULT_EVENTS_PATH = os.path.join(tempfile.gettempdir(), "morl-events")
+REPORT_TTL_S = 5.0  # GET /experiments re-reads the logs at most this often
+ARM_ERRORS = error_responses(404, 409, 422)
 
 
 def make_event_buffer(telemetry: dict | None) -> TelemetryBuffer | None:
@@ -181,18 +183,34 @@ def _params_to_array(stage: str, params: dict) -> np.ndarray:
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
 class StageDeployment:
-    """One stage: the pure stage function + parameters followed from the stage's param store."""
+    """One stage: the pure stage function, with parameters followed from the stage's param store, or, once
+    one is published (``actors.stage_actors.publish_stage_policy``), a learned stage policy acting on o_k."""
 
     def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, store_prefix: str):
+        self.stage = stage
         self.runner = StageRunner(stage, world_config, pipeline_config)
         self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
         replica = serve.get_replica_context().replica_id.unique_id
         self.follower = ParamFollower(self.store, replica, lambda p: _params_to_array(stage, p))
+        self.policy = ParamFollower(
+            stage_policy_store(store_prefix, stage),
+            replica,
+            lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
+        )
 
-    def run(self, req: RequestBatch, candidates=None, params=None):
+    def run(self, req: RequestBatch, candidates=None, params=None, upstream: dict | None = None):
+        """(output, params version, the action taken [B, n], the stage policy's version or None). A request's
+        ``params`` override everything; else the stage policy acts on o_k (``upstream``: the earlier stages'
+        actions); else the held parameters."""
         version, held = self.follower.current
-        out, _ = self.runner.run(req, candidates, held if params is None else params)
-        return out, version
+        policy_version, policy = self.policy.current
+        if params is None and policy is not None:
+            action = mlp_act(*policy, self.runner.observe(req, candidates, upstream or {}))
+            out, _ = self.runner.run(req, candidates, action)
+            return out, version, action, policy_version
+        action = stage_params(held if params is None else params, self.stage, len(req.user))
+        out, _ = self.runner.run(req, candidates, action)
+        return out, version, action, None
 
 
 app = FastAPI(title="Recommend", description=__doc__)
@@ -235,11 +253,14 @@ class RecommendService:
         self.arm_stores, self.arm_weights = {}, {}  # per "weights" arm: its store, and this replica's follower
         for arm in self.experiment.arms if self.experiment else ():
             if arm.policy == "weights":
-                store = get_or_create_store(f"{store_prefix}_arm_{arm.name}", arm_weights_params(arm.weights))
+                store = get_or_create_store(
+                    f"{store_prefix}_arm_{self.experiment.name}_{arm.name}", arm_weights_params(arm.weights)
+                )
                 self.arm_stores[arm.name] = store
                 self.arm_weights[arm.name] = ParamFollower(
                     store, f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
                 )
+        self._report_cache: tuple[float, dict, dict] | None = None  # (time, per-arm KPIs, versions): GET /experiments
         self.events = make_event_buffer(telemetry)
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
         self.operating_point = (
@@ -299,15 +320,15 @@ class RecommendService:
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
         live, arm, arm_version = None, None, None  # live: the weights the serving policy chose (None: the stage's)
-        if self.experiment is not None:  # the user's arm; a "weights" arm serves its held weights
+        if self.experiment is not None and weights is None:  # the user's arm (a request's own weights: none)
             arm = self.experiment.arms[int(self.experiment.assign(np.array([body.user_id]))[0])]
-            if weights is None and arm.policy == "weights":
+            if arm.policy == "weights":
                 arm_version, live = self.arm_weights[arm.name].current
         # the agent's choice needs only the request context: ask for it now, await it before ranking
         ask_agent = weights is None and live is None and self.utility_agent is not None
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
-        choice, fallback, logged, out, versions = None, None, None, None, {}
+        choice, fallback, logged, out, versions, actions = None, None, None, None, {}, {}
         for stage in STAGES:
             if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
                 choice, fallback = await self._agent_choice(choice_ref)
@@ -316,7 +337,11 @@ class RecommendService:
             if stage == "ranking" and weights is None and self.weight_logging is not None:
                 params["ranking"], logged = self._draw_weights(params["ranking"])
             candidates = None if out is None else out.items
-            out, versions[stage] = await self.stages[stage].run.remote(req, candidates, params.get(stage))
+            out, versions[stage], actions[stage], policy_version = await self.stages[stage].run.remote(
+                req, candidates, params.get(stage), actions
+            )
+            if policy_version is not None:  # a learned stage policy acted: the response names its version
+                versions[f"{stage}_policy"] = policy_version
         ranked, weights = out, params["ranking"]
         if arm is not None and arm.policy == "utility_agent" and choice is not None:
             arm_version = choice.get("operating_point_version")
@@ -333,7 +358,7 @@ class RecommendService:
             "context": None if choice is None else choice["context"],
             "weight_mean": None if logged is None else logged.get("mean"),
             "weight_log_density": None if logged is None else logged.get("log_density"),
-            "arm": None if arm is None else arm.name,
+            "arm": None if arm is None else self.experiment.arm_id(arm),
             "arm_version": arm_version,
         }
         while len(self.served) > self.cache_size:
@@ -360,6 +385,8 @@ class RecommendService:
         served = self.served.get(body.request_id)
         if served is None and body.served_record is not None:  # served by another replica, or a dead one
             served = self.served_record.open(body.served_record, body.request_id)
+        elif served is not None:
+            self.served_record.check_age(served["ts_us"])
         if served is None:
             raise BadRequest(
                 ["body", "request_id"],
@@ -451,41 +478,58 @@ class RecommendService:
             arms[arm.name] = held
         sink = getattr(self.events, "sink", None)
         if isinstance(sink, ParquetSink):
-            report = await asyncio.to_thread(lambda: arm_report(read_parquet_events(sink.root)))
+            current = {name: held.get("version") for name, held in arms.items()}
+            report = await asyncio.to_thread(self._arm_report, sink.root, current)
             for name, held in arms.items():
                 held |= report.get(name, {"requests": 0, "users": 0, "kpis": None})
-            note = "KPIs per request from the Parquet events written so far; 95 % intervals clustered by user"
+            note = (
+                "KPIs per request of each arm's current version (all versions for agent arms), from the Parquet "
+                f"events written so far (refreshed at most every {REPORT_TTL_S:g} s); 95 % intervals clustered by user"
+            )
         else:
             note = "KPIs need the Parquet telemetry sink (telemetry.sink 'parquet'); read Redis logs offline"
         return {"name": self.experiment.name, "salt": self.experiment.salt, "arms": arms, "note": note}
 
-    async def _arm_store_call(self, store_call):
+    def _arm_report(self, root: str, current: dict[str, int | None]) -> dict:
+        """Per-arm KPIs, re-read from the logs at most every REPORT_TTL_S (a GET never stalls /recommend)."""
+        now = time.monotonic()
+        if self._report_cache is None or now - self._report_cache[0] > REPORT_TTL_S or self._report_cache[2] != current:
+            self._report_cache = (now, arm_report(read_parquet_events(root), self.experiment, current), current)
+        return self._report_cache[1]
+
+    async def _arm_store_call(self, store_call, response: Response):
         try:
-            return await store_call
+            ack = await store_call
         except Exception as e:  # VersionConflict / NothingToRollBack arrive wrapped in a RayTaskError
             cause = getattr(e, "cause", e)
-            if type(cause).__name__ in ("VersionConflict", "NothingToRollBack"):
+            if type(cause).__name__ == "VersionConflict":
                 raise BadRequest(["body", "expected_version"], str(cause), status=409, type_="conflict") from None
+            if type(cause).__name__ == "NothingToRollBack":
+                raise BadRequest(["path", "arm"], str(cause), status=409, type_="conflict") from None
             raise
+        ack["all_acked"] = ack["readers_acked"] >= ack["readers_live"]
+        if not ack["all_acked"]:  # as PUT /operating-point: the laggards switch on their next poll
+            response.status_code = 202
+        return ack
 
-    @app.put("/experiments/arms/{arm}/weights", responses=error_responses(404, 409, 422))
-    async def put_arm_weights(self, arm: str, body: ArmWeightsBody) -> dict[str, Any]:
-        """Promote: a versioned hot update of one arm's weights (every replica serves it once acked)."""
+    @app.put("/experiments/arms/{arm}/weights", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
+    async def put_arm_weights(self, arm: str, body: ArmWeightsBody, response: Response) -> dict[str, Any]:
+        """Promote: a versioned hot update of one arm's weights: 200 once every replica serves it, 202 if some
+        had not acknowledged within the store's ack timeout (they switch on their next poll)."""
         arm = self._arm(arm, weights_only=True)
         if sum(body.weights) <= 0:
             raise BadRequest(["body", "weights"], "weights must not all be 0")
-        ack = await self._arm_store_call(
-            self.arm_stores[arm.name].put.remote(arm_weights_params(body.weights), body.expected_version)
-        )
+        put = self.arm_stores[arm.name].put.remote(arm_weights_params(body.weights), body.expected_version)
+        ack = await self._arm_store_call(put, response)
         return {"arm": arm.name, "weights": body.weights, **ack}
 
-    @app.post("/experiments/arms/{arm}/rollback", responses=error_responses(404, 409, 422))
-    async def rollback_arm(self, arm: str, body: ArmRollbackBody) -> dict[str, Any]:
-        """Roll one arm back to its previous version (served again as a new version)."""
+    @app.post("/experiments/arms/{arm}/rollback", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
+    async def rollback_arm(self, arm: str, body: ArmRollbackBody, response: Response) -> dict[str, Any]:
+        """Roll one arm back to its previous version (served again as a new version; 202 as for a promotion)."""
         arm = self._arm(arm, weights_only=True)
-        ack = await self._arm_store_call(self.arm_stores[arm.name].rollback.remote(body.expected_version))
-        snap = await self.arm_stores[arm.name].get.remote()
-        return {"arm": arm.name, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]], **ack}
+        ack = await self._arm_store_call(self.arm_stores[arm.name].rollback.remote(body.expected_version), response)
+        params = ack.pop("params")
+        return {"arm": arm.name, "weights": [params[n] for n in PARAM_NAMES["ranking"]], **ack}
 
     @app.get("/stages")
     async def get_stages(self) -> dict[str, Any]:

@@ -29,8 +29,9 @@ import numpy as np
 from serve_apps.errors import BadRequest
 
 TAG_BYTES = 16
-MAX_TOKEN_CHARS = 16_384
-_DTYPES = {"i8": np.int64, "f4": np.float32, "f8": np.float64}
+MAX_TOKEN_CHARS = 65_536  # about 80 characters per slate item: slates of several hundred items fit
+_DTYPES = {"i4": np.int32, "i8": np.int64, "u8": np.uint64, "f4": np.float32, "f8": np.float64}
+_CODES = {np.dtype(t): code for code, t in _DTYPES.items()}
 LOC = ["body", "served_record"]
 
 
@@ -44,9 +45,9 @@ def _unb64(text: str) -> bytes:
 
 def _encode(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        code = {np.dtype(np.int64): "i8", np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}.get(value.dtype)
+        code = _CODES.get(value.dtype)
         if code is None:
-            value, code = value.astype(np.float64), "f8"
+            raise TypeError(f"served_record cannot carry {value.dtype} arrays; use one of {sorted(_DTYPES)}")
         return {
             "nd": code,
             "shape": list(value.shape),
@@ -91,7 +92,7 @@ class ServedRecordCodec:
 
     @classmethod
     def from_config(cls, config: dict | None) -> ServedRecordCodec:
-        """{"key_env": name of an env var holding the key (hex or text), "max_age_s": 86400}. Without the env
+        """{"key_env": name of an env var holding the key (its text, ≥ 16 bytes), "max_age_s": 86400}. Without the env
         var a random key is drawn: records then verify on every replica of this deployment, restarted ones
         included, but not across a redeploy (set the env var for that)."""
         cfg = dict(config or {})
@@ -136,9 +137,16 @@ class ServedRecordCodec:
         record = {k: _decode(v) for k, v in json.loads(raw).items()}
         if record.pop("request_id") != request_id:
             raise BadRequest(LOC, f"served_record was issued for another request, not {request_id!r}")
-        age_s = ((time.time_ns() // 1000 if now_us is None else now_us) - record["ts_us"]) / 1e6
+        self.check_age(record["ts_us"], now_us)
+        return record
+
+    def check_age(self, ts_us: int, now_us: int | None = None) -> None:
+        """410 when feedback comes more than ``max_age_s`` after its slate was served (cached or not)."""
+        age_s = ((time.time_ns() // 1000 if now_us is None else now_us) - ts_us) / 1e6
         if age_s > self.max_age_s:
             raise BadRequest(
-                LOC, f"served_record is stale: served {age_s:.0f} s ago, max_age_s {self.max_age_s:g}", 410, "gone"
+                ["body", "request_id"],
+                f"feedback is stale: the slate was served {age_s:.0f} s ago, max_age_s {self.max_age_s:g}",
+                410,
+                "gone",
             )
-        return record

@@ -6,9 +6,9 @@ from .sessionise import (
     RETURNS_SCHEMA,
     TRAJECTORY_SCHEMA,
     StreamSessioniser,
+    read_trajectories,
     sessionise,
     sessionise_dataset,
-    read_trajectories,
     stream_sessioniser_actor,
     window_starts,
 )

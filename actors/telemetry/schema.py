@@ -209,6 +209,16 @@ def slates_events(
     return pa.RecordBatch.from_arrays(list(cols.values()), schema=EVENT_SCHEMA)
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in EVENT_SCHEMA's column order and types, with columns it lacks (events written before a
+    column existed) as nulls: entries of several schema versions then concatenate."""
+    n = table.num_rows
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in EVENT_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=EVENT_SCHEMA)
+
+
 def dedupe(events: pa.Table) -> pa.Table:
     """Keep the first row of each event_id (sinks deliver at least once)."""
     if events.num_rows == 0:

@@ -20,6 +20,7 @@ those updates (first one per session) to the trajectory rows.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -269,9 +270,13 @@ class StreamSessioniser:
     written sessions, so a crash re-delivers whatever was not yet written (at least once; ids dedupe).
 
     ``returned`` is known at close only for a user's earlier sessions in the same batch (or once the
-    watermark has passed the window). The user's last written session waits in ``awaiting``. When that
-    user's next event arrives, or the watermark passes end + ``return_window_s``, its ``returned`` is
-    written once to ``<out_dir>/_returns/`` (see ``read_trajectories``).
+    watermark has passed the window). A written session whose return is open waits in ``awaiting``. It is
+    decided by the user's first event more than ``gap_s`` after its end (a later session: returned iff
+    within ``return_window_s``; an event that arrives late but belongs to the closed session's time does
+    not count), or by the watermark passing end + ``return_window_s`` (not returned). Each decision is
+    written once to ``<out_dir>/_returns/`` (see ``read_trajectories``). The open returns are persisted to
+    ``<out_dir>/_returns/_open.json`` (atomic rename) before any stream entry is acknowledged, so a
+    restarted sessioniser resumes them.
     """
 
     def __init__(
@@ -289,9 +294,15 @@ class StreamSessioniser:
         self.reader = RedisStreamReader(url, stream, group, consumer)
         self.out_dir, self.gap_s, self.max_steps, self.overlap = out_dir, gap_s, max_steps, overlap
         self.return_window_us = int(return_window_s * 1e6)
-        self.awaiting: dict[int, tuple[str, int]] = {}  # user → (session id, end µs) whose return is open
-        self.first_us: dict[int, int] = {}  # oldest pending event time per pending user
+        self.gap_us = int(gap_s * 1e6)
+        # session id → [user, end µs, first event µs > end + gap seen so far (None: not yet)]
+        self.awaiting: dict[str, list] = {}
         self.returns_backfilled = 0
+        self._open_path = os.path.join(out_dir, RETURNS_DIR, "_open.json")
+        if os.path.exists(self._open_path):
+            with open(self._open_path) as f:
+                saved = json.load(f)
+            self.awaiting, self.returns_backfilled = saved["awaiting"], saved["returns_backfilled"]
         os.makedirs(out_dir, exist_ok=True)
         self.pending: dict[int, list[pa.Table]] = {}
         self.last_us: dict[int, int] = {}  # newest event time per pending user
@@ -311,7 +322,7 @@ class StreamSessioniser:
                 user, rows = int(users[order[s]]), order[s:e]
                 self.pending.setdefault(user, []).append(table.take(pa.array(rows)))
                 self.last_us[user] = max(self.last_us.get(user, 0), int(ts[rows].max()))
-                self.first_us[user] = min(self.first_us.get(user, 2**63 - 1), int(ts[rows].min()))
+            self._note_next_events(users, ts)
             read_users = set(np.unique(users).tolist())
             for eid in ids:  # an entry's users: conservatively all users of this read
                 self.entry_users[eid] = read_users
@@ -334,13 +345,21 @@ class StreamSessioniser:
             "returns_backfilled": self.returns_backfilled,
         }
 
+    def _note_next_events(self, users: np.ndarray, ts: np.ndarray) -> None:
+        """For each awaiting session, the user's first event more than a gap after its end."""
+        for entry in self.awaiting.values():
+            user, end_us = entry[0], entry[1]
+            later = ts[(users == user) & (ts > end_us + self.gap_us)]
+            if len(later):
+                entry[2] = int(later.min()) if entry[2] is None else min(entry[2], int(later.min()))
+
     def _backfill_returns(self) -> None:
         """Decide every awaiting session whose user came back (returned iff within the window) or whose
         window the watermark has passed (not returned); write the decisions once."""
         decided = []
-        for user, (session_id, end_us) in self.awaiting.items():
-            if user in self.first_us:  # the user's next event: the next session's start
-                decided.append((user, session_id, self.first_us[user] - end_us <= self.return_window_us))
+        for session_id, (user, end_us, next_us) in self.awaiting.items():
+            if next_us is not None:
+                decided.append((user, session_id, next_us - end_us <= self.return_window_us))
             elif self.watermark_us - end_us > self.return_window_us:
                 decided.append((user, session_id, False))
         if not decided:
@@ -349,9 +368,18 @@ class StreamSessioniser:
         resolved = pa.array([self.watermark_us] * len(users), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         table = pa.table([pa.array(sessions), pa.array(users), pa.array(returned), resolved], schema=RETURNS_SCHEMA)
         _write_atomically(table, os.path.join(self.out_dir, RETURNS_DIR), "returns")
-        for user in users:
-            del self.awaiting[user]
-        self.returns_backfilled += len(users)
+        for session_id in sessions:
+            del self.awaiting[session_id]
+        self.returns_backfilled += len(sessions)
+        self._save_open_returns()
+
+    def _save_open_returns(self) -> None:
+        folder = os.path.dirname(self._open_path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".open-{uuid.uuid4().hex}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"awaiting": self.awaiting, "returns_backfilled": self.returns_backfilled}, f)
+        os.replace(tmp, self._open_path)
 
     def _close(self, is_closed) -> None:
         closing = [u for u in self.pending if is_closed(self.last_us[u])]
@@ -371,9 +399,10 @@ class StreamSessioniser:
         for user, session_id, end_us in zip(
             still_open["user_id"].to_pylist(), still_open["session_id"].to_pylist(), ends
         ):
-            self.awaiting[user] = (session_id, int(end_us))
+            self.awaiting[session_id] = [user, int(end_us), None]
+        self._save_open_returns()  # before any ack: a restart resumes the open returns
         for u in closing:
-            del self.pending[u], self.last_us[u], self.first_us[u]
+            del self.pending[u], self.last_us[u]
         done = [eid for eid, users in self.entry_users.items() if not users & self.pending.keys()]
         self.reader.ack(done)
         for eid in done:

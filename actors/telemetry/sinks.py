@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import redis
 
-from .schema import EVENT_SCHEMA, dedupe
+from .schema import EVENT_SCHEMA, conform, dedupe
 
 
 def user_bucket(user_id: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -136,7 +136,7 @@ class RedisStreamReader:
             got = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
             entries = got[0][1] if got else []
         ids = [eid for eid, _ in entries]
-        tables = [pa.ipc.open_stream(fields[b"ipc"]).read_all() for _, fields in entries]
+        tables = [conform(pa.ipc.open_stream(fields[b"ipc"]).read_all()) for _, fields in entries]
         return ids, (pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table())
 
     def ack(self, ids: list[bytes]) -> None:

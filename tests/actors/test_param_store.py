@@ -41,6 +41,8 @@ def test_snapshot_survives_a_store_restart(ray_session, tmp_path):
     revived = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
     snap = ray.get(revived.get.remote())
     assert (snap.version, snap.params) == (2, {"a": 5})
+    back = ray.get(revived.rollback.remote())  # the rollback history survives the restart too
+    assert (back["version"], back["restored_version"], back["params"]) == (3, 1, {"a": 1})
     assert not list(tmp_path.glob("*.tmp-*")), "no half-written snapshot left behind"
 
 

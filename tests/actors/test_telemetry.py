@@ -27,7 +27,7 @@ from actors.telemetry import (
     window_starts,
 )
 from benchmarks.common import RedisServer
-from tests.telemetry_helpers import make_requests, request_at, wait_until
+from tests.telemetry_helpers import T0_US, make_requests, request_at, wait_until
 
 
 class ListSink:
@@ -334,7 +334,8 @@ def test_restarted_consumer_walks_its_pending_entries_once_then_reads_new(redis_
 
 def test_streaming_sessioniser_backfills_next_day_return_exactly_once(redis_server, tmp_path):
     """Sessions are written when they close, with ``returned`` open; each is decided once, when the user
-    comes back or the watermark passes the 24 h window, and read_trajectories then equals the batch job."""
+    comes back or the watermark passes the 24 h window, also across a restart of the sessioniser, and
+    read_trajectories then equals the batch job."""
     h = 3600.0
     chunks = [  # (user, uid, hours) in event-time order, written and polled chunk by chunk
         [(1, 1, 0), (1, 2, 0.01), (2, 3, 0), (3, 4, 0), (4, 5, 1)],  # watermark 1 h: t=0 sessions close
@@ -342,18 +343,22 @@ def test_streaming_sessioniser_backfills_next_day_return_exactly_once(redis_serv
         [(3, 7, 30)],  # user 3 back after 30 h: not returned; watermark 30 h ends users 2's and 4's windows
     ]
     sink, out = RedisStreamSink(redis_server.url, "ev"), str(tmp_path / "traj")
-    sessioniser = StreamSessioniser(redis_server.url, "ev", out, gap_s=1800, return_window_s=24 * h)
+
+    def sessioniser():  # the same consumer: a restart reads what it had not acknowledged, and its open returns
+        return StreamSessioniser(redis_server.url, "ev", out, gap_s=1800, return_window_s=24 * h)
+
     counts = []
     for chunk in chunks:
+        s = sessioniser()
         sink.write(pa.Table.from_batches([request_at(u, uid, t * h) for u, uid, t in chunk]))
-        while sessioniser.poll()["entries"]:
+        while s.poll()["entries"]:
             pass
-        counts.append(sessioniser.returns_backfilled)
-    final = sessioniser.flush_all()
+        counts.append(s.returns_backfilled)
+    final = s.flush_all()
     assert counts == [0, 1, 4] and final["returns_backfilled"] == 4
     for _ in range(2):  # polls with no new data decide nothing twice
-        sessioniser.poll(block_ms=1)
-    assert sessioniser.returns_backfilled == 4
+        s.poll(block_ms=1)
+    assert s.returns_backfilled == 4
     written = read_trajectories(out)
     batch = sessionise(
         pa.Table.from_batches([request_at(u, uid, t * h) for c in chunks for u, uid, t in c]),
@@ -364,3 +369,18 @@ def test_streaming_sessioniser_backfills_next_day_return_exactly_once(redis_serv
     want = dict(zip(batch["session_id"].to_pylist(), batch["returned"].to_pylist()))
     assert got == want and list(want.values()).count(None) == 2  # user 1's and 3's last sessions: still open
     assert sorted(v for v in want.values() if v is not None) == [False, False, False, True]
+
+
+def test_a_late_event_of_a_closed_session_is_not_a_return(redis_server, tmp_path):
+    """Events are logged at feedback time, which may come late: an event inside a closed session's gap
+    is not the user's next session."""
+    h = 3600.0
+    sink, out = RedisStreamSink(redis_server.url, "ev"), str(tmp_path / "traj")
+    s = StreamSessioniser(redis_server.url, "ev", out, gap_s=1800, return_window_s=24 * h)
+    for chunk in ([(1, 1, 0), (1, 2, 0.1), (2, 3, 2)], [(1, 4, 0.2)], [(2, 5, 30)]):
+        sink.write(pa.Table.from_batches([request_at(u, uid, t * h) for u, uid, t in chunk]))
+        while s.poll()["entries"]:
+            pass
+    decided = pa.parquet.read_table(str(tmp_path / "traj" / "_returns")).to_pylist()
+    first = [d for d in decided if d["session_id"] == f"1-{T0_US}"]
+    assert [d["returned"] for d in first] == [False], decided  # decided by the window, not by the late event

@@ -44,7 +44,10 @@ def test_assignment_is_sticky_proportional_and_salted():
     assert 0.3 < (other != arms).mean() < 0.55  # a new salt reshuffles (independent: 2·0.7·0.3 = 0.42)
 
 
-def _events(arm: str, users: np.ndarray, clicks: np.ndarray, dwell: np.ndarray) -> pa.Table:
+AB = ArmSplit.from_config({"name": "exp", "arms": {"a": {"share": 0.5}, "b": {"share": 0.5}}})
+
+
+def _events(arm: str, users: np.ndarray, clicks: np.ndarray, dwell: np.ndarray, version: int = 2) -> pa.Table:
     b, k = clicks.shape
     batch = slates_events(
         request_uids=np.arange(b, dtype=np.uint64) + (0 if arm == "a" else 10**6),
@@ -56,8 +59,8 @@ def _events(arm: str, users: np.ndarray, clicks: np.ndarray, dwell: np.ndarray) 
         skipped=np.zeros((b, k), bool),
         inner_reward=np.ones((b, k), np.float32),
         predictions={"p_click": np.zeros((b, k))},
-        arm=arm,
-        arm_version=2,
+        arm=f"exp/{arm}",
+        arm_version=version,
     )
     return pa.Table.from_batches([batch])
 
@@ -71,12 +74,17 @@ def test_arm_report_means_and_clustered_intervals():
     none = none.append_column("arm", pa.nulls(none.num_rows, pa.string()))  # events outside the experiment
     per_request = request_kpis(pa.concat_tables([a, b]))
     assert per_request.num_rows == 2 * n
-    report = arm_report(pa.concat_tables([a, b, none.select(a.column_names)]))
+    old = _events("a", rng.integers(0, 50, n), np.ones((n, k), bool), np.full((n, k), 20.0), version=1)
+    other = _events("a", rng.integers(0, 50, n), np.ones((n, k), bool), np.full((n, k), 20.0))
+    other = other.set_column(other.schema.get_field_index("arm"), "arm", pa.array(["old-exp/a"] * other.num_rows))
+    report = arm_report(pa.concat_tables([a, b, old, other, none.select(a.column_names)]), AB, {"a": 2})
     assert set(report) == {"a", "b"} and report["a"]["requests"] == n and report["a"]["users"] <= 50
     ka, kb = report["a"]["kpis"], report["b"]["kpis"]
     assert ka["clicks"]["low"] < 1.0 < ka["clicks"]["high"]  # 4 · 0.25
     assert kb["clicks"]["low"] < 2.0 < kb["clicks"]["high"]
     assert ka["long_views"]["mean"] == ka["clicks"]["mean"] and kb["long_views"]["mean"] == 0  # dwell 20 vs 5 s
     assert ka["inner_reward"] == {"mean": 4.0, "low": 4.0, "high": 4.0}
-    one_user = arm_report(_events("a", np.zeros(5, np.int64), np.ones((5, k), bool), np.ones((5, k))))
+    pooled = arm_report(pa.concat_tables([a, old]), AB)  # no version given: every version of the arm
+    assert pooled["a"]["requests"] == 2 * n and "b" not in pooled
+    one_user = arm_report(_events("a", np.zeros(5, np.int64), np.ones((5, k), bool), np.ones((5, k))), AB)
     assert one_user["a"]["kpis"]["clicks"] == {"mean": 4.0, "low": None, "high": None}  # one cluster: no interval

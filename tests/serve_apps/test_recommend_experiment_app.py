@@ -48,7 +48,7 @@ def client(serve_url):
         route_prefix="/rr",
     )
     with httpx.Client(base_url=f"{serve_url}/rr", timeout=60) as c:
-        c.events_root = events
+        c.events_root, c.store_prefix = events, prefix
         yield c
     serve.delete(APP)
     serve.delete(f"{APP}_ir")
@@ -163,7 +163,7 @@ def test_experiments_reports_per_arm_kpis_from_the_logs(client):
     while read_parquet_events(client.events_root).num_rows < 60 * 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     events = read_parquet_events(client.events_root)
-    assert set(events["arm"].to_pylist()) == {"control", "treatment"}
+    assert set(events["arm"].to_pylist()) == {"weights-test/control", "weights-test/treatment"}
     report = client.get("/experiments").json()
     for name in ("control", "treatment"):
         arm = report["arms"][name]
@@ -180,3 +180,40 @@ def test_every_status_code_is_in_the_schema(client):
     assert declared[("/experiments/arms/{arm}/weights", "put")] >= {"200", "404", "409", "422"}
     assert declared[("/experiments/arms/{arm}/rollback", "post")] >= {"200", "404", "409", "422"}
     assert declared[("/operating-point", "put")] >= {"200", "202", "404", "409", "422"}
+
+
+def test_a_published_stage_policy_serves_hot_and_rolls_back(client):
+    """A learned matching policy (UNEX-RL's MLP) reaches every stage replica by a versioned hot update; the
+    served slate is the in-process cascade's with that policy acting on the same o_k; clearing it restores."""
+    import ray
+
+    from actors.cascade import Pipeline
+    from actors.stage_actors import mlp_act, mlp_layers, publish_stage_policy, stage_policy_store
+    from actors.stages import STAGE_ACTION_HIGH, RequestBatch
+    from actors.world import PipelineConfig, World, WorldConfig
+
+    rng = np.random.default_rng(0)
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    dim, high = pipeline.spec.dim, STAGE_ACTION_HIGH["matching"]
+    state = {"0.weight": rng.normal(0, 0.3, (16, dim)), "0.bias": np.zeros(16), "2.weight": rng.normal(0, 0.5, (4, 16))}
+    state["2.bias"] = np.zeros(4)
+    ack = publish_stage_policy(client.store_prefix, "matching", state, high)
+    split = ArmSplit.from_config(EXPERIMENT)
+    for user in (3, 4, 5):
+        body = client.post("/recommend", json={"user_id": user, "step": 2, "clicks": 1}).json()
+        assert body["versions"]["matching_policy"] == ack["version"], body["versions"]
+        arm = split.arms[int(split.assign(np.array([user]))[0])]
+        weights = client.get("/experiments").json()["arms"][arm.name]["weights"]
+        req = RequestBatch(
+            np.array([user]), np.full((1, 20), -1), np.array([2]), np.array([1]), int(body["request_id"], 16)
+        )
+        policy = lambda o: mlp_act(mlp_layers(state), high, o)  # noqa: E731
+        local = pipeline.recommend(
+            req, params={"ranking": np.asarray(weights, np.float32)}, policies={"matching": policy}
+        )
+        assert body["slate"] == local.slate[0].tolist()
+    ray.get(stage_policy_store(client.store_prefix, "matching").rollback.remote())  # back to no policy
+    deadline = time.monotonic() + 30
+    while "matching_policy" in client.post("/recommend", json={"user_id": 3}).json()["versions"]:
+        assert time.monotonic() < deadline, "the rollback never reached the stage replicas"
+        time.sleep(0.2)
