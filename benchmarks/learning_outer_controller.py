@@ -80,6 +80,7 @@ def _run(job: tuple):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-ids", type=int, nargs="+", help="these seeds instead of 0 … seeds − 1")
     p.add_argument("--arms", nargs="+", default=list(LEARNING_ARMS), choices=list(LEARNING_ARMS))
     p.add_argument("--presets", nargs="+", default=["default"])
     p.add_argument("--iterations", type=int, default=LearningSpec.iterations)
@@ -87,12 +88,19 @@ def main() -> None:
     p.add_argument("--oracle-sessions", type=int, default=300)
     p.add_argument("--sessions-per-iteration", type=int, default=LearningSpec.sessions_per_iteration)
     p.add_argument("--exploration", default=LearningSpec.exploration, choices=("session", "request"))
+    p.add_argument(
+        "--restart-directions",
+        type=int,
+        default=LearningSpec.restart_directions,
+        help="K candidates of the exploratory restart (0: none; OuterControllerConfig.restart_directions)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one process and Ray each)")
     p.add_argument("--results-dir", default=RESULTS)
     args = p.parse_args()
 
     if args.jobs == 1:
         init_ray_worker()
+    seeds = args.seed_ids or list(range(args.seeds))
     pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_ray_worker)
     t_all = time.time()
     rows, curves, runs_json, notes = [], {}, [], []
@@ -104,6 +112,7 @@ def main() -> None:
             sessions_per_iteration=args.sessions_per_iteration,
             exploration=args.exploration,
             kpi_shrinkage=args.exploration == "session",
+            restart_directions=args.restart_directions,
         )
         t0 = time.time()
         weights, h = oracle_static(spec, args.oracle_sessions)
@@ -118,14 +127,14 @@ def main() -> None:
         )
         print(notes[-1], flush=True)
         for arm in args.arms:
-            jobs = [(arm, seed, spec, j_static) for seed in range(args.seeds)]
+            jobs = [(arm, seed, spec, j_static) for seed in seeds]
             runs = list(pool.map(_run, jobs) if args.jobs > 1 else map(_run, jobs))
             runs_json += [{"preset": preset, **asdict(r)} for r in runs]
             closed = mean_ci([r.gap_closed_curve[-1] for r in runs])
             rows.append(
                 f"| {arm} | {preset} | J | {fmt(mean_ci([r.objective_curve[0] for r in runs]), 4)} | {j_static:.4f} | "
                 f"{fmt(mean_ci([r.objective_curve[-1] for r in runs]), 4)} | {fmt(closed, pct=True)} | "
-                f"{spec.iterations * spec.sessions_per_iteration} | "
+                f"{runs[0].sessions[-1]} | "
                 f"{fmt(mean_ci([r.train_seconds for r in runs]), 0)} |"
             )
             trust = {k: np.mean([r.trust_region[k] for r in runs]) for k in runs[0].trust_region}
@@ -145,7 +154,12 @@ def main() -> None:
     plot(curves, png)
     with open(os.path.join(args.results_dir, "learning_outer_controller_runs.json"), "w") as f:
         json.dump(runs_json, f, indent=1, default=float)
-    s = replace(LearningSpec(), sessions_per_iteration=args.sessions_per_iteration, exploration=args.exploration)
+    s = replace(
+        LearningSpec(),
+        sessions_per_iteration=args.sessions_per_iteration,
+        exploration=args.exploration,
+        restart_directions=args.restart_directions,
+    )
     exploration = (
         "one exploration draw per session (u_t = m(s_t) + σ·ε, one advantage per session: J centred by the other "
         "sessions of the batch), each KPI's share of the gradient weighted by its signal-to-noise ratio on the "
@@ -158,12 +172,23 @@ def main() -> None:
         "# Learning test: the outer controller",
         "",
         f"Machine: {machine()} (shared with other jobs). One run of `python benchmarks/learning_outer_controller.py "
-        f"--seeds {args.seeds} --presets {' '.join(args.presets)} --arms {' '.join(args.arms)} "
-        f"--sessions-per-iteration {args.sessions_per_iteration} --exploration {args.exploration} --jobs {args.jobs}`, "
+        + (f"--seed-ids {' '.join(map(str, seeds))}" if args.seed_ids else f"--seeds {args.seeds}")
+        + f" --presets {' '.join(args.presets)} --arms {' '.join(args.arms)} "
+        f"--sessions-per-iteration {args.sessions_per_iteration} --exploration {args.exploration} "
+        f"--restart-directions {args.restart_directions} --jobs {args.jobs}`, "
         f"{time.time() - t_all:.0f} s in all ({args.jobs} training run(s) at a time).",
         "",
-        f"Setup: start μ(s) ≈ (1, 0, 0) (click-only ranking weights; the action is a direction on the simplex, "
-        f"each share floored at 1e-3); {args.iterations} iterations × "
+        "Setup: start μ(s) ≈ (1, 0, 0) (click-only ranking weights; the action is a direction on the simplex, "
+        "each share floored at 1e-3); "
+        + (
+            f"an exploratory restart before the first batch (the start and {s.restart_directions} candidates "
+            f"with mean logits 2σ_u away, evenly spread, serve the same {s.restart_sessions} simulated users with "
+            f"common random numbers; the mean moves to the best by mean J; "
+            f"{(s.restart_directions + 1) * s.restart_sessions} sessions, counted in the budget), then "
+            if s.restart_directions
+            else ""
+        )
+        + f"{args.iterations} iterations × "
         f"{s.sessions_per_iteration} sessions, lr {s.lr}, up to {s.num_epochs} epochs per batch inside the trust "
         f"region KL(π_old ‖ π_new) ≤ {s.trust_region_kl} per iteration; exploration σ_u = "
         f"{s.model_config.get('init_std')} (learned, floored at {s.model_config.get('min_std')}), the mean logits "

@@ -55,7 +55,18 @@ WORLDS = {
     "benchmark": {"world": {"n_items": 5000, "n_users": 3000}, "pipeline": {"k_matching": 300, "k_pre_ranking": 50}},
 }
 EVAL_SEED = 10_000
-LEARNER_OPTIONS = ("twin_q", "max_action_step", "actor_lr", "explore_std", "actor_warmup_iterations")
+LEARNER_OPTIONS = (
+    "twin_q",
+    "max_action_step",
+    "actor_lr",
+    "explore_std",
+    "actor_warmup_iterations",
+    "tau",
+    "updates_per_iteration",
+    "search_candidates",
+    "search_weight",
+    "search_std",
+)
 
 
 def _run(job: tuple) -> dict:
@@ -66,6 +77,7 @@ def _run(job: tuple) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-list", type=int, nargs="+", default=None, help="these seeds instead of 0 … seeds − 1")
     p.add_argument("--arms", nargs="+", default=["unex_rl", "single_agent"])
     p.add_argument("--world", default="small", choices=list(WORLDS))
     p.add_argument("--preset", default="default", choices=list(PRESETS))
@@ -79,6 +91,9 @@ def main() -> None:
     p.add_argument("--oracle-final-sessions", type=int, default=1000, help="sessions of that re-measurement")
     p.add_argument(
         "--oracle-cache", default=None, help="a JSON file: the oracle's search, reused if its settings match"
+    )
+    p.add_argument(
+        "--options", type=json.loads, default={}, help="learner options as JSON, e.g. '{\"search_candidates\": 0}'"
     )
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one process each)")
     p.add_argument("--results-dir", default=RESULTS, help="where learning_unex_rl.md and .png go")
@@ -135,8 +150,10 @@ def main() -> None:
         "eval_seed": EVAL_SEED,
         "curve_every": args.curve_every,
         "curve_sessions": args.curve_sessions,
+        **args.options,
     }
-    jobs = [(env, arm, seed, args.iterations, kwargs) for arm in args.arms for seed in range(args.seeds)]
+    seeds = args.seed_list or list(range(args.seeds))
+    jobs = [(env, arm, seed, args.iterations, kwargs) for arm in args.arms for seed in seeds]
     runs = []
     with ProcessPoolExecutor(
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_ray_worker
@@ -157,7 +174,9 @@ def main() -> None:
         "preset": args.preset,
         "world": args.world,
         "iterations": args.iterations,
-        "seeds": args.seeds,
+        "seeds": len(seeds),
+        "seed_list": seeds,
+        "arms": args.arms,
         "eval_sessions": args.eval_sessions,
         "oracle_sessions": args.oracle_sessions,
         "oracle_rounds": args.oracle_rounds,
@@ -167,7 +186,8 @@ def main() -> None:
         "oracle_s": oracle_s,
         "total_s": time.time() - t0 + (oracle_s if cached is not None else 0.0),
         "jobs": args.jobs,
-        "learner": {k: getattr(UnexRLConfig(), k) for k in LEARNER_OPTIONS},
+        "learner": {k: args.options.get(k, getattr(UnexRLConfig(), k)) for k in LEARNER_OPTIONS},
+        "options": args.options,
         "target": target,
         "starved": starved,
         "oracle": oracle,
@@ -190,10 +210,27 @@ def _table_row(rec: dict, arm: str) -> str:
     )
 
 
+def _seeds_arg(rec: dict) -> str:
+    seeds = rec.get("seed_list", list(range(rec["seeds"])))
+    arms = rec.get("arms", ["unex_rl", "single_agent"])
+    return (
+        (
+            f"--seeds {rec['seeds']}"
+            if seeds == list(range(rec["seeds"]))
+            else f"--seed-list {' '.join(map(str, seeds))}"
+        )
+        + ("" if arms == ["unex_rl", "single_agent"] else f" --arms {' '.join(arms)}")
+        + (f" --options '{json.dumps(rec['options'])}'" if rec.get("options") else "")
+    )
+
+
 def write_page(results_dir: str) -> None:
     """learning_unex_rl.md from every preset's runs file in ``results_dir`` (the default preset first)."""
     paths = sorted(glob.glob(os.path.join(results_dir, "learning_unex_rl_runs*.json")), key=lambda x: (len(x), x))
     recs = [json.load(open(x)) for x in paths]
+    history = [
+        json.load(open(x)) for x in sorted(glob.glob(os.path.join(results_dir, "learning_unex_rl_history*.json")))
+    ]
     rows = [
         "| learner | preset | objective | start | oracle static | final | gap closed (95 % CI) | sessions | wall s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -202,7 +239,7 @@ def write_page(results_dir: str) -> None:
     print("\n".join(rows))
     runs_by = [
         f"One run per preset of `python benchmarks/learning_unex_rl.py --preset {rec['preset']} --world {rec['world']} "
-        f"--seeds {rec['seeds']} --iterations {rec['iterations']} --jobs {rec['jobs']}`: "
+        f"{_seeds_arg(rec)} --iterations {rec['iterations']} --jobs {rec['jobs']}`: "
         f"{len(rec['runs'])} training runs, {rec['total_s']:.0f} s wall in all (the oracle {rec['oracle_s']:.0f} s). "
         f"Oracle static ({rec['oracle_evaluated']} joint settings searched on {rec['oracle_sessions']} sessions, "
         f"{rec['oracle_rounds']} sweep(s) at most; the best {rec['oracle_top']} re-measured on "
@@ -242,6 +279,25 @@ def write_page(results_dir: str) -> None:
             "",
             *(f"Note ({rec['preset']}): {note}" for rec in recs for note in rec.get("notes", [])),
             "",
+            *(
+                [
+                    "Earlier runs (history: the same command under earlier learner options, "
+                    "`learning_unex_rl_history*.json`):",
+                    "",
+                    "| learner options " + rows[0],
+                    "|---" + rows[1],
+                    *(
+                        f"| {old['learner']} " + _table_row(old, arm)
+                        for old in history
+                        for arm in dict.fromkeys(r["arm"] for r in old["runs"])
+                    ),
+                    "",
+                    *(f"Note (history, {old['preset']}): {note}" for old in history for note in old.get("notes", [])),
+                    "",
+                ]
+                if history
+                else []
+            ),
             "Per run, the policies' mean actions after training:",
             "",
             "| preset | learner | seed | gap closed | matching | pre-ranking | ranking |",

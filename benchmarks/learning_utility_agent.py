@@ -151,6 +151,44 @@ def absolute_table(results: dict, args) -> list[str]:
     return rows
 
 
+def exploration_text(results: dict, args) -> str:
+    """How the budget was logged: uniform over the grid, or successive halving (rounds, survivors)."""
+    if args.exploration_rounds == 1:
+        return "uniform over the 7 × 7 grid"
+    runs = [r for rs in results.values() for r in rs]
+    sizes = np.array([[len(x["support"]) for x in r["exploration"]["rounds"]] for r in runs])
+    return (
+        f"adaptive, {args.exploration_rounds} rounds of successive halving at the same total budget "
+        f"(round 1 uniform over all 49 vectors; each later round uniform over the union over λ of each λ's "
+        f"top {args.keep_fraction:g} of the previous round's support by the model's mean Q̂_λ, fitted on the "
+        f"train users' rows so far; supports "
+        + " → ".join(f"{sizes[:, k].min()}–{sizes[:, k].max()}" for k in range(sizes.shape[1]))
+        + " vectors; each request logs its round's propensity; g_λ = the model refit on every round's train "
+        "rows, argmax over the last support; π_λ also within it)"
+    )
+
+
+def baseline_table(results: dict, baseline: dict, args) -> list[str]:
+    """Old (``--baseline``) vs new gap closed per row, and how often the oracle's vector survived halving."""
+    rows = []
+    for preset, runs in results.items():
+        for lam in args.lambdas:
+            old = (np.nan, np.nan)
+            if preset in baseline:  # the baseline's headline under the same --global-choice, as its page shows it
+                key = f"gap_closed_final_{args.global_choice}"
+                key = key if key in baseline[preset][0]["points"][0] else "gap_closed_final"
+                old = mean_ci(collect(baseline[preset], lam, key))
+            new = mean_ci(collect(runs, lam, "gap_closed_final"))
+            pts = [next(p for p in r["points"] if p["lambda"] == lam) for r in runs]
+            survived = sum(p.get("oracle_action_survived", True) for p in pts)
+            picked = sum(p["global_actions"][args.global_choice] == p["oracle_static_action"] for p in pts)
+            rows.append(
+                f"| {preset} | {OBJECTIVE.get(lam, f'λ={lam:g}')} | {100 * old[0]:.0f} % ± {100 * old[1]:.0f} "
+                f"| {100 * new[0]:.0f} % ± {100 * new[1]:.0f} | {survived} / {len(runs)} | {picked} / {len(runs)} |"
+            )
+    return rows
+
+
 def plot(path: str, results: dict, args) -> None:
     import matplotlib  # noqa: PLC0415 - optional dependency
 
@@ -196,6 +234,13 @@ def main() -> None:
     parser.add_argument("--n-items", type=int, default=5000)
     parser.add_argument("--n-users", type=int, default=4000)
     parser.add_argument("--global-choice", default="model", choices=list(CHOICE), help="how g_λ is picked")
+    parser.add_argument(
+        "--exploration-rounds", type=int, default=1, help="logging rounds (> 1: successive halving over the grid)"
+    )
+    parser.add_argument("--keep-fraction", type=float, default=0.25, help="share of a round's support each λ keeps")
+    parser.add_argument(
+        "--baseline", default=None, help="a .json of an earlier run (e.g. uniform logging): old vs new per row"
+    )
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the .json")
     args = parser.parse_args()
@@ -218,6 +263,8 @@ def main() -> None:
                 seed=seed,
                 lambdas=tuple(args.lambdas),
                 global_choice=args.global_choice,
+                exploration_rounds=args.exploration_rounds,
+                keep_fraction=args.keep_fraction,
                 ray_data=False,  # the same request_rows in process: the Ray Data job's start-up dominates at this size
             )
             with tempfile.TemporaryDirectory() as work:
@@ -247,10 +294,17 @@ def report(results: dict, args, total: float) -> None:
         "# Learning test: the utility-weight agent (PRL-PUTS)\n\n"
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} (shared with other jobs). "
         f"Command: `python benchmarks/learning_utility_agent.py --sessions {args.sessions} --passes {args.passes} "
-        f"--seeds {','.join(map(str, args.seeds))} --global-choice {args.global_choice}`; "
+        f"--seeds {','.join(map(str, args.seeds))} --global-choice {args.global_choice}"
+        + (
+            f" --exploration-rounds {args.exploration_rounds} --keep-fraction {args.keep_fraction:g}"
+            if args.exploration_rounds > 1
+            else ""
+        )
+        + (f" --baseline {os.path.relpath(args.baseline, ROOT)}" if args.baseline else "")
+        + "`; "
         f"total wall time {total:.0f} s.\n\n"
         f"World: {args.n_items} items, {args.n_users} users, presets {', '.join(results)}. Budget per seed: "
-        f"{args.sessions} exploration sessions (uniform over the 7 × 7 grid, e.g. {data['train_rows']} train / "
+        f"{args.sessions} exploration sessions ({exploration_text(results, args)}; e.g. {data['train_rows']} train / "
         f"{data['validation_rows']} validation / {data['test_rows']} test requests, split by user), {args.passes} "
         "passes at most (lr 1e-3, batch 512, hidden 64; the pass with the lowest "
         "validation loss is kept), wall s = per seed (exploration with exact ground truth, request rows, "
@@ -288,6 +342,17 @@ def report(results: dict, args, total: float) -> None:
         + "\n".join(absolute_table(results, args))
         + "\n",
     ]
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+        sections.insert(
+            2,
+            f"## Old vs new: `{os.path.basename(args.baseline)}` vs this run\n\nGap closed by the deployed policy "
+            "(mean ± 95 % CI over seeds), the baseline's runs against this page's, same presets, seeds and session "
+            "budget; the oracle's best static vector's survival of halving (seeds) and g_λ = that vector (seeds).\n\n"
+            "| preset | objective | baseline | this run | oracle vector survived | g_λ = oracle vector |\n"
+            "|---|---|---:|---:|---:|---:|\n" + "\n".join(baseline_table(results, baseline, args)) + "\n",
+        )
     try:
         plot(os.path.join(args.results_dir, "learning_utility_agent.png"), results, args)
     except ImportError:

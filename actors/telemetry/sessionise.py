@@ -81,18 +81,30 @@ def _write_atomically(table: pa.Table, folder: str, prefix: str) -> None:
     os.replace(tmp, os.path.join(folder, name))
 
 
-def read_trajectories(out_dir: str) -> pa.Table:
-    """Trajectory rows under ``out_dir`` with backfilled late KPIs applied: a row whose ``returned`` was
-    null when written takes the first update for its session from ``<out_dir>/_returns``."""
-    ds = pads.dataset(out_dir, format="parquet", schema=TRAJECTORY_SCHEMA, ignore_prefixes=[".", "_"])
-    trajectories = ds.to_table()
-    returns_dir = os.path.join(out_dir, RETURNS_DIR)
-    if trajectories.num_rows == 0 or not os.path.isdir(returns_dir):
+def read_returns(out_dir: str | list[str]) -> pa.Table:
+    """The backfilled late-KPI decisions under ``<out_dir>/_returns`` (RETURNS_SCHEMA; empty when none)."""
+    folders = [os.path.join(d, RETURNS_DIR) for d in ([out_dir] if isinstance(out_dir, str) else out_dir)]
+    folders = [f for f in folders if os.path.isdir(f)]
+    if not folders:
+        return RETURNS_SCHEMA.empty_table()
+    return pa.concat_tables(
+        pads.dataset(f, format="parquet", schema=RETURNS_SCHEMA, ignore_prefixes=[".", "_"]).to_table() for f in folders
+    )
+
+
+def apply_returns(trajectories: pa.Table, updates: pa.Table) -> pa.Table:
+    """Trajectory rows whose ``returned`` is null take the first backfilled decision for their session."""
+    if trajectories.num_rows == 0 or updates.num_rows == 0:
         return trajectories
-    updates = pads.dataset(returns_dir, format="parquet", schema=RETURNS_SCHEMA, ignore_prefixes=[".", "_"]).to_table()
     at = pc.index_in(trajectories["session_id"], value_set=updates["session_id"])  # first match per session
     filled = pc.coalesce(trajectories["returned"], pc.take(updates["returned"], at))
     return trajectories.set_column(trajectories.schema.get_field_index("returned"), "returned", filled)
+
+
+def read_trajectories(out_dir: str) -> pa.Table:
+    """Trajectory rows under ``out_dir`` with the backfilled late KPIs of ``<out_dir>/_returns`` applied."""
+    ds = pads.dataset(out_dir, format="parquet", schema=TRAJECTORY_SCHEMA, ignore_prefixes=[".", "_"])
+    return apply_returns(ds.to_table(), read_returns(out_dir))
 
 
 def window_starts(n_steps: int, max_steps: int = 512, overlap: int = 64) -> list[int]:

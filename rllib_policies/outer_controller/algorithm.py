@@ -43,6 +43,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from actors.cascade import build_world
+from actors.telemetry import apply_returns, read_returns
 from actors.world import seed_sequence
 from actors.world.metrics import mean_ci
 from actors.world.oracle import simulate_policy_sessions
@@ -51,7 +52,7 @@ from rllib_policies.credit import KappaSchedule, credit_weights, kpi_credit
 
 from . import sessions as session_data
 from .learner import OuterControllerLearner
-from .module import RankingPolicyModule, SessionNoise
+from .module import LOG_STD_MAX, RankingPolicyModule, SessionNoise
 from .rails import fit_inner_reward_weights
 from .signals import OuterSignals, SignalConfig
 
@@ -126,6 +127,10 @@ class OuterControllerConfig(AlgorithmConfigBase):
         self.offline_advantage_temperature = 1.0
         self.exploration = "request"
         self.kpi_shrinkage = False
+        self.restart_directions = 0
+        self.restart_radius = 2.0
+        self.restart_sessions = 32
+        self.restart_at = (0,)
         # AlgorithmConfig defaults overridden
         self.gamma = 0.9
         self.lr = 3e-3
@@ -163,6 +168,10 @@ class OuterControllerConfig(AlgorithmConfigBase):
         offline_advantage_temperature: float | None = NotProvided,
         exploration: str | None = NotProvided,
         kpi_shrinkage: bool | None = NotProvided,
+        restart_directions: int | None = NotProvided,
+        restart_radius: float | None = NotProvided,
+        restart_sessions: int | None = NotProvided,
+        restart_at: tuple[int, ...] | list[int] | None = NotProvided,
     ) -> Self:
         """Sets the outer controller's own settings.
 
@@ -214,6 +223,17 @@ class OuterControllerConfig(AlgorithmConfigBase):
                 (``kpi_shrinkage_weights``): a term whose gradient the batch cannot tell from noise
                 (a next-day-return coin flip, a rare purchase's revenue) stops drowning the others.
                 Biased toward the well-measured terms; do no harm (``promote``) checks the whole J.
+            restart_directions: K, exploratory restarts (0: off): at each iteration of ``restart_at``
+                the policy's mean logits m̄ and K candidates m̄ + r·σ_u·d_k (d_k: K unit directions
+                spread evenly over the circle when K − 1 = 2 dims, seeded Gaussian ones otherwise)
+                serve the same ``restart_sessions`` simulated users with common random numbers
+                (``session_objective``) and the mean moves to the best by mean J (``restart``). A
+                jump outside the trust region, paired so that J's per-session noise cancels; its
+                sessions count toward the budget (``restart_sessions_used``), and do no harm still
+                compares with the start.
+            restart_radius: r, the candidates' distance from m̄ in units of σ_u (2).
+            restart_sessions: simulated sessions per candidate (32).
+            restart_at: the iterations (before their batch) at which to restart ((0,)).
 
         Returns:
             This updated AlgorithmConfig object.
@@ -258,6 +278,17 @@ class OuterControllerConfig(AlgorithmConfigBase):
             raise ValueError(f"exploration must be one of {EXPLORATION}, got {self.exploration!r}")
         if self.kpi_shrinkage and self.exploration != "session":
             raise ValueError("kpi_shrinkage needs exploration='session' (one advantage per session to split by KPI)")
+        if self.restart_directions < 0 or self.restart_directions and self.restart_sessions < 2:
+            raise ValueError(
+                f"restart_directions must be >= 0 and restart_sessions >= 2, got {self.restart_directions} "
+                f"and {self.restart_sessions}"
+            )
+        if not (np.isfinite(self.restart_radius) and self.restart_radius > 0):
+            raise ValueError(f"restart_radius must be finite and > 0, got {self.restart_radius}")
+        if any(int(i) != i or i < 0 for i in self.restart_at):
+            raise ValueError(f"restart_at must list iterations >= 0, got {self.restart_at}")
+        if self.restart_directions and self.offline_trajectories is not None:
+            raise ValueError("restart_directions needs online training (its candidates serve simulated sessions)")
         if self.promotion_sessions < 2:
             raise ValueError(f"promotion_sessions must be >= 2, got {self.promotion_sessions}")
         if not 0 < self.promotion_confidence < 1:
@@ -284,6 +315,8 @@ class OuterController(AlgorithmBase):
         self.rollbacks = self.consecutive_rollbacks = 0
         self.last_batch = None
         self.last_promotion: dict | None = None
+        self.restart_sessions_used = 0
+        self.last_restart: dict | None = None
         self._offline_batches = None
         self._reference = self._policy_params()  # π_ref: the pre-training policy
         self._last_good = self._snapshot()
@@ -293,11 +326,12 @@ class OuterController(AlgorithmBase):
         """The next batch of logged sessions (cycling through the dataset)."""
         if self._offline_batches is None:
             self._dataset = ray.data.read_parquet(self.config.offline_trajectories, num_cpus=0.25)
+            self._returns = read_returns(self.config.offline_trajectories)  # late KPIs the sessioniser backfilled
             self._offline_batches = iter(())
         for _ in range(2):  # the rest of this pass, then one fresh pass
             for table in self._offline_batches:
                 try:
-                    return session_data.from_trajectories(table)
+                    return session_data.from_trajectories(apply_returns(table, self._returns))
                 except ValueError:  # no usable rows in this batch (no observations / unknown return): skip it
                     continue
             self._offline_batches = iter(
@@ -310,6 +344,9 @@ class OuterController(AlgorithmBase):
 
     # ---------------------------------------------------------------- training
     def training_step(self) -> None:
+        restarted = 0.0
+        if self.config.restart_directions and self.iteration in self.config.restart_at:
+            restarted = float(self.restart()["moved"])
         if self.config.offline_trajectories is not None:
             batch = self._read_sessions()
         else:
@@ -349,11 +386,53 @@ class OuterController(AlgorithmBase):
                 "rollbacks": self.rollbacks,
                 "consecutive_rollbacks": self.consecutive_rollbacks,
                 "sessions_in_batch": batch.n_sessions,
+                "restarted": restarted,
+                "restart_sessions_used": self.restart_sessions_used,
                 "mean_session_length": len(batch.t) / batch.n_sessions,
             },
             key=self.metrics_key,
             window=1,
         )
+
+    def restart_unit_directions(self, dim: int) -> np.ndarray:
+        """d [K, dim]: unit directions, evenly spread over the circle when dim = 2, else seeded Gaussian ones."""
+        k = self.config.restart_directions
+        if dim == 2:
+            angle = 2 * np.pi * np.arange(k) / k
+            return np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        d = seed_sequence(self.config.seed or 0, "restart-directions").normal(size=(k, dim))
+        return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+    def restart(self) -> dict:
+        """Exploratory restart: the current policy and K candidates whose mean logits are moved by
+        r·σ_u·d_k (the output layer's bias shifted, through U·atanh when max_logit bounds them) serve the same
+        simulated users with common random numbers; the learners and env runners take the best by mean J.
+        Returns (and keeps in ``last_restart``) every candidate's mean J and which one was kept."""
+        cfg, module = self.config, self.inference_module()
+        weights = self._policy_params()
+        name = f"pi.{len(module.pi) - 1}.bias"
+        raw = torch.as_tensor(weights[name])
+        m = raw if module.max_logit is None else module.max_logit * torch.tanh(raw / module.max_logit)
+        sigma = float(module.log_std.detach().clamp(module.log_std_min, LOG_STD_MAX).exp().mean())
+        shifts = cfg.restart_radius * sigma * self.restart_unit_directions(len(raw))
+        candidates = [weights]
+        for shift in shifts:
+            target = m + torch.as_tensor(shift, dtype=m.dtype)
+            if module.max_logit is not None:
+                u = module.max_logit
+                target = u * torch.atanh((target / u).clamp(-0.9, 0.9))  # short of tanh's flat tails
+            candidates.append({**weights, name: target.numpy().astype(weights[name].dtype)})
+        seed = 10_007 * (cfg.seed or 0) + self.iteration
+        j = np.array(
+            [self.session_objective(c, cfg.restart_sessions, seed, stream="restart-users") for c in candidates]
+        ).mean(axis=1)
+        best = int(np.argmax(j))
+        self.restart_sessions_used += len(candidates) * cfg.restart_sessions
+        if best:
+            self._push_weights(candidates[best])
+            self._last_good = self._snapshot()
+        self.last_restart = {"objective": j.tolist(), "kept": best, "moved": best > 0, "iteration": self.iteration}
+        return self.last_restart
 
     def _session_noise(self, batch: session_data.SessionBatch) -> np.ndarray:
         """ε [B, K − 1] of each session's exploration draw, ε = (u₀ − m(s₀))/σ at its first request."""
@@ -413,7 +492,8 @@ class OuterController(AlgorithmBase):
     def warm_start(self, trajectories, iterations: int = 20) -> dict:
         """Behaviour cloning on logged sessions: maximise log π(a|s) of the logged actions (the KPI
         signals are off), then make the result the KL reference and the last good state."""
-        batch = session_data.from_trajectories(pads.dataset(trajectories, format="parquet").to_table())
+        rows = pads.dataset(trajectories, format="parquet", ignore_prefixes=[".", "_"]).to_table()
+        batch = session_data.from_trajectories(apply_returns(rows, read_returns(trajectories)))
         ones = np.ones(len(batch.t), np.float32)
         for _ in range(iterations):  # A_t ≡ 1: the loss is −mean log π(a|s) (exp(0) = 1 as well offline)
             step_signal = ones * (0 if self.config.offline_trajectories else 1)
@@ -465,14 +545,15 @@ class OuterController(AlgorithmBase):
 
     # ---------------------------------------------------------------- do no harm
     def session_objective(
-        self, weights: dict | None = None, n_sessions: int | None = None, seed: int = 0
+        self, weights: dict | None = None, n_sessions: int | None = None, seed: int = 0, stream: str = "promotion-users"
     ) -> np.ndarray:
         """J = Σ_k w_k·KPI_k per simulated session [n] of μ(s) under ``weights`` (default: the learners'
         current ones) with the current KPI weights; the same users and common random numbers for the
-        same ``n_sessions`` and ``seed`` (``actors.world.oracle.simulate_policy_sessions``)."""
+        same ``n_sessions``, ``seed`` and ``stream`` (the users' seed stream;
+        ``actors.world.oracle.simulate_policy_sessions``)."""
         world, pipeline = build_world(self.config.env_config)
         n = n_sessions or self.config.promotion_sessions
-        users = seed_sequence(seed, "promotion-users").integers(0, world.users.n, n)
+        users = seed_sequence(seed, stream).integers(0, world.users.n, n)
         module = copy.deepcopy(self.inference_module(weights=weights))
         kpis = simulate_policy_sessions(pipeline, ranking_mean_policy(module, pipeline), users, seed)
         missing = sorted(set(self.signals.kpi_weights) - set(kpis))
@@ -482,6 +563,11 @@ class OuterController(AlgorithmBase):
 
     def _set_policy(self, weights: dict) -> None:
         """Load module weights into the learners and the env runners; they become the last good state."""
+        self._push_weights(weights)
+        self._last_good = self._snapshot()
+
+    def _push_weights(self, weights: dict) -> None:
+        """Load module weights into the learners and the env runners."""
         self.learner_group.set_weights({DEFAULT_MODULE_ID: weights})
         # no update since the last sync: the env runners would skip a sync at the same weights_seq_no,
         # so the weights are pushed without one (a missing seq no forces the update)
@@ -490,7 +576,6 @@ class OuterController(AlgorithmBase):
             lambda runner: runner.set_state(state),
             local_env_runner=self.env_runner_group.num_remote_env_runners() == 0,
         )
-        self._last_good = self._snapshot()
 
     def promote(self, n_sessions: int | None = None, seed: int = 0) -> dict:
         """Do no harm: π (the learners' policy) stays only when the paired interval of J(π) − J(π_ref)
@@ -541,6 +626,7 @@ class OuterController(AlgorithmBase):
             "rollbacks": self.rollbacks,
             "consecutive_rollbacks": self.consecutive_rollbacks,
             "last_promotion": self.last_promotion,
+            "restart_sessions_used": self.restart_sessions_used,
             "reference": self._reference,
         }
 
@@ -549,5 +635,6 @@ class OuterController(AlgorithmBase):
         self.rollbacks = state["rollbacks"]
         self.consecutive_rollbacks = state.get("consecutive_rollbacks", 0)
         self.last_promotion = state.get("last_promotion")
+        self.restart_sessions_used = state.get("restart_sessions_used", 0)
         self._reference = dict(state["reference"])
         self._last_good = self._snapshot()  # the restored learner state is the last good one

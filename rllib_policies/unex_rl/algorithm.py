@@ -38,6 +38,8 @@ from .learner import CRITIC, UnexRLLearner
 from .modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
 from .sampler import N_ITEM_GROUPS, ReplayBuffer, sample_sessions, transitions_from_episodes
 
+EXPLORE_STD = 0.2  # the exploration's σ, a fraction of each action's range (stages not given one)
+
 # arm → its switches (UNEX-RL itself has every piece on; each ablation switches one off). The
 # defaults in UnexRLConfig.__init__ are the "unex_rl" arm.
 ARMS: dict[str, dict] = {
@@ -66,7 +68,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         # sampling and replay
         self.sampler: str = "vectorised"
         self.sessions_per_iteration: int = 64
-        self.explore_std: float = 0.2
+        self.explore_std: float | dict[str, float] = EXPLORE_STD
         self.buffer_size: int = 50_000
         self.reward_scale_s: float = 30.0
         self.cqr_window: int = 4096
@@ -81,6 +83,9 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.policy_delay: int = 2
         self.twin_q: bool = False
         self.max_action_step: float | None = None
+        self.search_candidates: int = 16
+        self.search_weight: float = 1.0
+        self.search_std: float | None = None
         # RLlib's own settings, UNEX-RL's values
         self.gamma = 0.9
         self.lr = 1e-3
@@ -100,7 +105,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         trainable_stages: tuple[str, ...] | list[str] = NotProvided,
         sampler: str = NotProvided,
         sessions_per_iteration: int = NotProvided,
-        explore_std: float = NotProvided,
+        explore_std: float | dict[str, float] = NotProvided,
         buffer_size: int = NotProvided,
         reward_scale_s: float = NotProvided,
         cqr_window: int = NotProvided,
@@ -114,6 +119,9 @@ class UnexRLConfig(AlgorithmConfigBase):
         policy_delay: int = NotProvided,
         twin_q: bool = NotProvided,
         max_action_step: float | None = NotProvided,
+        search_candidates: int = NotProvided,
+        search_weight: float = NotProvided,
+        search_std: float | None = NotProvided,
     ) -> Self:
         """Sets UNEX-RL's own options.
 
@@ -132,7 +140,8 @@ class UnexRLConfig(AlgorithmConfigBase):
                 (RLlib's MultiAgentEnvRunner stepping MultiStageEnv; needs env_config
                 {"reward": "usage"}): the same transitions, ~50× slower here.
             sessions_per_iteration: Sessions served (and stored) per iteration.
-            explore_std: σ of the Gaussian exploration, as a fraction of each action's range.
+            explore_std: σ of the Gaussian exploration, as a fraction of each action's range; a dict
+                (stage → σ) sets it per stage, stages not named ``EXPLORE_STD``.
             buffer_size: Replay buffer capacity (transitions = requests).
             reward_scale_s: Usage seconds per unit reward when ``cqr`` is off.
             cqr_window: Rewards kept per CQR cell (a sliding window).
@@ -154,6 +163,14 @@ class UnexRLConfig(AlgorithmConfigBase):
                 change of its deterministic action on a minibatch, as a fraction of each action's range,
                 at most δ per action dimension from the iteration's start (longer steps are shortened);
                 None: unbounded.
+            search_candidates: k, the critic-guided action search: per transition, the critic's best of
+                the policies' joint action and k − 1 Gaussian perturbations of it (σ = ``search_std``,
+                learning stages only), a*, and the actor loss adds β·‖ã − a*‖² (actions
+                scaled to [0, 1]), so the policies climb the critic's shape within the explored region,
+                not only its slope at ã; 0 or 1: off (DDPG's loss alone).
+            search_weight: β, the weight of that regression towards a*.
+            search_std: σ of the search's perturbations, as a fraction of each action's range; None: the
+                exploration's ``explore_std`` (the region the critic has seen).
 
         Returns:
             This updated AlgorithmConfig object.
@@ -196,8 +213,24 @@ class UnexRLConfig(AlgorithmConfigBase):
                 )
         if self.max_action_step is not None and not 0 < self.max_action_step <= 1:
             raise ValueError(f"max_action_step must be in (0, 1] or None, got {self.max_action_step}")
+        if isinstance(self.explore_std, dict) and set(self.explore_std) - set(STAGES):
+            raise ValueError(f"explore_std: unknown stage(s) {sorted(set(self.explore_std) - set(STAGES))}")
+        if not all(self.explore_std_of(s) > 0 for s in STAGES):
+            raise ValueError(f"explore_std must be > 0, got {self.explore_std}")
+        if self.search_std is not None and not self.search_std > 0:
+            raise ValueError(f"search_std must be > 0 or None, got {self.search_std}")
+        if self.search_candidates < 0 or self.search_weight < 0:
+            raise ValueError(
+                f"search_candidates and search_weight must be >= 0, got {self.search_candidates}, {self.search_weight}"
+            )
         if self.minibatch_size < 2 or self.sessions_per_iteration < 1:
             raise ValueError("minibatch_size must be >= 2 and sessions_per_iteration >= 1")
+
+    def explore_std_of(self, stage: str) -> float:
+        """Stage ``stage``'s exploration σ (a fraction of each action's range)."""
+        if isinstance(self.explore_std, dict):
+            return float(self.explore_std.get(stage, EXPLORE_STD))
+        return float(self.explore_std)
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(module_class=StagePolicyModule)
@@ -208,7 +241,7 @@ class UnexRLConfig(AlgorithmConfigBase):
             if s in spec.rl_module_specs:
                 spec.rl_module_specs[s].model_config = {
                     "hidden": self.hidden,
-                    "explore_std": self.explore_std,
+                    "explore_std": self.explore_std_of(s),
                     "init": list(self.init_params.get(s, DEFAULT_PARAMS[s].tolist())),
                 }
         if not kwargs.get("inference_only") and CRITIC not in spec.rl_module_specs:
@@ -259,7 +292,7 @@ class UnexRL(AlgorithmBase):
                 cfg.sessions_per_iteration,
                 self.rng,
                 explore=True,
-                explore_std=cfg.explore_std,
+                explore_std={s: cfg.explore_std_of(s) for s in STAGES},
                 explore_stages=cfg.trainable_stages,
             )
         raw = batch["reward_s"]

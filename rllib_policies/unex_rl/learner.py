@@ -6,6 +6,8 @@ the rescaled reward r̃, the next request):
 critic          y = r̃ + γ·(1 − done)·Q'_g(o'_1, a'_1, a'_2, a'_3),   a'_k = μ'_k(o'_k)
                 L_Q = mean (Q_g(o_1, a_1, a_2, a_3) − y)²
 stage policies  ã_k = μ_k(o_k),  L_μ = −mean Q_g(o_1, ã_1, ã_2, ã_3)   (critic frozen; the actor loss)
+                + β·mean ‖ã − a*‖²  with ``search_candidates`` > 1 (a* = the critic's best of the candidates
+                ã, ã + σ·ε_j: ``search_action``; actions scaled to [0, 1], β = ``search_weight``)
 targets         θ' ← τ·θ + (1 − τ)·θ' after every update (RLlib's TargetNetworkAPI + update_target_network)
 
 Twin critics (``twin_q``, TD3's clipped double-Q): y = r̃ + γ·(1 − done)·min_h Q'^h, both heads
@@ -108,6 +110,7 @@ class UnexRLLearner(TorchLearner):
         acts = {s: b[f"act_{s}"] for s in STAGES}
         scaled = lambda a: torch.cat([a[s] / policies[s].high for s in STAGES], dim=-1)  # noqa: E731
         independent = critic.n_critics > 1
+        search_std = {s: cfg.explore_std_of(s) if cfg.search_std is None else cfg.search_std for s in STAGES}
 
         # ---------------------------------------------------------------- critic (TD)
         with torch.no_grad():
@@ -148,11 +151,18 @@ class UnexRLLearner(TorchLearner):
             if not bool(b["actor_on"][0] > 0):  # critic warm-up / policy delay: no policy step on this minibatch
                 actor_loss = torch.zeros((), device=ctx.device)
             elif independent:
-                actor_loss = -sum(
-                    critic.value(stored[s], _pad(policies[s].act(stored[s]) / policies[s].high), i).mean()
-                    for i, s in enumerate(STAGES)
-                    if s in cfg.trainable_stages
-                )
+                actor_loss = torch.zeros((), device=ctx.device)
+                for i, s in enumerate(STAGES):
+                    if s not in cfg.trainable_stages:
+                        continue
+                    own = policies[s].act(stored[s]) / policies[s].high
+                    actor_loss = actor_loss - critic.value(stored[s], _pad(own), i).mean()
+                    if cfg.search_candidates > 1:
+                        q_of = lambda a, i=i, s=s: critic.value(  # noqa: E731
+                            stored[s].repeat_interleave(cfg.search_candidates, 0), _pad(a), i
+                        )
+                        best = search_action(q_of, own.detach(), search_std[s], None, cfg.search_candidates)
+                        actor_loss = actor_loss + cfg.search_weight * ((own - best) ** 2).sum(-1).mean()
             else:
                 new = cascade(
                     self.pipeline,
@@ -165,7 +175,17 @@ class UnexRLLearner(TorchLearner):
                     stop_gradient=cfg.stop_gradient,
                     trainable=cfg.trainable_stages,
                 )
-                actor_loss = -critic.value(stored["matching"], scaled(new), 0).mean()
+                joint = scaled(new)
+                actor_loss = -critic.value(stored["matching"], joint, 0).mean()
+                if cfg.search_candidates > 1:
+                    free = torch.cat(  # σ on the learning stages' dimensions, 0 on the frozen ones'
+                        [torch.full_like(policies[s].high, search_std[s] * (s in cfg.trainable_stages)) for s in STAGES]
+                    )
+                    q_of = lambda a: critic.value(  # noqa: E731
+                        stored["matching"].repeat_interleave(cfg.search_candidates, 0), a, 0
+                    )
+                    best = search_action(q_of, joint.detach(), 1.0, free, cfg.search_candidates)
+                    actor_loss = actor_loss + cfg.search_weight * ((joint - best) ** 2).sum(-1).mean()
         finally:
             critic.q.requires_grad_(True)
         metrics = {
@@ -281,6 +301,27 @@ def cascade(
         if s not in trainable:
             out[s] = out[s].detach()
     return out
+
+
+@torch.no_grad()
+def search_action(q_of, base: torch.Tensor, std: float, free: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The critic-guided action search: per row, the best of k candidates by the critic,
+
+        a* = argmax_{c ∈ {ã, clip(ã + σ·ε_2), …, clip(ã + σ·ε_k)}} Q̂(o, c),   ε_j ~ N(0, I),
+
+    actions scaled to [0, 1] (σ a fraction of each action's range, the exploration's), the noise scaled
+    per dimension by ``free`` (0: a frozen stage's; None: 1 everywhere). ``q_of`` maps [B·k, D] candidates (row-major:
+    each row's k in turn) to Q̂ [B·k]. A step towards a* sees the critic's shape within the explored
+    region, where the deterministic policy gradient ∇_a Q̂ sees only its slope at ã (flat on a plateau
+    such as a starved matching stage's). Returns a* [B, D]."""
+    b, d = base.shape
+    noise = std * torch.randn(b, k, d, device=base.device, dtype=base.dtype)
+    if free is not None:
+        noise = noise * free
+    noise[:, 0] = 0.0
+    candidates = (base.unsqueeze(1) + noise).clamp(0.0, 1.0)
+    q = q_of(candidates.reshape(b * k, d)).reshape(b, k)
+    return candidates[torch.arange(b, device=base.device), q.argmax(dim=1)]
 
 
 def _pad(a: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,13 @@ def sample_sessions(
     n_sessions: int,
     rng: np.random.Generator,
     explore: bool = True,
-    explore_std: float = 0.1,
+    explore_std: float | dict[str, float] = 0.1,
     users_seed: int | None = None,
     explore_stages=STAGES,
 ) -> tuple[dict, dict]:
     """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary).
-    Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy);
+    Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy), σ
+    ``explore_std`` (a fraction of each action's range; a dict: per stage);
     ``users_seed`` fixes the users, request ids and responses (evaluation on common random numbers)."""
     world = pipeline.world
     users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(
@@ -59,7 +60,14 @@ def sample_sessions(
     sessions = world.start_sessions(users, pipeline.config.history_len)
     ideal = world.ideal_relevance(sessions.user, 10)
     policies = {
-        s: behaviour_policy(stage_policies[s], s, rng, explore and s in explore_stages, explore_std) for s in STAGES
+        s: behaviour_policy(
+            stage_policies[s],
+            s,
+            rng,
+            explore and s in explore_stages,
+            explore_std[s] if isinstance(explore_std, dict) else explore_std,
+        )
+        for s in STAGES
     }
     rows, pending = [], np.full(n_sessions, -1)
     ndcg_sum, n_rows = np.zeros(n_sessions), 0

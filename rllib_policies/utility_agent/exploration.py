@@ -2,7 +2,9 @@
 
 The logging policy picks one utility-weight vector per request uniformly from the discrete action
 grid (PRL-PUTS: 7 values for each of two weights, 49 actions), so every logged action has
-propensity 1/|A| and "reward at hit" is exactly SNIPS. Events go through the telemetry schema and
+propensity 1/|A| and "reward at hit" is exactly SNIPS. Adaptive exploration (successive halving,
+learning.py) logs later rounds uniformly over a round's support S ⊆ A of survivors
+(``halving_survivors``), each request with that round's propensity 1/|S|. Events go through the telemetry schema and
 ParquetSink like served traffic (the Serve app logs the same way in ``mode: explore``); the
 request table (one row per request: context, action, propensity, per-objective rewards) is built
 from them with Ray Data, grouped by user.
@@ -73,9 +75,46 @@ class ActionGrid:
 DEFAULT_GRID = ActionGrid()  # PRL-PUTS's 7 × 7 grid
 
 
-def uniform_actions(rng: np.random.Generator, b: int, grid: ActionGrid) -> tuple[np.ndarray, np.ndarray]:
-    """The logging policy: a ~ Uniform(A) per request → (action index [B], propensity 1/|A| [B])."""
-    return rng.integers(0, grid.size, b), np.full(b, 1.0 / grid.size, np.float32)
+def exploration_support(grid: ActionGrid, support=None) -> np.ndarray:
+    """The grid indices a logging round serves (sorted, unique): all of A by default; ValueError on
+    an empty support or an index off the grid."""
+    if support is None:
+        return np.arange(grid.size)
+    s = np.unique(np.asarray(support, np.int64).ravel())
+    if s.size == 0 or s[0] < 0 or s[-1] >= grid.size:
+        raise ValueError(f"exploration support must be a non-empty set of grid indices in [0, {grid.size}), got {s}")
+    return s
+
+
+def uniform_actions(rng: np.random.Generator, b: int, grid: ActionGrid, support=None) -> tuple[np.ndarray, np.ndarray]:
+    """The logging policy: a ~ Uniform(S) per request, S ⊆ A the round's support (all of A by
+    default) → (grid action index [B], propensity 1/|S| [B])."""
+    s = exploration_support(grid, support)
+    if s.size == grid.size:  # the plain uniform logger (same draws as before supports existed)
+        return rng.integers(0, grid.size, b), np.full(b, 1.0 / grid.size, np.float32)
+    return s[rng.integers(0, s.size, b)], np.full(b, 1.0 / s.size, np.float32)
+
+
+def round_sessions(total: int, rounds: int) -> list[int]:
+    """The session budget of each logging round: ``total`` split as evenly as possible (successive
+    halving's equal budget per round), the remainder to the last rounds; ValueError if a round gets none."""
+    if rounds < 1 or total < rounds:
+        raise ValueError(f"need 1 <= rounds <= sessions, got rounds={rounds}, sessions={total}")
+    base, extra = divmod(total, rounds)
+    return [base + (r >= rounds - extra) for r in range(rounds)]
+
+
+def halving_survivors(values: np.ndarray, support: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """Successive halving's cut: of the round's support S, keep the top k = ⌈keep_fraction·|S|⌉
+    actions by value at each λ (values [L, A], e.g. the model's mean Q̂_λ per action) and return the
+    union over λ (sorted grid indices) — the next round's support."""
+    if not 0 < keep_fraction < 1:
+        raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}")
+    support = np.asarray(support, np.int64)
+    k = max(1, int(np.ceil(keep_fraction * support.size)))
+    v = np.asarray(values, np.float64).reshape(-1, np.asarray(values).shape[-1])[:, support]  # [L, |S|]
+    top = np.argsort(-v, axis=1, kind="stable")[:, :k]
+    return np.unique(support[top])
 
 
 def simulate_exploration_logs(
@@ -86,10 +125,16 @@ def simulate_exploration_logs(
     seed: int = 0,
     batch_sessions: int = 500,
     ground_truth_path: str | None = None,
+    support=None,
+    round_index: int = 0,
 ) -> dict:
     """Serve ``n_sessions`` whole sessions on the simulator with uniformly random utility weights per
     request, through the same stage functions as the Serve app, and write their events (with the
     request context and propensity) to a ParquetSink at ``events_root``.
+
+    ``support``: the grid indices this logging round draws from (all by default); every request
+    logs the propensity of the round that served it, 1/|support|. ``round_index`` > 0 draws fresh
+    users, sessions and actions (round 0 reproduces the single-round logs).
 
     ``ground_truth_path``: also write, per logged request, the simulator's exact expected clicks and
     long views of *every* action at that state (World.expected_response of each action's slate):
@@ -97,12 +142,13 @@ def simulate_exploration_logs(
     world, pipeline = build_world(env_config)
     truth_tables = []
     sink = ParquetSink(events_root, n_buckets=4)
-    rng = seed_sequence(seed, "exploration")
+    rng = seed_sequence(seed, "exploration") if round_index == 0 else seed_sequence(seed, "exploration", round_index)
+    support = exploration_support(grid, support)
     weights = grid.weights
     served, batches = {}, []  # request id → what the policy chose; events of the current batch of sessions
 
     def policy(world_, pipeline_, req, rng_):
-        action, propensity = uniform_actions(rng, len(req.user), grid)
+        action, propensity = uniform_actions(rng, len(req.user), grid, support)
         rec = pipeline_.recommend(req, {"ranking": weights[action]})
         truth = expected_rewards_all_actions(pipeline_, req, rec.pre_ranked, weights) if ground_truth_path else None
         served[req.request_id] = (weights[action], propensity, rec.predictions, pipeline_.context(req), truth)
@@ -138,14 +184,15 @@ def simulate_exploration_logs(
 
     for start in range(0, n_sessions, batch_sessions):
         users = rng.integers(0, world.users.n, min(batch_sessions, n_sessions - start))
-        run_sessions(world, pipeline, policy, len(users), seed + start, f"exploration-{start}", users, observer)
+        name = f"exploration-{start}" if round_index == 0 else f"exploration-r{round_index}-{start}"
+        run_sessions(world, pipeline, policy, len(users), seed + start, name, users, observer)
         sink.write(pa.Table.from_batches(batches))
         batches.clear()
     n_events = pads.dataset(events_root, format="parquet").count_rows()
     n_requests = n_events // pipeline.config.k_slate
     if ground_truth_path:
         pq.write_table(pa.concat_tables(truth_tables), ground_truth_path)
-    return {"sessions": n_sessions, "requests": n_requests, "events": n_events}
+    return {"sessions": n_sessions, "requests": n_requests, "events": n_events, "support": support.tolist()}
 
 
 def expected_rewards_all_actions(pipeline, req, candidates: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -241,10 +288,12 @@ def as_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
-def load_ground_truth(path: str, request_ids: np.ndarray) -> np.ndarray:
+def load_ground_truth(path: str | list[str], request_ids: np.ndarray) -> np.ndarray:
     """The exact expected rewards of every action at the given logged requests [N, A, 2] (see
-    simulate_exploration_logs(ground_truth_path=…)); KeyError naming a request without one."""
-    t = pq.read_table(path)
+    simulate_exploration_logs(ground_truth_path=…); several paths: one per logging round);
+    KeyError naming a request without one."""
+    paths = [path] if isinstance(path, str) else list(path)
+    t = pa.concat_tables([pq.read_table(p) for p in paths])
     pos = {rid: i for i, rid in enumerate(t["request_id"].to_pylist())}
     missing = [r for r in request_ids if r not in pos]
     if missing:

@@ -38,8 +38,19 @@ def scalarised_rewards(rewards: np.ndarray, lam: float, scale: np.ndarray) -> np
     return lam * r[:, 0] / max(float(scale[0]), 1e-12) + (1 - lam) * r[:, 1] / max(float(scale[1]), 1e-12)
 
 
-def best_global_actions(logs: dict, n_actions: int, lambdas: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """g_λ = argmax_a V̂_λ(a) by reward at hit on ``logs`` (as_arrays columns), for every λ → [L]."""
+def argmax_allowed(values: np.ndarray, allowed=None) -> np.ndarray:
+    """argmax over the last axis restricted to the ``allowed`` action indices (all by default): after
+    adaptive exploration, g_λ and π_λ choose among the last round's survivors only."""
+    v = np.asarray(values, np.float64)
+    if allowed is None:
+        return v.argmax(axis=-1)
+    mask = np.full(v.shape[-1], -np.inf)
+    mask[np.asarray(allowed, np.int64)] = 0.0
+    return (v + mask).argmax(axis=-1)
+
+
+def best_global_actions(logs: dict, n_actions: int, lambdas: np.ndarray, scale: np.ndarray, allowed=None) -> np.ndarray:
+    """g_λ = argmax_{a ∈ allowed} V̂_λ(a) by reward at hit on ``logs`` (as_arrays columns), for every λ → [L]."""
     est = RewardAtHit()
     values = np.array(
         [
@@ -47,16 +58,24 @@ def best_global_actions(logs: dict, n_actions: int, lambdas: np.ndarray, scale: 
             for a in range(n_actions)
         ]
     )  # [A, 2]
-    return np.array([scalarised_rewards(values, lam, scale).argmax() for lam in np.asarray(lambdas, np.float64)])
+    per_lam = np.stack([scalarised_rewards(values, lam, scale) for lam in np.asarray(lambdas, np.float64)])
+    return argmax_allowed(np.nan_to_num(per_lam, nan=-np.inf), allowed)
 
 
-def model_global_actions(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+def model_global_actions(scores: np.ndarray, lambdas: np.ndarray, allowed=None) -> np.ndarray:
     """g_λ by the agent's own model: argmax_a (1/N) Σ_i λ·Q̃₁(s_i, a) + (1 − λ)·Q̃₂(s_i, a) over
     logged states (scores [N, A, 2]) → [L]. Every request informs every action's value (the action
-    is an input of the Q network), where reward at hit sees only the ~N/|A| requests that logged it."""
-    mean = scores.mean(axis=0)  # [A, 2]
+    is an input of the Q network), where reward at hit sees only the ~N/|A| requests that logged it.
+    ``allowed``: the action indices to choose from (all by default)."""
+    return argmax_allowed(model_mean_values(scores, lambdas), allowed)
+
+
+def model_mean_values(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+    """The model's value of each global action at each λ, (1/N) Σ_i λ·Q̃₁(s_i, a) + (1 − λ)·Q̃₂(s_i, a)
+    (scores [N, A, 2]) → [L, A]: what g_λ maximises and what adaptive exploration ranks survivors by."""
+    mean = np.asarray(scores, np.float64).mean(axis=0)  # [A, 2]
     lam = np.asarray(lambdas, np.float64)[:, None]
-    return (lam * mean[None, :, 0] + (1 - lam) * mean[None, :, 1]).argmax(axis=1)
+    return lam * mean[None, :, 0] + (1 - lam) * mean[None, :, 1]
 
 
 def scalarised_q(q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -134,11 +153,19 @@ class DoublyRobustGlobal:
         return psi.mean(axis=1), np.stack([_cluster_se(p, logs.get("user_id")) for p in psi])
 
     def choose(
-        self, logs: dict, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, model_actions=None, grid=None
+        self,
+        logs: dict,
+        q: np.ndarray,
+        lambdas: np.ndarray,
+        scale: np.ndarray,
+        model_actions=None,
+        grid=None,
+        allowed=None,
     ) -> np.ndarray:
-        """g_λ for every λ → [L] (``model_actions`` [L]: the model's choice, needed when pessimistic)."""
+        """g_λ for every λ → [L] (``model_actions`` [L]: the model's choice, needed when pessimistic;
+        ``allowed``: the action indices to choose from, all by default)."""
         psi = self.terms(logs, q, lambdas, scale, grid)  # [L, N, A]
-        best = psi.mean(axis=1).argmax(axis=1)
+        best = argmax_allowed(psi.mean(axis=1), allowed)
         if not self.pessimistic:
             return best
         if model_actions is None:
@@ -154,19 +181,27 @@ class DoublyRobustGlobal:
 
 
 def choose_global_actions(
-    choice: str, logs: dict, scores: np.ndarray, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, grid
+    choice: str,
+    logs: dict,
+    scores: np.ndarray,
+    q: np.ndarray,
+    lambdas: np.ndarray,
+    scale: np.ndarray,
+    grid,
+    allowed=None,
 ) -> np.ndarray:
     """g_λ [L] by ``choice`` (GLOBAL_CHOICES) on ``logs`` (as_arrays columns): scores [N, A, 2] = Q̃
-    (standardised), q = Q̂ in reward units at the logged states, grid [A, 3] = the weight vectors."""
+    (standardised), q = Q̂ in reward units at the logged states, grid [A, 3] = the weight vectors,
+    ``allowed`` = the action indices g_λ may be (all by default; adaptive exploration: the survivors)."""
     if choice not in GLOBAL_CHOICES:
         raise ValueError(f"global_choice must be one of {GLOBAL_CHOICES}, got {choice!r}")
-    model = model_global_actions(scores, lambdas)
+    model = model_global_actions(scores, lambdas, allowed)
     if choice == "model":
         return model
     if choice == "logs":
-        return best_global_actions(logs, len(grid), lambdas, scale)
+        return best_global_actions(logs, len(grid), lambdas, scale, allowed)
     dr = DoublyRobustGlobal(pessimistic=choice == "dr_lcb", smooth=choice == "dr_smooth")
-    return dr.choose(logs, q, lambdas, scale, model, grid)
+    return dr.choose(logs, q, lambdas, scale, model, grid, allowed)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,15 @@ and σ_k the training logs' reward std (the scale π_λ scalarises with). Users 
 train (the agent), validation (the do-no-harm choice, guard.py) and test (every value above), so no
 value is measured on data that chose it. The untrained ("frozen") agent's π_λ is measured on the same
 test states: its random-initialised Q picks arbitrary grid actions, the uniform start in expectation.
+
+Adaptive exploration (``exploration_rounds`` R > 1, successive halving over the grid at the same total
+session budget): round 1 logs uniformly over all |A| vectors on 1/R of the sessions; after round r
+the agent is fitted on the train users' rows of rounds ≤ r and each λ of interest keeps its top
+⌈keep_fraction·|S_r|⌉ survivors by the model's mean Q̂_λ; round r + 1 logs uniformly over their
+union S_{r+1}, each request with the propensity of the round that served it (1/|S_r|), so reward at
+hit, DR and do no harm stay unbiased on the mixed logs. The final agent is fitted on every round's
+train rows, and g_λ (``global_choice``) and π_λ choose within the last round's support. The user
+split is then a fixed hash of the user id (``actors.world.user_uniform``), so a user is on the same side in every round.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from actors.telemetry import EVENT_SCHEMA
+from actors.world import user_uniform
 from actors.world.metrics import gap_closed
 from actors.world.oracle import Scalarised, headroom_of_values, objective_values
 
@@ -38,9 +48,11 @@ from .evaluate import cohort_of, observation_spec
 from .exploration import (
     ActionGrid,
     as_arrays,
+    halving_survivors,
     load_ground_truth,
     request_dataset,
     request_rows,
+    round_sessions,
     simulate_exploration_logs,
     split_by_user,
 )
@@ -50,6 +62,7 @@ from .guard import (
     DoublyRobustGlobal,
     choose_global_actions,
     deployed_actions,
+    model_mean_values,
 )
 from .module import UtilityQModule
 from .pareto import sweep_actions
@@ -58,7 +71,15 @@ from .study import StudyConfig, build_agent, chunked_scores
 
 @dataclass
 class LearningConfig:
-    """One learning-test run (one seed, one preset): its budget and the learner's settings."""
+    """One learning-test run (one seed, one preset): its budget and the learner's settings.
+
+    Args:
+        exploration_rounds: Logging rounds R sharing the ``sessions`` budget equally. 1: uniform
+            logging over the whole grid (the original test); R > 1: successive halving, each later
+            round logs uniformly over the survivors of the one before (module docstring).
+        keep_fraction: Share of a round's support each λ of interest keeps for the next round
+            (top ⌈keep_fraction·|S|⌉ by the model's mean Q̂_λ; the union over λ survives), in (0, 1).
+    """
 
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
     sessions: int = 3000  # exploration sessions (uniform logging over the grid)
@@ -77,6 +98,8 @@ class LearningConfig:
     global_choice: str = "model"  # how g_λ is picked on the training logs: one of guard.GLOBAL_CHOICES
     frozen_inits: int = 16  # random initialisations averaged for the untrained agent
     ray_data: bool = True  # request rows by the Ray Data job (as the study); False: in process (small logs)
+    exploration_rounds: int = 1
+    keep_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if not (0 < self.validation and 0 < self.test and self.validation + self.test < 1):
@@ -87,6 +110,13 @@ class LearningConfig:
             raise ValueError(f"global_choice must be one of {GLOBAL_CHOICES}, got {self.global_choice!r}")
         if self.sessions < 1 or self.passes < 0:
             raise ValueError(f"sessions must be >= 1 and passes >= 0, got {self.sessions}, {self.passes}")
+        if not 1 <= self.exploration_rounds <= self.sessions:
+            raise ValueError(
+                f"exploration_rounds must be in [1, sessions], got {self.exploration_rounds} "
+                f"for {self.sessions} sessions"
+            )
+        if not 0 < self.keep_fraction < 1:
+            raise ValueError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
 
     @property
     def grid(self) -> ActionGrid:
@@ -115,26 +145,25 @@ def validation_loss(module, logs: dict) -> float:
         return float(((pred - target) ** 2).mean(0).sum())
 
 
-def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
-    """Exploration logs (with exact per-action ground truth) → request rows split by user → agent
-    trained ``cfg.passes`` passes → do no harm on validation → values on test. Needs Ray running.
-    Returns {"config", "data", "training", "wall_s", "points": one dict per λ}."""
-    t0 = time.perf_counter()
-    grid = cfg.grid
-    events, truth_path = os.path.join(work_dir, "events"), os.path.join(work_dir, "truth.parquet")
-    info = simulate_exploration_logs(cfg.env_config, events, cfg.sessions, grid, cfg.seed, ground_truth_path=truth_path)
-    table = (
-        pa.concat_tables(ray.get(request_dataset(events, grid).to_arrow_refs()))
-        if cfg.ray_data
-        else request_rows(pads.dataset(events, format="parquet", schema=EVENT_SCHEMA).to_table(), grid)
-    )
-    train, rest = split_by_user(table, cfg.validation + cfg.test, cfg.seed)
-    val, test = split_by_user(rest, cfg.test / (cfg.validation + cfg.test), cfg.seed + 1)
+def split_three(table: pa.Table, cfg: LearningConfig) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(train, validation, test) by user: the original draw over the logged users for one round, the
+    fixed ``user_uniform`` hash for adaptive exploration (stable across rounds)."""
+    if cfg.exploration_rounds == 1:
+        train, rest = split_by_user(table, cfg.validation + cfg.test, cfg.seed)
+        val, test = split_by_user(rest, cfg.test / (cfg.validation + cfg.test), cfg.seed + 1)
+        return train, val, test
+    u = user_uniform(table["user_id"].to_numpy(), cfg.seed)
+    is_test, is_val = u < cfg.test, (u >= cfg.test) & (u < cfg.test + cfg.validation)
+    return tuple(table.filter(pa.array(m)) for m in (~is_test & ~is_val, is_val, is_test))
+
+
+def fit_agent(cfg: LearningConfig, train: pa.Table, va: dict, work_dir: str, score_on: list[np.ndarray]) -> dict:
+    """The agent trained ``cfg.passes`` passes on ``train`` (the pass with the lowest loss on the
+    validation rows ``va`` kept) → {"scores": Q̃ [N, A, 2] at each obs array of ``score_on``,
+    "q_mean", "q_std" (reward units), "history", "passes_kept"}."""
     train_path = os.path.join(work_dir, "train")
     os.makedirs(train_path, exist_ok=True)
     pq.write_table(train, os.path.join(train_path, "part-0.parquet"))
-    t_data = time.perf_counter() - t0
-
     study_cfg = StudyConfig(
         out_dir=work_dir,
         env_config=cfg.env_config,
@@ -146,7 +175,6 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         seed=cfg.seed,
     )
     algo = build_agent(study_cfg, train_path)
-    tr, va, te = (as_arrays(t) for t in (train, val, test))
     try:
         history, best = [], (np.inf, None, 0)
         for i in range(cfg.passes):
@@ -156,23 +184,78 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
             if loss < best[0] or not cfg.early_stopping:
                 best = (loss, copy.deepcopy(algo.inference_module().state_dict()), i + 1)
         module = algo.inference_module(weights=best[1]) if best[1] is not None else algo.inference_module()
-        train_scores, val_scores, test_scores = (chunked_scores(module, x["obs"]) for x in (tr, va, te))
+        scores = [chunked_scores(module, x) for x in score_on]
         q_mean, q_std = (getattr(module, k).numpy().astype(np.float64) for k in ("reward_mean", "reward_std"))
     finally:
         algo.stop()
+    return {"scores": scores, "q_mean": q_mean, "q_std": q_std, "history": history, "passes_kept": best[2]}
+
+
+def log_round(
+    cfg: LearningConfig, work_dir: str, r: int, sessions: int, support: np.ndarray
+) -> tuple[pa.Table, str, dict]:
+    """Logging round ``r`` over ``support`` → (its request rows, its ground-truth path, its info)."""
+    grid = cfg.grid
+    events = os.path.join(work_dir, "events" if r == 0 else f"events-r{r}")
+    truth_path = os.path.join(work_dir, "truth.parquet" if r == 0 else f"truth-r{r}.parquet")
+    info = simulate_exploration_logs(
+        cfg.env_config, events, sessions, grid, cfg.seed, ground_truth_path=truth_path, support=support, round_index=r
+    )
+    table = (
+        pa.concat_tables(ray.get(request_dataset(events, grid).to_arrow_refs()))
+        if cfg.ray_data
+        else request_rows(pads.dataset(events, format="parquet", schema=EVENT_SCHEMA).to_table(), grid)
+    )
+    return table, truth_path, {**info, "round": r, "rows": table.num_rows}
+
+
+def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
+    """Exploration logs (with exact per-action ground truth; one round, or successive halving over
+    ``cfg.exploration_rounds``) → request rows split by user → agent trained ``cfg.passes`` passes →
+    do no harm on validation → values on test. Needs Ray running.
+    Returns {"config", "data", "exploration", "training", "wall_s", "points": one dict per λ}."""
+    t0 = time.perf_counter()
+    grid = cfg.grid
+    lambdas = np.asarray(cfg.lambdas, np.float64)
+    support, tables, truth_paths, rounds, t_halving = np.arange(grid.size), [], [], [], 0.0
+    for r, n in enumerate(round_sessions(cfg.sessions, cfg.exploration_rounds)):
+        table, truth_path, info = log_round(cfg, work_dir, r, n, support)
+        tables.append(table)
+        truth_paths.append(truth_path)
+        if r == cfg.exploration_rounds - 1:
+            rounds.append(info)
+            break
+        t_cut = time.perf_counter()
+        train_r, val_r, _ = split_three(pa.concat_tables(tables), cfg)
+        tr_r = as_arrays(train_r)
+        fit = fit_agent(cfg, train_r, as_arrays(val_r), os.path.join(work_dir, f"halving-{r}"), [tr_r["obs"]])
+        values = model_mean_values(fit["scores"][0], lambdas)  # [L, A]: the model's mean Q̂_λ per vector
+        survivors = halving_survivors(values, support, cfg.keep_fraction)
+        rounds.append({**info, "values": values[:, support].tolist(), "survivors": survivors.tolist()})
+        support = survivors
+        t_halving += time.perf_counter() - t_cut
+    allowed = None if cfg.exploration_rounds == 1 else support
+    table = pa.concat_tables(tables)
+    train, val, test = split_three(table, cfg)
+    t_data = time.perf_counter() - t0
+
+    tr, va, te = (as_arrays(t) for t in (train, val, test))
+    fit = fit_agent(cfg, train, va, work_dir, [tr["obs"], va["obs"], te["obs"]])
+    train_scores, val_scores, test_scores = fit["scores"]
+    q_mean, q_std, history, best = fit["q_mean"], fit["q_std"], fit["history"], (None, None, fit["passes_kept"])
     t_train = time.perf_counter() - t0 - t_data
 
-    lambdas = np.asarray(cfg.lambdas, np.float64)
     scale = tr["rewards"].std(axis=0)
     train_q = q_mean + q_std * train_scores  # Q̂ in reward units [N, A, 2]
     candidates = {
-        k: choose_global_actions(k, tr, train_scores, train_q, lambdas, scale, grid.weights) for k in GLOBAL_CHOICES
+        k: choose_global_actions(k, tr, train_scores, train_q, lambdas, scale, grid.weights, allowed)
+        for k in GLOBAL_CHOICES
     }
     dr_value, dr_se = DoublyRobustGlobal().values(tr, train_q, lambdas, scale)  # [L, A]
     globals_ = candidates[cfg.global_choice]
-    val_actions = sweep_actions(val_scores, lambdas)
+    val_actions = sweep_actions(val_scores, lambdas, allowed)
     guard = DoNoHarm(cfg.do_no_harm_level)
-    raw = sweep_actions(test_scores, lambdas)
+    raw = sweep_actions(test_scores, lambdas, allowed)
     # the deployed policy (do no harm on validation) under each choice of g_λ; cfg.global_choice's is "final"
     deployed_by = {
         k: deployed_actions(guard.decide(va, val_actions, g, lambdas, scale), raw) for k, g in candidates.items()
@@ -180,7 +263,7 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
     decisions = guard.decide(va, val_actions, globals_, lambdas, scale)
     deployed = deployed_actions(decisions, raw)
     frozen = frozen_actions(te["obs"], grid, cfg.hidden, lambdas, cfg.frozen_inits, cfg.seed)  # [K, L, N]
-    truth = load_ground_truth(truth_path, te["request_id"])
+    truth = load_ground_truth(truth_paths, te["request_id"])
     kpis = {"clicks": truth[..., 0], "long_views": truth[..., 1]}
     cohorts = cohort_of(te["obs"], observation_spec(cfg.env_config))
     rows = np.arange(len(truth))
@@ -223,6 +306,7 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
                 **{f"gap_closed_{k}": gap_closed(start, v, oracle.static) for k, v in value.items()},
                 "decision": decisions[li],
                 "global_actions": {k: int(g[li]) for k, g in candidates.items()},
+                "oracle_action_survived": bool(np.isin(a_star, support)),
                 "kpi": kpi,
                 "dr": dr,
             }
@@ -230,12 +314,15 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
     return {
         "config": asdict(cfg),
         "data": {
-            **info,
+            "sessions": cfg.sessions,
+            "requests": int(sum(r["requests"] for r in rounds)),
+            "events": int(sum(r["events"] for r in rounds)),
             "train_rows": train.num_rows,
             "validation_rows": val.num_rows,
             "test_rows": test.num_rows,
             "reward_scale": scale.tolist(),
         },
+        "exploration": {"rounds": rounds, "support": support.tolist(), "halving_s": t_halving},
         "training": history,
         "passes_kept": best[2],
         "wall_s": {"data": t_data, "train": t_train, "total": time.perf_counter() - t0},

@@ -19,11 +19,16 @@ def lambda_grid(n: int = 25) -> np.ndarray:
     return np.linspace(0.0, 1.0, n)
 
 
-def sweep_actions(scores: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
-    """π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a) for every λ: scores [N, A, 2] (common
-    scale) → actions [L, N]."""
+def sweep_actions(scores: np.ndarray, lambdas: np.ndarray, allowed=None) -> np.ndarray:
+    """π_λ(s) = argmax_{a ∈ allowed} λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a) for every λ: scores [N, A, 2]
+    (common scale) → actions [L, N]; ``allowed``: action indices (all by default)."""
     lam = np.asarray(lambdas, np.float64)[:, None, None]
-    return (lam * scores[None, ..., 0] + (1 - lam) * scores[None, ..., 1]).argmax(axis=-1)
+    values = lam * scores[None, ..., 0] + (1 - lam) * scores[None, ..., 1]
+    if allowed is None:
+        return values.argmax(axis=-1)
+    mask = np.full(values.shape[-1], -np.inf)
+    mask[np.asarray(allowed, np.int64)] = 0.0
+    return (values + mask).argmax(axis=-1)
 
 
 def non_dominated(points: np.ndarray) -> np.ndarray:

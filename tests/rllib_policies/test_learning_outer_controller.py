@@ -33,6 +33,7 @@ def tiny_spec(**kw) -> LearningSpec:
         sessions_per_iteration=kw.pop("sessions_per_iteration", 32),
         eval_every=kw.pop("eval_every", 24),
         eval_sessions=200,
+        restart_directions=kw.pop("restart_directions", 0),  # the pieces' tests run without the restart
         **kw,
     )
 
@@ -81,6 +82,13 @@ def test_init_action_refuses_bad_vectors(bad, match):
         ({"kl_rollback_threshold": 0.0}, "kl_rollback_threshold must be > 0"),
         ({"exploration": "episode"}, "exploration must be one of"),
         ({"exploration": "request", "kpi_shrinkage": True}, "kpi_shrinkage needs exploration='session'"),
+        ({"restart_directions": -1}, "restart_directions must be >= 0"),
+        ({"restart_directions": 4, "restart_sessions": 1}, "restart_sessions >= 2"),
+        ({"restart_radius": 0.0}, "restart_radius must be finite and > 0"),
+        ({"restart_radius": float("nan")}, "restart_radius must be finite and > 0"),
+        ({"restart_at": (-1,)}, "restart_at must list iterations >= 0"),
+        ({"restart_at": (0.5,)}, "restart_at must list iterations >= 0"),
+        ({"restart_directions": 4, "offline_trajectories": "/tmp/x"}, "restart_directions needs online training"),
     ],
 )
 def test_config_refuses_bad_rail_settings(options, match):
@@ -148,10 +156,10 @@ def test_session_exploration_draws_one_direction_per_session(ray_session):
 
 @pytest.mark.ray
 def test_learns_from_a_click_only_start_and_do_no_harm_keeps_it(ray_session):
-    """CI-sized learning test on the learning test's own world (5 000 items, 2 000 users), fixed seed, 20 × 64
-    sessions from click-only weights with `LearningSpec`'s settings (one exploration draw per session, KPI
-    shrinkage, σ_u floored at 6, |m| ≤ 8): seeds 0 and 1 close 99 % and 100 % (measured 2026-12-01), and the
-    do-no-harm check keeps the trained policy. The tiny world is not used here: its long-view corner is a
+    """CI-sized learning test on the learning test's own world (5 000 items, 2 000 users), fixed seed, the
+    exploratory restart (9 × 32 simulated sessions) then 20 × 64 sessions from click-only weights with
+    `LearningSpec`'s settings (one exploration draw per session, KPI shrinkage, σ_u floored at 6, |m| ≤ 8), and
+    the do-no-harm check keeps the trained policy. The tiny world is not used here: its long-view corner is a
     local optimum that this budget does not leave (docs/outer_controller.md)."""
     spec = LearningSpec(iterations=20, eval_every=20, eval_sessions=200)
     j_static = float(static_objective(spec, BEST_STATIC).mean())
@@ -160,6 +168,26 @@ def test_learns_from_a_click_only_start_and_do_no_harm_keeps_it(ray_session):
     trained = run_learning("layered", 0, spec, j_static, promote_sessions=300, progress=lambda s: None)
     assert trained.promotion["promoted"] == "trained", trained.promotion
     assert trained.gap_closed_curve[-1] >= 0.5
+    assert trained.sessions[-1] == 20 * 64 + 9 * 32  # the restart's sessions count toward the budget
+
+
+@pytest.mark.ray
+def test_the_restart_moves_to_the_best_candidate_on_common_sessions(ray_session):
+    spec = tiny_spec(restart_directions=4, restart_sessions=8, iterations=1)
+    algo = learning_config("layered", 0, spec).build_algo()
+    try:
+        bias = "pi.4.bias"
+        before = np.array(algo.learner_group.get_weights()["default_policy"][bias])
+        restart = algo.restart()
+        after = np.array(algo.learner_group.get_weights()["default_policy"][bias])
+        assert len(restart["objective"]) == 5 and restart["kept"] == int(np.argmax(restart["objective"]))
+        assert algo.restart_sessions_used == 5 * 8
+        assert np.array_equal(before, after) == (restart["kept"] == 0)
+        assert np.allclose(algo.get_module().state_dict()[bias].numpy(), after)  # the env runners serve it
+        oc = algo.train()["outer_controller"]  # iteration 0 is in restart_at: a second restart, then the batch
+        assert oc["restart_sessions_used"] == 2 * 5 * 8 and algo.last_restart["iteration"] == 0
+    finally:
+        algo.stop()
 
 
 @pytest.mark.ray

@@ -142,6 +142,22 @@ def test_warm_start_and_offline_training_from_trajectory_parquet(ray_session, tm
         assert info["sessions"] == logged.n_sessions > 0
         assert gap() < 0.8 * before  # behaviour cloning moved μ(s) towards the logged actions
         assert same(weights(algo), algo._reference)  # the warm-started policy is the KL reference
+        # streamed trajectories: written with 'returned' open, decided later in _returns (read_trajectories)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from actors.telemetry import RETURNS_SCHEMA
+
+        table = pads.dataset(str(tmp_path / "trajectories")).to_table()
+        streamed = tmp_path / "streamed"
+        (streamed / "_returns").mkdir(parents=True)
+        column = table.schema.get_field_index("returned")
+        pq.write_table(
+            table.set_column(column, "returned", pa.nulls(table.num_rows, pa.bool_())), streamed / "t.parquet"
+        )
+        decided = [table["session_id"], table["user_id"], table["returned"], table["end_ts"]]
+        pq.write_table(pa.Table.from_arrays(decided, schema=RETURNS_SCHEMA), streamed / "_returns" / "r.parquet")
+        assert algo.warm_start(str(streamed), iterations=1)["sessions"] == logged.n_sessions
     finally:
         algo.stop()
     offline = tiny(

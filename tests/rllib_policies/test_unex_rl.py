@@ -16,7 +16,7 @@ from actors.world import PipelineConfig, WorldConfig
 from rllib_policies.envs import MultiStageEnv
 from rllib_policies.train_unex_rl import main as train_main
 from rllib_policies.unex_rl import ARMS, CategoryQuantileRescaler, UnexRL, UnexRLConfig, stage_observations
-from rllib_policies.unex_rl.learner import _bound_step, cascade, rebuild
+from rllib_policies.unex_rl.learner import _bound_step, cascade, rebuild, search_action
 from rllib_policies.unex_rl.modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
 from rllib_policies.unex_rl.sampler import sample_sessions
 
@@ -202,6 +202,23 @@ def test_step_bound_shortens_a_long_step_towards_the_start(scale):
         assert delta / 4 < after  # shortened, not undone
 
 
+def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions():
+    """a* is one of the candidates (ã itself or a clipped perturbation of it), never worse than ã by the
+    critic; on a critic that grows with the first action it climbs where ∇_a Q̂ at ã is zero (a plateau),
+    and frozen dimensions stay put."""
+    torch.manual_seed(0)
+    base = torch.full((256, 3), 0.1)
+    plateau = lambda a: torch.relu(a[:, 0] - 0.2)  # noqa: E731 (flat at ã: the policy gradient is 0)
+    free = torch.tensor([1.0, 1.0, 0.0])
+    best = search_action(plateau, base, 0.3, free, 16)
+    assert best.shape == base.shape and (best >= 0).all() and (best <= 1).all()
+    assert (plateau(best) >= plateau(base)).all() and best[:, 0].mean() > 0.3
+    assert torch.equal(best[:, 2], base[:, 2])  # a frozen stage's action is not searched
+    assert torch.equal(search_action(plateau, base, 0.3, free, 1), base)  # one candidate: ã itself
+    ones = search_action(lambda a: -a.sum(-1), base, 0.3, None, 8)  # every dimension searched, downwards
+    assert (ones.sum(-1) <= base.sum(-1) + 1e-6).all() and ones.sum(-1).mean() < base.sum(-1).mean() - 0.1
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
@@ -210,11 +227,24 @@ def test_step_bound_shortens_a_long_step_towards_the_start(scale):
         ({"max_action_step": 1.5}, "max_action_step"),
         ({"tau": 0.0}, "tau"),
         ({"critic": "twin"}, "critic"),
+        ({"search_candidates": -1}, "search_candidates"),
+        ({"search_weight": -0.5}, "search_weight"),
+        ({"search_std": 0.0}, "search_std"),
+        ({"explore_std": 0.0}, "explore_std"),
+        ({"explore_std": {"matching": -0.1}}, "explore_std"),
+        ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
     ],
 )
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(**options).validate()
+
+
+def test_exploration_scale_per_stage():
+    cfg = UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(explore_std={"matching": 0.4})
+    assert [cfg.explore_std_of(s) for s in STAGES] == [0.4, 0.2, 0.2]  # the others: EXPLORE_STD
+    specs = cfg.get_multi_rl_module_spec(env=MultiStageEnv(TINY), spaces=None).rl_module_specs
+    assert [specs[s].model_config["explore_std"] for s in STAGES] == [0.4, 0.2, 0.2]
 
 
 def _config(arm="unex_rl", **learners):
@@ -270,8 +300,9 @@ def test_target_networks_track_by_polyak_averaging(ray_session):
 @pytest.mark.ray
 @pytest.mark.parametrize("arm", ["unex_rl", "independent", "no_cic", "single_agent"])
 def test_critic_and_stage_policies_train_end_to_end(ray_session, arm):
-    """Every arm trains, here with the twin critics and the step bound on (both off by default)."""
-    algo = _config(arm).unex_rl(twin_q=True, max_action_step=0.05).build_algo()
+    """Every arm trains, here with the twin critics and the step bound on (both off by default) and the
+    critic-guided action search."""
+    algo = _config(arm).unex_rl(twin_q=True, max_action_step=0.05, search_candidates=4).build_algo()
     try:
         before = {s: {k: v.copy() for k, v in algo.learner_group.get_weights([s])[s].items()} for s in STAGES}
         for _ in range(2):

@@ -501,6 +501,10 @@ def test_agent_closes_half_the_gap_to_the_oracle_where_an_untrained_one_closes_n
         ({"global_choice": "best"}, "global_choice"),
         ({"global_choice": "doubly_robust"}, "global_choice"),
         ({"sessions": 0}, "sessions must be"),
+        ({"exploration_rounds": 0}, "exploration_rounds"),
+        ({"exploration_rounds": 3, "sessions": 2}, "exploration_rounds"),
+        ({"keep_fraction": 0.0}, "keep_fraction"),
+        ({"keep_fraction": 1.0}, "keep_fraction"),
     ],
 )
 def test_learning_config_errors_name_the_field(kw, match):
@@ -582,6 +586,116 @@ def test_config_errors_name_the_field(tmp_path):
         UtilityAgentConfig().utility_agent(lamda=0.3)
     with pytest.raises(ValueError, match="ActionGrid"):
         ActionGrid(1)
+
+
+# ------------------------------------------------------------------ adaptive exploration (successive halving)
+def test_halving_keeps_the_top_share_per_lambda_and_takes_the_union():
+    from rllib_policies.utility_agent.exploration import halving_survivors, round_sessions
+
+    values = np.array(
+        [
+            [0.0, 9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0],  # λ 0: best of the support {1, 2, 3, 5, 7} are 1, 3
+            [5.0, 0.0, 4.0, 1.0, 9.0, 2.0, 8.0, 3.0],  # λ 1: best of the support are 2, 7
+        ]
+    )
+    support = np.array([1, 2, 3, 5, 7])
+    # k = ⌈0.4·5⌉ = 2 per λ; actions 0, 4, 6 were cut before and cannot come back whatever their value
+    np.testing.assert_array_equal(halving_survivors(values, support, 0.4), [1, 2, 3, 7])
+    np.testing.assert_array_equal(halving_survivors(values, support, 0.1), [1, 2])  # k = 1
+    assert round_sessions(2000, 2) == [1000, 1000] and round_sessions(2000, 3) == [666, 667, 667]
+    assert round_sessions(7, 1) == [7]
+
+
+def test_a_later_round_serves_only_its_survivors_with_that_rounds_propensity(tmp_path):
+    """Round 0 logs uniformly over the 3 × 3 grid (propensity 1/9); a round over the survivors
+    {1, 4, 8} logs only those, each request with propensity 1/3 — what reward at hit and do no harm
+    weight by — and draws fresh sessions (no request id in common with round 0)."""
+    from rllib_policies.utility_agent.exploration import simulate_exploration_logs, uniform_actions
+
+    grid, rows = ActionGrid(3), {}
+    for r, support in ((0, None), (1, [8, 1, 4, 4])):
+        root = str(tmp_path / f"events-{r}")
+        info = simulate_exploration_logs(
+            SMALL, root, n_sessions=40, grid=grid, seed=5, batch_sessions=40, support=support, round_index=r
+        )
+        rows[r] = request_rows(pq.read_table(root), grid)
+        assert rows[r].num_rows == info["requests"] > 40
+    a0, a1 = (rows[r]["action"].to_numpy() for r in (0, 1))
+    assert set(a0) == set(range(9)) and np.allclose(rows[0]["propensity"].to_numpy(), 1 / 9)
+    assert set(a1) == {1, 4, 8} and np.allclose(rows[1]["propensity"].to_numpy(), 1 / 3)
+    assert not set(rows[0]["request_id"].to_pylist()) & set(rows[1]["request_id"].to_pylist())
+    # the full support draws exactly as the plain uniform logger did
+    a, p = uniform_actions(np.random.default_rng(0), 1000, grid)
+    np.testing.assert_array_equal(a, np.random.default_rng(0).integers(0, 9, 1000))
+    a, p = uniform_actions(np.random.default_rng(0), 3000, grid, [2, 6])
+    assert set(a) == {2, 6} and np.allclose(p, 0.5) and abs((a == 2).mean() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: _exploration().exploration_support(ActionGrid(3), []), "non-empty"),
+        (lambda: _exploration().exploration_support(ActionGrid(3), [0, 9]), r"in \[0, 9\)"),
+        (lambda: _exploration().exploration_support(ActionGrid(3), [-1]), "grid indices"),
+        (lambda: _exploration().halving_survivors(np.zeros((1, 4)), np.arange(4), 0.0), "keep_fraction"),
+        (lambda: _exploration().halving_survivors(np.zeros((1, 4)), np.arange(4), 1.0), "keep_fraction"),
+        (lambda: _exploration().round_sessions(10, 0), "rounds"),
+        (lambda: _exploration().round_sessions(2, 3), "rounds"),
+    ],
+)
+def test_bad_exploration_rounds_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _exploration():
+    from rllib_policies.utility_agent import exploration
+
+    return exploration
+
+
+def test_choices_after_halving_stay_within_the_survivors():
+    """g_λ (model, reward at hit, DR) and π_λ pick among the allowed actions only, even where an
+    eliminated action looks better."""
+    from rllib_policies.utility_agent.guard import argmax_allowed, choose_global_actions
+
+    logs, _ = _guard_logs(4000, False)
+    scale = logs["rewards"].std(axis=0)
+    lambdas = np.array([0.0, 0.5, 1.0])
+    n = len(logs["action"])
+    scores = np.zeros((n, 4, 2))
+    scores[:, 0] = 5.0  # action 0 dominates by the model
+    scores[:, 2, 0], scores[:, 3, 1] = 1.0, 1.0  # among {2, 3}: 2 for clicks (λ = 1), 3 for long views (λ = 0)
+    for choice in ("model", "logs", "dr", "dr_lcb", "dr_smooth"):
+        g = choose_global_actions(choice, logs, scores, scores, lambdas, scale, np.eye(4, 3), [2, 3])
+        assert set(g) <= {2, 3}, (choice, g)
+    assert list(choose_global_actions("model", logs, scores, scores, lambdas, scale, np.eye(4, 3))) == [0, 0, 0]
+    assert list(model_global_actions(scores, np.array([0.0, 1.0]), [2, 3])) == [3, 2]
+    np.testing.assert_array_equal(sweep_actions(scores, np.array([0.0, 1.0]), [2, 3]), [[3] * n, [2] * n])
+    assert sweep_actions(scores, np.array([0.0]))[0, 0] == 0
+    assert argmax_allowed(np.array([[3.0, 2.0, 1.0]]), [1, 2])[0] == 1
+
+
+def test_user_uniform_split_is_stable_across_rounds():
+    """Adaptive exploration splits users by a fixed hash: a user is on the same side whatever was
+    logged with it, and the shares are about the configured ones."""
+    from actors.world import user_uniform
+    from rllib_policies.utility_agent.learning import LearningConfig, split_three
+
+    ids = np.arange(20000)
+    u = user_uniform(ids, 0)
+    assert (u >= 0).all() and (u < 1).all() and abs((u < 0.3).mean() - 0.3) < 0.02
+    np.testing.assert_array_equal(user_uniform(ids[::-1][:500], 0), u[::-1][:500])
+    assert not np.array_equal(user_uniform(ids, 1), u)
+    cfg = LearningConfig(exploration_rounds=2)
+
+    def sides(user_ids):
+        t = pa.table({"user_id": pa.array(user_ids, pa.int64()), "x": pa.array(np.zeros(len(user_ids)))})
+        return [set(part["user_id"].to_pylist()) for part in split_three(t, cfg)]
+
+    small, big = sides(np.arange(0, 300)), sides(np.arange(0, 3000))
+    for s, b in zip(small, big):
+        assert s <= b
 
 
 def test_best_global_action_with_an_objective_that_never_fires():
