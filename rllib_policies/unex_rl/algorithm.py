@@ -30,6 +30,7 @@ from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from actors.cascade import build_world
+from actors.stage_actors import publish_stage_policy
 from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 
@@ -274,6 +275,7 @@ class UnexRL(AlgorithmBase):
         self.sessions_seen = 0
         self.policy_version = 0
         self.stage_actors: dict = {}  # Ray stage actors hot-updated after each round (attach_stage_actors)
+        self.serve_store_prefix: str | None = None  # Serve stage deployments hot-updated too (attach_serve_stages)
         self._sync_stage_policies()
 
     def _sync_stage_policies(self) -> None:
@@ -336,10 +338,24 @@ class UnexRL(AlgorithmBase):
         self.stage_actors = stage_actors
         self._hot_update()
 
+    def attach_serve_stages(self, store_prefix: str) -> None:
+        """The recommend app's Serve stage deployments (its ``store_prefix``) to hot-update with the
+        deterministic stage policies after every training round: each round publishes a new version of each
+        stage's policy store (``actors.stage_actors.publish_stage_policy``), which ``rollback`` undoes."""
+        self.serve_store_prefix = store_prefix
+        self._hot_update()
+
+    def _policy_states(self) -> dict[str, dict]:
+        return {s: {k: v.detach().numpy() for k, v in self.stage_policies[s].pi.state_dict().items()} for s in STAGES}
+
     def _hot_update(self) -> None:
+        states = self._policy_states()
+        if self.serve_store_prefix is not None:
+            for s in STAGES:
+                publish_stage_policy(self.serve_store_prefix, s, states[s], STAGE_ACTION_HIGH[s])
         refs = [
             self.stage_actors[s].set_policy.remote(
-                {k: v.detach().numpy() for k, v in self.stage_policies[s].pi.state_dict().items()},
+                states[s],
                 STAGE_ACTION_HIGH[s].tolist(),
                 self.policy_version,
             )

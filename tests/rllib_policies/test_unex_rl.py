@@ -2,6 +2,8 @@
 within-cell quantiles, stop-gradient blocks the named gradient paths, and the critic and the three
 stage policies train end to end through RLlib (and hot-update the Ray stage actors)."""
 
+import uuid
+
 import numpy as np
 import pytest
 import ray
@@ -10,7 +12,7 @@ import yaml
 from gymnasium import spaces
 
 from actors.cascade import build_world
-from actors.stage_actors import StageActor
+from actors.stage_actors import StageActor, mlp_act, mlp_layers, stage_policy_store
 from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES, RequestBatch
 from actors.world import PipelineConfig, WorldConfig
 from rllib_policies.envs import MultiStageEnv
@@ -332,16 +334,21 @@ def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_pa
         s: StageActor.remote(s, WorldConfig.preset("default", **TINY["world"]), PipelineConfig(**TINY["pipeline"]))
         for s in STAGES
     }
+    prefix = f"unex_serve_{uuid.uuid4().hex[:8]}"
     try:
         algo.attach_stage_actors(runners)
+        algo.attach_serve_stages(prefix)  # the Serve stage deployments' policy stores, as the recommend app reads them
         algo.train()
         obs = np.random.default_rng(0).standard_normal((5, algo.pipeline.spec.dim)).astype(np.float32)
         for s in STAGES:
             acted, version = ray.get(runners[s].act.remote(obs))
             assert version == algo.policy_version == 1
-            np.testing.assert_allclose(
-                acted, algo.stage_policies[s].act(torch.as_tensor(obs)).detach().numpy(), rtol=1e-5, atol=1e-5
-            )
+            expected = algo.stage_policies[s].act(torch.as_tensor(obs)).detach().numpy()
+            np.testing.assert_allclose(acted, expected, rtol=1e-5, atol=1e-5)
+            snap = ray.get(stage_policy_store(prefix, s).get.remote())  # attach published v2, the round v3
+            assert snap.version == 3
+            served = mlp_act(mlp_layers(snap.params["mlp_state"]), np.asarray(snap.params["high"]), obs)
+            np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
         path = algo.save_to_path(str(tmp_path / "ckpt"))
         buffered = len(algo.buffer)
         saved = {s: algo.learner_group.get_weights([s])[s] for s in (*STAGES, "global_critic")}
