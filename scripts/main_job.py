@@ -10,7 +10,8 @@
    Ray Data sessioniser, ready for the learners.
 5. The outer controller (RLlib): the layered arm (inner reward + delayed-KPI controller) and the
    monolithic weighted-sum arm trained briefly on the simulator, compared on the same users; the
-   inner-reward weights fitted to the layered arm's credit are pushed to the live service.
+   inner-reward weights fitted to the layered arm's credit go through the parameter gate (each weight's
+   sign and range) and, if they pass, are pushed to the live service.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from actors.stage_actors import ActorPipeline
 from actors.telemetry import sessionise_dataset
 from actors.world import World, WorldConfig, seed_sequence
 from rllib_policies.outer_controller.experiment import ExperimentConfig, business_objective, run_arm
-from rllib_policies.outer_controller.rails import push_inner_reward_weights
+from rllib_policies.outer_controller.rails import GateRejected, push_inner_reward_weights
 from serve_apps import inner_reward, recommend
 from serve_apps.launch import start_local_ray
 
@@ -216,11 +217,14 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
         f"(python benchmarks/layered_vs_monolithic.py runs the full 5-seed comparison)",
         flush=True,
     )
-    pushed = {}
+    pushed, rejected = {}, {}
 
     def push(algo):
         weights = algo.inner_reward_weights(algo.last_batch)
-        pushed.update(push_inner_reward_weights(f"{url}/inner_reward", weights))
+        try:
+            pushed.update(push_inner_reward_weights(f"{url}/inner_reward", weights))
+        except GateRejected as e:
+            rejected.update(weights=weights, why=str(e))
 
     def silent(*_args, **_kwargs) -> None:  # the table below reports each arm once, on the final evaluation
         pass
@@ -254,14 +258,22 @@ def outer_controller_table(url: str, iterations: int, seed: int) -> None:
             for r in runs
         ],
     )
-    print(
-        f"\ninner-reward weights fitted to the layered arm's credit → PUT /inner_reward/weights: v{pushed['version']} "
-        + ", ".join(
-            f"{k} {v:+.3f}"
-            for k, v in pushed["weights"].items()
-            if k in ("click_w", "dwell_w", "skip_penalty", "rel_w")
+    if rejected:
+        live = httpx.get(f"{url}/inner_reward/weights", timeout=30).json()["version"]
+        print(
+            f"\ninner-reward weights fitted to the layered arm's credit → rejected by the parameter gate "
+            f"({rejected['why']}): the live weights v{live} stay"
         )
-    )
+    else:
+        print(
+            f"\ninner-reward weights fitted to the layered arm's credit → passed the parameter gate → "
+            f"PUT /inner_reward/weights: v{pushed['version']} "
+            + ", ".join(
+                f"{k} {v:+.3f}"
+                for k, v in pushed["weights"].items()
+                if k in ("click_w", "dwell_w", "skip_penalty", "rel_w")
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,11 +118,51 @@ def fit_inner_reward_weights(features: np.ndarray, credited_kpi: np.ndarray, rid
     return dict(zip(INNER_REWARD_FIELDS, np.clip(w, -1e6, 1e6).round(6).tolist()))
 
 
+class GateRejected(ValueError):
+    """A candidate the gate refused: nothing was pushed, the live version stays."""
+
+
+# the kernel's reward_i = click_w·clicked + dwell_w·ln(1 + dwell) + skip_penalty·skipped + rel_w·relevance:
+# a click, watch time and relevance are rewarded, a skip is penalised
+INNER_REWARD_SIGNS = {"click_w": 1, "dwell_w": 1, "skip_penalty": -1, "rel_w": 1}
+
+
+@dataclass(frozen=True)
+class InnerRewardBounds:
+    """The parameter gate for inner-reward weights: each weight has its sign (INNER_REWARD_SIGNS; 0 allowed)
+    and |w| ≤ ``max_abs``.
+
+    Args:
+        max_abs: the largest magnitude a weight may take (the defaults are O(1)).
+    """
+
+    max_abs: float = 10.0
+
+    def violations(self, weights: dict[str, float]) -> list[str]:
+        """What is out of bounds, one phrase per weight (empty: the candidate passes)."""
+        out = []
+        for name, sign in INNER_REWARD_SIGNS.items():
+            w = float(weights[name])
+            if not np.isfinite(w) or abs(w) > self.max_abs:
+                out.append(f"{name} {w:+.3f} outside ±{self.max_abs:g}")
+            elif w * sign < 0:
+                out.append(f"{name} {w:+.3f} must be {'≥' if sign > 0 else '≤'} 0")
+        return out
+
+
 def push_inner_reward_weights(
-    url: str, weights: dict[str, float], expected_version: int | None = None, timeout_s: float = 30.0
+    url: str,
+    weights: dict[str, float],
+    expected_version: int | None = None,
+    timeout_s: float = 30.0,
+    bounds: InnerRewardBounds | None = InnerRewardBounds(),  # noqa: B008 (frozen: one shared default is safe)
 ) -> dict:
-    """PUT the weights to ``{url}/weights``; returns the service's new state (version, weights).
-    Raises RuntimeError with the service's message on a 4xx/5xx (e.g. 409 on a stale version)."""
+    """Gate, then PUT the weights to ``{url}/weights``; returns the service's new state (version, weights).
+    Raises GateRejected (nothing pushed) when ``bounds`` finds a weight out of bounds (None: no gate), and
+    RuntimeError with the service's message on a 4xx/5xx (e.g. 409 on a stale version)."""
+    problems = [] if bounds is None else bounds.violations(weights)
+    if problems:
+        raise GateRejected("; ".join(problems))
     body = {k: float(weights[k]) for k in INNER_REWARD_FIELDS}
     if expected_version is not None:
         body["expected_version"] = int(expected_version)

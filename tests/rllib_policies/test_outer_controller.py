@@ -197,21 +197,43 @@ def test_fitted_inner_reward_weights_reach_the_inner_reward_service(trained, ser
     import httpx
     from ray import serve
 
-    from rllib_policies.outer_controller.rails import push_inner_reward_weights
+    from rllib_policies.outer_controller.rails import INNER_REWARD_SIGNS, GateRejected, push_inner_reward_weights
     from serve_apps.inner_reward import app_builder
 
     algo, _, _ = trained
     fitted = algo.inner_reward_weights(algo.last_batch)
     assert set(fitted) == {"click_w", "dwell_w", "skip_penalty", "rel_w"} and all(np.isfinite(list(fitted.values())))
+    signed = {k: abs(v) * INNER_REWARD_SIGNS[k] for k, v in fitted.items()}  # inside the gate's signs
     serve.run(app_builder({"weights_store": f"ir_oc_{uuid.uuid4().hex[:8]}"}), name="ir_oc", route_prefix="/ir_oc")
     try:
-        state = push_inner_reward_weights(f"{serve_url}/ir_oc", fitted)
-        assert state["weights"]["click_w"] == pytest.approx(fitted["click_w"], abs=1e-6)
+        state = push_inner_reward_weights(f"{serve_url}/ir_oc", signed)
+        assert state["weights"]["click_w"] == pytest.approx(signed["click_w"], abs=1e-6)
         assert httpx.get(f"{serve_url}/ir_oc/weights").json()["version"] == state["version"]
         with pytest.raises(RuntimeError, match="409"):
-            push_inner_reward_weights(f"{serve_url}/ir_oc", fitted, expected_version=state["version"] - 1)
+            push_inner_reward_weights(f"{serve_url}/ir_oc", signed, expected_version=state["version"] - 1)
+        with pytest.raises(GateRejected, match=r"click_w -0.594 must be ≥ 0"):  # the push the issue found
+            push_inner_reward_weights(f"{serve_url}/ir_oc", {**signed, "click_w": -0.594})
+        assert httpx.get(f"{serve_url}/ir_oc/weights").json()["version"] == state["version"]  # nothing pushed
     finally:
         serve.delete("ir_oc")
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"click_w": -0.1, "dwell_w": 0.1, "skip_penalty": -0.3, "rel_w": 0.5}, r"click_w -0.100 must be ≥ 0"),
+        ({"click_w": 1.0, "dwell_w": -0.006, "skip_penalty": -0.3, "rel_w": 0.5}, r"dwell_w -0.006 must be ≥ 0"),
+        ({"click_w": 1.0, "dwell_w": 0.1, "skip_penalty": 0.111, "rel_w": 0.5}, r"skip_penalty \+0.111 must be ≤ 0"),
+        ({"click_w": 1.0, "dwell_w": 0.1, "skip_penalty": -0.3, "rel_w": 11.0}, r"rel_w \+11.000 outside ±10"),
+        ({"click_w": float("nan"), "dwell_w": 0.1, "skip_penalty": -0.3, "rel_w": 0.5}, r"click_w \+nan outside"),
+    ],
+)
+def test_the_parameter_gate_refuses_out_of_bounds_inner_reward_weights(weights, match):
+    from rllib_policies.outer_controller.rails import GateRejected, InnerRewardBounds, push_inner_reward_weights
+
+    assert InnerRewardBounds().violations({"click_w": 2.0, "dwell_w": 0.3, "skip_penalty": -0.3, "rel_w": 0.0}) == []
+    with pytest.raises(GateRejected, match=match):  # refused before any request: no server is needed
+        push_inner_reward_weights("http://127.0.0.1:9", weights)
 
 
 def test_two_learners_train_in_parallel(ray_session):
