@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex train train-utility train-unex bootstrap serve serve-recommend clean
+.PHONY: run test lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-cycle cycle train train-utility train-unex bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
@@ -40,6 +40,13 @@ bench-utility: bootstrap
 
 bench-unex: bootstrap
 	$(PY) benchmarks/unex_rl.py
+
+bench-cycle: bootstrap
+	$(PY) benchmarks/gate_power.py
+	$(PY) benchmarks/daily_cycle.py
+
+cycle: bootstrap
+	$(PY) -m rllib_policies.daily_cycle --config rllib_policies/configs/daily_cycle.yaml
 
 train-unex: bootstrap
 	$(PY) -m rllib_policies.train_unex_rl --config rllib_policies/configs/unex_rl.yaml

@@ -66,6 +66,12 @@ LEARNER_OPTIONS = (
     "search_candidates",
     "search_weight",
     "search_std",
+    "search_rounds",
+    "cqr_relabel",
+    "action_margin",
+    "saturation_penalty",
+    "policy_delay",
+    "sessions_per_iteration",
 )
 
 
@@ -272,7 +278,8 @@ def write_page(results_dir: str) -> None:
             "`actors.world.oracle.usage_static` with common random numbers; the best few settings re-measured on "
             "fresh sessions). Start, final and oracle static: deterministic policies on the same "
             f"{rec['eval_sessions']} simulated users with the same random numbers. Budget: {rec['iterations']} "
-            "iterations × 64 sessions. Gap closed = (final − start) / (oracle static − start) per seed; ± is the "
+            f"iterations × {rec['runs'][0]['sessions'] // rec['iterations']} sessions. Gap closed = "
+            "(final − start) / (oracle static − start) per seed; ± is the "
             "95 % t-interval over seeds. `single_agent` learns only the ranking stage: it cannot repair matching.",
             "",
             *rows,

@@ -15,13 +15,20 @@ checkpoints → ``--resume latest``.
 finite scalars to TensorBoard under ``checkpoint_dir/tensorboard``, and checkpoints every
 ``checkpoint_every`` iterations (and at the end) to ``checkpoint_dir/iter_NNNNNN``. ``--resume latest``
 (or a checkpoint path) restores the algorithm with everything it saved and finishes the plan.
+
+Artifacts outlive the job: ``job_main`` resolves every artifact path (``checkpoint_dir``, ``out_dir``,
+``events_root``) with ``storage.resolve(path, job.storage)``, so a relative path lands under the storage root
+(``storage``, else ``$MORL_STORAGE``, else ``~/morl-runs``; a local path or any ``pyarrow.fs`` URI such as
+``s3://bucket/prefix``), never in the job's temporary working directory. Checkpoints and ``--resume latest``
+work on URIs; TensorBoard is local only: with a URI ``checkpoint_dir`` its events go to
+``storage.mirror(checkpoint_dir)/tensorboard`` on the driver's node.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -32,9 +39,20 @@ import ray
 import yaml
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.core import (
+    COMPONENT_ENV_TO_MODULE_CONNECTOR,
+    COMPONENT_LEARNER,
+    COMPONENT_MODULE_TO_ENV_CONNECTOR,
+    COMPONENT_RL_MODULE,
+)
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 from tensorboardX import SummaryWriter
 
+from rllib_policies import storage
+
 J = TypeVar("J", bound="JobConfig")
+ARTIFACT_FIELDS = ("checkpoint_dir", "out_dir", "events_root")  # resolved under the storage root
+CHECKPOINT_NAME = re.compile(r"^iter_\d{6}$")
 
 
 @dataclass
@@ -42,14 +60,26 @@ class JobConfig:
     """What every training job has; a job's config subclasses it with its algorithm's options."""
 
     iterations: int = 20  # total training iterations (a resumed run finishes the plan)
-    checkpoint_dir: str = "runs/job"
+    checkpoint_dir: str = "job"  # relative: under the storage root
     checkpoint_every: int = 5
     seed: int = 0
     num_cpus: int | None = None  # only when starting a local Ray (not under a job)
+    storage: str | None = None  # storage root: absolute path or URI; None: $MORL_STORAGE, else ~/morl-runs
 
     @classmethod
     def from_yaml(cls: type[J], path: str) -> J:
         return config_from_yaml(cls, path)
+
+    def resolve_paths(self) -> dict[str, str]:
+        """Resolve every artifact path field (``ARTIFACT_FIELDS`` this config has and sets) under the
+        storage root, in place; returns them by name."""
+        out = {}
+        for name in ARTIFACT_FIELDS:
+            value = getattr(self, name, None)
+            if value is not None:
+                out[name] = storage.resolve(value, self.storage)
+                setattr(self, name, out[name])
+        return out
 
 
 @dataclass
@@ -95,9 +125,53 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest ``iter_NNNNNN`` checkpoint under ``checkpoint_dir``, or None."""
-    found = sorted(glob.glob(os.path.join(checkpoint_dir, "iter_*")))
-    return found[-1] if found else None
+    """The newest ``iter_NNNNNN`` checkpoint under ``checkpoint_dir`` (a local path or URI), or None."""
+    found = [name for name in storage.list_dir(checkpoint_dir) if CHECKPOINT_NAME.match(name)]
+    return storage.join(checkpoint_dir, found[-1]) if found else None
+
+
+def tensorboard_dir(checkpoint_dir: str) -> str:
+    """``checkpoint_dir/tensorboard``; for a URI its local mirror's (TensorBoard writes local files)."""
+    return os.path.join(storage.mirror(checkpoint_dir), "tensorboard")
+
+
+def save_checkpoint(algo, path: str) -> str:
+    """``algo.save_to_path`` at a local path or URI; returns ``path`` (absolute when local)."""
+    fs, inner = storage.filesystem(path)
+    algo.save_to_path(inner, filesystem=fs)
+    return path if storage.is_uri(path) else inner
+
+
+def restore_checkpoint(path: str) -> Algorithm:
+    """``Algorithm.from_checkpoint`` from a local path or URI, with every EnvRunner acting with the restored
+    weights. RLlib's ``restore_from_path`` syncs connector states and weights only when it finds them on the
+    local disk (not for a URI), and its weight sync to remote EnvRunners is asynchronous (a sample can
+    precede it), so this restores the connectors for a URI and pushes the weights synchronously."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    fs, inner = storage.filesystem(path)
+    algo = Algorithm.from_checkpoint(inner, filesystem=fs)
+    runners = getattr(algo, "env_runner_group", None)
+    if runners is None:
+        return algo
+    if storage.is_uri(path) and runners.num_remote_env_runners() > 0 and not algo.env_runner:
+        for name, connector in (
+            (COMPONENT_ENV_TO_MODULE_CONNECTOR, algo.env_to_module_connector),
+            (COMPONENT_MODULE_TO_ENV_CONNECTOR, algo.module_to_env_connector),
+        ):
+            if connector is not None and storage.exists(storage.join(path, name)):
+                connector.restore_from_path(f"{inner}/{name}", filesystem=fs)
+        runners.sync_env_runner_states(
+            config=algo.config,
+            from_worker=None,
+            env_steps_sampled=algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0),
+            env_to_module=algo.env_to_module_connector,
+            module_to_env=algo.module_to_env_connector,
+        )
+    module = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}", inference_only=True)
+    state = {COMPONENT_RL_MODULE: module[COMPONENT_LEARNER][COMPONENT_RL_MODULE]}
+    runners.foreach_env_runner(lambda runner: runner.set_state(state), local_env_runner=True)
+    return algo
 
 
 def scalars(result: dict, prefix: str = "") -> dict[str, float]:
@@ -121,12 +195,15 @@ def run_training(
     log: Callable[[str], Any] = print,
     tensorboard: bool = True,
 ) -> dict | None:
-    """Train ``iterations`` more iterations with progress lines, TensorBoard scalars and checkpoints;
-    returns the last result (None when there was nothing to do)."""
+    """Train ``iterations`` more iterations with progress lines, TensorBoard scalars and checkpoints
+    (``checkpoint_dir``: a local path or URI); returns the last result (None when there was nothing to do)."""
     writer = None
     if tensorboard:
-        writer = SummaryWriter(os.path.join(checkpoint_dir, "tensorboard"))
-    os.makedirs(checkpoint_dir, exist_ok=True)
+        logdir = tensorboard_dir(checkpoint_dir)
+        if storage.is_uri(checkpoint_dir):
+            log(f"TensorBoard writes local files only: scalars → {logdir} (checkpoints → {checkpoint_dir})")
+        writer = SummaryWriter(logdir)
+    storage.makedirs(checkpoint_dir)
     start, result = algo.iteration, None
     for _ in range(iterations):
         t0 = time.perf_counter()
@@ -137,7 +214,7 @@ def run_training(
             for tag, value in scalars(result).items():
                 writer.add_scalar(tag, value, it)
         if it % checkpoint_every == 0 or it == start + iterations:
-            path = algo.save_to_path(os.path.abspath(os.path.join(checkpoint_dir, f"iter_{it:06d}")))
+            path = save_checkpoint(algo, storage.join(checkpoint_dir, f"iter_{it:06d}"))
             log(f"checkpoint {path}")
     if writer is not None:
         writer.close()
@@ -152,13 +229,17 @@ def job_main(
     description: str | None = None,
     before: Callable[[Any, J], None] | None = None,
     after: Callable[[Any, J], None] | None = None,
+    prepare: Callable[[J], None] | None = None,
 ) -> int:
-    """The whole entrypoint: parse ``--config`` / ``--resume`` / ``--iterations``, join or start Ray,
-    build or restore the algorithm, ``before(algo, job)`` on a fresh run (e.g. a warm start), train,
-    ``after(algo, job)`` (e.g. evaluate, push), stop."""
+    """The whole entrypoint: parse ``--config`` / ``--resume`` / ``--iterations``, resolve the artifact
+    paths under the storage root (named once), ``prepare(job)`` (e.g. fetch inputs to this node), join or
+    start Ray, build or restore the algorithm, ``before(algo, job)`` on a fresh run (e.g. a warm start),
+    train, ``after(algo, job)`` (e.g. evaluate, push), stop."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"YAML with {config_cls.__name__} fields")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument(
+        "--resume", default=None, help="'latest' or a checkpoint (a path relative to the storage root, or a URI)"
+    )
     p.add_argument(
         "--iterations",
         type=int,
@@ -171,10 +252,18 @@ def job_main(
     def log(line: str) -> None:
         print(line, flush=True)
 
+    paths = job.resolve_paths()
+    log("artifacts → " + ", ".join(f"{name} {path}" for name, path in paths.items()))
+    if prepare is not None:
+        prepare(job)
+
     init_ray(job.num_cpus)
-    resume = latest_checkpoint(job.checkpoint_dir) if args.resume == "latest" else args.resume
+    if args.resume == "latest":
+        resume = latest_checkpoint(job.checkpoint_dir)
+    else:
+        resume = storage.resolve(args.resume, job.storage) if args.resume else None
     if resume:
-        algo = Algorithm.from_checkpoint(os.path.abspath(resume))
+        algo = restore_checkpoint(resume)
         log(f"resumed from {resume} at iteration {algo.iteration}")
     else:
         if args.resume == "latest":

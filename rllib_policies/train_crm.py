@@ -7,21 +7,25 @@ Steps: Gaussian-logged sessions around the logging mean μ₀ through the teleme
 ``events_root`` holds logs) → request rows (Ray Data), users split train / validation → CRM on the training
 rows (the shared job runner: one progress line per iteration, checkpoints under ``checkpoint_dir``) → do no
 harm on the validation rows → ``out_dir/crm_policy.pt`` (the module's state dict) and ``out_dir/decision.json``
-(deploy π_θ's mean weights, or keep μ₀).
+(deploy π_θ's mean weights, or keep μ₀). ``out_dir`` (default ``crm``) is under the storage root (``storage``,
+else $MORL_STORAGE, else ~/morl-runs; a local path or URI, see rllib_policies.storage); with a URI the
+telemetry sink writes the simulated events to their local mirror first, then they are copied there.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
+from rllib_policies import storage
 from rllib_policies.crm import CRMConfig, logging_policy, request_dataset, simulate_gaussian_logs
 from rllib_policies.crm.logs import DEFAULT_WEIGHTS, as_arrays, split_by_user
 from rllib_policies.envs import SessionEnv
@@ -30,7 +34,7 @@ from rllib_policies.jobs import JobConfig, job_main
 
 @dataclass
 class CRMJob(JobConfig):
-    out_dir: str = "runs/crm"
+    out_dir: str = "crm"  # under the storage root
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
     events_root: str | None = None  # existing Gaussian-logged events; default: simulate into out_dir/events
     sessions: int = 5000
@@ -42,27 +46,35 @@ class CRMJob(JobConfig):
 
     def __post_init__(self) -> None:
         if self.checkpoint_dir == JobConfig.checkpoint_dir:
-            self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
+            self.checkpoint_dir = storage.join(self.out_dir, "checkpoints")
+
+
+def simulate_events(job: CRMJob, events: str) -> str:
+    """Gaussian-logged sessions into ``events`` (via its local mirror when it is a URI: the telemetry
+    sink writes local files); returns where to read them from."""
+    local = storage.mirror(events)
+    if storage.is_uri(events) and os.path.exists(local):
+        shutil.rmtree(local)  # a stale mirror of an unfinished run
+    info = simulate_gaussian_logs(job.env_config, local, job.sessions, job.logging_weights, job.logging_sigma, job.seed)
+    if storage.is_uri(events):
+        storage.copy_tree(local, events)
+    print(f"logged {info['requests']} requests of {info['sessions']} sessions → {events}", flush=True)
+    return local
 
 
 def build(job: CRMJob):
-    events = job.events_root or os.path.join(job.out_dir, "events")
-    if not os.path.isdir(events):
-        info = simulate_gaussian_logs(
-            job.env_config, events, job.sessions, job.logging_weights, job.logging_sigma, job.seed
-        )
-        print(f"logged {info['requests']} requests of {info['sessions']} sessions → {events}", flush=True)
-    table = pa.concat_tables(ray.get(request_dataset(events).to_arrow_refs()))
+    events = job.events_root or storage.join(job.out_dir, "events")
+    source = events if storage.exists(events) else simulate_events(job, events)
+    table = pa.concat_tables(ray.get(request_dataset(source).to_arrow_refs()))
     train, validation = split_by_user(table, (1 - job.validation,), job.seed)
     for name, part in (("train", train), ("validation", validation)):
-        os.makedirs(os.path.join(job.out_dir, name), exist_ok=True)
-        pq.write_table(part, os.path.join(job.out_dir, name, "part-0.parquet"))
+        storage.write_parquet(part, storage.join(job.out_dir, name, "part-0.parquet"))
     print(f"request rows: {train.num_rows} train, {validation.num_rows} validation", flush=True)
     options = {"init_weights": tuple(job.logging_weights), "init_sigma": job.logging_sigma, **job.crm}
     return (
         CRMConfig()
         .environment(SessionEnv, env_config={**job.env_config, "seed": job.seed})
-        .crm(offline_requests=os.path.join(job.out_dir, "train"), **options)
+        .crm(offline_requests=storage.join(job.out_dir, "train"), **options)
         .training(**job.training)
         .debugging(seed=job.seed, log_level="ERROR")
         .build_algo()
@@ -75,12 +87,14 @@ def progress(result: dict) -> str:
 
 
 def finish(algo, job: CRMJob) -> None:
-    rows = as_arrays(pq.read_table(os.path.join(job.out_dir, "validation")))
+    rows = as_arrays(storage.read_parquet(storage.join(job.out_dir, "validation")))
     if algo.columns is None:
         algo.load_rows()
     decision = algo.do_no_harm(rows, logging_policy(job.logging_weights, job.logging_sigma))
-    path = os.path.join(job.out_dir, "crm_policy.pt")
-    torch.save(algo.inference_module().state_dict(), path)
+    path = storage.join(job.out_dir, "crm_policy.pt")
+    buf = io.BytesIO()
+    torch.save(algo.inference_module().state_dict(), buf)
+    storage.write_bytes(path, buf.getvalue())
     out = {
         "deploy": decision.deploy,
         # what serving must draw from: "mean" = N(m_θ(x), mean_jitter²·I), "policy" = π_θ, "logging" = q
@@ -93,8 +107,7 @@ def finish(algo, job: CRMJob) -> None:
         "policy": path,
         "logging_weights": list(job.logging_weights),
     }
-    with open(os.path.join(job.out_dir, "decision.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    storage.write_json(storage.join(job.out_dir, "decision.json"), out)
     print(json.dumps(out), flush=True)
 
 

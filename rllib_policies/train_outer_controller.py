@@ -5,9 +5,11 @@
     python -m rllib_policies.train_outer_controller --config … --resume latest   # continue a run
 
 Prints one progress line per iteration, checkpoints every ``checkpoint_every`` iterations (and at
-the end) under ``checkpoint_dir/iter_NNNNNN``, writes TensorBoard scalars to
-``checkpoint_dir/tensorboard``. ``--resume latest`` (or a checkpoint path) restores the algorithm
-with its learner, optimizer, baselines, KPI gate counter and KL reference, and goes on from there.
+the end) under ``checkpoint_dir/iter_NNNNNN`` (relative: under the storage root, ``storage`` / $MORL_STORAGE /
+~/morl-runs, a local path or URI; see rllib_policies.storage), writes TensorBoard scalars to
+``checkpoint_dir/tensorboard`` (a local mirror's when it is a URI). ``--resume latest`` (or a checkpoint
+path) restores the algorithm with its learner, optimizer, baselines, KPI gate counter and KL reference,
+and goes on from there.
 Optional: ``warm_start_trajectories`` (behaviour cloning on logged sessions before training) and
 ``push_inner_reward_url`` (PUT the fitted inner-reward weights to that service at the end).
 """
@@ -29,7 +31,7 @@ class TrainJobConfig(AlgorithmJobConfig):
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 2000}})
     outer_controller: dict = field(default_factory=dict)  # OuterControllerConfig.outer_controller(...) options
     env_runners: dict = field(default_factory=lambda: {"num_env_runners": 0, "num_envs_per_env_runner": 8})
-    checkpoint_dir: str = "runs/outer_controller"
+    checkpoint_dir: str = "outer_controller"  # under the storage root (rllib_policies.storage)
     warm_start_trajectories: str | None = None
     warm_start_iterations: int = 20
     push_inner_reward_url: str | None = None

@@ -5,9 +5,10 @@
     python -m rllib_policies.train_unex_rl --config … --resume latest      # continue a run
 
 One progress line per iteration; checkpoints every ``checkpoint_every`` iterations (and at the end)
-under ``checkpoint_dir/iter_NNNNNN`` with the learners, optimizers, target networks, replay buffer
-and CQR cells; ``--resume latest`` (or a path) goes on from there. At the end, the deterministic
-stage policies are evaluated on ``eval_sessions`` simulated sessions.
+under ``checkpoint_dir/iter_NNNNNN`` (relative: under the storage root, see rllib_policies.storage) with
+the learners, optimizers, target networks, replay buffer and CQR cells; ``--resume latest`` (or a path)
+goes on from there. At the end, the deterministic stage policies are evaluated on ``eval_sessions``
+simulated sessions.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class UnexJobConfig(AlgorithmJobConfig):
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 3000}})
     unex_rl: dict = field(default_factory=lambda: {"arm": "unex_rl"})  # UnexRLConfig.unex_rl(...) options
     iterations: int = 30
-    checkpoint_dir: str = "runs/unex_rl"
+    checkpoint_dir: str = "unex_rl"  # under the storage root (rllib_policies.storage)
     checkpoint_every: int = 10
     eval_sessions: int = 300
 

@@ -13,15 +13,27 @@ the best global vector g_λ) → ``out_dir/frontier.json`` (versioned), ``fronti
 (what the Serve app loads, with the per-λ choice). Then, e.g.:
 
     curl -X PUT localhost:8000/operating-point -d '{"lambda": 0.4}'
+
+``out_dir`` (``utility_agent`` in configs/utility_agent.yaml) is under the storage root (``storage``, else
+$MORL_STORAGE, else ~/morl-runs; see rllib_policies.storage). The study works on local files, so with a URI
+``out_dir`` it runs in the URI's local mirror (``storage.mirror``): its inputs are fetched from the URI
+first (``PULLED``), and what each step wrote is copied back after it; checkpoints go to the URI directly.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
+from rllib_policies import storage
 from rllib_policies.jobs import job_main
 from rllib_policies.utility_agent.study import StudyConfig, UtilityStudy
+
+PULLED = ("exploration.json", "events", "requests", "ground_truth.parquet", "frontier.json")  # the study's inputs
+FINISHED = ("agent.pt", "frontier.json", "frontier.png", "frontier_cohorts.png", "checkpoints")  # finish's outputs
 
 
 def summary(artifact: dict) -> str:
@@ -37,15 +49,65 @@ def summary(artifact: dict) -> str:
     return "\n".join(lines)
 
 
+def pull(cfg: StudyConfig) -> None:
+    """A URI ``out_dir``: fetch the study's inputs (``PULLED``) that exist there into its local mirror
+    (once, before building or restoring: a resumed job on another node needs its request rows)."""
+    if storage.is_uri(cfg.out_dir):
+        for name in PULLED:
+            if storage.exists(storage.join(cfg.out_dir, name)):
+                storage.copy_tree(storage.join(cfg.out_dir, name), os.path.join(storage.mirror(cfg.out_dir), name))
+
+
+def staged(step: Callable[[StudyConfig], Any], cfg: StudyConfig, outputs: tuple[str, ...] | None = None) -> Any:
+    """``step(cfg)`` with ``cfg.out_dir`` local: for a URI its mirror during the step, then what the step
+    wrote (``outputs``, default everything there) is copied to the URI."""
+    remote = cfg.out_dir
+    if not storage.is_uri(remote):
+        return step(cfg)
+    local = storage.mirror(remote)
+    cfg.out_dir = local
+    try:
+        out = step(cfg)
+    finally:
+        cfg.out_dir = remote
+    for name in outputs or sorted(os.listdir(local)):
+        if os.path.exists(os.path.join(local, name)):
+            storage.copy_tree(os.path.join(local, name), storage.join(remote, name))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     study = UtilityStudy()
 
-    def finish(algo, cfg: StudyConfig) -> None:
-        artifact = study.finish(algo, cfg)
-        print(summary(artifact), flush=True)
-        print(json.dumps({"frontier": f"{cfg.out_dir}/frontier.json", "agent": artifact["meta"]["agent"]}), flush=True)
+    def after(algo, cfg: StudyConfig) -> None:
+        remote = cfg.out_dir
 
-    return job_main(StudyConfig, study.build, study.progress, argv, description=__doc__, after=finish)
+        def step(local_cfg: StudyConfig) -> dict:
+            artifact = study.finish(algo, local_cfg)
+            if local_cfg.out_dir != remote:  # name the artifacts where they are kept, not the mirror
+                path = os.path.join(local_cfg.out_dir, "frontier.json")
+                written = storage.read_json(path)
+                for meta in (artifact["meta"], written["meta"]):
+                    meta["agent"] = storage.join(remote, "agent.pt")
+                    meta["config"]["out_dir"] = remote
+                    meta["config"]["checkpoint_dir"] = cfg.checkpoint_dir
+                storage.write_json(path, written, allow_nan=False)
+            return artifact
+
+        artifact = staged(step, cfg, FINISHED)
+        print(summary(artifact), flush=True)
+        frontier = storage.join(cfg.out_dir, "frontier.json")
+        print(json.dumps({"frontier": frontier, "agent": artifact["meta"]["agent"]}), flush=True)
+
+    return job_main(
+        StudyConfig,
+        lambda cfg: staged(study.build, cfg),
+        study.progress,
+        argv,
+        description=__doc__,
+        after=after,
+        prepare=pull,
+    )
 
 
 if __name__ == "__main__":

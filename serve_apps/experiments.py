@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from actors.stages import LONG_VIEW_S, RANKING_PARAMS
 from actors.world import user_uniform
-from rllib_policies.ope.intervals import Normal, Parts
+from rllib_policies.ope.intervals import clustered_means
 
 POLICIES = ("weights", "utility_agent")
 REQUEST_KPIS = ("clicks", "long_views", "purchases", "revenue", "inner_reward")
@@ -154,13 +154,10 @@ def arm_report(
         if rows.num_rows == 0:
             continue
         values = np.stack([rows[k].to_numpy().astype(np.float64) for k in REQUEST_KPIS], axis=1)  # [n, K]
-        n = len(values)
-        parts = Parts(values[:, None, :], np.ones((n, 1)), np.ones(n))
-        mean = parts.value()
         users = rows["user_id"].to_numpy()
-        low, high = Normal(level).bounds(parts, mean, users, float(n))
+        mean, low, high = clustered_means(values, users, level)
         report[arm.name] = {
-            "requests": n,
+            "requests": len(values),
             "users": int(len(np.unique(users))),
             "kpis": {
                 k: {"mean": _finite(m), "low": _finite(lo), "high": _finite(hi)}

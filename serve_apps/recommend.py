@@ -28,7 +28,6 @@ built from the same config, with parameters followed from a VersionedParamStore.
 """
 
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -41,6 +40,7 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.stage_actors import StageRunner, mlp_act, mlp_layers, stage_policy_store
 from actors.stages import (
@@ -55,6 +55,7 @@ from actors.stages import (
 from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, TelemetryBuffer, slate_events
 from actors.telemetry.sinks import read_parquet_events
 from actors.world import PipelineConfig, World, WorldConfig
+from rllib_policies import storage
 from serve_apps.errors import BadRequest, ServerTiming, error_responses, install_error_handlers
 from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
@@ -260,6 +261,15 @@ class RecommendService:
                 self.arm_weights[arm.name] = ParamFollower(
                     store, f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
                 )
+        self.shadow_store = self.shadow = None  # shadow mode: a candidate scored on live requests, never served
+        if self.experiment is not None:
+            off = {**arm_weights_params(self.experiment.arms[0].weights), "active": 0.0}
+            self.shadow_store = get_or_create_store(f"{store_prefix}_shadow_{self.experiment.name}", off)
+            self.shadow = ParamFollower(
+                self.shadow_store,
+                f"recommend-{replica}",
+                lambda p: _params_to_array("ranking", p) if p.get("active") else None,
+            )
         self._report_cache: tuple[float, dict, dict] | None = None  # (time, per-arm KPIs, versions): GET /experiments
         self.events = make_event_buffer(telemetry)
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
@@ -269,8 +279,10 @@ class RecommendService:
             else None
         )
         self.weight_logging = WeightLogging.from_config(weight_logging)
+        self.obs_spec = ObservationSpec.of(world_config)  # the logged context of Gaussian-logged requests
         if self.weight_logging is not None:  # μ without an agent: the ranking stage's held (hot-updated) weights
             self.weight_rng = self.weight_logging.rng(replica)
+            self.shadow_rng = self.weight_logging.rng(f"{replica}-shadow")  # a shadow never moves the served draws
             self.held_ranking = ParamFollower(
                 self.stores["ranking"], f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
             )
@@ -306,6 +318,28 @@ class RecommendService:
             clicks=np.array([body.clicks], np.int32),
             request_id=uuid.uuid4().int & ((1 << 62) - 1),
         )
+
+    def _logged_context(self, req: RequestBatch, logged: dict | None) -> np.ndarray | None:
+        """A Gaussian-logged request's observable context (ObservationSpec.context, as the agent and the
+        learners see it), so weight policies can be learned from served traffic; None when nothing is logged."""
+        if logged is None or "log_density" not in logged:
+            return None
+        return self.obs_spec.context(self.ctx, req)[0]
+
+    def _shadow(self, arm, served: np.ndarray, logged: dict | None) -> dict | None:
+        """Shadow mode, for an experiment's Gaussian-logged request while a candidate is in shadow: the
+        candidate's would-be weights (one draw of its policy N(log w_shadow, Σ) in the box, never served) and
+        the log density of the *served* log w under that policy, so the candidate is evaluated off-policy on
+        exactly the requests it saw. None otherwise."""
+        if self.shadow is None or arm is None or logged is None or "log_density" not in logged:
+            return None
+        version, candidate = self.shadow.current
+        if candidate is None:
+            return None
+        drawn = self.weight_logging.draw(candidate, self.shadow_rng)
+        log_density = float(self.weight_logging.log_density(candidate[None], np.asarray(served)[None])[0])
+        would_be = candidate if drawn is None else drawn[0]
+        return {"weights": np.asarray(would_be, np.float32), "log_density": log_density, "version": version}
 
     async def _agent_choice(self, choice_ref) -> tuple[dict | None, str | None]:
         """The agent's choice, or (None, why) if it is slow or failing: it must never take the request down."""
@@ -355,11 +389,12 @@ class RecommendService:
             "weights": weights,
             "version": versions["ranking"],
             "propensity": 1.0 if choice is None else choice["propensity"],
-            "context": None if choice is None else choice["context"],
+            "context": choice["context"] if choice is not None else self._logged_context(req, logged),
             "weight_mean": None if logged is None else logged.get("mean"),
             "weight_log_density": None if logged is None else logged.get("log_density"),
             "arm": None if arm is None else self.experiment.arm_id(arm),
             "arm_version": arm_version,
+            "shadow": self._shadow(arm, weights, logged),
         }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
@@ -440,6 +475,7 @@ class RecommendService:
                     weight_log_density=served["weight_log_density"],
                     arm=served["arm"],
                     arm_version=served["arm_version"],
+                    shadow=served.get("shadow"),
                 )
             )
         return FeedbackResponse(
@@ -488,7 +524,17 @@ class RecommendService:
             )
         else:
             note = "KPIs need the Parquet telemetry sink (telemetry.sink 'parquet'); read Redis logs offline"
-        return {"name": self.experiment.name, "salt": self.experiment.salt, "arms": arms, "note": note}
+        snap = await self.shadow_store.get.remote()
+        shadow = {"active": bool(snap.params.get("active")), "version": snap.version}
+        if shadow["active"]:
+            shadow["weights"] = [snap.params[n] for n in PARAM_NAMES["ranking"]]
+        return {
+            "name": self.experiment.name,
+            "salt": self.experiment.salt,
+            "arms": arms,
+            "shadow": shadow,
+            "note": note,
+        }
 
     def _arm_report(self, root: str, current: dict[str, int | None]) -> dict:
         """Per-arm KPIs, re-read from the logs at most every REPORT_TTL_S (a GET never stalls /recommend)."""
@@ -530,6 +576,29 @@ class RecommendService:
         ack = await self._arm_store_call(self.arm_stores[arm.name].rollback.remote(body.expected_version), response)
         params = ack.pop("params")
         return {"arm": arm.name, "weights": [params[n] for n in PARAM_NAMES["ranking"]], **ack}
+
+    @app.put("/experiments/shadow/weights", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
+    async def put_shadow_weights(self, body: ArmWeightsBody, response: Response) -> dict[str, Any]:
+        """Put a candidate in shadow: every Gaussian-logged request of the experiment logs the candidate's
+        would-be weights and its density of the served weights (``shadow_*`` event columns); nothing it
+        proposes is served. Versioned like a promotion (200, or 202 while replicas catch up; 409 stale)."""
+        self._require_experiment()
+        if self.weight_logging is None:
+            raise BadRequest(
+                ["app"], "shadow mode needs Gaussian weight logging (args: weight_logging)", 409, "conflict"
+            )
+        if sum(body.weights) <= 0:
+            raise BadRequest(["body", "weights"], "weights must not all be 0")
+        put = self.shadow_store.put.remote({**arm_weights_params(body.weights), "active": 1.0}, body.expected_version)
+        return {"shadow": "on", "weights": body.weights, **await self._arm_store_call(put, response)}
+
+    @app.delete("/experiments/shadow", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
+    async def delete_shadow(self, response: Response) -> dict[str, Any]:
+        """Take the candidate out of shadow (a new version with shadow off)."""
+        self._require_experiment()
+        snap = await self.shadow_store.get.remote()
+        put = self.shadow_store.put.remote({**snap.params, "active": 0.0}, None)
+        return {"shadow": "off", **await self._arm_store_call(put, response)}
 
     @app.get("/stages")
     async def get_stages(self) -> dict[str, Any]:
@@ -617,12 +686,12 @@ class RecommendService:
         """The current Pareto-frontier artifact (re-read, so a new study's file is served at once)."""
         self._require_agent()
         path = self.utility_config.get("frontier")
-        if not path or not os.path.exists(path):
+        path = path and storage.resolve(path)  # relative: under the storage root; or a URI (rllib_policies.storage)
+        if not path or not storage.exists(path):
             raise BadRequest(
                 ["app", "utility_agent", "frontier"], f"no frontier artifact at {path!r}", status=404, type_="not_found"
             )
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(path)
 
     @app.get("/telemetry")
     async def telemetry(self) -> dict[str, Any]:

@@ -13,6 +13,9 @@ Modes (``utility_agent.mode`` in the recommend app's args):
 The live operating point — λ, or a fixed global weight vector — lives in a VersionedParamStore:
 ``PUT /operating-point`` on the ingress bumps its version and returns once every agent replica
 holds it, so all replicas switch together without a redeploy.
+
+``agent.path`` is where the training job kept agent.pt: a path relative to the storage root ($MORL_STORAGE,
+else ~/morl-runs), an absolute path, or a URI (``s3://…``, fetched to its local mirror; rllib_policies.storage).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from actors.cascade import Pipeline
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.stages import RequestBatch
 from actors.world import PipelineConfig, World, WorldConfig
+from rllib_policies import storage
 from rllib_policies.utility_agent.exploration import ActionGrid
 from rllib_policies.utility_agent.module import load_agent
 
@@ -42,7 +46,7 @@ class UtilityAgentDeployment:
         self.mode = agent.get("mode", "agent")
         self.pipeline = Pipeline(World(world_config), pipeline_config)
         if self.mode == "agent":
-            self.module = load_agent(agent["path"])
+            self.module = load_agent(storage.local_copy(storage.resolve(agent["path"])))
             self.weights = self.module.grid.numpy()
         else:
             self.module = None

@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+pytest_plugins = ("tests.ray_jobs",)  # the ray_head fixture: a local `ray start --head` for `ray job submit` tests
+
 
 def free_port() -> int:
     with socket.socket() as s:

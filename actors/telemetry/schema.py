@@ -54,8 +54,16 @@ EVENT_SCHEMA = pa.schema(
         pa.field("revenue", pa.float32()),
         pa.field("inner_reward", pa.float32()),
         pa.field("context", pa.list_(pa.float32())),
+        # shadow mode: a candidate's would-be weights for this request (never served), the log density of the
+        # served log w under the candidate's policy (what OPE needs), and the candidate's version
+        pa.field("shadow_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
+        pa.field("shadow_log_density", pa.float64()),
+        pa.field("shadow_version", pa.int32()),
     ]
 )
+
+
+SHADOW_COLUMNS = ("shadow_weights", "shadow_log_density", "shadow_version")
 
 
 def event_ids(request_uids: np.ndarray, positions: np.ndarray) -> pa.Array:
@@ -89,6 +97,7 @@ def slate_events(
     weight_log_density: float | None = None,
     arm: str | None = None,
     arm_version: int | None = None,
+    shadow: dict | None = None,
 ) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (see ``slates_events``)."""
     row = lambda a: None if a is None else np.asarray(a)[None]  # noqa: E731
@@ -114,6 +123,7 @@ def slate_events(
         weight_log_density=None if weight_log_density is None else np.array([weight_log_density]),
         arm=arm,
         arm_version=arm_version,
+        shadow=None if shadow is None else {k: v if k == "version" else np.asarray(v)[None] for k, v in shadow.items()},
     )
 
 
@@ -140,13 +150,15 @@ def slates_events(
     weight_log_density: np.ndarray | None = None,
     arm: str | None = None,
     arm_version: int | None = None,
+    shadow: dict | None = None,
 ) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
     weights [B, 3], context [B, d]) as one RecordBatch of B·K rows, slate by slate (vectorised).
     ``relevance`` [B, K] is the inner reward's relevance term (``actors.stages.retrieval_relevance``,
     the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``.
     ``weight_mean`` [B, 3] and ``weight_log_density`` [B]: Gaussian weight logging (null when not given).
-    ``arm``, ``arm_version``: the A/B arm of all B requests (null when not given)."""
+    ``arm``, ``arm_version``: the A/B arm of all B requests (null when not given). ``shadow``: {"weights" [B, 3],
+    "log_density" [B], "version"}: a shadow candidate's would-be weights and its density of the served weights."""
     items = np.asarray(items, np.int64)
     b, k = items.shape
     n = b * k
@@ -205,8 +217,21 @@ def slates_events(
         "revenue": f32(zeros if revenue is None else revenue),
         "inner_reward": f32(inner_reward),
         "context": context_col,
+        **_shadow_columns(shadow, b, k),
     }
     return pa.RecordBatch.from_arrays(list(cols.values()), schema=EVENT_SCHEMA)
+
+
+def _shadow_columns(shadow: dict | None, b: int, k: int) -> dict[str, pa.Array]:
+    n = b * k
+    if shadow is None:
+        return {name: pa.nulls(n, EVENT_SCHEMA.field(name).type) for name in SHADOW_COLUMNS}
+    weights = np.repeat(np.asarray(shadow["weights"], np.float32).reshape(b, N_UTILITY_WEIGHTS), k, axis=0)
+    return {
+        "shadow_weights": pa.FixedSizeListArray.from_arrays(pa.array(weights.ravel()), N_UTILITY_WEIGHTS),
+        "shadow_log_density": pa.array(np.repeat(np.asarray(shadow["log_density"], np.float64).reshape(b), k)),
+        "shadow_version": pa.array(np.full(n, shadow["version"], np.int32)),
+    }
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -16,6 +16,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import redis
@@ -58,18 +59,63 @@ class ParquetSink:
 
 
 def read_parquet_events(root: str) -> pa.Table:
-    """All events under a ParquetSink root, deduplicated on event_id."""
+    """All events under a ParquetSink root, deduplicated on event_id (unreadable files skipped)."""
+    return read_event_files(root)[0]
+
+
+PRUNE_SLACK_US = 60_000_000  # a file written this long before a slot's start may still hold its events (clocks)
+
+
+def _written_ns(name: str) -> int | None:
+    """The write time a ParquetSink file's name carries (``part-<time_ns>-<uuid>.parquet``), or None."""
+    stem = name.split("-")
+    return int(stem[1]) if len(stem) >= 3 and stem[0] == "part" and stem[1].isdigit() else None
+
+
+def read_event_files(root: str, start_us: int | None = None, end_us: int | None = None) -> tuple[pa.Table, list[str]]:
+    """The events under a ParquetSink root served in [start_us, end_us) (µs since the epoch; None: open),
+    deduplicated on event_id, and the files skipped as unreadable (corrupt or partial: a bad footer, or
+    pages that do not decode). Nothing is deleted: a skipped file stays for inspection. A file written more
+    than a minute before ``start_us`` (its name carries the write time) holds no event of the slot and is
+    not opened."""
     if not os.path.isdir(root):
-        return EVENT_SCHEMA.empty_table()
-    ds = pads.dataset(
-        root,
-        format="parquet",
-        schema=EVENT_SCHEMA,
-        partitioning=None,
-        exclude_invalid_files=False,
-        ignore_prefixes=[".", "_"],
-    )
-    return dedupe(ds.to_table())
+        return EVENT_SCHEMA.empty_table(), []
+    files, skipped = [], []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in sorted(names):
+            if not name.endswith(".parquet") or name.startswith((".", "_")):
+                continue
+            written = _written_ns(name)
+            if start_us is not None and written is not None and written // 1000 < start_us - PRUNE_SLACK_US:
+                continue
+            path = os.path.join(folder, name)
+            try:
+                pq.read_metadata(path)
+                files.append(path)
+            except (OSError, pa.ArrowException):
+                skipped.append(path)
+    where = None
+    if start_us is not None:
+        where = pc.field("ts") >= pa.scalar(start_us, pa.timestamp("us", tz="UTC"))
+    if end_us is not None:
+        before = pc.field("ts") < pa.scalar(end_us, pa.timestamp("us", tz="UTC"))
+        where = before if where is None else where & before
+
+    def read(paths: list[str]) -> pa.Table:
+        return pads.dataset(paths, format="parquet", schema=EVENT_SCHEMA).to_table(filter=where)
+
+    try:
+        events = read(files) if files else EVENT_SCHEMA.empty_table()
+    except (OSError, pa.ArrowException):  # some file's pages do not decode: find it, file by file
+        tables = []
+        for path in files:
+            try:
+                tables.append(read([path]))
+            except (OSError, pa.ArrowException):
+                skipped.append(path)
+        events = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
+    return dedupe(events), skipped
 
 
 def _ipc(table: pa.Table) -> bytes:

@@ -176,6 +176,10 @@ REQUEST_SCHEMA = pa.schema(
         ("long_views", pa.float32()),
         ("purchases", pa.float32()),
         ("revenue", pa.float32()),
+        ("arm", pa.string()),  # the A/B arm that served the request (null outside an experiment)
+        ("arm_version", pa.int32()),
+        ("ts", pa.timestamp("us", tz="UTC")),  # when the request was served
+        ("shadow_log_density", pa.float64()),  # a shadow candidate's log density of the served action (or null)
     ]
 )
 
@@ -189,7 +193,7 @@ def request_rows(events: pa.Table) -> pa.Table:
         dedupe(events)
         .select(
             ["user_id", "request_id", "position", "clicked", "dwell_s", "purchased", "revenue"]
-            + ["utility_weights", "weight_log_density", "context"]
+            + ["utility_weights", "weight_log_density", "context", "arm", "arm_version", "ts", "shadow_log_density"]
         )
         .to_pandas()
     )
@@ -200,7 +204,11 @@ def request_rows(events: pa.Table) -> pa.Table:
         purchases=("purchased", "sum"),
         revenue=("revenue", "sum"),
     )
-    head = df.loc[df["position"] == 0, ["request_id", "user_id", "utility_weights", "weight_log_density", "context"]]
+    head = df.loc[
+        df["position"] == 0,
+        ["request_id", "user_id", "utility_weights", "weight_log_density", "context", "arm", "arm_version", "ts"]
+        + ["shadow_log_density"],
+    ]
     head = head.set_index("request_id")
     head = head[head["weight_log_density"].notna() & head["context"].notna()]
     if head.empty:
@@ -218,6 +226,10 @@ def request_rows(events: pa.Table) -> pa.Table:
                 pa.array(np.arange(0, obs.size + 1, obs.shape[1], dtype=np.int32)), pa.array(obs.ravel())
             ),
             **{k: pa.array(rows[k].to_numpy(np.float32)) for k in KPIS},
+            "arm": pa.Array.from_pandas(rows["arm"], type=pa.string()),  # NaN (no arm) → null
+            "arm_version": pa.Array.from_pandas(rows["arm_version"], type=pa.int32()),
+            "ts": pa.Array.from_pandas(rows["ts"], type=pa.timestamp("us", tz="UTC")),
+            "shadow_log_density": pa.Array.from_pandas(rows["shadow_log_density"], type=pa.float64()),
         },
         schema=REQUEST_SCHEMA,
     )

@@ -2,7 +2,7 @@
 intervals that are checked for coverage (normal, bootstrap, ESS-corrected), and an explicit abstain rule.
 See docs/ope.md."""
 
-from .data import GaussianPolicy, LoggedBandit
+from .data import GaussianPolicy, LoggedBandit, LoggedDensity
 from .estimators import (
     DM,
     DR,
@@ -30,6 +30,7 @@ from .intervals import (
 )
 
 __all__ = [
+    "LoggedDensity",
     "GaussianPolicy",
     "LoggedBandit",
     "DM",

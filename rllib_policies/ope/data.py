@@ -275,3 +275,23 @@ class GaussianPolicy:
             else:  # pragma: no cover
                 raise RuntimeError("box holds too little of the Gaussian's mass to sample by rejection")
         return out
+
+
+@dataclass(frozen=True)
+class LoggedDensity:
+    """A target policy known only through its log density at the logged actions, row by row: log π(a_i|x_i)
+    [n] (shadow mode logs it per request: the candidate's density of the served weights). It evaluates on
+    exactly the rows it was logged for, in their order."""
+
+    log_densities: np.ndarray
+    dim: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_densities", np.asarray(self.log_densities, np.float64).reshape(-1))
+
+    def log_density(self, action: np.ndarray) -> np.ndarray:
+        if len(action) != len(self.log_densities):
+            raise ValueError(
+                f"a LoggedDensity holds {len(self.log_densities)} rows' densities; the data has {len(action)} rows"
+            )
+        return self.log_densities

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .data import GaussianPolicy, LoggedBandit
+from .data import GaussianPolicy, LoggedBandit, LoggedDensity
 from .intervals import AbstainRule, Estimate, Interval, Normal, Parts, kish_ess
 
 # ---------------------------------------------------------------------------------------------- reward models
@@ -258,9 +258,9 @@ class SwitchDR(Estimator):
 # ---------------------------------------------------------------------------------------------- continuous actions
 
 
-def _density_ratio(data: LoggedBandit, target: GaussianPolicy) -> np.ndarray:
-    if not isinstance(target, GaussianPolicy):
-        raise ValueError(f"target must be a GaussianPolicy, got {type(target).__name__}")
+def _density_ratio(data: LoggedBandit, target: GaussianPolicy | LoggedDensity) -> np.ndarray:
+    if not isinstance(target, (GaussianPolicy, LoggedDensity)):
+        raise ValueError(f"target must be a GaussianPolicy or a LoggedDensity, got {type(target).__name__}")
     _check_continuous(data, target.dim, "target policy")
     return np.exp(target.log_density(data.action) - np.log(data.propensity))
 

@@ -125,6 +125,19 @@ class Normal:
         return value - half, value + half
 
 
+def clustered_means(
+    values: np.ndarray, clusters: np.ndarray | None, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of ``values`` [n, K]: the mean and its ``level`` interval clustered by ``clusters`` (e.g. a
+    user's requests are not independent): (mean [K], low [K], high [K]); NaN bounds with fewer than 2 clusters."""
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    parts = Parts(values[:, None, :], np.ones((n, 1)), np.ones(n))
+    mean = parts.value()
+    low, high = Normal(level).bounds(parts, mean, clusters, float(n))
+    return mean, low, high
+
+
 @dataclass(frozen=True)
 class EssCorrected:
     """Normal interval with n replaced by the ESS (see the module docstring):

@@ -289,6 +289,14 @@ class OuterControllerConfig(AlgorithmConfigBase):
             raise ValueError(f"restart_at must list iterations >= 0, got {self.restart_at}")
         if self.restart_directions and self.offline_trajectories is not None:
             raise ValueError("restart_directions needs online training (its candidates serve simulated sessions)")
+        ground_truth = sorted(k for k in self.kpi_weights if k in session_data.GROUND_TRUTH_KPIS)
+        if ground_truth and self.offline_trajectories is not None:
+            k = ground_truth[0]
+            raise ValueError(
+                f"kpi_weights names {k!r}, which needs the simulator's ground truth "
+                f"({session_data.GROUND_TRUTH_KPIS[k]}): logged trajectories cannot carry it. Training on logs "
+                f"can blend {list(session_data.LOGGED_KPIS)}: drop {k!r} from kpi_weights."
+            )
         if self.promotion_sessions < 2:
             raise ValueError(f"promotion_sessions must be >= 2, got {self.promotion_sessions}")
         if not 0 < self.promotion_confidence < 1:

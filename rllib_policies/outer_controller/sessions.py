@@ -16,6 +16,9 @@ import torch
 # Session-level KPIs the outer controller can blend. Online (simulator) sessions have all four;
 # logged trajectories have revenue, return and clicks (NDCG needs relevance labels).
 KPIS = ("revenue", "return", "ndcg", "clicks")
+# KPIs that need the simulator's ground truth, with what it is: real logs cannot carry them.
+GROUND_TRUTH_KPIS = {"ndcg": "graded relevance labels, which exist only in the simulator"}
+LOGGED_KPIS = tuple(k for k in KPIS if k not in GROUND_TRUTH_KPIS)  # computable from logged trajectories
 # KPIs that decompose over the session's requests, and how: KPI = Σ_t part_t ("sum") or
 # KPI = (1/T)·Σ_t part_t ("mean"); the per-request part is the step_objectives column of that name.
 # The next-day return has no per-request part. (Offline, a session longer than one trajectory window

@@ -44,7 +44,7 @@ import numpy as np
 
 from rllib_policies.credit import KappaSchedule, RollingBaseline, clip_rewards, discounted_returns
 
-from .sessions import KPIS, SessionBatch
+from .sessions import GROUND_TRUTH_KPIS, KPIS, SessionBatch
 
 
 @dataclass
@@ -104,8 +104,16 @@ class OuterSignals:
     def outer_reward(self, batch: SessionBatch) -> np.ndarray:
         """R = Σ_k w_k·KPI_k per session [B]."""
         missing = [k for k in self.kpi_weights if k not in batch.kpis]
+        truth = [
+            f"{k!r} needs the simulator's ground truth ({GROUND_TRUTH_KPIS[k]})"
+            for k in missing
+            if k in GROUND_TRUTH_KPIS
+        ]
         if missing:
-            raise ValueError(f"kpi_weights name KPIs this data does not carry: {missing} (has {sorted(batch.kpis)})")
+            raise ValueError(
+                f"kpi_weights name KPIs this data does not carry: {missing} (has {sorted(batch.kpis)})"
+                + (f"; {'; '.join(truth)}" if truth else "")
+            )
         return sum(w * batch.kpis[k] for k, w in self.kpi_weights.items())
 
     def split_reward(self, batch: SessionBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,9 @@ from .modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
 from .sampler import N_ITEM_GROUPS, ReplayBuffer, sample_sessions, transitions_from_episodes
 
 EXPLORE_STD = 0.2  # the exploration's σ, a fraction of each action's range (stages not given one)
+# matching explores twice as widely by default: the critic must see relevance outweigh matching's own Gumbel
+# exploration before it can learn that relevance pays (the starved start's plateau; the learning test)
+EXPLORE_STD_BY_STAGE = {"matching": 0.4}
 
 # arm → its switches (UNEX-RL itself has every piece on; each ablation switches one off). The
 # defaults in UnexRLConfig.__init__ are the "unex_rl" arm.
@@ -69,10 +72,11 @@ class UnexRLConfig(AlgorithmConfigBase):
         # sampling and replay
         self.sampler: str = "vectorised"
         self.sessions_per_iteration: int = 64
-        self.explore_std: float | dict[str, float] = EXPLORE_STD
+        self.explore_std: float | dict[str, float] = dict(EXPLORE_STD_BY_STAGE)
         self.buffer_size: int = 50_000
         self.reward_scale_s: float = 30.0
         self.cqr_window: int = 4096
+        self.cqr_relabel: bool = False
         # updates
         self.updates_per_iteration: int = 16
         self.minibatch_size: int = 256
@@ -87,6 +91,9 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.search_candidates: int = 16
         self.search_weight: float = 1.0
         self.search_std: float | None = None
+        self.search_rounds: int = 1
+        self.action_margin: float = 0.02
+        self.saturation_penalty: float = 0.1
         # RLlib's own settings, UNEX-RL's values
         self.gamma = 0.9
         self.lr = 1e-3
@@ -110,6 +117,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         buffer_size: int = NotProvided,
         reward_scale_s: float = NotProvided,
         cqr_window: int = NotProvided,
+        cqr_relabel: bool = NotProvided,
         updates_per_iteration: int = NotProvided,
         minibatch_size: int = NotProvided,
         tau: float = NotProvided,
@@ -123,6 +131,9 @@ class UnexRLConfig(AlgorithmConfigBase):
         search_candidates: int = NotProvided,
         search_weight: float = NotProvided,
         search_std: float | None = NotProvided,
+        search_rounds: int = NotProvided,
+        action_margin: float = NotProvided,
+        saturation_penalty: float = NotProvided,
     ) -> Self:
         """Sets UNEX-RL's own options.
 
@@ -142,10 +153,14 @@ class UnexRLConfig(AlgorithmConfigBase):
                 {"reward": "usage"}): the same transitions, ~50× slower here.
             sessions_per_iteration: Sessions served (and stored) per iteration.
             explore_std: σ of the Gaussian exploration, as a fraction of each action's range; a dict
-                (stage → σ) sets it per stage, stages not named ``EXPLORE_STD``.
+                (stage → σ) sets it per stage, stages not named ``EXPLORE_STD`` (0.2); default
+                ``EXPLORE_STD_BY_STAGE``: matching 0.4, the others 0.2.
             buffer_size: Replay buffer capacity (transitions = requests).
             reward_scale_s: Usage seconds per unit reward when ``cqr`` is off.
             cqr_window: Rewards kept per CQR cell (a sliding window).
+            cqr_relabel: After every batch, re-score every stored transition's raw reward against the
+                cells as they are now (one reference distribution for the whole buffer: a raw reward's
+                quantile no longer depends on when it was stored); False: the quantile from insertion.
             updates_per_iteration: Minibatch updates per iteration.
             minibatch_size: Transitions per minibatch and learner.
             tau: Polyak rate of the target networks, θ' ← τ·θ + (1 − τ)·θ'.
@@ -172,6 +187,14 @@ class UnexRLConfig(AlgorithmConfigBase):
             search_weight: β, the weight of that regression towards a*.
             search_std: σ of the search's perturbations, as a fraction of each action's range; None: the
                 exploration's ``explore_std`` (the region the critic has seen).
+            search_rounds: The search repeated this many times, each round around the best so far (a
+                random walk uphill on the critic: reach ≈ σ·√rounds, k candidates per round).
+            action_margin: m, the search's candidates are clipped to [m, 1 − m] of each action's range
+                (off the box's faces, where the sigmoid policies saturate and stop learning), and the
+                saturation penalty starts at logit(1 − m); 0: the whole box. Default 0.02.
+            saturation_penalty: λ, the actor loss adds λ·Σ_j relu(|z_j| − logit(1 − m))² of the learning
+                policies' pre-squash outputs z (needs ``action_margin`` > 0), so a policy pushed onto a face
+                of the box can still come back (sigmoid'(z) → 0 there); 0: off. Default 0.1.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -223,6 +246,15 @@ class UnexRLConfig(AlgorithmConfigBase):
         if self.search_candidates < 0 or self.search_weight < 0:
             raise ValueError(
                 f"search_candidates and search_weight must be >= 0, got {self.search_candidates}, {self.search_weight}"
+            )
+        if self.search_rounds < 1:
+            raise ValueError(f"search_rounds must be >= 1, got {self.search_rounds}")
+        if not 0 <= self.action_margin < 0.5:
+            raise ValueError(f"action_margin must be in [0, 0.5), got {self.action_margin}")
+        if self.saturation_penalty < 0 or (self.saturation_penalty > 0 and self.action_margin == 0):
+            raise ValueError(
+                f"saturation_penalty must be >= 0, and > 0 only with action_margin > 0, got "
+                f"{self.saturation_penalty} (action_margin {self.action_margin})"
             )
         if self.minibatch_size < 2 or self.sessions_per_iteration < 1:
             raise ValueError("minibatch_size must be >= 2 and sessions_per_iteration >= 1")
@@ -303,6 +335,9 @@ class UnexRL(AlgorithmBase):
         else:
             batch["reward"] = (raw / cfg.reward_scale_s).astype(np.float32)
         self.buffer.add(batch)
+        if cfg.cqr and cfg.cqr_relabel:
+            d, n = self.buffer.data, len(self.buffer)
+            d["reward"][:n] = self.cqr.quantiles(d["reward_s"][:n], d["user_group"][:n], d["item_group"][:n])
         self.sessions_seen += cfg.sessions_per_iteration
         warm = self.iteration >= cfg.actor_warmup_iterations
         for u in range(cfg.updates_per_iteration):

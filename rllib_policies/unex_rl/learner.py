@@ -8,6 +8,8 @@ critic          y = r̃ + γ·(1 − done)·Q'_g(o'_1, a'_1, a'_2, a'_3),   a'_k
 stage policies  ã_k = μ_k(o_k),  L_μ = −mean Q_g(o_1, ã_1, ã_2, ã_3)   (critic frozen; the actor loss)
                 + β·mean ‖ã − a*‖²  with ``search_candidates`` > 1 (a* = the critic's best of the candidates
                 ã, ã + σ·ε_j: ``search_action``; actions scaled to [0, 1], β = ``search_weight``)
+                + λ·Σ_k mean Σ_j relu(|z_kj| − logit(1 − m))²  (``saturation_penalty`` λ, ``action_margin`` m;
+                z_k the pre-squash outputs, μ_k = a_max·sigmoid(z_k): keeps the policies off the box's faces)
 targets         θ' ← τ·θ + (1 − τ)·θ' after every update (RLlib's TargetNetworkAPI + update_target_network)
 
 Twin critics (``twin_q``, TD3's clipped double-Q): y = r̃ + γ·(1 − done)·min_h Q'^h, both heads
@@ -26,6 +28,7 @@ Q_k(o_k, a_k), each stage policy against its own critic, stored observations.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -111,6 +114,7 @@ class UnexRLLearner(TorchLearner):
         scaled = lambda a: torch.cat([a[s] / policies[s].high for s in STAGES], dim=-1)  # noqa: E731
         independent = critic.n_critics > 1
         search_std = {s: cfg.explore_std_of(s) if cfg.search_std is None else cfg.search_std for s in STAGES}
+        search_args, logits = (cfg.action_margin, cfg.search_rounds), {}
 
         # ---------------------------------------------------------------- critic (TD)
         with torch.no_grad():
@@ -155,13 +159,18 @@ class UnexRLLearner(TorchLearner):
                 for i, s in enumerate(STAGES):
                     if s not in cfg.trainable_stages:
                         continue
-                    own = policies[s].act(stored[s]) / policies[s].high
+                    z = policies[s].logits(stored[s])
+                    own = torch.sigmoid(z)
                     actor_loss = actor_loss - critic.value(stored[s], _pad(own), i).mean()
+                    if cfg.saturation_penalty > 0:
+                        actor_loss = actor_loss + cfg.saturation_penalty * saturation(z, cfg.action_margin).mean()
                     if cfg.search_candidates > 1:
                         q_of = lambda a, i=i, s=s: critic.value(  # noqa: E731
                             stored[s].repeat_interleave(cfg.search_candidates, 0), _pad(a), i
                         )
-                        best = search_action(q_of, own.detach(), search_std[s], None, cfg.search_candidates)
+                        best = search_action(
+                            q_of, own.detach(), search_std[s], None, cfg.search_candidates, *search_args
+                        )
                         actor_loss = actor_loss + cfg.search_weight * ((own - best) ** 2).sum(-1).mean()
             else:
                 new = cascade(
@@ -174,9 +183,13 @@ class UnexRLLearner(TorchLearner):
                     cic=cfg.cic,
                     stop_gradient=cfg.stop_gradient,
                     trainable=cfg.trainable_stages,
+                    logits=logits,
                 )
                 joint = scaled(new)
                 actor_loss = -critic.value(stored["matching"], joint, 0).mean()
+                if cfg.saturation_penalty > 0:
+                    penalty = sum(saturation(z, cfg.action_margin).mean() for z in logits.values())
+                    actor_loss = actor_loss + cfg.saturation_penalty * penalty
                 if cfg.search_candidates > 1:
                     free = torch.cat(  # σ on the learning stages' dimensions, 0 on the frozen ones'
                         [torch.full_like(policies[s].high, search_std[s] * (s in cfg.trainable_stages)) for s in STAGES]
@@ -184,7 +197,7 @@ class UnexRLLearner(TorchLearner):
                     q_of = lambda a: critic.value(  # noqa: E731
                         stored["matching"].repeat_interleave(cfg.search_candidates, 0), a, 0
                     )
-                    best = search_action(q_of, joint.detach(), 1.0, free, cfg.search_candidates)
+                    best = search_action(q_of, joint.detach(), 1.0, free, cfg.search_candidates, *search_args)
                     actor_loss = actor_loss + cfg.search_weight * ((joint - best) ** 2).sum(-1).mean()
         finally:
             critic.q.requires_grad_(True)
@@ -287,41 +300,61 @@ def cascade(
     cic: bool,
     stop_gradient: bool,
     trainable=STAGES,
+    logits: dict | None = None,
 ) -> dict:
     """ã_k = μ_k(o_k) (μ'_k if ``target``) for the three stages in order; o_k rebuilt by CIC from o_1
     and ã_{<k}, or (CIC off) the buffer's o_k, produced under the behaviour actions. Frozen stages'
-    actions are detached."""
+    actions are detached. ``logits`` (a dict) receives the learning stages' pre-squash outputs z_k."""
     out, cache = {}, {}
     for s in STAGES:
         if s == "matching" or not cic:
             o = stored[s]
         else:
             o = rebuild(pipeline, req, context, dict(out), s, stop_gradient, cache)
-        out[s] = policies[s].act(o, target)
+        z = policies[s].logits(o, target)
+        out[s] = policies[s].high * torch.sigmoid(z)
         if s not in trainable:
             out[s] = out[s].detach()
+        elif logits is not None:
+            logits[s] = z
     return out
 
 
 @torch.no_grad()
-def search_action(q_of, base: torch.Tensor, std: float, free: torch.Tensor | None, k: int) -> torch.Tensor:
+def search_action(
+    q_of, base: torch.Tensor, std: float, free: torch.Tensor | None, k: int, margin: float = 0.0, rounds: int = 1
+) -> torch.Tensor:
     """The critic-guided action search: per row, the best of k candidates by the critic,
 
         a* = argmax_{c ∈ {ã, clip(ã + σ·ε_2), …, clip(ã + σ·ε_k)}} Q̂(o, c),   ε_j ~ N(0, I),
 
-    actions scaled to [0, 1] (σ a fraction of each action's range, the exploration's), the noise scaled
-    per dimension by ``free`` (0: a frozen stage's; None: 1 everywhere). ``q_of`` maps [B·k, D] candidates (row-major:
-    each row's k in turn) to Q̂ [B·k]. A step towards a* sees the critic's shape within the explored
-    region, where the deterministic policy gradient ∇_a Q̂ sees only its slope at ã (flat on a plateau
-    such as a starved matching stage's). Returns a* [B, D]."""
+    actions scaled to [0, 1] (σ a fraction of each action's range, the exploration's), clipped to
+    [m, 1 − m] (m = ``margin``: a* off the box's faces, where the sigmoid policies saturate), the noise
+    scaled per dimension by ``free`` (0: a frozen stage's; None: 1 everywhere). ``rounds`` > 1 repeats
+    the search around the best so far (a random walk uphill on Q̂, reach ≈ σ·√rounds). ``q_of`` maps
+    [B·k, D] candidates (row-major: each row's k in turn) to Q̂ [B·k]. A step towards a* sees the
+    critic's shape within the explored region, where the deterministic policy gradient ∇_a Q̂ sees only
+    its slope at ã (flat on a plateau such as a starved matching stage's). Returns a* [B, D]."""
     b, d = base.shape
-    noise = std * torch.randn(b, k, d, device=base.device, dtype=base.dtype)
-    if free is not None:
-        noise = noise * free
-    noise[:, 0] = 0.0
-    candidates = (base.unsqueeze(1) + noise).clamp(0.0, 1.0)
-    q = q_of(candidates.reshape(b * k, d)).reshape(b, k)
-    return candidates[torch.arange(b, device=base.device), q.argmax(dim=1)]
+    rows = torch.arange(b, device=base.device)
+    best = base
+    for _ in range(max(rounds, 1)):
+        noise = std * torch.randn(b, k, d, device=base.device, dtype=base.dtype)
+        if free is not None:
+            noise = noise * free
+        noise[:, 0] = 0.0
+        candidates = best.unsqueeze(1) + noise
+        candidates[:, 1:] = candidates[:, 1:].clamp(margin, 1.0 - margin)
+        q = q_of(candidates.reshape(b * k, d)).reshape(b, k)
+        best = candidates[rows, q.argmax(dim=1)]
+    return best
+
+
+def saturation(logits: torch.Tensor, margin: float) -> torch.Tensor:
+    """The pre-squash penalty of a sigmoid policy, per row: Σ_j relu(|z_j| − z_m)², z_m = logit(1 − m)
+    (0 while every action stays inside [m, 1 − m] of its range; grows where the policy saturates)."""
+    z_m = math.log((1.0 - margin) / margin)
+    return (torch.relu(logits.abs() - z_m) ** 2).sum(-1)
 
 
 def _pad(a: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,13 @@ class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
                 self.pi[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p))))
         self.log_std = math.log(float(cfg["explore_std"]))
 
+    def logits(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """z = MLP(o_k), the pre-squash output (μ_k = a_max · sigmoid(z)), or the target policy's."""
+        return (self.target_pi if target else self.pi)(obs)
+
     def act(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
         """μ_k(o_k), or the target policy's μ'_k(o_k)."""
-        return self.high * torch.sigmoid((self.target_pi if target else self.pi)(obs))
+        return self.high * torch.sigmoid(self.logits(obs, target))
 
     def _forward(self, batch, **kwargs):
         mean = self.act(batch[Columns.OBS])

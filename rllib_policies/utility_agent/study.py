@@ -69,7 +69,7 @@ class StudyConfig(JobConfig):
 
     iterations: int = 15  # passes over the training request rows
     checkpoint_dir: str | None = None
-    out_dir: str = "runs/utility_agent"
+    out_dir: str = "utility_agent"  # under the storage root (rllib_policies.storage)
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
     grid_n: int = 7
     grid_high: tuple[float, float] = (2.0, 40.0)

@@ -26,6 +26,8 @@ from actors.telemetry import (
     slates_events,
     window_starts,
 )
+from actors.telemetry.schema import event_ids
+from actors.telemetry.sinks import read_event_files
 from benchmarks.common import RedisServer
 from tests.telemetry_helpers import T0_US, make_requests, request_at, wait_until
 
@@ -171,6 +173,35 @@ def test_parquet_sink_keeps_a_user_in_one_bucket(tmp_path):
             if other != folder:
                 others = pa.concat_tables([pa.parquet.read_table(f) for f in other.glob("*.parquet")])
                 assert not users & set(others["user_id"].to_pylist())
+
+
+@pytest.mark.parametrize(
+    "bad_name, bad_bytes",
+    [
+        ("part-garbage.parquet", b"PAR1 not a parquet file"),
+        ("part-truncated.parquet", None),  # the first half of a real file: no footer
+        ("part-empty.parquet", b""),
+    ],
+)
+def test_read_event_files_skips_and_counts_unreadable_files_and_reads_a_slot(tmp_path, bad_name, bad_bytes):
+    sink = ParquetSink(str(tmp_path), n_buckets=1)
+    early = pa.Table.from_batches([_events()])
+    sink.write(early)  # ts 0: outside the slot below
+    time.sleep(0.01)
+    start_us = time.time_ns() // 1000
+    later = early.set_column(0, "event_id", event_ids(np.repeat([7, 8], 3), np.tile(np.arange(3), 2)))
+    later = later.set_column(1, "ts", pa.array(np.full(6, start_us + 5)).cast(later.schema.field("ts").type))
+    sink.write(later)
+    sink.write(later)  # delivered twice: read once
+    real = next(tmp_path.rglob("part-*.parquet"))
+    bad = real.parent / bad_name
+    bad.write_bytes(real.read_bytes()[: real.stat().st_size // 2] if bad_bytes is None else bad_bytes)
+    events, skipped = read_event_files(str(tmp_path))
+    assert skipped == [str(bad)] and events.num_rows == 12, "deduplicated on event_id, the bad file counted"
+    assert bad.exists(), "a skipped file is kept for inspection"
+    slot, skipped = read_event_files(str(tmp_path), start_us, start_us + 10)
+    assert slot.num_rows == 6 and skipped == [str(bad)], "only the slot's events"
+    assert read_event_files(str(tmp_path), start_us + 10, None)[0].num_rows == 0
 
 
 @pytest.fixture()

@@ -4,8 +4,6 @@ the four bad inputs (exit 2, one line naming the column and the row), abstention
 import json
 import re
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import yaml
 from actors.telemetry import slates_events
 from rllib_policies.evaluate_logs import main
 from rllib_policies.utility_agent.exploration import DEFAULT_GRID
-from tests.rllib_policies.test_train_job import ROOT, head, ray_cli  # noqa: F401 (head: the `ray start --head` fixture)
+from tests.ray_jobs import submit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from make_ope_example import main as make_example  # noqa: E402
@@ -229,29 +227,13 @@ def test_events_preset_aggregates_requests(tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_ray_job_submit(example, head, tmp_path):  # noqa: F811 (head: the imported fixture)
+def test_ray_job_submit(example, ray_head, tmp_path):
     """A real `ray job submit --working-dir .` of the CLI against a local head (absolute paths in and out)."""
-    env, address, _ = head
-    env = {**env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}
+    env, address, _ = ray_head
     out, truth = example
-    job_id = f"ope-{uuid.uuid4().hex[:8]}"
     argv = ["--logs", out / "grid_logs.parquet", "--policies", out / "grid_policies.yaml", *GRID_COLUMNS]
-    for _ in range(20):  # the first submits after start may find no agent yet
-        sub = ray_cli(
-            env, "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--no-wait",
-            f"--working-dir={ROOT}", f"--runtime-env={ROOT}/cluster/job-runtime-env.yaml", "--",
-            "python", "-m", "rllib_policies.evaluate_logs", *map(str, argv), "--json", str(tmp_path / "rows.json"),
-        )  # fmt: skip
-        if "No available agent" not in sub.stdout + sub.stderr:
-            break
-        time.sleep(5)
-    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-    deadline, status = time.time() + 240, ""
-    while time.time() < deadline and not any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-        time.sleep(2)
-        status = ray_cli(env, "job", "status", f"--address={address}", job_id).stdout.upper()
-    logs = ray_cli(env, "job", "logs", f"--address={address}", job_id).stdout
-    assert "SUCCEEDED" in status, logs[-4000:]
+    json_out = ["--json", str(tmp_path / "rows.json")]
+    logs = submit(env, address, "python", "-m", "rllib_policies.evaluate_logs", *map(str, argv), *json_out)
     assert "uniform" in logs and "ess_corrected intervals" in logs
     rows = json.loads((tmp_path / "rows.json").read_text())
     near = next(r for r in rows if r["policy"] == "uniform" and r["estimator"] == "snips")

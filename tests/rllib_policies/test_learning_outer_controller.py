@@ -89,6 +89,11 @@ def test_init_action_refuses_bad_vectors(bad, match):
         ({"restart_at": (-1,)}, "restart_at must list iterations >= 0"),
         ({"restart_at": (0.5,)}, "restart_at must list iterations >= 0"),
         ({"restart_directions": 4, "offline_trajectories": "/tmp/x"}, "restart_directions needs online training"),
+        ({"offline_trajectories": "/tmp/x"}, "kpi_weights names 'ndcg', which needs the simulator's ground truth"),
+        (
+            {"offline_trajectories": "/tmp/x", "kpi_weights": {"ndcg": 0.0, "return": 1.0}},
+            "drop 'ndcg' from kpi_weights",
+        ),
     ],
 )
 def test_config_refuses_bad_rail_settings(options, match):

@@ -180,6 +180,15 @@ def test_every_status_code_is_in_the_schema(client):
     assert declared[("/experiments/arms/{arm}/weights", "put")] >= {"200", "404", "409", "422"}
     assert declared[("/experiments/arms/{arm}/rollback", "post")] >= {"200", "404", "409", "422"}
     assert declared[("/operating-point", "put")] >= {"200", "202", "404", "409", "422"}
+    assert declared[("/experiments/shadow/weights", "put")] >= {"200", "202", "404", "409", "422"}
+    assert declared[("/experiments/shadow", "delete")] >= {"200", "202", "404"}
+
+
+def test_shadow_mode_needs_weight_logging(client):
+    """Without Gaussian weight logging there is no density to evaluate a shadow candidate with: 409, naming why."""
+    r = client.put("/experiments/shadow/weights", json={"weights": [1, 2, 3]})
+    assert r.status_code == 409 and "weight_logging" in r.json()["detail"][0]["msg"]
+    assert client.get("/experiments").json()["shadow"] == {"active": False, "version": 0}
 
 
 def test_a_published_stage_policy_serves_hot_and_rolls_back(client):
