@@ -3,12 +3,15 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-cycle cycle train train-utility train-unex bootstrap serve serve-recommend clean
+.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-cycle cycle train train-utility train-unex bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
 test: bootstrap
 	$(PY) -m pytest
+
+test-slow: bootstrap
+	$(PY) -m pytest -m slow
 
 lint: bootstrap
 	.venv/bin/ruff check .

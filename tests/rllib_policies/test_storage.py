@@ -359,6 +359,7 @@ def run_module(module: str, cwd, env: dict, *args: str) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 4–8 min: the S3 paths it uses are covered by the checkpoint and resume tests above
 @pytest.mark.timeout(900)  # its own driver and local Ray (two Ray Data jobs) on top of the session's
 def test_crm_job_keeps_events_rows_policy_and_decision_on_s3(s3, home, tmp_path):
     """Ray Data reads the request rows from the bucket in Ray's workers, so the job runs as its own driver
@@ -397,6 +398,7 @@ def test_crm_job_keeps_events_rows_policy_and_decision_on_s3(s3, home, tmp_path)
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two job runs of minutes each
 @pytest.mark.timeout(600)  # two job runs (fresh, then resumed on a node without the mirror)
 def test_utility_agent_job_keeps_frontier_and_agent_on_s3_and_serving_loads_them(
     ray_session, s3, home, tmp_path, monkeypatch, capsys
