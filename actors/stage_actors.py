@@ -7,7 +7,7 @@ parameters both paths give identical slates (tests/actors/test_stages.py).
 A stage may also hold a learned stage policy (UNEX-RL's a_k = high·sigmoid(MLP(o_k))). ``act_and_run``
 then builds o_k exactly as ``run_cascade`` does (the request's context, the candidates it receives,
 the upstream stages' actions) and runs the stage with the policy's action. Policies reach the Serve
-stage deployments through a versioned store (``publish_stage_policy``), so a hot update and a
+stage deployments through a versioned store (``actors.served_policies.publish_stage_policy``), so a hot update and a
 rollback work as for parameters.
 """
 
@@ -18,7 +18,7 @@ import ray
 
 from actors.cascade import Recommendation, run_cascade
 from actors.observation import ObservationSpec
-from actors.param_store import get_or_create_store
+from actors.served_policies import mlp_act, mlp_layers
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -95,41 +95,7 @@ class StageRunner:
         return mlp_act(self.policy, self.policy_high, obs), self.policy_version
 
 
-def mlp_layers(mlp_state: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """An nn.Sequential state dict of Linear layers ("0.weight", "0.bias", "2.weight", …) as (W, b) pairs."""
-    layers = sorted({int(k.split(".")[0]) for k in mlp_state})
-    return [
-        (np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
-        for i in layers
-    ]
-
-
-def mlp_act(layers: list[tuple[np.ndarray, np.ndarray]], high: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """a = high·sigmoid(MLP(o)) with ReLU between the Linear layers (NumPy forward pass) [B, n]."""
-    h = np.asarray(obs, np.float32)
-    for i, (w, b) in enumerate(layers):
-        h = h @ w.T + b
-        if i < len(layers) - 1:
-            h = np.maximum(h, 0.0)
-    return (np.asarray(high, np.float32) / (1.0 + np.exp(-h))).astype(np.float32)
-
-
 StageActor = ray.remote(num_cpus=0)(StageRunner)
-
-
-def stage_policy_store(store_prefix: str, stage: str):
-    """The versioned store a stage's Serve deployments follow for their learned policy ({}: none)."""
-    return get_or_create_store(f"{store_prefix}_{stage}_policy", {})
-
-
-def publish_stage_policy(store_prefix: str, stage: str, mlp_state: dict | None, high=None) -> dict:
-    """Hot-update the stage policy every Serve replica of ``stage`` serves (None: back to the held
-    parameters); returns the store's ack. ``mlp_state``: an nn.Sequential state dict (tensors or arrays)."""
-    params = {}
-    if mlp_state is not None:
-        layers = {k: np.asarray(v, np.float32).tolist() for k, v in mlp_state.items()}
-        params = {"mlp_state": layers, "high": np.asarray(high, np.float32).tolist()}
-    return ray.get(stage_policy_store(store_prefix, stage).put.remote(params))
 
 
 class ActorPipeline:

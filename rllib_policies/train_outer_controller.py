@@ -10,8 +10,11 @@ the end) under ``checkpoint_dir/iter_NNNNNN`` (relative: under the storage root,
 ``checkpoint_dir/tensorboard`` (a local mirror's when it is a URI). ``--resume latest`` (or a checkpoint
 path) restores the algorithm with its learner, optimizer, baselines, KPI gate counter and KL reference,
 and goes on from there.
-Optional: ``warm_start_trajectories`` (behaviour cloning on logged sessions before training) and
-``push_inner_reward_url`` (PUT the fitted inner-reward weights to that service at the end).
+Optional: ``warm_start_trajectories`` (behaviour cloning on logged sessions before training),
+``push_inner_reward_url`` (PUT the fitted inner-reward weights to that service at the end) and
+``serve_store_prefix`` (publish the trained policy to the recommend app with that ``store_prefix`` on the
+same cluster, a versioned hot update it serves with ``ranking_policy: outer_controller`` or an arm of that
+policy; ``actors.served_policies``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TrainJobConfig(AlgorithmJobConfig):
     warm_start_trajectories: str | None = None
     warm_start_iterations: int = 20
     push_inner_reward_url: str | None = None
+    serve_store_prefix: str | None = None
 
 
 def build(job: TrainJobConfig) -> OuterController:
@@ -60,10 +64,14 @@ def before(algo: OuterController, job: TrainJobConfig) -> None:
 
 
 def after(algo: OuterController, job: TrainJobConfig) -> None:
-    """Push the inner-reward weights fitted to the last batch's credit, when configured."""
+    """Push the inner-reward weights fitted to the last batch's credit, and publish the policy to serving,
+    when configured."""
     if job.push_inner_reward_url and algo.last_batch is not None:
         state = push_inner_reward_weights(job.push_inner_reward_url, algo.inner_reward_weights(algo.last_batch))
         print(f"inner-reward weights → {job.push_inner_reward_url}: {json.dumps(state)}", flush=True)
+    if job.serve_store_prefix:
+        ack = algo.publish_to_serve(job.serve_store_prefix)
+        print(f"outer controller policy → serving ({job.serve_store_prefix!r}): version {ack['version']}", flush=True)
 
 
 if __name__ == "__main__":

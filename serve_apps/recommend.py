@@ -13,11 +13,19 @@
   the agent (serve_apps/utility_agent.py), asked in parallel with matching and pre-ranking;
   ``GET|PUT /operating-point`` reads / switches the live λ (or fixed weights) on every agent
   replica at once; ``GET /frontier`` returns the current Pareto-frontier artifact
+- with the outer controller (args ``ranking_policy: "outer_controller"``, or an arm with that policy): requests
+  without ``ranking_weights`` get μ(s) from the outer controller's published policy
+  (``actors.served_policies.publish_outer_controller``; s = the request's context), the held ranking weights
+  while none is published; the response's ``versions["outer_controller"]`` names the version
 - with Gaussian weight logging (args ``weight_logging``, serve_apps/weight_logging.py): requests without
   ``ranking_weights`` are served log w ~ N(log μ, Σ) truncated to a box around the live weights μ (the
   agent's choice, else the ranking stage's held parameters); the response's ``weight_logging`` names the
   served weights, μ and the log density, and every /feedback event logs μ (``weight_mean``) and the density
   (``weight_log_density``) next to the served ``utility_weights``
+
+Whoever chose a request's ranking weights (the request itself, the held parameters, an arm's weights, the
+utility agent or the outer controller) and that policy's version are in the response (``ranking_policy``) and
+in every event (``ranking_policy``, ``ranking_policy_version``).
 
 Every /feedback emits one served-item event per slate position (what /recommend served plus the
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
@@ -42,7 +50,8 @@ from ray import serve
 
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.stage_actors import StageRunner, mlp_act, mlp_layers, stage_policy_store
+from actors.served_policies import RankingPolicy, mlp_act, mlp_layers, outer_controller_store, stage_policy_store
+from actors.stage_actors import StageRunner
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -63,6 +72,7 @@ from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
+RANKING_POLICIES = ("held", "utility_agent", "outer_controller")  # who ranks requests without weights, outside arms
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
@@ -95,6 +105,8 @@ class RecommendResponse(BaseModel):
     # what was served, signed: hand it back with /feedback so any replica can score the slate
     served_record: str
     arm: dict[str, Any] | None = None  # the A/B arm: {"name", "policy", "version"} (None outside an experiment)
+    # who chose the ranking weights ("request", "held", "arm", "utility_agent", "outer_controller") and its version
+    ranking_policy: dict[str, Any]
 
 
 class OperatingPointBody(BaseModel):
@@ -185,7 +197,7 @@ def _params_to_array(stage: str, params: dict) -> np.ndarray:
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
 class StageDeployment:
     """One stage: the pure stage function, with parameters followed from the stage's param store, or, once
-    one is published (``actors.stage_actors.publish_stage_policy``), a learned stage policy acting on o_k."""
+    one is published (``actors.served_policies.publish_stage_policy``), a learned stage policy acting on o_k."""
 
     def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, store_prefix: str):
         self.stage = stage
@@ -238,6 +250,7 @@ class RecommendService:
         weight_logging: dict | None = None,
         served_record: dict | None = None,
         experiment: dict | None = None,
+        ranking_policy: str | None = None,
     ):
         self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
         # the stages' own towers (same world and seed), for the inner reward's relevance term at /feedback
@@ -278,6 +291,17 @@ class RecommendService:
             if utility_agent is not None
             else None
         )
+        # who ranks requests that carry no weights and belong to no arm (app_builder validated it)
+        self.ranking_policy = ranking_policy or ("utility_agent" if utility_agent is not None else "held")
+        self.outer_controller = None  # the outer controller's published policy, followed like any store
+        if self.ranking_policy == "outer_controller" or any(
+            a.policy == "outer_controller" for a in (self.experiment.arms if self.experiment else ())
+        ):
+            self.outer_controller = ParamFollower(
+                outer_controller_store(store_prefix),
+                f"recommend-{replica}",
+                lambda p: RankingPolicy(p) if p else None,
+            )
         self.weight_logging = WeightLogging.from_config(weight_logging)
         self.obs_spec = ObservationSpec.of(world_config)  # the logged context of Gaussian-logged requests
         if self.weight_logging is not None:  # μ without an agent: the ranking stage's held (hot-updated) weights
@@ -354,12 +378,22 @@ class RecommendService:
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
         live, arm, arm_version = None, None, None  # live: the weights the serving policy chose (None: the stage's)
+        source, source_version = "request" if weights is not None else self.ranking_policy, None
         if self.experiment is not None and weights is None:  # the user's arm (a request's own weights: none)
             arm = self.experiment.arms[int(self.experiment.assign(np.array([body.user_id]))[0])]
+            source = "arm" if arm.policy == "weights" else arm.policy
             if arm.policy == "weights":
                 arm_version, live = self.arm_weights[arm.name].current
+                source_version = arm_version
+        if source == "outer_controller":
+            source_version, policy = self.outer_controller.current
+            if policy is None:  # nothing published yet: the ranking stage's held weights
+                source, source_version = "held", None
+            else:
+                live = policy(self.obs_spec.context(self.ctx, req))[0]
+                arm_version = source_version if arm is not None else None
         # the agent's choice needs only the request context: ask for it now, await it before ranking
-        ask_agent = weights is None and live is None and self.utility_agent is not None
+        ask_agent = source == "utility_agent" and self.utility_agent is not None
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
         choice, fallback, logged, out, versions, actions = None, None, None, None, {}, {}
@@ -377,8 +411,16 @@ class RecommendService:
             if policy_version is not None:  # a learned stage policy acted: the response names its version
                 versions[f"{stage}_policy"] = policy_version
         ranked, weights = out, params["ranking"]
-        if arm is not None and arm.policy == "utility_agent" and choice is not None:
-            arm_version = choice.get("operating_point_version")
+        if choice is not None:
+            source_version = choice.get("operating_point_version")
+            if arm is not None:
+                arm_version = source_version
+        elif source == "utility_agent":  # the agent failed or is absent: the held weights served
+            source = "held"
+        if source == "held":
+            source_version = versions["ranking"]
+        if source == "outer_controller":
+            versions["outer_controller"] = source_version
         request_id = f"{req.request_id:016x}"
         self.served[request_id] = served = {
             "uid": req.request_id,
@@ -394,6 +436,8 @@ class RecommendService:
             "weight_log_density": None if logged is None else logged.get("log_density"),
             "arm": None if arm is None else self.experiment.arm_id(arm),
             "arm_version": arm_version,
+            "ranking_policy": source,
+            "ranking_policy_version": source_version,
             "shadow": self._shadow(arm, weights, logged),
         }
         while len(self.served) > self.cache_size:
@@ -413,6 +457,7 @@ class RecommendService:
             else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in logged.items()},
             served_record=self.served_record.seal(request_id, served),
             arm=None if arm is None else {"name": arm.name, "policy": arm.policy, "version": arm_version},
+            ranking_policy={"name": source, "version": source_version},
         )
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=error_responses(403, 404, 410, 422, 503))
@@ -475,6 +520,8 @@ class RecommendService:
                     weight_log_density=served["weight_log_density"],
                     arm=served["arm"],
                     arm_version=served["arm_version"],
+                    ranking_policy=served.get("ranking_policy"),
+                    ranking_policy_version=served.get("ranking_policy_version"),
                     shadow=served.get("shadow"),
                 )
             )
@@ -715,8 +762,11 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "weight_logging": {"std": 0.3 | [3] or "cov": [[3 × 3]], "floor": 1e-3, "seed": int | None,
                        "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off),
     "num_replicas": RecommendService replicas (1),
-    "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent", "weights"}}}
-                  (the live A/B split, serve_apps/experiments.py; None: no experiment),
+    "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent"|"outer_controller",
+                  "weights"}}} (the live A/B split, serve_apps/experiments.py; None: no experiment),
+    "ranking_policy": who ranks requests without weights outside an arm: "held" (the ranking stage's parameters),
+                      "utility_agent" (needs utility_agent; the default when it is given) or "outer_controller"
+                      (its published policy, actors.served_policies.publish_outer_controller),
     "served_record": {"key_env": env var with the signing key, "max_age_s": 86400} (serve_apps/served_record.py;
                       without key_env a random key, shared by this deployment's replicas)}."""
     args = dict(args or {})
@@ -732,6 +782,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "served_record",
         "num_replicas",
         "experiment",
+        "ranking_policy",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -763,6 +814,13 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         split = ArmSplit.from_config(experiment)  # bad config fails here, naming the field
         if agent is None and any(a.policy == "utility_agent" for a in split.arms):
             raise ValueError("experiment arm with policy 'utility_agent' needs the utility_agent arg")
+    ranking_policy = args.get("ranking_policy")
+    if ranking_policy not in (None, "held", "utility_agent", "outer_controller"):
+        raise ValueError(
+            f"ranking_policy must be 'held', 'utility_agent' or 'outer_controller', got {ranking_policy!r}"
+        )
+    if ranking_policy == "utility_agent" and agent is None:
+        raise ValueError("ranking_policy 'utility_agent' needs the utility_agent arg")
     return RecommendService.options(num_replicas=int(args.get("num_replicas", 1))).bind(
         *(stages[s] for s in STAGES),
         world_config,
@@ -776,4 +834,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         weight_logging=args.get("weight_logging"),
         served_record=ServedRecordCodec.from_config(args.get("served_record")).config(),  # one key for all replicas
         experiment=experiment,
+        ranking_policy=ranking_policy,
     )

@@ -15,6 +15,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that submit Ray jobs run last, side by side: they share one `ray start --head` (``ray_head``,
+    session-scoped), which then never idles beside the rest of the suite on a 2-core machine."""
+    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _end_what_a_module_left_running():
+    """Serve applications and named actors a test module created end with the module (param stores are
+    detached by design). Left running — a test that failed before its own cleanup, or one that has none —
+    they hold the session's logical CPUs (a Serve replica takes 0.25 of 4) until a later module's replicas
+    cannot be placed and its deployment waits out the test timeout."""
+    import ray
+
+    def running():
+        if not ray.is_initialized():
+            return set(), set()
+        actors = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+        apps = set()
+        if ("serve", "SERVE_CONTROLLER_ACTOR") in actors:
+            from ray import serve
+
+            apps = set(serve.status().applications)
+        return actors, apps
+
+    actors_before, apps_before = running()
+    yield
+    actors_after, apps_after = running()
+    if apps_after - apps_before:
+        from ray import serve
+
+        for app in apps_after - apps_before:
+            serve.delete(app)
+    for namespace, name in actors_after - actors_before:
+        if namespace == "serve":  # Serve's controller, proxies and replicas: serve.delete / serve.shutdown own them
+            continue
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:  # gone meanwhile
+            pass
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -39,6 +39,10 @@ EVENT_SCHEMA = pa.schema(
         pa.field("policy_version", pa.int32()),
         pa.field("arm", pa.string()),  # the A/B arm the user is assigned to (null outside an experiment)
         pa.field("arm_version", pa.int32()),  # the version of the arm's policy that served the request
+        # who chose the request's ranking weights ("request", "held", "arm", "utility_agent", "outer_controller")
+        # and that policy's version (null for the request's own weights)
+        pa.field("ranking_policy", pa.string()),
+        pa.field("ranking_policy_version", pa.int32()),
         pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
         pa.field("propensity", pa.float32()),
         pa.field("weight_mean", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),
@@ -97,6 +101,8 @@ def slate_events(
     weight_log_density: float | None = None,
     arm: str | None = None,
     arm_version: int | None = None,
+    ranking_policy: str | None = None,
+    ranking_policy_version: int | None = None,
     shadow: dict | None = None,
 ) -> pa.RecordBatch:
     """The events of one served slate with its feedback, as one RecordBatch (see ``slates_events``)."""
@@ -123,6 +129,8 @@ def slate_events(
         weight_log_density=None if weight_log_density is None else np.array([weight_log_density]),
         arm=arm,
         arm_version=arm_version,
+        ranking_policy=ranking_policy,
+        ranking_policy_version=ranking_policy_version,
         shadow=None if shadow is None else {k: v if k == "version" else np.asarray(v)[None] for k, v in shadow.items()},
     )
 
@@ -150,6 +158,8 @@ def slates_events(
     weight_log_density: np.ndarray | None = None,
     arm: str | None = None,
     arm_version: int | None = None,
+    ranking_policy: str | None = None,
+    ranking_policy_version: int | None = None,
     shadow: dict | None = None,
 ) -> pa.RecordBatch:
     """The events of B served slates of K items ([B] per-request and [B, K] per-item arrays; utility
@@ -157,8 +167,10 @@ def slates_events(
     ``relevance`` [B, K] is the inner reward's relevance term (``actors.stages.retrieval_relevance``,
     the two-tower similarity; null when not given), kept apart from the ranker's ``p_click``.
     ``weight_mean`` [B, 3] and ``weight_log_density`` [B]: Gaussian weight logging (null when not given).
-    ``arm``, ``arm_version``: the A/B arm of all B requests (null when not given). ``shadow``: {"weights" [B, 3],
-    "log_density" [B], "version"}: a shadow candidate's would-be weights and its density of the served weights."""
+    ``arm``, ``arm_version``: the A/B arm of all B requests (null when not given). ``ranking_policy``,
+    ``ranking_policy_version``: who chose the B requests' ranking weights, and its version. ``shadow``:
+    {"weights" [B, 3], "log_density" [B], "version"}: a shadow candidate's would-be weights and its density of
+    the served weights."""
     items = np.asarray(items, np.int64)
     b, k = items.shape
     n = b * k
@@ -193,6 +205,8 @@ def slates_events(
         "policy_version": pa.array(np.full(n, policy_version, np.int32)),
         "arm": pa.array([arm] * n, pa.string()),
         "arm_version": pa.array([arm_version] * n, pa.int32()),
+        "ranking_policy": pa.array([ranking_policy] * n, pa.string()),
+        "ranking_policy_version": pa.array([ranking_policy_version] * n, pa.int32()),
         "utility_weights": pa.FixedSizeListArray.from_arrays(
             pa.array(np.repeat(weights, k, axis=0).ravel()), N_UTILITY_WEIGHTS
         ),

@@ -25,6 +25,7 @@ every finished day's slot, so nothing is counted twice. A failed training leaves
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -105,9 +106,8 @@ class DailyCycle:
 
     def _load_state(self) -> dict:
         path = self._path("state.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
+        if storage.exists(path):  # local or a pyarrow.fs URI, as _save_state writes it
+            state = storage.read_json(path)
             if state["config"]["experiment"] != self.cfg.experiment:
                 raise ValueError(
                     f"{path} belongs to experiment {state['config']['experiment']!r}, not {self.cfg.experiment!r}: "
@@ -123,6 +123,7 @@ class DailyCycle:
             "objective_scale": None,
             "live": {"weights": list(self.cfg.start_weights), "version": None},
             "shadow": None,  # the candidate in shadow: {"weights", "day"}
+            "deployed": None,  # the fingerprint of the apps' import paths and args as last deployed
         }
 
     def _save_state(self) -> None:
@@ -144,26 +145,45 @@ class DailyCycle:
         prefix = f"cycle_{cfg.experiment}".replace("-", "_")
         world = {k: cfg.env_config[k] for k in ("preset", "world", "pipeline") if k in cfg.env_config}
         inner = f"{prefix}_inner_reward"
-        serve.run(import_app(cfg.apps["inner_reward"])({"weights_store": inner}), name=inner, route_prefix="/cycle_ir")
         share = cfg.treatment_share
-        recommend = import_app(cfg.apps["recommend"])(
-            {
-                **world,
-                "store_prefix": prefix,
-                "inner_reward_app": inner,
-                "telemetry": {"sink": "parquet", "path": self.events_root, "n_buckets": 2, "flush_interval_s": 2.0},
-                "weight_logging": {"std": self.sigma},
-                "experiment": {
-                    "name": cfg.experiment,
-                    "arms": {
-                        "control": {"share": 1 - share, "weights": list(cfg.start_weights)},
-                        "treatment": {"share": share, "weights": list(cfg.start_weights)},
+        apps = {  # name → (import path, args, route)
+            inner: (cfg.apps["inner_reward"], {"weights_store": inner}, "/cycle_ir"),
+            f"{prefix}_recommend": (
+                cfg.apps["recommend"],
+                {
+                    **world,
+                    "store_prefix": prefix,
+                    "inner_reward_app": inner,
+                    "telemetry": {"sink": "parquet", "path": self.events_root, "n_buckets": 2, "flush_interval_s": 2.0},
+                    "weight_logging": {"std": self.sigma},
+                    "experiment": {
+                        "name": cfg.experiment,
+                        "arms": {
+                            "control": {"share": 1 - share, "weights": list(cfg.start_weights)},
+                            "treatment": {"share": share, "weights": list(cfg.start_weights)},
+                        },
                     },
                 },
-            }
-        )
-        serve.run(recommend, name=f"{prefix}_recommend", route_prefix="/cycle")
+                "/cycle",
+            ),
+        }
+        self.apps = list(apps)
+        fingerprint = hashlib.sha256(json.dumps(apps, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        running = serve.status().applications
+        if self.state.get("deployed") == fingerprint and all(
+            name in running and running[name].status == "RUNNING" for name in apps
+        ):  # a resumed cycle whose apps outlived it: serving is not interrupted
+            self.log("serving: the applications this cycle deployed are still running; reused")
+        else:
+            for name, (path, args, route) in apps.items():  # the inner reward first: recommend looks it up
+                serve.run(import_app(path)(args), name=name, route_prefix=route)
+            self.state["deployed"] = fingerprint
         self._restore_live()
+
+    def undeploy(self) -> None:
+        """Delete the two applications (their param stores, and so the live versions, stay)."""
+        for name in getattr(self, "apps", []):
+            serve.delete(name)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One control-plane call to the recommend app; a non-2xx answer raises naming the call and its detail."""

@@ -43,6 +43,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from actors.cascade import build_world
+from actors.served_policies import publish_outer_controller
 from actors.telemetry import apply_returns, read_returns
 from actors.world import seed_sequence
 from actors.world.metrics import mean_ci
@@ -605,6 +606,14 @@ class OuterController(AlgorithmBase):
             "sessions": len(j_start),
         }
         return self.last_promotion
+
+    def publish_to_serve(self, store_prefix: str) -> dict:
+        """Serve the promoted policy: μ(s) (m(s)'s MLP, ``high``, ``max_logit``) as a new version of the outer
+        controller's store that every recommend replica of ``store_prefix`` follows
+        (``actors.served_policies``); ``store.rollback`` restores the previous version. Returns the ack."""
+        module = self.inference_module()
+        state = {k: v.detach().numpy() for k, v in module.pi.state_dict().items()}
+        return publish_outer_controller(store_prefix, state, module.high.numpy(), module.max_logit)
 
     def inner_reward_weights(self, batch: session_data.SessionBatch, ridge: float = 1e-2) -> dict[str, float]:
         """Fit the inner reward's weights to the current credit: c_t = T·w_t·R (KPI units) per step."""

@@ -30,7 +30,7 @@ from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from actors.cascade import build_world
-from actors.stage_actors import publish_stage_policy
+from actors.served_policies import publish_stage_policy
 from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 
@@ -376,7 +376,7 @@ class UnexRL(AlgorithmBase):
     def attach_serve_stages(self, store_prefix: str) -> None:
         """The recommend app's Serve stage deployments (its ``store_prefix``) to hot-update with the
         deterministic stage policies after every training round: each round publishes a new version of each
-        stage's policy store (``actors.stage_actors.publish_stage_policy``), which ``rollback`` undoes."""
+        stage's policy store (``actors.served_policies.publish_stage_policy``), which ``rollback`` undoes."""
         self.serve_store_prefix = store_prefix
         self._hot_update()
 

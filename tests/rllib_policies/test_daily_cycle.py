@@ -142,7 +142,7 @@ def test_two_days_through_serve_with_every_fault(serve_url, tmp_path):
     garbage and a truncated event file (skipped, counted), an out-of-band drift of the treatment's weights
     (the monitor rolls it back), and a deliberately bad candidate (the gate rejects it). Day 0's sessions
     get their next-day return from day 1's traffic, written once."""
-    from rllib_policies.daily_cycle import DailyCycle, day_traffic
+    from rllib_policies.daily_cycle import DailyCycle
 
     port = int(serve_url.rsplit(":", 1)[1])
     cfg = DailyCycleConfig(
@@ -157,6 +157,15 @@ def test_two_days_through_serve_with_every_fault(serve_url, tmp_path):
     )
     cycle = DailyCycle(cfg, log=lambda line: None)
     cycle.deploy()
+    try:
+        _two_days_with_every_fault(cycle, cfg, tmp_path)
+    finally:
+        cycle.undeploy()
+
+
+def _two_days_with_every_fault(cycle, cfg, tmp_path):
+    from rllib_policies.daily_cycle import DailyCycle, day_traffic
+
     before = cycle._treatment()
     day0 = cycle.run_day(0)
     assert day0["candidate"]["status"] == "training failed" and "injected" in day0["candidate"]["error"]
@@ -171,9 +180,11 @@ def test_two_days_through_serve_with_every_fault(serve_url, tmp_path):
     real = next(p for p in Path(cycle.events_root).rglob("part-*.parquet") if "garbage" not in p.name)
     (Path(cycle.events_root) / "user_bucket=0" / "part-truncated.parquet").write_bytes(real.read_bytes()[:200])
 
-    resumed = DailyCycle(cfg, log=lambda line: None)
+    lines = []
+    resumed = DailyCycle(cfg, log=lines.append)
     assert resumed.state["next_day"] == 1
     resumed.deploy()
+    assert any("still running; reused" in line for line in lines), "serving outlived the crash: not redeployed"
     # a candidate in shadow for day 1: the live weights themselves (so its paired difference is exactly 0)
     shadow = resumed._call("PUT", "/experiments/shadow/weights", {"weights": list(cfg.start_weights)})
     resumed.state["shadow"] = {"weights": list(cfg.start_weights), "day": 0, "version": shadow["version"]}

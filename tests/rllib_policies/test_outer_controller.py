@@ -245,3 +245,29 @@ def test_two_learners_train_in_parallel(ray_session):
         assert np.isfinite(result["learners"]["default_policy"]["pg_loss"])
     finally:
         algo.stop()
+
+
+@pytest.mark.parametrize("max_logit", [None, 3.0])
+def test_the_served_numpy_policy_is_the_modules_mean(max_logit):
+    """actors.served_policies.RankingPolicy (what the recommend app serves) is RankingPolicyModule's μ(s)."""
+    import gymnasium as gym
+    import torch
+
+    from actors.served_policies import RankingPolicy
+    from actors.stages import RANKING_ACTION_HIGH
+    from rllib_policies.outer_controller.module import RankingPolicyModule
+
+    module = RankingPolicyModule(
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (12,), np.float32),
+        action_space=gym.spaces.Box(np.zeros(3, np.float32), RANKING_ACTION_HIGH),
+        model_config={"hidden": (16, 16), "max_logit": max_logit, "init_action": [1.0, 1.0, 10.0]},
+    )
+    with torch.no_grad():
+        for p in module.pi.parameters():
+            p.add_(torch.randn_like(p))  # away from the near-constant start
+        obs = torch.randn(64, 12)
+        expected = module.gaussian(obs)[0].numpy()
+    state = {k: v.numpy() for k, v in module.pi.state_dict().items()}
+    served = RankingPolicy({"mlp_state": state, "high": module.high.numpy(), "max_logit": max_logit})(obs.numpy())
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    assert np.ptp(served, axis=0).max() > 0.1

@@ -12,7 +12,8 @@ import yaml
 from gymnasium import spaces
 
 from actors.cascade import build_world
-from actors.stage_actors import StageActor, mlp_act, mlp_layers, stage_policy_store
+from actors.served_policies import mlp_act, mlp_layers, stage_policy_store
+from actors.stage_actors import StageActor
 from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES, RequestBatch
 from actors.world import PipelineConfig, WorldConfig
 from rllib_policies.envs import MultiStageEnv

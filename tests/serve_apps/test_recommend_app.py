@@ -48,13 +48,14 @@ def client(serve_url):
                 "store_prefix": prefix,
                 "inner_reward_app": "rec_test_inner",
                 "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+                "ranking_policy": "outer_controller",  # the held ranking weights until a policy is published
             }
         ),
         name="recommend_test",
         route_prefix="/rec",
     )
     with httpx.Client(base_url=f"{serve_url}/rec", timeout=60) as c:
-        c.events_root = events
+        c.events_root, c.store_prefix = events, prefix
         yield c
     serve.delete("recommend_test")
     serve.delete("rec_test_inner")
@@ -185,3 +186,59 @@ def test_feedback_emits_served_item_events_that_sessionise(client, towers):
     traj = sessionise(mine)
     assert traj.num_rows == 1 and traj["request_ids"].to_pylist()[0] == request_ids
     assert traj["session_revenue"].to_pylist() == [pytest.approx(28.5)]
+
+
+def test_the_outer_controller_policy_serves_hot_and_rolls_back(client):
+    """A published outer-controller policy reaches the replicas by a versioned hot update: a request without
+    weights is ranked with μ(s) on its own context (the in-process cascade with those weights serves the same
+    slate), the response and the events name the policy and its version; a rollback restores the held weights."""
+    import ray
+
+    from actors.cascade import Pipeline
+    from actors.served_policies import RankingPolicy, outer_controller_store, publish_outer_controller
+    from actors.stages import RANKING_ACTION_HIGH, RequestBatch
+
+    held = client.post("/recommend", json={"user_id": 3}).json()
+    assert held["ranking_policy"] == {"name": "held", "version": held["versions"]["ranking"]}
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    rng = np.random.default_rng(0)
+    state = {"0.weight": rng.normal(0, 1.0, (8, pipeline.spec.context_dim)), "0.bias": rng.normal(0, 1.0, 8)}
+    state |= {"2.weight": rng.normal(0, 3.0, (2, 8)), "2.bias": np.zeros(2)}
+    ack = publish_outer_controller(client.store_prefix, state, RANKING_ACTION_HIGH, max_logit=6.0)
+    policy = RankingPolicy(ray.get(outer_controller_store(client.store_prefix).get.remote()).params)
+    served = []
+    for user, step, clicks in ((3, 2, 1), (4, 0, 0), (5, 5, 3)):
+        body = client.post("/recommend", json={"user_id": user, "step": step, "clicks": clicks}).json()
+        assert body["ranking_policy"] == {"name": "outer_controller", "version": ack["version"]}
+        assert body["versions"]["outer_controller"] == ack["version"]
+        req = RequestBatch(
+            np.array([user]), np.full((1, 20), -1), np.array([step]), np.array([clicks]), int(body["request_id"], 16)
+        )
+        weights = policy(pipeline.context(req))[0]
+        served.append(weights)
+        assert body["slate"] == pipeline.recommend(req, params={"ranking": weights}).slate[0].tolist()
+    assert np.ptp(np.stack(served), axis=0).max() > 0.1, "μ(s) depends on the request's context"
+
+    fb = client.post(
+        "/feedback",
+        json={"request_id": body["request_id"], "clicked": [False] * 8, "dwell_s": [0.0] * 8, "skipped": [True] * 8},
+    )
+    assert fb.status_code == 200, fb.text
+    deadline = time.time() + 10
+    while (
+        time.time() < deadline
+        and client.get("/telemetry").json()["flushed"] < client.get("/telemetry").json()["emitted"]
+    ):
+        time.sleep(0.05)
+    from actors.telemetry import read_parquet_events
+
+    events = read_parquet_events(client.events_root)
+    mine = events.filter(pa.compute.equal(events["request_id"], body["request_id"]))
+    assert set(mine["ranking_policy"].to_pylist()) == {"outer_controller"}
+    assert set(mine["ranking_policy_version"].to_pylist()) == {ack["version"]}
+
+    ray.get(outer_controller_store(client.store_prefix).rollback.remote())  # back to no policy: the held weights
+    deadline = time.monotonic() + 30
+    while client.post("/recommend", json={"user_id": 3}).json()["ranking_policy"]["name"] != "held":
+        assert time.monotonic() < deadline, "the rollback never reached the replicas"
+        time.sleep(0.2)

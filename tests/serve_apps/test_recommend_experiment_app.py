@@ -198,7 +198,7 @@ def test_a_published_stage_policy_serves_hot_and_rolls_back(client):
     import ray
 
     from actors.cascade import Pipeline
-    from actors.stage_actors import mlp_act, mlp_layers, publish_stage_policy, stage_policy_store
+    from actors.served_policies import mlp_act, mlp_layers, publish_stage_policy, stage_policy_store
     from actors.stages import STAGE_ACTION_HIGH, RequestBatch
     from actors.world import PipelineConfig, World, WorldConfig
 

@@ -1,0 +1,107 @@
+"""Learned policies the Serve apps follow from versioned stores, and their NumPy forward passes.
+
+A trainer publishes a policy as one versioned ``put`` on its store (a ``VersionedParamStore``); every
+replica's ``ParamFollower`` picks it up, the next response names the new version, and ``store.rollback``
+restores the previous one (an empty publication, ``{}``, means "no learned policy: the held parameters").
+Serving needs neither torch nor RLlib: the policies are small MLPs run in NumPy.
+
+- **Stage policies** (UNEX-RL), one store per stage: a_k = high · sigmoid(MLP(o_k)), ReLU between layers.
+- **The outer controller's ranking policy**, one store per app: the ranking utility weights per request,
+  μ(s) = high ⊙ softmax([m(s), 0]) with m(s) = U·tanh(MLP(s)/U) (tanh between layers; no squash when
+  U = ``max_logit`` is None), s = the request's context (``ObservationSpec.context``), exactly
+  ``RankingPolicyModule.gaussian``'s mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import ray
+
+from actors.param_store import get_or_create_store
+
+
+def mlp_layers(mlp_state: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An nn.Sequential state dict of Linear layers ("0.weight", "0.bias", "2.weight", …) as (W, b) pairs."""
+    layers = sorted({int(k.split(".")[0]) for k in mlp_state})
+    return [
+        (np.asarray(mlp_state[f"{i}.weight"], np.float32), np.asarray(mlp_state[f"{i}.bias"], np.float32))
+        for i in layers
+    ]
+
+
+def mlp_forward(
+    layers: list[tuple[np.ndarray, np.ndarray]],
+    x: np.ndarray,
+    activation: Callable[[np.ndarray], np.ndarray] = lambda h: np.maximum(h, 0.0),
+) -> np.ndarray:
+    """h ← W h + b per layer, ``activation`` between layers (ReLU by default) [B, d_out]."""
+    h = np.asarray(x, np.float32)
+    for i, (w, b) in enumerate(layers):
+        h = h @ w.T + b
+        if i < len(layers) - 1:
+            h = activation(h)
+    return h
+
+
+def _state_lists(mlp_state: dict) -> dict[str, list]:
+    return {k: np.asarray(v, np.float32).tolist() for k, v in mlp_state.items()}
+
+
+# ------------------------------------------------------------------------------------ stage policies
+def mlp_act(layers: list[tuple[np.ndarray, np.ndarray]], high: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """A stage policy's action a = high·sigmoid(MLP(o)) with ReLU between the Linear layers [B, n]."""
+    return (np.asarray(high, np.float32) / (1.0 + np.exp(-mlp_forward(layers, obs)))).astype(np.float32)
+
+
+def stage_policy_store(store_prefix: str, stage: str):
+    """The versioned store a stage's Serve deployments follow for their learned policy ({}: none)."""
+    return get_or_create_store(f"{store_prefix}_{stage}_policy", {})
+
+
+def publish_stage_policy(store_prefix: str, stage: str, mlp_state: dict | None, high=None) -> dict:
+    """Hot-update the stage policy every Serve replica of ``stage`` serves (None: back to the held
+    parameters); returns the store's ack. ``mlp_state``: an nn.Sequential state dict (tensors or arrays)."""
+    params = {}
+    if mlp_state is not None:
+        params = {"mlp_state": _state_lists(mlp_state), "high": np.asarray(high, np.float32).tolist()}
+    return ray.get(stage_policy_store(store_prefix, stage).put.remote(params))
+
+
+# ------------------------------------------------------------------- the outer controller's policy
+class RankingPolicy:
+    """The outer controller's deterministic ranking policy μ(s) = high ⊙ softmax([m(s), 0]) in NumPy."""
+
+    def __init__(self, params: dict):
+        self.layers = mlp_layers(params["mlp_state"])
+        self.high = np.asarray(params["high"], np.float32)
+        self.max_logit = None if params.get("max_logit") is None else float(params["max_logit"])
+
+    def __call__(self, context: np.ndarray) -> np.ndarray:
+        """Ranking utility weights [B, K] for request contexts [B, context_dim]."""
+        m = mlp_forward(self.layers, context, np.tanh)
+        if self.max_logit is not None:
+            m = self.max_logit * np.tanh(m / self.max_logit)
+        z = np.concatenate([m, np.zeros_like(m[:, :1])], axis=1)
+        x = np.exp(z - z.max(axis=1, keepdims=True))
+        return (self.high * x / x.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def outer_controller_store(store_prefix: str):
+    """The versioned store a recommend app follows for the outer controller's policy ({}: none published)."""
+    return get_or_create_store(f"{store_prefix}_outer_controller_policy", {})
+
+
+def publish_outer_controller(store_prefix: str, mlp_state: dict | None, high=None, max_logit=None) -> dict:
+    """Hot-update the outer controller's policy every recommend replica of ``store_prefix`` serves (None:
+    none); returns the store's ack. ``mlp_state``: m(s)'s nn.Sequential state dict (Linear layers, tanh
+    between them); ``high`` [K]; ``max_logit``: U, or None."""
+    params = {}
+    if mlp_state is not None:
+        params = {
+            "mlp_state": _state_lists(mlp_state),
+            "high": np.asarray(high, np.float32).tolist(),
+            "max_logit": None if max_logit is None else float(max_logit),
+        }
+    return ray.get(outer_controller_store(store_prefix).put.remote(params))
