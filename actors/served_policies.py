@@ -74,12 +74,27 @@ class RankingPolicy:
     """The outer controller's deterministic ranking policy μ(s) = high ⊙ softmax([m(s), 0]) in NumPy."""
 
     def __init__(self, params: dict):
+        """ValueError naming the problem when the layers do not chain into K − 1 logits or hold non-finite values."""
         self.layers = mlp_layers(params["mlp_state"])
         self.high = np.asarray(params["high"], np.float32)
         self.max_logit = None if params.get("max_logit") is None else float(params["max_logit"])
+        d = self.layers[0][0].shape[1] if self.layers else 0
+        for i, (w, b) in enumerate(self.layers):
+            if w.ndim != 2 or w.shape[1] != d or b.shape != (w.shape[0],):
+                raise ValueError(f"outer controller policy: layer {i} has shape {w.shape} / {b.shape} after width {d}")
+            if not (np.isfinite(w).all() and np.isfinite(b).all()):
+                raise ValueError(f"outer controller policy: layer {i} holds non-finite values")
+            d = w.shape[0]
+        if not self.layers or d != len(self.high) - 1:
+            raise ValueError(f"outer controller policy: {d} outputs, expected K − 1 = {len(self.high) - 1} logits")
+        self.context_dim = self.layers[0][0].shape[1]
 
     def __call__(self, context: np.ndarray) -> np.ndarray:
-        """Ranking utility weights [B, K] for request contexts [B, context_dim]."""
+        """Ranking utility weights [B, K] for request contexts [B, context_dim] (ValueError on another width)."""
+        if np.shape(context)[-1] != self.context_dim:
+            raise ValueError(
+                f"the policy reads {self.context_dim} context features, the request has {np.shape(context)[-1]}"
+            )
         m = mlp_forward(self.layers, context, np.tanh)
         if self.max_logit is not None:
             m = self.max_logit * np.tanh(m / self.max_logit)
@@ -104,4 +119,5 @@ def publish_outer_controller(store_prefix: str, mlp_state: dict | None, high=Non
             "high": np.asarray(high, np.float32).tolist(),
             "max_logit": None if max_logit is None else float(max_logit),
         }
+        RankingPolicy(params)  # a malformed policy is refused here, never published
     return ray.get(outer_controller_store(store_prefix).put.remote(params))

@@ -12,9 +12,10 @@ path) restores the algorithm with its learner, optimizer, baselines, KPI gate co
 and goes on from there.
 Optional: ``warm_start_trajectories`` (behaviour cloning on logged sessions before training),
 ``push_inner_reward_url`` (PUT the fitted inner-reward weights to that service at the end) and
-``serve_store_prefix`` (publish the trained policy to the recommend app with that ``store_prefix`` on the
-same cluster, a versioned hot update it serves with ``ranking_policy: outer_controller`` or an arm of that
-policy; ``actors.served_policies``).
+``serve_store_prefix`` (after do no harm's promotion check, publish the promoted policy — the trained one, or
+the start when training did not beat it — to the recommend app with that ``store_prefix`` on the same
+cluster, a versioned hot update it serves with ``ranking_policy: outer_controller`` or an arm of that policy;
+``actors.served_policies``).
 """
 
 from __future__ import annotations
@@ -69,9 +70,21 @@ def after(algo: OuterController, job: TrainJobConfig) -> None:
     if job.push_inner_reward_url and algo.last_batch is not None:
         state = push_inner_reward_weights(job.push_inner_reward_url, algo.inner_reward_weights(algo.last_batch))
         print(f"inner-reward weights → {job.push_inner_reward_url}: {json.dumps(state)}", flush=True)
-    if job.serve_store_prefix:
+    if job.serve_store_prefix:  # do no harm first: the trained policy, or the start if it is not better
+        promotion = algo.promote()
         ack = algo.publish_to_serve(job.serve_store_prefix)
-        print(f"outer controller policy → serving ({job.serve_store_prefix!r}): version {ack['version']}", flush=True)
+        print(
+            f"outer controller policy → serving ({job.serve_store_prefix!r}): version {ack['version']}, the "
+            f"{promotion['promoted']} policy (J {promotion['j_trained']:.3f} trained vs {promotion['j_start']:.3f} "
+            f"start, paired difference {promotion['difference']:+.3f} ± {promotion['half_width']:.3f})",
+            flush=True,
+        )
+        if not ack.get("readers_live"):
+            print(
+                f"warning: no recommend replica follows {job.serve_store_prefix!r} on this cluster (a typo, or a "
+                "job outside `ray job submit`?): published, but nothing serves it yet",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

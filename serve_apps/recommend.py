@@ -72,7 +72,8 @@ from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
-RANKING_POLICIES = ("held", "utility_agent", "outer_controller")  # who ranks requests without weights, outside arms
+# who ranks requests without weights outside an experiment (with one, every such request is in an arm)
+RANKING_POLICIES = ("held", "utility_agent", "outer_controller")
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
@@ -105,7 +106,8 @@ class RecommendResponse(BaseModel):
     # what was served, signed: hand it back with /feedback so any replica can score the slate
     served_record: str
     arm: dict[str, Any] | None = None  # the A/B arm: {"name", "policy", "version"} (None outside an experiment)
-    # who chose the ranking weights ("request", "held", "arm", "utility_agent", "outer_controller") and its version
+    # who chose the ranking weights and its version: "request", "held", "arm", "utility_agent", "outer_controller"
+    # or "stage_policy" (UNEX-RL's ranking-stage policy); "fallback" says why a configured policy was not used
     ranking_policy: dict[str, Any]
 
 
@@ -343,12 +345,12 @@ class RecommendService:
             request_id=uuid.uuid4().int & ((1 << 62) - 1),
         )
 
-    def _logged_context(self, req: RequestBatch, logged: dict | None) -> np.ndarray | None:
+    def _logged_context(self, req: RequestBatch, logged: dict | None, context=None) -> np.ndarray | None:
         """A Gaussian-logged request's observable context (ObservationSpec.context, as the agent and the
         learners see it), so weight policies can be learned from served traffic; None when nothing is logged."""
         if logged is None or "log_density" not in logged:
             return None
-        return self.obs_spec.context(self.ctx, req)[0]
+        return (self.obs_spec.context(self.ctx, req) if context is None else context)[0]
 
     def _shadow(self, arm, served: np.ndarray, logged: dict | None) -> dict | None:
         """Shadow mode, for an experiment's Gaussian-logged request while a candidate is in shadow: the
@@ -385,13 +387,20 @@ class RecommendService:
             if arm.policy == "weights":
                 arm_version, live = self.arm_weights[arm.name].current
                 source_version = arm_version
+        context = None  # the request's observable context, computed at most once
+        policy_fallback = None
         if source == "outer_controller":
             source_version, policy = self.outer_controller.current
-            if policy is None:  # nothing published yet: the ranking stage's held weights
+            if policy is not None:
+                context = self.obs_spec.context(self.ctx, req)
+                try:
+                    live = policy(context)[0]
+                    arm_version = source_version if arm is not None else None
+                except ValueError as e:  # a policy that does not fit this app's world: never take requests down
+                    policy_fallback = f"outer controller policy v{source_version} unusable ({e}): held weights served"
+                    policy = None
+            if policy is None:  # nothing (usable) published: the ranking stage's held weights
                 source, source_version = "held", None
-            else:
-                live = policy(self.obs_spec.context(self.ctx, req))[0]
-                arm_version = source_version if arm is not None else None
         # the agent's choice needs only the request context: ask for it now, await it before ranking
         ask_agent = source == "utility_agent" and self.utility_agent is not None
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
@@ -417,7 +426,9 @@ class RecommendService:
                 arm_version = source_version
         elif source == "utility_agent":  # the agent failed or is absent: the held weights served
             source = "held"
-        if source == "held":
+        if source == "held" and "ranking_policy" in versions:  # UNEX-RL's ranking-stage policy chose them
+            source, source_version = "stage_policy", versions["ranking_policy"]
+        elif source == "held":
             source_version = versions["ranking"]
         if source == "outer_controller":
             versions["outer_controller"] = source_version
@@ -431,7 +442,7 @@ class RecommendService:
             "weights": weights,
             "version": versions["ranking"],
             "propensity": 1.0 if choice is None else choice["propensity"],
-            "context": choice["context"] if choice is not None else self._logged_context(req, logged),
+            "context": choice["context"] if choice is not None else self._logged_context(req, logged, context),
             "weight_mean": None if logged is None else logged.get("mean"),
             "weight_log_density": None if logged is None else logged.get("log_density"),
             "arm": None if arm is None else self.experiment.arm_id(arm),
@@ -457,7 +468,8 @@ class RecommendService:
             else {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in logged.items()},
             served_record=self.served_record.seal(request_id, served),
             arm=None if arm is None else {"name": arm.name, "policy": arm.policy, "version": arm_version},
-            ranking_policy={"name": source, "version": source_version},
+            ranking_policy={"name": source, "version": source_version}
+            | ({"fallback": policy_fallback} if policy_fallback else {}),
         )
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=error_responses(403, 404, 410, 422, 503))
@@ -558,6 +570,8 @@ class RecommendService:
             if arm.name in self.arm_stores:
                 snap = await self.arm_stores[arm.name].get.remote()
                 held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
+            elif arm.policy == "outer_controller":  # its published policy's version (requests the held
+                held["version"] = self.outer_controller.current[0]  # weights served before are not pooled in)
             arms[arm.name] = held
         sink = getattr(self.events, "sink", None)
         if isinstance(sink, ParquetSink):
@@ -815,10 +829,8 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         if agent is None and any(a.policy == "utility_agent" for a in split.arms):
             raise ValueError("experiment arm with policy 'utility_agent' needs the utility_agent arg")
     ranking_policy = args.get("ranking_policy")
-    if ranking_policy not in (None, "held", "utility_agent", "outer_controller"):
-        raise ValueError(
-            f"ranking_policy must be 'held', 'utility_agent' or 'outer_controller', got {ranking_policy!r}"
-        )
+    if ranking_policy not in (None, *RANKING_POLICIES):
+        raise ValueError(f"ranking_policy must be one of {RANKING_POLICIES}, got {ranking_policy!r}")
     if ranking_policy == "utility_agent" and agent is None:
         raise ValueError("ranking_policy 'utility_agent' needs the utility_agent arg")
     return RecommendService.options(num_replicas=int(args.get("num_replicas", 1))).bind(

@@ -23,10 +23,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True, scope="module")
 def _end_what_a_module_left_running():
-    """Serve applications and named actors a test module created end with the module (param stores are
-    detached by design). Left running — a test that failed before its own cleanup, or one that has none —
-    they hold the session's logical CPUs (a Serve replica takes 0.25 of 4) until a later module's replicas
-    cannot be placed and its deployment waits out the test timeout."""
+    """Serve applications and the project's named actors (namespace "morl") a test module created end with the
+    module (param stores are detached by design). Left running — a test that failed before its own cleanup, or
+    one that has none — they hold the session's logical CPUs (a Serve replica takes 0.25 of 4) until a later
+    module's replicas cannot be placed and its deployment waits out the test timeout."""
     import ray
 
     def running():
@@ -49,7 +49,7 @@ def _end_what_a_module_left_running():
         for app in apps_after - apps_before:
             serve.delete(app)
     for namespace, name in actors_after - actors_before:
-        if namespace == "serve":  # Serve's controller, proxies and replicas: serve.delete / serve.shutdown own them
+        if namespace != "morl":  # only the project's own (actors.param_store); Serve's and Ray Data's stay
             continue
         try:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

@@ -123,7 +123,7 @@ class DailyCycle:
             "objective_scale": None,
             "live": {"weights": list(self.cfg.start_weights), "version": None},
             "shadow": None,  # the candidate in shadow: {"weights", "day"}
-            "deployed": None,  # the fingerprint of the apps' import paths and args as last deployed
+            "deployed": None,  # {"fingerprint" of the apps' import paths and args, "deployed_at" per app}
         }
 
     def _save_state(self) -> None:
@@ -170,14 +170,18 @@ class DailyCycle:
         self.apps = list(apps)
         fingerprint = hashlib.sha256(json.dumps(apps, sort_keys=True, default=str).encode()).hexdigest()[:16]
         running = serve.status().applications
-        if self.state.get("deployed") == fingerprint and all(
-            name in running and running[name].status == "RUNNING" for name in apps
-        ):  # a resumed cycle whose apps outlived it: serving is not interrupted
+        live = {n: running[n].last_deployed_time_s for n in apps if n in running and running[n].status == "RUNNING"}
+        if self.state.get("deployed") == {"fingerprint": fingerprint, "deployed_at": live}:
+            # a resumed cycle whose own deployment (same args, same deploy times: nobody redeployed since)
+            # outlived it: serving is not interrupted
             self.log("serving: the applications this cycle deployed are still running; reused")
         else:
             for name, (path, args, route) in apps.items():  # the inner reward first: recommend looks it up
                 serve.run(import_app(path)(args), name=name, route_prefix=route)
-            self.state["deployed"] = fingerprint
+            running = serve.status().applications
+            deployed_at = {n: running[n].last_deployed_time_s for n in apps}
+            self.state["deployed"] = {"fingerprint": fingerprint, "deployed_at": deployed_at}
+            self._save_state()
         self._restore_live()
 
     def undeploy(self) -> None:

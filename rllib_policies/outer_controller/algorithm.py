@@ -608,9 +608,10 @@ class OuterController(AlgorithmBase):
         return self.last_promotion
 
     def publish_to_serve(self, store_prefix: str) -> dict:
-        """Serve the promoted policy: μ(s) (m(s)'s MLP, ``high``, ``max_logit``) as a new version of the outer
-        controller's store that every recommend replica of ``store_prefix`` follows
-        (``actors.served_policies``); ``store.rollback`` restores the previous version. Returns the ack."""
+        """Serve the learners' current policy (after ``promote``: the promoted one) — μ(s) (m(s)'s MLP, ``high``,
+        ``max_logit``) — as a new version of the outer controller's store that every recommend replica of
+        ``store_prefix`` follows (``actors.served_policies``); ``store.rollback`` restores the previous version.
+        Returns the store's ack (``readers_live``: the replicas following it)."""
         module = self.inference_module()
         state = {k: v.detach().numpy() for k, v in module.pi.state_dict().items()}
         return publish_outer_controller(store_prefix, state, module.high.numpy(), module.max_logit)

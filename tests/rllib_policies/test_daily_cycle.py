@@ -16,7 +16,7 @@ from rllib_policies.daily_cycle import DailyCycleConfig, gate, kl_to, monitor, t
 from rllib_policies.daily_cycle.gate import scale_free, served_policy
 from rllib_policies.ope import LoggedBandit
 from tests.conftest import free_port
-from tests.ray_jobs import submit
+from tests.ray_jobs import delete_serve_apps, submit
 
 SIGMA = 0.3
 LIVE = np.array([1.0, 1.0, 10.0])
@@ -239,7 +239,11 @@ def test_a_real_job_submission_runs_the_cycle(ray_head, tmp_path):
     env, address, _ = ray_head
     config = tmp_path / "cycle.yaml"
     config.write_text(JOB_CONFIG.format(storage=tmp_path / "cycle", port=free_port()))
-    logs = submit(env, address, "python", "-m", "rllib_policies.daily_cycle", "--config", str(config), timeout_s=600)
+    try:
+        entrypoint = ("python", "-m", "rllib_policies.daily_cycle", "--config", str(config))
+        logs = submit(env, address, *entrypoint, timeout_s=600)
+    finally:
+        delete_serve_apps(address)  # the job's apps outlive it (by design): the next job tests run alone
     assert "day  0 |" in logs and "done: 1 day(s)" in logs, logs[-3000:]
     assert json.loads((tmp_path / "cycle" / "state.json").read_text())["next_day"] == 1
     assert json.loads((tmp_path / "cycle" / "days" / "day_000.json").read_text())["traffic"]["requests"] > 12

@@ -271,3 +271,22 @@ def test_the_served_numpy_policy_is_the_modules_mean(max_logit):
     served = RankingPolicy({"mlp_state": state, "high": module.high.numpy(), "max_logit": max_logit})(obs.numpy())
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
     assert np.ptp(served, axis=0).max() > 0.1
+
+
+def test_the_trained_policy_is_published_as_the_serving_store_serves_it(trained):
+    """publish_to_serve: a new version of the outer controller's store whose NumPy policy is the learners' μ(s);
+    a second publication and a rollback move the version as the recommend replicas would follow it."""
+    import ray
+
+    from actors.served_policies import RankingPolicy, outer_controller_store
+
+    algo = trained[0]
+    prefix = f"oc_pub_{uuid.uuid4().hex[:8]}"
+    first = algo.publish_to_serve(prefix)
+    store = outer_controller_store(prefix)
+    obs = algo.last_batch.obs[:32]
+    served = RankingPolicy(ray.get(store.get.remote()).params)(obs)
+    np.testing.assert_allclose(served, algo.policy_mean(obs), rtol=1e-5, atol=1e-6)
+    second = algo.publish_to_serve(prefix)
+    assert second["version"] == first["version"] + 1
+    assert ray.get(store.rollback.remote())["restored_version"] == first["version"]
