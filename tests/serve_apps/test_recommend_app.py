@@ -242,3 +242,25 @@ def test_the_outer_controller_policy_serves_hot_and_rolls_back(client):
     while client.post("/recommend", json={"user_id": 3}).json()["ranking_policy"]["name"] != "held":
         assert time.monotonic() < deadline, "the rollback never reached the replicas"
         time.sleep(0.2)
+
+
+def test_a_ranking_stage_policy_is_named_as_the_weights_source(client):
+    """With nothing else choosing the ranking weights, UNEX-RL's ranking-stage policy does, and the response
+    says so (``stage_policy`` at its version), not ``held``."""
+    from actors.cascade import Pipeline
+    from actors.served_policies import publish_stage_policy
+    from actors.stages import STAGE_ACTION_HIGH
+
+    assert client.post("/recommend", json={"user_id": 3}).json()["ranking_policy"]["name"] == "held"
+
+    dim = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"])).spec.dim
+    rng = np.random.default_rng(1)
+    state = {"0.weight": rng.normal(0, 0.3, (8, dim)), "0.bias": np.zeros(8), "2.weight": rng.normal(0, 0.5, (3, 8))}
+    state["2.bias"] = np.zeros(3)
+    ack = publish_stage_policy(client.store_prefix, "ranking", state, STAGE_ACTION_HIGH["ranking"])
+    try:
+        body = client.post("/recommend", json={"user_id": 3}).json()
+        assert body["versions"]["ranking_policy"] == ack["version"]
+        assert body["ranking_policy"] == {"name": "stage_policy", "version": ack["version"]}
+    finally:
+        publish_stage_policy(client.store_prefix, "ranking", None)
