@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
+from scipy.special import softmax
 
 from actors.param_store import get_or_create_store
 
@@ -98,9 +99,8 @@ class RankingPolicy:
         m = mlp_forward(self.layers, context, np.tanh)
         if self.max_logit is not None:
             m = self.max_logit * np.tanh(m / self.max_logit)
-        z = np.concatenate([m, np.zeros_like(m[:, :1])], axis=1)
-        x = np.exp(z - z.max(axis=1, keepdims=True))
-        return (self.high * x / x.sum(axis=1, keepdims=True)).astype(np.float32)
+        x = softmax(np.concatenate([m, np.zeros_like(m[:, :1])], axis=1), axis=1)
+        return (self.high * x).astype(np.float32)
 
 
 def outer_controller_store(store_prefix: str):

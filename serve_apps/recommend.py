@@ -24,8 +24,8 @@
   (``weight_log_density``) next to the served ``utility_weights``
 
 Whoever chose a request's ranking weights (the request itself, the held parameters, an arm's weights, the
-utility agent or the outer controller) and that policy's version are in the response (``ranking_policy``) and
-in every event (``ranking_policy``, ``ranking_policy_version``).
+utility agent, the outer controller or UNEX-RL's ranking-stage policy) and that policy's version are in the
+response (``ranking_policy``) and in every event (``ranking_policy``, ``ranking_policy_version``).
 
 Every /feedback emits one served-item event per slate position (what /recommend served plus the
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
