@@ -17,8 +17,8 @@ finite scalars to TensorBoard under ``checkpoint_dir/tensorboard``, and checkpoi
 (or a checkpoint path) restores the algorithm with everything it saved and finishes the plan.
 
 Artifacts outlive the job: ``job_main`` resolves every artifact path (``checkpoint_dir``, ``out_dir``,
-``events_root``) with ``storage.resolve(path, job.storage)``, so a relative path lands under the storage root
-(``storage``, else ``$MORL_STORAGE``, else ``~/morl-runs``; a local path or any ``pyarrow.fs`` URI such as
+``events_root``, ``dataset``) with ``storage.resolve(path, job.storage)``, so a relative path lands under the
+storage root (``storage``, else ``$MORL_STORAGE``, else ``~/morl-runs``; a local path or any ``pyarrow.fs`` URI such as
 ``s3://bucket/prefix``), never in the job's temporary working directory. Checkpoints and ``--resume latest``
 work on URIs; TensorBoard is local only: with a URI ``checkpoint_dir`` its events go to
 ``storage.mirror(checkpoint_dir)/tensorboard`` on the driver's node.
@@ -51,7 +51,7 @@ from tensorboardX import SummaryWriter
 from rllib_policies import storage
 
 J = TypeVar("J", bound="JobConfig")
-ARTIFACT_FIELDS = ("checkpoint_dir", "out_dir", "events_root")  # resolved under the storage root
+ARTIFACT_FIELDS = ("checkpoint_dir", "out_dir", "events_root", "dataset")  # resolved under the storage root
 CHECKPOINT_NAME = re.compile(r"^iter_\d{6}$")
 
 

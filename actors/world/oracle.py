@@ -34,7 +34,7 @@ logged rewards under uniform logging over its grid, which also holds the respons
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import product
 
 import numpy as np
@@ -44,10 +44,10 @@ from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, ran
 
 from .entities import COHORTS, seed_sequence
 from .metrics import dcg, mean_ci
-from .world import Sessions
+from .world import Response, Sessions
 
 KPIS = ("clicks", "long_views", "purchases", "revenue", "ndcg")  # exact per-request objectives
-SESSION_KPIS = ("ndcg", "return", "revenue")  # per-session KPIs of the simulated objective J
+SESSION_KPIS = ("ndcg", "return", "revenue", "inner_return")  # per-session KPIs of the simulated objective J
 STATE_ID_BASE = 1_000_000_000  # request ids of sampled states (key the stages' noise)
 SESSION_ID_BASE = 2_000_000_000  # request ids of simulated sessions: base + session · max_requests + step
 LEVELS = ("static", "cohort", "user", "request")
@@ -482,7 +482,8 @@ def oracle(pipeline: Pipeline, states: RequestStates, family: Family, objectives
 @dataclass(frozen=True)
 class SessionObjective:
     """J = Σ_k w_k·KPI_k per session: "ndcg" (mean NDCG@10 over the session's requests), "return"
-    (P(next-day return) at the session's end), "revenue" (expected revenue of the session's slates)."""
+    (P(next-day return) at the session's end), "revenue" (expected revenue of the session's slates),
+    "inner_return" (Σ_t of the slates' inner rewards: the fusion-ranking MDP's return)."""
 
     kpi_weights: dict = field(default_factory=lambda: {"ndcg": 1.0, "return": 1.0, "revenue": 0.3})
 
@@ -500,7 +501,7 @@ def simulate_sessions(
 ) -> dict[str, np.ndarray]:
     """Whole sessions of ``users`` [n], session i served with action ``actions[i]`` of ``family``
     (``session_kpis``: common random numbers, per-session "ndcg", "return", "revenue", "clicks", "usage",
-    "requests")."""
+    "requests", "inner_return")."""
     params = family.params(np.asarray(actions))
     return session_kpis(pipeline, lambda req, act: {s: p[act] for s, p in params.items()}, users, seed)
 
@@ -513,14 +514,18 @@ def session_kpis(pipeline: Pipeline, params_of, users: np.ndarray, seed: int = 0
     n sessions (active or not) and session i's stage noise from request id SESSION_ID_BASE + i·max_requests + t,
     so two settings differ only where their slates differ. Per session: "ndcg" (mean over its requests),
     "return" (P(next-day return) at its end: the exact conditional expectation, not the draw), "revenue" and
-    "clicks" (Σ of the exact expectations over its slates), "usage" (Σ dwell seconds drawn), "requests".
+    "clicks" (Σ of the exact expectations over its slates), "usage" (Σ dwell seconds drawn), "requests",
+    "inner_return" (Σ over its slates of the drawn slate's inner reward, ``actors.simulate.inner_rewards``).
     """
+    from actors.simulate import inner_rewards  # actors.simulate imports actors.world
+
+
     world, cfg = pipeline.world, pipeline.world.config
     users = np.asarray(users)
     n = len(users)
     sessions: Sessions = world.start_sessions(users, pipeline.config.history_len)
     ideal = dcg(world.ideal_relevance(sessions.user, 10), 10)
-    ndcg_sum, revenue, clicks, p_return = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    ndcg_sum, revenue, clicks, p_return, inner = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for t in range(cfg.max_requests):
         act = np.flatnonzero(sessions.active)
         if len(act) == 0:
@@ -539,6 +544,8 @@ def session_kpis(pipeline: Pipeline, params_of, users: np.ndarray, seed: int = 0
         revenue[act] += expected["revenue"].sum(axis=1)
         clicks[act] += expected["clicks"].sum(axis=1)
         resp = world.step(sessions, slates, seed_sequence(seed, "oracle-sessions", t))
+        served = Response(*(getattr(resp, f.name)[act] for f in fields(Response)))
+        inner[act] += inner_rewards(pipeline.ctx, sessions.user[act], rec.slate, served)[1]
         ndcg_sum[act] += np.divide(
             dcg(resp.relevance[act], 10), ideal[act], out=np.zeros(len(act)), where=ideal[act] > 0
         )
@@ -551,6 +558,7 @@ def session_kpis(pipeline: Pipeline, params_of, users: np.ndarray, seed: int = 0
         "clicks": clicks,
         "usage": sessions.dwell_s.astype(np.float64),
         "requests": sessions.requests.astype(np.float64),
+        "inner_return": inner,
     }
 
 

@@ -22,12 +22,15 @@ DAY_US = 86_400 * 10**6
 
 
 def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
-    """w = base·exp(noise·ε), ε ~ N(0, I): returns (sample(rng, B) → (w [B, 3], density [B]))."""
-    base = DEFAULT_PARAMS["ranking"] if base is None else np.asarray(base, np.float32)
+    """w = base·exp(noise·ε), ε ~ N(0, I): returns (sample(rng, req) → (w [B, 3], density [B])) for the
+    B requests of ``req``; ``base`` [3] (one vector) or a function req → [B, 3] (per request)."""
+    base = DEFAULT_PARAMS["ranking"] if base is None else base
 
-    def sample(rng: np.random.Generator, b: int):
-        eps = rng.standard_normal((b, len(base)))
-        w = (base * np.exp(noise * eps)).astype(np.float32)
+    def sample(rng: np.random.Generator, req):
+        b = len(req.user)
+        mean = np.asarray(base(req) if callable(base) else np.broadcast_to(base, (b, 3)), np.float32)
+        eps = rng.standard_normal((b, 3))
+        w = (mean * np.exp(noise * eps)).astype(np.float32)
         density = np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * noise * w), axis=1)
         return w, density.astype(np.float32)
 
@@ -35,11 +38,20 @@ def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
 
 
 def simulate_logs(
-    env_config: dict, events_root: str, days: int = 3, users_per_day: int = 200, noise: float = 0.3, seed: int = 0
+    env_config: dict,
+    events_root: str,
+    days: int = 3,
+    users_per_day: int = 200,
+    noise: float = 0.3,
+    seed: int = 0,
+    behaviour=None,
 ) -> dict:
-    """Serve ``days`` of sessions with the log-normal behaviour policy and write their events."""
+    """Serve ``days`` of sessions with a behaviour policy and write their events. ``behaviour``:
+    sample(rng, req) → (weights [B, 3], density [B]); default the log-normal one around the default
+    weights with ``noise``."""
     world, pipeline = build_world(env_config)
-    sink, behaviour = ParquetSink(events_root, n_buckets=4), lognormal_behaviour(noise)
+    sink = ParquetSink(events_root, n_buckets=4)
+    behaviour = behaviour or lognormal_behaviour(noise)
     rng = seed_sequence(seed, "logs")
     returners = np.array([], np.int64)
     n_events = n_sessions = 0
@@ -51,7 +63,7 @@ def simulate_logs(
         batches, served = [], {}
 
         def policy(world_, pipeline_, req, rng_, served=served):  # this day's dicts (bound, not looked up later)
-            w, density = behaviour(rng, len(req.user))
+            w, density = behaviour(rng, req)
             rec = pipeline_.recommend(req, {"ranking": w})
             served[req.request_id] = (w, density, rec.predictions, pipeline_.context(req))
             return rec.slate

@@ -1,0 +1,229 @@
+"""The fusion-ranking MDP (seed: RL in recommendation) and its three logged datasets.
+
+MDP (``rllib_policies.envs.SessionEnv`` is the same MDP online):
+    state   s_t = the request context (``ObservationSpec.context``: user tower, history, cohort, step, clicks)
+    action  a_t = the ranking utility weights (w_click, w_long_view, w_purchase) ∈ [0, a_max]
+    reward  r_t = the served slate's inner reward (its relevance term: the retrieval towers' similarity)
+    end     the session's end terminates; revenue and next-day return close later (trajectory rows)
+    value   V(π) = E[Σ_t r_t] per session (γ = 1: sessions end, ~6 requests), measured on the simulator by
+            ``true_value`` (the oracle's session loop, common random numbers)
+
+Datasets, each served by a behaviour policy μ through the telemetry path (served-item events → ParquetSink →
+``sessionise`` → trajectory rows → ``offline_rows``: one transition per request, RLlib's offline columns):
+    exploratory  a ~ Uniform[0, a_max]³                                      the seed's "final buffer"
+    concurrent   a = a_default·exp(0.3·ε)                                     limited exploration around the default
+    imitation    a = expert(s)·exp(0.05·ε), expert = the oracle's best static  expert actions only
+                 weights per cohort (floored at 2 % of their largest entry)
+ε ~ N(0, I); each row logs μ's density at its action (``action_logp``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from actors.cascade import Pipeline, build_world
+from actors.stages import DEFAULT_PARAMS, RANKING_ACTION_HIGH
+from actors.telemetry.sessionise import sessionise_dataset
+from actors.world import seed_sequence
+from actors.world.oracle import (
+    Family,
+    SessionObjective,
+    head_means,
+    ranking_grid,
+    sample_states,
+    session_headroom,
+    simulate_policy_sessions,
+    static_policy,
+)
+from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
+
+DATASETS = ("exploratory", "concurrent", "imitation")
+OBJECTIVE = SessionObjective({"inner_return": 1.0})  # V(π): the inner reward summed over the session
+CONCURRENT_NOISE = 0.3
+IMITATION_NOISE = 0.05
+EXPERT_FLOOR = 0.02
+
+# RLlib's offline columns (single agent), plus the behaviour's log-density and the session's KPIs
+OFFLINE_SCHEMA = pa.schema(
+    [
+        ("eps_id", pa.string()),
+        ("t", pa.int64()),
+        ("obs", pa.list_(pa.float32())),
+        ("actions", pa.list_(pa.float32())),
+        ("rewards", pa.float32()),
+        ("new_obs", pa.list_(pa.float32())),
+        ("terminateds", pa.bool_()),
+        ("truncateds", pa.bool_()),
+        ("action_logp", pa.float32()),
+    ]
+)
+
+
+def uniform_behaviour(high: np.ndarray = RANKING_ACTION_HIGH):
+    """a ~ Uniform[0, high]: sample(rng, req) → (weights [B, 3], density [B] = 1 / Π high)."""
+    high = np.asarray(high, np.float32)
+
+    def sample(rng: np.random.Generator, req):
+        b = len(req.user)
+        return (rng.random((b, len(high))) * high).astype(np.float32), np.full(b, 1 / high.prod(), np.float32)
+
+    return sample
+
+
+@dataclass(frozen=True)
+class Expert:
+    """The oracle's best static ranking weights per cohort for V (``session_headroom`` over a simplex grid)."""
+
+    cohort_weights: np.ndarray  # [n_cohorts, 3]
+    static_weights: np.ndarray  # [3]: the best single vector for everyone
+
+    def __call__(self, pipeline: Pipeline):
+        """expert(req) → weights [B, 3] of each request's cohort."""
+        cohort = pipeline.world.users.cohort
+        return lambda req: self.cohort_weights[cohort[req.user]]
+
+
+def oracle_expert(pipeline: Pipeline, resolution: int = 4, n_sessions: int = 300, seed: int = 0) -> Expert:
+    """The best static and per-cohort weights for V on a resolution-``resolution`` simplex grid of the heads'
+    contribution shares plus the default weights (``actors.world.oracle``), floored at ``EXPERT_FLOOR`` of each
+    vector's largest entry so a log-normal jitter around them has a density everywhere."""
+    scale = head_means(pipeline, sample_states(pipeline, 200, 2, seed=seed))
+    family, _ = Family.ranking(ranking_grid(resolution, scale)).with_action(DEFAULT_PARAMS["ranking"])
+    h = session_headroom(pipeline, family, OBJECTIVE, n_sessions, seed)
+    grid = family.stage_grid("ranking")
+
+    def floored(w):
+        w = np.asarray(w, np.float32)
+        return np.maximum(w, EXPERT_FLOOR * w.max())
+
+    cohorts = np.stack([floored(grid[a]) for a in h.cohort_actions.values()])
+    return Expert(cohorts, floored(grid[h.static_action]))
+
+
+def behaviour(kind: str, pipeline: Pipeline, expert: Expert | None = None):
+    """The behaviour policy μ of dataset ``kind`` (module docstring): sample(rng, req) → (weights, density)."""
+    if kind == "exploratory":
+        return uniform_behaviour()
+    if kind == "concurrent":
+        return lognormal_behaviour(CONCURRENT_NOISE, DEFAULT_PARAMS["ranking"])
+    if kind == "imitation":
+        if expert is None:
+            raise ValueError("the imitation dataset needs the oracle's expert (oracle_expert)")
+        return lognormal_behaviour(IMITATION_NOISE, expert(pipeline))
+    raise ValueError(f"unknown dataset {kind!r}; choose from {DATASETS}")
+
+
+def offline_rows(trajectories: pa.Table) -> pa.Table:
+    """Trajectory rows (``actors.telemetry`` TRAJECTORY_SCHEMA, with logged observations) → one transition
+    per request in RLlib's offline columns (``OFFLINE_SCHEMA``): the last step of a session is terminated
+    and its ``new_obs`` repeats its ``obs`` (never bootstrapped). Rows whose observations were not logged, or
+    windows that do not hold a whole session, are errors naming the session."""
+    cols = {name: [] for name in OFFLINE_SCHEMA.names}
+    for row in trajectories.select(
+        ["session_id", "first_step", "n_steps", "session_steps", "observations", "actions", "rewards", "propensities"]
+    ).to_pylist():
+        sid, n = row["session_id"], row["n_steps"]
+        if row["first_step"] != 0 or n != row["session_steps"]:
+            raise ValueError(
+                f"session {sid}: window of steps {row['first_step']}..{row['first_step'] + n} of "
+                f"{row['session_steps']}; offline rows need whole sessions (raise the sessioniser's max_steps)"
+            )
+        obs = row["observations"]
+        if obs is None or any(o is None for o in obs):
+            raise ValueError(f"session {sid}: observations not logged (serve with context logging on)")
+        cols["eps_id"] += [sid] * n
+        cols["t"] += list(range(n))
+        cols["obs"] += obs
+        cols["new_obs"] += obs[1:] + obs[-1:]
+        cols["actions"] += row["actions"]
+        cols["rewards"] += row["rewards"]
+        cols["terminateds"] += [False] * (n - 1) + [True]
+        cols["truncateds"] += [False] * n
+        cols["action_logp"] += np.log(np.maximum(np.asarray(row["propensities"], np.float64), 1e-30)).tolist()
+    return pa.table(cols, schema=OFFLINE_SCHEMA)
+
+
+def write_dataset(
+    kind: str,
+    env_config: dict,
+    out_dir: str,
+    days: int = 2,
+    users_per_day: int = 500,
+    seed: int = 0,
+    expert: Expert | None = None,
+) -> dict:
+    """Serve ``days`` × ``users_per_day`` sessions with dataset ``kind``'s behaviour policy, log their events
+    through the telemetry sink (``<out_dir>/events``), sessionise them with the Ray Data job
+    (``<out_dir>/trajectories``) and write the transitions (``<out_dir>/rows.parquet``). Needs Ray."""
+    _, pipeline = build_world(env_config)
+    events = os.path.join(out_dir, "events")
+    logged = simulate_logs(
+        env_config, events, days, users_per_day, seed=seed, behaviour=behaviour(kind, pipeline, expert)
+    )
+    trajectories = sessionise_dataset(events, os.path.join(out_dir, "trajectories")).to_arrow_refs()
+    table = pa.concat_tables([t for t in ray.get(trajectories) if t.num_rows])
+    rows = offline_rows(table)
+    path = os.path.join(out_dir, "rows.parquet")
+    pq.write_table(rows, path)
+    return {**logged, "dataset": kind, "transitions": rows.num_rows, "path": path}
+
+
+def read_rows(path: str) -> dict[str, np.ndarray]:
+    """A dataset's transitions as NumPy columns (obs [N, d], actions [N, 3], rewards [N], new_obs, terminateds,
+    eps_id, t, action_logp), through Ray Data when Ray is up, else pyarrow."""
+    if ray.is_initialized():
+        # a quarter CPU per read task: whole-CPU reads wait behind other jobs' actors on a small Ray (hangs)
+        table = pa.concat_tables(ray.get(ray.data.read_parquet(path, num_cpus=0.25).to_arrow_refs()))
+    else:
+        table = pq.read_table(path)
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_list(col.type):
+            out[name] = np.asarray(col.to_pylist(), np.float32)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def support_fraction(weights: np.ndarray, logged: np.ndarray, radius: float = 0.1) -> float:
+    """The share of policy actions [B, 3] within ``radius`` (unit-cube max-norm) of some logged action [N, 3]."""
+    a = np.asarray(weights) / RANKING_ACTION_HIGH
+    b = np.asarray(logged) / RANKING_ACTION_HIGH
+    near = np.zeros(len(a), bool)
+    for start in range(0, len(b), 4096):
+        d = np.abs(a[:, None, :] - b[None, start : start + 4096, :]).max(-1)
+        near |= (d <= radius).any(1)
+    return float(near.mean())
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+def eval_users(pipeline: Pipeline, n: int = 400, seed: int = 7) -> np.ndarray:
+    """The fixed evaluation users every policy's true value is measured on."""
+    return seed_sequence(seed, "offline-eval-users").integers(0, pipeline.world.users.n, n)
+
+
+def true_value(pipeline: Pipeline, policy, users: np.ndarray, seed: int = 7) -> np.ndarray:
+    """V(π) per session [n]: Σ_t r_t of whole simulated sessions of ``users`` served by ``policy(obs [B, d]) →
+    weights [B, 3]`` (or one static weight vector [3]), common random numbers (``simulate_policy_sessions``)."""
+    if callable(policy):
+        served = lambda req: {"ranking": np.asarray(policy(pipeline.context(req)), np.float32)}  # noqa: E731
+    else:
+        served = static_policy("ranking", policy)
+    return simulate_policy_sessions(pipeline, served, users, seed)["inner_return"]
+
+
+def behaviour_value(
+    kind: str, pipeline: Pipeline, users: np.ndarray, expert: Expert | None = None, seed: int = 7
+) -> np.ndarray:
+    """V(μ) per session [n] of dataset ``kind``'s (stochastic) behaviour policy on ``users`` (its draws seeded)."""
+    sample, rng = behaviour(kind, pipeline, expert), seed_sequence(seed, "behaviour-value", kind)
+    served = lambda req: {"ranking": sample(rng, req)[0]}  # noqa: E731
+    return simulate_policy_sessions(pipeline, served, users, seed)["inner_return"]

@@ -1,0 +1,109 @@
+"""TD3 trained offline (Fujimoto et al. 2018): the unconstrained baseline that should fail.
+
+Per minibatch of logged transitions (s, ā, r, s', done), ā = a / a_max:
+
+critics   ã' = clip(μ'(s') + clip(N(0, σ̃²), −c, c), 0, 1)                  target policy smoothing
+          y  = r + γ·(1 − done)·min(Q¹'(s', ã'), Q²'(s', ã'))                clipped double-Q
+          L_Q = mean (Q¹(s, ā) − y)² + mean (Q²(s, ā) − y)²
+actor     every ``policy_delay``-th step: L_μ = −mean Q¹(s, μ(s))             (critics frozen)
+targets   θ' ← τ·θ + (1 − τ)·θ' after every step
+
+Nothing keeps μ(s) near the logged actions: where the data hold no action, Q¹ extrapolates and the actor
+climbs the extrapolation (the seed's "inference error"; d3rlpy's TD3 on D4RL).
+
+    algo = (TD3Config().environment(SessionEnv, env_config=…)
+            .offline_rl(dataset="…/rows.parquet").td3(policy_delay=2).build_algo())
+    algo.train()["offline"]["q_estimate"];  algo.policy_weights(obs)
+"""
+
+from __future__ import annotations
+
+import torch
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from rllib_policies.algorithm_base import set_provided
+from rllib_policies.building_blocks import mlp
+
+from .common import OfflineActorCritic, OfflineActorCriticModule, OfflineConfig, OfflineLearner
+
+
+class TD3Config(OfflineConfig):
+    """AlgorithmConfig for offline TD3; ``.td3(...)`` sets its own options."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or TD3)
+        self.policy_delay = 2
+        self.target_noise = 0.2
+        self.target_noise_clip = 0.5
+
+    @property
+    def default_learner_class(self):
+        return TD3Learner
+
+    def td3(
+        self,
+        *,
+        policy_delay: int = NotProvided,
+        target_noise: float = NotProvided,
+        target_noise_clip: float = NotProvided,
+    ) -> TD3Config:
+        """Sets TD3's own options.
+
+        Args:
+            policy_delay: One actor step every ``policy_delay`` critic steps.
+            target_noise: σ̃ of the target policy smoothing (unit-cube action units).
+            target_noise_clip: c, its clip.
+
+        Returns:
+            This updated AlgorithmConfig object.
+        """
+        return set_provided(self, locals())
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=TD3Module, model_config={"hidden": tuple(self.hidden)})
+
+
+class TD3Module(OfflineActorCriticModule):
+    """μ(s) = sigmoid(MLP(s)) ∈ [0, 1]³ and the twin critics."""
+
+    def setup_actor(self, d_obs: int, d_act: int, hidden: tuple[int, ...]) -> None:
+        self.actor = mlp(d_obs, hidden, d_act)
+
+    def act_unit(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
+        return torch.sigmoid((self.target_actor if target else self.actor)(obs))
+
+
+class TD3Learner(OfflineLearner):
+    def optimizers(self, module, config):
+        return [("critic", module.critic, config.lr), ("actor", module.actor, config.actor_lr)]
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        m, cfg = self.module[module_id].unwrapped(), self.config
+        obs, act, nxt = batch[Columns.OBS], batch[Columns.ACTIONS], batch[Columns.NEXT_OBS]
+        with torch.no_grad():
+            noise = (torch.randn_like(act) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
+            next_act = (m.act_unit(nxt, target=True) + noise).clamp(0.0, 1.0)
+            y = batch[Columns.REWARDS] + cfg.gamma * (1.0 - batch[Columns.TERMINATEDS]) * torch.minimum(
+                *m.target_critic(nxt, next_act)
+            )
+        q1, q2 = m.critic(obs, act)
+        critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+        actor_loss = torch.zeros((), device=obs.device)
+        if (self.steps + 1) % cfg.policy_delay == 0:
+            m.critic.requires_grad_(False)
+            try:
+                actor_loss = -m.critic(obs, m.act_unit(obs))[0].mean()
+            finally:
+                m.critic.requires_grad_(True)
+        self.metrics.log_dict(
+            {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(), "q_mean": q1.mean().item()},
+            key=module_id,
+            window=1,
+        )
+        return critic_loss + actor_loss
+
+
+class TD3(OfflineActorCritic):
+    config_class = TD3Config

@@ -1,0 +1,368 @@
+"""Offline RL for fusion ranking (rllib_policies.offline): the datasets' rows, each learner's mechanism on
+hand-built data (the CVAE reconstructs logged actions; BCQ's actions stay within the data's support where TD3's
+leave it; CQL's penalty lowers Q on actions the data never hold; the twin critics' targets take the minimum),
+the gate's estimators and bad inputs, and a CI-sized learning test on a tiny world."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actors.cascade import build_world
+from actors.stages import RANKING_ACTION_HIGH
+from actors.telemetry.sessionise import sessionise
+from actors.telemetry.sinks import read_parquet_events
+from rllib_policies.envs import SessionEnv
+from rllib_policies.offline.bcq import BCQConfig, ConditionalVAE
+from rllib_policies.offline.data import (
+    OFFLINE_SCHEMA,
+    behaviour,
+    eval_users,
+    offline_rows,
+    read_rows,
+    support_fraction,
+    true_value,
+)
+from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
+from rllib_policies.offline.shipped import ShippedOffline, to_weights, unit_rows
+from rllib_policies.offline.td3 import TD3Config
+from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
+
+TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
+D_OBS = 37  # the request context's width (ObservationSpec.context_dim)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+@pytest.fixture(scope="module")
+def concurrent_rows(tmp_path_factory):
+    """Concurrent-regime rows of one simulated day through the telemetry path (sink → sessionise → rows)."""
+    root = tmp_path_factory.mktemp("concurrent")
+    _, pipeline = build_world(TINY)
+    simulate_logs(TINY, str(root / "events"), days=1, users_per_day=40, behaviour=behaviour("concurrent", pipeline))
+    trajectories = sessionise(read_parquet_events(str(root / "events")))
+    path = str(root / "rows.parquet")
+    pq.write_table(offline_rows(trajectories), path)
+    return trajectories, path
+
+
+def test_offline_rows_are_one_transition_per_request(concurrent_rows):
+    trajectories, path = concurrent_rows
+    rows = read_rows(path)
+    assert pq.read_schema(path).names == OFFLINE_SCHEMA.names
+    assert len(rows["rewards"]) == sum(trajectories.column("n_steps").to_pylist())
+    s = Sessions.of(rows)
+    assert s.index.shape[0] == trajectories.num_rows
+    last = rows["terminateds"]
+    assert last.sum() == trajectories.num_rows  # one terminal step per session
+    # new_obs is the next step's obs within a session
+    cont = np.flatnonzero(~last)
+    np.testing.assert_array_equal(rows["new_obs"][cont], rows["obs"][cont + 1])
+    # the behaviour's log density is logged: log-normal around (1, 1, 10) with σ 0.3
+    w = rows["actions"]
+    eps = np.log(w / np.array([1.0, 1.0, 10.0]))
+    expected = (-0.5 * (eps / 0.3) ** 2 - np.log(np.sqrt(2 * np.pi) * 0.3 * w)).sum(1)
+    np.testing.assert_allclose(rows["action_logp"], expected, rtol=1e-4, atol=1e-3)
+
+
+def _trajectory(**overrides) -> pa.Table:
+    row = {
+        "session_id": "7-1",
+        "first_step": 0,
+        "n_steps": 2,
+        "session_steps": 2,
+        "observations": [[0.0] * 3, [1.0] * 3],
+        "actions": [[1.0, 1.0, 10.0]] * 2,
+        "rewards": [1.0, 2.0],
+        "propensities": [0.5, 0.5],
+        **overrides,
+    }
+    return pa.Table.from_pylist([row])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"first_step": 2, "session_steps": 4}, r"session 7-1: window of steps 2\.\.4 of 4; offline rows need whole"),
+        ({"session_steps": 5}, r"session 7-1: window of steps 0\.\.2 of 5"),
+        ({"observations": [[0.0] * 3, None]}, r"session 7-1: observations not logged"),
+        ({"observations": None}, r"session 7-1: observations not logged"),
+    ],
+)
+def test_offline_rows_refuse_what_is_not_a_whole_logged_session(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        offline_rows(_trajectory(**overrides))
+
+
+def test_behaviour_names_are_checked():
+    _, pipeline = build_world(TINY)
+    with pytest.raises(ValueError, match=r"unknown dataset 'random'; choose from \('exploratory'"):
+        behaviour("random", pipeline)
+    with pytest.raises(ValueError, match="the imitation dataset needs the oracle's expert"):
+        behaviour("imitation", pipeline)
+
+
+def test_support_fraction_counts_actions_near_logged_ones():
+    logged = np.array([[1.0, 1.0, 10.0]])
+    near, far = logged * 1.05, np.array([[2.0, 0.0, 40.0]])
+    assert support_fraction(np.concatenate([near, far]), logged) == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- hand-built data
+def hand_built_rows(path, n: int = 3000, seed: int = 0, one_step: bool = True) -> str:
+    """One-step sessions: obs ~ N(0, I) [37]; logged unit actions ā ∈ [0.35, 0.65]³ (a narrow support in the
+    middle of the box); reward = Σ ā + 0.1·noise — higher toward the box's far corner, which the data never hold."""
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, D_OBS)).astype(np.float32)
+    unit = rng.uniform(0.35, 0.65, (n, 3)).astype(np.float32)
+    reward = (unit.sum(1) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    table = pa.table(
+        {
+            "eps_id": [f"e{i}" for i in range(n)],
+            "t": np.zeros(n, np.int64),
+            "obs": pa.array(obs.tolist(), pa.list_(pa.float32())),
+            "actions": pa.array((unit * RANKING_ACTION_HIGH).tolist(), pa.list_(pa.float32())),
+            "rewards": reward,
+            "new_obs": pa.array(obs.tolist(), pa.list_(pa.float32())),
+            "terminateds": np.ones(n, bool),
+            "truncateds": np.zeros(n, bool),
+            "action_logp": np.full(n, float(-np.log(0.3**3 * RANKING_ACTION_HIGH.prod())), np.float32),
+        },
+        schema=OFFLINE_SCHEMA,
+    )
+    out = str(path / "rows.parquet")
+    pq.write_table(table, out)
+    return out
+
+
+def build_own(config_cls, rows_path: str, updates: int = 200, **options):
+    config = (
+        config_cls()
+        .environment(SessionEnv, env_config={**TINY, "seed": 0})
+        .offline_rl(dataset=rows_path, updates_per_iteration=updates, batch_size=128, hidden=(64, 64))
+        .debugging(seed=0, log_level="ERROR")
+    )
+    if options:
+        config = config.bcq(**options) if config_cls is BCQConfig else config.td3(**options)
+    return config.build_algo()
+
+
+def test_the_cvae_reconstructs_logged_actions():
+    """Actions that depend on the state (ā = sigmoid(s·v)): the decoder's reconstructions and its prior samples
+    come close to each state's logged action, far closer than the actions' own spread."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    obs = torch.as_tensor(rng.standard_normal((2000, 8)), dtype=torch.float32)
+    act = torch.sigmoid(obs[:, :3] * 2)
+    vae = ConditionalVAE(8, 3, (64, 64))
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    for _ in range(600):
+        i = torch.randint(0, 2000, (256,))
+        mean, log_std = vae.encode(obs[i], act[i])
+        z = mean + log_std.exp() * torch.randn_like(mean)
+        kl = (-0.5 * (1 + 2 * log_std - mean**2 - (2 * log_std).exp())).sum(-1).mean()
+        loss = ((vae.decode(obs[i], z) - act[i]) ** 2).sum(-1).mean() + 0.5 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        mean, _ = vae.encode(obs, act)
+        recon = ((vae.decode(obs, mean) - act) ** 2).sum(-1).mean()
+        prior = ((vae.decode(obs, torch.zeros(len(obs), 6)) - act) ** 2).sum(-1).mean()
+    spread = ((act - act.mean(0)) ** 2).sum(-1).mean()
+    assert recon < 0.1 * spread
+    assert prior < 0.2 * spread
+
+
+def test_bcq_stays_within_the_data_support_where_td3_leaves_it(ray_session, tmp_path):
+    path = hand_built_rows(tmp_path)
+    logged = read_rows(path)["actions"]
+    obs = np.random.default_rng(1).standard_normal((200, D_OBS)).astype(np.float32)
+    out = {}
+    for name, cls in (("td3", TD3Config), ("bcq", BCQConfig)):
+        algo = build_own(cls, path)
+        try:
+            for _ in range(3):
+                algo.train()
+            out[name] = algo.policy_weights(obs)
+        finally:
+            algo.stop()
+    unit = {k: v / RANKING_ACTION_HIGH for k, v in out.items()}
+    assert support_fraction(out["bcq"], logged, radius=0.1) >= 0.9
+    assert np.all(unit["bcq"] <= 0.65 + 0.05 + 1e-6)  # at most Φ beyond the generator's proposals
+    assert support_fraction(out["td3"], logged, radius=0.1) <= 0.1  # TD3 climbs the extrapolated Q
+    assert unit["td3"].mean() > 0.8
+
+
+def test_td3_and_bcq_targets_take_the_twin_critics_minimum(ray_session, tmp_path):
+    path = hand_built_rows(tmp_path, n=256)
+    rows = read_rows(path)
+    batch = {
+        "obs": torch.as_tensor(rows["obs"][:64]),
+        "actions": torch.as_tensor(rows["actions"][:64] / RANKING_ACTION_HIGH),
+        "rewards": torch.zeros(64),
+        "new_obs": torch.as_tensor(rows["obs"][:64]),
+        "terminateds": torch.zeros(64),
+    }
+    for cls, options in ((TD3Config, {"target_noise": 0.0}), (BCQConfig, {"lam": 1.0})):
+        algo = build_own(cls, path, updates=1, **options)
+        try:
+            learner = algo.learner_group._learner
+            module = learner.module["default_policy"].unwrapped()
+            with torch.no_grad():  # Q¹' ≡ 5, Q²' ≡ 3 (constant heads): the target must use 3
+                for head, value in ((module.target_critic.q1, 5.0), (module.target_critic.q2, 3.0)):
+                    head[-1].weight.zero_()
+                    head[-1].bias.fill_(value)
+                q1, q2 = module.critic(batch["obs"], batch["actions"])
+            loss = learner.compute_loss_for_module(module_id="default_policy", config=None, batch=batch, fwd_out={})
+            critic_part = learner.metrics.peek(("default_policy", "critic_loss"))
+            expected = float(((q1 - 3.0) ** 2).mean() + ((q2 - 3.0) ** 2).mean())
+            assert critic_part == pytest.approx(expected, rel=1e-4), cls.__name__
+            assert torch.isfinite(loss)
+        finally:
+            algo.stop()
+
+
+def test_cql_penalty_lowers_q_on_actions_the_data_never_hold(ray_session, tmp_path):
+    """RLlib's CQL against the same learner with its penalty off (min_q_weight 0): at the box's far corner —
+    higher reward by extrapolation, absent from the data — CQL's Q is lower, and below its Q at logged actions."""
+    path = hand_built_rows(tmp_path, n=2000)
+    obs = np.random.default_rng(2).standard_normal((100, D_OBS)).astype(np.float32)
+    corner = torch.full((100, 3), 0.95)
+    seen = torch.full((100, 3), 0.0)  # unit 0.5 → u = 0
+    q = {}
+    for weight in (5.0, 0.0):
+        learner = ShippedOffline("cql", path, D_OBS, seed=0, updates_per_iteration=60, batch_size=128, num_actions=4)
+        learner.algo.config._is_frozen = False
+        try:
+            learner.algo.learner_group._learner.config._is_frozen = False
+            learner.algo.learner_group._learner.config.min_q_weight = weight
+            for _ in range(2):
+                learner.train()
+            module, o = learner.module, torch.as_tensor(obs)
+            with torch.no_grad():
+                q[weight] = {
+                    "corner": float(module.compute_q_values({"obs": o, "actions": corner}).mean()),
+                    "seen": float(module.compute_q_values({"obs": o, "actions": seen}).mean()),
+                }
+        finally:
+            learner.stop()
+    assert q[5.0]["corner"] < q[0.0]["corner"] - 0.2
+    assert q[5.0]["corner"] < q[5.0]["seen"]
+
+
+def test_unit_rows_round_trip(tmp_path):
+    path = hand_built_rows(tmp_path, n=50)
+    unit = read_rows(unit_rows(path))["actions"]
+    assert unit.min() >= -1 and unit.max() <= 1
+    np.testing.assert_allclose(to_weights(unit), read_rows(path)["actions"], rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+def test_fqe_and_dr_recover_a_known_value_and_the_gate_holds_a_worse_policy(tmp_path):
+    """One-step data, reward = Σ ā: the policy ā ≡ 0.6 is worth 1.8, ā ≡ 0.4 is worth 1.2; the logs' own mean is
+    1.5. FQE and DR recover both values; the gate promotes the better policy and holds the worse one."""
+    rows = read_rows(hand_built_rows(tmp_path, n=3000))
+    for level, value in ((0.6, 1.8), (0.4, 1.2)):
+        policy = lambda obs, level=level: np.tile(level * RANKING_ACTION_HIGH, (len(obs), 1))  # noqa: E731
+        q = fitted_q(rows, policy, RANKING_ACTION_HIGH, steps=600, hidden=(64, 64))
+        dr = doubly_robust(rows, policy, q, RANKING_ACTION_HIGH, bandwidth=0.05)
+        assert dr.value == pytest.approx(value, abs=0.1)
+        decision = gate(rows, policy, RANKING_ACTION_HIGH, by="fqe", n_boot=3, steps=2000, hidden=(64, 64))
+        assert decision.fqe.value == pytest.approx(value, abs=0.1)
+        assert decision.live.value == pytest.approx(1.5, abs=0.02)
+        assert decision.promote == (value > 1.5), decision.reason
+
+
+def test_dr_abstains_when_the_policy_leaves_the_data():
+    rng = np.random.default_rng(0)
+    n = 500
+    rows = {
+        "eps_id": np.array([f"e{i}" for i in range(n)]),
+        "t": np.zeros(n, np.int64),
+        "obs": rng.standard_normal((n, 4)).astype(np.float32),
+        "actions": np.tile([1.0, 1.0, 20.0], (n, 1)).astype(np.float32),
+        "rewards": rng.random(n).astype(np.float32),
+        "terminateds": np.ones(n, bool),
+        "action_logp": np.zeros(n),
+    }
+    rows["new_obs"] = rows["obs"]
+    far = lambda obs: np.tile([2.0, 0.0, 0.0], (len(obs), 1))  # noqa: E731
+    zero_q = lambda obs, a: np.zeros(len(obs))  # noqa: E731
+    est = doubly_robust(rows, far, zero_q, RANKING_ACTION_HIGH, bandwidth=0.05)
+    assert est.abstained and "ESS" in est.reason and np.isnan(est.value)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda rows: gate(rows, None, RANKING_ACTION_HIGH, by="ips"), r"gate by must be 'dr' or 'fqe', got 'ips'"),
+        (lambda rows: Sessions.of({**rows, "t": rows["t"] + 1}), r"every session needs its step t = 0"),
+    ],
+)
+def test_gate_bad_input(call, match):
+    rows = {"eps_id": np.array(["a", "b"]), "t": np.zeros(2, np.int64)}
+    with pytest.raises(ValueError, match=match):
+        call(rows)
+
+
+def test_live_value_is_the_logged_mean_session_return():
+    rows = {
+        "eps_id": np.array(["a", "a", "b"]),
+        "t": np.array([0, 1, 0]),
+        "rewards": np.array([1.0, 2.0, 5.0]),
+    }
+    est = live_value(rows)
+    assert est.value == pytest.approx(4.0)
+    assert est.low < 4.0 < est.high
+
+
+@pytest.mark.parametrize(
+    "configure, match",
+    [
+        (lambda c: c, r"offline_rl\(dataset=…\) is required"),
+        (lambda c: c.offline_rl(dataset="x", batch_size=0), r"batch_size must be >= 1, got 0"),
+        (lambda c: c.offline_rl(dataset="x", tau=0.0), r"tau must be in \(0, 1\], got 0.0"),
+        (lambda c: c.offline_rl(dataset="x").bcq(action_flexibility=2.0), r"action_flexibility must be in \[0, 1\]"),
+        (lambda c: c.offline_rl(dataset="x").bcq(lam=-1.0), r"lam must be in \[0, 1\], got -1.0"),
+    ],
+)
+def test_bad_offline_configs_name_the_option(configure, match):
+    config = BCQConfig().environment(SessionEnv, env_config=TINY)
+    with pytest.raises(ValueError, match=match):
+        configure(config).validate()
+
+
+# ---------------------------------------------------------------------------------------------- learning test
+def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_session, tmp_path):
+    """A tiny world's logs from a two-mode behaviour (each user's mode fixed by an unobserved coin): half the
+    sessions ranked by long views only (the world's worst static corner), half by the default weights. Start =
+    the behaviour's value; oracle = the better mode's. BCQ trained on the logs closes ≥ 50 % of the gap by
+    choosing, in every state, the mode its critic prefers among the ones the data hold."""
+    _, pipeline = build_world(TINY)
+    bad, good = np.array([0.05, 1.0, 0.05], np.float32), np.array([1.0, 1.0, 10.0], np.float32)
+    modes = lognormal_behaviour(0.05, lambda req: np.where((req.user % 2 == 0)[:, None], bad, good))
+    simulate_logs(TINY, str(tmp_path / "events"), days=2, users_per_day=150, behaviour=modes)
+    path = str(tmp_path / "rows.parquet")
+    pq.write_table(offline_rows(sessionise(read_parquet_events(str(tmp_path / "events")))), path)
+    users = eval_users(pipeline, 300)
+    values = [true_value(pipeline, w, users).mean() for w in (bad, good)]
+    start, oracle = float(np.mean(values)), float(max(values))
+    algo = (
+        BCQConfig()
+        .environment(SessionEnv, env_config={**TINY, "seed": 0})
+        .offline_rl(dataset=path, updates_per_iteration=200, batch_size=128, hidden=(64, 64))
+        .debugging(seed=0, log_level="ERROR")
+        .build_algo()
+    )
+    try:
+        for _ in range(3):
+            algo.train()
+        trained = true_value(pipeline, algo.policy_weights, users).mean()
+    finally:
+        algo.stop()
+    gap = oracle - start
+    assert gap > 0.5
+    assert (trained - start) / gap >= 0.5, (start, oracle, trained)
