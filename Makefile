@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-cycle cycle train train-utility train-unex bootstrap serve serve-recommend clean
+.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-offline bench-cycle cycle train train-utility train-unex train-offline bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
@@ -53,6 +53,12 @@ cycle: bootstrap
 
 train-unex: bootstrap
 	$(PY) -m rllib_policies.train_unex_rl --config rllib_policies/configs/unex_rl.yaml
+
+bench-offline: bootstrap
+	$(PY) benchmarks/offline_rl.py --jobs 2
+
+train-offline: bootstrap
+	$(PY) -m rllib_policies.train_offline --config rllib_policies/configs/offline_bcq.yaml
 
 train-utility: bootstrap
 	$(PY) -m rllib_policies.train_utility_agent --config rllib_policies/configs/utility_agent.yaml

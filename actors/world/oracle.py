@@ -40,6 +40,7 @@ from itertools import product
 import numpy as np
 
 from actors.cascade import Pipeline, run_cascade
+from actors.simulate import inner_rewards
 from actors.stages import DEFAULT_PARAMS, PARAM_NAMES, STAGES, RequestBatch, ranking_predictions, stage_rng
 
 from .entities import COHORTS, seed_sequence
@@ -517,8 +518,6 @@ def session_kpis(pipeline: Pipeline, params_of, users: np.ndarray, seed: int = 0
     "clicks" (Σ of the exact expectations over its slates), "usage" (Σ dwell seconds drawn), "requests",
     "inner_return" (Σ over its slates of the drawn slate's inner reward, ``actors.simulate.inner_rewards``).
     """
-    from actors.simulate import inner_rewards  # actors.simulate imports actors.world
-
 
     world, cfg = pipeline.world, pipeline.world.config
     users = np.asarray(users)

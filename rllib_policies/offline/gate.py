@@ -15,7 +15,7 @@ units; Kallus & Zhou 2018):
                  + Σ_i w_{i,t−1}·V̂(s_{i,t}) / Σ_i w_{i,t−1} ]
 with w_{i,−1} = 1 and r, Q̂, V̂ = 0 past a session's end; its parts go to the OPE library
 (``rllib_policies.ope``): the ESS-corrected interval, and abstention when the sessions' effective number is
-too small to say anything.
+too small to say anything, or when the policy's actions lie outside the logs (mean first-step ratio ≪ 1).
 
 Gate: promote π iff lower(π) > V̂_live, V̂_live = the logged sessions' mean return (on-policy); the estimator
 named ``by`` ("dr" default, or "fqe") supplies the lower bound; an abstained estimate never promotes.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import stats
+from scipy.special import logsumexp
 
 from rllib_policies.building_blocks import mlp
 from rllib_policies.ope.intervals import AbstainRule, EssCorrected, Parts, kish_ess
@@ -140,8 +141,11 @@ def doubly_robust(
     bandwidth: float = 0.2,
     level: float = 0.95,
     abstain: AbstainRule = LOW_ESS,
+    min_coverage: float = 0.1,
 ) -> GateEstimate:
-    """V̂_WDR of ``policy`` with FQE's ``q`` as the model (module docstring), ESS-corrected interval."""
+    """V̂_WDR of ``policy`` with FQE's ``q`` as the model (module docstring), ESS-corrected interval; abstains when
+    the effective number of sessions is too small, or when the data cover less than ``min_coverage`` of the
+    kernel's mass around the policy's first actions (mean_i ρ_{i,0})."""
     s = Sessions.of(rows)
     high = np.asarray(high, np.float64)
     pi = np.asarray(policy(rows["obs"]), np.float64)
@@ -151,6 +155,12 @@ def doubly_robust(
     log_rho = log_kernel - log_mu
     alive = s.index >= 0
     at = np.maximum(s.index, 0)
+    # E_μ[ρ_0] = the share of the kernel's mass the data cover at the first step: ≈ 1 inside the support, ≈ 0 for a
+    # policy whose actions the logs never hold — which self-normalised weights alone cannot see (all equally tiny)
+    coverage = float(np.exp(logsumexp(log_rho[s.starts]) - np.log(len(s.starts))))
+    if coverage < min_coverage:
+        reason = f"the policy's actions lie outside the logged support (mean first-step kernel ratio {coverage:.3g})"
+        return GateEstimate(float("nan"), float("nan"), float("nan"), 0.0, True, reason)
     log_w = np.cumsum(np.where(alive, log_rho[at], 0.0), axis=1)  # [n, T]
     log_w -= log_w.max()  # scale-free: every term is self-normalised per step
     w = np.exp(log_w)

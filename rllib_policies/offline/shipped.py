@@ -16,6 +16,7 @@ differ from our own learners, both measured on Ray 2.60 (docs/offline_rl.md):
 
 from __future__ import annotations
 
+import gc
 import os
 
 import gymnasium as gym
@@ -161,4 +162,8 @@ class ShippedOffline:
         return float(q.mean())
 
     def stop(self) -> None:
+        """Stop the algorithm and collect its Ray Data iterators while Ray is up (collected after a shutdown,
+        each prints a "Ray is not initialized" traceback)."""
         self.algo.stop()
+        self.algo = None
+        gc.collect()
