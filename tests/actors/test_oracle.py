@@ -135,7 +135,7 @@ def test_simulated_sessions_share_random_numbers_and_report_cis(pipeline):
     b = simulate_sessions(pipeline, family, np.zeros(40, int), users, seed=5)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    assert set(a) == {"ndcg", "return", "revenue", "clicks", "usage", "requests"} and np.all(
+    assert set(a) == {"ndcg", "return", "revenue", "clicks", "usage", "requests", "inner_return"} and np.all(
         (a["return"] > 0) & (a["return"] < 1)
     )
     h = session_headroom(pipeline, family, n_sessions=40, seed=1, reference=[1.0, 1.0, 10.0])

@@ -366,3 +366,48 @@ def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_ses
     gap = oracle - start
     assert gap > 0.5
     assert (trained - start) / gap >= 0.5, (start, oracle, trained)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tmp_path, capsys):
+    import yaml
+
+    from rllib_policies.train_offline import main
+
+    config = {
+        "learner": "td3",
+        "env_config": TINY,
+        "dataset": str(tmp_path / "data" / "rows.parquet"),
+        "dataset_kind": "concurrent",
+        "sessions_per_day": 30,
+        "offline_rl": {"updates_per_iteration": 20, "batch_size": 64, "hidden": [32, 32]},
+        "iterations": 2,
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "checkpoint_every": 1,
+        "eval_sessions": 50,
+    }
+    path = tmp_path / "offline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote the concurrent dataset: 60 sessions" in out
+    assert "iter    2 | critic's V̂" in out
+    assert "gate: " in out and "true V on 50 simulated sessions" in out
+    assert (tmp_path / "checkpoints" / "iter_000002").is_dir()
+    assert main(["--config", str(path), "--resume", "latest", "--iterations", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "iter    3 |" in out and "wrote the concurrent dataset" not in out
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("learner", "ddpg", r"learner must be one of \('td3', 'bcq', 'bc', 'cql', 'iql'\), got 'ddpg'"),
+        ("dataset_kind", "random", r"dataset_kind must be one of \('exploratory'"),
+    ],
+)
+def test_offline_job_refuses_unknown_learners_and_datasets(field, value, match):
+    from rllib_policies.train_offline import OfflineJobConfig
+
+    with pytest.raises(ValueError, match=match):
+        OfflineJobConfig(**{field: value}).validate()
