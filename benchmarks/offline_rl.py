@@ -125,7 +125,14 @@ def main() -> None:
     for kind in args.datasets:
         t0 = time.time()
         out = write_dataset(
-            kind, spec.env_config, os.path.join(data_dir, kind), 2, args.sessions_per_day, seed=0, expert=expert
+            kind,
+            spec.env_config,
+            os.path.join(data_dir, kind),
+            2,
+            args.sessions_per_day,
+            seed=0,
+            expert=expert,
+            engine="ray",
         )
         paths[kind], logged[kind] = out["path"], {**out, "seconds": time.time() - t0}
         seconds = time.time() - t0

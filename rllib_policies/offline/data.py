@@ -30,7 +30,8 @@ import ray.data
 
 from actors.cascade import Pipeline, build_world
 from actors.stages import DEFAULT_PARAMS, RANKING_ACTION_HIGH
-from actors.telemetry.sessionise import sessionise_dataset
+from actors.telemetry.sessionise import sessionise, sessionise_dataset
+from actors.telemetry.sinks import read_parquet_events
 from actors.world import seed_sequence
 from actors.world.oracle import (
     Family,
@@ -158,17 +159,29 @@ def write_dataset(
     users_per_day: int = 500,
     seed: int = 0,
     expert: Expert | None = None,
+    engine: str = "local",
 ) -> dict:
     """Serve ``days`` × ``users_per_day`` sessions with dataset ``kind``'s behaviour policy, log their events
-    through the telemetry sink (``<out_dir>/events``), sessionise them with the Ray Data job
-    (``<out_dir>/trajectories``) and write the transitions (``<out_dir>/rows.parquet``). Needs Ray."""
+    through the telemetry sink (``<out_dir>/events``), sessionise them (``<out_dir>/trajectories.parquet``) and
+    write the transitions (``<out_dir>/rows.parquet``).
+
+    ``engine``: "local" runs the sessioniser's pure function on the sink's events in this process; "ray" runs
+    its Ray Data job (``sessionise_dataset``, the same function per user partition; the benchmark's datasets
+    were written so). Measured: inside a test session's Ray (4 CPUs, Serve's settings) the Ray Data job's
+    hash shuffle waited forever; a job on a cluster wants "ray" for logs that outgrow one process."""
     _, pipeline = build_world(env_config)
     events = os.path.join(out_dir, "events")
     logged = simulate_logs(
         env_config, events, days, users_per_day, seed=seed, behaviour=behaviour(kind, pipeline, expert)
     )
-    trajectories = sessionise_dataset(events, os.path.join(out_dir, "trajectories")).to_arrow_refs()
-    table = pa.concat_tables([t for t in ray.get(trajectories) if t.num_rows])
+    if engine == "ray":
+        refs = sessionise_dataset(events, os.path.join(out_dir, "trajectories")).to_arrow_refs()
+        table = pa.concat_tables([t for t in ray.get(refs) if t.num_rows])
+    elif engine == "local":
+        table = sessionise(read_parquet_events(events))
+        pq.write_table(table, os.path.join(out_dir, "trajectories.parquet"))
+    else:
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     rows = offline_rows(table)
     path = os.path.join(out_dir, "rows.parquet")
     pq.write_table(rows, path)

@@ -5,7 +5,8 @@ beats the live (behaviour) policy's value measured on the same logs.
 FQE (Le, Voloshin & Yue 2019) for a deterministic policy π on transitions (s, ā, r, s', done):
     Q̂ ← argmin mean (Q(s, ā) − r − γ·(1 − done)·Q̂'(s', π(s')))²    (Q̂' a Polyak target), V̂(s) = Q̂(s, π(s))
     V̂_FQE = mean over the logged session starts of V̂(s0); interval: percentile bootstrap over sessions of
-    ``n_boot`` refits on resampled sessions (the model's error, not only the starts' spread).
+    ``n_boot`` refits on resampled sessions (the model's error, not only the starts' spread), widened to hold
+    V̂_FQE itself when every refit lands on one side of it.
 
 Weighted doubly robust (Thomas & Brunskill 2016), per-decision, with FQE as the model; π is deterministic
 and the actions continuous, so the importance ratio uses a Gaussian kernel of bandwidth h (unit-cube action
@@ -18,7 +19,7 @@ with w_{i,−1} = 1 and r, Q̂, V̂ = 0 past a session's end; its parts go to th
 too small to say anything, or when the policy's actions lie outside the logs (mean first-step ratio ≪ 1).
 
 Gate: promote π iff lower(π) > V̂_live, V̂_live = the logged sessions' mean return (on-policy); the estimator
-named ``by`` ("dr" default, or "fqe") supplies the lower bound; an abstained estimate never promotes.
+named ``by`` ("fqe" default, or "dr") supplies the lower bound; an abstained estimate never promotes.
 """
 
 from __future__ import annotations
@@ -199,14 +200,15 @@ def fqe_estimate(
         reps.append(float(qb(start_obs[pick], start_pi[pick]).mean()))
     alpha = (1 - level) / 2
     low, up = np.quantile(reps, [alpha, 1 - alpha]) if reps else (np.nan, np.nan)
-    return GateEstimate(value, float(low), float(up), float(len(s.starts))), q
+    # the interval always holds the full fit: refits from other initialisations can all land on one side of it
+    return GateEstimate(value, float(min(low, value)), float(max(up, value)), float(len(s.starts))), q
 
 
 def gate(
     rows: dict[str, np.ndarray],
     policy,
     high: np.ndarray,
-    by: str = "dr",
+    by: str = "fqe",
     bandwidth: float = 0.2,
     n_boot: int = 5,
     level: float = 0.95,
