@@ -47,6 +47,8 @@ class OfflineJobConfig(AlgorithmJobConfig):
     checkpoint_dir: str = "offline_rl"
     checkpoint_every: int = 4
     eval_sessions: int = 1000
+    gate_steps: int = 1000  # FQE's gradient steps per fit
+    gate_boot: int = 3  # FQE's bootstrap refits
 
     def validate(self) -> None:
         if self.learner not in (*OWN, *SHIPPED):
@@ -101,7 +103,7 @@ def after(algo, job: OfflineJobConfig) -> None:
     """The gate's verdict on the logs, and the truth from the simulator."""
     policy, estimate = policy_of(algo, job)
     rows = read_rows(job.dataset)
-    decision = gate(rows, policy, RANKING_ACTION_HIGH, seed=job.seed)
+    decision = gate(rows, policy, RANKING_ACTION_HIGH, n_boot=job.gate_boot, steps=job.gate_steps, seed=job.seed)
     _, pipeline = build_world(job.env_config)
     users = eval_users(pipeline, job.eval_sessions)
     truth = true_value(pipeline, policy, users).mean()

@@ -270,7 +270,7 @@ def test_fqe_and_dr_recover_a_known_value_and_the_gate_holds_a_worse_policy(tmp_
         q = fitted_q(rows, policy, RANKING_ACTION_HIGH, steps=600, hidden=(64, 64))
         dr = doubly_robust(rows, policy, q, RANKING_ACTION_HIGH, bandwidth=0.05)
         assert dr.value == pytest.approx(value, abs=0.1)
-        decision = gate(rows, policy, RANKING_ACTION_HIGH, by="fqe", n_boot=3, steps=2000, hidden=(64, 64))
+        decision = gate(rows, policy, RANKING_ACTION_HIGH, by="fqe", n_boot=1, steps=2000, hidden=(64, 64))
         assert decision.fqe.value == pytest.approx(value, abs=0.1)
         assert decision.live.value == pytest.approx(1.5, abs=0.02)
         assert decision.promote == (value > 1.5), decision.reason
@@ -385,6 +385,8 @@ def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tm
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "checkpoint_every": 1,
         "eval_sessions": 50,
+        "gate_steps": 200,
+        "gate_boot": 1,
     }
     path = tmp_path / "offline.yaml"
     path.write_text(yaml.safe_dump(config))
