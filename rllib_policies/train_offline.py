@@ -90,24 +90,24 @@ def progress(result: dict) -> str:
     return (f"critic's V̂ {own['q_estimate']:.2f} | " if own else "") + losses
 
 
-def policy_of(algo, job: OfflineJobConfig):
-    """obs → ranking weights, and the critic's estimate at the dataset's session starts (NaN for BC)."""
+def policy_of(algo, job: OfflineJobConfig, initial_obs):
+    """obs → ranking weights, and the critic's estimate at the session starts ``initial_obs`` (NaN for BC)."""
     if job.learner in SHIPPED:
         wrapper = ShippedOffline.wrap(job.learner, algo)
-        starts = read_rows(job.dataset)
-        return wrapper.policy_weights, wrapper.q_estimate(starts["obs"][starts["t"] == 0])
-    return algo.policy_weights, algo.q_estimate()
+        return wrapper.policy_weights, wrapper.q_estimate(initial_obs)
+    return algo.policy_weights, algo.q_estimate(initial_obs)
 
 
 def after(algo, job: OfflineJobConfig) -> None:
     """The gate's verdict on the logs, and the truth from the simulator."""
-    policy, estimate = policy_of(algo, job)
     rows = read_rows(job.dataset)
+    initial_obs = rows["obs"][rows["t"] == 0]
+    policy, estimate = policy_of(algo, job, initial_obs)
     decision = gate(rows, policy, RANKING_ACTION_HIGH, n_boot=job.gate_boot, steps=job.gate_steps, seed=job.seed)
     _, pipeline = build_world(job.env_config)
     users = eval_users(pipeline, job.eval_sessions)
     truth = true_value(pipeline, policy, users).mean()
-    weights = np.round(policy(rows["obs"][rows["t"] == 0]).mean(0), 3).tolist()
+    weights = np.round(policy(initial_obs).mean(0), 3).tolist()
     print(
         f"gate: {decision.reason} (FQE {decision.fqe.value:.2f} [{decision.fqe.low:.2f}, {decision.fqe.high:.2f}], "
         f"DR {decision.dr.value:.2f}, ESS {decision.dr.ess:.0f}); critic's V̂ {estimate:.2f}; true V on "

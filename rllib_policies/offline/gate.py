@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ray.rllib.core.learner.utils import update_target_network
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -92,9 +93,7 @@ def fitted_q(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.mul_(1 - tau).add_(tau * p)
+        update_target_network(main_net=net, target_net=target, tau=tau)
 
     def q(o: np.ndarray, weights: np.ndarray) -> np.ndarray:
         with torch.no_grad():
