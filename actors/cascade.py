@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.stages import STAGES, RequestBatch, StageContext, StageOutput, run_stage, stage_params
 from actors.world import PipelineConfig, World, WorldConfig
@@ -116,6 +117,7 @@ class Pipeline:
     def __init__(self, world: World, config: PipelineConfig | None = None):
         self.world, self.config = world, config or PipelineConfig()
         self.ctx = StageContext(world, self.config.seed)
+        self.ctx.index = MatchingIndex.for_config(self.ctx, self.config)  # None: exact search
         self.spec = ObservationSpec.of(world.config)
 
     def recommend(

@@ -9,16 +9,26 @@ then builds o_k exactly as ``run_cascade`` does (the request's context, the cand
 the upstream stages' actions) and runs the stage with the policy's action. Policies reach the Serve
 stage deployments through a versioned store (``actors.served_policies.publish_stage_policy``), so a hot update and a
 rollback work as for parameters.
+
+``ServedStage`` is a stage as a server runs it: parameters, stage policy and (matching) the retrieval index
+each followed from a versioned store. The recommend app runs the three either in its ingress replica (the
+fused path) or one per Serve deployment (the composed path): the same class, so both serve identical slates.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
 from actors.cascade import Recommendation, run_cascade
+from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
-from actors.served_policies import mlp_act, mlp_layers
+from actors.param_store import ParamFollower, get_or_create_store
+from actors.served_policies import mlp_act, mlp_layers, stage_policy_store
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -31,15 +41,34 @@ from actors.stages import (
 )
 from actors.world import PipelineConfig, World, WorldConfig
 
+log = logging.getLogger(__name__)
+
+
+def default_stage_params(stage: str) -> dict[str, float]:
+    """A stage's default parameters by name (a param store's initial value)."""
+    return dict(zip(PARAM_NAMES[stage], map(float, DEFAULT_PARAMS[stage])))
+
+
+def params_array(stage: str, params: dict) -> np.ndarray:
+    """A stage's parameters by name → the [n] vector the stage function takes."""
+    return np.array([params[n] for n in PARAM_NAMES[stage]], np.float32)
+
+
+def catalogue_store(prefix: str):
+    """matching's catalogue snapshot: {"path": .npz with item_tower and popularity, or None for the world's own}."""
+    return get_or_create_store(f"{prefix}_catalogue", {"path": None})
+
 
 class StageRunner:
     """One stage with its current parameters (plain class; wrapped as an actor below)."""
 
-    def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig):
+    def __init__(
+        self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, ctx: StageContext | None = None
+    ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.stage, self.pipeline_config = stage, pipeline_config
-        self.ctx = StageContext(World(world_config), pipeline_config.seed)
+        self.ctx = ctx or StageContext(World(world_config), pipeline_config.seed)
         self.spec = ObservationSpec.of(world_config)
         self.params = DEFAULT_PARAMS[stage].copy()
         self.version = 1
@@ -48,10 +77,13 @@ class StageRunner:
         self.policy_high: np.ndarray | None = None
         self.policy_version = 0
 
-    def run(self, req: RequestBatch, candidates: np.ndarray | None = None, params=None) -> tuple[StageOutput, int]:
-        """Run on a request batch; ``params`` (per request) override the held ones for this call."""
+    def run(
+        self, req: RequestBatch, candidates: np.ndarray | None = None, params=None, index: MatchingIndex | None = None
+    ) -> tuple[StageOutput, int]:
+        """Run on a request batch; ``params`` (per request) override the held ones for this call, ``index``
+        matching's retrieval index (else the context's)."""
         p = self.params if params is None else params
-        return run_stage(self.ctx, self.pipeline_config, self.stage, req, candidates, p), self.version
+        return run_stage(self.ctx, self.pipeline_config, self.stage, req, candidates, p, index), self.version
 
     def set_params(self, params, expected_version: int | None = None) -> int:
         """Replace the held parameters (validated); returns the new version."""
@@ -96,6 +128,81 @@ class StageRunner:
 
 
 StageActor = ray.remote(num_cpus=0)(StageRunner)
+
+
+@dataclass
+class StageResult:
+    """What a served stage did for a request batch."""
+
+    out: StageOutput
+    version: int  # the held parameters' version
+    action: np.ndarray  # the parameters it ran with [B, n]
+    policy_version: int | None  # the learned stage policy's version, when one acted
+    compute_ms: float  # time in the stage function (the rest of a call's wall time is transport)
+    index_version: int | None = None  # matching: the catalogue snapshot's version
+
+
+class ServedStage:
+    """One stage as a server runs it: the pure stage function with parameters followed from the stage's
+    versioned store; once one is published (``actors.served_policies.publish_stage_policy``), a learned
+    stage policy acting on o_k; for matching, the retrieval index (``PipelineConfig.matching_index``) over the
+    catalogue snapshot followed from ``catalogue_store``: a new snapshot is loaded and indexed on the
+    follower's thread while requests keep using the old index, then swapped in one assignment."""
+
+    def __init__(
+        self,
+        stage: str,
+        world_config: WorldConfig,
+        pipeline_config: PipelineConfig,
+        store_prefix: str,
+        reader_id: str,
+        ctx: StageContext | None = None,
+    ):
+        self.stage = stage
+        self.runner = StageRunner(stage, world_config, pipeline_config, ctx)
+        self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
+        self.follower = ParamFollower(self.store, reader_id, lambda p: params_array(stage, p))
+        self.policy = ParamFollower(
+            stage_policy_store(store_prefix, stage),
+            reader_id,
+            lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
+        )
+        self.index = None
+        if stage == "matching":
+            self._last_index = None
+            self.index = ParamFollower(catalogue_store(store_prefix), reader_id, self._build_index)
+
+    def _build_index(self, snapshot: dict) -> MatchingIndex | None:
+        """The index over a catalogue snapshot (None: exact search on the world's towers). A snapshot that
+        cannot be loaded keeps the index in service (the PUT validated it; the file may have gone since)."""
+        ctx, config = self.runner.ctx, self.runner.pipeline_config
+        path, shape = snapshot.get("path"), ctx.item_tower.shape
+        try:
+            arrays = None if not path else MatchingIndex.from_file(path, *shape)
+            self._last_index = MatchingIndex.for_config(ctx, config, source=path, arrays=arrays)
+        except ValueError as e:
+            log.error("catalogue snapshot %r not applied, the current index stays in service: %s", path, e)
+        return self._last_index
+
+    def run(self, req: RequestBatch, candidates=None, params=None, upstream: dict | None = None) -> StageResult:
+        """A request's ``params`` override everything; else the stage policy acts on o_k (``upstream``: the earlier
+        stages' actions); else the held parameters."""
+        started = time.perf_counter()
+        version, held = self.follower.current
+        policy_version, policy = self.policy.current
+        index_version, index = self.index.current if self.index is not None else (None, None)
+        if params is None and policy is not None:
+            action = mlp_act(*policy, self.runner.observe(req, candidates, upstream or {}))
+        else:
+            action, policy_version = stage_params(held if params is None else params, self.stage, len(req.user)), None
+        out, _ = self.runner.run(req, candidates, action, index)
+        return StageResult(out, version, action, policy_version, (time.perf_counter() - started) * 1e3, index_version)
+
+    def describe_index(self) -> dict:
+        """matching's index: the catalogue snapshot's version, and the index's kind, size, cells and build time."""
+        version, index = self.index.current
+        exact = {"kind": "exact", "n_items": len(self.runner.ctx.item_tower), "source": None}
+        return {**(exact if index is None else index.describe()), "version": version}
 
 
 class ActorPipeline:

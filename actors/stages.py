@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.matching_index import MatchingIndex
 from actors.world import PipelineConfig, World, seed_sequence
 from actors.world.world import sigmoid
 
@@ -116,6 +117,7 @@ class StageContext:
         pop = c.popularity
         self.popularity = ((pop - pop.mean()) / pop.std()).astype(np.float32)
         self.quality_estimate = (c.quality + 0.15 * rng.standard_normal(c.n)).astype(np.float32)
+        self.index: MatchingIndex | None = None  # an approximate retrieval index, when the pipeline asks for one
 
 
 class RowGenerators:
@@ -211,18 +213,36 @@ def retrieval_relevance(ctx: StageContext, user: np.ndarray, items: np.ndarray) 
 
 
 def matching(
-    ctx: StageContext, req: RequestBatch, params=None, k: int = 500, seed: int = 0, chunk: int = 64
+    ctx: StageContext,
+    req: RequestBatch,
+    params=None,
+    k: int = 500,
+    seed: int = 0,
+    chunk: int = 64,
+    index: MatchingIndex | None = None,
+    pool: int = 2,
 ) -> StageOutput:
-    """score_i = w_rel·⟨q, item_i⟩ + w_pop·popularity_i + exploration·Gumbel; top-k of the catalogue."""
+    """score_i = w_rel·⟨q, item_i⟩ + w_pop·popularity_i + exploration·Gumbel; top-k of the catalogue.
+
+    ``index`` (else ``ctx.index``): the item vectors to score (a catalogue update's) and, for an approximate
+    index, where to look: its top ``pool``·k items by the deterministic score receive the exploration noise
+    instead of the whole catalogue (actors/matching_index.py)."""
     b = len(req.user)
     p = stage_params(params, "matching", b)
     q = user_query(ctx, req, p[:, 2])
     rng = stage_rng(seed, "matching", req.request_id)
+    index = ctx.index if index is None else index
+    if index is not None and index.faiss_index is not None:
+        cand, sc = index.search(q, p[:, 0], p[:, 1], min(pool * k, index.n))
+        sc = sc + p[:, 3:4] * rng.gumbel(size=sc.shape).astype(np.float32)
+        idx = _top_k(sc, k, ordered=False)
+        return StageOutput(np.take_along_axis(cand, idx, axis=1), np.take_along_axis(sc, idx, axis=1))
+    towers, popularity = (ctx.item_tower, ctx.popularity) if index is None else (index.item_tower, index.popularity)
     items = np.empty((b, k), np.int64)
     scores = np.empty((b, k), np.float32)
     for s in range(0, b, chunk):  # bounded memory at 1M items: chunk × N scores at a time
         sl = slice(s, s + chunk)
-        sc = p[sl, :1] * (q[sl] @ ctx.item_tower.T) + p[sl, 1:2] * ctx.popularity
+        sc = p[sl, :1] * (q[sl] @ towers.T) + p[sl, 1:2] * popularity
         noise = rng.rows(sl) if isinstance(rng, RowGenerators) else rng
         sc += p[sl, 3:4] * noise.gumbel(size=sc.shape).astype(np.float32)
         idx = _top_k(sc, k, ordered=False)
@@ -294,10 +314,12 @@ def run_stage(
     req: RequestBatch,
     candidates: np.ndarray | None = None,
     params=None,
+    index: MatchingIndex | None = None,
 ) -> StageOutput:
-    """One stage on a request batch with the pipeline's sizes and seed (the only stage dispatch)."""
+    """One stage on a request batch with the pipeline's sizes and seed (the only stage dispatch); ``index``
+    overrides matching's (``ctx.index``), e.g. a replica's hot-swapped catalogue snapshot."""
     if stage == "matching":
-        return matching(ctx, req, params, config.k_matching, config.seed)
+        return matching(ctx, req, params, config.k_matching, config.seed, index=index, pool=config.ann_pool)
     if candidates is None:
         raise ValueError(f"{stage} needs the upstream candidates")
     if stage == "pre_ranking":

@@ -73,8 +73,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class ServerTiming:
-    """Pure-ASGI middleware: adds ``server-timing: app;dur=<ms>`` (request in → response start),
-    the time a request spends inside the replica's application, for load tests to collect."""
+    """Pure-ASGI middleware: adds ``app;dur=<ms>`` (request in → response start), the time a request spends
+    inside the replica's application, to the ``server-timing`` header (after any metrics the handler set
+    there, e.g. /recommend's per-stage times), for load tests to collect."""
 
     def __init__(self, app):
         self.app = app
@@ -86,8 +87,10 @@ class ServerTiming:
 
         async def send_with_timing(message):
             if message["type"] == "http.response.start":
-                dur_ms = (time.perf_counter() - start) * 1e3
-                message["headers"] = [*message.get("headers", []), (b"server-timing", f"app;dur={dur_ms:.3f}".encode())]
+                app_metric = f"app;dur={(time.perf_counter() - start) * 1e3:.3f}".encode()
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server-timing"]
+                handler = [v for k, v in message.get("headers", []) if k.lower() == b"server-timing"]
+                message["headers"] = [*headers, (b"server-timing", b", ".join([*handler, app_metric]))]
             await send(message)
 
         await self.app(scope, receive, send_with_timing)

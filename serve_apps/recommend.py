@@ -1,4 +1,6 @@
-"""The recommend application: the three stage deployments composed by DeploymentHandles.
+"""The recommend application: matching → pre-ranking → ranking, fused in the ingress replica (the default) or
+composed from three stage deployments by DeploymentHandles (``cascade: composed``: stages scale on their own).
+Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical slates.
 
 - ``POST /recommend``  {user_id, history?, step?, ranking_weights?} → slate, scores, predictions,
   stage parameter versions, request id, ``served_record`` (what was served, signed: serve_apps/served_record.py)
@@ -8,6 +10,10 @@
   relevance term is the two-tower similarity of the user and the served items
   (``actors.stages.retrieval_relevance``, from the ingress's own StageContext), not the ranker's p_click
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
+- ``GET /matching/index``, ``PUT /matching/index``  matching's retrieval index (exact, or faiss IVF from 200 000
+  items: actors/matching_index.py) and catalogue updates: each replica builds the new index beside the old and swaps
+- every /recommend answers a ``server-timing`` header: each stage's compute, each stage call's transport on the
+  composed path (``<stage>_hop``), the wait for the utility agent and the whole request (``app``)
 - ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
 - with a utility agent (args ``utility_agent``): requests without ``ranking_weights`` get theirs from
   the agent (serve_apps/utility_agent.py), asked in parallel with matching and pre-ranking;
@@ -31,7 +37,7 @@ Every /feedback emits one served-item event per slate position (what /recommend 
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
 to the configured sink (Parquet by default, or Redis Streams); see actors/telemetry.
 
-Each stage deployment runs the same pure stage function as the in-process Pipeline, on a World
+Each stage, fused or composed, runs the same pure stage function as the in-process Pipeline, on a World
 built from the same config, with parameters followed from a VersionedParamStore.
 """
 
@@ -48,12 +54,12 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.served_policies import RankingPolicy, mlp_act, mlp_layers, outer_controller_store, stage_policy_store
-from actors.stage_actors import StageRunner
+from actors.served_policies import RankingPolicy, outer_controller_store
+from actors.stage_actors import ServedStage, StageResult, catalogue_store, default_stage_params, params_array
 from actors.stages import (
-    DEFAULT_PARAMS,
     PARAM_NAMES,
     STAGES,
     RequestBatch,
@@ -161,6 +167,18 @@ class ArmRollbackBody(BaseModel):
     expected_version: int | None = None
 
 
+class CatalogueBody(BaseModel):
+    """A catalogue update for matching: a snapshot every replica can read, or null for the world's own towers."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(
+        max_length=4096,
+        description="a .npz on the replicas' filesystem with item_tower [n_items, embed_dim] and popularity "
+        "[n_items] (float, finite); null: back to the world's own towers",
+    )
+    expected_version: int | None = None
+
+
 class StageParamsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     params: dict[str, FiniteFloat]
@@ -188,44 +206,13 @@ def make_event_buffer(telemetry: dict | None) -> TelemetryBuffer | None:
     return TelemetryBuffer(sink, BufferConfig(**cfg))
 
 
-def default_stage_params(stage: str) -> dict[str, float]:
-    return dict(zip(PARAM_NAMES[stage], map(float, DEFAULT_PARAMS[stage])))
-
-
-def _params_to_array(stage: str, params: dict) -> np.ndarray:
-    return np.array([params[n] for n in PARAM_NAMES[stage]], np.float32)
-
-
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
-class StageDeployment:
-    """One stage: the pure stage function, with parameters followed from the stage's param store, or, once
-    one is published (``actors.served_policies.publish_stage_policy``), a learned stage policy acting on o_k."""
+class StageDeployment(ServedStage):
+    """One stage in its own deployment (the composed path): ``ServedStage`` with this replica as the reader."""
 
     def __init__(self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, store_prefix: str):
-        self.stage = stage
-        self.runner = StageRunner(stage, world_config, pipeline_config)
-        self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
         replica = serve.get_replica_context().replica_id.unique_id
-        self.follower = ParamFollower(self.store, replica, lambda p: _params_to_array(stage, p))
-        self.policy = ParamFollower(
-            stage_policy_store(store_prefix, stage),
-            replica,
-            lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
-        )
-
-    def run(self, req: RequestBatch, candidates=None, params=None, upstream: dict | None = None):
-        """(output, params version, the action taken [B, n], the stage policy's version or None). A request's
-        ``params`` override everything; else the stage policy acts on o_k (``upstream``: the earlier stages'
-        actions); else the held parameters."""
-        version, held = self.follower.current
-        policy_version, policy = self.policy.current
-        if params is None and policy is not None:
-            action = mlp_act(*policy, self.runner.observe(req, candidates, upstream or {}))
-            out, _ = self.runner.run(req, candidates, action)
-            return out, version, action, policy_version
-        action = stage_params(held if params is None else params, self.stage, len(req.user))
-        out, _ = self.runner.run(req, candidates, action)
-        return out, version, action, None
+        super().__init__(stage, world_config, pipeline_config, store_prefix, replica)
 
 
 app = FastAPI(title="Recommend", description=__doc__)
@@ -254,9 +241,20 @@ class RecommendService:
         experiment: dict | None = None,
         ranking_policy: str | None = None,
     ):
-        self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))  # stage deployments, in cascade order
+        pipeline_config = pipeline_config or PipelineConfig()
+        replica = serve.get_replica_context().replica_id.unique_id
         # the stages' own towers (same world and seed), for the inner reward's relevance term at /feedback
-        self.ctx = StageContext(World(world_config), (pipeline_config or PipelineConfig()).seed)
+        self.ctx = StageContext(World(world_config), pipeline_config.seed)
+        self.fused = matching is None  # the fused path: the three stages run here, on this replica's context
+        if self.fused:
+            self.stages = {
+                s: ServedStage(s, world_config, pipeline_config, store_prefix, f"fused-{replica}", self.ctx)
+                for s in STAGES
+            }
+        else:  # the composed path: stage deployments, in cascade order
+            self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))
+        self.catalogue = catalogue_store(store_prefix)
+        self.embed_dim = self.ctx.item_tower.shape[1]
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
@@ -264,7 +262,6 @@ class RecommendService:
         self.served: OrderedDict[str, dict] = OrderedDict()
         self.cache_size = served_cache_size
         self.served_record = ServedRecordCodec.from_config(served_record)
-        replica = serve.get_replica_context().replica_id.unique_id
         self.experiment = None if experiment is None else ArmSplit.from_config(experiment)
         self.arm_stores, self.arm_weights = {}, {}  # per "weights" arm: its store, and this replica's follower
         for arm in self.experiment.arms if self.experiment else ():
@@ -274,7 +271,7 @@ class RecommendService:
                 )
                 self.arm_stores[arm.name] = store
                 self.arm_weights[arm.name] = ParamFollower(
-                    store, f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
+                    store, f"recommend-{replica}", lambda p: params_array("ranking", p)
                 )
         self.shadow_store = self.shadow = None  # shadow mode: a candidate scored on live requests, never served
         if self.experiment is not None:
@@ -283,7 +280,7 @@ class RecommendService:
             self.shadow = ParamFollower(
                 self.shadow_store,
                 f"recommend-{replica}",
-                lambda p: _params_to_array("ranking", p) if p.get("active") else None,
+                lambda p: params_array("ranking", p) if p.get("active") else None,
             )
         self._report_cache: tuple[float, dict, dict] | None = None  # (time, per-arm KPIs, versions): GET /experiments
         self.events = make_event_buffer(telemetry)
@@ -310,7 +307,7 @@ class RecommendService:
             self.weight_rng = self.weight_logging.rng(replica)
             self.shadow_rng = self.weight_logging.rng(f"{replica}-shadow")  # a shadow never moves the served draws
             self.held_ranking = ParamFollower(
-                self.stores["ranking"], f"recommend-{replica}", lambda p: _params_to_array("ranking", p)
+                self.stores["ranking"], f"recommend-{replica}", lambda p: params_array("ranking", p)
             )
 
     def _draw_weights(self, live: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -374,8 +371,21 @@ class RecommendService:
         except Exception as e:
             return None, f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
 
+    async def _run_stage(self, stage: str, *args) -> tuple[StageResult, float]:
+        """(the stage's result, the wall time it cost this replica in ms): in process on the fused path, one
+        DeploymentHandle call on the composed one."""
+        started = time.perf_counter()
+        if self.fused:
+            result = self.stages[stage].run(*args)
+        else:
+            result = await self.stages[stage].run.remote(*args)
+        return result, (time.perf_counter() - started) * 1e3
+
     @app.post("/recommend", response_model=RecommendResponse, responses=error_responses(422))
-    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, body: RecommendRequest, response: Response) -> RecommendResponse:
+        """Serve a slate. The ``server-timing`` header says where the replica's time went: each stage's
+        compute (``matching``, ``pre_ranking``, ``ranking``), on the composed path each stage call's transport
+        (``<stage>_hop``), the wait for the utility agent (``agent``) and the whole request (``app``)."""
         req = self._request(body)
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
@@ -405,20 +415,26 @@ class RecommendService:
         ask_agent = source == "utility_agent" and self.utility_agent is not None
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
-        choice, fallback, logged, out, versions, actions = None, None, None, None, {}, {}
+        choice, fallback, logged, out, versions, actions, timing = None, None, None, None, {}, {}, {}
         for stage in STAGES:
             if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
+                started = time.perf_counter()
                 choice, fallback = await self._agent_choice(choice_ref)
+                timing["agent"] = (time.perf_counter() - started) * 1e3
                 if choice is not None:
                     params["ranking"] = np.asarray(choice["weights"], np.float32)
             if stage == "ranking" and weights is None and self.weight_logging is not None:
                 params["ranking"], logged = self._draw_weights(params["ranking"])
             candidates = None if out is None else out.items
-            out, versions[stage], actions[stage], policy_version = await self.stages[stage].run.remote(
-                req, candidates, params.get(stage), actions
-            )
-            if policy_version is not None:  # a learned stage policy acted: the response names its version
-                versions[f"{stage}_policy"] = policy_version
+            result, wall_ms = await self._run_stage(stage, req, candidates, params.get(stage), actions)
+            out, versions[stage], actions[stage] = result.out, result.version, result.action
+            timing[stage] = result.compute_ms
+            if not self.fused:
+                timing[f"{stage}_hop"] = max(wall_ms - result.compute_ms, 0.0)
+            if result.policy_version is not None:  # a learned stage policy acted: the response names its version
+                versions[f"{stage}_policy"] = result.policy_version
+            if result.index_version is not None:  # matching's catalogue snapshot
+                versions["matching_index"] = result.index_version
         ranked, weights = out, params["ranking"]
         if choice is not None:
             source_version = choice.get("operating_point_version")
@@ -453,6 +469,7 @@ class RecommendService:
         }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
+        response.headers["server-timing"] = ", ".join(f"{name};dur={ms:.3f}" for name, ms in timing.items())
         return RecommendResponse(
             request_id=request_id,
             user_id=body.user_id,
@@ -604,7 +621,7 @@ class RecommendService:
             self._report_cache = (now, arm_report(read_parquet_events(root), self.experiment, current), current)
         return self._report_cache[1]
 
-    async def _arm_store_call(self, store_call, response: Response):
+    async def _versioned_put(self, store_call, response: Response):
         try:
             ack = await store_call
         except Exception as e:  # VersionConflict / NothingToRollBack arrive wrapped in a RayTaskError
@@ -627,14 +644,14 @@ class RecommendService:
         if sum(body.weights) <= 0:
             raise BadRequest(["body", "weights"], "weights must not all be 0")
         put = self.arm_stores[arm.name].put.remote(arm_weights_params(body.weights), body.expected_version)
-        ack = await self._arm_store_call(put, response)
+        ack = await self._versioned_put(put, response)
         return {"arm": arm.name, "weights": body.weights, **ack}
 
     @app.post("/experiments/arms/{arm}/rollback", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
     async def rollback_arm(self, arm: str, body: ArmRollbackBody, response: Response) -> dict[str, Any]:
         """Roll one arm back to its previous version (served again as a new version; 202 as for a promotion)."""
         arm = self._arm(arm, weights_only=True)
-        ack = await self._arm_store_call(self.arm_stores[arm.name].rollback.remote(body.expected_version), response)
+        ack = await self._versioned_put(self.arm_stores[arm.name].rollback.remote(body.expected_version), response)
         params = ack.pop("params")
         return {"arm": arm.name, "weights": [params[n] for n in PARAM_NAMES["ranking"]], **ack}
 
@@ -651,7 +668,7 @@ class RecommendService:
         if sum(body.weights) <= 0:
             raise BadRequest(["body", "weights"], "weights must not all be 0")
         put = self.shadow_store.put.remote({**arm_weights_params(body.weights), "active": 1.0}, body.expected_version)
-        return {"shadow": "on", "weights": body.weights, **await self._arm_store_call(put, response)}
+        return {"shadow": "on", "weights": body.weights, **await self._versioned_put(put, response)}
 
     @app.delete("/experiments/shadow", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
     async def delete_shadow(self, response: Response) -> dict[str, Any]:
@@ -659,7 +676,28 @@ class RecommendService:
         self._require_experiment()
         snap = await self.shadow_store.get.remote()
         put = self.shadow_store.put.remote({**snap.params, "active": 0.0}, None)
-        return {"shadow": "off", **await self._arm_store_call(put, response)}
+        return {"shadow": "off", **await self._versioned_put(put, response)}
+
+    @app.get("/matching/index")
+    async def get_matching_index(self) -> dict[str, Any]:
+        """matching's retrieval index: the catalogue snapshot's version and source, the index's kind (exact
+        or ivf), its size, cells, cells probed per query and build time."""
+        if self.fused:
+            return self.stages["matching"].describe_index()
+        return await self.stages["matching"].describe_index.remote()
+
+    @app.put("/matching/index", responses={202: {"description": "Accepted"}, **error_responses(409, 422)})
+    async def put_matching_index(self, body: CatalogueBody, response: Response) -> dict[str, Any]:
+        """A catalogue update: every matching replica loads the snapshot and builds its index beside the one in
+        service, then swaps (no request waits or fails); 200 once all have swapped, 202 while some still build
+        (they swap when done), 409 on a stale ``expected_version``, 422 naming what is wrong with the file."""
+        if body.path is not None:
+            try:  # the check every replica would make, so a bad snapshot never reaches them
+                await asyncio.to_thread(MatchingIndex.from_file, body.path, self.n_items, self.embed_dim)
+            except ValueError as e:
+                raise BadRequest(["body", "path"], str(e)) from None
+        ack = await self._versioned_put(self.catalogue.put.remote({"path": body.path}, body.expected_version), response)
+        return {"path": body.path, **ack}
 
     @app.get("/stages")
     async def get_stages(self) -> dict[str, Any]:
@@ -681,7 +719,7 @@ class RecommendService:
                 ["body", "params"], f"{stage} params must be exactly {list(names)}, got {sorted(body.params)}"
             )
         try:  # the same check every stage replica applies, so a bad update can never reach them
-            stage_params(_params_to_array(stage, body.params), stage, 1)
+            stage_params(params_array(stage, body.params), stage, 1)
         except ValueError as e:
             raise BadRequest(["body", "params"], str(e)) from None
         try:
@@ -778,6 +816,8 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "num_replicas": RecommendService replicas (1),
     "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent"|"outer_controller",
                   "weights"}}} (the live A/B split, serve_apps/experiments.py; None: no experiment),
+    "cascade": "fused" (the default: the ingress replica runs matching → pre-ranking → ranking in process) or
+               "composed" (one deployment per stage, called by DeploymentHandles: stages scale independently),
     "ranking_policy": who ranks requests without weights outside an arm: "held" (the ranking stage's parameters),
                       "utility_agent" (needs utility_agent; the default when it is given) or "outer_controller"
                       (its published policy, actors.served_policies.publish_outer_controller),
@@ -797,14 +837,21 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "num_replicas",
         "experiment",
         "ranking_policy",
+        "cascade",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
     world_config = WorldConfig.preset(args.get("preset", "default"), **args.get("world", {}))
     pipeline_config = PipelineConfig(**args.get("pipeline", {}))
     prefix = args.get("store_prefix", "recommend")
+    cascade = args.get("cascade", "fused")
+    if cascade not in ("fused", "composed"):
+        raise ValueError(f"cascade must be 'fused' or 'composed', got {cascade!r}")
     stages = {
-        s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix) for s in STAGES
+        s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix)
+        if cascade == "composed"
+        else None
+        for s in STAGES
     }
     if args.get("telemetry", {}).get("sink", "parquet") not in ("parquet", "redis", "off"):
         raise ValueError(f"telemetry sink must be 'parquet', 'redis' or 'off', got {args['telemetry']['sink']!r}")

@@ -133,8 +133,26 @@ class PipelineConfig:
     history_len: int = 20
     seed: int = 0
     default_params: dict = field(default_factory=dict)
+    # matching's retrieval index (actors/matching_index.py): "exact", "ivf" (faiss), or "auto" (ivf from 200 000
+    # items); ivf's cells (0: √N), cells scanned per query (0: the fewest reaching recall@k_matching ≥ ann_recall
+    # on calibration queries at build), and the candidate pool it fetches, as a multiple of k_matching, before
+    # matching's exploration noise picks k_matching of it
+    matching_index: str = "auto"
+    ann_nlist: int = 0
+    ann_nprobe: int = 0
+    ann_recall: float = 0.95
+    ann_pool: int = 2
 
     def __post_init__(self) -> None:
+        if self.matching_index not in ("auto", "exact", "ivf"):
+            raise ValueError(f"matching_index must be 'auto', 'exact' or 'ivf', got {self.matching_index!r}")
+        if not 0 < self.ann_recall <= 1:
+            raise ValueError(f"ann_recall must be in (0, 1], got {self.ann_recall}")
+        if self.ann_nlist < 0 or self.ann_nprobe < 0 or self.ann_pool < 1:
+            raise ValueError(
+                f"need ann_nlist >= 0, ann_nprobe >= 0, ann_pool >= 1, got {self.ann_nlist}, {self.ann_nprobe}, "
+                f"{self.ann_pool}"
+            )
         if not (self.k_matching >= self.k_pre_ranking >= self.k_slate >= 1):
             raise ValueError(
                 f"need k_matching >= k_pre_ranking >= k_slate >= 1, got "

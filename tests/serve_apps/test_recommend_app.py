@@ -68,7 +68,7 @@ def test_recommend_returns_a_slate_with_versions(client):
     assert len(body["slate"]) == 8 and len(set(body["slate"])) == 8
     assert all(0 <= i < 3000 for i in body["slate"])
     assert body["scores"] == sorted(body["scores"], reverse=True)
-    assert set(body["versions"]) == {"matching", "pre_ranking", "ranking"}
+    assert set(body["versions"]) == {"matching", "pre_ranking", "ranking", "matching_index"}
     assert len(body["request_id"]) == 16
 
 

@@ -3,8 +3,9 @@
 //! Request i is due at t0 + i/rate. Each of `--connections` threads owns one keep-alive
 //! connection, takes the next due request, sleeps until it is due, sends it and reads the whole
 //! response. Latency is measured from the *due* time (so a slow server cannot hide its queue —
-//! the coordinated-omission correction of wrk2), service time from the send. A `server-timing:
-//! app;dur=<ms>` response header, if present, is collected too. Prints one JSON object.
+//! the coordinated-omission correction of wrk2), service time from the send. Each metric of a
+//! `server-timing: name;dur=<ms>, …` response header is collected too (`app` is the whole request in
+//! the replica; /recommend adds one per stage). Prints one JSON object.
 //!
 //! loadgen --url http://127.0.0.1:8000/reward --body FILE --content-type T --rate 500
 //!         --duration 10 --warmup 2 --connections 32
@@ -46,16 +47,30 @@ fn parse_args() -> Args {
     a
 }
 
-#[derive(Default)]
-struct Samples { latency_us: Vec<u64>, service_us: Vec<u64>, app_us: Vec<u64>, errors: u64, statuses: Vec<(u16, u64)> }
+type Timings = Vec<(String, u64)>;
 
-/// Read one HTTP/1.1 response; return (status, server-timing app dur in µs).
-fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<u64>)> {
+#[derive(Default)]
+struct Samples { latency_us: Vec<u64>, service_us: Vec<u64>, timing_us: std::collections::BTreeMap<String, Vec<u64>>,
+                 errors: u64, statuses: Vec<(u16, u64)> }
+
+/// `name;dur=ms, name;dur=ms` → [(name, µs)].
+fn parse_server_timing(v: &str, out: &mut Timings) {
+    for metric in v.split(',') {
+        let mut parts = metric.split(';');
+        let name = parts.next().unwrap_or("").trim().to_string();
+        if let Some(ms) = parts.find_map(|p| p.trim().strip_prefix("dur=")).and_then(|d| d.parse::<f64>().ok()) {
+            if !name.is_empty() { out.push((name, (ms * 1000.0) as u64)); }
+        }
+    }
+}
+
+/// Read one HTTP/1.1 response; return (status, server-timing metrics in µs).
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Timings)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() { return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed")); }
     let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (mut len, mut chunked, mut app) = (0usize, false, None);
+    let (mut len, mut chunked, mut timings) = (0usize, false, Vec::new());
     loop {
         line.clear();
         r.read_line(&mut line)?;
@@ -65,10 +80,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<u
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
             if k == "content-length" { len = v.parse().unwrap_or(0); }
             if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") { chunked = true; }
-            if k == "server-timing" {
-                app = v.split(';').find_map(|p| p.trim().strip_prefix("dur="))
-                    .and_then(|d| d.parse::<f64>().ok()).map(|ms| (ms * 1000.0) as u64);
-            }
+            if k == "server-timing" { parse_server_timing(v, &mut timings); }
         }
     }
     if chunked {
@@ -84,7 +96,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Option<u
         let mut buf = vec![0u8; len];
         r.read_exact(&mut buf)?;
     }
-    Ok((status, app))
+    Ok((status, timings))
 }
 
 fn pct(v: &mut Vec<u64>, q: f64) -> f64 {
@@ -117,7 +129,7 @@ fn main() {
                 let now = Instant::now();
                 if due > now { std::thread::sleep(due - now); }
                 let sent = Instant::now();
-                let result = (|| -> std::io::Result<(u16, Option<u64>)> {
+                let result = (|| -> std::io::Result<(u16, Timings)> {
                     if conn.is_none() {
                         let s = TcpStream::connect((a.host.as_str(), a.port))?;
                         s.set_nodelay(true)?;
@@ -130,12 +142,12 @@ fn main() {
                 let done = Instant::now();
                 if i < warm { if result.is_err() { conn = None; } continue; }
                 match result {
-                    Ok((status, app)) => {
+                    Ok((status, timings)) => {
                         *statuses.entry(status).or_insert(0u64) += 1;
                         if !(200..300).contains(&status) { local.errors += 1; }
                         local.latency_us.push((done - due).as_micros() as u64);
                         local.service_us.push((done - sent).as_micros() as u64);
-                        if let Some(us) = app { local.app_us.push(us); }
+                        for (name, us) in timings { local.timing_us.entry(name).or_default().push(us); }
                     }
                     Err(_) => { local.errors += 1; conn = None; }
                 }
@@ -143,7 +155,7 @@ fn main() {
             let mut s = samples.lock().unwrap();
             s.latency_us.extend(local.latency_us);
             s.service_us.extend(local.service_us);
-            s.app_us.extend(local.app_us);
+            for (name, v) in local.timing_us { s.timing_us.entry(name).or_default().extend(v); }
             s.errors += local.errors;
             for (k, v) in statuses { s.statuses.push((k, v)); }
         })
@@ -155,10 +167,17 @@ fn main() {
     let ok = s.latency_us.len() as f64 - 0.0;
     let (l50, l99, l999, lmax) = (pct(&mut s.latency_us, 0.5), pct(&mut s.latency_us, 0.99), pct(&mut s.latency_us, 0.999), pct(&mut s.latency_us, 1.0));
     let (s50, s99) = (pct(&mut s.service_us, 0.5), pct(&mut s.service_us, 0.99));
-    let (a50, a99) = (pct(&mut s.app_us, 0.5), pct(&mut s.app_us, 0.99));
+    let mut app = s.timing_us.remove("app").unwrap_or_default();
+    let (a50, a99) = (pct(&mut app, 0.5), pct(&mut app, 0.99));
     let mut statuses: Vec<String> = s.statuses.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
     statuses.sort();
     let num = |x: f64| if x.is_nan() { "null".to_string() } else { format!("{x:.3}") };
-    println!("{{\"offered_rps\": {}, \"achieved_rps\": {:.1}, \"responses\": {}, \"errors\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"max_ms\": {}, \"service_p50_ms\": {}, \"service_p99_ms\": {}, \"app_p50_ms\": {}, \"app_p99_ms\": {}, \"statuses\": {{{}}}}}",
-        a.rate, ok / elapsed, ok as u64, s.errors, num(l50), num(l99), num(l999), num(lmax), num(s50), num(s99), num(a50), num(a99), statuses.join(", "));
+    let names: Vec<String> = s.timing_us.keys().cloned().collect();
+    let timings: Vec<String> = names.iter().map(|n| {
+        let v = s.timing_us.get_mut(n).unwrap();
+        let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+        format!("\"{n}\": {{\"p50_ms\": {}, \"p99_ms\": {}}}", num(p50), num(p99))
+    }).collect();
+    println!("{{\"offered_rps\": {}, \"achieved_rps\": {:.1}, \"responses\": {}, \"errors\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"max_ms\": {}, \"service_p50_ms\": {}, \"service_p99_ms\": {}, \"app_p50_ms\": {}, \"app_p99_ms\": {}, \"timings\": {{{}}}, \"statuses\": {{{}}}}}",
+        a.rate, ok / elapsed, ok as u64, s.errors, num(l50), num(l99), num(l999), num(lmax), num(s50), num(s99), num(a50), num(a99), timings.join(", "), statuses.join(", "));
 }

@@ -1,0 +1,162 @@
+"""The recommend app's two serving paths over real HTTP: the fused cascade (the ingress replica runs the three
+stages) and the composed one (three stage deployments by DeploymentHandles) serve the in-process cascade's
+slate for the same request; every response says where its time went; a catalogue update swaps matching's
+approximate index under live traffic without a failed request; bad snapshots are refused, naming the field."""
+
+import threading
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from actors.cascade import Pipeline
+from actors.matching_index import MatchingIndex
+from actors.stages import RequestBatch
+from actors.world import PipelineConfig, World, WorldConfig
+from serve_apps.recommend import app_builder
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve]
+WORLD = {"n_items": 3000, "n_users": 300}
+PIPE = {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}
+IVF_PIPE = {**PIPE, "matching_index": "ivf"}
+
+
+def deploy(serve_url, name: str, **args):
+    from ray import serve
+
+    prefix = f"{name}_{uuid.uuid4().hex[:8]}"
+    serve.run(
+        app_builder({"world": WORLD, "pipeline": PIPE, "store_prefix": prefix, "telemetry": {"sink": "off"}, **args}),
+        name=name,
+        route_prefix=f"/{name}",
+    )
+    return httpx.Client(base_url=f"{serve_url}/{name}", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def apps(serve_url):
+    from ray import serve
+
+    clients = {
+        "fused": deploy(serve_url, "rec_fused"),
+        "composed": deploy(serve_url, "rec_composed", cascade="composed"),
+        "ivf": deploy(serve_url, "rec_ivf", pipeline=IVF_PIPE),
+    }
+    yield clients
+    for name, client in clients.items():
+        client.close()
+        serve.delete(f"rec_{name}")
+
+
+def timings(response: httpx.Response) -> dict[str, float]:
+    metrics = [m.strip().split(";dur=") for m in response.headers["server-timing"].split(",")]
+    return {name: float(ms) for name, ms in metrics}
+
+
+def in_process(body: dict, response: dict, pipeline: Pipeline) -> np.ndarray:
+    """The in-process cascade's slate for the request the app served (its request id keys the randomness)."""
+    history = np.full((1, 20), -1, np.int64)
+    history[0, 20 - len(body.get("history", [])) :] = body.get("history", [])
+    req = RequestBatch(
+        np.array([body["user_id"]]),
+        history,
+        np.array([body.get("step", 0)], np.int32),
+        np.array([0], np.int32),
+        int(response["request_id"], 16),
+    )
+    params = {"ranking": np.asarray(body["ranking_weights"], np.float32)} if "ranking_weights" in body else None
+    return pipeline.recommend(req, params).slate[0]
+
+
+@pytest.mark.parametrize("path", ["fused", "composed"])
+def test_both_paths_serve_the_in_process_cascade(apps, path):
+    pipeline = Pipeline(World(WorldConfig.preset("default", **WORLD)), PipelineConfig(**PIPE))
+    bodies = [
+        {"user_id": 7, "history": [1, 2, 3], "step": 2},
+        {"user_id": 250, "ranking_weights": [0.0, 1.0, 5.0]},
+        {"user_id": 0},
+    ]
+    for body in bodies:
+        r = apps[path].post("/recommend", json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(r.json()["slate"], in_process(body, r.json(), pipeline))
+        assert r.json()["versions"]["matching_index"] == 1
+
+
+@pytest.mark.parametrize("path, hops", [("fused", False), ("composed", True)])
+def test_server_timing_names_where_the_time_went(apps, path, hops):
+    r = apps[path].post("/recommend", json={"user_id": 3})
+    t = timings(r)
+    assert {"matching", "pre_ranking", "ranking", "app"} <= set(t)
+    assert all(f"{s}_hop" in t for s in ("matching", "pre_ranking", "ranking")) == hops
+    assert 0 < t["matching"] + t["pre_ranking"] + t["ranking"] <= t["app"]
+    assert apps[path].get("/matching/index").json()["kind"] == "exact"
+
+
+def test_a_catalogue_update_swaps_the_index_under_live_traffic(apps, tmp_path):
+    client = apps["ivf"]
+    before = client.get("/matching/index").json()
+    assert before["kind"] == "ivf" and before["calibrated_recall"] >= 0.95 and before["source"] is None
+    world = World(WorldConfig.preset("default", **WORLD))
+    pipeline = Pipeline(world, PipelineConfig(**IVF_PIPE))
+    rng = np.random.default_rng(0)
+    towers = pipeline.ctx.item_tower[rng.permutation(WORLD["n_items"])]  # a "retrained" tower: other embeddings
+    snapshot = str(tmp_path / "catalogue.npz")
+    np.savez(snapshot, item_tower=towers, popularity=pipeline.ctx.popularity)
+
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=client.base_url, timeout=60) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/recommend", json={"user_id": int(rng.integers(300))}).status_code)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        r = client.put("/matching/index", json={"path": snapshot, "expected_version": before["version"]})
+    finally:
+        stop.set()
+        thread.join()
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == before["version"] + 1 and r.json()["all_acked"]
+    assert len(statuses) > 0 and set(statuses) == {200}
+    after = client.get("/matching/index").json()
+    assert after["version"] == before["version"] + 1 and after["source"] == snapshot
+
+    body = {"user_id": 11, "history": [5, 6]}
+    served = client.post("/recommend", json=body).json()
+    assert served["versions"]["matching_index"] == after["version"]
+    pipeline.ctx.index = MatchingIndex.for_config(
+        pipeline.ctx, pipeline.config, arrays=(towers, pipeline.ctx.popularity)
+    )
+    np.testing.assert_array_equal(served["slate"], in_process(body, served, pipeline))
+
+    back = client.put("/matching/index", json={"path": None})  # back to the world's own towers
+    assert back.status_code == 200 and client.get("/matching/index").json()["source"] is None
+
+
+@pytest.mark.parametrize(
+    "arrays, body, status, msg",
+    [
+        (None, {"path": "/nonexistent/catalogue.npz"}, 422, "cannot read catalogue snapshot"),
+        ({"item_tower": np.ones((10, 16))}, None, 422, "missing array"),
+        ({"item_tower": np.ones((3000, 8)), "popularity": np.zeros(3000)}, None, 422, "item_tower must have shape"),
+        ({"item_tower": np.full((3000, 16), np.inf), "popularity": np.zeros(3000)}, None, 422, "must be finite"),
+        (None, {"path": None, "expected_version": 10**6}, 409, "expected_version"),
+        (None, {"path": None, "extra": 1}, 422, "Extra inputs"),
+        (None, {}, 422, "Field required"),
+    ],
+)
+def test_bad_catalogue_updates_are_refused_and_change_nothing(apps, tmp_path, arrays, body, status, msg):
+    client = apps["ivf"]
+    if arrays is not None:
+        np.savez(tmp_path / "bad.npz", **arrays)
+        body = {"path": str(tmp_path / "bad.npz")}
+    before = client.get("/matching/index").json()
+    r = client.put("/matching/index", json=body)
+    assert r.status_code == status, r.text
+    assert msg.lower() in r.text.lower()
+    assert client.get("/matching/index").json() == before
+    assert client.post("/recommend", json={"user_id": 1}).status_code == 200
