@@ -12,7 +12,8 @@
     composed path (a deployment per stage, handles between them) and the same fused handler in plain uvicorn
     without Ray (20 000 items); fused at 1 000 000 items (IVF); fused with the utility agent (explore mode)
     beside fused without it at 200 req/s; /feedback at 500 req/s. Open loop from benchmarks/loadgen with 64
-    connections, on the same 2 cores as the servers. HAProxy ingress.
+    connections, on the same 2 cores as the servers. The config file's ingress (HAProxy + Serve's throughput
+    mode), and fused behind HAProxy alone beside it.
 (d) Where the time goes: the replicas' server-timing metrics from the same runs (each stage's compute, each
     handle hop on the composed path, the wait for the agent) and the proxy + network (service − app).
 Writes benchmarks/results/recommend.md and recommend.png (latency against offered load).
@@ -53,7 +54,9 @@ CONFIG = os.path.join(ROOT, "serve_apps", "configs", "recommend.yaml")
 BIG = 1_000_000
 # server configuration → (route label, offered rates, what it runs)
 SERVERS = {
-    "fused": ("recommend fused", [200, 500, 800, 1000]),
+    "fused": ("recommend fused", [200, 400, 500, 800]),
+    "fused-haproxy": ("recommend fused, HAProxy without throughput mode", [200, 400, 500]),
+    "fused-2": ("recommend fused, 2 replicas", [200, 400, 500, 800]),
     "composed": ("recommend composed", [100, 200, 500]),
     "uvicorn": ("recommend fused, plain uvicorn (no Ray)", [200, 500, 800, 1000]),
     "fused-1m": ("recommend fused, 1 000 000 items (IVF)", [100, 200, 400]),
@@ -166,12 +169,14 @@ def serve_config(name: str, rates: list[int], duration: float, warmup: float) ->
         args = config["applications"][1]["args"]
         if name == "composed":
             args["cascade"] = "composed"
+        if name == "fused-2":
+            args["num_replicas"] = 2
         if name == "fused-1m":
             args["world"]["n_items"] = BIG
         if name == "fused-agent":
             args["utility_agent"] = {"mode": "explore"}
         args["telemetry"] = {"sink": "off"}
-        start_local_ray(num_cpus=2, ingress=config["ingress"])
+        start_local_ray(num_cpus=2, ingress="haproxy" if name == "fused-haproxy" else config["ingress"])
         deploy(config)
         port = 8000
     assert wait_for(f"http://127.0.0.1:{port}/healthz", timeout_s=300), f"{name}: nothing answers on :{port}"
@@ -351,7 +356,8 @@ def main() -> None:
             f"## (c) HTTP under fixed offered load\n\n{args.duration:.0f} s per rate after {args.warmup:.0f} s "
             "warm-up; "
             "64 keep-alive connections; open loop from `benchmarks/loadgen` (latency from each request's due time) on "
-            "the same 2 cores as the servers; HAProxy ingress; telemetry off; one replica each. In-replica = the "
+            "the same 2 cores as the servers; ingress `haproxy-throughput` (serve_apps/launch.py) unless named; "
+            "telemetry off; one replica unless named. In-replica = the "
             "app's `server-timing` `app` metric.\n\n" + table + "\n\n![p99 against offered load](recommend.png)\n"
         )
         sections.append(

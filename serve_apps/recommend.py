@@ -45,7 +45,6 @@ import asyncio
 import os
 import tempfile
 import time
-import uuid
 from collections import OrderedDict
 from typing import Annotated, Any
 
@@ -75,7 +74,7 @@ from serve_apps.errors import BadRequest, ServerTiming, error_responses, install
 from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
-from serve_apps.utility_agent import UtilityAgentDeployment, operating_point_store
+from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
@@ -185,6 +184,26 @@ class StageParamsBody(BaseModel):
     expected_version: int | None = None
 
 
+# Serving replicas run one request at a time per core: BLAS's own threads (numpy's matching product) only add
+# thread wake-ups, which cost a system call each and, in sandboxed kernels, more than the product itself.
+SERVING_RUNTIME_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+
+
+class RequestIds:
+    """Unpredictable 62-bit request ids from the OS's randomness, read 8 KiB at a time (a ``uuid4`` per request
+    is one system call per request; where system calls are slow, that was 7 % of a fused replica's time)."""
+
+    def __init__(self, block: int = 8192):
+        self.block, self.buffer, self.used = block, b"", 0
+
+    def next(self) -> int:
+        if self.used + 8 > len(self.buffer):
+            self.buffer, self.used = os.urandom(self.block), 0
+        value = int.from_bytes(self.buffer[self.used : self.used + 8], "little") & ((1 << 62) - 1)
+        self.used += 8
+        return value
+
+
 DEFAULT_EVENTS_PATH = os.path.join(tempfile.gettempdir(), "morl-events")
 REPORT_TTL_S = 5.0  # GET /experiments re-reads the logs at most this often
 ARM_ERRORS = error_responses(404, 409, 422)
@@ -206,7 +225,7 @@ def make_event_buffer(telemetry: dict | None) -> TelemetryBuffer | None:
     return TelemetryBuffer(sink, BufferConfig(**cfg))
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25, "runtime_env": SERVING_RUNTIME_ENV})
 class StageDeployment(ServedStage):
     """One stage in its own deployment (the composed path): ``ServedStage`` with this replica as the reader."""
 
@@ -220,7 +239,7 @@ install_error_handlers(app)
 app.add_middleware(ServerTiming)
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25, "runtime_env": SERVING_RUNTIME_ENV})
 @serve.ingress(app)
 class RecommendService:
     def __init__(
@@ -262,6 +281,7 @@ class RecommendService:
         self.served: OrderedDict[str, dict] = OrderedDict()
         self.cache_size = served_cache_size
         self.served_record = ServedRecordCodec.from_config(served_record)
+        self.request_ids = RequestIds()
         self.experiment = None if experiment is None else ArmSplit.from_config(experiment)
         self.arm_stores, self.arm_weights = {}, {}  # per "weights" arm: its store, and this replica's follower
         for arm in self.experiment.arms if self.experiment else ():
@@ -285,13 +305,15 @@ class RecommendService:
         self._report_cache: tuple[float, dict, dict] | None = None  # (time, per-arm KPIs, versions): GET /experiments
         self.events = make_event_buffer(telemetry)
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
+        self.local_agent = None  # placement "replica": the agent answers in this replica, no hop
+        if utility_config is not None and self.utility_config.get("placement") == "replica":
+            self.local_agent = UtilityAgent(world_config, pipeline_config, self.utility_config, store_prefix, replica)
+        self.has_agent = utility_agent is not None or self.local_agent is not None
         self.operating_point = (
-            operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5))
-            if utility_agent is not None
-            else None
+            operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5)) if self.has_agent else None
         )
         # who ranks requests that carry no weights and belong to no arm (app_builder validated it)
-        self.ranking_policy = ranking_policy or ("utility_agent" if utility_agent is not None else "held")
+        self.ranking_policy = ranking_policy or ("utility_agent" if self.has_agent else "held")
         self.outer_controller = None  # the outer controller's published policy, followed like any store
         if self.ranking_policy == "outer_controller" or any(
             a.policy == "outer_controller" for a in (self.experiment.arms if self.experiment else ())
@@ -339,7 +361,7 @@ class RecommendService:
             history,
             np.array([body.step], np.int32),
             clicks=np.array([body.clicks], np.int32),
-            request_id=uuid.uuid4().int & ((1 << 62) - 1),
+            request_id=self.request_ids.next(),
         )
 
     def _logged_context(self, req: RequestBatch, logged: dict | None, context=None) -> np.ndarray | None:
@@ -364,9 +386,12 @@ class RecommendService:
         would_be = candidate if drawn is None else drawn[0]
         return {"weights": np.asarray(would_be, np.float32), "log_density": log_density, "version": version}
 
-    async def _agent_choice(self, choice_ref) -> tuple[dict | None, str | None]:
-        """The agent's choice, or (None, why) if it is slow or failing: it must never take the request down."""
+    async def _agent_choice(self, req: RequestBatch, choice_ref) -> tuple[dict | None, str | None]:
+        """The agent's choice (in this replica, or the deployment's answer within ``timeout_s``), or (None, why)
+        if it is slow or failing: it must never take the request down."""
         try:
+            if self.local_agent is not None:
+                return self.local_agent.choose([req])[0], None
             return await asyncio.wait_for(choice_ref, self.utility_config.get("timeout_s", 0.5)), None
         except Exception as e:
             return None, f"utility agent unavailable ({type(e).__name__}): default ranking weights served"
@@ -412,14 +437,14 @@ class RecommendService:
             if policy is None:  # nothing (usable) published: the ranking stage's held weights
                 source, source_version = "held", None
         # the agent's choice needs only the request context: ask for it now, await it before ranking
-        ask_agent = source == "utility_agent" and self.utility_agent is not None
-        choice_ref = self.utility_agent.choose.remote(req) if ask_agent else None
+        ask_agent = source == "utility_agent" and self.has_agent
+        choice_ref = self.utility_agent.choose.remote(req) if ask_agent and self.local_agent is None else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
         choice, fallback, logged, out, versions, actions, timing = None, None, None, None, {}, {}, {}
         for stage in STAGES:
-            if stage == "ranking" and choice_ref is not None:  # the agent's choice is ranking's utility weights
+            if stage == "ranking" and ask_agent:  # the agent's choice is ranking's utility weights
                 started = time.perf_counter()
-                choice, fallback = await self._agent_choice(choice_ref)
+                choice, fallback = await self._agent_choice(req, choice_ref)
                 timing["agent"] = (time.perf_counter() - started) * 1e3
                 if choice is not None:
                     params["ranking"] = np.asarray(choice["weights"], np.float32)
@@ -733,7 +758,7 @@ class RecommendService:
         return {"stage": stage, **ack}
 
     def _require_agent(self) -> None:
-        if self.utility_agent is None:
+        if not self.has_agent:
             raise BadRequest(
                 ["app"],
                 "this recommend app runs without a utility agent (args: utility_agent)",
@@ -810,7 +835,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "store_prefix": str, "inner_reward_app": name of the running inner-reward application,
     "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields},
     "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
-                      "num_replicas": 1, "grid_n", "grid_high" (explore)},
+                      "placement": "replica" (fused default: in the recommend replica) | "deployment" (its own,
+                      batched; the composed default), "num_replicas": 1 (deployment), "timeout_s": 0.5
+                      (deployment), "grid_n", "grid_high" (explore)},
     "weight_logging": {"std": 0.3 | [3] or "cov": [[3 × 3]], "floor": 1e-3, "seed": int | None,
                        "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off),
     "num_replicas": RecommendService replicas (1),
@@ -867,18 +894,29 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         lam = agent_cfg.get("lambda", 0.5)
         if not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
             raise ValueError(f"utility_agent.lambda must be a number in [0, 1], got {lam!r}")
-        agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
-            world_config, pipeline_config, agent_cfg, prefix
-        )
+        agent_cfg.setdefault("placement", "replica" if cascade == "fused" else "deployment")
+        if agent_cfg["placement"] not in ("replica", "deployment"):
+            raise ValueError(
+                f"utility_agent.placement must be 'replica' or 'deployment', got {agent_cfg['placement']!r}"
+            )
+        if agent_cfg["placement"] == "replica" and (cascade != "fused" or "num_replicas" in agent_cfg):
+            raise ValueError(
+                "utility_agent.placement 'replica' runs the agent in the fused recommend replica: it needs cascade "
+                "'fused' and takes no num_replicas (use placement 'deployment' to scale the agent on its own)"
+            )
+        if agent_cfg["placement"] == "deployment":
+            agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
+                world_config, pipeline_config, agent_cfg, prefix
+            )
     experiment = args.get("experiment")
     if experiment is not None:
         split = ArmSplit.from_config(experiment)  # bad config fails here, naming the field
-        if agent is None and any(a.policy == "utility_agent" for a in split.arms):
+        if agent_cfg is None and any(a.policy == "utility_agent" for a in split.arms):
             raise ValueError("experiment arm with policy 'utility_agent' needs the utility_agent arg")
     ranking_policy = args.get("ranking_policy")
     if ranking_policy not in (None, *RANKING_POLICIES):
         raise ValueError(f"ranking_policy must be one of {RANKING_POLICIES}, got {ranking_policy!r}")
-    if ranking_policy == "utility_agent" and agent is None:
+    if ranking_policy == "utility_agent" and agent_cfg is None:
         raise ValueError("ranking_policy 'utility_agent' needs the utility_agent arg")
     return RecommendService.options(num_replicas=int(args.get("num_replicas", 1))).bind(
         *(stages[s] for s in STAGES),

@@ -1,8 +1,11 @@
 """The utility-weight agent in the request path: picks the ranking utility weights per request.
 
-The recommend ingress calls ``choose`` at the start of a request, in parallel with matching and
-pre-ranking, and awaits it only before ranking. Calls are batched across concurrent requests
-(``serve.batch``): one forward pass scores every grid action for the whole batch.
+Placement (``utility_agent.placement``):
+  replica     (the default on the fused path) ``UtilityAgent`` runs inside the recommend replica: one small
+              forward pass per request, no hop
+  deployment  ``UtilityAgentDeployment``, scaled on its own: the ingress calls ``choose`` at the start of a
+              request, in parallel with matching and pre-ranking, and awaits it (bounded by ``timeout_s``)
+              only before ranking; calls are batched across concurrent requests (``serve.batch``)
 
 Modes (``utility_agent.mode`` in the recommend app's args):
   agent    the deployed policy at λ (UtilityQModule.act): π_λ(s) = argmax_a λ·Q̃₁(s, a) + (1 − λ)·Q̃₂(s, a)
@@ -39,9 +42,13 @@ def operating_point_store(prefix: str, initial_lambda: float = 0.5):
     return get_or_create_store(f"{prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
 
 
-@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
-class UtilityAgentDeployment:
-    def __init__(self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str):
+class UtilityAgent:
+    """The agent's decisions for request batches (a plain class: in the recommend replica, or in its own
+    deployment below), following the live operating point from its versioned store as ``reader_id``."""
+
+    def __init__(
+        self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str, reader_id: str
+    ):
         torch.set_num_threads(1)  # one small forward pass per batch: extra threads only contend with the stages
         self.mode = agent.get("mode", "agent")
         self.pipeline = Pipeline(World(world_config), pipeline_config)
@@ -52,12 +59,11 @@ class UtilityAgentDeployment:
             self.module = None
             self.weights = ActionGrid(int(agent.get("grid_n", 7)), tuple(agent.get("grid_high", (2.0, 40.0)))).weights
         self.rng = np.random.default_rng()
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.replica = reader_id
         store = operating_point_store(store_prefix, agent.get("lambda", 0.5))
-        self.follower = ParamFollower(store, f"utility-agent-{self.replica}", dict)
+        self.follower = ParamFollower(store, f"utility-agent-{reader_id}", dict)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
-    async def choose(self, requests: list[RequestBatch]) -> list[dict]:
+    def choose(self, requests: list[RequestBatch]) -> list[dict]:
         """Per request: {"weights", "action", "propensity", "lambda", "operating_point_version", "mode", "context"}."""
         obs = self.pipeline.context(RequestBatch.concat(requests))  # step and clicks clipped to the trained range
         version, op = self.follower.current
@@ -72,10 +78,8 @@ class UtilityAgentDeployment:
                 np.ones(len(obs)),
             )
         else:
-            with torch.no_grad():
-                actions = self.module.act(
-                    torch.as_tensor(obs), float(lam)
-                ).numpy()  # π_λ, or g_λ where do no harm fell back
+            with torch.no_grad():  # π_λ, or g_λ where do no harm fell back
+                actions = self.module.act(torch.as_tensor(obs), float(lam)).numpy()
             weights, propensity = self.weights[actions], np.ones(len(obs))
         return [
             {
@@ -93,3 +97,19 @@ class UtilityAgentDeployment:
     def replica_state(self) -> dict[str, Any]:
         version, op = self.follower.current
         return {"replica": self.replica, "operating_point_version": version, "operating_point": op, "mode": self.mode}
+
+
+@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+class UtilityAgentDeployment:
+    """The agent in its own deployment (``placement: deployment``), batching concurrent requests."""
+
+    def __init__(self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str):
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.agent = UtilityAgent(world_config, pipeline_config, agent, store_prefix, replica)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    async def choose(self, requests: list[RequestBatch]) -> list[dict]:
+        return self.agent.choose(requests)
+
+    def replica_state(self) -> dict[str, Any]:
+        return self.agent.replica_state()

@@ -77,13 +77,66 @@ def agent_app(serve_url, tmp_path_factory):
         "ua_test",
         "/ua",
         tmp,
-        {"mode": "agent", "path": path, "frontier": str(tmp / "frontier.json"), "num_replicas": 2},
+        {
+            "mode": "agent",
+            "path": path,
+            "frontier": str(tmp / "frontier.json"),
+            "placement": "deployment",
+            "num_replicas": 2,
+        },
     )
     with httpx.Client(base_url=f"{serve_url}/ua", timeout=60) as c:
         c.module, c.frontier = module, frontier
         yield c
     serve.delete("ua_test")
     serve.delete("ua_test_inner")
+
+
+@pytest.fixture(scope="module")
+def agent_in_replica(serve_url, tmp_path_factory):
+    """The same agent answering inside the fused recommend replica (placement "replica", the fused default)."""
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("agent_in_replica")
+    path, module = _random_agent(str(tmp / "agent.pt"))
+    _deploy("ua_local", "/ual", tmp, {"mode": "agent", "path": path})
+    with httpx.Client(base_url=f"{serve_url}/ual", timeout=60) as c:
+        c.module = module
+        yield c
+    serve.delete("ua_local")
+    serve.delete("ua_local_inner")
+
+
+def test_the_agent_in_the_replica_chooses_as_the_deployment_does(agent_in_replica):
+    body = {"user_id": 11, "history": [3, 4, 5], "step": 2, "clicks": 1}
+    r = agent_in_replica.post("/recommend", json=body)
+    assert r.status_code == 200, r.text
+    u = r.json()["utility"]
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    hist = np.full((1, 20), -1)
+    hist[0, -3:] = [3, 4, 5]
+    obs = pipeline.context(RequestBatch(np.array([11]), hist, np.array([2], np.int32), np.array([1])))
+    with torch.no_grad():
+        expected = int(agent_in_replica.module.act(torch.as_tensor(obs), 0.5)[0])
+    assert u["action"] == expected and u["lambda"] == 0.5 and r.json()["ranking_policy"]["name"] == "utility_agent"
+    assert "agent;dur=" in r.headers["server-timing"]
+    r = agent_in_replica.put("/operating-point", json={"lambda": 1.0})
+    assert r.status_code == 200 and r.json()["readers_acked"] == r.json()["readers_live"] == 1
+    assert agent_in_replica.post("/recommend", json=body).json()["utility"]["lambda"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "cfg, msg",
+    [
+        ({"mode": "explore", "placement": "nearby"}, "placement must be 'replica' or 'deployment'"),
+        ({"mode": "explore", "placement": "replica", "num_replicas": 2}, "takes no num_replicas"),
+    ],
+)
+def test_bad_agent_placement_is_refused(cfg, msg):
+    with pytest.raises(ValueError, match=msg):
+        app_builder({**ARGS, "utility_agent": cfg})
+    with pytest.raises(ValueError, match="needs cascade 'fused'"):
+        app_builder({**ARGS, "cascade": "composed", "utility_agent": {"mode": "explore", "placement": "replica"}})
 
 
 def test_requests_without_weights_get_the_agents_choice(agent_app):

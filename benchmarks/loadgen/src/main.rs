@@ -169,8 +169,9 @@ fn main() {
     let (s50, s99) = (pct(&mut s.service_us, 0.5), pct(&mut s.service_us, 0.99));
     let mut app = s.timing_us.remove("app").unwrap_or_default();
     let (a50, a99) = (pct(&mut app, 0.5), pct(&mut app, 0.99));
-    let mut statuses: Vec<String> = s.statuses.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
-    statuses.sort();
+    let mut merged = std::collections::BTreeMap::new();
+    for (k, v) in &s.statuses { *merged.entry(*k).or_insert(0u64) += v; }
+    let statuses: Vec<String> = merged.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
     let num = |x: f64| if x.is_nan() { "null".to_string() } else { format!("{x:.3}") };
     let names: Vec<String> = s.timing_us.keys().cloned().collect();
     let timings: Vec<String> = names.iter().map(|n| {
