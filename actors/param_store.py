@@ -180,6 +180,11 @@ class ParamFollower:
     def version(self) -> int:
         return self.current[0]
 
+    @property
+    def store(self):
+        """The store this follower reads (for writers that also follow, e.g. a PUT endpoint)."""
+        return self._store
+
     def apply(self, snap: Snapshot) -> None:
         """Adopt a snapshot now (e.g. the one this replica just wrote) if it is newer."""
         with self._apply_lock:

@@ -83,6 +83,46 @@ def run_loadgen(
     return json.loads(out.stdout)
 
 
+def drive_rates(
+    port: int,
+    path: str,
+    body_file: str,
+    content_type: str,
+    rates,
+    duration: float,
+    warmup: float,
+    label: str,
+    tags: dict | None = None,
+) -> list[dict]:
+    """A benchmark child's load loop: each offered rate in turn (``run_loadgen``), tagged with ``route=label``
+    and ``tags``, a progress line per rate on stderr (the parent echoes lines holding " @ ")."""
+    results = []
+    for rate in rates:
+        res = run_loadgen(port, path, body_file, content_type, rate, duration, warmup)
+        res.update(route=label, **(tags or {}))
+        results.append(res)
+        print(
+            f"    {label} @ {rate} req/s: achieved {res['achieved_rps']}, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} "
+            f"ms, in-replica p99 {res['app_p99_ms']} ms, errors {res['errors']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
+def stop_server(server: subprocess.Popen | None) -> None:
+    """A benchmark child's clean-up: the plain-uvicorn control process, else Serve and the local Ray."""
+    if server is not None:
+        server.terminate()
+        server.wait()
+        return
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
 # ---------------------------------------------------------------- child processes, by id
 def _processes() -> dict[int, tuple[int, int]]:
     """pid → (parent pid, start time in clock ticks) of every running process (Linux /proc)."""

@@ -34,11 +34,12 @@ sys.path.insert(0, ROOT)
 import rust_ext  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_load_args,
+    drive_rates,
     find_port,
     http_table,
     machine,
-    run_loadgen,
     run_server_configs,
+    stop_server,
     wait_for,
     write_results,
 )
@@ -186,30 +187,11 @@ def serve_route(route: str, rates: list[int], duration: float, warmup: float) ->
         if ingress in ("direct", "throughput"):
             port = find_port(range(30000, 30010)) or 8000
         assert wait_for(f"http://127.0.0.1:{port}/healthz"), f"{route}: nothing answers on :{port}"
-    results = []
     try:
-        for rate in rates:
-            res = run_loadgen(port, path, body_file.name, content_type, rate, duration, warmup)
-            res.update(route=route, port=port)
-            results.append(res)
-            print(
-                f"    {route:>18} @ {rate:>5} req/s: achieved {res['achieved_rps']:7.1f}, p50 {res['p50_ms']} ms, "
-                f"p99 {res['p99_ms']} ms, in-replica p99 {res['app_p99_ms']} ms, errors {res['errors']}",
-                file=sys.stderr,
-                flush=True,
-            )
+        return drive_rates(port, path, body_file.name, content_type, rates, duration, warmup, route, {"port": port})
     finally:
         os.unlink(body_file.name)
-        if server is not None:
-            server.terminate()
-            server.wait()
-        else:
-            import ray
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
-    return results
+        stop_server(server)
 
 
 def main() -> None:

@@ -1,14 +1,12 @@
-"""World benchmark: simulated responses per second, pipeline requests per second, /recommend under load.
+"""World benchmark: simulated responses per second, pipeline requests per second.
 
-    python benchmarks/world.py                  # ~4 minutes on 2 cores
-    python benchmarks/world.py --part sim       # in-process parts only
+    python benchmarks/world.py                  # ~3 minutes on 2 cores
 
 (a) World.respond (examination, click, dwell, purchase for B slates of 10) and World.step (the
     same plus session dynamics and return draws): user-item responses per second at several batch
     and catalogue sizes. Target: ≥ 1 000 000 per second.
 (b) The in-process cascade (matching over the catalogue → pre-ranking → ranking): requests/s.
-(c) POST /recommend (stage deployments composed by handles) behind each ingress, under a fixed
-    offered load from benchmarks/loadgen.
+/recommend under load (fused and composed paths, ingresses, approximate matching) is benchmarks/recommend.py.
 Writes benchmarks/results/world.md.
 """
 
@@ -16,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -28,15 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import Pipeline  # noqa: E402
 from actors.stages import RequestBatch  # noqa: E402
-from actors.world import World, WorldConfig, seed_sequence  # noqa: E402
+from actors.world import PipelineConfig, World, WorldConfig, seed_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    add_load_args,
-    find_port,
-    http_table,
     machine,
-    run_loadgen,
-    run_server_configs,
-    wait_for,
     write_results,
 )
 
@@ -60,7 +50,7 @@ def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, s
         t = time.perf_counter()
         world = World(WorldConfig(n_items=n_items))
         build_s = time.perf_counter() - t
-        pipeline = Pipeline(world)
+        pipeline = Pipeline(world, PipelineConfig(matching_index="exact"))
         rng = seed_sequence(0, "bench")
         for b in batch_sizes:
             users = rng.integers(0, world.users.n, b)
@@ -92,91 +82,29 @@ def sim_part(catalogue_sizes: list[int], batch_sizes: list[int]) -> tuple[str, s
     return "\n".join(sim), "\n".join(cas)
 
 
-def serve_recommend(ingress: str, rates: list[int], duration: float, warmup: float) -> list[dict]:
-    """Child process: deploy inner_reward + recommend with `ingress`, drive /recommend."""
-    import ray
-    from ray import serve
-
-    from serve_apps import inner_reward, recommend
-    from serve_apps.launch import start_local_ray
-
-    start_local_ray(num_cpus=2, ingress=ingress)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
-    serve.run(inner_reward.app_builder({}), name="inner_reward", route_prefix="/ir")
-    serve.run(recommend.app_builder({}), name="recommend", route_prefix="/")
-    port = (find_port(range(30000, 30010)) if ingress in ("direct", "throughput") else None) or 8000
-    assert wait_for(f"http://127.0.0.1:{port}/healthz"), f"{ingress}: nothing answers on :{port}"
-    body = tempfile.NamedTemporaryFile(delete=False, suffix=".json")
-    body.write(json.dumps({"user_id": 42, "history": [1, 2, 3], "step": 1}).encode())
-    body.close()
-    results = []
-    try:
-        for rate in rates:
-            res = run_loadgen(port, "/recommend", body.name, "application/json", rate, duration, warmup)
-            res.update(route=f"recommend ({ingress})")
-            results.append(res)
-            latency = f"p50 {res['p50_ms']} p99 {res['p99_ms']} achieved {res['achieved_rps']}"
-            print(f"    /recommend {ingress} @ {rate} req/s: {latency}", file=sys.stderr, flush=True)
-    finally:
-        os.unlink(body.name)
-        serve.shutdown()
-        ray.shutdown()
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "sim", "http"], default="all")
     parser.add_argument("--catalogues", default="20000,1000000")
     parser.add_argument("--batches", default="100,1000,10000")
-    parser.add_argument("--ingresses", default="haproxy,throughput")
-    add_load_args(parser, "50,100,200", "--serve-ingress")
     args = parser.parse_args()
-    rates = [int(r) for r in args.rates.split(",")]
-    if args.serve_ingress:
-        print(
-            "RESULT " + json.dumps(serve_recommend(args.serve_ingress, rates, args.duration, args.warmup)), flush=True
-        )
-        return
     sections = [
         f"# World benchmark\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}. "
         "Command: `python benchmarks/world.py` (one run; medians of 5).\n"
     ]
-    if args.part in ("all", "sim"):
-        print("(a, b) world and cascade in process", flush=True)
-        sim, cascade = sim_part([int(x) for x in args.catalogues.split(",")], [int(x) for x in args.batches.split(",")])
-        print(sim + "\n\n" + cascade)
-        sections.append(
-            "## (a) Simulated user-item responses per second (one process, NumPy)\n\n"
-            "`respond` samples examination, click, dwell, skip, purchase and revenue for B slates of 10; "
-            "`step` adds the session update (satisfaction, temper, history, category counts) and return "
-            "draws. Target: ≥ 1 000 000 responses/s.\n\n" + sim + "\n"
-        )
-        sections.append(
-            "## (b) The cascade in process: matching over the whole catalogue → pre-ranking (500 → 50) → "
-            "ranking (50 → 10)\n\n" + cascade + "\n"
-        )
-    if args.part in ("all", "http"):
-        print("(c) /recommend under fixed offered load", flush=True)
-        table = http_table(
-            run_server_configs(
-                __file__,
-                "--serve-ingress",
-                args.ingresses.split(","),
-                rates,
-                args.duration,
-                args.warmup,
-                label=lambda i: f"recommend ({i})",
-            )
-        )
-        print(table)
-        sections.append(
-            "## (c) POST /recommend under fixed offered load\n\nIngress → RecommendService → 3 stage "
-            "deployments by DeploymentHandle (20 000 items, default stage parameters), 64 connections, "
-            f"{args.duration:.0f} s per rate after {args.warmup:.0f} s warm-up, open loop from "
-            "`benchmarks/loadgen` on the same 2 cores.\n\n" + table + "\n"
-        )
-    write_results(RESULTS, sections, partial=args.part != "all")
+    print("(a, b) world and cascade in process", flush=True)
+    sim, cascade = sim_part([int(x) for x in args.catalogues.split(",")], [int(x) for x in args.batches.split(",")])
+    print(sim + "\n\n" + cascade)
+    sections.append(
+        "## (a) Simulated user-item responses per second (one process, NumPy)\n\n"
+        "`respond` samples examination, click, dwell, skip, purchase and revenue for B slates of 10; "
+        "`step` adds the session update (satisfaction, temper, history, category counts) and return "
+        "draws. Target: ≥ 1 000 000 responses/s.\n\n" + sim + "\n"
+    )
+    sections.append(
+        "## (b) The cascade in process: matching over the whole catalogue (exact) → pre-ranking (500 → 50) → "
+        "ranking (50 → 10)\n\nWith approximate matching and over HTTP: `benchmarks/recommend.py`.\n\n" + cascade + "\n"
+    )
+    write_results(RESULTS, sections, partial=False)
 
 
 if __name__ == "__main__":

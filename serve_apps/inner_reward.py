@@ -138,6 +138,24 @@ def pack_slates(slates: list[Slate]) -> tuple[np.ndarray, ...]:
     )
 
 
+def weights_follower(store_name: str, reader_id: str, config: InnerRewardConfig | None = None) -> ParamFollower:
+    """A reader's copy of the inner-reward weights (``rust_ext.RewardWeights``), followed from their store."""
+    config = config or InnerRewardConfig(weights_store=store_name)
+    store = get_or_create_store(store_name, config.initial_weights, snapshot_path=config.weights_snapshot_path)
+    return ParamFollower(store, reader_id, lambda p: rust_ext.RewardWeights(**p))
+
+
+def score_slates(weights: ParamFollower, offsets, clicked, dwell, skipped, relevance, prefix: list):
+    """The Rust kernel on packed slates with the followed weights: (rewards, totals, weights version); a kernel
+    error becomes a 422 naming the field."""
+    version, current = weights.current
+    try:
+        rewards, totals = rust_ext.inner_reward_slates(offsets, clicked, dwell, skipped, relevance, current)
+    except ValueError as e:
+        raise BadRequest(loc_from_kernel_error(str(e), prefix, _KERNEL_FIELDS), str(e)) from None
+    return rewards, totals, version
+
+
 app = FastAPI(title="Inner reward", description=__doc__)
 install_error_handlers(app)
 app.add_middleware(ServerTiming)
@@ -148,12 +166,9 @@ app.add_middleware(ServerTiming)
 class InnerRewardService:
     def __init__(self, config: InnerRewardConfig | None = None):
         self.config = config or InnerRewardConfig()
-        store = get_or_create_store(
-            self.config.weights_store, self.config.initial_weights, snapshot_path=self.config.weights_snapshot_path
-        )
-        self._store = store
         self._replica = serve.get_replica_context().replica_id.unique_id
-        self._weights = ParamFollower(store, self._replica, lambda p: rust_ext.RewardWeights(**p))
+        self._weights = weights_follower(self.config.weights_store, self._replica, self.config)
+        self._store = self._weights.store
 
     # ---- scoring -------------------------------------------------------------------------
     def _check_sizes(self, lengths: list[int], prefix: list) -> None:
@@ -170,12 +185,7 @@ class InnerRewardService:
                 )
 
     def _score(self, offsets, clicked, dwell, skipped, relevance, prefix: list):
-        version, weights = self._weights.current
-        try:
-            rewards, totals = rust_ext.inner_reward_slates(offsets, clicked, dwell, skipped, relevance, weights)
-        except ValueError as e:
-            raise BadRequest(loc_from_kernel_error(str(e), prefix, _KERNEL_FIELDS), str(e)) from None
-        return rewards, totals, version
+        return score_slates(self._weights, offsets, clicked, dwell, skipped, relevance, prefix)
 
     def score_slates(self, offsets, clicked, dwell, skipped, relevance):
         """For DeploymentHandle callers (e.g. /feedback): (rewards, totals, weights version)."""

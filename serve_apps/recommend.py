@@ -6,7 +6,8 @@ Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical 
   stage parameter versions, request id, ``served_record`` (what was served, signed: serve_apps/served_record.py)
 - ``POST /feedback``   {request_id, clicked, dwell_s, skipped, served_record?} for a served slate: the replica's
   cache, else the signed record (another replica, or a restarted one, scores it; forged 403, stale 410)
-  → per-item inner rewards from the inner-reward deployment (the Rust kernel), with its weights version; the reward's
+  → per-item inner rewards from the Rust kernel, with the weights version: in this replica on the weights the
+  inner-reward app serves (args ``inner_reward_weights_store``), else by a call to that app; the reward's
   relevance term is the two-tower similarity of the user and the served items
   (``actors.stages.retrieval_relevance``, from the ingress's own StageContext), not the ranker's p_click
 - ``GET /stages``, ``PUT /stages/{stage}/params``  versioned, hot-updated stage parameters
@@ -72,7 +73,7 @@ from actors.world import PipelineConfig, World, WorldConfig
 from rllib_policies import storage
 from serve_apps.errors import BadRequest, ServerTiming, error_responses, install_error_handlers
 from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
-from serve_apps.inner_reward import DwellSeconds, FiniteFloat
+from serve_apps.inner_reward import DwellSeconds, FiniteFloat, score_slates, weights_follower
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
@@ -259,6 +260,7 @@ class RecommendService:
         served_record: dict | None = None,
         experiment: dict | None = None,
         ranking_policy: str | None = None,
+        inner_reward_weights_store: str | None = None,
     ):
         pipeline_config = pipeline_config or PipelineConfig()
         replica = serve.get_replica_context().replica_id.unique_id
@@ -276,6 +278,10 @@ class RecommendService:
         self.embed_dim = self.ctx.item_tower.shape[1]
         self.inner_reward_app = inner_reward_app
         self._inner_reward = None
+        # /feedback's kernel in this replica, on the weights the inner-reward app serves (no hop), when named
+        self.reward_weights = (
+            weights_follower(inner_reward_weights_store, f"recommend-{replica}") if inner_reward_weights_store else None
+        )
         self.n_users, self.n_items = world_config.n_users, world_config.n_items
         self.stores = {s: get_or_create_store(f"{store_prefix}_{s}", default_stage_params(s)) for s in STAGES}
         self.served: OrderedDict[str, dict] = OrderedDict()
@@ -514,6 +520,23 @@ class RecommendService:
             | ({"fallback": policy_fallback} if policy_fallback else {}),
         )
 
+    async def _inner_reward_scores(self, offsets, clicked, dwell, skipped, relevance):
+        """(rewards, totals, weights version): the Rust kernel in this replica with the inner-reward app's weights
+        followed from their store (``inner_reward_weights_store``), else one handle call to the inner-reward app."""
+        if self.reward_weights is not None:
+            return score_slates(self.reward_weights, offsets, clicked, dwell, skipped, relevance, ["body"])
+        try:
+            if self._inner_reward is None:  # the inner-reward app is deployed on its own; look it up lazily
+                self._inner_reward = serve.get_app_handle(self.inner_reward_app)
+        except Exception:
+            raise BadRequest(
+                ["app"],
+                f"inner-reward application {self.inner_reward_app!r} is not running",
+                status=503,
+                type_="unavailable",
+            ) from None
+        return await self._inner_reward.score_slates.remote(offsets, clicked, dwell, skipped, relevance)
+
     @app.post("/feedback", response_model=FeedbackResponse, responses=error_responses(403, 404, 410, 422, 503))
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         served = self.served.get(body.request_id)
@@ -537,19 +560,8 @@ class RecommendService:
                 )
         offsets = np.array([0, len(items)], np.int64)
         relevance = retrieval_relevance(self.ctx, np.array([served["user_id"]]), items[None])[0]
-        try:
-            if self._inner_reward is None:  # the inner-reward app is deployed on its own; look it up lazily
-                self._inner_reward = serve.get_app_handle(self.inner_reward_app)
-        except Exception:
-            raise BadRequest(
-                ["app"],
-                f"inner-reward application {self.inner_reward_app!r} is not running",
-                status=503,
-                type_="unavailable",
-            ) from None
-        rewards, totals, version = await self._inner_reward.score_slates.remote(
-            offsets, np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped), relevance
-        )
+        feedback = (np.asarray(body.clicked), np.asarray(body.dwell_s, np.float32), np.asarray(body.skipped))
+        rewards, totals, version = await self._inner_reward_scores(offsets, *feedback, relevance)
         if self.events is not None:
             self.events.emit(
                 slate_events(
@@ -833,6 +845,8 @@ class RecommendService:
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     """args: {"preset": str, "world": {WorldConfig overrides}, "pipeline": {PipelineConfig fields},
     "store_prefix": str, "inner_reward_app": name of the running inner-reward application,
+    "inner_reward_weights_store": that application's ``weights_store``: /feedback then runs the kernel in this
+                                  replica on the weights it serves (hot updates included) instead of calling it,
     "telemetry": {"sink": "parquet"|"redis"|"off", "path"|"url"/"stream", BufferConfig fields},
     "utility_agent": {"mode": "agent"|"explore", "path": agent.pt, "frontier": frontier.json, "lambda": 0.5,
                       "placement": "replica" (fused default: in the recommend replica) | "deployment" (its own,
@@ -865,6 +879,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "experiment",
         "ranking_policy",
         "cascade",
+        "inner_reward_weights_store",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -932,4 +947,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         served_record=ServedRecordCodec.from_config(args.get("served_record")).config(),  # one key for all replicas
         experiment=experiment,
         ranking_policy=ranking_policy,
+        inner_reward_weights_store=args.get("inner_reward_weights_store"),
     )
