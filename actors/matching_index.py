@@ -21,6 +21,7 @@ flight finish on the old one.
 from __future__ import annotations
 
 import time
+import zipfile
 
 import numpy as np
 
@@ -75,19 +76,26 @@ class MatchingIndex:
         """Load and check a catalogue snapshot (.npz with ``item_tower`` [N, d] and ``popularity`` [N]); a
         ValueError names the field and the problem."""
         try:
-            with np.load(path) as f:
-                missing = {"item_tower", "popularity"} - set(f.files)
-                if missing:
-                    raise ValueError(f"{path}: missing array(s) {sorted(missing)} (has {sorted(f.files)})")
+            f = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"cannot read catalogue snapshot {path!r}: {type(e).__name__}: {e}") from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: not an .npz archive of named arrays (np.savez writes one)")
+        with f:
+            missing = {"item_tower", "popularity"} - set(f.files)
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {sorted(missing)} (has {sorted(f.files)})")
+            try:
                 towers, popularity = f["item_tower"].astype(np.float32), f["popularity"].astype(np.float32)
-        except OSError as e:
-            raise ValueError(f"cannot read catalogue snapshot {path!r}: {e}") from None
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f"cannot read catalogue snapshot {path!r}: {type(e).__name__}: {e}") from None
         if towers.shape != (n_items, embed_dim):
             raise ValueError(f"item_tower must have shape ({n_items}, {embed_dim}), got {towers.shape}")
         if popularity.shape != (n_items,):
             raise ValueError(f"popularity must have shape ({n_items},), got {popularity.shape}")
         check_catalogue(towers, popularity)
-        return towers / np.linalg.norm(towers, axis=1, keepdims=True), popularity
+        unit = towers / np.linalg.norm(towers.astype(np.float64), axis=1, keepdims=True)  # float64: no overflow
+        return unit.astype(np.float32), popularity
 
     def _build_ivf(self, nlist: int, nprobe: int):
         import faiss  # noqa: PLC0415  only ivf needs it
@@ -175,11 +183,11 @@ def check_catalogue(item_tower: np.ndarray, popularity: np.ndarray) -> None:
         raise ValueError(f"item_tower [N, d] and popularity [N] must share N, got {shapes}")
     if not (np.isfinite(item_tower).all() and np.isfinite(popularity).all()):
         raise ValueError("item_tower and popularity must be finite")
-    if (np.linalg.norm(item_tower, axis=1) == 0).any():
+    if (np.abs(item_tower).max(axis=1) == 0).any():
         raise ValueError("item_tower has an all-zero row (towers are unit vectors)")
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean |approx ∩ exact| / k over rows (the standard ANN recall@k)."""
+    """Mean |approx ∩ exact| / k over rows (the standard ANN recall@k); faiss's -1 (no item) is never a hit."""
     k = exact.shape[1]
-    return float(np.mean([len(np.intersect1d(a, e, assume_unique=True)) / k for a, e in zip(approx, exact)]))
+    return float(np.mean([np.isin(e, a[a >= 0]).sum() / k for a, e in zip(approx, exact)]))

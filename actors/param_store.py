@@ -158,6 +158,20 @@ def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "mo
     )
 
 
+def find_store(name: str, namespace: str = "morl", timeout_s: float = 60.0):
+    """A store another application owns (it set the initial params and the snapshot path): waits up to
+    ``timeout_s`` for its owner to create it, and never creates it (a LookupError names it otherwise)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            if time.monotonic() > deadline:
+                why = f"no param store {name!r} after {timeout_s:g} s: is the application that owns it deployed?"
+                raise LookupError(why) from None
+            time.sleep(0.2)
+
+
 class ParamFollower:
     """A reader's local copy of a store's params, refreshed by a long-polling daemon thread.
 
@@ -201,7 +215,7 @@ class ParamFollower:
                 if snap is not None:
                     self.apply(snap)
             except Exception as e:  # store restarting or gone: keep serving the last params
-                log.warning("param store unreachable (%s); retrying in %.1fs", e, backoff)
+                log.warning("param store unreachable or update not applied (%s); retrying in %.1fs", e, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 

@@ -63,12 +63,21 @@ class StageRunner:
     """One stage with its current parameters (plain class; wrapped as an actor below)."""
 
     def __init__(
-        self, stage: str, world_config: WorldConfig, pipeline_config: PipelineConfig, ctx: StageContext | None = None
+        self,
+        stage: str,
+        world_config: WorldConfig,
+        pipeline_config: PipelineConfig,
+        ctx: StageContext | None = None,
+        build_index: bool = True,
     ):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.stage, self.pipeline_config = stage, pipeline_config
-        self.ctx = ctx or StageContext(World(world_config), pipeline_config.seed)
+        if ctx is None:  # its own context, with matching's index as the in-process Pipeline builds it
+            ctx = StageContext(World(world_config), pipeline_config.seed)
+            if stage == "matching" and build_index:
+                ctx.index = MatchingIndex.for_config(ctx, pipeline_config)
+        self.ctx = ctx
         self.spec = ObservationSpec.of(world_config)
         self.params = DEFAULT_PARAMS[stage].copy()
         self.version = 1
@@ -159,7 +168,7 @@ class ServedStage:
         ctx: StageContext | None = None,
     ):
         self.stage = stage
-        self.runner = StageRunner(stage, world_config, pipeline_config, ctx)
+        self.runner = StageRunner(stage, world_config, pipeline_config, ctx, build_index=False)  # followed below
         self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
         self.follower = ParamFollower(self.store, reader_id, lambda p: params_array(stage, p))
         self.policy = ParamFollower(
@@ -167,22 +176,30 @@ class ServedStage:
             reader_id,
             lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
         )
-        self.index = None
+        self.index, self.index_error, self._indexed = None, None, False
         if stage == "matching":
-            self._last_index = None
             self.index = ParamFollower(catalogue_store(store_prefix), reader_id, self._build_index)
 
     def _build_index(self, snapshot: dict) -> MatchingIndex | None:
-        """The index over a catalogue snapshot (None: exact search on the world's towers). A snapshot that
-        cannot be loaded keeps the index in service (the PUT validated it; the file may have gone since)."""
+        """The index over a catalogue snapshot (None: exact search on the world's towers). A snapshot that cannot
+        be loaded (the PUT checked it; the file may have gone since, or not be visible here) raises on a hot
+        update, so the follower keeps the index and version in service, leaves the update unacknowledged and
+        retries; at start-up the replica serves the world's towers instead. ``index_error`` says why."""
         ctx, config = self.runner.ctx, self.runner.pipeline_config
         path, shape = snapshot.get("path"), ctx.item_tower.shape
         try:
             arrays = None if not path else MatchingIndex.from_file(path, *shape)
-            self._last_index = MatchingIndex.for_config(ctx, config, source=path, arrays=arrays)
+            index = MatchingIndex.for_config(ctx, config, source=path, arrays=arrays)
         except ValueError as e:
-            log.error("catalogue snapshot %r not applied, the current index stays in service: %s", path, e)
-        return self._last_index
+            self.index_error = f"catalogue snapshot {path!r} not applied: {e}"
+            log.error(self.index_error)
+            if self._indexed:
+                raise
+            index = None
+        else:
+            self.index_error = None
+        self._indexed = True
+        return index
 
     def run(self, req: RequestBatch, candidates=None, params=None, upstream: dict | None = None) -> StageResult:
         """A request's ``params`` override everything; else the stage policy acts on o_k (``upstream``: the earlier
@@ -202,7 +219,7 @@ class ServedStage:
         """matching's index: the catalogue snapshot's version, and the index's kind, size, cells and build time."""
         version, index = self.index.current
         exact = {"kind": "exact", "n_items": len(self.runner.ctx.item_tower), "source": None}
-        return {**(exact if index is None else index.describe()), "version": version}
+        return {**(exact if index is None else index.describe()), "version": version, "last_error": self.index_error}
 
 
 class ActorPipeline:

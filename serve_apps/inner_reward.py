@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 import rust_ext
-from actors.param_store import ParamFollower, VersionConflict, get_or_create_store
+from actors.param_store import ParamFollower, VersionConflict, find_store, get_or_create_store
 from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers, loc_from_kernel_error
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,13 @@ def pack_slates(slates: list[Slate]) -> tuple[np.ndarray, ...]:
 
 
 def weights_follower(store_name: str, reader_id: str, config: InnerRewardConfig | None = None) -> ParamFollower:
-    """A reader's copy of the inner-reward weights (``rust_ext.RewardWeights``), followed from their store."""
-    config = config or InnerRewardConfig(weights_store=store_name)
-    store = get_or_create_store(store_name, config.initial_weights, snapshot_path=config.weights_snapshot_path)
+    """A reader's copy of the inner-reward weights (``rust_ext.RewardWeights``), followed from their store: the
+    inner-reward app (``config`` given) creates it with its initial weights and snapshot; any other reader only
+    finds it, waiting for that app, so it can never create the store with defaults of its own."""
+    if config is not None:
+        store = get_or_create_store(store_name, config.initial_weights, snapshot_path=config.weights_snapshot_path)
+    else:
+        store = find_store(store_name)
     return ParamFollower(store, reader_id, lambda p: rust_ext.RewardWeights(**p))
 
 

@@ -313,7 +313,9 @@ class RecommendService:
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
         self.local_agent = None  # placement "replica": the agent answers in this replica, no hop
         if utility_config is not None and self.utility_config.get("placement") == "replica":
-            self.local_agent = UtilityAgent(world_config, pipeline_config, self.utility_config, store_prefix, replica)
+            self.local_agent = UtilityAgent(
+                world_config, pipeline_config, self.utility_config, store_prefix, replica, self.ctx
+            )
         self.has_agent = utility_agent is not None or self.local_agent is not None
         self.operating_point = (
             operating_point_store(store_prefix, self.utility_config.get("lambda", 0.5)) if self.has_agent else None

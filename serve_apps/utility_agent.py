@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from actors.cascade import Pipeline
+from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.stages import RequestBatch
+from actors.stages import RequestBatch, StageContext
 from actors.world import PipelineConfig, World, WorldConfig
 from rllib_policies import storage
 from rllib_policies.utility_agent.exploration import ActionGrid
@@ -47,11 +47,19 @@ class UtilityAgent:
     deployment below), following the live operating point from its versioned store as ``reader_id``."""
 
     def __init__(
-        self, world_config: WorldConfig, pipeline_config: PipelineConfig, agent: dict, store_prefix: str, reader_id: str
+        self,
+        world_config: WorldConfig,
+        pipeline_config: PipelineConfig,
+        agent: dict,
+        store_prefix: str,
+        reader_id: str,
+        ctx: StageContext | None = None,
     ):
         torch.set_num_threads(1)  # one small forward pass per batch: extra threads only contend with the stages
         self.mode = agent.get("mode", "agent")
-        self.pipeline = Pipeline(World(world_config), pipeline_config)
+        # the requests' context needs only the serving system's view: the recommend replica's own, when given
+        self.ctx = ctx or StageContext(World(world_config), pipeline_config.seed)
+        self.spec = ObservationSpec.of(world_config)
         if self.mode == "agent":
             self.module = load_agent(storage.local_copy(storage.resolve(agent["path"])))
             self.weights = self.module.grid.numpy()
@@ -65,7 +73,7 @@ class UtilityAgent:
 
     def choose(self, requests: list[RequestBatch]) -> list[dict]:
         """Per request: {"weights", "action", "propensity", "lambda", "operating_point_version", "mode", "context"}."""
-        obs = self.pipeline.context(RequestBatch.concat(requests))  # step and clicks clipped to the trained range
+        obs = self.spec.context(self.ctx, RequestBatch.concat(requests))  # step, clicks clipped to the trained range
         version, op = self.follower.current
         lam = op.get("lambda")
         if self.mode == "explore":

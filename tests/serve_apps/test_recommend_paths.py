@@ -141,6 +141,7 @@ def test_a_catalogue_update_swaps_the_index_under_live_traffic(apps, tmp_path):
     "arrays, body, status, msg",
     [
         (None, {"path": "/nonexistent/catalogue.npz"}, 422, "cannot read catalogue snapshot"),
+        ({"npy": np.ones((3000, 16))}, None, 422, "not an .npz archive"),
         ({"item_tower": np.ones((10, 16))}, None, 422, "missing array"),
         ({"item_tower": np.ones((3000, 8)), "popularity": np.zeros(3000)}, None, 422, "item_tower must have shape"),
         ({"item_tower": np.full((3000, 16), np.inf), "popularity": np.zeros(3000)}, None, 422, "must be finite"),
@@ -151,7 +152,10 @@ def test_a_catalogue_update_swaps_the_index_under_live_traffic(apps, tmp_path):
 )
 def test_bad_catalogue_updates_are_refused_and_change_nothing(apps, tmp_path, arrays, body, status, msg):
     client = apps["ivf"]
-    if arrays is not None:
+    if arrays is not None and "npy" in arrays:
+        np.save(tmp_path / "bad.npy", arrays["npy"])
+        body = {"path": str(tmp_path / "bad.npy")}
+    elif arrays is not None:
         np.savez(tmp_path / "bad.npz", **arrays)
         body = {"path": str(tmp_path / "bad.npz")}
     before = client.get("/matching/index").json()
