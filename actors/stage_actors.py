@@ -215,6 +215,12 @@ class ServedStage:
         out, _ = self.runner.run(req, candidates, action, index)
         return StageResult(out, version, action, policy_version, (time.perf_counter() - started) * 1e3, index_version)
 
+    def stop(self) -> None:
+        """Stop following the stores (the replica's shutdown; tests)."""
+        for follower in (self.follower, self.policy, self.index):
+            if follower is not None:
+                follower.stop()
+
     def describe_index(self) -> dict:
         """matching's index: the catalogue snapshot's version, and the index's kind, size, cells and build time."""
         version, index = self.index.current

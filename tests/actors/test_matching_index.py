@@ -148,11 +148,14 @@ def test_a_snapshot_a_replica_cannot_load_is_never_acknowledged(ray_session, tmp
     prefix = f"idx_{uuid.uuid4().hex[:8]}"
     world = WorldConfig(n_items=2000, n_users=100)
     stage = ServedStage("matching", world, PipelineConfig(k_matching=100, matching_index="ivf"), prefix, "r1")
-    assert stage.describe_index()["kind"] == "ivf" and stage.describe_index()["last_error"] is None
-    ack = ray_session.get(catalogue_store(prefix).put.remote({"path": str(tmp_path / "gone.npz")}, None, 1.0))
-    assert ack["readers_acked"] == 0 and ack["readers_live"] == 1
-    described = stage.describe_index()
-    assert described["version"] == 1 and described["kind"] == "ivf" and "not applied" in described["last_error"]
-    req = RequestBatch(np.arange(2), np.full((2, 20), -1, np.int64), np.zeros(2, np.int32))
-    result = stage.run(req)
-    assert result.index_version == 1 and result.out.items.shape == (2, 100)
+    try:
+        assert stage.describe_index()["kind"] == "ivf" and stage.describe_index()["last_error"] is None
+        ack = ray_session.get(catalogue_store(prefix).put.remote({"path": str(tmp_path / "gone.npz")}, None, 1.0))
+        assert ack["readers_acked"] == 0 and ack["readers_live"] == 1
+        described = stage.describe_index()
+        assert described["version"] == 1 and described["kind"] == "ivf" and "not applied" in described["last_error"]
+        req = RequestBatch(np.arange(2), np.full((2, 20), -1, np.int64), np.zeros(2, np.int32))
+        result = stage.run(req)
+        assert result.index_version == 1 and result.out.items.shape == (2, 100)
+    finally:
+        stage.stop()
