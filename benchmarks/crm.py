@@ -58,7 +58,19 @@ def markdown(runs: list[dict], cfg: CRMExperiment, wall: float) -> str:
         "",
         f"`benchmarks/crm.py` — {n} seeds; per seed {cfg.sessions} Gaussian-logged sessions on the "
         f"{cfg.env_config['world']} world (log w ~ N(log μ₀, {cfg.logging_sigma:g}²·I) truncated to "
-        "[log(10⁻³·high), log high]³), users split train / validation / test "
+        "[log(10⁻³·high), log high]³)"
+        + (
+            ""
+            if cfg.rounds == 1
+            else f" in {cfg.rounds} rounds: round 1 ({runs[0]['data']['rounds'][0]['sessions']} sessions) around μ₀, "
+            "then CRM fitted on round 1's train rows and round 2 logged around its learned mean "
+            f"(σ {cfg.round_sigma:g}; learned means "
+            + ", ".join(
+                "(" + ", ".join(f"{w:.2g}" for w in r["data"]["rounds"][1]["logging_weights"]) + ")" for r in runs
+            )
+            + "), each row with its own round's density"
+        )
+        + ", users split train / validation / test by a fixed hash "
         f"({1 - cfg.validation - cfg.test:.0%} / {cfg.validation:.0%} / {cfg.test:.0%}). Objective per request "
         f"r = λ·clicks/σ_clicks + (1 − λ)·long_views/σ_long_views, λ = {cfg.lam:g} (σ from the training rows). "
         f"CRM: {cfg.iterations} × {cfg.steps_per_iteration} full-batch Adam steps (lr {cfg.lr:g}) on "
@@ -155,13 +167,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sessions", type=int, default=CRMExperiment.sessions)
     parser.add_argument("--iterations", type=int, default=CRMExperiment.iterations)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=CRMExperiment.rounds,
+        help="logging rounds (2: round 2 logs around round 1's learned mean)",
+    )
+    parser.add_argument("--round-sigma", type=float, default=CRMExperiment.round_sigma)
     parser.add_argument("--quick", action="store_true", help="no files written")
     args = parser.parse_args()
     init_ray(2)
     start = time.time()
     runs = []
     for seed in range(args.seeds):
-        cfg = CRMExperiment(sessions=args.sessions, iterations=args.iterations, ray_data=False, seed=seed)
+        cfg = CRMExperiment(
+            sessions=args.sessions,
+            iterations=args.iterations,
+            rounds=args.rounds,
+            round_sigma=args.round_sigma,
+            ray_data=False,
+            seed=seed,
+        )
         with tempfile.TemporaryDirectory() as work:
             runs.append(run_experiment(cfg, work))
         r = runs[-1]

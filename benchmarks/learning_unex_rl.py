@@ -72,6 +72,7 @@ LEARNER_OPTIONS = (
     "saturation_penalty",
     "policy_delay",
     "sessions_per_iteration",
+    "incumbent_window",
 )
 
 

@@ -159,9 +159,14 @@ def exploration_text(results: dict, args) -> str:
     sizes = np.array([[len(x["support"]) for x in r["exploration"]["rounds"]] for r in runs])
     return (
         f"adaptive, {args.exploration_rounds} rounds of successive halving at the same total budget "
-        f"(round 1 uniform over all 49 vectors; each later round uniform over the union over λ of each λ's "
-        f"top {args.keep_fraction:g} of the previous round's support by the model's mean Q̂_λ, fitted on the "
-        f"train users' rows so far; supports "
+        f"(round 1 uniform over all 49 vectors; each later round uniform over the union over λ of "
+        + (
+            f"each λ's top {args.keep_fraction:g} of the previous round's support by the model's mean Q̂_λ"
+            if args.cut == "fraction"
+            else "every vector of the previous round's support that the doubly robust best does not beat at "
+            f"one-sided level {args.cut_level:g} (successive elimination, Bonferroni over the support)"
+        )
+        + ", fitted on the train users' rows so far; supports "
         + " → ".join(f"{sizes[:, k].min()}–{sizes[:, k].max()}" for k in range(sizes.shape[1]))
         + " vectors; each request logs its round's propensity; g_λ = the model refit on every round's train "
         "rows, argmax over the last support; π_λ also within it)"
@@ -239,6 +244,10 @@ def main() -> None:
     )
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="share of a round's support each λ keeps")
     parser.add_argument(
+        "--cut", default="fraction", choices=["fraction", "confidence"], help="how a round's survivors are chosen"
+    )
+    parser.add_argument("--cut-level", type=float, default=0.95, help="the confidence cut's level")
+    parser.add_argument(
         "--baseline", default=None, help="a .json of an earlier run (e.g. uniform logging): old vs new per row"
     )
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -265,6 +274,8 @@ def main() -> None:
                 global_choice=args.global_choice,
                 exploration_rounds=args.exploration_rounds,
                 keep_fraction=args.keep_fraction,
+                cut=args.cut,
+                cut_level=args.cut_level,
                 ray_data=False,  # the same request_rows in process: the Ray Data job's start-up dominates at this size
             )
             with tempfile.TemporaryDirectory() as work:
@@ -296,7 +307,12 @@ def report(results: dict, args, total: float) -> None:
         f"Command: `python benchmarks/learning_utility_agent.py --sessions {args.sessions} --passes {args.passes} "
         f"--seeds {','.join(map(str, args.seeds))} --global-choice {args.global_choice}"
         + (
-            f" --exploration-rounds {args.exploration_rounds} --keep-fraction {args.keep_fraction:g}"
+            f" --exploration-rounds {args.exploration_rounds} "
+            + (
+                f"--keep-fraction {args.keep_fraction:g}"
+                if args.cut == "fraction"
+                else f"--cut confidence --cut-level {args.cut_level:g}"
+            )
             if args.exploration_rounds > 1
             else ""
         )

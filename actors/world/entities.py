@@ -20,7 +20,9 @@ def seed_sequence(seed: int, *stream: str | int) -> np.random.Generator:
     """One seed formula for the whole world: Generator(PCG64(SeedSequence([seed, *hash(stream)]))).
 
     ``stream`` names a purpose (e.g. "catalogue", "session", request id) so independent parts
-    draw independent, reproducible numbers: g = PCG64(SeedSequence(seed ⊕ stream)).
+    draw independent, reproducible numbers: g = PCG64(SeedSequence(seed ⊕ stream)). A text stream
+    enters as its first 8 bytes (little-endian), so names must differ there ("crm-logging-0" and
+    "crm-logging-r1-0" are one stream); kept as is because every preset's world is drawn through it.
     """
     words = [int(seed)]
     for s in stream:

@@ -1,7 +1,10 @@
 """CRM's learning experiment on the simulator, measured against the world's oracle (issue 14, item 7).
 
-logs      Gaussian-logged sessions around μ₀ (logs.simulate_gaussian_logs), with the logged states
-rows      request rows (Ray Data), users split train / validation / test
+logs      Gaussian-logged sessions around μ₀ (logs.simulate_gaussian_logs), with the logged states; with
+          ``rounds`` = 2 the budget is split: round 1 around μ₀, then CRM is fitted on round 1's train rows
+          and round 2 logs around its learned mean (exp of the mean m_θ(x) over those rows, σ = ``round_sigma``),
+          so the region the learner points at gets support; every row keeps its own round's log q(a)
+rows      request rows (Ray Data) of every round, users split train / validation / test by a fixed hash
 learn     CRM on train (``iterations`` × ``steps_per_iteration`` full-batch steps)
 deploy    do no harm on validation (algorithm.do_no_harm): the first certified of the learned mean with jitter h
           (N(m_θ(x), h²I)) and π_θ, each against q; none → q. What is certified is what is served.
@@ -32,6 +35,7 @@ from actors.world.metrics import gap_closed
 from actors.world.oracle import Family, RequestStates, action_values, ranking_grid
 from rllib_policies.envs import SessionEnv
 from rllib_policies.ope import AbstainRule, DensityRatioSNIPS, EssCorrected, GaussianPolicy, KernelSNIPS, LoggedBandit
+from rllib_policies.utility_agent.exploration import round_sessions
 
 from .algorithm import CRMConfig
 from .logs import (
@@ -75,6 +79,14 @@ class CRMExperiment:
         True  # events → rows by the Ray Data job (False: in process; the learner reads rows with Ray Data either way)
     )
     seed: int = 0
+    rounds: int = 1  # logging rounds sharing ``sessions`` (module docstring); 1: everything logged around μ₀
+    round_sigma: float = 1.0  # σ (log space) of round 2's logging policy around round 1's learned mean
+
+    def __post_init__(self) -> None:
+        if self.rounds not in (1, 2):
+            raise ValueError(f"rounds must be 1 or 2, got {self.rounds}")
+        if not self.round_sigma > 0:
+            raise ValueError(f"round_sigma must be > 0, got {self.round_sigma}")
 
     def algorithm_config(self, train_path: str) -> CRMConfig:
         return (
@@ -109,25 +121,73 @@ def _ope(data: LoggedBandit, target, deterministic: bool) -> dict:
     return {"estimate": est.value, "low": est.low, "high": est.high, "ess": est.ess}
 
 
-def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
-    """Logs → CRM → do no harm → exact values on test states (module docstring); the untrained ("frozen")
-    policy goes through the same do no harm and is measured too (the learning test's control). Needs Ray."""
-    t0 = time.perf_counter()
-    world, pipeline = build_world(cfg.env_config)
-    events, states_path = os.path.join(work_dir, "events"), os.path.join(work_dir, "states.npz")
+def log_round(cfg: CRMExperiment, work_dir: str, r: int, sessions: int, weights, sigma: float):
+    """Logging round ``r`` around ``weights`` (σ ``sigma``) → (its request rows, its LoggedStates, its info)."""
+    events, states_path = os.path.join(work_dir, f"events-r{r}"), os.path.join(work_dir, f"states-r{r}.npz")
     info = simulate_gaussian_logs(
-        cfg.env_config, events, cfg.sessions, cfg.logging_weights, cfg.logging_sigma, cfg.seed, states_path=states_path
+        cfg.env_config, events, sessions, weights, sigma, cfg.seed, states_path=states_path, round_index=r
     )
     table = (
         pa.concat_tables(ray.get(request_dataset(events).to_arrow_refs()))
         if cfg.ray_data
         else request_rows(pads.dataset(events, format="parquet", schema=EVENT_SCHEMA).to_table())
     )
-    train, val, test = split_by_user(table, (1 - cfg.validation - cfg.test, cfg.validation), cfg.seed)
+    return table, LoggedStates.load(states_path), info
+
+
+def mixture_propensities(tables: list[pa.Table], loggers: list[GaussianPolicy]) -> pa.Table:
+    """The rounds' rows with log q(a) replaced by the balance heuristic's mixture density (Agarwal et al.
+    2017, logged bandit feedback from multiple loggers), q̄(a) = Σ_r (n_r / n)·q_r(a), n_r the round's
+    rows: unbiased like each row's own density, with no weight blown up where one round's logger is thin."""
+    if len(tables) == 1:
+        return tables[0]
+    table = pa.concat_tables(tables)
+    action = np.stack(table["action"].to_numpy(zero_copy_only=False))
+    share = np.array([t.num_rows for t in tables], np.float64) / table.num_rows
+    log_q = np.logaddexp.reduce([np.log(w) + q.log_density(action) for w, q in zip(share, loggers)], axis=0)
+    return table.set_column(table.schema.get_field_index("log_propensity"), "log_propensity", pa.array(log_q))
+
+
+def learned_mean_weights(cfg: CRMExperiment, train: pa.Table, work_dir: str) -> np.ndarray:
+    """CRM fitted on ``train`` (``iterations`` as the final fit) → exp(mean_x m_θ(x)) over its rows: the
+    static weights a later logging round centres on."""
+    os.makedirs(work_dir, exist_ok=True)
+    pq.write_table(train, os.path.join(work_dir, "part-0.parquet"))
+    algo = cfg.algorithm_config(work_dir).build_algo()
+    try:
+        algo.load_rows()
+        for _ in range(cfg.iterations):
+            algo.train()
+        mean = algo.candidates(as_arrays(train)["obs"])["policy"].mean
+    finally:
+        algo.stop()
+    return np.exp(np.clip(mean, LOG_LOW, LOG_HIGH).mean(axis=0))
+
+
+def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
+    """Logs → CRM → do no harm → exact values on test states (module docstring); the untrained ("frozen")
+    policy goes through the same do no harm and is measured too (the learning test's control). Needs Ray."""
+    t0 = time.perf_counter()
+    world, pipeline = build_world(cfg.env_config)
+    shares = (1 - cfg.validation - cfg.test, cfg.validation)
+    loggers, tables, states, rounds = [(tuple(cfg.logging_weights), cfg.logging_sigma)], [], [], []
+    for r, n in enumerate(round_sessions(cfg.sessions, cfg.rounds)):
+        if r > 0:  # log around the learned mean of a CRM fitted on the train rows so far
+            train_so_far = split_by_user(pa.concat_tables(tables), shares, cfg.seed)[0]
+            loggers.append(
+                (tuple(learned_mean_weights(cfg, train_so_far, os.path.join(work_dir, f"round-{r}"))), cfg.round_sigma)
+            )
+        table, states_r, info = log_round(cfg, work_dir, r, n, *loggers[r])
+        tables.append(table)
+        states.append(states_r)
+        rounds.append({**info, "logging_weights": list(loggers[r][0]), "logging_sigma": loggers[r][1]})
+    table = mixture_propensities(tables, [logging_policy(w, sigma) for w, sigma in loggers])
+    train, val, test = split_by_user(table, shares, cfg.seed)
     train_path = os.path.join(work_dir, "train")
     os.makedirs(train_path, exist_ok=True)
     pq.write_table(train, os.path.join(train_path, "part-0.parquet"))
     tr, va, te = (as_arrays(t) for t in (train, val, test))
+    info = {k: sum(x[k] for x in rounds) for k in ("sessions", "requests", "events")} | {"rounds": rounds}
     t_data = time.perf_counter() - t0
 
     algo = cfg.algorithm_config(train_path).build_algo()
@@ -148,7 +208,7 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
         algo.stop()
     t_train = time.perf_counter() - t0 - t_data
 
-    states = LoggedStates.load(states_path).select(te["request_id"])
+    states = LoggedStates.concat(states).select(te["request_id"])
     rng = np.random.default_rng(cfg.seed)
     mu0 = np.clip(np.log(np.asarray(cfg.logging_weights, np.float64)), LOG_LOW, LOG_HIGH)
     learned_mean = np.clip(pi.mean, LOG_LOW, LOG_HIGH)

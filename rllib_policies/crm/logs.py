@@ -29,7 +29,7 @@ from actors.simulate import run_sessions, simulated_events
 from actors.stages import DEFAULT_PARAMS, LONG_VIEW_S, RANKING_ACTION_HIGH, RequestBatch, run_stage
 from actors.telemetry import EVENT_SCHEMA, ParquetSink, dedupe
 from actors.telemetry.sessionise import map_user_partitions
-from actors.world import seed_sequence
+from actors.world import seed_sequence, user_uniform
 from rllib_policies.ope import GaussianPolicy
 
 KPIS = ("clicks", "long_views", "purchases", "revenue")
@@ -89,6 +89,11 @@ class LoggedStates:
         with np.load(path, allow_pickle=False) as f:
             return cls(**{k: f[k] for k in f.files})
 
+    @classmethod
+    def concat(cls, parts: list[LoggedStates]) -> LoggedStates:
+        """The states of several logging rounds, in order."""
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
+
 
 def simulate_gaussian_logs(
     env_config: dict | None,
@@ -99,17 +104,21 @@ def simulate_gaussian_logs(
     seed: int = 0,
     batch_sessions: int = 500,
     states_path: str | None = None,
+    round_index: int = 0,
 ) -> dict:
     """Serve ``n_sessions`` whole sessions with Gaussian-logged ranking weights (module docstring)
     and write their events to a ParquetSink at ``events_root``; ``states_path``: also save the logged
-    states (``LoggedStates``, .npz) for the exact values of any policy."""
+    states (``LoggedStates``, .npz) for the exact values of any policy. ``round_index`` > 0: a later
+    logging round of the same run (fresh users, draws and state ids; round 0 reproduces a single round)."""
+    if not 0 <= round_index < 10:
+        raise ValueError(f"round_index must be in [0, 10), got {round_index}")
     world, pipeline = build_world(env_config)
     q = logging_policy(mean_weights, sigma)
     mu = np.exp(q.mean).astype(np.float32)
-    rng = seed_sequence(seed, "crm-logging")
+    rng = seed_sequence(seed, "crm-logging", round_index) if round_index else seed_sequence(seed, "crm-logging")
+    counter = [round_index * 10**7]  # state ids: STATE_ID_BASE + seed·10⁸ + round·10⁷ + request
     sink = ParquetSink(events_root, n_buckets=4)
     served, batches, states = {}, [], []
-    counter = [0]
 
     def policy(world_, pipeline_, req, rng_):
         b = len(req.user)
@@ -145,7 +154,8 @@ def simulate_gaussian_logs(
 
     for start in range(0, n_sessions, batch_sessions):
         users = rng.integers(0, world.users.n, min(batch_sessions, n_sessions - start))
-        run_sessions(world, pipeline, policy, len(users), seed + start, f"crm-logging-{start}", users, observer)
+        name = f"crm-logging-{start}" if round_index == 0 else f"r{round_index}-{start}"  # streams differ in 8 bytes
+        run_sessions(world, pipeline, policy, len(users), seed + start, name, users, observer)
         sink.write(pa.Table.from_batches(batches))
         batches.clear()
     if states_path:
@@ -260,14 +270,14 @@ def as_arrays(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def split_by_user(table: pa.Table, shares: tuple[float, ...], seed: int = 0) -> list[pa.Table]:
-    """Split rows by user into len(shares) + 1 parts (the last takes the rest); no user in two parts."""
+    """Split rows by user into len(shares) + 1 parts (the last takes the rest); no user in two parts, and a
+    user's part is fixed by its id and ``seed`` alone (``user_uniform``), so later logs (another logging round,
+    the next day) put each user on the same side."""
     users = table["user_id"].to_numpy()
-    uniq = np.unique(users)
-    u = seed_sequence(seed, "crm-split").random(len(uniq))
+    u = user_uniform(users, f"crm-split-{seed}")
     edges = np.cumsum((0.0, *shares, 1.0))
     edges[-1] = 1.0 + 1e-12
-    part_of = np.searchsorted(edges, u, side="right") - 1
-    part = part_of[np.searchsorted(uniq, users)]
+    part = np.searchsorted(edges, u, side="right") - 1
     return [table.filter(pa.array(part == p)) for p in range(len(shares) + 1)]
 
 

@@ -25,6 +25,7 @@ from typing import Self
 
 import numpy as np
 import ray
+import torch
 from gymnasium import spaces
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -94,6 +95,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.search_rounds: int = 1
         self.action_margin: float = 0.02
         self.saturation_penalty: float = 0.1
+        self.incumbent_window: int = 0
         # RLlib's own settings, UNEX-RL's values
         self.gamma = 0.9
         self.lr = 1e-3
@@ -134,6 +136,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         search_rounds: int = NotProvided,
         action_margin: float = NotProvided,
         saturation_penalty: float = NotProvided,
+        incumbent_window: int = NotProvided,
     ) -> Self:
         """Sets UNEX-RL's own options.
 
@@ -195,6 +198,11 @@ class UnexRLConfig(AlgorithmConfigBase):
             saturation_penalty: λ, the actor loss adds λ·Σ_j relu(|z_j| − logit(1 − m))² of the learning
                 policies' pre-squash outputs z (needs ``action_margin`` > 0), so a policy pushed onto a face
                 of the box can still come back (sigmoid'(z) → 0 there); 0: off. Default 0.1.
+            incumbent_window: w, the deployed policies (``deployed_policies``: served, hot-updated, evaluated)
+                are the incumbent — the stage policies at the centre of the w consecutive iterations whose
+                exploration sessions earned the highest mean usage so far — instead of the latest (the
+                critic can overestimate and carry the policies past their best; choosing by the sessions
+                actually served costs no extra traffic); 0: the latest.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -213,6 +221,8 @@ class UnexRLConfig(AlgorithmConfigBase):
 
     def validate(self) -> None:
         super().validate()
+        if self.incumbent_window < 0:
+            raise ValueError(f"incumbent_window must be >= 0, got {self.incumbent_window}")
         if self.critic not in ("global", "independent"):
             raise ValueError(f"critic must be 'global' or 'independent', got {self.critic!r}")
         bad = set(self.trainable_stages) - set(STAGES)
@@ -308,11 +318,30 @@ class UnexRL(AlgorithmBase):
         self.policy_version = 0
         self.stage_actors: dict = {}  # Ray stage actors hot-updated after each round (attach_stage_actors)
         self.serve_store_prefix: str | None = None  # Serve stage deployments hot-updated too (attach_serve_stages)
+        self.recent: list[tuple[dict, float]] = []  # the last w iterations: (the policies that served, usage/session)
+        self.incumbent: dict | None = None  # the best window's centre policies, its mean usage
+        self.incumbent_usage = -np.inf
         self._sync_stage_policies()
 
     def _sync_stage_policies(self) -> None:
         """The driver's copies of the stage policies μ_k (serve the sampled sessions), from the learners."""
         self.stage_policies = {s: self.inference_module(s) for s in STAGES}
+
+    @property
+    def deployed_policies(self) -> dict:
+        """What is served: the incumbent (``incumbent_window``) once one window has closed, else the latest."""
+        return self.incumbent if self.incumbent is not None else self.stage_policies
+
+    def _track_incumbent(self, usage_s: float) -> None:
+        """The policies that just served ``usage_s`` per session enter the window; a window whose mean usage
+        beats the incumbent's makes its centre policies the incumbent."""
+        w = self.config.incumbent_window
+        if w == 0:
+            return
+        self.recent = [*self.recent, (copy.deepcopy(self.stage_policies), usage_s)][-w:]
+        mean = float(np.mean([u for _, u in self.recent]))
+        if len(self.recent) == w and mean > self.incumbent_usage:
+            self.incumbent, self.incumbent_usage = self.recent[w // 2][0], mean
 
     def training_step(self) -> None:
         cfg = self.config
@@ -329,6 +358,7 @@ class UnexRL(AlgorithmBase):
                 explore_std={s: cfg.explore_std_of(s) for s in STAGES},
                 explore_stages=cfg.trainable_stages,
             )
+        self._track_incumbent(summary["usage_s_per_session"])
         raw = batch["reward_s"]
         if cfg.cqr:
             batch["reward"] = self.cqr.rescale(raw, batch["user_group"], batch["item_group"]).astype(np.float32)
@@ -355,14 +385,15 @@ class UnexRL(AlgorithmBase):
             "buffer_size": len(self.buffer),
             "reward_rescaled_mean": float(batch["reward"].mean()),
             "policy_version": self.policy_version,
+            "incumbent_usage_s": self.incumbent_usage if self.incumbent is not None else float("nan"),
         }
         self.metrics.log_dict(metrics, key=self.metrics_key, window=1)
 
     def evaluate_policy(self, n_sessions: int = 500, seed: int = 0) -> dict:
-        """The deterministic stage policies on fixed simulated users: usage time, return, NDCG@10."""
+        """The deployed stage policies, deterministic, on fixed simulated users: usage time, return, NDCG@10."""
         rng = np.random.default_rng(seed)
         _, summary = sample_sessions(
-            self.pipeline, self.stage_policies, n_sessions, rng, explore=False, users_seed=seed
+            self.pipeline, self.deployed_policies, n_sessions, rng, explore=False, users_seed=seed
         )
         return summary
 
@@ -381,7 +412,9 @@ class UnexRL(AlgorithmBase):
         self._hot_update()
 
     def _policy_states(self) -> dict[str, dict]:
-        return {s: {k: v.detach().numpy() for k, v in self.stage_policies[s].pi.state_dict().items()} for s in STAGES}
+        return {
+            s: {k: v.detach().numpy() for k, v in self.deployed_policies[s].pi.state_dict().items()} for s in STAGES
+        }
 
     def _hot_update(self) -> None:
         states = self._policy_states()
@@ -407,6 +440,9 @@ class UnexRL(AlgorithmBase):
             "policy_version": self.policy_version,
             "buffer": self.buffer.state(),
             "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "recent": [(_weights(p), u) for p, u in self.recent],
+            "incumbent": None if self.incumbent is None else _weights(self.incumbent),
+            "incumbent_usage": self.incumbent_usage,
         }
 
     def set_own_state(self, state: dict) -> None:
@@ -415,6 +451,21 @@ class UnexRL(AlgorithmBase):
         self.buffer.set_state(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
         self._sync_stage_policies()
+        self.recent = [(self._policies(w), u) for w, u in state.get("recent", [])]
+        self.incumbent = None if state.get("incumbent") is None else self._policies(state["incumbent"])
+        self.incumbent_usage = state.get("incumbent_usage", -np.inf)
+
+    def _policies(self, weights: dict) -> dict:
+        """Stage policies (copies of the driver's modules) loaded with ``weights`` (``_weights``)."""
+        out = copy.deepcopy(self.stage_policies)
+        for s, w in weights.items():
+            out[s].load_state_dict({k: torch.as_tensor(v) for k, v in w.items()})
+        return out
+
+
+def _weights(policies: dict) -> dict:
+    """Stage → its module's state dict as NumPy arrays (what a checkpoint stores)."""
+    return {s: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()} for s, m in policies.items()}
 
 
 def _stage_of(agent_id, *args, **kwargs) -> str:

@@ -182,14 +182,14 @@ def learning_run(
                 curve.append(
                     (
                         i,
-                        usage_per_session(pipeline, algo.stage_policies, curve_sessions, eval_seed + 1),
+                        usage_per_session(pipeline, algo.deployed_policies, curve_sessions, eval_seed + 1),
                         algo.sessions_seen,
                     )
                 )
             if i == iterations:
                 break
             algo.train()
-        final = usage_per_session(pipeline, algo.stage_policies, eval_sessions, eval_seed)
+        final = usage_per_session(pipeline, algo.deployed_policies, eval_sessions, eval_seed)
         params = mean_actions(algo)
         sessions = algo.sessions_seen
     finally:
@@ -209,6 +209,6 @@ def learning_run(
 def mean_actions(algo: UnexRL, n_sessions: int = 20) -> dict[str, list[float]]:
     """Each stage policy's mean deterministic action over the requests of ``n_sessions`` fixed sessions."""
     batch, _ = sample_sessions(
-        algo.pipeline, algo.stage_policies, n_sessions, np.random.default_rng(0), explore=False, users_seed=0
+        algo.pipeline, algo.deployed_policies, n_sessions, np.random.default_rng(0), explore=False, users_seed=0
     )
     return {s: batch[f"act_{s}"].mean(axis=0).round(3).tolist() for s in STAGES}

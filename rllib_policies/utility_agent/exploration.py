@@ -184,7 +184,8 @@ def simulate_exploration_logs(
 
     for start in range(0, n_sessions, batch_sessions):
         users = rng.integers(0, world.users.n, min(batch_sessions, n_sessions - start))
-        name = f"exploration-{start}" if round_index == 0 else f"exploration-r{round_index}-{start}"
+        # run_sessions' stream name: seed_sequence reads its first 8 bytes, so later rounds' names differ there
+        name = f"exploration-{start}" if round_index == 0 else f"r{round_index}-{start}"
         run_sessions(world, pipeline, policy, len(users), seed + start, name, users, observer)
         sink.write(pa.Table.from_batches(batches))
         batches.clear()

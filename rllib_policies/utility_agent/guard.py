@@ -179,6 +179,26 @@ class DoublyRobustGlobal:
                 out[li] = a
         return out
 
+    def survivors(self, logs: dict, q: np.ndarray, lambdas: np.ndarray, scale: np.ndarray, support) -> np.ndarray:
+        """Successive elimination's cut (Even-Dar et al. 2006): at each λ keep every vector a of the
+        support S that the empirical best â = argmax_S V̂_DR does not beat significantly,
+
+            keep a  ⇔  Δ̂(a) = V̂_DR(â) − V̂_DR(a) ≤ z·se(Δ̂(a)),   z = Φ⁻¹(1 − (1 − level)/(|S| − 1)),
+
+        the paired difference's se clustered by user (the model's term is shared, so the pair resolves
+        far finer than either value alone); returns the union over λ (sorted grid indices). The true
+        best survives with probability ≥ ``level`` at each λ, whatever the model's bias."""
+        support = np.asarray(support, np.int64)
+        psi = self.terms(logs, q, lambdas, scale)[:, :, support]  # [L, N, |S|]
+        z = float(stats.norm.ppf(1 - (1 - self.level) / max(support.size - 1, 1)))
+        keep = []
+        for p in psi:
+            best = int(np.argmax(p.mean(axis=0)))
+            d = p[:, [best]] - p  # [N, |S|]
+            se = _cluster_se(d, logs.get("user_id"))
+            keep.append(support[d.mean(axis=0) <= z * se])
+        return np.unique(np.concatenate(keep))
+
 
 def choose_global_actions(
     choice: str,

@@ -16,9 +16,11 @@ test states: its random-initialised Q picks arbitrary grid actions, the uniform 
 Adaptive exploration (``exploration_rounds`` R > 1, successive halving over the grid at the same total
 session budget): round 1 logs uniformly over all |A| vectors on 1/R of the sessions; after round r
 the agent is fitted on the train users' rows of rounds ≤ r and each λ of interest keeps its top
-⌈keep_fraction·|S_r|⌉ survivors by the model's mean Q̂_λ; round r + 1 logs uniformly over their
-union S_{r+1}, each request with the propensity of the round that served it (1/|S_r|), so reward at
-hit, DR and do no harm stay unbiased on the mixed logs. The final agent is fitted on every round's
+⌈keep_fraction·|S_r|⌉ survivors by the model's mean Q̂_λ (``cut="fraction"``), or every vector that the
+doubly robust best does not beat significantly (``cut="confidence"``: successive elimination, robust
+to the model's bias); round r + 1 logs uniformly over their union S_{r+1}, each request with the
+propensity of the round that served it (1/|S_r|), so reward at hit, DR and do no harm stay unbiased on
+the mixed logs. The final agent is fitted on every round's
 train rows, and g_λ (``global_choice``) and π_λ choose within the last round's support. The user
 split is then a fixed hash of the user id (``actors.world.user_uniform``), so a user is on the same side in every round.
 """
@@ -68,6 +70,8 @@ from .module import UtilityQModule
 from .pareto import sweep_actions
 from .study import StudyConfig, build_agent, chunked_scores
 
+CUTS = ("fraction", "confidence")
+
 
 @dataclass
 class LearningConfig:
@@ -78,7 +82,13 @@ class LearningConfig:
             logging over the whole grid (the original test); R > 1: successive halving, each later
             round logs uniformly over the survivors of the one before (module docstring).
         keep_fraction: Share of a round's support each λ of interest keeps for the next round
-            (top ⌈keep_fraction·|S|⌉ by the model's mean Q̂_λ; the union over λ survives), in (0, 1).
+            (top ⌈keep_fraction·|S|⌉ by the model's mean Q̂_λ; the union over λ survives), in (0, 1);
+            used when ``cut`` is "fraction".
+        cut: How a round's survivors are chosen: "fraction" (the model's top ``keep_fraction``) or
+            "confidence" (successive elimination: every vector the round's doubly robust best does not
+            beat at one-sided level ``cut_level``, Bonferroni over the support; ``DoublyRobustGlobal.survivors``).
+            The model ranks with its bias; the confidence cut keeps the true best with probability ≥ cut_level.
+        cut_level: The confidence cut's level, in [0.5, 1).
     """
 
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
@@ -100,6 +110,8 @@ class LearningConfig:
     ray_data: bool = True  # request rows by the Ray Data job (as the study); False: in process (small logs)
     exploration_rounds: int = 1
     keep_fraction: float = 0.25
+    cut: str = "fraction"
+    cut_level: float = 0.95
 
     def __post_init__(self) -> None:
         if not (0 < self.validation and 0 < self.test and self.validation + self.test < 1):
@@ -117,6 +129,10 @@ class LearningConfig:
             )
         if not 0 < self.keep_fraction < 1:
             raise ValueError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
+        if not 0.5 <= self.cut_level < 1:
+            raise ValueError(f"cut_level must be in [0.5, 1), got {self.cut_level}")
 
     @property
     def grid(self) -> ActionGrid:
@@ -230,7 +246,12 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         tr_r = as_arrays(train_r)
         fit = fit_agent(cfg, train_r, as_arrays(val_r), os.path.join(work_dir, f"halving-{r}"), [tr_r["obs"]])
         values = model_mean_values(fit["scores"][0], lambdas)  # [L, A]: the model's mean Q̂_λ per vector
-        survivors = halving_survivors(values, support, cfg.keep_fraction)
+        if cfg.cut == "fraction":
+            survivors = halving_survivors(values, support, cfg.keep_fraction)
+        else:
+            q_r = fit["q_mean"] + fit["q_std"] * fit["scores"][0]  # Q̂ in reward units [N, A, 2]
+            scale_r = tr_r["rewards"].std(axis=0)
+            survivors = DoublyRobustGlobal(cfg.cut_level).survivors(tr_r, q_r, lambdas, scale_r, support)
         rounds.append({**info, "values": values[:, support].tolist(), "survivors": survivors.tolist()})
         support = survivors
         t_halving += time.perf_counter() - t_cut

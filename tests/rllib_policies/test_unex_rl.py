@@ -236,6 +236,7 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": 0.0}, "explore_std"),
         ({"explore_std": {"matching": -0.1}}, "explore_std"),
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
+        ({"incumbent_window": -1}, "incumbent_window"),
     ],
 )
 def test_bad_options_are_refused(options, match):
@@ -329,6 +330,40 @@ def test_critic_and_stage_policies_train_end_to_end(ray_session, arm):
 
 
 @pytest.mark.ray
+def test_incumbent_is_the_best_windows_centre_is_served_and_survives_a_checkpoint(ray_session, tmp_path):
+    algo = _config().unex_rl(incumbent_window=3).build_algo()
+    try:
+        assert algo.deployed_policies is algo.stage_policies  # no window closed yet: the latest
+        for i, usage in enumerate([1, 5, 9, 2, 8, 8, 8]):  # windows 5, 5.3, 6.3 (centre 3), 6, 8 (centre 5)
+            algo.stage_policies = {"tag": i}
+            algo._track_incumbent(usage)
+            if i == 4:
+                assert algo.deployed_policies == {"tag": 3} and algo.incumbent_usage == pytest.approx(19 / 3)
+        assert algo.deployed_policies == {"tag": 5} and algo.incumbent_usage == 8
+        algo.recent, algo.incumbent, algo.incumbent_usage = [], None, -np.inf
+        algo._sync_stage_policies()
+        for _ in range(4):
+            algo.train()
+        best = algo.incumbent_usage
+        assert np.isfinite(best) and algo.deployed_policies is algo.incumbent
+        served = algo._policy_states()  # what the hot update publishes: the incumbent's weights
+        for s in STAGES:
+            for k, v in algo.incumbent[s].pi.state_dict().items():
+                np.testing.assert_array_equal(served[s][k], v.numpy())
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        restored = UnexRL.from_checkpoint(path)
+        try:
+            assert restored.incumbent_usage == best and len(restored.recent) == 3
+            back = restored._policy_states()
+            for s in STAGES:
+                for k in served[s]:
+                    np.testing.assert_array_equal(back[s][k], served[s][k])
+        finally:
+            restored.stop()
+    finally:
+        algo.stop()
+
+
 def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_path):
     algo = _config().build_algo()
     runners = {

@@ -30,6 +30,7 @@ from rllib_policies.utility_agent.guard import (
     best_global_actions,
     deployed_actions,
     model_global_actions,
+    model_mean_values,
 )
 from rllib_policies.utility_agent.ope import InversePropensity, paired_ratio_difference, ratio_mean_ci
 
@@ -171,6 +172,24 @@ def test_doubly_robust_global_choice_corrects_a_biased_model():
         flat, q_flat, _, _ = _biased_model_logs(900, seed=seed, size=0.0)
         assert (DoublyRobustGlobal(pessimistic=True).choose(flat, q_flat, lambdas, scale, model) == model).all()
     assert (DoublyRobustGlobal().choose(flat, q_flat, lambdas, scale) != model).any()
+
+
+def test_confidence_cut_keeps_the_true_best_whatever_the_models_bias():
+    """Successive elimination on the biased model's logs: the true best (the last action) survives and
+    the clearly worse actions are cut, though the model ranks the best last (its top share would drop
+    it); with no action effect nothing is resolved, so nothing is cut; a restricted support is respected."""
+    logs, q, grid, _ = _biased_model_logs(40_000, size=0.3)
+    lambdas, scale = np.array([0.0, 1.0]), logs["rewards"].std(axis=0)
+    support = np.arange(grid.size)
+    kept = DoublyRobustGlobal().survivors(logs, q, lambdas, scale, support)
+    assert grid.size - 1 in kept and 0 not in kept and len(kept) < grid.size, kept
+    from rllib_policies.utility_agent.exploration import halving_survivors
+
+    assert grid.size - 1 not in halving_survivors(model_mean_values(q, lambdas), support, 0.25)
+    flat, q_flat, _, _ = _biased_model_logs(2_000, size=0.0)
+    assert len(DoublyRobustGlobal().survivors(flat, q_flat, lambdas, scale, support)) >= grid.size - 2
+    sub = np.array([0, 4, 8])
+    assert set(DoublyRobustGlobal().survivors(logs, q, lambdas, scale, sub)) <= set(sub.tolist())
 
 
 @pytest.mark.parametrize(
@@ -505,6 +524,8 @@ def test_agent_closes_half_the_gap_to_the_oracle_where_an_untrained_one_closes_n
         ({"exploration_rounds": 3, "sessions": 2}, "exploration_rounds"),
         ({"keep_fraction": 0.0}, "keep_fraction"),
         ({"keep_fraction": 1.0}, "keep_fraction"),
+        ({"cut": "top"}, "cut must be one of"),
+        ({"cut_level": 1.0}, "cut_level"),
     ],
 )
 def test_learning_config_errors_name_the_field(kw, match):
