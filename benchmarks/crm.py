@@ -108,9 +108,12 @@ def markdown(runs: list[dict], cfg: CRMExperiment, wall: float) -> str:
         "Stochastic policies' exact values: the world's expectations averaged over their draws; the deployed "
         "row is the exact value of the very policy do no harm certified (same draws as its own row).",
         "",
-        f"- Do no harm (validation rows; candidates in order: the mean with jitter h = {cfg.mean_jitter:g}, then π_θ, "
+        "- Do no harm (validation rows; candidates in order: the mean with jitter h = "
+        + ", ".join(f"{h:g}" for h in (cfg.mean_jitter, *cfg.wider_jitters))
+        + " (scale-aligned), then π_θ, "
         "each certified iff its paired, user-clustered, ESS-corrected one-sided lower bound of V(candidate) − V(q) "
-        f"> 0 at level {runs[0]['decision']['level']:g} (Bonferroni over 2 candidates for overall "
+        f"> 0 at level {runs[0]['decision']['level']:g} (Bonferroni over {2 + len(cfg.wider_jitters)} candidates "
+        "for overall "
         f"{cfg.do_no_harm_level:g}); none → q): a learned policy deployed in {deployed} of {n} seeds. Per seed: "
         + "; ".join(
             f"seed {r['config']['seed']}: **{r['decision']['deployed']}** ("
@@ -174,6 +177,15 @@ def main() -> None:
         help="logging rounds (2: round 2 logs around round 1's learned mean)",
     )
     parser.add_argument("--round-sigma", type=float, default=CRMExperiment.round_sigma)
+    parser.add_argument(
+        "--no-align-scale", dest="align_scale", action="store_false", help="candidates not scale-aligned"
+    )
+    parser.add_argument(
+        "--wider-jitters",
+        type=lambda v: tuple(float(x) for x in v.split(",") if x),
+        default=CRMExperiment.wider_jitters,
+        help='e.g. 0.6,1.0; "": none',
+    )
     parser.add_argument("--quick", action="store_true", help="no files written")
     args = parser.parse_args()
     init_ray(2)
@@ -185,6 +197,8 @@ def main() -> None:
             iterations=args.iterations,
             rounds=args.rounds,
             round_sigma=args.round_sigma,
+            align_scale=args.align_scale,
+            wider_jitters=args.wider_jitters,
             ray_data=False,
             seed=seed,
         )

@@ -83,6 +83,8 @@ class CRMConfig(AlgorithmConfigBase):
         self.steps_per_iteration = 50
         self.do_no_harm_level = 0.95
         self.mean_jitter = 0.3
+        self.align_scale = True
+        self.wider_jitters: tuple[float, ...] = ()
         self.lr = 0.01
         self.num_env_runners = 0
 
@@ -105,6 +107,8 @@ class CRMConfig(AlgorithmConfigBase):
         steps_per_iteration: int = NotProvided,
         do_no_harm_level: float = NotProvided,
         mean_jitter: float = NotProvided,
+        align_scale: bool = NotProvided,
+        wider_jitters: tuple[float, ...] = NotProvided,
     ) -> CRMConfig:
         """Sets CRM's own options.
 
@@ -128,6 +132,15 @@ class CRMConfig(AlgorithmConfigBase):
                 the candidates (algorithm.do_no_harm); in (0.5, 1).
             mean_jitter: h, the log-space std with which the learned mean is served and certified
                 (N(m_θ(x), h²I) in the box: do no harm's first candidate); > 0.
+            align_scale: Shift each candidate's log-space mean along (1, 1, 1), m ← m + c(x)·1 with c(x) the
+                logged actions' mean log-weight minus m's, before it is certified and served. Ranking by Σ w·p
+                is invariant to w → e^c·w, so the slates are unchanged (up to the box's truncation), and the
+                policy's overlap with the logs — the OPE's effective sample size — is the largest over that
+                redundant direction the objective cannot see.
+            wider_jitters: More candidates between the jittered mean and π_θ: the learned mean with each of these
+                h (> ``mean_jitter``, increasing), tried in that order after "mean" as "mean_h<h>". A wider h
+                costs value but gains overlap with wide logs (E_q[(π/q)²] falls as (σ₀/h)³); every candidate
+                shares the Bonferroni split.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -162,6 +175,11 @@ class CRMConfig(AlgorithmConfigBase):
                 f"do_no_harm_level must be in (0.5, 1), got {self.do_no_harm_level}",
             ),
             (self.mean_jitter > 0, f"mean_jitter must be > 0, got {self.mean_jitter}"),
+            (
+                all(h > self.mean_jitter for h in self.wider_jitters)
+                and list(self.wider_jitters) == sorted(self.wider_jitters),
+                f"wider_jitters must increase and exceed mean_jitter, got {self.wider_jitters}",
+            ),
             (
                 np.shape(self.init_weights) == (3,) and np.all(np.asarray(self.init_weights) > 0),
                 f"init_weights must be 3 positive weights, got {self.init_weights}",
@@ -250,6 +268,7 @@ class CRM(AlgorithmBase):
         super().setup(config)
         self.columns: dict[str, np.ndarray] | None = None
         self.user_id: np.ndarray | None = None  # groups: one user's rows stay in one learner shard
+        self.logged_scale: float | None = None  # the logged actions' mean log-weight (align_scale)
         self.reward_fn = None
         self.steps = 0
 
@@ -281,6 +300,7 @@ class CRM(AlgorithmBase):
             "rewards": self.reward_fn(rows).astype(np.float32),
         }
         self.user_id = rows["user_id"]
+        self.logged_scale = float(rows["action"].mean())
 
     def training_step(self) -> None:
         if self.columns is None:
@@ -301,14 +321,27 @@ class CRM(AlgorithmBase):
             mean, sigma = module.gaussian(torch.as_tensor(np.asarray(obs, np.float32)))
         return GaussianPolicy(mean.numpy().astype(np.float64), sigma.numpy().astype(np.float64), LOG_LOW, LOG_HIGH)
 
-    def mean_policy(self, obs: np.ndarray, module=None) -> GaussianPolicy:
-        """The learned mean served with log-normal jitter h = ``mean_jitter``: N(m_θ(x), h²I) in the box."""
+    def mean_policy(self, obs: np.ndarray, module=None, jitter: float | None = None) -> GaussianPolicy:
+        """The learned mean served with log-normal jitter h (default ``mean_jitter``): N(m_θ(x), h²I) in the box."""
         pi = self.policy(obs, module)
-        return GaussianPolicy(pi.mean, np.full(3, float(self.config.mean_jitter)), LOG_LOW, LOG_HIGH)
+        h = self.config.mean_jitter if jitter is None else jitter
+        return GaussianPolicy(pi.mean, np.full(3, float(h)), LOG_LOW, LOG_HIGH)
+
+    def aligned(self, policy: GaussianPolicy) -> GaussianPolicy:
+        """``policy`` with its mean shifted along (1, 1, 1) to the logged actions' mean log-weight (``align_scale``;
+        clipped into the box): the same rankings, the most overlap with the logs."""
+        if not self.config.align_scale or self.logged_scale is None:
+            return policy
+        mean = policy.mean + (self.logged_scale - policy.mean.mean(axis=-1, keepdims=True))
+        return GaussianPolicy(np.clip(mean, LOG_LOW, LOG_HIGH), policy.cov, LOG_LOW, LOG_HIGH)
 
     def candidates(self, obs: np.ndarray, module=None) -> dict[str, GaussianPolicy]:
-        """Do no harm's candidates for contexts ``obs``, in order (``CANDIDATES``)."""
-        return {"mean": self.mean_policy(obs, module), "policy": self.policy(obs, module)}
+        """Do no harm's candidates for contexts ``obs``, in order (``CANDIDATES``), scale-aligned (``align_scale``)."""
+        return {
+            "mean": self.aligned(self.mean_policy(obs, module)),
+            **{f"mean_h{h:g}": self.aligned(self.mean_policy(obs, module, h)) for h in self.config.wider_jitters},
+            "policy": self.aligned(self.policy(obs, module)),
+        }
 
     def deployed_policy(
         self, obs: np.ndarray, decision: Decision, logging_policy: GaussianPolicy, module=None
@@ -344,10 +377,11 @@ class CRM(AlgorithmBase):
 
     # ---------------------------------------------------------------- checkpoints
     def own_state(self) -> dict:
-        return {"steps": self.steps}
+        return {"steps": self.steps, "logged_scale": self.logged_scale}
 
     def set_own_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
+        self.logged_scale = state.get("logged_scale")
 
 
 def certify(data: LoggedBandit, target: GaussianPolicy, base: GaussianPolicy, level: float) -> Certificate:

@@ -70,6 +70,8 @@ class CRMExperiment:
     min_ess_fraction: float = 0.2
     l2: float = 1.0
     mean_jitter: float = 0.3  # h: the learned mean is certified and served as N(m_θ(x), h²I)
+    align_scale: bool = True  # candidates shifted along (1, 1, 1) to the logs' mean log-weight (CRMConfig)
+    wider_jitters: tuple[float, ...] = (0.6, 1.0)  # more do-no-harm candidates: the learned mean with these h
     do_no_harm_level: float = 0.95
     validation: float = 0.35
     test: float = 0.2
@@ -103,6 +105,8 @@ class CRMExperiment:
                 l2=self.l2,
                 steps_per_iteration=self.steps_per_iteration,
                 mean_jitter=self.mean_jitter,
+                align_scale=self.align_scale,
+                wider_jitters=tuple(self.wider_jitters),
                 do_no_harm_level=self.do_no_harm_level,
             )
             .training(lr=self.lr)
@@ -225,7 +229,11 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
         "learned_policy": policy_value(pipeline, states, objective, draws(pi)),
     }
     kind = {"mean": "learned_mean_jitter", "policy": "learned_policy", "logging": "logging_policy"}
-    exact["deployed"] = exact[kind[decision.deployed]]  # the certified policy, same draws
+    exact["deployed"] = (  # the certified policy (same draws where its value is measured above)
+        exact[kind[decision.deployed]]
+        if decision.deployed in kind
+        else policy_value(pipeline, states, objective, draws(candidates[decision.deployed]))
+    )
     exact["frozen_deployed"] = (
         exact["logging_policy"]
         if frozen_decision.deployed == "logging"
@@ -239,7 +247,7 @@ def run_experiment(cfg: CRMExperiment, work_dir: str) -> dict:
     exact["oracle_static"] = float(values[:, best].mean())
     exact["oracle_request"] = float(values.max(1).mean())
     oracle_w = np.clip(np.log(np.maximum(grid[best].astype(np.float64), 1e-12)), LOG_LOW, LOG_HIGH)
-    served = {"mean": jittered, "policy": pi, "logging": q_test}[decision.deployed]
+    served = {**candidates, "logging": q_test}[decision.deployed]
     ope = {
         "logging_mean": _ope(test_data, np.broadcast_to(mu0, (len(test_data), 3)), True),
         "learned_mean": _ope(test_data, learned_mean, True),

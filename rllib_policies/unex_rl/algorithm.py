@@ -202,7 +202,8 @@ class UnexRLConfig(AlgorithmConfigBase):
                 are the incumbent — the stage policies at the centre of the w consecutive iterations whose
                 exploration sessions earned the highest mean usage so far — instead of the latest (the
                 critic can overestimate and carry the policies past their best; choosing by the sessions
-                actually served costs no extra traffic); 0: the latest.
+                actually served costs no extra traffic); 0: the latest (default: with 32–64 explored
+                sessions an iteration their usage is too noisy to rank policies reliably; learning_unex_rl.md).
 
         Returns:
             This updated AlgorithmConfig object.

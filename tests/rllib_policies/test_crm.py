@@ -4,6 +4,8 @@ learning test on a tiny world (the learned policy closes at least half of its ga
 static weights from a click-heavy logging mean with the policy that do no harm certifies; the frozen policy
 stays below that bar)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from gymnasium import spaces
 from scipy import stats
 
 from rllib_policies.crm import CRMConfig, CRMPolicyModule, LearntMetric, pessimistic_objective
-from rllib_policies.crm.algorithm import do_no_harm
+from rllib_policies.crm.algorithm import CRM, do_no_harm
 from rllib_policies.crm.experiment import CRMExperiment, run_experiment
 from rllib_policies.crm.logs import CLICK_HEAVY, LOG_HIGH, LOG_LOW, logging_policy
 from rllib_policies.envs import SessionEnv
@@ -156,6 +158,21 @@ def test_do_no_harm_certifies_exactly_what_it_deploys():
     assert do_no_harm(flat, {"mean": narrow, "policy": wide}, q, 0.95).deployed == "logging"
 
 
+def test_scale_alignment_moves_the_mean_along_ones_and_keeps_every_ranking():
+    """align_scale: the mean moves along (1, 1, 1) to the logs' mean log-weight; w → e^c·w ranks every item alike."""
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(-2.0, -1.0, (6, 3))  # the shifted means stay inside the box (no clipping)
+    algo = SimpleNamespace(config=SimpleNamespace(align_scale=True), logged_scale=-1.5)
+    moved = CRM.aligned(algo, GaussianPolicy(mean, np.full(3, 0.3), LOG_LOW, LOG_HIGH))
+    np.testing.assert_allclose(moved.mean - mean, (moved.mean - mean)[:, :1] * np.ones(3))  # along (1, 1, 1)
+    np.testing.assert_allclose(moved.mean.mean(axis=1), -1.5)
+    p = rng.uniform(0, 1, (6, 50, 3))  # per-item (p_click, p_long_view, p_purchase)
+    rank = lambda m: np.argsort(-(p * np.exp(m)[:, None, :]).sum(-1), axis=1)  # noqa: E731
+    np.testing.assert_array_equal(rank(moved.mean), rank(mean))
+    off = SimpleNamespace(config=SimpleNamespace(align_scale=False), logged_scale=-0.5)
+    assert CRM.aligned(off, moved) is moved
+
+
 def test_do_no_harm_keeps_the_logging_mean_when_the_logs_hold_no_better_region():
     rng = np.random.default_rng(1)
     q = logging_policy((1.0, 1.0, 10.0), 1.0)
@@ -209,6 +226,8 @@ def base_config(**crm):
         ({"do_no_harm_level": 0.4}, "do_no_harm_level must be in"),
         ({"do_no_harm_level": 0.5}, "do_no_harm_level must be in"),
         ({"mean_jitter": 0.0}, "mean_jitter must be > 0"),
+        ({"wider_jitters": (0.2,)}, "wider_jitters must increase and exceed mean_jitter"),
+        ({"wider_jitters": (1.0, 0.6)}, "wider_jitters must increase and exceed mean_jitter"),
     ],
 )
 def test_bad_config_is_a_value_error_naming_the_option(options, match):
@@ -253,8 +272,11 @@ def test_learning_closes_half_the_gap_from_click_heavy_where_frozen_closes_none(
     # mean's gap): it stays below the learning bar the trained policy must clear
     assert gap["frozen_deployed"] < 0.5, (gap, out["decision"])
     assert out["decision"]["deploy"], out["decision"]
-    kind = {"mean": "learned_mean_jitter", "policy": "learned_policy"}[out["decision"]["deployed"]]
-    assert out["exact"]["deployed"] == out["exact"][kind]  # the value reported is the certified policy's
+    deployed = out["decision"]["deployed"]
+    kind = {"mean": "learned_mean_jitter", "policy": "learned_policy"}
+    assert deployed in kind or deployed in {f"mean_h{h:g}" for h in cfg.wider_jitters}, out["decision"]
+    if deployed in kind:
+        assert out["exact"]["deployed"] == out["exact"][kind[deployed]]  # the value reported is the certified policy's
     assert gap["deployed"] >= 0.5, (gap, out["decision"])
     logged = out["data"]["rounds"]
     assert [r["sessions"] for r in logged] == ([4000] if rounds == 1 else [2000, 2000])
