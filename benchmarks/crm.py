@@ -68,7 +68,7 @@ def markdown(runs: list[dict], cfg: CRMExperiment, wall: float) -> str:
             + ", ".join(
                 "(" + ", ".join(f"{w:.2g}" for w in r["data"]["rounds"][1]["logging_weights"]) + ")" for r in runs
             )
-            + "), each row with its own round's density"
+            + "), every row with the rounds' mixture density"
         )
         + ", users split train / validation / test by a fixed hash "
         f"({1 - cfg.validation - cfg.test:.0%} / {cfg.validation:.0%} / {cfg.test:.0%}). Objective per request "
@@ -110,7 +110,8 @@ def markdown(runs: list[dict], cfg: CRMExperiment, wall: float) -> str:
         "",
         "- Do no harm (validation rows; candidates in order: the mean with jitter h = "
         + ", ".join(f"{h:g}" for h in (cfg.mean_jitter, *cfg.wider_jitters))
-        + " (scale-aligned), then π_θ, "
+        + (" (scale-aligned)" if cfg.align_scale else "")
+        + ", then π_θ, "
         "each certified iff its paired, user-clustered, ESS-corrected one-sided lower bound of V(candidate) − V(q) "
         f"> 0 at level {runs[0]['decision']['level']:g} (Bonferroni over {2 + len(cfg.wider_jitters)} candidates "
         "for overall "

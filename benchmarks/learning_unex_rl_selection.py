@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--results-dir", default=RESULTS)
     p.add_argument("--page-only", action="store_true")
     args = p.parse_args()
+    if args.iterations < 30:
+        p.error("--iterations must be >= 30 (the candidates include the policies at iteration 30)")
     path = os.path.join(args.results_dir, "learning_unex_rl_selection.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     if not args.page_only:

@@ -97,9 +97,20 @@ def finish(algo, job: CRMJob) -> None:
     storage.write_bytes(path, buf.getvalue())
     out = {
         "deploy": decision.deploy,
-        # what serving must draw from: "mean" = N(m_θ(x), mean_jitter²·I), "policy" = π_θ, "logging" = q
+        # what serving must draw from (CRM.deployed_policy): "mean" = N(m_θ(x) + c(x)·1, mean_jitter²·I),
+        # "mean_h<h>" the same with jitter h, "policy" = π_θ shifted by c(x)·1, "logging" = q; c(x) =
+        # logged_scale − mean_j m_θ(x)_j when align_scale (ranking is invariant to it), else 0
         "deployed": decision.deployed,
         "mean_jitter": algo.config.mean_jitter,
+        "deployed_jitter": (
+            float(decision.deployed.removeprefix("mean_h"))
+            if decision.deployed.startswith("mean_h")
+            else algo.config.mean_jitter
+            if decision.deployed == "mean"
+            else None
+        ),
+        "align_scale": algo.config.align_scale,
+        "logged_scale": algo.logged_scale,
         "logging_sigma": job.logging_sigma,
         "reason": decision.reason,
         "learned_estimate": [decision.learned.value, decision.learned.low, decision.learned.high],

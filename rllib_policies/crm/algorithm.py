@@ -3,13 +3,14 @@
 
     algo = CRMConfig().environment(SessionEnv, env_config=…).crm(offline_requests=…, lam=0.25).build_algo()
     for _ in range(10): algo.train()                 # results["crm"]: V̂, SE, ESS/n, J on the training rows
-    decision = algo.do_no_harm(held_out_rows, q)    # "mean", "policy" or "logging": what is certified
+    decision = algo.do_no_harm(held_out_rows, q)    # "mean", "mean_h<h>", "policy" or "logging": what is certified
     weights = algo.deployed_weights(obs, decision, q, rng)  # [B, 3], drawn from exactly that policy
 
-Do no harm tries, in order, the learned mean with log-normal jitter h (N(m_θ(x), h²I), h = ``mean_jitter``)
-and π_θ, each against the logging policy q by a paired lower bound on held-out rows; the first certified is
-served as that stochastic policy, none → q. The deterministic mean exp(m_θ(x)) is never certified, so never
-served by do no harm (the module's ``_forward_inference`` returns it for inspection only).
+Do no harm tries, in order, the learned mean with log-normal jitter h (N(m_θ(x), h²I), h = ``mean_jitter``,
+then each of ``wider_jitters``) and π_θ — each shifted along (1, 1, 1) to the logs' mean log-weight when
+``align_scale`` (rankings unchanged) — against the logging policy q by a paired lower bound on held-out rows;
+the first certified is served as that stochastic policy, none → q. The deterministic mean exp(m_θ(x)) is
+never certified, so never served by do no harm (the module's ``_forward_inference`` returns it for inspection only).
 
 One iteration = ``steps_per_iteration`` full-batch gradient steps (one ``update_learners`` call with
 ``num_epochs``) on all training rows, read once with Ray Data; the reward column is r_λ (logs.Objective,
@@ -176,9 +177,8 @@ class CRMConfig(AlgorithmConfigBase):
             ),
             (self.mean_jitter > 0, f"mean_jitter must be > 0, got {self.mean_jitter}"),
             (
-                all(h > self.mean_jitter for h in self.wider_jitters)
-                and list(self.wider_jitters) == sorted(self.wider_jitters),
-                f"wider_jitters must increase and exceed mean_jitter, got {self.wider_jitters}",
+                all(a < b for a, b in zip((self.mean_jitter, *self.wider_jitters), self.wider_jitters)),
+                f"wider_jitters must strictly increase and exceed mean_jitter, got {self.wider_jitters}",
             ),
             (
                 np.shape(self.init_weights) == (3,) and np.all(np.asarray(self.init_weights) > 0),
@@ -214,7 +214,7 @@ def logging_policy_on(data: LoggedBandit, q: GaussianPolicy) -> GaussianPolicy:
 
 
 NUMERICAL_ZERO = 1e-9  # a paired lower bound this close to 0 certifies nothing (float rounding of V̂ − V̂)
-CANDIDATES = ("mean", "policy")  # do no harm's order; "logging" (q itself) is the fallback
+CANDIDATES = ("mean", "policy")  # do no harm's order ("mean_h<h>" of wider_jitters between); "logging": fallback
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,8 @@ class Certificate:
 @dataclass(frozen=True)
 class Decision:
     """Do no harm's verdict on held-out rows. ``deployed`` names what is served — exactly the policy that was
-    certified: "mean" (the learned mean with log-normal jitter h, N(m_θ(x), h²I) in the box), "policy" (π_θ,
+    certified: "mean" (the learned mean with log-normal jitter h, N(m_θ(x), h²I) in the box; "mean_h<h>" with a
+    wider h), "policy" (π_θ,
     N(m_θ(x), σ_θ²I) in the box) or "logging" (q, nothing certified)."""
 
     deployed: str
@@ -413,7 +414,8 @@ def do_no_harm(
 ) -> Decision:
     """Deploy the first candidate (in order) whose paired one-sided lower bound of V(candidate) − V(q) on
     held-out ``data`` is > 0 (``certify``), else q itself. Every candidate is compared with the same fallback
-    q, the logging policy that produced the logs (on-policy: its weights are 1). Each test runs at level
+    q, the logging policy that produced the logs (on-policy: its weights are 1; with several logging rounds, q
+    is the first round's logger and its weights are q/q̄). Each test runs at level
     1 − (1 − ``level``)/K for K candidates (Bonferroni), so P(deploying a policy worse than q) ≤ 1 − ``level``.
     What is certified is what is served: the candidates are the stochastic policies themselves (a single
     GaussianPolicy is taken as the one candidate "policy")."""

@@ -3,7 +3,7 @@
 logs      Gaussian-logged sessions around μ₀ (logs.simulate_gaussian_logs), with the logged states; with
           ``rounds`` = 2 the budget is split: round 1 around μ₀, then CRM is fitted on round 1's train rows
           and round 2 logs around its learned mean (exp of the mean m_θ(x) over those rows, σ = ``round_sigma``),
-          so the region the learner points at gets support; every row keeps its own round's log q(a)
+          so the region the learner points at gets support; every row carries the rounds' mixture density
 rows      request rows (Ray Data) of every round, users split train / validation / test by a fixed hash
 learn     CRM on train (``iterations`` × ``steps_per_iteration`` full-batch steps)
 deploy    do no harm on validation (algorithm.do_no_harm): the first certified of the learned mean with jitter h
@@ -142,7 +142,10 @@ def log_round(cfg: CRMExperiment, work_dir: str, r: int, sessions: int, weights,
 def mixture_propensities(tables: list[pa.Table], loggers: list[GaussianPolicy]) -> pa.Table:
     """The rounds' rows with log q(a) replaced by the balance heuristic's mixture density (Agarwal et al.
     2017, logged bandit feedback from multiple loggers), q̄(a) = Σ_r (n_r / n)·q_r(a), n_r the round's
-    rows: unbiased like each row's own density, with no weight blown up where one round's logger is thin."""
+    rows: no weight blown up where one round's logger is thin. Unbiased when every round sees the same
+    states; here a session's later states depend on its round's earlier actions, so it is an approximation
+    (each row's own density is the unbiased choice, with far higher variance: session 28's first two-round
+    run certified nothing with it)."""
     if len(tables) == 1:
         return tables[0]
     table = pa.concat_tables(tables)

@@ -222,8 +222,8 @@ class UnexRLConfig(AlgorithmConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        if self.incumbent_window < 0:
-            raise ValueError(f"incumbent_window must be >= 0, got {self.incumbent_window}")
+        if not isinstance(self.incumbent_window, int) or self.incumbent_window < 0:
+            raise ValueError(f"incumbent_window must be an int >= 0, got {self.incumbent_window!r}")
         if self.critic not in ("global", "independent"):
             raise ValueError(f"critic must be 'global' or 'independent', got {self.critic!r}")
         bad = set(self.trainable_stages) - set(STAGES)
@@ -333,16 +333,19 @@ class UnexRL(AlgorithmBase):
         """What is served: the incumbent (``incumbent_window``) once one window has closed, else the latest."""
         return self.incumbent if self.incumbent is not None else self.stage_policies
 
-    def _track_incumbent(self, usage_s: float) -> None:
+    def _track_incumbent(self, usage_s: float) -> bool:
         """The policies that just served ``usage_s`` per session enter the window; a window whose mean usage
-        beats the incumbent's makes its centre policies the incumbent."""
+        beats the incumbent's makes its centre policies the incumbent. True when the deployed policies will
+        change after this round's update (no window: they are the latest; no incumbent yet: likewise)."""
         w = self.config.incumbent_window
         if w == 0:
-            return
+            return True
         self.recent = [*self.recent, (copy.deepcopy(self.stage_policies), usage_s)][-w:]
         mean = float(np.mean([u for _, u in self.recent]))
         if len(self.recent) == w and mean > self.incumbent_usage:
             self.incumbent, self.incumbent_usage = self.recent[w // 2][0], mean
+            return True
+        return self.incumbent is None
 
     def training_step(self) -> None:
         cfg = self.config
@@ -359,7 +362,7 @@ class UnexRL(AlgorithmBase):
                 explore_std={s: cfg.explore_std_of(s) for s in STAGES},
                 explore_stages=cfg.trainable_stages,
             )
-        self._track_incumbent(summary["usage_s_per_session"])
+        deployed_changes = self._track_incumbent(summary["usage_s_per_session"])
         raw = batch["reward_s"]
         if cfg.cqr:
             batch["reward"] = self.cqr.rescale(raw, batch["user_group"], batch["item_group"]).astype(np.float32)
@@ -378,8 +381,9 @@ class UnexRL(AlgorithmBase):
             self.update_learners(mb, module_id=CRITIC)
         self._sync_stage_policies()
         self.sync_env_runners()
-        self.policy_version += 1
-        self._hot_update()
+        if deployed_changes:  # a version names the weights it serves: an unchanged incumbent publishes nothing
+            self.policy_version += 1
+            self._hot_update()
         metrics = {
             **summary,
             "sessions_seen": self.sessions_seen,
@@ -400,14 +404,14 @@ class UnexRL(AlgorithmBase):
 
     # ---------------------------------------------------------------- Ray stage actors
     def attach_stage_actors(self, stage_actors: dict) -> None:
-        """Stage actors (actors.stage_actors.StageActor handles, by stage) to hot-update with the
-        deterministic stage policies after every training round."""
+        """Stage actors (actors.stage_actors.StageActor handles, by stage) to hot-update with the deployed
+        stage policies (``deployed_policies``) whenever a training round changes them."""
         self.stage_actors = stage_actors
         self._hot_update()
 
     def attach_serve_stages(self, store_prefix: str) -> None:
-        """The recommend app's Serve stage deployments (its ``store_prefix``) to hot-update with the
-        deterministic stage policies after every training round: each round publishes a new version of each
+        """The recommend app's Serve stage deployments (its ``store_prefix``) to hot-update with the deployed
+        stage policies whenever a training round changes them: each change publishes a new version of each
         stage's policy store (``actors.served_policies.publish_stage_policy``), which ``rollback`` undoes."""
         self.serve_store_prefix = store_prefix
         self._hot_update()

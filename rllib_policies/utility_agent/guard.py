@@ -186,8 +186,10 @@ class DoublyRobustGlobal:
             keep a  ⇔  Δ̂(a) = V̂_DR(â) − V̂_DR(a) ≤ z·se(Δ̂(a)),   z = Φ⁻¹(1 − (1 − level)/(|S| − 1)),
 
         the paired difference's se clustered by user (the model's term is shared, so the pair resolves
-        far finer than either value alone); returns the union over λ (sorted grid indices). The true
-        best survives with probability ≥ ``level`` at each λ, whatever the model's bias."""
+        far finer than either value alone); returns the union over λ (sorted grid indices). With Q̂ fitted
+        independently of these rows the true best survives one cut with probability ≥ ``level`` at each λ,
+        whatever the model's bias; Q̂ fitted on the same rows (learning.py) shrinks the residuals at the
+        logged actions, so the DR inherits part of its bias, and R − 1 cuts keep it with ≥ 1 − (R − 1)(1 − level)."""
         support = np.asarray(support, np.int64)
         psi = self.terms(logs, q, lambdas, scale)[:, :, support]  # [L, N, |S|]
         z = float(stats.norm.ppf(1 - (1 - self.level) / max(support.size - 1, 1)))

@@ -87,7 +87,7 @@ class LearningConfig:
         cut: How a round's survivors are chosen: "fraction" (the model's top ``keep_fraction``) or
             "confidence" (successive elimination: every vector the round's doubly robust best does not
             beat at one-sided level ``cut_level``, Bonferroni over the support; ``DoublyRobustGlobal.survivors``).
-            The model ranks with its bias; the confidence cut keeps the true best with probability ≥ cut_level.
+            The model ranks with its bias; the confidence cut is robust to it (guard.py states the limits).
         cut_level: The confidence cut's level, in [0.5, 1).
     """
 

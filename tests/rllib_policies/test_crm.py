@@ -226,8 +226,9 @@ def base_config(**crm):
         ({"do_no_harm_level": 0.4}, "do_no_harm_level must be in"),
         ({"do_no_harm_level": 0.5}, "do_no_harm_level must be in"),
         ({"mean_jitter": 0.0}, "mean_jitter must be > 0"),
-        ({"wider_jitters": (0.2,)}, "wider_jitters must increase and exceed mean_jitter"),
-        ({"wider_jitters": (1.0, 0.6)}, "wider_jitters must increase and exceed mean_jitter"),
+        ({"wider_jitters": (0.2,)}, "wider_jitters must strictly increase and exceed mean_jitter"),
+        ({"wider_jitters": (1.0, 0.6)}, "wider_jitters must strictly increase and exceed mean_jitter"),
+        ({"wider_jitters": (0.6, 0.6)}, "wider_jitters must strictly increase and exceed mean_jitter"),
     ],
 )
 def test_bad_config_is_a_value_error_naming_the_option(options, match):

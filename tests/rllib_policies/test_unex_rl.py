@@ -346,6 +346,7 @@ def test_incumbent_is_the_best_windows_centre_is_served_and_survives_a_checkpoin
             algo.train()
         best = algo.incumbent_usage
         assert np.isfinite(best) and algo.deployed_policies is algo.incumbent
+        assert 3 <= algo.policy_version <= 4  # published while no window had closed, then only on a new incumbent
         served = algo._policy_states()  # what the hot update publishes: the incumbent's weights
         for s in STAGES:
             for k, v in algo.incumbent[s].pi.state_dict().items():
