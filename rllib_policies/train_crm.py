@@ -102,13 +102,7 @@ def finish(algo, job: CRMJob) -> None:
         # logged_scale − mean_j m_θ(x)_j when align_scale (ranking is invariant to it), else 0
         "deployed": decision.deployed,
         "mean_jitter": algo.config.mean_jitter,
-        "deployed_jitter": (
-            float(decision.deployed.removeprefix("mean_h"))
-            if decision.deployed.startswith("mean_h")
-            else algo.config.mean_jitter
-            if decision.deployed == "mean"
-            else None
-        ),
+        "deployed_jitter": algo.jitters().get(decision.deployed),  # h of a learned-mean candidate, else None
         "align_scale": algo.config.align_scale,
         "logged_scale": algo.logged_scale,
         "logging_sigma": job.logging_sigma,

@@ -322,11 +322,10 @@ class CRM(AlgorithmBase):
             mean, sigma = module.gaussian(torch.as_tensor(np.asarray(obs, np.float32)))
         return GaussianPolicy(mean.numpy().astype(np.float64), sigma.numpy().astype(np.float64), LOG_LOW, LOG_HIGH)
 
-    def mean_policy(self, obs: np.ndarray, module=None, jitter: float | None = None) -> GaussianPolicy:
-        """The learned mean served with log-normal jitter h (default ``mean_jitter``): N(m_θ(x), h²I) in the box."""
-        pi = self.policy(obs, module)
-        h = self.config.mean_jitter if jitter is None else jitter
-        return GaussianPolicy(pi.mean, np.full(3, float(h)), LOG_LOW, LOG_HIGH)
+    def jitters(self) -> dict[str, float]:
+        """The learned-mean candidates, name → log-normal jitter h: "mean" (``mean_jitter``), then "mean_h<h>"
+        for each of ``wider_jitters``; each is served as N(m_θ(x), h²I) in the box."""
+        return {"mean": self.config.mean_jitter, **{f"mean_h{h:g}": h for h in self.config.wider_jitters}}
 
     def aligned(self, policy: GaussianPolicy) -> GaussianPolicy:
         """``policy`` with its mean shifted along (1, 1, 1) to the logged actions' mean log-weight (``align_scale``;
@@ -338,11 +337,11 @@ class CRM(AlgorithmBase):
 
     def candidates(self, obs: np.ndarray, module=None) -> dict[str, GaussianPolicy]:
         """Do no harm's candidates for contexts ``obs``, in order (``CANDIDATES``), scale-aligned (``align_scale``)."""
-        return {
-            "mean": self.aligned(self.mean_policy(obs, module)),
-            **{f"mean_h{h:g}": self.aligned(self.mean_policy(obs, module, h)) for h in self.config.wider_jitters},
-            "policy": self.aligned(self.policy(obs, module)),
+        pi = self.aligned(self.policy(obs, module))  # one forward pass: the jittered means share π_θ's mean
+        jittered = {
+            name: GaussianPolicy(pi.mean, np.full(3, float(h)), LOG_LOW, LOG_HIGH) for name, h in self.jitters().items()
         }
+        return {**jittered, "policy": pi}
 
     def deployed_policy(
         self, obs: np.ndarray, decision: Decision, logging_policy: GaussianPolicy, module=None

@@ -165,7 +165,7 @@ def learned_mean_weights(cfg: CRMExperiment, train: pa.Table, work_dir: str) -> 
         algo.load_rows()
         for _ in range(cfg.iterations):
             algo.train()
-        mean = algo.candidates(as_arrays(train)["obs"])["policy"].mean
+        mean = algo.aligned(algo.policy(as_arrays(train)["obs"])).mean
     finally:
         algo.stop()
     return np.exp(np.clip(mean, LOG_LOW, LOG_HIGH).mean(axis=0))

@@ -20,9 +20,9 @@ the agent is fitted on the train users' rows of rounds ≤ r and each λ of inte
 doubly robust best does not beat significantly (``cut="confidence"``: successive elimination, robust
 to the model's bias); round r + 1 logs uniformly over their union S_{r+1}, each request with the
 propensity of the round that served it (1/|S_r|), so reward at hit, DR and do no harm stay unbiased on
-the mixed logs. The final agent is fitted on every round's
-train rows, and g_λ (``global_choice``) and π_λ choose within the last round's support. The user
-split is then a fixed hash of the user id (``actors.world.user_uniform``), so a user is on the same side in every round.
+the mixed logs. The final agent is fitted on every round's train rows, and g_λ (``global_choice``) and π_λ
+choose within the last round's support. The user split is then a fixed hash of the user id
+(``actors.world.user_uniform``), so a user is on the same side in every round.
 """
 
 from __future__ import annotations
