@@ -143,6 +143,7 @@ class VersionedParamStore:
         if not self._snapshot_path:
             return
         tmp = f"{self._snapshot_path}.tmp-{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(self._snapshot_path)), exist_ok=True)  # a fresh volume
         with open(tmp, "w") as f:
             history = [[h.version, h.params] for h in self._history]
             json.dump({"version": self._version, "params": self._params, "history": history}, f)

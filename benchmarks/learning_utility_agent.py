@@ -166,6 +166,11 @@ def exploration_text(results: dict, args) -> str:
             else "every vector of the previous round's support that the doubly robust best does not beat at "
             f"one-sided level {args.cut_level:g} (successive elimination, Bonferroni over the support)"
         )
+        + (
+            ", plus each objective's own corner of the grid (click-only; long views, no purchase)"
+            if args.keep_corners
+            else ""
+        )
         + ", fitted on the train users' rows so far; supports "
         + " → ".join(f"{sizes[:, k].min()}–{sizes[:, k].max()}" for k in range(sizes.shape[1]))
         + " vectors; each request logs its round's propensity; g_λ = the model refit on every round's train "
@@ -248,6 +253,9 @@ def main() -> None:
     )
     parser.add_argument("--cut-level", type=float, default=0.95, help="the confidence cut's level")
     parser.add_argument(
+        "--keep-corners", action="store_true", help="every cut also keeps each objective's own corner of the grid"
+    )
+    parser.add_argument(
         "--baseline", default=None, help="a .json of an earlier run (e.g. uniform logging): old vs new per row"
     )
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -276,6 +284,7 @@ def main() -> None:
                 keep_fraction=args.keep_fraction,
                 cut=args.cut,
                 cut_level=args.cut_level,
+                keep_corners=args.keep_corners,
                 ray_data=False,  # the same request_rows in process: the Ray Data job's start-up dominates at this size
             )
             with tempfile.TemporaryDirectory() as work:
@@ -313,6 +322,7 @@ def report(results: dict, args, total: float) -> None:
                 if args.cut == "fraction"
                 else f"--cut confidence --cut-level {args.cut_level:g}"
             )
+            + (" --keep-corners" if args.keep_corners else "")
             if args.exploration_rounds > 1
             else ""
         )

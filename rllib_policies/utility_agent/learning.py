@@ -89,6 +89,9 @@ class LearningConfig:
             beat at one-sided level ``cut_level``, Bonferroni over the support; ``DoublyRobustGlobal.survivors``).
             The model ranks with its bias; the confidence cut is robust to it (guard.py states the limits).
         cut_level: The confidence cut's level, in [0.5, 1).
+        keep_corners: Whether every cut also keeps each objective's own corner of the grid
+            (``ActionGrid.corners``: click-only, and long views without purchase weight), the myopic choice
+            of λ = 1 and λ = 0, which a model biased at the 0.01 σ scale can rank out in round 1.
     """
 
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
@@ -112,6 +115,7 @@ class LearningConfig:
     keep_fraction: float = 0.25
     cut: str = "fraction"
     cut_level: float = 0.95
+    keep_corners: bool = False
 
     def __post_init__(self) -> None:
         if not (0 < self.validation and 0 < self.test and self.validation + self.test < 1):
@@ -246,12 +250,14 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         tr_r = as_arrays(train_r)
         fit = fit_agent(cfg, train_r, as_arrays(val_r), os.path.join(work_dir, f"halving-{r}"), [tr_r["obs"]])
         values = model_mean_values(fit["scores"][0], lambdas)  # [L, A]: the model's mean Q̂_λ per vector
+        corners = grid.corners() if cfg.keep_corners else np.empty(0, np.int64)
         if cfg.cut == "fraction":
-            survivors = halving_survivors(values, support, cfg.keep_fraction)
+            survivors = halving_survivors(values, support, cfg.keep_fraction, always=corners)
         else:
             q_r = fit["q_mean"] + fit["q_std"] * fit["scores"][0]  # Q̂ in reward units [N, A, 2]
             scale_r = tr_r["rewards"].std(axis=0)
             survivors = DoublyRobustGlobal(cfg.cut_level).survivors(tr_r, q_r, lambdas, scale_r, support)
+            survivors = np.union1d(survivors, np.intersect1d(corners, support))
         rounds.append({**info, "values": values[:, support].tolist(), "survivors": survivors.tolist()})
         support = survivors
         t_halving += time.perf_counter() - t_cut

@@ -34,7 +34,7 @@ def test_expected_version_conflict(ray_session):
 
 
 def test_snapshot_survives_a_store_restart(ray_session, tmp_path):
-    path = str(tmp_path / f"params-{uuid.uuid4().hex}.json")
+    path = str(tmp_path / "serving" / f"params-{uuid.uuid4().hex}.json")  # a folder a fresh volume lacks
     store = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
     ray.get(store.put.remote({"a": 5}))
     ray.kill(store)
@@ -43,7 +43,7 @@ def test_snapshot_survives_a_store_restart(ray_session, tmp_path):
     assert (snap.version, snap.params) == (2, {"a": 5})
     back = ray.get(revived.rollback.remote())  # the rollback history survives the restart too
     assert (back["version"], back["restored_version"], back["params"]) == (3, 1, {"a": 1})
-    assert not list(tmp_path.glob("*.tmp-*")), "no half-written snapshot left behind"
+    assert not list(tmp_path.glob("serving/*.tmp-*")), "no half-written snapshot left behind"
 
 
 def caught_up(follower: ParamFollower, expected, timeout_s: float = 10.0) -> bool:

@@ -621,8 +621,20 @@ def test_halving_keeps_the_top_share_per_lambda_and_takes_the_union():
     # k = ⌈0.4·5⌉ = 2 per λ; actions 0, 4, 6 were cut before and cannot come back whatever their value
     np.testing.assert_array_equal(halving_survivors(values, support, 0.4), [1, 2, 3, 7])
     np.testing.assert_array_equal(halving_survivors(values, support, 0.1), [1, 2])  # k = 1
+    # vectors kept whatever their value: 5 (in the support, ranked last at both λ) stays; 0 (cut before) does not
+    np.testing.assert_array_equal(halving_survivors(values, support, 0.1, always=[0, 5]), [1, 2, 5])
     assert round_sessions(2000, 2) == [1000, 1000] and round_sessions(2000, 3) == [666, 667, 667]
     assert round_sessions(7, 1) == [7]
+
+
+def test_the_grids_corners_are_each_objectives_own_ranking():
+    from rllib_policies.utility_agent.exploration import OBJECTIVES, ActionGrid
+
+    for grid in (ActionGrid(), ActionGrid(3, (1.0, 5.0))):
+        click_only, long_views_only = grid.weights[grid.corners()]
+        assert len(grid.corners()) == len(OBJECTIVES)
+        np.testing.assert_array_equal(click_only, [1, 0, 0])
+        np.testing.assert_array_equal(long_views_only, [1, grid.high[0], 0])
 
 
 def test_a_later_round_serves_only_its_survivors_with_that_rounds_propensity(tmp_path):

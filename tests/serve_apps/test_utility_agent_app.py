@@ -16,26 +16,10 @@ from actors.cascade import Pipeline
 from actors.stages import RequestBatch
 from actors.world import PipelineConfig, World, WorldConfig
 from serve_apps.recommend import app_builder
+from tests.agent_helpers import random_agent
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 ARGS = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
-
-
-def _random_agent(path):
-    import gymnasium as gym
-
-    from rllib_policies.utility_agent import ActionGrid, UtilityQModule
-    from rllib_policies.utility_agent.module import save_agent
-
-    torch.manual_seed(0)
-    module = UtilityQModule(
-        observation_space=gym.spaces.Box(-np.inf, np.inf, (37,), np.float32),
-        action_space=gym.spaces.Discrete(49),
-        model_config={"grid": ActionGrid().weights.tolist(), "hidden": 16},
-    )
-    module.set_reward_scale(np.array([0.4, 0.05]), np.array([0.7, 0.2]))
-    module.set_guard([0.0, 0.25, 0.5, 0.75, 1.0], [-1, -1, -1, 7, -1])  # do no harm fell back to action 7 at λ 0.75
-    return save_agent(module, path), module
 
 
 def _deploy(name, route, tmp, agent_cfg):
@@ -71,7 +55,7 @@ def agent_app(serve_url, tmp_path_factory):
     from rllib_policies.utility_agent.pareto import write_frontier
 
     tmp = tmp_path_factory.mktemp("agent_app")
-    path, module = _random_agent(str(tmp / "agent.pt"))
+    path, module = random_agent(str(tmp / "agent.pt"))
     frontier = write_frontier(str(tmp / "frontier.json"), [{"lambda": 0.0}, {"lambda": 1.0}], {"note": "test"})
     _deploy(
         "ua_test",
@@ -98,7 +82,7 @@ def agent_in_replica(serve_url, tmp_path_factory):
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("agent_in_replica")
-    path, module = _random_agent(str(tmp / "agent.pt"))
+    path, module = random_agent(str(tmp / "agent.pt"))
     _deploy("ua_local", "/ual", tmp, {"mode": "agent", "path": path})
     with httpx.Client(base_url=f"{serve_url}/ual", timeout=60) as c:
         c.module = module
