@@ -44,6 +44,7 @@ POLICIES = {
     "global_dr_lcb": "g_λ by DR, pessimistic vs the model",
     "global_dr_smooth": "g_λ by DR, smoothed residual",
     "frozen": "untrained agent",
+    "prior": "myopic prior m_λ alone",
 }
 CHOICE = {
     "model": "the model's mean Q̂",
@@ -166,11 +167,7 @@ def exploration_text(results: dict, args) -> str:
             else "every vector of the previous round's support that the doubly robust best does not beat at "
             f"one-sided level {args.cut_level:g} (successive elimination, Bonferroni over the support)"
         )
-        + (
-            ", plus each objective's own corner of the grid (click-only; long views, no purchase)"
-            if args.keep_corners
-            else ""
-        )
+        + (", plus each λ's myopic prior m_λ" if args.keep_prior else "")
         + ", fitted on the train users' rows so far; supports "
         + " → ".join(f"{sizes[:, k].min()}–{sizes[:, k].max()}" for k in range(sizes.shape[1]))
         + " vectors; each request logs its round's propensity; g_λ = the model refit on every round's train "
@@ -253,7 +250,13 @@ def main() -> None:
     )
     parser.add_argument("--cut-level", type=float, default=0.95, help="the confidence cut's level")
     parser.add_argument(
-        "--keep-corners", action="store_true", help="every cut also keeps each objective's own corner of the grid"
+        "--prior", default="myopic", choices=["none", "myopic"], help="g_λ must beat the myopic prior m_λ to deploy"
+    )
+    parser.add_argument(
+        "--keep-prior",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every cut also keeps each λ's myopic prior m_λ",
     )
     parser.add_argument(
         "--baseline", default=None, help="a .json of an earlier run (e.g. uniform logging): old vs new per row"
@@ -284,7 +287,8 @@ def main() -> None:
                 keep_fraction=args.keep_fraction,
                 cut=args.cut,
                 cut_level=args.cut_level,
-                keep_corners=args.keep_corners,
+                prior=args.prior,
+                keep_prior=args.keep_prior,
                 ray_data=False,  # the same request_rows in process: the Ray Data job's start-up dominates at this size
             )
             with tempfile.TemporaryDirectory() as work:
@@ -322,10 +326,11 @@ def report(results: dict, args, total: float) -> None:
                 if args.cut == "fraction"
                 else f"--cut confidence --cut-level {args.cut_level:g}"
             )
-            + (" --keep-corners" if args.keep_corners else "")
+            + ("" if args.keep_prior else " --no-keep-prior")
             if args.exploration_rounds > 1
             else ""
         )
+        + (f" --prior {args.prior}" if args.prior != "myopic" else "")
         + (f" --baseline {os.path.relpath(args.baseline, ROOT)}" if args.baseline else "")
         + "`; "
         f"total wall time {total:.0f} s.\n\n"
@@ -339,7 +344,15 @@ def report(results: dict, args, total: float) -> None:
         "states. Start = the uniform logging policy; oracle static = the best single grid vector on the same "
         "states (actors/world/oracle.py `headroom_of_values`); final = the deployed policy: π_λ where the "
         "validation logs show it beats g_λ (one-sided 95 % lower bound > 0), else g_λ, the best global vector "
-        f"on the training logs by {CHOICE[args.global_choice]} (guard.py). Gap closed = (final − start) / "
+        f"on the training logs by {CHOICE[args.global_choice]} (guard.py)"
+        + (
+            ", itself deployed only where the validation logs show it beats the myopic prior m_λ (the grid vector "
+            "closest to ranking by λ/σ₁·p_click + (1 − λ)/σ₂·p_long_view; guard.myopic_actions) at the same level, "
+            "else m_λ"
+            if args.prior == "myopic"
+            else ""
+        )
+        + ". Gap closed = (final − start) / "
         "(oracle static − start), mean over seeds ± 95 % t-interval.\n",
         "| learner | preset | objective | start | oracle static | final | gap closed (95 % CI) | sessions | wall s |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(main_table(results, args)) + "\n",

@@ -27,10 +27,13 @@ work on URIs; TensorBoard is local only: with a URI ``checkpoint_dir`` its event
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -122,6 +125,42 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init()
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    arm_sigterm()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def arm_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread. Call it again after ``ray.init``: Ray's core worker
+    installs its own SIGTERM handler (it aborts the process, skipping every ``finally``)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def stops_cleanly(log: Callable[[str], Any] = print) -> Iterator[None]:
+    """Run an entrypoint's body so that SIGTERM (what Kubernetes, systemd and `ray job stop` send) stops it like
+    Ctrl-C: ``finally`` blocks run (algorithms stop their actors), the Ray the body started is shut down (a local
+    cluster goes with it; a joined one is only left; a Ray running before the body is left alone), and the process
+    exits with 130. Outside the main thread (no signal handlers there) only the shutdown part applies."""
+    owned = not ray.is_initialized()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    arm_sigterm()
+    try:
+        yield
+    except KeyboardInterrupt:
+        log("interrupted: stopping (the last checkpoint stays; --resume latest continues from it)")
+        raise SystemExit(130) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+        if owned:
+            ray.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
@@ -257,23 +296,26 @@ def job_main(
     if prepare is not None:
         prepare(job)
 
-    init_ray(job.num_cpus)
-    if args.resume == "latest":
-        resume = latest_checkpoint(job.checkpoint_dir)
-    else:
-        resume = storage.resolve(args.resume, job.storage) if args.resume else None
-    if resume:
-        algo = restore_checkpoint(resume)
-        log(f"resumed from {resume} at iteration {algo.iteration}")
-    else:
+    with stops_cleanly(log):
+        init_ray(job.num_cpus)
         if args.resume == "latest":
-            log(f"no checkpoint under {job.checkpoint_dir}: starting a new run")
-        algo = build(job)
-        if before is not None:
-            before(algo, job)
-    iterations = args.iterations if args.iterations is not None else max(job.iterations - algo.iteration, 0)
-    run_training(algo, iterations, job.checkpoint_dir, job.checkpoint_every, progress, log)
-    if after is not None:
-        after(algo, job)
-    algo.stop()
+            resume = latest_checkpoint(job.checkpoint_dir)
+        else:
+            resume = storage.resolve(args.resume, job.storage) if args.resume else None
+        if resume:
+            algo = restore_checkpoint(resume)
+            log(f"resumed from {resume} at iteration {algo.iteration}")
+        else:
+            if args.resume == "latest":
+                log(f"no checkpoint under {job.checkpoint_dir}: starting a new run")
+            algo = build(job)
+            if before is not None:
+                before(algo, job)
+        try:
+            iterations = args.iterations if args.iterations is not None else max(job.iterations - algo.iteration, 0)
+            run_training(algo, iterations, job.checkpoint_dir, job.checkpoint_every, progress, log)
+            if after is not None:
+                after(algo, job)
+        finally:
+            algo.stop()
     return 0

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\](?: \(slate (?P<slate>\d+), position (?P<pos>\d+)\))?")
 
@@ -70,6 +71,60 @@ def install_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # the framework's own 4xx (a body that is not JSON: 400; no such route: 404; wrong method: 405) in the
+        # same shape as every other error, headers (e.g. Allow) kept
+        loc = ["body"] if exc.status_code == 400 else ["path"]
+        body = {"detail": [{"loc": loc, "msg": str(exc.detail), "type": "http_error"}]}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+BODY_ERRORS = (400, 413, 422)  # not JSON / larger than the app's limit / not what the schema says
+
+
+def body_error_responses(*codes: int) -> dict[int, dict]:
+    """``responses=`` for a route that reads a request body: ``BODY_ERRORS`` plus its own ``codes``."""
+    return error_responses(*sorted(set(BODY_ERRORS) | set(codes)))
+
+
+class BodyLimit:
+    """Pure-ASGI middleware: a request body over ``max_bytes`` (by its Content-Length, or as it streams in) is
+    answered 413 with the usual error body before the application reads it; nothing else changes."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    def _too_large(self, size: str) -> JSONResponse:
+        msg = f"request body of {size} bytes exceeds this app's limit of {self.max_bytes} bytes"
+        return JSONResponse({"detail": [{"loc": ["body"], "msg": msg, "type": "too_large"}]}, status_code=413)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(length.decode())(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as exc:
+            await self._too_large(f"more than {exc.args[0]}")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class ServerTiming:

@@ -27,7 +27,14 @@ from ray import serve
 
 import rust_ext
 from actors.param_store import ParamFollower, VersionConflict, find_store, get_or_create_store
-from serve_apps.errors import BadRequest, ServerTiming, install_error_handlers, loc_from_kernel_error
+from serve_apps.errors import (
+    BadRequest,
+    BodyLimit,
+    ServerTiming,
+    body_error_responses,
+    install_error_handlers,
+    loc_from_kernel_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +170,8 @@ def score_slates(weights: ParamFollower, offsets, clicked, dwell, skipped, relev
 app = FastAPI(title="Inner reward", description=__doc__)
 install_error_handlers(app)
 app.add_middleware(ServerTiming)
+MAX_BODY_BYTES = 64 << 20  # 512 slates × 1 000 items as JSON fit; more is answered 413
+app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, ray_actor_options={"num_cpus": 0.5})
@@ -195,7 +204,7 @@ class InnerRewardService:
         """For DeploymentHandle callers (e.g. /feedback): (rewards, totals, weights version)."""
         return self._score(offsets, clicked, dwell, skipped, relevance, prefix=["body"])
 
-    @app.post("/reward", response_model=RewardResponse)
+    @app.post("/reward", response_model=RewardResponse, responses=body_error_responses())
     async def reward(self, body: RewardRequest) -> RewardResponse:
         slates = body.slates if body.slates is not None else [body.slate]
         self._check_sizes([len(s.clicked) for s in slates], ["body"])
@@ -207,7 +216,7 @@ class InnerRewardService:
             rewards=per_slate, totals=np.round(totals.astype(np.float64), 6).tolist(), weights_version=version
         )
 
-    @app.post("/reward/arrow")
+    @app.post("/reward/arrow", responses=body_error_responses())
     async def reward_arrow(self, request: Request) -> Response:
         raw = await request.body()
         try:
@@ -256,7 +265,7 @@ class InnerRewardService:
         version, weights = self._weights.current
         return WeightsState(version=version, weights=weights.as_dict())
 
-    @app.put("/weights", response_model=WeightsState)
+    @app.put("/weights", response_model=WeightsState, responses=body_error_responses(409))
     async def put_weights(self, body: WeightsBody) -> WeightsState:
         params = body.model_dump(exclude={"expected_version"})
         try:

@@ -71,7 +71,14 @@ from actors.telemetry import BufferConfig, ParquetSink, RedisStreamSink, Telemet
 from actors.telemetry.sinks import read_parquet_events
 from actors.world import PipelineConfig, World, WorldConfig
 from rllib_policies import storage
-from serve_apps.errors import BadRequest, ServerTiming, error_responses, install_error_handlers
+from serve_apps.errors import (
+    BadRequest,
+    BodyLimit,
+    ServerTiming,
+    body_error_responses,
+    error_responses,
+    install_error_handlers,
+)
 from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat, score_slates, weights_follower
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
@@ -207,7 +214,7 @@ class RequestIds:
 
 DEFAULT_EVENTS_PATH = os.path.join(tempfile.gettempdir(), "morl-events")
 REPORT_TTL_S = 5.0  # GET /experiments re-reads the logs at most this often
-ARM_ERRORS = error_responses(404, 409, 422)
+ARM_ERRORS = body_error_responses(404, 409)  # the arm routes read a body (DELETE /experiments/shadow too may)
 
 
 def make_event_buffer(telemetry: dict | None) -> TelemetryBuffer | None:
@@ -238,6 +245,8 @@ class StageDeployment(ServedStage):
 app = FastAPI(title="Recommend", description=__doc__)
 install_error_handlers(app)
 app.add_middleware(ServerTiming)
+MAX_BODY_BYTES = 32 << 20  # a catalogue update with its embeddings fits; more is answered 413
+app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25, "runtime_env": SERVING_RUNTIME_ENV})
@@ -414,7 +423,7 @@ class RecommendService:
             result = await self.stages[stage].run.remote(*args)
         return result, (time.perf_counter() - started) * 1e3
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=error_responses(422))
+    @app.post("/recommend", response_model=RecommendResponse, responses=body_error_responses())
     async def recommend(self, body: RecommendRequest, response: Response) -> RecommendResponse:
         """Serve a slate. The ``server-timing`` header says where the replica's time went: each stage's
         compute (``matching``, ``pre_ranking``, ``ranking``), on the composed path each stage call's transport
@@ -539,7 +548,7 @@ class RecommendService:
             ) from None
         return await self._inner_reward.score_slates.remote(offsets, clicked, dwell, skipped, relevance)
 
-    @app.post("/feedback", response_model=FeedbackResponse, responses=error_responses(403, 404, 410, 422, 503))
+    @app.post("/feedback", response_model=FeedbackResponse, responses=body_error_responses(403, 404, 410, 503))
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         served = self.served.get(body.request_id)
         if served is None and body.served_record is not None:  # served by another replica, or a dead one
@@ -725,7 +734,7 @@ class RecommendService:
             return self.stages["matching"].describe_index()
         return await self.stages["matching"].describe_index.remote()
 
-    @app.put("/matching/index", responses={202: {"description": "Accepted"}, **error_responses(409, 422)})
+    @app.put("/matching/index", responses={202: {"description": "Accepted"}, **body_error_responses(409)})
     async def put_matching_index(self, body: CatalogueBody, response: Response) -> dict[str, Any]:
         """A catalogue update: every matching replica loads the snapshot and builds its index beside the one in
         service, then swaps (no request waits or fails); 200 once all have swapped, 202 while some still build
@@ -746,7 +755,7 @@ class RecommendService:
             out[s] = {"version": snap.version, "params": snap.params}
         return out
 
-    @app.put("/stages/{stage}/params", responses=error_responses(404, 409, 422))
+    @app.put("/stages/{stage}/params", responses=body_error_responses(404, 409))
     async def put_stage_params(self, stage: str, body: StageParamsBody) -> dict[str, Any]:
         if stage not in STAGES:
             raise BadRequest(
@@ -786,7 +795,7 @@ class RecommendService:
         snap = await self.operating_point.get.remote()
         return {"version": snap.version, **snap.params, "mode": self.utility_config.get("mode", "agent")}
 
-    @app.put("/operating-point", responses={202: {"description": "Accepted"}, **error_responses(404, 409, 422)})
+    @app.put("/operating-point", responses={202: {"description": "Accepted"}, **body_error_responses(404, 409)})
     async def put_operating_point(self, body: OperatingPointBody, response: Response) -> dict[str, Any]:
         """Switch the live operating point on every agent replica: 200 once every live replica holds
         the new version, 202 (``all_acked: false``) if some had not acknowledged within the store's

@@ -19,6 +19,7 @@ import warnings
 import ray
 
 from rllib_policies import storage
+from rllib_policies.jobs import arm_sigterm, stops_cleanly
 
 from .config import DailyCycleConfig
 from .cycle import DailyCycle
@@ -31,6 +32,7 @@ def start_ray() -> None:
         ray.init(log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    arm_sigterm()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,19 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*already in registry.*")
-    start_ray()
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    cycle = DailyCycle(cfg, log)
-    first = cycle.state["next_day"]
-    log(
-        f"daily cycle {cfg.experiment!r}: days {first}..{cfg.days - 1} of {cfg.days}, storage {root}"
-        + (f" (resumed after day {first - 1})" if first else "")
-    )
-    cycle.deploy()
-    records = cycle.run()
+    with stops_cleanly(log):  # SIGTERM: the day in progress is dropped; state.json holds the last finished one
+        start_ray()
+        cycle = DailyCycle(cfg, log)
+        first = cycle.state["next_day"]
+        log(
+            f"daily cycle {cfg.experiment!r}: days {first}..{cfg.days - 1} of {cfg.days}, storage {root}"
+            + (f" (resumed after day {first - 1})" if first else "")
+        )
+        cycle.deploy()
+        records = cycle.run()
     promoted = sum(r["candidate"].get("status") == "promoted" for r in records)
     rejected = sum(r["candidate"].get("status") == "rejected" for r in records)
     rollbacks = sum(bool(r["monitor"].get("rolled_back_to")) for r in records)

@@ -52,15 +52,6 @@ class ActionGrid:
     def size(self) -> int:
         return self.n * self.n
 
-    def corners(self) -> np.ndarray:
-        """Grid index of each objective's own corner, in ``OBJECTIVES`` order: the vector whose
-        direction is closest (cosine) to ranking by that objective's weight alone — clicks: (1, 0, 0);
-        long views: the largest w_long_view with no purchase weight. These are the single-objective
-        λ's myopic choices (λ = 1 and λ = 0)."""
-        w = self.weights.astype(np.float64)
-        unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-        return unit[:, : len(OBJECTIVES)].argmax(axis=0)
-
     def match(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(nearest grid index [N], whether the vector is on the grid [N]) for weight vectors [N, 3]."""
         w = np.asarray(weights, np.float32).reshape(-1, 3)
@@ -117,7 +108,7 @@ def halving_survivors(values: np.ndarray, support: np.ndarray, keep_fraction: fl
     """Successive halving's cut: of the round's support S, keep the top k = ⌈keep_fraction·|S|⌉
     actions by value at each λ (values [L, A], e.g. the model's mean Q̂_λ per action) and return the
     union over λ (sorted grid indices) — the next round's support — plus the indices in ``always``
-    that are still in S (e.g. ``ActionGrid.corners``: kept whatever a biased model says of them)."""
+    that are still in S (e.g. each λ's myopic prior, ``guard.myopic_actions``: kept whatever a biased model says)."""
     if not 0 < keep_fraction < 1:
         raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}")
     support = np.asarray(support, np.int64)

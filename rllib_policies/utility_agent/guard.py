@@ -8,7 +8,10 @@ With r_λ = λ·r₁/σ₁ + (1 − λ)·r₂/σ₂ (the scalarisation π_λ max
     else g_λ
 
 so the deployed policy at λ is never significantly worse than g_λ: π_λ is kept only when its lower
-confidence bound beats g_λ. g_λ is chosen on the *training* logs, so the held-out logs judge both
+confidence bound beats g_λ. With ``prior: myopic`` g_λ itself has passed the same test against the myopic
+prior m_λ (``myopic_actions``: ranking by the λ-scalarised predicted rewards, what a practitioner sets without
+learning; ``certified_globals``), m_λ serving where it did not — the chain m_λ → g_λ → π_λ, each step taken only
+on held-out evidence. g_λ is chosen on the *training* logs, so the held-out logs judge both
 policies fresh: by the agent's own model (``model_global_actions``: the action with the best mean
 Q̂ over the training states; every request informs every action), by reward at hit per action
 (``best_global_actions``: only the ~N/|A| requests that logged the action), or doubly robust
@@ -30,6 +33,8 @@ PERSONALISED, GLOBAL = "personalised", "global"
 # how g_λ is picked on the training logs: mean Q̂, reward at hit, doubly robust (argmax, pessimistic
 # against the model's choice, residuals smoothed over the grid: see DoublyRobustGlobal)
 GLOBAL_CHOICES = ("model", "logs", "dr", "dr_lcb", "dr_smooth")
+# what g_λ must beat on held-out logs before it is served: nothing, or the myopic prior m_λ (myopic_actions)
+PRIORS = ("none", "myopic")
 
 
 def scalarised_rewards(rewards: np.ndarray, lam: float, scale: np.ndarray) -> np.ndarray:
@@ -248,10 +253,13 @@ class DoNoHarm:
         global_actions: np.ndarray,
         lambdas: np.ndarray,
         scale: np.ndarray,
+        names: tuple[str, str] = ("π_λ", "g_λ"),
     ) -> list[dict]:
         """One decision per λ: logs = held-out as_arrays columns, policy_actions [L, N] = π_λ on
         them, global_actions [L] = g_λ. Each decision: lambda, deployed (personalised | global),
-        global_action, lift (Δ̂_λ, σ units), lift_se, lower_bound, hits, reason."""
+        global_action, lift (Δ̂_λ, σ units), lift_se, lower_bound, hits, reason (``names``: the two
+        policies as the reason calls them)."""
+        mine, theirs = names
         est, out = RewardAtHit(), []
         n = len(logs["action"])
         for lam, pi, g in zip(np.asarray(lambdas, float), np.asarray(policy_actions), np.asarray(global_actions)):
@@ -260,13 +268,14 @@ class DoNoHarm:
             d, se = float(d[0]), float(se[0])
             lower = d - self.z * se
             if np.all(pi == g):
-                keep, reason = False, "π_λ serves g_λ to every held-out request"
+                keep, reason = False, f"{mine} serves {theirs} to every held-out request"
             elif not np.isfinite(lower):
-                keep, reason = False, "π_λ or g_λ has no hit on the held-out logs: no evidence of a gain"
+                keep, reason = False, f"{mine} or {theirs} has no hit on the held-out logs: no evidence of a gain"
             elif lower > 0:
-                keep, reason = True, f"held-out logs support a gain over g_λ: Δ̂ {d:+.4f}, lower bound {lower:+.4f} > 0"
+                keep = True
+                reason = f"held-out logs support a gain over {theirs}: Δ̂ {d:+.4f}, lower bound {lower:+.4f} > 0"
             else:
-                keep, reason = False, f"no significant gain over g_λ: Δ̂ {d:+.4f}, lower bound {lower:+.4f} ≤ 0"
+                keep, reason = False, f"no significant gain over {theirs}: Δ̂ {d:+.4f}, lower bound {lower:+.4f} ≤ 0"
             out.append(
                 {
                     "lambda": float(lam),
@@ -281,6 +290,30 @@ class DoNoHarm:
                 }
             )
         return out
+
+
+def myopic_actions(grid: np.ndarray, lambdas: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """m_λ [L], the myopic prior: the grid vector closest in direction (cosine) to ranking by the λ-scalarised
+    predicted rewards, w ∝ (λ/σ₁, (1 − λ)/σ₂, 0) over (click, long view, purchase) — what a practitioner sets
+    without learning (λ = 1: click-only; λ = 0: the most long-view weight, no purchase weight). grid [A, 3]."""
+    w = np.asarray(grid, np.float64)
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    lam = np.asarray(lambdas, np.float64)
+    target = np.stack([lam / float(scale[0]), (1 - lam) / float(scale[1]), np.zeros_like(lam)], axis=1)  # [L, 3]
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    return (target @ unit.T).argmax(axis=1)
+
+
+def certified_globals(
+    guard: DoNoHarm, logs: dict, global_actions: np.ndarray, prior: np.ndarray, lambdas: np.ndarray, scale
+) -> tuple[np.ndarray, list[dict]]:
+    """Do no harm against the myopic prior: g_λ where held-out ``logs`` show it beats m_λ = ``prior`` at the
+    guard's level (``DoNoHarm.decide`` with g_λ as the policy), m_λ elsewhere → (actions [L], decisions)."""
+    g = np.asarray(global_actions, np.int64)
+    n = len(logs["action"])
+    decisions = guard.decide(logs, np.repeat(g[:, None], n, axis=1), prior, lambdas, scale, names=("g_λ", "m_λ"))
+    kept = np.array([d["deployed"] == PERSONALISED for d in decisions])
+    return np.where(kept, g, np.asarray(prior, np.int64)), decisions
 
 
 def deployed_actions(decisions: list[dict], policy_actions: np.ndarray) -> np.ndarray:

@@ -60,11 +60,14 @@ from .exploration import (
 )
 from .guard import (
     GLOBAL_CHOICES,
+    PRIORS,
     DoNoHarm,
     DoublyRobustGlobal,
+    certified_globals,
     choose_global_actions,
     deployed_actions,
     model_mean_values,
+    myopic_actions,
 )
 from .module import UtilityQModule
 from .pareto import sweep_actions
@@ -89,9 +92,11 @@ class LearningConfig:
             beat at one-sided level ``cut_level``, Bonferroni over the support; ``DoublyRobustGlobal.survivors``).
             The model ranks with its bias; the confidence cut is robust to it (guard.py states the limits).
         cut_level: The confidence cut's level, in [0.5, 1).
-        keep_corners: Whether every cut also keeps each objective's own corner of the grid
-            (``ActionGrid.corners``: click-only, and long views without purchase weight), the myopic choice
-            of λ = 1 and λ = 0, which a model biased at the 0.01 σ scale can rank out in round 1.
+        prior: "myopic": g_λ is deployed only where the validation logs show it beats the myopic prior m_λ
+            (``guard.myopic_actions``: ranking by the λ-scalarised predicted rewards, what a practitioner sets
+            without learning), m_λ elsewhere; π_λ then has to beat that. "none": g_λ as chosen.
+        keep_prior: Whether every cut also keeps each λ's m_λ in the next round's support (so the logs can
+            certify against it), whatever a model biased at the 0.01 σ scale says of it.
     """
 
     env_config: dict = field(default_factory=lambda: {"world": {"n_items": 5000, "n_users": 4000}})
@@ -115,7 +120,8 @@ class LearningConfig:
     keep_fraction: float = 0.25
     cut: str = "fraction"
     cut_level: float = 0.95
-    keep_corners: bool = False
+    prior: str = "myopic"
+    keep_prior: bool = True
 
     def __post_init__(self) -> None:
         if not (0 < self.validation and 0 < self.test and self.validation + self.test < 1):
@@ -133,6 +139,8 @@ class LearningConfig:
             )
         if not 0 < self.keep_fraction < 1:
             raise ValueError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.cut not in CUTS:
             raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
         if not 0.5 <= self.cut_level < 1:
@@ -250,14 +258,14 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         tr_r = as_arrays(train_r)
         fit = fit_agent(cfg, train_r, as_arrays(val_r), os.path.join(work_dir, f"halving-{r}"), [tr_r["obs"]])
         values = model_mean_values(fit["scores"][0], lambdas)  # [L, A]: the model's mean Q̂_λ per vector
-        corners = grid.corners() if cfg.keep_corners else np.empty(0, np.int64)
+        scale_r = tr_r["rewards"].std(axis=0)
+        kept = myopic_actions(grid.weights, lambdas, scale_r) if cfg.keep_prior else np.empty(0, np.int64)
         if cfg.cut == "fraction":
-            survivors = halving_survivors(values, support, cfg.keep_fraction, always=corners)
+            survivors = halving_survivors(values, support, cfg.keep_fraction, always=kept)
         else:
             q_r = fit["q_mean"] + fit["q_std"] * fit["scores"][0]  # Q̂ in reward units [N, A, 2]
-            scale_r = tr_r["rewards"].std(axis=0)
             survivors = DoublyRobustGlobal(cfg.cut_level).survivors(tr_r, q_r, lambdas, scale_r, support)
-            survivors = np.union1d(survivors, np.intersect1d(corners, support))
+            survivors = np.union1d(survivors, np.intersect1d(kept, support))
         rounds.append({**info, "values": values[:, support].tolist(), "survivors": survivors.tolist()})
         support = survivors
         t_halving += time.perf_counter() - t_cut
@@ -279,9 +287,15 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         for k in GLOBAL_CHOICES
     }
     dr_value, dr_se = DoublyRobustGlobal().values(tr, train_q, lambdas, scale)  # [L, A]
+    guard = DoNoHarm(cfg.do_no_harm_level)
+    prior = myopic_actions(grid.weights, lambdas, scale)  # m_λ, measured in every run; used when cfg.prior
+    prior_decisions = None
+    if cfg.prior == "myopic":  # every candidate g_λ must beat m_λ on the validation logs, else m_λ
+        certified = {k: certified_globals(guard, va, g, prior, lambdas, scale) for k, g in candidates.items()}
+        candidates = {k: c[0] for k, c in certified.items()}
+        prior_decisions = certified[cfg.global_choice][1]
     globals_ = candidates[cfg.global_choice]
     val_actions = sweep_actions(val_scores, lambdas, allowed)
-    guard = DoNoHarm(cfg.do_no_harm_level)
     raw = sweep_actions(test_scores, lambdas, allowed)
     # the deployed policy (do no harm on validation) under each choice of g_λ; cfg.global_choice's is "final"
     deployed_by = {
@@ -307,6 +321,7 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
             **{f"global_{k}": float(values[:, g[li]].mean()) for k, g in candidates.items()},
             **{f"final_{k}": float(values[rows, d[li]].mean()) for k, d in deployed_by.items()},
             "frozen": float(np.mean([values[rows, f[li]].mean() for f in frozen])),
+            "prior": float(values[:, prior[li]].mean()),
         }
         a_star = oracle.static_action
         kpi = {  # per request, absolute units: [clicks, long views]
@@ -332,6 +347,8 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
                 **value,
                 **{f"gap_closed_{k}": gap_closed(start, v, oracle.static) for k, v in value.items()},
                 "decision": decisions[li],
+                "prior_action": int(prior[li]),
+                "prior_decision": prior_decisions[li] if prior_decisions else None,
                 "global_actions": {k: int(g[li]) for k, g in candidates.items()},
                 "oracle_action_survived": bool(np.isin(a_star, support)),
                 "kpi": kpi,

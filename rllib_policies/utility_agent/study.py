@@ -49,7 +49,17 @@ from .exploration import (
     simulate_exploration_logs,
     split_by_user,
 )
-from .guard import GLOBAL, GLOBAL_CHOICES, DoNoHarm, best_global_actions, choose_global_actions, deployed_actions
+from .guard import (
+    GLOBAL,
+    GLOBAL_CHOICES,
+    PRIORS,
+    DoNoHarm,
+    best_global_actions,
+    certified_globals,
+    choose_global_actions,
+    deployed_actions,
+    myopic_actions,
+)
 from .module import save_agent
 from .pareto import (
     hypervolume_2d,
@@ -84,10 +94,13 @@ class StudyConfig(JobConfig):
     eval_sessions: int = 1000  # simulator ground truth per policy; 0 skips the simulator
     do_no_harm_level: float = 0.95  # one-sided confidence π_λ must beat g_λ on held-out logs to be deployed
     global_choice: str = "model"  # g_λ on the training logs: one of guard.GLOBAL_CHOICES (model, logs, dr, …)
+    prior: str = "myopic"  # g_λ must beat the myopic prior m_λ on held-out logs to be served (guard.PRIORS)
 
     def __post_init__(self) -> None:
         if self.global_choice not in GLOBAL_CHOICES:
             raise ValueError(f"global_choice must be one of {GLOBAL_CHOICES}, got {self.global_choice!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.checkpoint_dir is None:
             self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
 
@@ -252,7 +265,12 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     trained_scores = chunked_scores(module, trained["obs"])
     trained_q = module.reward_mean.numpy() + module.reward_std.numpy() * trained_scores  # Q̂ in reward units
     globals_ = choose_global_actions(cfg.global_choice, trained, trained_scores, trained_q, lambdas, scale, weights)
-    decisions = DoNoHarm(cfg.do_no_harm_level).decide(held, actions, globals_, lambdas, scale)
+    guard = DoNoHarm(cfg.do_no_harm_level)
+    prior = myopic_actions(weights, lambdas, scale)
+    prior_decisions = [None] * len(lambdas)
+    if cfg.prior == "myopic":  # m_λ → g_λ → π_λ, each step only on held-out evidence (guard.py)
+        globals_, prior_decisions = certified_globals(guard, held, globals_, prior, lambdas, scale)
+    decisions = guard.decide(held, actions, globals_, lambdas, scale)
     deployed = deployed_actions(decisions, actions)
 
     # global fixed weights: each grid action for everyone (g_λ above: the best on the training logs)
@@ -290,6 +308,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
                 "mean_weights": avg_w.tolist(),
                 "distinct_actions": int((share > 0).sum()),
             },
+            "myopic_prior": {"action": int(prior[li]), "decision": prior_decisions[li]},
             "best_global_action": best_global,
             "best_global_weights": weights[best_global].tolist(),
             "best_global_action_by_reward_at_hit": int(logs_globals[li]),

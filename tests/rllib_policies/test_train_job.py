@@ -43,3 +43,51 @@ def test_job_submission_trains_checkpoints_and_resumes(ray_head, tmp_path):
     assert (ckpt / "iter_000003").exists()
     # nothing in the job's temporary working directory (runtime_resources/working_dir_files/_ray_pkg_…)
     assert not glob.glob(os.path.join(ray_tmp, "**", "iter_0000*"), recursive=True)
+
+
+@pytest.mark.ray
+def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
+    """SIGTERM mid-training (what Kubernetes sends a pod, what `ray job stop` sends a driver): the job stops its
+    algorithm and the local Ray it started within a bounded time, exits 130, and its checkpoints stay."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from tests.process_helpers import alive, descendants
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(JOB_CONFIG.replace("{storage}", str(tmp_path / "store")).replace("iterations: 2", "iterations: 50"))
+    ray_tmp = tempfile.mkdtemp(prefix="morl-sig-", dir="/tmp")  # short: Ray's socket paths
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rllib_policies.train_outer_controller", "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("checkpoint "):
+                break
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        started = descendants(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted: stopping" in out, out[-3000:]
+        assert time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if alive(p)]
+        assert (tmp_path / "store" / "run" / "iter_000001").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

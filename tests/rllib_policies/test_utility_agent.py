@@ -129,6 +129,38 @@ def test_do_no_harm_deploys_pi_lambda_only_where_the_logs_show_a_gain(personal, 
     assert {d["deployed"] for d in same} == {GLOBAL}
 
 
+def test_the_myopic_prior_ranks_by_the_scalarised_predictions():
+    from rllib_policies.utility_agent.exploration import ActionGrid
+    from rllib_policies.utility_agent.guard import myopic_actions
+
+    grid = ActionGrid()
+    m = myopic_actions(grid.weights, np.array([1.0, 0.0, 0.5, 0.5]), np.array([1.0, 1.0]))
+    np.testing.assert_array_equal(grid.weights[m[0]], [1, 0, 0])  # λ = 1: clicks only
+    np.testing.assert_array_equal(grid.weights[m[1]], [1, grid.high[0], 0])  # λ = 0: most long-view weight
+    np.testing.assert_allclose(grid.weights[m[2]], [1, 1, 0])  # equal scales: w_long_view = w_click
+    # a larger click std halves the clicks' weight: w ∝ (0.5/2, 0.5/1) = (1, 2) → the most long-view weight
+    assert myopic_actions(grid.weights, np.array([0.5]), np.array([2.0, 1.0]))[0] == m[1]
+
+
+@pytest.mark.parametrize(
+    "g, m, n, served",
+    [
+        (1, 0, 4000, 1),  # g_λ pays 0.6 where m_λ pays 0.3: certified, g_λ served
+        (0, 1, 4000, 1),  # g_λ is worse than the prior: m_λ stays
+        (1, 0, 12, 0),  # a real gain, too few held-out requests to show it: m_λ stays
+        (1, 1, 4000, 1),  # g_λ is the prior
+    ],
+)
+def test_g_lambda_replaces_the_myopic_prior_only_where_the_logs_show_a_gain(g, m, n, served):
+    from rllib_policies.utility_agent.guard import certified_globals
+
+    logs, _ = _guard_logs(n, personal=False)  # action 1 pays 0.6 for everyone, the others 0.3
+    lambdas = np.array([0.0, 1.0])
+    acts, decisions = certified_globals(DoNoHarm(), logs, np.array([g, g]), np.array([m, m]), lambdas, np.ones(2))
+    np.testing.assert_array_equal(acts, [served, served])
+    assert all("m_λ" in d["reason"] for d in decisions), decisions
+
+
 @pytest.mark.parametrize("level", [0.4, 1.0, 1.5])
 def test_do_no_harm_level_must_be_a_confidence(level):
     with pytest.raises(ValueError, match="DoNoHarm level"):
@@ -526,6 +558,7 @@ def test_agent_closes_half_the_gap_to_the_oracle_where_an_untrained_one_closes_n
         ({"keep_fraction": 1.0}, "keep_fraction"),
         ({"cut": "top"}, "cut must be one of"),
         ({"cut_level": 1.0}, "cut_level"),
+        ({"prior": "greedy"}, "prior must be one of"),
     ],
 )
 def test_learning_config_errors_name_the_field(kw, match):
@@ -533,6 +566,16 @@ def test_learning_config_errors_name_the_field(kw, match):
 
     with pytest.raises(ValueError, match=match):
         LearningConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, match", [({"prior": "greedy"}, "prior must be one of"), ({"global_choice": "x"}, "global_")]
+)
+def test_study_config_errors_name_the_field(kw, match):
+    from rllib_policies.utility_agent.study import StudyConfig
+
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**kw)
 
 
 # ------------------------------------------------------------------ the job, end to end
@@ -576,6 +619,11 @@ def test_job_runs_logs_training_sweep_and_writes_the_artifact(ray_session, tmp_p
         assert dep["deployed"] in ("personalised", "global") and dep["reason"] and "simulator" in dep
         assert (dep["deployed"] == "personalised") == (dep["lower_bound"] > 0)
         assert dep["global_action"] == q["best_global_action"]
+        # g_λ is the myopic prior unless the held-out logs certified the learned choice over it
+        prior = q["myopic_prior"]
+        assert prior["decision"]["reason"] and "m_λ" in prior["decision"]["reason"]
+        if prior["decision"]["deployed"] == "global":
+            assert q["best_global_action"] == prior["action"]
     from rllib_policies.utility_agent.module import load_agent
 
     agent = load_agent(str(tmp_path / "run" / "agent.pt"))
@@ -625,16 +673,6 @@ def test_halving_keeps_the_top_share_per_lambda_and_takes_the_union():
     np.testing.assert_array_equal(halving_survivors(values, support, 0.1, always=[0, 5]), [1, 2, 5])
     assert round_sessions(2000, 2) == [1000, 1000] and round_sessions(2000, 3) == [666, 667, 667]
     assert round_sessions(7, 1) == [7]
-
-
-def test_the_grids_corners_are_each_objectives_own_ranking():
-    from rllib_policies.utility_agent.exploration import OBJECTIVES, ActionGrid
-
-    for grid in (ActionGrid(), ActionGrid(3, (1.0, 5.0))):
-        click_only, long_views_only = grid.weights[grid.corners()]
-        assert len(grid.corners()) == len(OBJECTIVES)
-        np.testing.assert_array_equal(click_only, [1, 0, 0])
-        np.testing.assert_array_equal(long_views_only, [1, grid.high[0], 0])
 
 
 def test_a_later_round_serves_only_its_survivors_with_that_rounds_propensity(tmp_path):
