@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-offline bench-cycle bench-recommend cycle train train-utility train-unex train-offline bootstrap serve serve-recommend clean
+.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-offline bench-cycle bench-recommend bench-multinode cycle train train-utility train-unex train-offline bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
@@ -46,6 +46,9 @@ bench-unex: bootstrap
 
 bench-recommend: bootstrap
 	$(PY) benchmarks/recommend.py
+
+bench-multinode: bootstrap
+	$(PY) benchmarks/multinode.py
 
 bench-cycle: bootstrap
 	$(PY) benchmarks/gate_power.py

@@ -153,13 +153,18 @@ def descendants(pid: int) -> set[tuple[int, int]]:
     return found
 
 
+def still_running(started: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The processes of ``started`` (pid, start time) that still run; a reused pid does not count."""
+    table = _processes()
+    return {(pid, start) for pid, start in started if table.get(pid, (0, None))[1] == start}
+
+
 def stop_processes(started: set[tuple[int, int]], grace_s: float = 5.0) -> None:
     """SIGTERM each process in ``started`` that still runs, then SIGKILL any left after ``grace_s``.
     Matched on (pid, start time), so a reused pid is never hit."""
 
     def alive() -> set[tuple[int, int]]:
-        table = _processes()
-        return {(pid, start) for pid, start in started if table.get(pid, (0, None))[1] == start}
+        return still_running(started)
 
     def signal_all(procs: set[tuple[int, int]], sig: int) -> None:
         for pid, _ in procs:

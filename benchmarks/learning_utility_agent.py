@@ -359,7 +359,14 @@ def report(results: dict, args, total: float) -> None:
         "![gap closed per candidate](learning_utility_agent.png)\n",
         "## Where the gap is closed\n\nGap closed by each candidate on the same test states (mean ± 95 % CI over "
         "seeds); the untrained agent averages 16 random initialisations' π_λ. Last column: seeds where the "
-        "do-no-harm rule deployed π_λ.\n\n"
+        "do-no-harm rule deployed π_λ."
+        + (
+            " With the prior gate on (`--prior myopic`) each g_λ column is that choice *after* the gate: m_λ "
+            "wherever the validation logs did not certify the learned vector over it."
+            if args.prior == "myopic"
+            else ""
+        )
+        + "\n\n"
         "| preset | objective | " + " | ".join(POLICIES.values()) + " | π_λ deployed |\n"
         "|---|---|" + "---:|" * (len(POLICIES) + 1) + "\n" + "\n".join(parts_table(results, args)) + "\n",
         "## Personalisation vs the oracle's headroom\n\nOver the oracle's best static vector, % (mean ± 95 % CI "

@@ -125,16 +125,17 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init()
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    arm_sigterm()
 
 
 def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time: a second SIGTERM must not cut the clean-up
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def arm_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread. Call it again after ``ray.init``: Ray's core worker
-    installs its own SIGTERM handler (it aborts the process, skipping every ``finally``)."""
+    """SIGTERM raises KeyboardInterrupt in the main thread. Inside ``stops_cleanly`` call it again right after
+    ``ray.init``: Ray's core worker installs its own SIGTERM handler (here it aborted the driver, exit −6, skipping
+    every ``finally``)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
 
@@ -156,7 +157,7 @@ def stops_cleanly(log: Callable[[str], Any] = print) -> Iterator[None]:
         raise SystemExit(130) from None
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a signal now must not cut the shutdown short
         if owned:
             ray.shutdown()
         if main_thread:
@@ -298,6 +299,7 @@ def job_main(
 
     with stops_cleanly(log):
         init_ray(job.num_cpus)
+        arm_sigterm()  # again: ray.init replaced the handler
         if args.resume == "latest":
             resume = latest_checkpoint(job.checkpoint_dir)
         else:

@@ -32,7 +32,9 @@ JOBS: dict[str, tuple[str, str, str, int]] = {
     "daily-cycle": ("rllib_policies.daily_cycle", "daily_cycle.yaml", "", 24),
 }
 
-RUNTIME_ENV = {"env_vars": {"MORL_STORAGE": "/mnt/morl", "PYTHONUNBUFFERED": "1"}}
+# RAY_JOB_STOP_WAIT_TIME_S: how long `ray job stop` (and KubeRay deleting the job) waits after SIGTERM before SIGKILL
+# (Ray's default, 3 s, is shorter than an algorithm's clean stop: rllib_policies.jobs.stops_cleanly)
+RUNTIME_ENV = {"env_vars": {"MORL_STORAGE": "/mnt/morl", "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "30"}}
 
 
 class _Dumper(yaml.SafeDumper):

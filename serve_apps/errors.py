@@ -74,10 +74,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # the framework's own 4xx (a body that is not JSON: 400; no such route: 404; wrong method: 405) in the
+        # the framework's own 4xx (a body it cannot read as the declared type: 400; no such route: 404; wrong
+        # method: 405; a streamed body over the limit: 413, BodyLimit) in the
         # same shape as every other error, headers (e.g. Allow) kept
-        loc = ["body"] if exc.status_code == 400 else ["path"]
-        body = {"detail": [{"loc": loc, "msg": str(exc.detail), "type": "http_error"}]}
+        loc = ["body"] if exc.status_code in (400, 413) else ["path"]
+        kind = "too_large" if exc.status_code == 413 else "http_error"
+        body = {"detail": [{"loc": loc, "msg": str(exc.detail), "type": kind}]}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -89,23 +91,30 @@ def body_error_responses(*codes: int) -> dict[int, dict]:
     return error_responses(*sorted(set(BODY_ERRORS) | set(codes)))
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """413 for a body over an app's limit; an HTTPException, so FastAPI's body parsing passes it on to the
+    app's handler (any other error there becomes a 400 "error parsing the body")."""
+
+    def __init__(self, size: str, limit: int):
+        super().__init__(413, f"request body of {size} bytes exceeds this app's limit of {limit} bytes")
+
+
 class BodyLimit:
-    """Pure-ASGI middleware: a request body over ``max_bytes`` (by its Content-Length, or as it streams in) is
-    answered 413 with the usual error body before the application reads it; nothing else changes."""
+    """Pure-ASGI middleware: a request body over ``max_bytes`` is answered 413 in the usual error shape — at once
+    when its Content-Length says so, else (a chunked upload) as soon as the streamed bytes pass the limit, before
+    the application has parsed it. FastAPI's own ``max_body_size`` answers plain text for the first case."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, int(max_bytes)
-
-    def _too_large(self, size: str) -> JSONResponse:
-        msg = f"request body of {size} bytes exceeds this app's limit of {self.max_bytes} bytes"
-        return JSONResponse({"detail": [{"loc": ["body"], "msg": msg, "type": "too_large"}]}, status_code=413)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(length.decode())(scope, receive, send)
+            too_large = BodyTooLarge(length.decode(), self.max_bytes)
+            body = {"detail": [{"loc": ["body"], "msg": too_large.detail, "type": "too_large"}]}
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -114,17 +123,10 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge(seen)
+                    raise BodyTooLarge(f"more than {self.max_bytes}", self.max_bytes)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge as exc:
-            await self._too_large(f"more than {exc.args[0]}")(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)
 
 
 class ServerTiming:

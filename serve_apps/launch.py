@@ -33,14 +33,14 @@ import yaml
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "default": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 # A stopping ingress replica keeps serving for this long so the proxy routes no new request to it (Serve's default,
 # 30 s, made every stop of the launcher take over 30 s); set the variable yourself to change it.
 DRAINING_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-STOP_DEADLINE_S = 20.0  # SIGTERM → everything this launcher started is gone within this (test_launch measures it)
+STOP_DEADLINE_S = 20.0  # SIGTERM → the applications' drain is cut off after this; Ray's own stop adds a few seconds
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -57,8 +57,6 @@ def load_config(path: str) -> dict[str, Any]:
 def start_local_ray(num_cpus: int | None = None, ingress: str = "default", env: dict[str, str] | None = None) -> None:
     """A private local Ray (never attaches to another cluster on the machine)."""
     os.environ.update(INGRESS_ENV[ingress])
-    for key, value in DRAINING_ENV.items():
-        os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if env:
         os.environ.update(env)
@@ -104,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     ingress = args.ingress or config.get("ingress", "default")
+    for key, value in DRAINING_ENV.items():  # this launcher's stop, not every local Ray's
+        os.environ.setdefault(key, value)
     start_local_ray(args.num_cpus, ingress)
     names = deploy(config)
     port = config.get("http_options", {}).get("port", 8000)

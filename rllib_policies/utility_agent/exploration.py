@@ -104,19 +104,17 @@ def round_sessions(total: int, rounds: int) -> list[int]:
     return [base + (r >= rounds - extra) for r in range(rounds)]
 
 
-def halving_survivors(values: np.ndarray, support: np.ndarray, keep_fraction: float, always=()) -> np.ndarray:
+def halving_survivors(values: np.ndarray, support: np.ndarray, keep_fraction: float) -> np.ndarray:
     """Successive halving's cut: of the round's support S, keep the top k = ⌈keep_fraction·|S|⌉
     actions by value at each λ (values [L, A], e.g. the model's mean Q̂_λ per action) and return the
-    union over λ (sorted grid indices) — the next round's support — plus the indices in ``always``
-    that are still in S (e.g. each λ's myopic prior, ``guard.myopic_actions``: kept whatever a biased model says)."""
+    union over λ (sorted grid indices) — the next round's support."""
     if not 0 < keep_fraction < 1:
         raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}")
     support = np.asarray(support, np.int64)
     k = max(1, int(np.ceil(keep_fraction * support.size)))
     v = np.asarray(values, np.float64).reshape(-1, np.asarray(values).shape[-1])[:, support]  # [L, |S|]
     top = np.argsort(-v, axis=1, kind="stable")[:, :k]
-    kept = np.intersect1d(np.asarray(always, np.int64), support)
-    return np.union1d(support[top], kept)
+    return np.unique(support[top])
 
 
 def simulate_exploration_logs(

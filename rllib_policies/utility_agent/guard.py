@@ -309,11 +309,26 @@ def certified_globals(
 ) -> tuple[np.ndarray, list[dict]]:
     """Do no harm against the myopic prior: g_λ where held-out ``logs`` show it beats m_λ = ``prior`` at the
     guard's level (``DoNoHarm.decide`` with g_λ as the policy), m_λ elsewhere → (actions [L], decisions)."""
-    g = np.asarray(global_actions, np.int64)
+    g, m = np.asarray(global_actions, np.int64), np.asarray(prior, np.int64)
     n = len(logs["action"])
-    decisions = guard.decide(logs, np.repeat(g[:, None], n, axis=1), prior, lambdas, scale, names=("g_λ", "m_λ"))
-    kept = np.array([d["deployed"] == PERSONALISED for d in decisions])
-    return np.where(kept, g, np.asarray(prior, np.int64)), decisions
+    raw = guard.decide(logs, np.repeat(g[:, None], n, axis=1), m, lambdas, scale, names=("g_λ", "m_λ"))
+    kept = np.array([d["deployed"] == PERSONALISED for d in raw])
+    decisions = [  # DoNoHarm's fields, named for this test: which was served, the two candidates, g_λ's hits
+        {
+            "lambda": d["lambda"],
+            "served": "g_λ" if k else "m_λ",
+            "prior_action": int(mi),
+            "candidate_action": int(gi),
+            "lift": d["lift"],
+            "lift_se": d["lift_se"],
+            "lower_bound": d["lower_bound"],
+            "level": d["level"],
+            "candidate_hits": d["hits"],
+            "reason": d["reason"],
+        }
+        for d, k, gi, mi in zip(raw, kept, g, m)
+    ]
+    return np.where(kept, g, m), decisions
 
 
 def deployed_actions(decisions: list[dict], policy_actions: np.ndarray) -> np.ndarray:

@@ -266,7 +266,7 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
     trained_q = module.reward_mean.numpy() + module.reward_std.numpy() * trained_scores  # Q̂ in reward units
     globals_ = choose_global_actions(cfg.global_choice, trained, trained_scores, trained_q, lambdas, scale, weights)
     guard = DoNoHarm(cfg.do_no_harm_level)
-    prior = myopic_actions(weights, lambdas, scale)
+    prior, candidates = myopic_actions(weights, lambdas, scale), globals_
     prior_decisions = [None] * len(lambdas)
     if cfg.prior == "myopic":  # m_λ → g_λ → π_λ, each step only on held-out evidence (guard.py)
         globals_, prior_decisions = certified_globals(guard, held, globals_, prior, lambdas, scale)
@@ -308,7 +308,12 @@ def sweep(cfg: StudyConfig, module, holdout_path: str, train_path: str) -> dict:
                 "mean_weights": avg_w.tolist(),
                 "distinct_actions": int((share > 0).sum()),
             },
-            "myopic_prior": {"action": int(prior[li]), "decision": prior_decisions[li]},
+            # the prior gate: m_λ, the learned g_λ it was tested against, and the decision (None: prior "none")
+            "myopic_prior": {
+                "action": int(prior[li]),
+                "candidate_global_action": int(candidates[li]),
+                "decision": prior_decisions[li],
+            },
             "best_global_action": best_global,
             "best_global_weights": weights[best_global].tolist(),
             "best_global_action_by_reward_at_hit": int(logs_globals[li]),

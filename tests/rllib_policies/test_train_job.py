@@ -55,7 +55,7 @@ def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
     import tempfile
     import time
 
-    from tests.process_helpers import alive, descendants
+    from benchmarks.common import descendants, still_running
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text(JOB_CONFIG.replace("{storage}", str(tmp_path / "store")).replace("iterations: 2", "iterations: 50"))
@@ -84,9 +84,9 @@ def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
         assert proc.returncode == 130 and "interrupted: stopping" in out, out[-3000:]
         assert time.monotonic() - t0 < 30
         deadline = time.monotonic() + 10
-        while any(alive(p) for p in started) and time.monotonic() < deadline:
+        while still_running(started) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in started if alive(p)]
+        assert not still_running(started)
         assert (tmp_path / "store" / "run" / "iter_000001").exists()
     finally:
         if proc.poll() is None:

@@ -38,9 +38,9 @@ def test_sigterm_drains_and_stops_everything_the_launcher_started(tmp_path):
     import sys
     import time
 
+    from benchmarks.common import descendants, still_running
     from serve_apps.launch import STOP_DEADLINE_S
     from tests.conftest import free_port
-    from tests.process_helpers import alive, descendants
 
     config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "../../serve_apps/configs/inner_reward.yaml")))
     config["http_options"]["port"] = free_port()
@@ -72,9 +72,9 @@ def test_sigterm_drains_and_stops_everything_the_launcher_started(tmp_path):
         assert proc.returncode == 0, out
         assert "stopped in" in out and stopped < STOP_DEADLINE_S + 5, (stopped, out)
         deadline = time.monotonic() + 5
-        while any(alive(p) for p in started) and time.monotonic() < deadline:
+        while still_running(started) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [p for p in started if alive(p)]
+        left = [p for p, _ in still_running(started)]
         assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left]
     finally:
         if proc.poll() is None:
