@@ -41,6 +41,9 @@ class Snapshot:
     params: dict[str, Any]
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+
+
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class VersionedParamStore:
     """The single source of truth for one parameter set (async actor)."""
@@ -154,9 +157,15 @@ class VersionedParamStore:
 
 def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "morl", **kwargs):
     """The named store actor (detached, so it outlives app redeploys); created on first use."""
-    return VersionedParamStore.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached").remote(
-        initial, **kwargs
-    )
+    return VersionedParamStore.options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        # on the head, beside Serve's controller: a worker node holding it would never count as idle, so the
+        # autoscaler could not remove it (benchmarks/results/multinode.md)
+        resources={HEAD_RESOURCE: 0.001},
+    ).remote(initial, **kwargs)
 
 
 def find_store(name: str, namespace: str = "morl", timeout_s: float = 60.0):

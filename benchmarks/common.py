@@ -180,6 +180,43 @@ def stop_processes(started: set[tuple[int, int]], grace_s: float = 5.0) -> None:
     signal_all(left, signal.SIGKILL)
 
 
+def sigterm_when_ready(cmd: list[str], ready: str, env: dict, timeout_s: float = 60, grace_s: float = 10) -> dict:
+    """Start ``cmd``, wait for an output line starting with ``ready``, send SIGTERM (what Kubernetes, systemd and
+    `ray job stop` send) and wait for it to exit → {"returncode", "output", "stop_s" (SIGTERM → exit), "left" (the
+    command lines of processes it had started that still ran ``grace_s`` after it exited)}. Killed if still running
+    after ``timeout_s``; what it started is stopped in any case."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: set[tuple[int, int]] = set()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(ready):
+                break
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited before {ready!r}:\n{''.join(lines)[-3000:]}")
+        started = descendants(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=timeout_s)
+        stop_s = time.monotonic() - t0
+        deadline = time.monotonic() + grace_s
+        while still_running(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = []
+        for pid, _ in still_running(started):
+            try:
+                with open(f"/proc/{pid}/cmdline") as f:
+                    left.append(f.read().replace("\0", " ")[:160])
+            except OSError:
+                pass
+        return {"returncode": proc.returncode, "output": "".join(lines) + out, "stop_s": stop_s, "left": left}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_processes(started)
+
+
 def run_tracked(cmd: list[str], timeout_s: float, **popen_kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` that notes every process the child
     starts while it runs (Ray's, and the HAProxy Serve starts) and, once the child exits, stops those

@@ -39,13 +39,15 @@ BIN = os.path.dirname(sys.executable)
 IDLE_TIMEOUT_MIN = 0.25  # a worker node idle this long is removed
 
 
-def fake_cluster_config(max_workers: int) -> dict:
-    """The autoscaler's cluster config for the fake multi-node provider: a CPU-less head, 1-CPU workers."""
+def fake_cluster_config(max_workers: int, gcs_address: str) -> dict:
+    """The autoscaler's cluster config for the fake multi-node provider: a CPU-less head, 1-CPU workers that join
+    the head's GCS at ``gcs_address`` (the provider assumes port 6379 otherwise)."""
     return {
         "cluster_name": "morl_multinode",
         "max_workers": max_workers,
         "provider": {
             "type": "fake_multinode",
+            "gcs_address": gcs_address,
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
             "disable_launch_config_check": True,
@@ -80,13 +82,15 @@ def fake_cluster_config(max_workers: int) -> dict:
 
 def start_head(tmp: str, max_workers: int) -> tuple[subprocess.Popen, str, dict]:
     """`ray start --head --block` with the fake autoscaler, in its own process group → (process, GCS address, env)."""
+    import ray
+
+    port = free_port()
     config = os.path.join(tmp, "autoscaling.json")
     with open(config, "w") as f:
-        json.dump(fake_cluster_config(max_workers), f)
+        json.dump(fake_cluster_config(max_workers, f"{ray.util.get_node_ip_address()}:{port}"), f)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": tmp}
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
     proc = subprocess.Popen(
         [
             f"{BIN}/ray",
@@ -112,6 +116,14 @@ def worker_nodes() -> list[str]:
     import ray
 
     return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+
+def wait_for_nodes(count: int, timeout_s: float) -> float:
+    """Seconds until at most ``count`` worker nodes are alive (the autoscaler removing idle ones), or the timeout."""
+    t0 = time.monotonic()
+    while len(worker_nodes()) > count and time.monotonic() - t0 < timeout_s:
+        time.sleep(1)
+    return time.monotonic() - t0
 
 
 def training_placement(log) -> dict:
@@ -192,7 +204,7 @@ def serving_timeline(load_s: float, settle_s: float, clients: int, log) -> dict:
     slates = [
         {
             "clicked": (rng.random(200) < 0.2).tolist(),
-            "dwell": rng.exponential(10, 200).round(2).tolist(),
+            "dwell_s": rng.exponential(10, 200).round(2).tolist(),
             "skipped": (rng.random(200) < 0.3).tolist(),
             "relevance": rng.random(200).round(3).tolist(),
         }
@@ -200,17 +212,19 @@ def serving_timeline(load_s: float, settle_s: float, clients: int, log) -> dict:
     ]
     body = {"slates": slates}
     url = f"http://127.0.0.1:{port}/reward"
-    stop_load, done, errors = threading.Event(), [0], [0]
+    stop_load, done, errors, codes = threading.Event(), [0], [0], {}
 
     def client() -> None:
         with httpx.Client(timeout=30) as c:
             while not stop_load.is_set():
                 try:
-                    ok = c.post(url, json=body).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                done[0] += ok
-                errors[0] += not ok
+                    code = c.post(url, json=body).status_code
+                except httpx.HTTPError as err:
+                    code = type(err).__name__
+                done[0] += code == 200
+                errors[0] += code != 200
+                if code != 200:
+                    codes[code] = codes.get(code, 0) + 1
 
     samples, t0 = [], time.monotonic()
     threads: list[threading.Thread] = []
@@ -248,7 +262,12 @@ def serving_timeline(load_s: float, settle_s: float, clients: int, log) -> dict:
             break
         time.sleep(1)
     serve.shutdown()
-    return {"samples": samples, "requests": done[0], "errors": errors[0]}
+    return {
+        "samples": samples,
+        "requests": done[0],
+        "errors": errors[0],
+        "error_codes": {str(k): v for k, v in codes.items()},
+    }
 
 
 def report(result: dict, path: str, wall: float) -> None:
@@ -279,14 +298,17 @@ def report(result: dict, path: str, wall: float) -> None:
         + "\n"
         + "\n".join(f"| learner {i + 1} | {short[n]} |" for i, n in enumerate(tr["learner_nodes"]))
         + f"\n\n{len(nodes)} distinct nodes; the driver runs on the head. Two iterations trained across them in "
-        f"{tr['train_s']:.0f} s (outer reward per session {', '.join(f'{r:.2f}' for r in tr['outer_reward_mean'])}).\n",
+        f"{tr['train_s']:.0f} s (outer reward per session {', '.join(f'{r:.2f}' for r in tr['outer_reward_mean'])}); "
+        f"after the algorithm stopped, the autoscaler removed its nodes within {tr['idle_removal_s']:.0f} s.\n",
         "## 2. Serve replicas and nodes under load\n\n"
         "The inner-reward app deployed declaratively (Serve autoscaling 1–4 replicas, target 2 ongoing requests, "
         "1 CPU each), 16 closed-loop clients posting 32 slates × 200 items for 60 s, then none. Worker nodes "
         f"went from {s[0]['worker_nodes']} to a peak of {peak}"
         + (f" (the first added {first_up - load[0]['t']:.0f} s into the load)" if first_up is not None else "")
         + f" and back to {last['worker_nodes']} at t = {last['t']:.0f} s with {last['replicas']} replica(s); "
-        f"{sv['requests']} requests answered, {sv['errors']} failed.\n\n"
+        f"{sv['requests']} requests answered, {sv['errors']} failed"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sv['error_codes'].items())})" if sv["errors"] else "")
+        + ".\n\n"
         "| t (s) | phase | worker nodes | running replicas | requests done | failed |\n|---:|---|---:|---:|---:|---:|\n"
         + table
         + "\n\n![nodes and replicas over time](multinode.png)\n",
@@ -309,7 +331,8 @@ def plot(result: dict, path: str) -> None:
     ax.axvspan(load[0], load[-1], color="0.9", label="load on")
     ax.set_xlabel("t (s)")
     ax.set_ylabel("count")
-    ax.legend(loc="upper right")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="center right")
     ax.set_title("Serve autoscaling and the Ray autoscaler on one machine")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -323,6 +346,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     t0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))  # stop the cluster too
     tmp = tempfile.mkdtemp(prefix="mn-", dir="/tmp")  # short: Ray's socket paths
     head, address, env = start_head(tmp, max_workers=4)
 
@@ -347,6 +371,8 @@ def main() -> None:
         result = {"training": training_placement(log)}
         log(f"training placement: {result['training']}")
         started |= descendants(head.pid)
+        result["training"]["idle_removal_s"] = wait_for_nodes(0, 120)
+        log(f"training's nodes removed after {result['training']['idle_removal_s']:.0f} s idle")
         result["serving"] = serving_timeline(args.load_s, args.settle_s, args.clients, log)
         started |= descendants(head.pid)
         ray.shutdown()

@@ -246,7 +246,6 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
     grid = cfg.grid
     lambdas = np.asarray(cfg.lambdas, np.float64)
     support, tables, truth_paths, rounds, t_halving = np.arange(grid.size), [], [], [], 0.0
-    prior = None  # m_λ (guard.myopic_actions), set by the first cut's training scale, else the final one
     for r, n in enumerate(round_sessions(cfg.sessions, cfg.exploration_rounds)):
         table, truth_path, info = log_round(cfg, work_dir, r, n, support)
         tables.append(table)
@@ -260,17 +259,13 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
         fit = fit_agent(cfg, train_r, as_arrays(val_r), os.path.join(work_dir, f"halving-{r}"), [tr_r["obs"]])
         values = model_mean_values(fit["scores"][0], lambdas)  # [L, A]: the model's mean Q̂_λ per vector
         scale_r = tr_r["rewards"].std(axis=0)
-        if (
-            prior is None
-        ):  # m_λ, fixed by the first round's reward scale: the vectors kept are the ones certified against
-            prior = myopic_actions(grid.weights, lambdas, scale_r)
         if cfg.cut == "fraction":
             survivors = halving_survivors(values, support, cfg.keep_fraction)
         else:
             q_r = fit["q_mean"] + fit["q_std"] * fit["scores"][0]  # Q̂ in reward units [N, A, 2]
             survivors = DoublyRobustGlobal(cfg.cut_level).survivors(tr_r, q_r, lambdas, scale_r, support)
-        if cfg.keep_prior:  # whatever a model biased at the 0.01 σ scale says of them
-            survivors = np.union1d(survivors, np.intersect1d(prior, support))
+        if cfg.keep_prior:  # m_λ at this round's scale, whatever a model biased at the 0.01 σ scale says of it
+            survivors = np.union1d(survivors, np.intersect1d(myopic_actions(grid.weights, lambdas, scale_r), support))
         rounds.append({**info, "values": values[:, support].tolist(), "survivors": survivors.tolist()})
         support = survivors
         t_halving += time.perf_counter() - t_cut
@@ -293,8 +288,10 @@ def run_learning_test(cfg: LearningConfig, work_dir: str) -> dict:
     }
     dr_value, dr_se = DoublyRobustGlobal().values(tr, train_q, lambdas, scale)  # [L, A]
     guard = DoNoHarm(cfg.do_no_harm_level)
-    if prior is None:
-        prior = myopic_actions(grid.weights, lambdas, scale)  # m_λ, measured in every run; used when cfg.prior
+    # m_λ at the final training scale, the σ the objective r_λ and π_λ scalarise with (a cut kept m_λ at its own
+    # round's scale; near a boundary between two grid vectors the two can differ: then m_λ has round 1's logs only,
+    # and the gate, short of evidence, keeps it). Measured in every run; used when cfg.prior is "myopic".
+    prior = myopic_actions(grid.weights, lambdas, scale)
     prior_decisions = None
     if cfg.prior == "myopic":  # every candidate g_λ must beat m_λ on the validation logs, else m_λ
         certified = {k: certified_globals(guard, va, g, prior, lambdas, scale) for k, g in candidates.items()}

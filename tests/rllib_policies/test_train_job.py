@@ -49,13 +49,10 @@ def test_job_submission_trains_checkpoints_and_resumes(ray_head, tmp_path):
 def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
     """SIGTERM mid-training (what Kubernetes sends a pod, what `ray job stop` sends a driver): the job stops its
     algorithm and the local Ray it started within a bounded time, exits 130, and its checkpoints stay."""
-    import signal
-    import subprocess
     import sys
     import tempfile
-    import time
 
-    from benchmarks.common import descendants, still_running
+    from benchmarks.common import sigterm_when_ready
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text(JOB_CONFIG.replace("{storage}", str(tmp_path / "store")).replace("iterations: 2", "iterations: 50"))
@@ -63,31 +60,8 @@ def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
     os.makedirs(os.path.join(ray_tmp, "ray"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rllib_policies.train_outer_controller", "--config", str(cfg)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("checkpoint "):
-                break
-        assert proc.poll() is None, "".join(lines)[-3000:]
-        started = descendants(proc.pid)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "interrupted: stopping" in out, out[-3000:]
-        assert time.monotonic() - t0 < 30
-        deadline = time.monotonic() + 10
-        while still_running(started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not still_running(started)
-        assert (tmp_path / "store" / "run" / "iter_000001").exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cmd = [sys.executable, "-m", "rllib_policies.train_outer_controller", "--config", str(cfg)]
+    run = sigterm_when_ready(cmd, "checkpoint ", env, timeout_s=60, grace_s=10)
+    assert run["returncode"] == 130 and "interrupted: stopping" in run["output"], run["output"][-3000:]
+    assert run["stop_s"] < 30 and not run["left"], (run["stop_s"], run["left"])
+    assert (tmp_path / "store" / "run" / "iter_000001").exists()

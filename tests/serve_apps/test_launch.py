@@ -33,12 +33,9 @@ def test_sigterm_drains_and_stops_everything_the_launcher_started(tmp_path):
     """What Kubernetes and systemd send: SIGTERM to `python -m serve_apps.launch … --block` (HAProxy ingress) stops
     the applications and the Ray it started — GCS, raylet, workers, replicas, HAProxy — within the deadline."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from benchmarks.common import descendants, still_running
+    from benchmarks.common import sigterm_when_ready
     from serve_apps.launch import STOP_DEADLINE_S
     from tests.conftest import free_port
 
@@ -49,33 +46,8 @@ def test_sigterm_drains_and_stops_everything_the_launcher_started(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}  # the launcher makes its own, short path
     # HAProxy's metrics and stats listeners default to fixed ports (9101, 8404): free ones, beside any other HAProxy
     env.update(RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_apps.launch", str(path), "--block", "--num-cpus", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("serving "):
-                break
-        assert proc.poll() is None, "".join(lines)
-        started = descendants(proc.pid)
-        assert len(started) >= 3, "".join(lines)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=STOP_DEADLINE_S + 10)
-        stopped = time.monotonic() - t0
-        assert proc.returncode == 0, out
-        assert "stopped in" in out and stopped < STOP_DEADLINE_S + 5, (stopped, out)
-        deadline = time.monotonic() + 5
-        while still_running(started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [p for p, _ in still_running(started)]
-        assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cmd = [sys.executable, "-m", "serve_apps.launch", str(path), "--block", "--num-cpus", "2"]
+    run = sigterm_when_ready(cmd, "serving ", env, timeout_s=STOP_DEADLINE_S + 10, grace_s=5)
+    assert run["returncode"] == 0 and "stopped in" in run["output"], run["output"][-3000:]
+    assert run["stop_s"] < STOP_DEADLINE_S + 5, run["stop_s"]
+    assert not run["left"], run["left"]
