@@ -44,9 +44,11 @@ class Snapshot:
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+@ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
 class VersionedParamStore:
-    """The single source of truth for one parameter set (async actor)."""
+    """The single source of truth for one parameter set (async actor). A crashed store is restarted by Ray
+    (``max_restarts=-1``) behind the same handle and name; with a ``snapshot_path`` it comes back at its last version
+    and history. Followers keep serving their last params meanwhile and re-poll (``ParamFollower``)."""
 
     def __init__(self, initial: dict[str, Any], snapshot_path: str | None = None, reader_ttl_s: float = 15.0):
         self._snapshot_path = snapshot_path

@@ -73,3 +73,46 @@ def test_rollback_restores_earlier_versions_as_new_ones(ray_session):
         assert ray.get(store.get.remote()).params == {"a": 1}
     finally:
         follower.stop()
+
+
+def test_a_killed_store_restarts_at_its_last_version_while_followers_keep_serving(ray_session, tmp_path):
+    """Chaos: the store's process dies. Followers serve their last params through the outage; Ray restarts the
+    store behind the same handle, from its snapshot, and a write after the restart reaches the followers."""
+    import os
+
+    restarting = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError)
+
+    def retried(call, timeout_s=60.0):
+        """A caller's retry: a call that meets the restart fails and is sent again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(call(), timeout=10)
+            except restarting:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    path = str(tmp_path / f"params-{uuid.uuid4().hex}.json")
+    store = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
+    ray.get(store.put.remote({"a": 5}))
+    follower = ParamFollower(store, "r0", dict, poll_timeout_s=0.5)
+    pid = ray.get(store.__ray_call__.remote(lambda _: os.getpid()))
+    try:
+        assert follower.current == (2, {"a": 5})
+        ray.kill(store, no_restart=False)  # the process dies; Ray restarts it
+        assert follower.current == (2, {"a": 5})  # serving keeps its params through the outage
+        deadline = time.monotonic() + 60
+        while retried(lambda: store.__ray_call__.remote(lambda _: os.getpid())) == pid:
+            assert time.monotonic() < deadline, "the store was not restarted"
+            time.sleep(0.2)
+        snap = retried(store.get.remote)
+        assert (snap.version, snap.params) == (2, {"a": 5}), "back at its last version, from the snapshot"
+        retried(lambda: store.put.remote({"a": 7}, expected_version=2, ack_timeout_s=5.0))
+        deadline = time.monotonic() + 30
+        while follower.current != (3, {"a": 7}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert follower.current == (3, {"a": 7}), "the follower re-polls the restarted store"
+    finally:
+        follower.stop()
+        ray.kill(store, no_restart=True)
