@@ -44,11 +44,9 @@ class Snapshot:
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
+@ray.remote(num_cpus=0, max_concurrency=1000)
 class VersionedParamStore:
-    """The single source of truth for one parameter set (async actor). A crashed store is restarted by Ray
-    (``max_restarts=-1``) behind the same handle and name; with a ``snapshot_path`` it comes back at its last version
-    and history. Followers keep serving their last params meanwhile and re-poll (``ParamFollower``)."""
+    """The single source of truth for one parameter set (async actor)."""
 
     def __init__(self, initial: dict[str, Any], snapshot_path: str | None = None, reader_ttl_s: float = 15.0):
         self._snapshot_path = snapshot_path
@@ -158,7 +156,10 @@ class VersionedParamStore:
 
 
 def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "morl", **kwargs):
-    """The named store actor (detached, so it outlives app redeploys); created on first use."""
+    """The named store actor (detached, so it outlives app redeploys); created on first use. A store with a
+    ``snapshot_path`` is restarted by Ray if its process dies, behind the same handle and name, at its last version
+    and history; followers serve their last params meanwhile and re-poll. One without a snapshot is not restarted:
+    it would come back at version 1, below what its followers hold, and they would ignore every later write."""
     return VersionedParamStore.options(
         name=name,
         namespace=namespace,
@@ -167,6 +168,7 @@ def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "mo
         # on the head, beside Serve's controller: a worker node holding it would never count as idle, so the
         # autoscaler could not remove it (benchmarks/results/multinode.md)
         resources={HEAD_RESOURCE: 0.001},
+        max_restarts=-1 if kwargs.get("snapshot_path") else 0,
     ).remote(initial, **kwargs)
 
 

@@ -6,7 +6,13 @@ import uuid
 import pytest
 import ray
 
-from actors.param_store import NothingToRollBack, ParamFollower, VersionConflict, VersionedParamStore
+from actors.param_store import (
+    NothingToRollBack,
+    ParamFollower,
+    VersionConflict,
+    VersionedParamStore,
+    get_or_create_store,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -93,8 +99,8 @@ def test_a_killed_store_restarts_at_its_last_version_while_followers_keep_servin
                     raise
                 time.sleep(0.2)
 
-    path = str(tmp_path / f"params-{uuid.uuid4().hex}.json")
-    store = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
+    name = f"chaos-{uuid.uuid4().hex[:8]}"
+    store = get_or_create_store(name, {"a": 1}, snapshot_path=str(tmp_path / f"{name}.json"))  # as the apps make it
     ray.get(store.put.remote({"a": 5}))
     follower = ParamFollower(store, "r0", dict, poll_timeout_s=0.5)
     pid = ray.get(store.__ray_call__.remote(lambda _: os.getpid()))
@@ -116,3 +122,18 @@ def test_a_killed_store_restarts_at_its_last_version_while_followers_keep_servin
     finally:
         follower.stop()
         ray.kill(store, no_restart=True)
+
+
+def test_a_store_without_a_snapshot_is_not_restarted(ray_session):
+    """Restarted at version 1, below what its followers hold, it would take writes they ignore: it stays dead, and
+    a write fails loudly instead."""
+    store = get_or_create_store(f"nosnap-{uuid.uuid4().hex[:8]}", {"a": 1})
+    ray.get(store.put.remote({"a": 2}))
+    ray.kill(store, no_restart=False)
+    with pytest.raises(ray.exceptions.ActorDiedError):  # died for good, not "unavailable" while restarting
+        for _ in range(50):
+            try:
+                ray.get(store.put.remote({"a": 3}), timeout=10)
+            except ray.exceptions.ActorUnavailableError:
+                pass
+            time.sleep(0.1)
