@@ -5,6 +5,10 @@ local copy and long-poll the store from a daemon thread, so the request path nev
 it. A writer's ``put`` bumps the version, wakes every poller, and returns once each live reader
 has reported the new version (or a timeout passes), so "PUT returned 200" means "every replica
 now serves it". Optional JSON snapshot on disk (atomic rename) survives a store restart.
+
+Every change is also an audit entry (``audit()``): the new version, the one it replaced, when, the params
+before and after, and what the writer said of it (``meta``: who, why), so an operator's page can show who
+moved what from where to where.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class NothingToRollBack(LookupError):
 
 
 HISTORY = 16  # earlier versions a store keeps for rollback
+AUDIT = 500  # changes a store keeps in its audit log
 
 
 @dataclass(frozen=True)
@@ -59,28 +64,37 @@ class VersionedParamStore:
         self._changed = asyncio.Condition()
         self._readers: dict[str, tuple[int, float]] = {}  # reader id -> (version held, last seen)
         self._history: list[Snapshot] = []  # the versions before the current one, oldest first
+        self._audit: list[dict[str, Any]] = []  # every change, oldest first (``audit``)
         if snapshot_path and os.path.exists(snapshot_path):
             self._history = [Snapshot(int(v), dict(p)) for v, p in saved.get("history", [])]
+            self._audit = list(saved.get("audit", []))
 
     def get(self) -> Snapshot:
         return Snapshot(self._version, dict(self._params))
 
     async def put(
-        self, params: dict[str, Any], expected_version: int | None = None, ack_timeout_s: float = 2.0
+        self,
+        params: dict[str, Any],
+        expected_version: int | None = None,
+        ack_timeout_s: float = 2.0,
+        meta: dict[str, Any] | None = None,
     ) -> dict:
         """Replace the params; wait until live readers hold the new version.
 
         Returns {"version", "readers_acked", "readers_live"}. Raises VersionConflict when
         ``expected_version`` is given and is not the current version (optimistic concurrency).
+        ``meta`` (JSON: who, why) goes into the change's audit entry.
         """
         async with self._changed:  # check and bump under one lock: two writers cannot both pass the check
             self._check(expected_version)
             self._history = [*self._history, self.get()][-HISTORY:]
-            self._bump(params)
+            self._bump(params, "put", meta)
             version = self._version
         return await self._acks(version, ack_timeout_s)
 
-    async def rollback(self, expected_version: int | None = None, ack_timeout_s: float = 2.0) -> dict:
+    async def rollback(
+        self, expected_version: int | None = None, ack_timeout_s: float = 2.0, meta: dict[str, Any] | None = None
+    ) -> dict:
         """Serve the previous version's params again, as a new version (versions only grow, so every
         reader follows); a second rollback goes one further back. Returns put's dict plus
         ``restored_version`` and the restored ``params``. Raises NothingToRollBack when no earlier version
@@ -90,7 +104,7 @@ class VersionedParamStore:
             if not self._history:
                 raise NothingToRollBack(f"no version before {self._version} to roll back to")
             previous = self._history.pop()
-            self._bump(previous.params)
+            self._bump(previous.params, "rollback", {**(meta or {}), "restored_version": previous.version})
             version = self._version
         acks = await self._acks(version, ack_timeout_s)
         return {**acks, "restored_version": previous.version, "params": dict(previous.params)}
@@ -98,11 +112,19 @@ class VersionedParamStore:
     def history(self) -> list[Snapshot]:
         return list(self._history)
 
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last ``limit`` changes, newest first: {version, from_version, action ("put" | "rollback"), at
+        (Unix s), from, to (params), and the writer's meta}."""
+        return self._audit[::-1][:limit]
+
     def _check(self, expected_version: int | None) -> None:
         if expected_version is not None and expected_version != self._version:
             raise VersionConflict(f"expected_version {expected_version} but current version is {self._version}")
 
-    def _bump(self, params: dict[str, Any]) -> None:
+    def _bump(self, params: dict[str, Any], action: str, meta: dict[str, Any] | None) -> None:
+        entry = {"version": self._version + 1, "from_version": self._version, "action": action, "at": time.time()}
+        change = {**(meta or {}), **entry, "from": self._params, "to": dict(params)}  # meta never overrides
+        self._audit = [*self._audit, change][-AUDIT:]
         self._version += 1
         self._params = dict(params)
         self._write_snapshot()
@@ -149,7 +171,8 @@ class VersionedParamStore:
         os.makedirs(os.path.dirname(os.path.abspath(self._snapshot_path)), exist_ok=True)  # a fresh volume
         with open(tmp, "w") as f:
             history = [[h.version, h.params] for h in self._history]
-            json.dump({"version": self._version, "params": self._params, "history": history}, f)
+            saved = {"version": self._version, "params": self._params, "history": history, "audit": self._audit}
+            json.dump(saved, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._snapshot_path)

@@ -187,6 +187,11 @@ def main() -> None:
         default=CRMExperiment.wider_jitters,
         help='e.g. 0.6,1.0; "": none',
     )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help='a variant\'s name: its section "crm_TAG" and crm_policy_TAG.png, beside the default run\'s',
+    )
     parser.add_argument("--quick", action="store_true", help="no files written")
     args = parser.parse_args()
     init_ray(2)
@@ -215,12 +220,15 @@ def main() -> None:
         )
     wall = time.time() - start
     section = markdown(runs, cfg, wall)
+    if args.tag:
+        section = section.replace("## Learned weight policy", f"## Learned weight policy: {args.tag}", 1)
     print(section)
     if args.quick:
         return
-    write_marked_section(str(RESULTS / "crm_ope.md"), "crm", section, "CRM off-policy evaluation")
+    suffix = f"_{args.tag}" if args.tag else ""
+    write_marked_section(str(RESULTS / "crm_ope.md"), f"crm{suffix}", section, "CRM off-policy evaluation")
     try:
-        plot(RESULTS / "crm_policy.png", runs)
+        plot(RESULTS / f"crm_policy{suffix}.png", runs)
     except ImportError:
         print("matplotlib not installed: crm_policy.png skipped")
     print(f"wall time {wall:.0f} s")

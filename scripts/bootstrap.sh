@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian/Ubuntu machine, offline from crates.io:
-#   1. apt: PyO3 + rayon sources from Debian's Rust registry (and cargo if absent), redis-server;
+#   1. apt: PyO3 + rayon sources from Debian's Rust registry (and cargo if absent), redis-server, chromium;
 #   2. a Python 3.11 virtualenv in .venv;
 #   3. torch 2.13.0 (CPU) and the project itself, editable, built by maturin (Rust included).
 # Idempotent: each step is skipped when already done; the install is redone when pyproject.toml
@@ -16,6 +16,7 @@ need_apt=()
 ls -d /usr/share/cargo/registry/rayon-1.* >/dev/null 2>&1 || need_apt+=(librust-rayon-dev)
 command -v cargo >/dev/null || need_apt+=(cargo rustc)
 command -v redis-server >/dev/null || need_apt+=(redis-server)   # the Redis Streams sink's tests
+command -v chromium >/dev/null || need_apt+=(chromium)   # the operator page's browser tests (Playwright drives it)
 command -v python3.11 >/dev/null || command -v python3 >/dev/null || need_apt+=(python3 python3-dev)
 PY="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
 if [ ! -x .venv/bin/pip ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then

@@ -16,6 +16,9 @@ Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical 
 - every /recommend answers a ``server-timing`` header: each stage's compute, each stage call's transport on the
   composed path (``<stage>_hop``), the wait for the utility agent and the whole request (``app``)
 - ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
+- ``GET /operator``  the operator's page (serve_apps/operator.py): the frontier, the live operating point and its
+  audit log with a switch, the A/B arms, the daily cycle's promotions, rejections, rollbacks and KL monitor, the
+  inner-reward weights in force; ``GET /operator/state`` is its JSON; the same figures are Prometheus gauges
 - with a utility agent (args ``utility_agent``): requests without ``ranking_weights`` get theirs from
   the agent (serve_apps/utility_agent.py), asked in parallel with matching and pre-ranking;
   ``GET|PUT /operating-point`` reads / switches the live λ (or fixed weights) on every agent
@@ -50,7 +53,9 @@ from collections import OrderedDict
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Response
+import ray
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -81,6 +86,9 @@ from serve_apps.errors import (
 )
 from serve_apps.experiments import ArmSplit, arm_report, arm_weights_params
 from serve_apps.inner_reward import DwellSeconds, FiniteFloat, score_slates, weights_follower
+from serve_apps.operator import OperatorMetrics, cycle_timeline
+from serve_apps.operator import asset as operator_asset
+from serve_apps.operator import page as operator_page
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
@@ -88,6 +96,17 @@ from serve_apps.weight_logging import WeightLogging
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
 RANKING_POLICIES = ("held", "utility_agent", "outer_controller")
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+
+
+class Audited(BaseModel):
+    """Who makes a change and why: written into the store's audit log with the change (``GET /operator``)."""
+
+    operator: str | None = Field(default=None, min_length=1, max_length=64, description="who makes the change")
+    reason: str | None = Field(default=None, max_length=500, description="why, in a line")
+
+    def meta(self, request: Request) -> dict[str, Any]:
+        client = request.client.host if request.client else None
+        return {"who": self.operator or "anonymous", "reason": self.reason, "client": client}
 
 
 class RecommendRequest(BaseModel):
@@ -124,7 +143,7 @@ class RecommendResponse(BaseModel):
     ranking_policy: dict[str, Any]
 
 
-class OperatingPointBody(BaseModel):
+class OperatingPointBody(Audited):
     """Exactly one of ``lambda`` (personalised π_λ) or ``weights`` (one global weight vector)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -161,7 +180,7 @@ class FeedbackResponse(BaseModel):
     weights_version: int
 
 
-class ArmWeightsBody(BaseModel):
+class ArmWeightsBody(Audited):
     """A promotion: new ranking weights for one arm (versioned; ``expected_version`` guards races)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -169,7 +188,7 @@ class ArmWeightsBody(BaseModel):
     expected_version: int | None = None
 
 
-class ArmRollbackBody(BaseModel):
+class ArmRollbackBody(Audited):
     model_config = ConfigDict(extra="forbid")
     expected_version: int | None = None
 
@@ -270,6 +289,7 @@ class RecommendService:
         experiment: dict | None = None,
         ranking_policy: str | None = None,
         inner_reward_weights_store: str | None = None,
+        operator: dict | None = None,
     ):
         pipeline_config = pipeline_config or PipelineConfig()
         replica = serve.get_replica_context().replica_id.unique_id
@@ -348,6 +368,11 @@ class RecommendService:
             self.held_ranking = ParamFollower(
                 self.stores["ranking"], f"recommend-{replica}", lambda p: params_array("ranking", p)
             )
+        self.operator = {"cycle_root": None, "metrics_interval_s": 15.0, **(operator or {})}
+        self.metrics = None
+        if self.operator["metrics_interval_s"]:  # Prometheus gauges, refreshed off the request path
+            app_name = serve.get_replica_context().app_name
+            self.metrics = OperatorMetrics(app_name, self._operator_snapshot, self.operator["metrics_interval_s"])
 
     def _draw_weights(self, live: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
         """Gaussian weight logging: the weights to serve around μ = ``live`` (None: the held ones), and the
@@ -629,15 +654,8 @@ class RecommendService:
     async def experiments(self) -> dict[str, Any]:
         """The live experiment: each arm's share, policy, version and weights, and its KPIs per request with
         95 % intervals clustered by user, from the events the sink has written so far."""
-        arms = {}
-        for arm in self._require_experiment().arms:
-            held = {"policy": arm.policy, "share": arm.share}
-            if arm.name in self.arm_stores:
-                snap = await self.arm_stores[arm.name].get.remote()
-                held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
-            elif arm.policy == "outer_controller":  # its published policy's version (requests the held
-                held["version"] = self.outer_controller.current[0]  # weights served before are not pooled in)
-            arms[arm.name] = held
+        self._require_experiment()
+        arms, shadow = await asyncio.to_thread(self._arms_held)
         sink = getattr(self.events, "sink", None)
         if isinstance(sink, ParquetSink):
             current = {name: held.get("version") for name, held in arms.items()}
@@ -650,10 +668,6 @@ class RecommendService:
             )
         else:
             note = "KPIs need the Parquet telemetry sink (telemetry.sink 'parquet'); read Redis logs offline"
-        snap = await self.shadow_store.get.remote()
-        shadow = {"active": bool(snap.params.get("active")), "version": snap.version}
-        if shadow["active"]:
-            shadow["weights"] = [snap.params[n] for n in PARAM_NAMES["ranking"]]
         return {
             "name": self.experiment.name,
             "salt": self.experiment.salt,
@@ -661,6 +675,24 @@ class RecommendService:
             "shadow": shadow,
             "note": note,
         }
+
+    def _arms_held(self) -> tuple[dict[str, dict], dict]:
+        """Each arm's share, policy, version and weights, and the shadow's state, from their stores (blocking:
+        called on a worker thread)."""
+        arms = {}
+        for arm in self.experiment.arms:
+            held = {"policy": arm.policy, "share": arm.share}
+            if arm.name in self.arm_stores:
+                snap = ray.get(self.arm_stores[arm.name].get.remote())
+                held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
+            elif arm.policy == "outer_controller":  # its published policy's version (requests the held
+                held["version"] = self.outer_controller.current[0]  # weights served before are not pooled in)
+            arms[arm.name] = held
+        snap = ray.get(self.shadow_store.get.remote())
+        shadow = {"active": bool(snap.params.get("active")), "version": snap.version}
+        if shadow["active"]:
+            shadow["weights"] = [snap.params[n] for n in PARAM_NAMES["ranking"]]
+        return arms, shadow
 
     def _arm_report(self, root: str, current: dict[str, int | None]) -> dict:
         """Per-arm KPIs, re-read from the logs at most every REPORT_TTL_S (a GET never stalls /recommend)."""
@@ -685,21 +717,27 @@ class RecommendService:
         return ack
 
     @app.put("/experiments/arms/{arm}/weights", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
-    async def put_arm_weights(self, arm: str, body: ArmWeightsBody, response: Response) -> dict[str, Any]:
+    async def put_arm_weights(
+        self, arm: str, body: ArmWeightsBody, request: Request, response: Response
+    ) -> dict[str, Any]:
         """Promote: a versioned hot update of one arm's weights: 200 once every replica serves it, 202 if some
         had not acknowledged within the store's ack timeout (they switch on their next poll)."""
         arm = self._arm(arm, weights_only=True)
         if sum(body.weights) <= 0:
             raise BadRequest(["body", "weights"], "weights must not all be 0")
-        put = self.arm_stores[arm.name].put.remote(arm_weights_params(body.weights), body.expected_version)
+        params = arm_weights_params(body.weights)
+        put = self.arm_stores[arm.name].put.remote(params, body.expected_version, meta=body.meta(request))
         ack = await self._versioned_put(put, response)
         return {"arm": arm.name, "weights": body.weights, **ack}
 
     @app.post("/experiments/arms/{arm}/rollback", responses={202: {"description": "Accepted"}, **ARM_ERRORS})
-    async def rollback_arm(self, arm: str, body: ArmRollbackBody, response: Response) -> dict[str, Any]:
+    async def rollback_arm(
+        self, arm: str, body: ArmRollbackBody, request: Request, response: Response
+    ) -> dict[str, Any]:
         """Roll one arm back to its previous version (served again as a new version; 202 as for a promotion)."""
         arm = self._arm(arm, weights_only=True)
-        ack = await self._versioned_put(self.arm_stores[arm.name].rollback.remote(body.expected_version), response)
+        rollback = self.arm_stores[arm.name].rollback.remote(body.expected_version, meta=body.meta(request))
+        ack = await self._versioned_put(rollback, response)
         params = ack.pop("params")
         return {"arm": arm.name, "weights": [params[n] for n in PARAM_NAMES["ranking"]], **ack}
 
@@ -796,7 +834,9 @@ class RecommendService:
         return {"version": snap.version, **snap.params, "mode": self.utility_config.get("mode", "agent")}
 
     @app.put("/operating-point", responses={202: {"description": "Accepted"}, **body_error_responses(404, 409)})
-    async def put_operating_point(self, body: OperatingPointBody, response: Response) -> dict[str, Any]:
+    async def put_operating_point(
+        self, body: OperatingPointBody, request: Request, response: Response
+    ) -> dict[str, Any]:
         """Switch the live operating point on every agent replica: 200 once every live replica holds
         the new version, 202 (``all_acked: false``) if some had not acknowledged within the store's
         ack timeout (they switch on their next poll)."""
@@ -816,7 +856,7 @@ class RecommendService:
             )
         params = {"lambda": body.lambda_, "weights": body.weights}
         try:
-            ack = await self.operating_point.put.remote(params, body.expected_version)
+            ack = await self.operating_point.put.remote(params, body.expected_version, meta=body.meta(request))
         except Exception as e:  # VersionConflict arrives wrapped in a RayTaskError
             if "VersionConflict" in type(getattr(e, "cause", e)).__name__:
                 raise BadRequest(
@@ -832,6 +872,9 @@ class RecommendService:
     async def frontier(self) -> dict[str, Any]:
         """The current Pareto-frontier artifact (re-read, so a new study's file is served at once)."""
         self._require_agent()
+        return await asyncio.to_thread(self._frontier_artifact)
+
+    def _frontier_artifact(self) -> dict[str, Any]:
         path = self.utility_config.get("frontier")
         path = path and storage.resolve(path)  # relative: under the storage root; or a URI (rllib_policies.storage)
         if not path or not storage.exists(path):
@@ -840,11 +883,95 @@ class RecommendService:
             )
         return storage.read_json(path)
 
+    @app.get("/operating-point/history", responses=error_responses(404, 422))
+    async def operating_point_history(self, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
+        """The operating point's audit log, newest first: version, from_version, when (``at``, Unix s), who,
+        reason, from and to."""
+        self._require_agent()
+        return await self.operating_point.audit.remote(limit)
+
+    # ---- the operator's page (serve_apps/operator.py) ------------------------------------------------
+    @app.get("/operator", response_class=HTMLResponse)
+    async def operator_page(self) -> HTMLResponse:
+        return HTMLResponse(operator_page())
+
+    @app.get(
+        "/operator/assets/{name}",
+        response_class=Response,
+        responses={200: {"content": {t: {} for t in ("text/javascript", "text/css")}}, **error_responses(404)},
+    )
+    async def operator_asset(self, name: str) -> Response:
+        found = operator_asset(name)
+        if found is None:
+            raise BadRequest(["path", "name"], f"no page asset {name!r}", status=404, type_="not_found")
+        return Response(found[0], media_type=found[1], headers={"cache-control": "no-cache"})
+
+    @app.get("/operator/state")
+    async def operator_state(self) -> dict[str, Any]:
+        """Everything the operator's page draws, in one document (each part null with a note when this app
+        does not run it): the operating point, its audit log and the replicas holding it, the frontier, the A/B
+        arms with their live KPIs and their audit logs, the inner-reward weights in force, the daily cycle."""
+        state = await asyncio.to_thread(self._operator_snapshot)
+        if self.experiment is not None:  # + the live KPIs
+            live = await self.experiments()
+            for name, arm in live["arms"].items():
+                arm["audit"] = state["experiment"]["arms"][name].get("audit", [])
+            state["experiment"] = live
+        if self.metrics is not None:
+            self.metrics.update(state)
+        return state
+
+    def _operator_snapshot(self) -> dict[str, Any]:
+        """The page's document without the live per-arm KPIs (blocking: a worker thread, or the metrics thread)."""
+        notes, state = [], {"generated_at": time.time(), "app": serve.get_replica_context().app_name}
+        state["operating_point"] = state["frontier"] = None
+        if self.has_agent:
+            snap = ray.get(self.operating_point.get.remote())
+            state["operating_point"] = {
+                "version": snap.version,
+                **snap.params,
+                "mode": self.utility_config.get("mode", "agent"),
+                "audit": ray.get(self.operating_point.audit.remote(50)),
+                "replicas": ray.get(self.operating_point.readers.remote()),
+            }
+            try:
+                state["frontier"] = self._frontier_artifact()
+            except BadRequest as e:
+                notes.append(e.msg)
+        else:
+            notes.append("no utility agent: no operating point or frontier (args: utility_agent)")
+        state["experiment"] = None
+        if self.experiment is not None:
+            arms, shadow = self._arms_held()
+            for name, store in self.arm_stores.items():
+                arms[name]["audit"] = ray.get(store.audit.remote(50))
+            state["experiment"] = {"name": self.experiment.name, "arms": arms, "shadow": shadow}
+        else:
+            notes.append("no A/B experiment (args: experiment)")
+        state["inner_reward"] = self._inner_reward_in_force()
+        state["cycle"] = cycle_timeline(self.operator["cycle_root"])
+        if state["cycle"] is None:
+            notes.append("no daily cycle attached (args: operator.cycle_root)")
+        state["notes"] = notes
+        return state
+
+    def _inner_reward_in_force(self) -> dict[str, Any]:
+        if self.reward_weights is not None:
+            version, weights = self.reward_weights.current
+            return {"version": version, "weights": weights.as_dict(), "app": self.inner_reward_app}
+        try:
+            held = serve.get_app_handle(self.inner_reward_app).get_weights.remote().result(timeout_s=10)
+            return {"version": held.version, "weights": held.weights, "app": self.inner_reward_app}
+        except Exception as e:
+            return {"error": f"inner-reward application {self.inner_reward_app!r}: {type(e).__name__}"}
+
     @app.get("/telemetry")
     async def telemetry(self) -> dict[str, Any]:
         return {"sink": type(self.events.sink).__name__, **self.events.stats()} if self.events else {"sink": "off"}
 
     def __del__(self):
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
         if getattr(self, "events", None) is not None:
             self.events.close(timeout_s=5)
 
@@ -874,7 +1001,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
                       "utility_agent" (needs utility_agent; the default when it is given) or "outer_controller"
                       (its published policy, actors.served_policies.publish_outer_controller),
     "served_record": {"key_env": env var with the signing key, "max_age_s": 86400} (serve_apps/served_record.py;
-                      without key_env a random key, shared by this deployment's replicas)}."""
+                      without key_env a random key, shared by this deployment's replicas),
+    "operator": {"cycle_root": the daily cycle's storage root (its days/ on the page; None: none),
+                 "metrics_interval_s": 15 (Prometheus gauges' refresh; 0: no gauges)} (serve_apps/operator.py)}."""
     args = dict(args or {})
     unknown = set(args) - {
         "preset",
@@ -891,6 +1020,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "ranking_policy",
         "cascade",
         "inner_reward_weights_store",
+        "operator",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -939,6 +1069,12 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         split = ArmSplit.from_config(experiment)  # bad config fails here, naming the field
         if agent_cfg is None and any(a.policy == "utility_agent" for a in split.arms):
             raise ValueError("experiment arm with policy 'utility_agent' needs the utility_agent arg")
+    operator = dict(args.get("operator") or {})
+    if set(operator) - {"cycle_root", "metrics_interval_s"}:
+        raise ValueError(f"unknown operator args: {sorted(set(operator) - {'cycle_root', 'metrics_interval_s'})}")
+    interval = operator.get("metrics_interval_s", 15.0)
+    if not isinstance(interval, (int, float)) or interval < 0:
+        raise ValueError(f"operator.metrics_interval_s must be a number ≥ 0 (0: no metrics), got {interval!r}")
     ranking_policy = args.get("ranking_policy")
     if ranking_policy not in (None, *RANKING_POLICIES):
         raise ValueError(f"ranking_policy must be one of {RANKING_POLICIES}, got {ranking_policy!r}")
@@ -959,4 +1095,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         experiment=experiment,
         ranking_policy=ranking_policy,
         inner_reward_weights_store=args.get("inner_reward_weights_store"),
+        operator=operator,
     )

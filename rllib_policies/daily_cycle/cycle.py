@@ -66,6 +66,7 @@ from .gate import gate, log_weights, monitor, scale_free, served_policy, trust_r
 from .traffic import day_traffic
 
 ARMS = ("control", "treatment")
+WHO = "daily-cycle"  # the cycle's name in the arms' audit log
 DRIFT = np.array([0.8, -0.8, -0.8])  # the injected live drift and the bad candidate, in σ units of log w
 
 
@@ -156,6 +157,7 @@ class DailyCycle:
                     "inner_reward_app": inner,
                     "telemetry": {"sink": "parquet", "path": self.events_root, "n_buckets": 2, "flush_interval_s": 2.0},
                     "weight_logging": {"std": self.sigma},
+                    "operator": {"cycle_root": self.root},  # the page shows the cycle's days
                     "experiment": {
                         "name": cfg.experiment,
                         "arms": {
@@ -211,7 +213,7 @@ class DailyCycle:
         if np.allclose(arm["weights"], live["weights"], rtol=1e-5):
             live["version"] = arm["version"]
         else:
-            put = self._put_weights(live["weights"], arm["version"])
+            put = self._put_weights(live["weights"], arm["version"], "restored the cycle's live weights")
             self.log(f"treatment arm set to the cycle's live weights {np.round(live['weights'], 3).tolist()}")
             live["version"] = put["version"]
         shadow = self.state.get("shadow")
@@ -222,12 +224,13 @@ class DailyCycle:
         elif self._call("GET", "/experiments")["shadow"]["active"]:
             self._call("DELETE", "/experiments/shadow")
 
-    def _put_weights(self, weights, expected_version: int | None) -> dict:
+    def _put_weights(self, weights, expected_version: int | None, reason: str) -> dict:
         body = {"weights": [float(w) for w in weights], "expected_version": expected_version}
-        return self._call("PUT", "/experiments/arms/treatment/weights", body)
+        return self._call("PUT", "/experiments/arms/treatment/weights", body | {"operator": WHO, "reason": reason})
 
-    def _rollback(self, expected_version: int) -> dict:
-        return self._call("POST", "/experiments/arms/treatment/rollback", {"expected_version": expected_version})
+    def _rollback(self, expected_version: int, reason: str) -> dict:
+        body = {"expected_version": expected_version, "operator": WHO, "reason": reason}
+        return self._call("POST", "/experiments/arms/treatment/rollback", body)
 
     def _wait_flushed(self, timeout_s: float = 60.0) -> None:
         deadline = time.time() + timeout_s
@@ -269,7 +272,7 @@ class DailyCycle:
         record: dict = {"day": day, "injected": []}
         if cfg.inject.get("drift_day") == day:  # an out-of-band change of what the treatment serves
             drifted = np.exp(log_weights(self.state["live"]["weights"]) + DRIFT * self.sigma)
-            self._put_weights(drifted, None)
+            self._put_weights(drifted, None, "injected drift (a test fault)")
             record["injected"].append(f"live drift: treatment weights set to {drifted.round(3).tolist()} out of band")
 
         users = self._users(day)
@@ -361,7 +364,7 @@ class DailyCycle:
         )
         if out["breach"]:
             try:
-                back = self._rollback(self._treatment()["version"])
+                back = self._rollback(self._treatment()["version"], "monitor: " + "; ".join(out["why"]))
             except ControlPlaneError as e:  # 409 on the path's arm: it serves its first version, nothing before it
                 if e.status != 409 or e.loc != ["path", "arm"]:
                     raise
@@ -428,13 +431,13 @@ class DailyCycle:
             self.state["shadow"] = {"weights": candidate.tolist(), "day": day, "version": put["version"]}
             out["status"] = "in shadow"
             return out
-        self._promote(candidate)
+        self._promote(candidate, f"day {day}: the gate passed (lower bound {decision.checks['ope'].value:+.4f})")
         out["status"] = "promoted"
         return out
 
-    def _promote(self, candidate) -> None:
+    def _promote(self, candidate, reason: str) -> None:
         live = self.state["live"]
-        put = self._put_weights(candidate, live["version"])
+        put = self._put_weights(candidate, live["version"], reason)
         live.update(weights=[float(w) for w in candidate], version=put["version"])
 
     def _evaluate_shadow(self, rows: pa.Table) -> dict | None:
@@ -458,7 +461,7 @@ class DailyCycle:
         out |= {"difference": cert.difference, "difference_low": cert.difference_low, "why": cert.reason}
         if not cert.certified:
             return out | {"status": "rejected in shadow"}
-        self._promote(shadow["weights"])
+        self._promote(shadow["weights"], f"promoted after shadow (paired lower bound {cert.difference_low:+.4f})")
         return out | {"status": "promoted after shadow"}
 
     def _bandit(self, a: dict) -> LoggedBandit:

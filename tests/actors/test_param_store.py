@@ -52,6 +52,28 @@ def test_snapshot_survives_a_store_restart(ray_session, tmp_path):
     assert not list(tmp_path.glob("serving/*.tmp-*")), "no half-written snapshot left behind"
 
 
+def test_every_change_is_audited_newest_first_and_the_log_survives_a_restart(ray_session, tmp_path):
+    path = str(tmp_path / f"audited-{uuid.uuid4().hex}.json")
+    store = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
+    ray.get(store.put.remote({"a": 2}, meta={"who": "ana", "version": 99}))  # meta never overrides the entry
+    ray.get(store.rollback.remote(meta={"who": "monitor"}))
+    ray.kill(store)
+    revived = VersionedParamStore.remote({"a": 1}, snapshot_path=path)
+    audit = ray.get(revived.audit.remote())
+    assert [(e["version"], e["from_version"], e["action"], e["who"]) for e in audit] == [
+        (3, 2, "rollback", "monitor"),
+        (2, 1, "put", "ana"),
+    ]
+    assert (audit[1]["from"], audit[1]["to"], audit[0]["to"], audit[0]["restored_version"]) == (
+        {"a": 1},
+        {"a": 2},
+        {"a": 1},
+        1,
+    )
+    assert audit[1]["at"] <= audit[0]["at"] <= time.time()
+    assert ray.get(revived.audit.remote(limit=1)) == audit[:1]
+
+
 def caught_up(follower: ParamFollower, expected, timeout_s: float = 10.0) -> bool:
     """The follower holds ``expected`` now, or within ``timeout_s``: an ack may time out under load (the
     store then answers without it), and the follower catches up on its next poll."""

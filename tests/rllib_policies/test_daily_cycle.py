@@ -217,6 +217,28 @@ def _two_days_with_every_fault(cycle, cfg, tmp_path):
     state = json.loads((tmp_path / "cycle" / "state.json").read_text())
     assert state["next_day"] == 2 and sorted(state["slots"]) == ["0", "1"]
     assert json.loads((tmp_path / "cycle" / "days" / "day_001.json").read_text())["day"] == 1
+    _the_operator_page_shows_the_two_days(resumed)
+
+
+def _the_operator_page_shows_the_two_days(cycle):
+    """The recommend app's operator page (serve_apps/operator.py) reads the cycle's days: the failed training, the
+    rollback and the rejections, with the arms' audit log naming the cycle and the monitor's reason."""
+    from tests.browser import browser_page, screenshot
+
+    state = cycle._call("GET", "/operator/state")
+    assert [d["day"] for d in state["cycle"]["days"]] == [0, 1]
+    assert state["cycle"]["counts"] == {"promotions": 0, "rejections": 2, "rollbacks": 1, "training_failures": 1}
+    rollback = next(e for e in state["experiment"]["arms"]["treatment"]["audit"] if e["action"] == "rollback")
+    assert rollback["who"] == "daily-cycle" and rollback["reason"].startswith("monitor: KL(promoted ‖ served)")
+    with browser_page() as page:
+        page.goto(f"{cycle.url}/operator")
+        page.wait_for_selector("#cycle-days tbody tr >> nth=1")
+        page.wait_for_selector("#kl-chart circle")
+        assert "1 rollbacks" in page.text_content("#cycle-counts")
+        assert "rolled back to" in page.locator("#cycle-days tbody tr").first.inner_text()
+        assert "rolled back to" in page.text_content("#arm-history")
+        screenshot(page, "operator_cycle")
+        assert not page.errors, page.errors
 
 
 JOB_CONFIG = """
