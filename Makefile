@@ -3,7 +3,7 @@
 #   make test   set up and run the test suite
 PY := .venv/bin/python
 
-.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-offline bench-cycle bench-recommend bench-multinode cycle train train-utility train-unex train-offline bootstrap serve serve-recommend clean
+.PHONY: run test test-slow lint bench-headroom bench-learning bench-ope bench bench-outer bench-utility bench-unex bench-offline bench-cycle bench-recommend bench-multinode bench-chaos cycle train train-utility train-unex train-offline bootstrap serve serve-recommend clean
 run: bootstrap
 	$(PY) scripts/main_job.py
 
@@ -49,6 +49,9 @@ bench-recommend: bootstrap
 
 bench-multinode: bootstrap
 	$(PY) benchmarks/multinode.py
+
+bench-chaos: bootstrap
+	$(PY) benchmarks/chaos.py
 
 bench-cycle: bootstrap
 	$(PY) benchmarks/gate_power.py

@@ -38,6 +38,7 @@ class NothingToRollBack(LookupError):
 
 HISTORY = 16  # earlier versions a store keeps for rollback
 AUDIT = 500  # changes a store keeps in its audit log
+SNAPSHOT_DIR_ENV = "MORL_STORE_SNAPSHOTS"  # the folder of every store's snapshot (get_or_create_store)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,14 @@ def get_or_create_store(name: str, initial: dict[str, Any], namespace: str = "mo
     """The named store actor (detached, so it outlives app redeploys); created on first use. A store with a
     ``snapshot_path`` is restarted by Ray if its process dies, behind the same handle and name, at its last version
     and history; followers serve their last params meanwhile and re-poll. One without a snapshot is not restarted:
-    it would come back at version 1, below what its followers hold, and they would ignore every later write."""
+    it would come back at version 1, below what its followers hold, and they would ignore every later write.
+
+    ``MORL_STORE_SNAPSHOTS`` (a folder every node can write: a shared volume on a cluster) gives each store created
+    without a ``snapshot_path`` the snapshot ``<folder>/<namespace>.<name>.json``, so every store an app makes
+    survives its process."""
+    folder = os.environ.get(SNAPSHOT_DIR_ENV)
+    if folder and not kwargs.get("snapshot_path"):
+        kwargs["snapshot_path"] = os.path.join(folder, f"{namespace}.{name}.json")
     return VersionedParamStore.options(
         name=name,
         namespace=namespace,

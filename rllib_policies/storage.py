@@ -31,6 +31,7 @@ import re
 import uuid
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -184,6 +185,20 @@ def write_json(uri: str, obj: Any, **dumps: Any) -> str:
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
+
+
+def json_safe(o: Any) -> Any:
+    """``o`` with every non-finite float (NaN: an interval that could not be computed) as None, and NumPy arrays
+    as lists: strict JSON, which has no NaN (Starlette's responses and ``allow_nan=False`` refuse it)."""
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return json_safe(o.tolist())
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        return None
+    return o
 
 
 def write_parquet(table: pa.Table, uri: str) -> str:

@@ -22,6 +22,7 @@ from rllib_policies import storage
 PAGE_DIR = Path(__file__).with_name("operator_page")
 ASSETS = {"operator.js": "text/javascript", "operator.css": "text/css"}  # what /operator/assets/{name} serves
 DAY_FILE = re.compile(r"day_(\d{3,})\.json$")
+_DAYS: dict[str, dict[str, Any]] = {}  # day record path → its summary (a record is never rewritten)
 
 
 def page() -> str:
@@ -39,19 +40,23 @@ def cycle_timeline(root: str | None, limit: int = 365) -> dict[str, Any] | None:
     """The daily cycle's day records under ``root`` (``days/day_NNN.json``, as ``DailyCycle`` writes them),
     oldest first, each cut to what an operator reads: the candidate's fate (promoted, rejected and why, in
     shadow, training failed), the live monitor (KL, breach, rollback) and each arm's objective with its
-    interval. None when no cycle root is configured; an unreadable record is listed as such, never fatal."""
+    interval. None when no cycle root is configured; an unreadable record is listed as such, never fatal.
+    A day's record is written once, when the day ends: each is read once per process (``_DAYS``)."""
     if not root:
         return None
     days_dir = storage.join(root, "days")
-    names = sorted(n for n in storage.list_dir(days_dir) if DAY_FILE.search(n)) if storage.exists(days_dir) else []
+    names = storage.list_dir(days_dir) if storage.exists(days_dir) else []
+    found = sorted((int(m.group(1)), n) for n in names if (m := DAY_FILE.search(n)))  # by day: day_1000 after 999
     days = []
-    for name in names[-limit:]:
-        try:
-            record = storage.read_json(storage.join(days_dir, name))
-        except (OSError, ValueError) as e:
-            days.append({"day": int(DAY_FILE.search(name).group(1)), "unreadable": f"{type(e).__name__}: {e}"})
-            continue
-        days.append(day_summary(record))
+    for day, name in found[-limit:]:
+        path = storage.join(days_dir, name)
+        if path not in _DAYS:
+            try:
+                _DAYS[path] = storage.json_safe(day_summary(storage.read_json(path)))
+            except Exception as e:  # corrupt, half-copied, not a record: listed, and read again next time
+                days.append({"day": day, "unreadable": f"{type(e).__name__}: {e}"})
+                continue
+        days.append(_DAYS[path])
     counts = {"promotions": 0, "rejections": 0, "rollbacks": 0, "training_failures": 0}
     for d in days:
         status, shadow = d.get("status"), d.get("shadow_status")

@@ -93,6 +93,11 @@ from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
+STORE_TIMEOUT_S = (
+    10.0  # the operator's reads of a store or the inner-reward app: a stuck one fails the read, not the page
+)
+# a stage call that met a replica dying under it (killed, its node lost) is retried once
+STAGE_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
 RANKING_POLICIES = ("held", "utility_agent", "outer_controller")
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
@@ -445,7 +450,10 @@ class RecommendService:
         if self.fused:
             result = self.stages[stage].run(*args)
         else:
-            result = await self.stages[stage].run.remote(*args)
+            try:
+                result = await self.stages[stage].run.remote(*args)
+            except STAGE_REPLICA_GONE:  # a stage is a pure function of the request: sent again, to a live replica
+                result = await self.stages[stage].run.remote(*args)
         return result, (time.perf_counter() - started) * 1e3
 
     @app.post("/recommend", response_model=RecommendResponse, responses=body_error_responses())
@@ -683,12 +691,12 @@ class RecommendService:
         for arm in self.experiment.arms:
             held = {"policy": arm.policy, "share": arm.share}
             if arm.name in self.arm_stores:
-                snap = ray.get(self.arm_stores[arm.name].get.remote())
+                snap = ray.get(self.arm_stores[arm.name].get.remote(), timeout=STORE_TIMEOUT_S)
                 held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
             elif arm.policy == "outer_controller":  # its published policy's version (requests the held
                 held["version"] = self.outer_controller.current[0]  # weights served before are not pooled in)
             arms[arm.name] = held
-        snap = ray.get(self.shadow_store.get.remote())
+        snap = ray.get(self.shadow_store.get.remote(), timeout=STORE_TIMEOUT_S)
         shadow = {"active": bool(snap.params.get("active")), "version": snap.version}
         if shadow["active"]:
             shadow["weights"] = [snap.params[n] for n in PARAM_NAMES["ranking"]]
@@ -911,28 +919,32 @@ class RecommendService:
         """Everything the operator's page draws, in one document (each part null with a note when this app
         does not run it): the operating point, its audit log and the replicas holding it, the frontier, the A/B
         arms with their live KPIs and their audit logs, the inner-reward weights in force, the daily cycle."""
-        state = await asyncio.to_thread(self._operator_snapshot)
+        state = await asyncio.to_thread(self._operator_snapshot, True)
         if self.experiment is not None:  # + the live KPIs
             live = await self.experiments()
             for name, arm in live["arms"].items():
                 arm["audit"] = state["experiment"]["arms"][name].get("audit", [])
             state["experiment"] = live
         if self.metrics is not None:
-            self.metrics.update(state)
-        return state
+            try:
+                self.metrics.update(state)
+            except Exception:  # the gauges never take the page down; the metrics thread refreshes them
+                pass
+        return storage.json_safe(state)  # a frontier or a day with an interval that could not be computed
 
-    def _operator_snapshot(self) -> dict[str, Any]:
-        """The page's document without the live per-arm KPIs (blocking: a worker thread, or the metrics thread)."""
+    def _operator_snapshot(self, audit: bool = False) -> dict[str, Any]:
+        """The page's document without the live per-arm KPIs; the audit logs only with ``audit`` (the gauges need
+        none). Blocking: called on a worker thread, or on the metrics thread."""
         notes, state = [], {"generated_at": time.time(), "app": serve.get_replica_context().app_name}
         state["operating_point"] = state["frontier"] = None
         if self.has_agent:
-            snap = ray.get(self.operating_point.get.remote())
+            snap = ray.get(self.operating_point.get.remote(), timeout=STORE_TIMEOUT_S)
             state["operating_point"] = {
                 "version": snap.version,
                 **snap.params,
                 "mode": self.utility_config.get("mode", "agent"),
-                "audit": ray.get(self.operating_point.audit.remote(50)),
-                "replicas": ray.get(self.operating_point.readers.remote()),
+                "audit": ray.get(self.operating_point.audit.remote(50), timeout=STORE_TIMEOUT_S) if audit else [],
+                "replicas": ray.get(self.operating_point.readers.remote(), timeout=STORE_TIMEOUT_S),
             }
             try:
                 state["frontier"] = self._frontier_artifact()
@@ -943,8 +955,8 @@ class RecommendService:
         state["experiment"] = None
         if self.experiment is not None:
             arms, shadow = self._arms_held()
-            for name, store in self.arm_stores.items():
-                arms[name]["audit"] = ray.get(store.audit.remote(50))
+            for name, store in self.arm_stores.items() if audit else ():
+                arms[name]["audit"] = ray.get(store.audit.remote(50), timeout=STORE_TIMEOUT_S)
             state["experiment"] = {"name": self.experiment.name, "arms": arms, "shadow": shadow}
         else:
             notes.append("no A/B experiment (args: experiment)")
@@ -960,7 +972,8 @@ class RecommendService:
             version, weights = self.reward_weights.current
             return {"version": version, "weights": weights.as_dict(), "app": self.inner_reward_app}
         try:
-            held = serve.get_app_handle(self.inner_reward_app).get_weights.remote().result(timeout_s=10)
+            handle = serve.get_app_handle(self.inner_reward_app)
+            held = handle.get_weights.remote().result(timeout_s=STORE_TIMEOUT_S)
             return {"version": held.version, "weights": held.weights, "app": self.inner_reward_app}
         except Exception as e:
             return {"error": f"inner-reward application {self.inner_reward_app!r}: {type(e).__name__}"}
@@ -996,7 +1009,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent"|"outer_controller",
                   "weights"}}} (the live A/B split, serve_apps/experiments.py; None: no experiment),
     "cascade": "fused" (the default: the ingress replica runs matching → pre-ranking → ranking in process) or
-               "composed" (one deployment per stage, called by DeploymentHandles: stages scale independently),
+               "composed" (one deployment per stage, called by DeploymentHandles: stages scale independently;
+               a call that meets a dying stage replica is sent once more),
+    "stage_replicas": replicas of each stage deployment (composed only; 1),
     "ranking_policy": who ranks requests without weights outside an arm: "held" (the ranking stage's parameters),
                       "utility_agent" (needs utility_agent; the default when it is given) or "outer_controller"
                       (its published policy, actors.served_policies.publish_outer_controller),
@@ -1021,6 +1036,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "cascade",
         "inner_reward_weights_store",
         "operator",
+        "stage_replicas",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -1030,8 +1046,13 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     cascade = args.get("cascade", "fused")
     if cascade not in ("fused", "composed"):
         raise ValueError(f"cascade must be 'fused' or 'composed', got {cascade!r}")
+    stage_replicas = int(args.get("stage_replicas", 1))
+    if stage_replicas < 1 or (cascade == "fused" and "stage_replicas" in args):
+        raise ValueError(f"stage_replicas (≥ 1, replicas per stage) needs cascade 'composed', got {stage_replicas}")
     stages = {
-        s: StageDeployment.options(name=f"Stage_{s}").bind(s, world_config, pipeline_config, prefix)
+        s: StageDeployment.options(name=f"Stage_{s}", num_replicas=stage_replicas).bind(
+            s, world_config, pipeline_config, prefix
+        )
         if cascade == "composed"
         else None
         for s in STAGES

@@ -3,6 +3,7 @@ Playwright, which downloads no browser of its own here. Outside CI a machine wit
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 
 import pytest
@@ -39,8 +40,10 @@ def browser_page(width: int = 1440, height: int = 1000):
 
 
 def screenshot(page, name: str) -> str:
-    """Save the whole page as docs/operator/NAME.png (the docs show what the tests saw)."""
-    os.makedirs(DOCS, exist_ok=True)
-    path = os.path.join(DOCS, f"{name}.png")
+    """Save the whole page as NAME.png: into docs/operator/ (what the docs show) with MORL_DOCS_SCREENSHOTS=1, else
+    into a temporary folder, so a test run leaves the checkout as it was."""
+    folder = DOCS if os.environ.get("MORL_DOCS_SCREENSHOTS") == "1" else tempfile.mkdtemp(prefix="morl-screens-")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.png")
     page.screenshot(path=path, full_page=True)
     return path

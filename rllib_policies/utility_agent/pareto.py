@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from rllib_policies import storage
+
 from .exploration import OBJECTIVES
 
 
@@ -78,21 +80,9 @@ def write_frontier(path: str, points: list[dict], meta: dict) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:  # strict JSON: NaN (no estimate) is written as null
-        json.dump(_finite(artifact), f, indent=1, default=_json_default, allow_nan=False)
+        json.dump(storage.json_safe(artifact), f, indent=1, default=_json_default, allow_nan=False)
     os.replace(tmp, path)
     return artifact
-
-
-def _finite(o):
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
-        return None
-    if isinstance(o, np.ndarray):
-        return _finite(o.tolist())
-    return o
 
 
 def _json_default(o):

@@ -27,7 +27,11 @@ function rows(tbody, list, cells) {
   tbody.replaceChildren(...list.map((item) => el("tr", {}, ...cells(item).map((c) => (c instanceof Node ? el("td", {}, c) : el("td", { text: String(c) }))))));
 }
 
+let loading = false; // one load at a time: a slow server is not sent a pile of them
+
 async function load() {
+  if (loading) return;
+  loading = true;
   try {
     const r = await fetch("operator/state", { cache: "no-store" });
     if (!r.ok) throw new Error(`GET operator/state answered ${r.status}`);
@@ -37,6 +41,8 @@ async function load() {
   } catch (e) {
     $("load-error").textContent = `could not load the state: ${e.message}`;
     $("load-error").hidden = false;
+  } finally {
+    loading = false;
   }
 }
 
@@ -71,6 +77,7 @@ $("op-form").addEventListener("submit", (ev) => {
   if (!op) return;
   formVersion = op.version;
   $("confirm-text").textContent = `From ${point(op)} (version ${op.version}) to λ = ${fmt(Number($("op-lambda").value), 2)}, as ${$("op-operator").value}. Every replica switches at once.`;
+  $("confirm").returnValue = "";
   $("confirm").showModal();
 });
 
@@ -85,7 +92,9 @@ $("confirm").addEventListener("close", async () => {
   const out = $("op-result");
   try {
     const r = await fetch("operating-point", { method: "PUT", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
-    const answer = await r.json();
+    const text = await r.text();
+    let answer;
+    try { answer = JSON.parse(text); } catch { answer = text; } // a proxy's plain-text error page
     if (r.status === 200 || r.status === 202) {
       out.className = "result ok";
       out.textContent = `Switched to version ${answer.version}: ${answer.readers_acked} of ${answer.readers_live} replicas serve it` + (r.status === 202 ? " (the rest switch on their next poll)" : "") + ".";
@@ -103,7 +112,7 @@ $("confirm").addEventListener("close", async () => {
   await load();
 });
 
-const detail = (answer) => (answer && answer.detail ? answer.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ") : JSON.stringify(answer));
+const detail = (answer) => (answer && Array.isArray(answer.detail) ? answer.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ") : typeof answer === "string" ? answer.slice(0, 300) : JSON.stringify(answer));
 
 // ---- charts -------------------------------------------------------------------------------------------------
 function scale(lo, hi, a, b) {
@@ -133,7 +142,7 @@ function drawFrontier(frontier, op) {
   $("frontier-version").textContent = `artifact v${frontier.version}, ${frontier.created || ""}`;
   const select = $("frontier-cohort");
   const cohorts = ["all users", ...new Set(frontier.points.flatMap((p) => Object.keys((p.off_policy || {}).cohorts || {})))];
-  if (select.options.length !== cohorts.length) {
+  if ([...select.options].map((o) => o.value).join("\n") !== cohorts.join("\n")) {
     const keep = select.value;
     select.replaceChildren(...cohorts.map((c) => el("option", { value: c, text: c })));
     if (cohorts.includes(keep)) select.value = keep;
@@ -184,7 +193,7 @@ $("frontier-cohort").addEventListener("change", () => state && drawFrontier(stat
 function dayChart(svg, days, lines, digits, bound) {
   svg.replaceChildren();
   const box = [55, 12, 405, 180];
-  const vals = lines.flatMap((s) => s.points.flatMap((p) => [p.low ?? p.mean, p.high ?? p.mean])).filter((v) => v !== null && v !== undefined);
+  const vals = lines.flatMap((s) => s.points.flatMap((p) => [p.low ?? p.mean, p.high ?? p.mean])).filter((v) => v != null);
   if (bound !== undefined) vals.push(bound);
   if (!days.length || !vals.length) {
     svg.append(el("svg:text", { x: 210, y: 110, "text-anchor": "middle", text: "no days yet" }));
@@ -196,11 +205,11 @@ function dayChart(svg, days, lines, digits, bound) {
   axes(svg, x, y, box, "day", "", digits, 0);
   if (bound !== undefined) svg.append(el("svg:line", { x1: box[0], x2: box[2], y1: y(bound), y2: y(bound), stroke: "#d92d20", "stroke-dasharray": "4 3" }));
   lines.forEach((s, i) => {
-    const pts = s.points.filter((p) => p.mean !== null && p.mean !== undefined);
+    const pts = s.points.filter((p) => p.mean != null);
     const dx = (i - (lines.length - 1) / 2) * 4; // side by side, so intervals of one day do not hide each other
     svg.append(el("svg:polyline", { points: pts.map((p) => `${x(p.day) + dx},${y(p.mean)}`).join(" "), fill: "none", stroke: s.color }));
     for (const p of pts) {
-      if (p.low !== undefined && p.high !== undefined) svg.append(el("svg:line", { x1: x(p.day) + dx, x2: x(p.day) + dx, y1: y(p.low), y2: y(p.high), stroke: s.color }));
+      if (p.low != null && p.high != null) svg.append(el("svg:line", { x1: x(p.day) + dx, x2: x(p.day) + dx, y1: y(p.low), y2: y(p.high), stroke: s.color }));
       svg.append(el("svg:circle", { cx: x(p.day) + dx, cy: y(p.mean), r: p.mark ? 6 : 3.5, fill: p.mark ? "#d92d20" : s.color }, el("svg:title", { text: `day ${p.day}: ${fmt(p.mean, digits)}` })));
     }
     svg.append(el("svg:text", { x: box[2] - 4, y: box[1] + 12 + 13 * i, "text-anchor": "end", fill: s.color, text: s.name }));

@@ -1,5 +1,6 @@
 """The versioned parameter store: versions, optimistic concurrency, followers, snapshots."""
 
+import json
 import time
 import uuid
 
@@ -72,6 +73,21 @@ def test_every_change_is_audited_newest_first_and_the_log_survives_a_restart(ray
     )
     assert audit[1]["at"] <= audit[0]["at"] <= time.time()
     assert ray.get(revived.audit.remote(limit=1)) == audit[:1]
+
+
+def test_a_snapshot_folder_gives_every_new_store_a_snapshot(ray_session, tmp_path, monkeypatch):
+    """MORL_STORE_SNAPSHOTS: the stores an app creates without a snapshot_path get one there (and so restart)."""
+    from actors.param_store import SNAPSHOT_DIR_ENV
+
+    monkeypatch.setenv(SNAPSHOT_DIR_ENV, str(tmp_path))
+    name = f"snapdir-{uuid.uuid4().hex[:8]}"
+    store = get_or_create_store(name, {"a": 1})
+    try:
+        ray.get(store.put.remote({"a": 2}))
+        saved = json.loads((tmp_path / f"morl.{name}.json").read_text())
+        assert (saved["version"], saved["params"]) == (2, {"a": 2})
+    finally:
+        ray.kill(store, no_restart=True)
 
 
 def caught_up(follower: ParamFollower, expected, timeout_s: float = 10.0) -> bool:

@@ -50,3 +50,20 @@ def test_only_the_page_files_are_served(name):
 
 def test_every_listed_asset_exists():
     assert all(asset(name)[0] for name in ASSETS)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"operator": {"cycle": "/x"}}, r"unknown operator args: \['cycle'\]"),
+        ({"operator": {"metrics_interval_s": -1}}, "metrics_interval_s must be a number ≥ 0"),
+        ({"operator": {"metrics_interval_s": "often"}}, "metrics_interval_s must be a number ≥ 0"),
+        ({"stage_replicas": 2}, "needs cascade 'composed'"),
+        ({"cascade": "composed", "stage_replicas": 0}, r"stage_replicas \(≥ 1"),
+    ],
+)
+def test_bad_operator_and_replica_args_are_refused_naming_them(args, match):
+    from serve_apps.recommend import app_builder
+
+    with pytest.raises(ValueError, match=match):
+        app_builder({"world": {"n_items": 500, "n_users": 50}, **args})

@@ -118,9 +118,9 @@ def test_a_switch_on_the_page_reaches_every_replica_and_a_stale_one_shows_the_co
         page.wait_for_selector("#op-result.ok")
         result = page.text_content("#op-result")
         version = int(re.search(r"version (\d+)", result).group(1))
-        assert "2 of 2 replicas serve it" in result, result
-        readers = ray.get(store.readers.remote())
-        assert len(readers) == 2 and all(v == version for v in readers.values()), "every agent replica holds it"
+        # 200: both acknowledged within the store's ack timeout; 202 under load: the rest switch on their next poll
+        assert re.search(r"(2 of 2 replicas serve it\.$)|(of 2 replicas serve it \(the rest switch)", result), result
+        assert every_replica_holds(store, version), "every agent replica serves the new version"
         snap = ray.get(store.get.remote())
         assert (snap.version, snap.params["lambda"]) == (version, 1.0)
         page.wait_for_function(f"document.querySelector('#op-history tbody tr td')?.textContent == '{version}'")
@@ -147,10 +147,20 @@ def test_a_switch_on_the_page_reaches_every_replica_and_a_stale_one_shows_the_co
     assert [(a["version"], a["who"]) for a in audit[:2]] == [(version + 1, "bob"), (version, "alice")]
 
 
+def every_replica_holds(store, version: int, replicas: int = 2, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        readers = ray.get(store.readers.remote())
+        if len(readers) == replicas and all(v == version for v in readers.values()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_the_figures_are_prometheus_gauges(operator_app):
     """Ray's metrics agent on this node exports the replica's gauges (prefixed ray_)."""
     lam = operator_app.get("/operating-point").json()["lambda"]
-    port = ray.nodes()[0]["MetricsExportPort"]
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])  # this session's one node
     pattern = re.compile(r'^ray_morl_operating_point_lambda\{[^}]*app="op_app"[^}]*\} (\S+)$', re.M)
     deadline, found = time.monotonic() + 60, None
     while time.monotonic() < deadline:
