@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument(
         "--tag",
         default="",
-        help='a variant\'s name: its section "crm_TAG" and crm_policy_TAG.png, beside the default run\'s',
+        help="a variant's name: its section \"crm_TAG\" and crm_policy_TAG.png, beside the default run's",
     )
     parser.add_argument("--quick", action="store_true", help="no files written")
     args = parser.parse_args()
