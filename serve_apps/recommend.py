@@ -972,8 +972,9 @@ class RecommendService:
             version, weights = self.reward_weights.current
             return {"version": version, "weights": weights.as_dict(), "app": self.inner_reward_app}
         try:
-            handle = serve.get_app_handle(self.inner_reward_app)
-            held = handle.get_weights.remote().result(timeout_s=STORE_TIMEOUT_S)
+            if self._inner_reward is None:  # one handle for the replica's lifetime, as /feedback's
+                self._inner_reward = serve.get_app_handle(self.inner_reward_app)
+            held = self._inner_reward.get_weights.remote().result(timeout_s=STORE_TIMEOUT_S)
             return {"version": held.version, "weights": held.weights, "app": self.inner_reward_app}
         except Exception as e:
             return {"error": f"inner-reward application {self.inner_reward_app!r}: {type(e).__name__}"}

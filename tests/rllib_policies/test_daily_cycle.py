@@ -200,7 +200,11 @@ def _two_days_with_every_fault(cycle, cfg, tmp_path):
     assert day1["candidate"]["injected"] and day1["candidate"]["status"] == "rejected"
     assert not day1["candidate"]["gate"]["passed"]
 
-    assert day1["shadow"]["requests"] == rows1.num_rows and abs(day1["shadow"]["difference"]) < 1e-6
+    # the candidate is the live weights: a paired difference of exactly 0, or no estimate at all where the drifted
+    # treatment's draws leave the shadow's ESS under the abstain rule's 50 (one in a few runs at 135 requests)
+    evaluated = day1["shadow"]
+    assert evaluated["requests"] == rows1.num_rows
+    assert abs(evaluated["difference"]) < 1e-6 or evaluated["why"].startswith("abstained"), evaluated
     assert (
         day1["shadow"]["status"] == "rejected in shadow"
         and not resumed._call("GET", "/experiments")["shadow"]["active"]
