@@ -37,8 +37,6 @@ from benchmarks.common import machine, write_marked_section  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 WORLD = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
-if os.environ.get("CHAOS_METRICS_OFF"):  # a diagnosis switch: the operator gauges' thread off in every replica
-    WORLD["operator"] = {"metrics_interval_s": 0}
 COMPOSED = {"cascade": "composed", "stage_replicas": 2}
 SCENARIOS = {  # name → (recommend args, the deployment whose replica is killed, the load in req/s)
     "ingress (fused, 2 replicas)": ({"num_replicas": 2}, "RecommendService", 30),
@@ -99,14 +97,7 @@ def run_scenario(
     import ray
     from ray import serve
 
-    from serve_apps import inner_reward
-    from serve_apps.recommend import app_builder
-
-    prefix = f"chaos_{uuid.uuid4().hex[:6]}"
-    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_ir"}), name="chaos_ir", route_prefix="/chaos_ir")
-    recommend = {**WORLD, **args, "store_prefix": prefix, "inner_reward_app": "chaos_ir", "telemetry": {"sink": "off"}}
-    serve.run(app_builder(recommend), name="chaos", route_prefix="/chaos")
-    url = f"http://127.0.0.1:{port}/chaos"
+    prefix, url = deploy_apps(port, args)
     before = replicas("chaos", deployment)
     for u in range(20):  # warm every replica's code path
         httpx.post(f"{url}/recommend", json={"user_id": u}, timeout=30)
@@ -150,17 +141,10 @@ def run_store_kill(port: int, rate: float, duration: float, kill_at: float) -> d
     MORL_STORE_SNAPSHOTS): requests keep being served on the replica's last parameters; then a write after the
     restart must reach the replica."""
     import ray
-    from ray import serve
 
     from actors.param_store import find_store
-    from serve_apps import inner_reward
-    from serve_apps.recommend import app_builder
 
-    prefix = f"chaos_{uuid.uuid4().hex[:6]}"
-    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_ir"}), name="chaos_ir", route_prefix="/chaos_ir")
-    args = {**WORLD, "store_prefix": prefix, "inner_reward_app": "chaos_ir", "telemetry": {"sink": "off"}}
-    serve.run(app_builder(args), name="chaos", route_prefix="/chaos")
-    url = f"http://127.0.0.1:{port}/chaos"
+    prefix, url = deploy_apps(port, {})
     params = httpx.get(f"{url}/stages", timeout=30).json()["ranking"]
     moved = {k: v * 1.5 for k, v in params["params"].items()}
     version = httpx.put(f"{url}/stages/ranking/params", json={"params": moved}, timeout=30).json()["version"]
@@ -294,6 +278,21 @@ def redis_markdown(r: dict, wall: float) -> str:
             f"{r['dropped_by_buffer']} | {r['peak_buffered']} | {r['sink_errors']} |",
         ]
     )
+
+
+def deploy_apps(port: int, args: dict) -> tuple[str, str]:
+    """The inner-reward app and the recommend app (``WORLD`` plus ``args``) under fresh store names: (store
+    prefix, the recommend app's URL)."""
+    from ray import serve
+
+    from serve_apps import inner_reward
+    from serve_apps.recommend import app_builder
+
+    prefix = f"chaos_{uuid.uuid4().hex[:6]}"
+    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_ir"}), name="chaos_ir", route_prefix="/chaos_ir")
+    recommend = {**WORLD, **args, "store_prefix": prefix, "inner_reward_app": "chaos_ir", "telemetry": {"sink": "off"}}
+    serve.run(app_builder(recommend), name="chaos", route_prefix="/chaos")
+    return prefix, f"http://127.0.0.1:{port}/chaos"
 
 
 def delete_apps(prefix: str) -> None:

@@ -93,9 +93,8 @@ from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import WeightLogging
 
-STORE_TIMEOUT_S = (
-    10.0  # the operator's reads of a store or the inner-reward app: a stuck one fails the read, not the page
-)
+# the operator's reads of a store or the inner-reward app: a stuck one fails the read, not the page
+STORE_TIMEOUT_S = 10.0
 # a stage call that met a replica dying under it (killed, its node lost) is retried once
 STAGE_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
@@ -663,7 +662,10 @@ class RecommendService:
         """The live experiment: each arm's share, policy, version and weights, and its KPIs per request with
         95 % intervals clustered by user, from the events the sink has written so far."""
         self._require_experiment()
-        arms, shadow = await asyncio.to_thread(self._arms_held)
+        return await self._experiment_report(*await asyncio.to_thread(self._arms_held))
+
+    async def _experiment_report(self, arms: dict[str, dict], shadow: dict) -> dict[str, Any]:
+        """``_arms_held``'s arms (each updated in place) with their live KPIs, as ``GET /experiments`` answers."""
         sink = getattr(self.events, "sink", None)
         if isinstance(sink, ParquetSink):
             current = {name: held.get("version") for name, held in arms.items()}
@@ -920,11 +922,10 @@ class RecommendService:
         does not run it): the operating point, its audit log and the replicas holding it, the frontier, the A/B
         arms with their live KPIs and their audit logs, the inner-reward weights in force, the daily cycle."""
         state = await asyncio.to_thread(self._operator_snapshot, True)
-        if self.experiment is not None:  # + the live KPIs
-            live = await self.experiments()
-            for name, arm in live["arms"].items():
-                arm["audit"] = state["experiment"]["arms"][name].get("audit", [])
-            state["experiment"] = live
+        if self.experiment is not None:  # + the live KPIs, on the arms the snapshot read
+            state["experiment"] = await self._experiment_report(
+                state["experiment"]["arms"], state["experiment"]["shadow"]
+            )
         if self.metrics is not None:
             try:
                 self.metrics.update(state)
