@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.param_store import SNAPSHOT_DIR_ENV  # noqa: E402
 from benchmarks.common import machine, write_marked_section  # noqa: E402
+from serve_apps.launch import INGRESS_ENV  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 WORLD = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
@@ -65,14 +66,18 @@ async def one_request(client: httpx.AsyncClient, user: int) -> tuple[str, float]
     return outcome, time.monotonic() - started
 
 
-async def steady_load(url: str, rate: float, duration: float, kill_at: float, kill) -> tuple[list[dict], float]:
-    """Open-loop load; ``kill()`` runs at ``kill_at`` s. Returns one record per request and the kill's time."""
-    records, t_kill = [], None
+async def steady_load(url: str, rate: float, duration: float, kill_at: float, kill) -> tuple[list[dict], float, int]:
+    """Open-loop load; ``kill()`` runs right after the first request due at ``kill_at`` s is sent, so the kill lands
+    while a request is being answered. Returns one record per request, the kill's time and the requests in flight
+    at it."""
+    records, t_kill, in_flight, at_kill = [], None, [0], 0
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=10.0, limits=limits) as client:
 
         async def request(i: int, due: float) -> None:
+            in_flight[0] += 1
             first, latency = await one_request(client, i % 500)
+            in_flight[0] -= 1
             retried = None
             if first != "ok" and (first.startswith("HTTP 5") or not first.startswith("HTTP")):
                 retried, _ = await one_request(client, i % 500)
@@ -82,13 +87,26 @@ async def steady_load(url: str, rate: float, duration: float, kill_at: float, ki
         tasks, n = [], int(rate * duration)
         for i in range(n):
             due = t0 + i / rate
-            if t_kill is None and due - t0 >= kill_at:
-                t_kill = time.monotonic() - t0
-                await asyncio.to_thread(kill)
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             tasks.append(asyncio.create_task(request(i, due)))
+            if t_kill is None and due - t0 >= kill_at:
+                await asyncio.sleep(0.002)  # the request is on the wire
+                t_kill, at_kill = time.monotonic() - t0, in_flight[0]
+                await asyncio.to_thread(kill)
         await asyncio.gather(*tasks)
-    return sorted(records, key=lambda r: r["t"]), t_kill
+    return sorted(records, key=lambda r: r["t"]), t_kill, at_kill
+
+
+def ingress_retries() -> int | None:
+    """Requests HAProxy has replayed on another server so far (its stats' ``wretr`` over every backend), or None
+    without HAProxy."""
+    stats_port = os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT")
+    if not os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") or not stats_port:
+        return None
+    csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5).text.lstrip("# ").splitlines()
+    header = csv[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in csv[1:] if line]
+    return sum(int(r["wretr"] or 0) for r in rows if r.get("svname") == "BACKEND")
 
 
 def run_scenario(
@@ -113,24 +131,33 @@ def run_scenario(
                 return
             time.sleep(0.1)
 
+    victim = ray.get_actor(before[0], namespace="serve")
+
     def kill() -> None:
         t_kill = time.monotonic()
-        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        ray.kill(victim, no_restart=True)
         replaced["thread"] = threading.Thread(target=watch, args=(t_kill,), daemon=True)
         replaced["thread"].start()
 
-    records, t_kill = asyncio.run(steady_load(url, rate, duration, kill_at, kill))
+    retries_before = ingress_retries()
+    records, t_kill, at_kill = asyncio.run(steady_load(url, rate, duration, kill_at, kill))
+    retries = None if retries_before is None else ingress_retries() - retries_before
     replaced["thread"].join()
     recovery_s = replaced.get("s", float("nan"))
     while serve.status().applications["chaos"].status != "RUNNING":  # settled before the deletion
         time.sleep(0.2)
     delete_apps(prefix)
-    row = summarise(name, deployment, records, t_kill) | {"recovery_s": recovery_s, "rate": rate}
+    row = summarise(name, deployment, records, t_kill) | {
+        "recovery_s": recovery_s,
+        "rate": rate,
+        "replayed": retries,
+        "in_flight_at_kill": at_kill,
+    }
     outcomes = row["outcomes"]
     print(
         f"{name}: {row['failed_first']}/{row['requests']} failed first ({row['failed_first_pct']:.2f} %), "
         f"{row['failed_after_retry']} after one retry; disruption {row['disruption_s']:.2f} s, replaced in "
-        f"{recovery_s:.1f} s; {outcomes}",
+        f"{recovery_s:.1f} s; {outcomes}; in flight at the kill {at_kill}, replayed by the ingress: {retries}",
         flush=True,
     )
     return row
@@ -170,7 +197,7 @@ def run_store_kill(port: int, rate: float, duration: float, kill_at: float) -> d
         back["thread"] = threading.Thread(target=watch, args=(t_kill,), daemon=True)
         back["thread"].start()
 
-    records, t_kill = asyncio.run(steady_load(url, rate, duration, kill_at, kill))
+    records, t_kill, at_kill = asyncio.run(steady_load(url, rate, duration, kill_at, kill))
     back["thread"].join()
     served = httpx.post(f"{url}/recommend", json={"user_id": 1}, timeout=30).json()["versions"]["ranking"]
     again = httpx.put(f"{url}/stages/ranking/params", json={"params": params["params"]}, timeout=30)
@@ -185,6 +212,7 @@ def run_store_kill(port: int, rate: float, duration: float, kill_at: float) -> d
     row |= {
         "recovery_s": back.get("s", float("nan")),
         "rate": rate,
+        "in_flight_at_kill": at_kill,
         "store": {
             "version_before": version,
             "version_after_restart": back.get("version"),
@@ -333,27 +361,37 @@ def summarise(name: str, killed: str, records: list[dict], t_kill: float) -> dic
     }
 
 
-def markdown(rows: list[dict], duration: float, kill_at: float, wall: float) -> str:
+def markdown(rows: list[dict], duration: float, kill_at: float, wall: float, ingress: str) -> str:
+    ingress_env = " ".join(f"{k}={v!r}" for k, v in INGRESS_ENV[ingress].items()) or "Serve's defaults"
     lines = [
         "## A replica killed under steady load",
         "",
         f"`benchmarks/chaos.py` — {machine()}; one run, {wall:.0f} s. Open-loop POST /recommend at the table's rate "
-        f"for {duration:g} s per scenario (3 000 items, 500 users), one replica `ray.kill`ed at {kill_at:g} s; "
-        "Serve's controller replaces it. *Failed* = a connection error, a time-out (10 s) or a 5xx. *Disruption* = "
+        f"for {duration:g} s per scenario (3 000 items, 500 users) through the `{ingress}` ingress "
+        f"(`serve_apps/launch.py`: {ingress_env}), one replica `ray.kill`ed at {kill_at:g} s; Serve's controller "
+        "replaces it. *Failed* = a connection error, a time-out (10 s) or a 5xx. *Disruption* = "
         "kill → the last request that failed its first attempt: how long service was disturbed. *Replaced* = kill → "
         "the replacement replica's actor up (polled every 0.1 s; it then loads the world before it takes traffic). "
+        "*In flight at the kill* = requests sent and not yet answered when `ray.kill` was called (the kill is "
+        "called 2 ms after a request is sent). *Replayed by the ingress* = requests HAProxy resent to another "
+        "replica because theirs closed the connection without an answer (`wretr` in HAProxy's stats): failures "
+        "the client never saw. "
         "Goal: < 0.1 % failed, < 5 s recovery.",
         "",
-        "| replica killed | req/s | requests | failed before the kill | failed, first attempt | "
-        "failed after one client retry | disruption s | replaced s | p50 ms | p99 ms | what failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| replica killed | req/s | requests | failed before the kill | in flight at the kill | "
+        "failed, first attempt | failed after one client retry | replayed by the ingress | disruption s | "
+        "replaced s | p50 ms | p99 ms | "
+        "what failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         what = ", ".join(f"{k} × {v}" for k, v in r["outcomes"].items()) or "—"
         lines.append(
             f"| {r['scenario']} | {r['rate']:g} | {r['requests']} | {r['failed_before_kill']} | "
+            f"{r.get('in_flight_at_kill', '—')} | "
             f"{r['failed_first']} ({r['failed_first_pct']:.2f} %) | "
-            f"{r['failed_after_retry']} ({r['failed_after_retry_pct']:.2f} %) | {r['disruption_s']:.2f} | "
+            f"{r['failed_after_retry']} ({r['failed_after_retry_pct']:.2f} %) | "
+            f"{'—' if r.get('replayed') is None else r['replayed']} | {r['disruption_s']:.2f} | "
             f"{r['recovery_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {what} |"
         )
     for r in rows:
@@ -401,6 +439,12 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="the first scenario, 10 s, no files written")
     parser.add_argument("--part", choices=("serve", "store", "redis", "all"), default="all")
+    parser.add_argument(
+        "--ingress",
+        choices=sorted(INGRESS_ENV),
+        default="haproxy",
+        help="as serve_apps/configs/recommend.yaml (HAProxy, replaying a request whose replica died on another)",
+    )
     args = parser.parse_args()
     results = os.path.join(ROOT, "benchmarks", "results")
     if args.part in ("redis", "all"):
@@ -419,7 +463,8 @@ def main() -> None:
     from serve_apps.launch import start_local_ray
 
     os.environ[SNAPSHOT_DIR_ENV] = tempfile.mkdtemp(prefix="morl-stores-")  # every store restarts from its snapshot
-    start_local_ray(num_cpus=4)
+    ports = {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+    start_local_ray(num_cpus=4, ingress=args.ingress, env=ports)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     started, rows = time.time(), []
@@ -437,7 +482,7 @@ def main() -> None:
             run_scenario(name, recommend_args, deployment, port, args.rate or rate, args.duration, args.kill_at)
         )
     wall = time.time() - started
-    section = markdown(rows, args.duration, args.kill_at, wall)
+    section = markdown(rows, args.duration, args.kill_at, wall, args.ingress)
     print(section)
     if args.quick:
         return

@@ -16,6 +16,13 @@ finite scalars to TensorBoard under ``checkpoint_dir/tensorboard``, and checkpoi
 ``checkpoint_every`` iterations (and at the end) to ``checkpoint_dir/iter_NNNNNN``. ``--resume latest``
 (or a checkpoint path) restores the algorithm with everything it saved and finishes the plan.
 
+A lost node or actor (an env runner or learner whose process or node died: ``LOST_WORKER``) does not end the job:
+``job_main`` stops what is left of the algorithm, restores the latest checkpoint on the nodes still there (a new run
+when there is none yet) and finishes the plan, up to ``max_failures`` times (Ray Train's ``FailureConfig`` has the
+same knob). What was trained after that checkpoint is trained again; nothing before it is lost. RLlib itself
+restarts a failed env runner between iterations (``restart_failed_env_runners``, on by default); a learner has no
+such restart, hence this.
+
 Artifacts outlive the job: ``job_main`` resolves every artifact path (``checkpoint_dir``, ``out_dir``,
 ``events_root``, ``dataset``) with ``storage.resolve(path, job.storage)``, so a relative path lands under the
 storage root (``storage``, else ``$MORL_STORAGE``, else ``~/morl-runs``; a local path or any ``pyarrow.fs`` URI such as
@@ -56,6 +63,14 @@ from rllib_policies import storage
 J = TypeVar("J", bound="JobConfig")
 ARTIFACT_FIELDS = ("checkpoint_dir", "out_dir", "events_root", "dataset")  # resolved under the storage root
 CHECKPOINT_NAME = re.compile(r"^iter_\d{6}$")
+COMPLETE = ".complete"  # the last file save_checkpoint writes: a checkpoint without it is not resumed from
+# A worker process or its node died: the algorithm's remote state is gone, the checkpoint on storage is not.
+LOST_WORKER = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.WorkerCrashedError,
+)
 
 
 @dataclass
@@ -65,6 +80,7 @@ class JobConfig:
     iterations: int = 20  # total training iterations (a resumed run finishes the plan)
     checkpoint_dir: str = "job"  # relative: under the storage root
     checkpoint_every: int = 5
+    max_failures: int = 3  # lost workers survived by restoring the latest checkpoint (0: the first loss ends the job)
     seed: int = 0
     num_cpus: int | None = None  # only when starting a local Ray (not under a job)
     storage: str | None = None  # storage root: absolute path or URI; None: $MORL_STORAGE, else ~/morl-runs
@@ -165,9 +181,13 @@ def stops_cleanly(log: Callable[[str], Any] = print) -> Iterator[None]:
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest ``iter_NNNNNN`` checkpoint under ``checkpoint_dir`` (a local path or URI), or None."""
+    """The newest complete ``iter_NNNNNN`` checkpoint under ``checkpoint_dir`` (a local path or URI), or None.
+    Complete: it holds ``COMPLETE`` (``save_checkpoint`` writes it last; a checkpoint without it was cut short when
+    its writer or a learner died). A folder where no checkpoint holds it was written before the marker: its newest."""
     found = [name for name in storage.list_dir(checkpoint_dir) if CHECKPOINT_NAME.match(name)]
-    return storage.join(checkpoint_dir, found[-1]) if found else None
+    complete = [name for name in found if storage.exists(storage.join(checkpoint_dir, name, COMPLETE))]
+    newest = (complete or found)[-1:]
+    return storage.join(checkpoint_dir, newest[0]) if newest else None
 
 
 def tensorboard_dir(checkpoint_dir: str) -> str:
@@ -176,9 +196,13 @@ def tensorboard_dir(checkpoint_dir: str) -> str:
 
 
 def save_checkpoint(algo, path: str) -> str:
-    """``algo.save_to_path`` at a local path or URI; returns ``path`` (absolute when local)."""
+    """``algo.save_to_path`` at a local path or URI, then ``COMPLETE`` in it; returns ``path`` (absolute when
+    local). A checkpoint cut short at this path before is deleted first, not written over."""
     fs, inner = storage.filesystem(path)
+    if storage.exists(path):
+        fs.delete_dir(inner)
     algo.save_to_path(inner, filesystem=fs)
+    storage.write_bytes(storage.join(path, COMPLETE), b"")
     return path if storage.is_uri(path) else inner
 
 
@@ -214,6 +238,11 @@ def restore_checkpoint(path: str) -> Algorithm:
     return algo
 
 
+def env_steps(algo) -> int:
+    """The env steps the algorithm has sampled over its life (what a checkpoint carries and a restore continues)."""
+    return int(algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+
+
 def scalars(result: dict, prefix: str = "") -> dict[str, float]:
     """Every finite number in a (nested) result dict, by slash-joined tag."""
     out: dict[str, float] = {}
@@ -245,20 +274,28 @@ def run_training(
         writer = SummaryWriter(logdir)
     storage.makedirs(checkpoint_dir)
     start, result = algo.iteration, None
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        result = algo.train()
-        it = algo.iteration
-        log(f"iter {it:4d} | {progress(result)} | {time.perf_counter() - t0:.1f} s")
+    try:
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            result = algo.train()
+            it = algo.iteration
+            log(f"iter {it:4d} | {progress(result)} | {time.perf_counter() - t0:.1f} s")
+            if writer is not None:
+                for tag, value in scalars(result).items():
+                    writer.add_scalar(tag, value, it)
+            if it % checkpoint_every == 0 or it == start + iterations:
+                path = save_checkpoint(algo, storage.join(checkpoint_dir, f"iter_{it:06d}"))
+                log(f"checkpoint {path} ({env_steps(algo)} env steps)")
+    finally:
         if writer is not None:
-            for tag, value in scalars(result).items():
-                writer.add_scalar(tag, value, it)
-        if it % checkpoint_every == 0 or it == start + iterations:
-            path = save_checkpoint(algo, storage.join(checkpoint_dir, f"iter_{it:06d}"))
-            log(f"checkpoint {path}")
-    if writer is not None:
-        writer.close()
+            writer.close()
     return result
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message up to its first line break (Ray's carry whole tracebacks)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def job_main(
@@ -304,18 +341,47 @@ def job_main(
             resume = latest_checkpoint(job.checkpoint_dir)
         else:
             resume = storage.resolve(args.resume, job.storage) if args.resume else None
-        if resume:
-            algo = restore_checkpoint(resume)
-            log(f"resumed from {resume} at iteration {algo.iteration}")
-        else:
-            if args.resume == "latest":
-                log(f"no checkpoint under {job.checkpoint_dir}: starting a new run")
+
+        def fresh() -> Any:
             algo = build(job)
             if before is not None:
                 before(algo, job)
+            return algo
+
+        if resume:
+            algo = restore_checkpoint(resume)
+            log(f"resumed from {resume} at iteration {algo.iteration} ({env_steps(algo)} env steps)")
+        else:
+            if args.resume == "latest":
+                log(f"no checkpoint under {job.checkpoint_dir}: starting a new run")
+            algo = fresh()
+        until = algo.iteration + args.iterations if args.iterations is not None else job.iterations
+        failures = 0
         try:
-            iterations = args.iterations if args.iterations is not None else max(job.iterations - algo.iteration, 0)
-            run_training(algo, iterations, job.checkpoint_dir, job.checkpoint_every, progress, log)
+            while True:
+                try:
+                    run_training(
+                        algo, max(until - algo.iteration, 0), job.checkpoint_dir, job.checkpoint_every, progress, log
+                    )
+                    break
+                except LOST_WORKER as e:
+                    failures += 1
+                    if failures > job.max_failures:
+                        log(f"lost a worker ({type(e).__name__}) {failures} times: max_failures is {job.max_failures}")
+                        raise
+                    log(f"lost a worker during iteration {algo.iteration + 1}: {type(e).__name__}: {first_line(e)}")
+                    with contextlib.suppress(Exception):  # what is left of it; its dead actors cannot answer
+                        algo.stop()
+                    latest = latest_checkpoint(job.checkpoint_dir)
+                    if latest is None:
+                        log(f"no checkpoint yet: starting a new run (failure {failures} of {job.max_failures})")
+                        algo = fresh()
+                    else:
+                        algo = restore_checkpoint(latest)
+                        log(
+                            f"resumed from {latest} at iteration {algo.iteration} ({env_steps(algo)} env steps; "
+                            f"failure {failures} of {job.max_failures})"
+                        )
             if after is not None:
                 after(algo, job)
         finally:

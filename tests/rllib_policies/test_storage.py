@@ -20,7 +20,14 @@ import yaml
 from moto.server import ThreadedMotoServer
 
 from rllib_policies import storage
-from rllib_policies.jobs import JobConfig, job_main, latest_checkpoint, restore_checkpoint, save_checkpoint
+from rllib_policies.jobs import (
+    COMPLETE,
+    JobConfig,
+    job_main,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from rllib_policies.train_outer_controller import TrainJobConfig, build, progress
 from rllib_policies.train_utility_agent import main as train_utility_agent
 from rllib_policies.utility_agent.module import load_agent
@@ -344,6 +351,16 @@ def test_latest_checkpoint_takes_the_newest_iteration_only(tmp_path):
         (tmp_path / "oc" / name).mkdir(parents=True)
     assert latest_checkpoint(str(tmp_path / "oc")) == str(tmp_path / "oc" / "iter_000010")
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_latest_checkpoint_skips_one_cut_short(tmp_path):
+    """A checkpoint without COMPLETE (its writer or a learner died mid-save) is never resumed from; a folder where
+    none holds it predates the marker (the test above)."""
+    for name in ("iter_000002", "iter_000003", "iter_000004"):
+        (tmp_path / "oc" / name).mkdir(parents=True)
+    for name in ("iter_000002", "iter_000003"):
+        (tmp_path / "oc" / name / COMPLETE).write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path / "oc")) == str(tmp_path / "oc" / "iter_000003")
 
 
 # ------------------------------------------------------------------ the entrypoints' artifacts on S3

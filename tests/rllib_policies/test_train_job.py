@@ -65,3 +65,46 @@ def test_sigterm_stops_a_training_job_and_the_ray_it_started(tmp_path):
     assert run["returncode"] == 130 and "interrupted: stopping" in run["output"], run["output"][-3000:]
     assert run["stop_s"] < 30 and not run["left"], (run["stop_s"], run["left"])
     assert (tmp_path / "store" / "run" / "iter_000001").exists()
+
+
+@pytest.mark.ray
+def test_a_lost_learner_is_restored_from_the_last_checkpoint(ray_session, tmp_path, capsys):
+    """The learner's process dies mid-training (benchmarks/chaos_training.py kills its whole node): job_main stops
+    what is left, restores the latest checkpoint with the env steps it recorded, and finishes the plan."""
+    import re
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from rllib_policies.jobs import job_main
+    from rllib_policies.train_outer_controller import TrainJobConfig, build, progress
+
+    def learners() -> set[int]:
+        """The pids of the live learner actors (a remote learner runs in a Ray Train worker actor)."""
+        table = ray._private.state.actors().values()
+        return {a["Pid"] for a in table if a["State"] == "ALIVE" and "_WrappedExecutable" in a["ActorClassName"]}
+
+    cfg = tmp_path / "job.yaml"
+    text = JOB_CONFIG.replace("{storage}", str(tmp_path / "store")).replace("iterations: 2", "iterations: 5")
+    cfg.write_text(text + "learners: {num_learners: 1}\n")
+    ckpt, before, killed = tmp_path / "store" / "run", learners(), []
+
+    def kill_the_learner() -> None:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "iter_000002").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in learners() - before:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    threading.Thread(target=kill_the_learner, daemon=True).start()
+    assert job_main(TrainJobConfig, build, progress, argv=["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert killed and "lost a worker during iteration" in out, out[-3000:]
+    resumed = re.search(r"resumed from \S+/iter_(\d{6}) at iteration (\d+) \((\d+) env steps; failure 1 of 3\)", out)
+    assert resumed, out[-3000:]
+    steps = re.search(rf"checkpoint \S+/iter_{resumed.group(1)} \((\d+) env steps\)", out)
+    assert steps and steps.group(1) == resumed.group(3), out[-3000:]  # nothing before the checkpoint was lost
+    assert "iter    5 |" in out and (ckpt / "iter_000005").exists(), out[-3000:]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from serve_apps.inner_reward import app_builder
-from serve_apps.launch import INGRESS_ENV, load_config
+from serve_apps.launch import HAPROXY_RETRY_ENV, INGRESS_ENV, load_config
 
 
 def test_ingress_key_is_validated(tmp_path):
@@ -15,7 +15,8 @@ def test_ingress_key_is_validated(tmp_path):
     path.write_text(yaml.safe_dump({"applications": []}))
     with pytest.raises(ValueError, match="non-empty 'applications'"):
         load_config(str(path))
-    assert INGRESS_ENV["haproxy"] == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert INGRESS_ENV["haproxy"] == {"RAY_SERVE_ENABLE_HA_PROXY": "1", **HAPROXY_RETRY_ENV}
+    assert "503" not in HAPROXY_RETRY_ENV["RAY_SERVE_HAPROXY_RETRY_ON"]  # a replica's backpressure is not replayed
 
 
 def test_builder_rejects_unknown_and_bad_args():
