@@ -16,7 +16,7 @@ finite scalars to TensorBoard under ``checkpoint_dir/tensorboard``, and checkpoi
 ``checkpoint_every`` iterations (and at the end) to ``checkpoint_dir/iter_NNNNNN``. ``--resume latest``
 (or a checkpoint path) restores the algorithm with everything it saved and finishes the plan.
 
-A lost node or actor (an env runner or learner whose process or node died: ``LOST_WORKER``) does not end the job:
+A lost node or actor (an env runner or learner whose process or node died: ``lost_worker``) does not end the job:
 ``job_main`` stops what is left of the algorithm, restores the latest checkpoint on the nodes still there (a new run
 when there is none yet) and finishes the plan, up to ``max_failures`` times (Ray Train's ``FailureConfig`` has the
 same knob). What was trained after that checkpoint is trained again; nothing before it is lost. RLlib itself
@@ -64,8 +64,15 @@ J = TypeVar("J", bound="JobConfig")
 ARTIFACT_FIELDS = ("checkpoint_dir", "out_dir", "events_root", "dataset")  # resolved under the storage root
 CHECKPOINT_NAME = re.compile(r"^iter_\d{6}$")
 COMPLETE = ".complete"  # the last file save_checkpoint writes: a checkpoint without it is not resumed from
+
+
 # A worker process or its node died: the algorithm's remote state is gone, the checkpoint on storage is not.
+class LearnerLost(RuntimeError):
+    """A remote learner died while a checkpoint was written: RLlib saved without it, so the checkpoint is cut short."""
+
+
 LOST_WORKER = (
+    LearnerLost,
     ray.exceptions.RayActorError,
     ray.exceptions.NodeDiedError,
     ray.exceptions.ObjectLostError,
@@ -197,11 +204,14 @@ def tensorboard_dir(checkpoint_dir: str) -> str:
 
 def save_checkpoint(algo, path: str) -> str:
     """``algo.save_to_path`` at a local path or URI, then ``COMPLETE`` in it; returns ``path`` (absolute when
-    local). A checkpoint cut short at this path before is deleted first, not written over."""
+    local). A checkpoint cut short at this path before is deleted first, not written over. Raises ``LearnerLost``
+    (and leaves the checkpoint unmarked) when a learner died while it was written."""
     fs, inner = storage.filesystem(path)
     if storage.exists(path):
         fs.delete_dir(inner)
     algo.save_to_path(inner, filesystem=fs)
+    if learners_out_of_service(algo):
+        raise LearnerLost(f"a learner died while {path} was written: it is not marked {COMPLETE}")
     storage.write_bytes(storage.join(path, COMPLETE), b"")
     return path if storage.is_uri(path) else inner
 
@@ -292,6 +302,20 @@ def run_training(
     return result
 
 
+def learners_out_of_service(algo) -> int:
+    """How many of the algorithm's remote learners RLlib has taken out of service: its LearnerGroup does that to a
+    learner whose call failed, without raising, and its next ``get_state``/``get_weights`` fails on the empty list of
+    healthy learners (``IndexError``). 0 for a local learner."""
+    manager = getattr(getattr(algo, "learner_group", None), "_worker_manager", None)
+    return 0 if manager is None else manager.num_actors() - manager.num_healthy_actors()
+
+
+def lost_worker(error: Exception, algo) -> bool:
+    """Whether ``error`` came from a dead worker: one of ``LOST_WORKER``, or anything raised while a remote learner
+    is out of service."""
+    return isinstance(error, LOST_WORKER) or learners_out_of_service(algo) > 0
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message up to its first line break (Ray's carry whole tracebacks)."""
     text = str(error).strip()
@@ -364,7 +388,9 @@ def job_main(
                         algo, max(until - algo.iteration, 0), job.checkpoint_dir, job.checkpoint_every, progress, log
                     )
                     break
-                except LOST_WORKER as e:
+                except Exception as e:
+                    if not lost_worker(e, algo):
+                        raise
                     failures += 1
                     if failures > job.max_failures:
                         log(f"lost a worker ({type(e).__name__}) {failures} times: max_failures is {job.max_failures}")

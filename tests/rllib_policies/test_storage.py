@@ -23,6 +23,7 @@ from rllib_policies import storage
 from rllib_policies.jobs import (
     COMPLETE,
     JobConfig,
+    LearnerLost,
     job_main,
     latest_checkpoint,
     restore_checkpoint,
@@ -344,6 +345,25 @@ def test_checkpoint_round_trip_restores_learner_and_env_runner_weights(
             restored.stop()
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         restore_checkpoint(f"{root}/iter_000009")
+
+
+@pytest.mark.ray
+def test_a_checkpoint_written_without_its_learner_is_not_marked_complete(ray_session, tmp_path):
+    """RLlib saves past a remote learner that dies while writing its state (it takes it out of service without
+    raising): save_checkpoint raises LearnerLost and leaves no COMPLETE, so latest_checkpoint skips it."""
+    algo = build(TrainJobConfig(**{**TINY_JOB, "learners": {"num_learners": 1}}))
+    try:
+        algo.train()
+        save_checkpoint(algo, str(tmp_path / "iter_000001"))
+        # the learner's process dies when asked to write its state (RLlib's same-node save ignores the result)
+        die = lambda *args, **kwargs: os._exit(1)  # noqa: E731
+        algo.learner_group.foreach_learner(lambda learner: setattr(learner, "save_to_path", die))
+        with pytest.raises(LearnerLost, match="not marked"):
+            save_checkpoint(algo, str(tmp_path / "iter_000002"))
+        assert not (tmp_path / "iter_000002" / COMPLETE).exists()
+        assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_000001")
+    finally:
+        algo.stop()
 
 
 def test_latest_checkpoint_takes_the_newest_iteration_only(tmp_path):

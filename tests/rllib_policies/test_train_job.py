@@ -7,6 +7,7 @@ import glob
 import os
 
 import pytest
+import ray
 
 from tests.ray_jobs import submit
 
@@ -108,3 +109,33 @@ def test_a_lost_learner_is_restored_from_the_last_checkpoint(ray_session, tmp_pa
     steps = re.search(rf"checkpoint \S+/iter_{resumed.group(1)} \((\d+) env steps\)", out)
     assert steps and steps.group(1) == resumed.group(3), out[-3000:]  # nothing before the checkpoint was lost
     assert "iter    5 |" in out and (ckpt / "iter_000005").exists(), out[-3000:]
+
+
+class _Manager:
+    def __init__(self, healthy: int, total: int):
+        self.healthy, self.total = healthy, total
+
+    def num_healthy_actors(self) -> int:
+        return self.healthy
+
+    def num_actors(self) -> int:
+        return self.total
+
+
+@pytest.mark.parametrize(
+    "error, manager, lost",
+    [
+        (ray.exceptions.RayActorError(), _Manager(1, 1), True),
+        (ray.exceptions.NodeDiedError("node 1 died"), None, True),
+        (IndexError("list index out of range"), _Manager(0, 1), True),  # RLlib's learner taken out of service
+        (IndexError("list index out of range"), _Manager(1, 1), False),  # a bug, not a lost worker
+        (ValueError("bad config"), None, False),  # a local learner: nothing remote to lose
+    ],
+)
+def test_lost_worker_tells_a_dead_worker_from_a_bug(error, manager, lost):
+    from types import SimpleNamespace
+
+    from rllib_policies.jobs import lost_worker
+
+    algo = SimpleNamespace(learner_group=SimpleNamespace(_worker_manager=manager))
+    assert lost_worker(error, algo) is lost
