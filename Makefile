@@ -52,6 +52,8 @@ bench-multinode: bootstrap
 
 bench-chaos: bootstrap
 	$(PY) benchmarks/chaos.py
+	$(PY) benchmarks/chaos_training.py
+	$(PY) benchmarks/chaos_replay.py
 
 bench-cycle: bootstrap
 	$(PY) benchmarks/gate_power.py

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.param_store import SNAPSHOT_DIR_ENV  # noqa: E402
-from benchmarks.common import machine, write_marked_section  # noqa: E402
+from benchmarks.common import machine, save_plot, write_marked_section  # noqa: E402
 from serve_apps.launch import INGRESS_ENV  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
@@ -489,10 +489,7 @@ def main() -> None:
     with open(os.path.join(results, "chaos.json"), "w") as f:
         json.dump(rows, f)
     write_marked_section(os.path.join(results, "chaos.md"), "replica_kill", section, "Chaos under load")
-    try:
-        plot(os.path.join(results, "chaos.png"), rows)
-    except ImportError:
-        print("matplotlib not installed: chaos.png skipped")
+    save_plot(os.path.join(results, "chaos.png"), plot, rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Chaos at the ingress (issue 18, part 3): does HAProxy replay a request whose replica is killed while answering it?
 
-    python benchmarks/chaos_replay.py            # ~4 min; writes its section of benchmarks/results/chaos.md
+    python benchmarks/chaos_replay.py            # ~10 min; writes its section of benchmarks/results/chaos.md
     python benchmarks/chaos_replay.py --trials 3 --quick
 
 `benchmarks/chaos.py` kills a replica under a steady /recommend load, where a request is in flight on the victim at
@@ -12,6 +12,8 @@ replaced the replica. Each HAProxy retry policy runs on its own local Ray (Ray r
     ray default   RAY_SERVE_HAPROXY_RETRY_ON=conn-failure (Ray's own default: replay only what never reached a server)
     launch.py     serve_apps/launch.py's HAPROXY_RETRY_ENV (also replay a request whose server closed without an
                   answer: safe for this project's apps, whose every route is idempotent)
+    launch.py, round robin / 6 retries   the same with HAProxy's other balance algorithm / twice Ray's 3 retries:
+                  alternatives tried before keeping launch.py's
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from tests.conftest import free_port  # noqa: E402
 POLICIES = {
     "ray default": {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure"},
     "launch.py": HAPROXY_RETRY_ENV,
+    "launch.py, round robin": {**HAPROXY_RETRY_ENV, "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "roundrobin"},
+    "launch.py, 6 retries": {**HAPROXY_RETRY_ENV, "RAY_SERVE_HAPROXY_RETRIES": "6"},
 }
 
 
@@ -115,6 +119,11 @@ def trials(policy: str, count: int, hold_s: float) -> list[dict]:
     return rows
 
 
+def settings(env: dict[str, str]) -> str:
+    """A policy's Ray environment variables, without their common ``RAY_SERVE_HAPROXY_`` prefix."""
+    return ", ".join(f"`{k.removeprefix('RAY_SERVE_HAPROXY_')}={v}`" for k, v in env.items())
+
+
 def markdown(results: dict[str, list[dict]], hold_s: float, wall: float) -> str:
     lines = [
         "## HAProxy replaying a request whose replica was killed while answering it",
@@ -123,7 +132,7 @@ def markdown(results: dict[str, list[dict]], hold_s: float, wall: float) -> str:
         "one of 2 replicas behind the HAProxy ingress; 0.8 s in, that replica is `ray.kill`ed; the client's outcome "
         "is recorded; Serve replaces the replica before the next trial. Each retry policy on its own local Ray.",
         "",
-        "| HAProxy retry policy | RAY_SERVE_HAPROXY_RETRY_ON | trials | answered 200 | failed | outcomes | "
+        "| HAProxy retry policy | settings | trials | answered 200 | failed | outcomes | "
         "median latency of the 200s s |",
         "|---|---|---:|---:|---:|---|---:|",
     ]
@@ -134,7 +143,7 @@ def markdown(results: dict[str, list[dict]], hold_s: float, wall: float) -> str:
             counts[r["result"]] = counts.get(r["result"], 0) + 1
         median = f"{sorted(ok)[len(ok) // 2]:.1f}" if ok else "—"
         lines.append(
-            f"| {policy} | `{POLICIES[policy]['RAY_SERVE_HAPROXY_RETRY_ON']}` | {len(rows)} | {len(ok)} | "
+            f"| {policy} | {settings(POLICIES[policy])} | {len(rows)} | {len(ok)} | "
             f"{len(rows) - len(ok)} | {', '.join(f'{k} × {v}' for k, v in counts.items())} | {median} |"
         )
     return "\n".join(lines)
@@ -145,13 +154,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--hold", type=float, default=2.0, help="s each request is held by its replica")
     parser.add_argument("--quick", action="store_true", help="no files written")
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--one", choices=list(POLICIES), help=argparse.SUPPRESS)  # a policy's trials, as JSON
     args = parser.parse_args()
     if args.one:
         print("TRIALS " + json.dumps(trials(args.one, args.trials, args.hold)), flush=True)
         return
     started, results = time.time(), {}
-    for policy in POLICIES:  # each on its own Ray: the ingress reads its retry policy when it starts
+    for policy in args.policies:  # each on its own Ray: the ingress reads its retry policy when it starts
         cmd = [sys.executable, __file__, "--one", policy, "--trials", str(args.trials), "--hold", str(args.hold)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
         found = [line for line in out.stdout.splitlines() if line.startswith("TRIALS ")]

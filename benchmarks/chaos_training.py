@@ -35,7 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import machine, write_marked_section  # noqa: E402
+from benchmarks.common import machine, save_plot, write_marked_section  # noqa: E402
 
 JOB = """
 env_config: {{world: {{n_items: 2000, n_users: 300}}, pipeline: {{k_matching: 100, k_pre_ranking: 20, k_slate: 6}}}}
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(results, "chaos_training.json"), "w") as f:
         json.dump(rows, f, indent=1)
     write_marked_section(os.path.join(results, "chaos.md"), "training_kill", section, "Chaos under load")
-    try:
-        plot(os.path.join(results, "chaos_training.png"), rows)
-    except ImportError:
-        print("matplotlib not installed: chaos_training.png skipped")
+    save_plot(os.path.join(results, "chaos_training.png"), plot, rows)
 
 
 if __name__ == "__main__":

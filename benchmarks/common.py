@@ -358,6 +358,14 @@ def write_results(path: str, sections: list[str], partial: bool) -> None:
     print(f"wrote {path}")
 
 
+def save_plot(path, plot, *args) -> None:
+    """``plot(path, *args)``, or a line saying it was skipped when matplotlib (a benchmark extra) is missing."""
+    try:
+        plot(path, *args)
+    except ImportError:
+        print(f"matplotlib not installed: {os.path.basename(str(path))} skipped", flush=True)
+
+
 def write_marked_section(path: str, name: str, section: str, title: str) -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the page at ``path``
     (appending the markers with the section when absent; a new page starts with ``title``), keeping every

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.world.metrics import mean_ci
-from benchmarks.common import write_marked_section
+from benchmarks.common import save_plot, write_marked_section
 from rllib_policies.crm.experiment import CRMExperiment, run_experiment
 from rllib_policies.jobs import init_ray
 
@@ -227,10 +227,7 @@ def main() -> None:
         return
     suffix = f"_{args.tag}" if args.tag else ""
     write_marked_section(str(RESULTS / "crm_ope.md"), f"crm{suffix}", section, "CRM off-policy evaluation")
-    try:
-        plot(RESULTS / f"crm_policy{suffix}.png", runs)
-    except ImportError:
-        print("matplotlib not installed: crm_policy.png skipped")
+    save_plot(RESULTS / f"crm_policy{suffix}.png", plot, runs)
     print(f"wall time {wall:.0f} s")
 
 

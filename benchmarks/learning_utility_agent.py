@@ -29,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.world.metrics import mean_ci  # noqa: E402
-from benchmarks.common import machine, write_results  # noqa: E402 (after the sys.path line: run as a script)
+from benchmarks.common import machine, save_plot, write_results  # noqa: E402 (after the sys.path line: run as a script)
 from rllib_policies.utility_agent.learning import LearningConfig, run_learning_test  # noqa: E402
 from serve_apps.launch import start_local_ray  # noqa: E402
 
@@ -399,10 +399,7 @@ def report(results: dict, args, total: float) -> None:
             "| preset | objective | baseline | this run | oracle vector survived | g_λ = oracle vector |\n"
             "|---|---|---:|---:|---:|---:|\n" + "\n".join(baseline_table(results, baseline, args)) + "\n",
         )
-    try:
-        plot(os.path.join(args.results_dir, "learning_utility_agent.png"), results, args)
-    except ImportError:
-        print("matplotlib not installed: learning_utility_agent.png skipped")
+    save_plot(os.path.join(args.results_dir, "learning_utility_agent.png"), plot, results, args)
     write_results(os.path.join(args.results_dir, "learning_utility_agent.md"), sections, partial=False)
 
 

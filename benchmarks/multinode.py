@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import descendants, machine, stop_processes, write_results  # noqa: E402
+from benchmarks.common import descendants, machine, save_plot, stop_processes, write_results  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -387,10 +387,7 @@ def main() -> None:
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, "multinode.json"), "w") as f:
         json.dump(result, f, indent=1)
-    try:
-        plot(result, os.path.join(args.results_dir, "multinode.png"))
-    except ImportError:
-        log("matplotlib not installed: multinode.png skipped")
+    save_plot(os.path.join(args.results_dir, "multinode.png"), lambda path: plot(result, path))
     report(result, os.path.join(args.results_dir, "multinode.md"), time.perf_counter() - t0)
     log(f"wrote {os.path.join(args.results_dir, 'multinode.md')} ({time.perf_counter() - t0:.0f} s)")
 

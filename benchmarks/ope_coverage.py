@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_marked_section
+from benchmarks.common import save_plot, write_marked_section
 from rllib_policies.ope import (
     DR,
     IPS,
@@ -233,10 +233,7 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     write_marked_section(str(RESULTS / "crm_ope.md"), "coverage", section, "CRM off-policy evaluation")
-    try:
-        plot(RESULTS / "crm_ope_coverage.png", swept, args)
-    except ImportError:
-        print("matplotlib not installed: crm_ope_coverage.png skipped")
+    save_plot(RESULTS / "crm_ope_coverage.png", plot, swept, args)
     print(f"wall time {wall:.0f} s")
 
 
