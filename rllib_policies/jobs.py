@@ -17,11 +17,11 @@ finite scalars to TensorBoard under ``checkpoint_dir/tensorboard``, and checkpoi
 (or a checkpoint path) restores the algorithm with everything it saved and finishes the plan.
 
 A lost node or actor (an env runner or learner whose process or node died: ``lost_worker``) does not end the job:
-``job_main`` stops what is left of the algorithm, restores the latest checkpoint on the nodes still there (a new run
-when there is none yet) and finishes the plan, up to ``max_failures`` times (Ray Train's ``FailureConfig`` has the
-same knob). What was trained after that checkpoint is trained again; nothing before it is lost. RLlib itself
-restarts a failed env runner between iterations (``restart_failed_env_runners``, on by default); a learner has no
-such restart, hence this.
+``job_main`` stops what is left of the algorithm, restores the latest complete checkpoint on the nodes still there
+(else the one it resumed from, else a new run) and finishes the plan, up to ``max_failures`` times (Ray Train's
+``FailureConfig`` has the same knob). What was trained after that checkpoint is trained again; nothing before it is
+lost. RLlib itself restarts a failed env runner between iterations (``restart_failed_env_runners``, on by default);
+a learner has no such restart, hence this.
 
 Artifacts outlive the job: ``job_main`` resolves every artifact path (``checkpoint_dir``, ``out_dir``,
 ``events_root``, ``dataset``) with ``storage.resolve(path, job.storage)``, so a relative path lands under the
@@ -66,11 +66,11 @@ CHECKPOINT_NAME = re.compile(r"^iter_\d{6}$")
 COMPLETE = ".complete"  # the last file save_checkpoint writes: a checkpoint without it is not resumed from
 
 
-# A worker process or its node died: the algorithm's remote state is gone, the checkpoint on storage is not.
 class LearnerLost(RuntimeError):
     """A remote learner died while a checkpoint was written: RLlib saved without it, so the checkpoint is cut short."""
 
 
+# A worker process or its node died: the algorithm's remote state is gone, the checkpoint on storage is not.
 LOST_WORKER = (
     LearnerLost,
     ray.exceptions.RayActorError,
@@ -190,11 +190,12 @@ def stops_cleanly(log: Callable[[str], Any] = print) -> Iterator[None]:
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
     """The newest complete ``iter_NNNNNN`` checkpoint under ``checkpoint_dir`` (a local path or URI), or None.
     Complete: it holds ``COMPLETE`` (``save_checkpoint`` writes it last; a checkpoint without it was cut short when
-    its writer or a learner died). A folder where no checkpoint holds it was written before the marker: its newest."""
-    found = [name for name in storage.list_dir(checkpoint_dir) if CHECKPOINT_NAME.match(name)]
-    complete = [name for name in found if storage.exists(storage.join(checkpoint_dir, name, COMPLETE))]
-    newest = (complete or found)[-1:]
-    return storage.join(checkpoint_dir, newest[0]) if newest else None
+    its writer or a learner died, or predates the marker: pass such a one as ``--resume PATH``)."""
+    found = sorted(name for name in storage.list_dir(checkpoint_dir) if CHECKPOINT_NAME.match(name))
+    for name in reversed(found):  # one existence check per checkpoint tried (a HEAD request on S3)
+        if storage.exists(storage.join(checkpoint_dir, name, COMPLETE)):
+            return storage.join(checkpoint_dir, name)
+    return None
 
 
 def tensorboard_dir(checkpoint_dir: str) -> str:
@@ -210,8 +211,11 @@ def save_checkpoint(algo, path: str) -> str:
     if storage.exists(path):
         fs.delete_dir(inner)
     algo.save_to_path(inner, filesystem=fs)
-    if learners_out_of_service(algo):
-        raise LearnerLost(f"a learner died while {path} was written: it is not marked {COMPLETE}")
+    manager = remote_learners(algo)
+    if manager is not None and manager.num_healthy_actors() < manager.num_actors():  # one failed to write its state
+        if dead_learners(algo):
+            raise LearnerLost(f"a learner died while {path} was written: it is not marked {COMPLETE}")
+        raise RuntimeError(f"a learner failed to write its state to {path} (RLlib drops why: see the learner's log)")
     storage.write_bytes(storage.join(path, COMPLETE), b"")
     return path if storage.is_uri(path) else inner
 
@@ -302,18 +306,34 @@ def run_training(
     return result
 
 
-def learners_out_of_service(algo) -> int:
-    """How many of the algorithm's remote learners RLlib has taken out of service: its LearnerGroup does that to a
-    learner whose call failed, without raising, and its next ``get_state``/``get_weights`` fails on the empty list of
-    healthy learners (``IndexError``). 0 for a local learner."""
-    manager = getattr(getattr(algo, "learner_group", None), "_worker_manager", None)
-    return 0 if manager is None else manager.num_actors() - manager.num_healthy_actors()
+def remote_learners(algo):
+    """The FaultTolerantActorManager of the algorithm's remote learners (None for a local learner)."""
+    return getattr(getattr(algo, "learner_group", None), "_worker_manager", None)
+
+
+def dead_learners(algo, timeout_s: float = 10.0) -> int:
+    """How many of the algorithm's remote learners are dead: taken out of service by RLlib (its LearnerGroup does
+    that to a learner whose call failed, and its same-node save carries on without it, so a later call can fail on
+    the empty list of healthy learners: ``IndexError``) and not answering Ray's built-in ``__ray_ready__``. A learner
+    out of service for raising in its own code is alive: a bug, not a loss. 0 for a local learner."""
+    manager = remote_learners(algo)
+    if manager is None:
+        return 0
+    dead = 0
+    for actor_id in manager.actor_ids():
+        if manager.is_actor_healthy(actor_id):
+            continue
+        try:
+            ray.get(manager._actors[actor_id].__ray_ready__.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            dead += 1
+    return dead
 
 
 def lost_worker(error: Exception, algo) -> bool:
     """Whether ``error`` came from a dead worker: one of ``LOST_WORKER``, or anything raised while a remote learner
-    is out of service."""
-    return isinstance(error, LOST_WORKER) or learners_out_of_service(algo) > 0
+    is dead."""
+    return isinstance(error, LOST_WORKER) or dead_learners(algo) > 0
 
 
 def first_line(error: BaseException) -> str:
@@ -363,27 +383,36 @@ def job_main(
         arm_sigterm()  # again: ray.init replaced the handler
         if args.resume == "latest":
             resume = latest_checkpoint(job.checkpoint_dir)
+            if resume is None:
+                log(f"no complete checkpoint under {job.checkpoint_dir}: starting a new run")
         else:
             resume = storage.resolve(args.resume, job.storage) if args.resume else None
 
-        def fresh() -> Any:
-            algo = build(job)
-            if before is not None:
-                before(algo, job)
+        def start(checkpoint: str | None, failure: str) -> Any:
+            """Restore ``checkpoint``, or build a new algorithm (warm-started by ``before``) when there is none."""
+            if checkpoint is None:
+                algo = build(job)
+                if before is not None:
+                    before(algo, job)
+                if failure:
+                    log(f"no checkpoint yet: starting a new run ({failure})")
+                return algo
+            algo = restore_checkpoint(checkpoint)
+            steps = f"{env_steps(algo)} env steps" + (f"; {failure}" if failure else "")
+            log(f"resumed from {checkpoint} at iteration {algo.iteration} ({steps})")
             return algo
 
-        if resume:
-            algo = restore_checkpoint(resume)
-            log(f"resumed from {resume} at iteration {algo.iteration} ({env_steps(algo)} env steps)")
-        else:
-            if args.resume == "latest":
-                log(f"no checkpoint under {job.checkpoint_dir}: starting a new run")
-            algo = fresh()
-        until = algo.iteration + args.iterations if args.iterations is not None else job.iterations
-        failures = 0
+        # A lost worker while training, checkpointing or restoring: restore the latest complete checkpoint (else
+        # the one resumed from, else a new run) and go on. An algorithm whose restore raised is not ours to stop:
+        # Ray reclaims its actors with the job.
+        algo, until, failures, start_from = None, None, 0, resume
         try:
             while True:
                 try:
+                    if algo is None:
+                        algo = start(start_from, f"failure {failures} of {job.max_failures}" if failures else "")
+                    if until is None:  # fixed by the first start: a recovery finishes the same plan
+                        until = algo.iteration + args.iterations if args.iterations is not None else job.iterations
                     run_training(
                         algo, max(until - algo.iteration, 0), job.checkpoint_dir, job.checkpoint_every, progress, log
                     )
@@ -395,21 +424,20 @@ def job_main(
                     if failures > job.max_failures:
                         log(f"lost a worker ({type(e).__name__}) {failures} times: max_failures is {job.max_failures}")
                         raise
-                    log(f"lost a worker during iteration {algo.iteration + 1}: {type(e).__name__}: {first_line(e)}")
-                    with contextlib.suppress(Exception):  # what is left of it; its dead actors cannot answer
-                        algo.stop()
-                    latest = latest_checkpoint(job.checkpoint_dir)
-                    if latest is None:
-                        log(f"no checkpoint yet: starting a new run (failure {failures} of {job.max_failures})")
-                        algo = fresh()
+                    if algo is None:
+                        where = "while restoring"
+                    elif isinstance(e, LearnerLost):
+                        where = f"while checkpointing iteration {algo.iteration}"
                     else:
-                        algo = restore_checkpoint(latest)
-                        log(
-                            f"resumed from {latest} at iteration {algo.iteration} ({env_steps(algo)} env steps; "
-                            f"failure {failures} of {job.max_failures})"
-                        )
+                        where = f"during iteration {algo.iteration + 1}"
+                    log(f"lost a worker {where}: {type(e).__name__}: {first_line(e)}")
+                    if algo is not None:
+                        with contextlib.suppress(Exception):  # what is left of it; its dead actors cannot answer
+                            algo.stop()
+                    algo, start_from = None, latest_checkpoint(job.checkpoint_dir) or resume
             if after is not None:
                 after(algo, job)
         finally:
-            algo.stop()
+            if algo is not None:
+                algo.stop()
     return 0

@@ -24,8 +24,11 @@ from rllib_policies.jobs import (
     COMPLETE,
     JobConfig,
     LearnerLost,
+    dead_learners,
     job_main,
     latest_checkpoint,
+    lost_worker,
+    remote_learners,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -366,18 +369,42 @@ def test_a_checkpoint_written_without_its_learner_is_not_marked_complete(ray_ses
         algo.stop()
 
 
+@pytest.mark.ray
+def test_a_learner_that_raises_is_a_bug_and_a_killed_one_a_loss(ray_session):
+    """RLlib takes a remote learner out of service for either; lost_worker pings it: alive is a bug (the job fails
+    with it), dead is a lost worker (the job restores)."""
+    import signal
+    import time
+
+    algo = build(TrainJobConfig(**{**TINY_JOB, "learners": {"num_learners": 1}}))
+    try:
+        results = list(algo.learner_group.foreach_learner(lambda learner: 1 / 0))
+        assert not results[0].ok and remote_learners(algo).num_healthy_actors() == 0  # out of service
+        assert not lost_worker(IndexError("list index out of range"), algo)
+        (pid,) = [r.get() for r in algo.learner_group.foreach_learner(lambda _: os.getpid(), healthy_only=False)]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not dead_learners(algo) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lost_worker(IndexError("list index out of range"), algo)
+    finally:
+        algo.stop()
+
+
 def test_latest_checkpoint_takes_the_newest_iteration_only(tmp_path):
     for name in ("iter_000002", "iter_000010", "iter_000009", "tensorboard", "iter_x", "iter_000011.tmp"):
         (tmp_path / "oc" / name).mkdir(parents=True)
+        (tmp_path / "oc" / name / COMPLETE).write_bytes(b"")
     assert latest_checkpoint(str(tmp_path / "oc")) == str(tmp_path / "oc" / "iter_000010")
     assert latest_checkpoint(str(tmp_path / "missing")) is None
 
 
 def test_latest_checkpoint_skips_one_cut_short(tmp_path):
-    """A checkpoint without COMPLETE (its writer or a learner died mid-save) is never resumed from; a folder where
-    none holds it predates the marker (the test above)."""
+    """A checkpoint without COMPLETE (its writer or a learner died mid-save) is never resumed from, even when it is
+    the only one (a learner lost during the first save)."""
     for name in ("iter_000002", "iter_000003", "iter_000004"):
         (tmp_path / "oc" / name).mkdir(parents=True)
+    assert latest_checkpoint(str(tmp_path / "oc")) is None
     for name in ("iter_000002", "iter_000003"):
         (tmp_path / "oc" / name / COMPLETE).write_bytes(b"")
     assert latest_checkpoint(str(tmp_path / "oc")) == str(tmp_path / "oc" / "iter_000003")
