@@ -211,10 +211,10 @@ def save_checkpoint(algo, path: str) -> str:
     if storage.exists(path):
         fs.delete_dir(inner)
     algo.save_to_path(inner, filesystem=fs)
-    manager = remote_learners(algo)
-    if manager is not None and manager.num_healthy_actors() < manager.num_actors():  # one failed to write its state
-        if dead_learners(algo):
-            raise LearnerLost(f"a learner died while {path} was written: it is not marked {COMPLETE}")
+    failed = learners_out_of_service(algo)  # a learner that failed to write its state
+    if any(is_dead(a) for a in failed):
+        raise LearnerLost(f"a learner died while {path} was written: it is not marked {COMPLETE}")
+    if failed:
         raise RuntimeError(f"a learner failed to write its state to {path} (RLlib drops why: see the learner's log)")
     storage.write_bytes(storage.join(path, COMPLETE), b"")
     return path if storage.is_uri(path) else inner
@@ -306,34 +306,29 @@ def run_training(
     return result
 
 
-def remote_learners(algo):
-    """The FaultTolerantActorManager of the algorithm's remote learners (None for a local learner)."""
-    return getattr(getattr(algo, "learner_group", None), "_worker_manager", None)
-
-
-def dead_learners(algo, timeout_s: float = 10.0) -> int:
-    """How many of the algorithm's remote learners are dead: taken out of service by RLlib (its LearnerGroup does
-    that to a learner whose call failed, and its same-node save carries on without it, so a later call can fail on
-    the empty list of healthy learners: ``IndexError``) and not answering Ray's built-in ``__ray_ready__``. A learner
-    out of service for raising in its own code is alive: a bug, not a loss. 0 for a local learner."""
-    manager = remote_learners(algo)
+def learners_out_of_service(algo) -> list:
+    """The remote learners RLlib has taken out of service ([] for a local learner). Its LearnerGroup does that to a
+    learner whose call failed, whether its process died or its code raised; its same-node save carries on without
+    it, and a later call can fail on the empty list of healthy learners (``IndexError``)."""
+    manager = getattr(getattr(algo, "learner_group", None), "_worker_manager", None)
     if manager is None:
-        return 0
-    dead = 0
-    for actor_id in manager.actor_ids():
-        if manager.is_actor_healthy(actor_id):
-            continue
-        try:
-            ray.get(manager._actors[actor_id].__ray_ready__.remote(), timeout=timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            dead += 1
-    return dead
+        return []
+    return [manager._actors[i] for i in manager.actor_ids() if not manager.is_actor_healthy(i)]
+
+
+def is_dead(actor, timeout_s: float = 10.0) -> bool:
+    """Whether ``actor`` does not answer Ray's built-in ``__ray_ready__`` (its process or node is gone)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
+    return False
 
 
 def lost_worker(error: Exception, algo) -> bool:
     """Whether ``error`` came from a dead worker: one of ``LOST_WORKER``, or anything raised while a remote learner
-    is dead."""
-    return isinstance(error, LOST_WORKER) or dead_learners(algo) > 0
+    is dead. A learner out of service that still answers raised in its own code: a bug, not a loss."""
+    return isinstance(error, LOST_WORKER) or any(is_dead(a) for a in learners_out_of_service(algo))
 
 
 def first_line(error: BaseException) -> str:

@@ -24,11 +24,11 @@ from rllib_policies.jobs import (
     COMPLETE,
     JobConfig,
     LearnerLost,
-    dead_learners,
+    is_dead,
     job_main,
     latest_checkpoint,
+    learners_out_of_service,
     lost_worker,
-    remote_learners,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -379,12 +379,12 @@ def test_a_learner_that_raises_is_a_bug_and_a_killed_one_a_loss(ray_session):
     algo = build(TrainJobConfig(**{**TINY_JOB, "learners": {"num_learners": 1}}))
     try:
         results = list(algo.learner_group.foreach_learner(lambda learner: 1 / 0))
-        assert not results[0].ok and remote_learners(algo).num_healthy_actors() == 0  # out of service
+        assert not results[0].ok and len(learners_out_of_service(algo)) == 1  # out of service
         assert not lost_worker(IndexError("list index out of range"), algo)
         (pid,) = [r.get() for r in algo.learner_group.foreach_learner(lambda _: os.getpid(), healthy_only=False)]
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while not dead_learners(algo) and time.monotonic() < deadline:
+        while not any(is_dead(a) for a in learners_out_of_service(algo)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert lost_worker(IndexError("list index out of range"), algo)
     finally:
