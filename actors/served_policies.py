@@ -10,6 +10,12 @@ Serving needs neither torch nor RLlib: the policies are small MLPs run in NumPy.
   μ(s) = high ⊙ softmax([m(s), 0]) with m(s) = U·tanh(MLP(s)/U) (tanh between layers; no squash when
   U = ``max_logit`` is None), s = the request's context (``ObservationSpec.context``), exactly
   ``RankingPolicyModule.gaussian``'s mean.
+- **The CRM weight policy** (Jeunen et al.), one store per app: the ranking weights w = exp(a) per request,
+  a ~ N(m(x), diag std²) truncated to the log-weight box [low, high]³, with
+  m(x) = low + (high − low)·sigmoid(W·(x − x̄)/s_x + b) (+ c(x)·1, c(x) = scale − mean_j m_j(x), clipped into
+  the box, when the trainer aligned the scale), exactly ``CRM.deployed_policy`` for the certified candidate:
+  std = σ_θ for π_θ itself, the jitter h for the learned mean. x = the request's context. Serving draws from it
+  through ``serve_apps.weight_logging`` and logs the draw's density, so its traffic trains the next round.
 """
 
 from __future__ import annotations
@@ -121,3 +127,68 @@ def publish_outer_controller(store_prefix: str, mlp_state: dict | None, high=Non
         }
         RankingPolicy(params)  # a malformed policy is refused here, never published
     return ray.get(outer_controller_store(store_prefix).put.remote(params))
+
+
+# ------------------------------------------------------------------------------ the CRM weight policy
+CRM_VECTORS = ("bias", "low", "high", "std")  # [K] each, beside weight [K, d], obs_mean [d], obs_std [d]
+
+
+class CRMPolicy:
+    """The CRM weight policy's mean log-weights m(x) and log-space std, in NumPy (module docstring)."""
+
+    def __init__(self, params: dict):
+        """ValueError naming the field when a shape does not fit, a value is not finite, the box is empty or a
+        std or an observation scale is not > 0."""
+        try:
+            self.weight = np.asarray(params["weight"], np.float64)
+            vectors = {k: np.asarray(params[k], np.float64) for k in (*CRM_VECTORS, "obs_mean", "obs_std")}
+        except KeyError as e:
+            raise ValueError(f"CRM policy: missing field {e.args[0]!r}") from None
+        if self.weight.ndim != 2:
+            raise ValueError(f"CRM policy: weight has shape {self.weight.shape}, expected [K, context_dim]")
+        k, d = self.weight.shape
+        for name, v in vectors.items():
+            want = (d,) if name.startswith("obs_") else (k,)
+            if v.shape != want:
+                raise ValueError(f"CRM policy: {name} has shape {v.shape}, expected {want}")
+        for name, v in {"weight": self.weight, **vectors}.items():
+            if not np.isfinite(v).all():
+                raise ValueError(f"CRM policy: {name} holds non-finite values")
+        for name in ("std", "obs_std"):
+            if (vectors[name] <= 0).any():
+                raise ValueError(f"CRM policy: {name} must be > 0, got {vectors[name].tolist()}")
+        if (vectors["low"] >= vectors["high"]).any():
+            raise ValueError(f"CRM policy: the box is empty (low {vectors['low'].tolist()} ≥ high)")
+        for name, v in vectors.items():
+            setattr(self, name, v)
+        scale = params.get("scale")
+        self.scale = None if scale is None else float(scale)
+        self.context_dim = d
+        self.deployed = str(params.get("deployed", "policy"))  # which certified candidate: "policy", "mean", …
+
+    def mean_log_weights(self, context: np.ndarray) -> np.ndarray:
+        """m(x) [B, K] for request contexts [B, context_dim] (ValueError on another width)."""
+        if np.shape(context)[-1] != self.context_dim:
+            raise ValueError(
+                f"the CRM policy reads {self.context_dim} context features, the request has {np.shape(context)[-1]}"
+            )
+        z = ((np.asarray(context, np.float64) - self.obs_mean) / self.obs_std) @ self.weight.T + self.bias
+        mean = self.low + (self.high - self.low) / (1.0 + np.exp(-z))
+        if self.scale is not None:  # rankings are invariant along (1, …, 1): the logs' mean log-weight
+            mean = np.clip(mean + (self.scale - mean.mean(axis=-1, keepdims=True)), self.low, self.high)
+        return mean
+
+
+def crm_store(store_prefix: str):
+    """The versioned store a recommend app follows for the CRM weight policy ({}: none published)."""
+    return get_or_create_store(f"{store_prefix}_crm_policy", {})
+
+
+def publish_crm(store_prefix: str, params: dict | None) -> dict:
+    """Hot-update the CRM weight policy every recommend replica of ``store_prefix`` serves (None: none, the
+    held weights); returns the store's ack. ``params``: CRMPolicy's fields (``CRM.served_policy_params``)."""
+    if params is not None:
+        CRMPolicy(params)  # a malformed policy is refused here, never published
+        plain = ("scale", "deployed")
+        params = {k: v if k in plain else np.asarray(v, np.float64).tolist() for k, v in params.items()}
+    return ray.get(crm_store(store_prefix).put.remote(params or {}))

@@ -7,9 +7,11 @@ Steps: Gaussian-logged sessions around the logging mean μ₀ through the teleme
 ``events_root`` holds logs) → request rows (Ray Data), users split train / validation → CRM on the training
 rows (the shared job runner: one progress line per iteration, checkpoints under ``checkpoint_dir``) → do no
 harm on the validation rows → ``out_dir/crm_policy.pt`` (the module's state dict) and ``out_dir/decision.json``
-(deploy π_θ's mean weights, or keep μ₀). ``out_dir`` (default ``crm``) is under the storage root (``storage``,
-else $MORL_STORAGE, else ~/morl-runs; a local path or URI, see rllib_policies.storage); with a URI the
-telemetry sink writes the simulated events to their local mirror first, then they are copied there.
+(which stochastic policy was certified, or q kept) → with ``serve_store_prefix``, the certified policy is
+published to the recommend apps of that store prefix (``ranking_policy: crm``; nothing when q is kept).
+``out_dir`` (default ``crm``) is under the storage root (``storage``, else $MORL_STORAGE, else ~/morl-runs; a
+local path or URI, see rllib_policies.storage); with a URI the telemetry sink writes the simulated events to
+their local mirror first, then they are copied there.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class CRMJob(JobConfig):
     validation: float = 0.35
     crm: dict = field(default_factory=dict)  # CRMConfig.crm(...) options (offline_requests is set here)
     training: dict = field(default_factory=dict)  # AlgorithmConfig.training(...): lr, …
+    serve_store_prefix: str | None = None  # publish the certified policy to this recommend app (ranking_policy crm)
 
     def __post_init__(self) -> None:
         if self.checkpoint_dir == JobConfig.checkpoint_dir:
@@ -112,8 +115,26 @@ def finish(algo, job: CRMJob) -> None:
         "policy": path,
         "logging_weights": list(job.logging_weights),
     }
+    if job.serve_store_prefix:  # do no harm decided: serve what it certified; q kept → the live policy untouched
+        ack = algo.publish_to_serve(job.serve_store_prefix, decision)
+        out["published_version"] = None if ack is None else ack["version"]
     storage.write_json(storage.join(job.out_dir, "decision.json"), out)
     print(json.dumps(out), flush=True)
+    if job.serve_store_prefix:
+        print(publish_line(job.serve_store_prefix, decision.deployed, ack), flush=True)
+
+
+def publish_line(store_prefix: str, deployed: str, ack: dict | None) -> str:
+    """What publishing did, in one line (a warning when no recommend replica follows the store)."""
+    if ack is None:
+        return f"CRM policy → serving ({store_prefix!r}): nothing certified, the live policy is untouched"
+    line = f"CRM policy → serving ({store_prefix!r}): version {ack['version']}, the certified {deployed!r} policy"
+    if not ack.get("readers_live"):
+        line += (
+            f"\nwarning: no recommend replica follows {store_prefix!r} on this cluster (a typo, or a job outside "
+            "`ray job submit`?): published, but nothing serves it yet"
+        )
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ the same arm for as long as the salt and the shares stay. Each arm's ranking wei
 ``VersionedParamStore`` (``{store_prefix}_arm_{name}``): a promotion is a versioned hot update of one
 arm, a rollback restores the arm's previous version. An arm's ``policy`` says where its requests' weights
 come from: ``"weights"`` (the arm's held weights), ``"utility_agent"`` (the agent's choice at the live
-operating point) or ``"outer_controller"`` (its published policy μ(s), actors.served_policies).
+operating point), ``"outer_controller"`` (its published policy μ(s), actors.served_policies) or ``"crm"``
+(the published CRM weight policy, a Gaussian-logged draw around exp(m(x))).
 
 Per-arm KPIs come from the logged events (one row per served item, ``arm`` column): per request the
 clicks, long views (clicked and watched ≥ LONG_VIEW_S), purchases, revenue and inner reward; per arm
@@ -28,7 +29,7 @@ from actors.stages import LONG_VIEW_S, RANKING_PARAMS
 from actors.world import user_uniform
 from rllib_policies.ope.intervals import clustered_means
 
-POLICIES = ("weights", "utility_agent", "outer_controller")
+POLICIES = ("weights", "utility_agent", "outer_controller", "crm")
 REQUEST_KPIS = ("clicks", "long_views", "purchases", "revenue", "inner_reward")
 
 
@@ -59,8 +60,8 @@ class ArmSplit:
     @classmethod
     def from_config(cls, config: dict) -> ArmSplit:
         """{"name": str, "salt": str (default: name), "arms": {name: {"share": float, "policy": "weights" |
-        "utility_agent" | "outer_controller", "weights": [w_click, w_long_view, w_purchase]}}}; ValueError naming
-        the field."""
+        "utility_agent" | "outer_controller" | "crm", "weights": [w_click, w_long_view, w_purchase]}}};
+        ValueError naming the field."""
         cfg = dict(config)
         unknown = set(cfg) - {"name", "salt", "arms"}
         if unknown:

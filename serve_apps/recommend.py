@@ -27,6 +27,12 @@ Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical 
   without ``ranking_weights`` get μ(s) from the outer controller's published policy
   (``actors.served_policies.publish_outer_controller``; s = the request's context), the held ranking weights
   while none is published; the response's ``versions["outer_controller"]`` names the version
+- with the CRM weight policy (args ``ranking_policy: "crm"``, or an arm with that policy): requests without
+  ``ranking_weights`` are served w = exp(a), a drawn from the published policy N(m(x), diag std²) in the
+  log-weight box (``actors.served_policies.publish_crm``; x = the request's context), logged like Gaussian
+  weight logging (μ = exp(m(x)) and the draw's log density, so the served traffic trains the next round; no
+  ``weight_logging`` arg needed); the held ranking weights while none is published; ``versions["crm"]``
+  names the version
 - with Gaussian weight logging (args ``weight_logging``, serve_apps/weight_logging.py): requests without
   ``ranking_weights`` are served log w ~ N(log μ, Σ) truncated to a box around the live weights μ (the
   agent's choice, else the ranking stage's held parameters); the response's ``weight_logging`` names the
@@ -34,8 +40,8 @@ Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical 
   (``weight_log_density``) next to the served ``utility_weights``
 
 Whoever chose a request's ranking weights (the request itself, the held parameters, an arm's weights, the
-utility agent, the outer controller or UNEX-RL's ranking-stage policy) and that policy's version are in the
-response (``ranking_policy``) and in every event (``ranking_policy``, ``ranking_policy_version``).
+utility agent, the outer controller, the CRM policy or UNEX-RL's ranking-stage policy) and that policy's version
+are in the response (``ranking_policy``) and in every event (``ranking_policy``, ``ranking_policy_version``).
 
 Every /feedback emits one served-item event per slate position (what /recommend served plus the
 feedback and its inner reward) into a non-blocking ring buffer that a background thread flushes
@@ -62,7 +68,7 @@ from ray import serve
 from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.served_policies import RankingPolicy, outer_controller_store
+from actors.served_policies import RankingPolicy, crm_store, outer_controller_store
 from actors.stage_actors import ServedStage, StageResult, catalogue_store, default_stage_params, params_array
 from actors.stages import (
     PARAM_NAMES,
@@ -91,14 +97,15 @@ from serve_apps.operator import asset as operator_asset
 from serve_apps.operator import page as operator_page
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
 from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
-from serve_apps.weight_logging import WeightLogging
+from serve_apps.weight_logging import ServedCRM, WeightLogging
 
 # the operator's reads of a store or the inner-reward app: a stuck one fails the read, not the page
 STORE_TIMEOUT_S = 10.0
 # a stage call that met a replica dying under it (killed, its node lost) is retried once
 STAGE_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
-RANKING_POLICIES = ("held", "utility_agent", "outer_controller")
+RANKING_POLICIES = ("held", "utility_agent", "outer_controller", "crm")
+LEARNED_POLICIES = ("outer_controller", "crm")  # weight policies published to a store, evaluated on the context
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
@@ -142,8 +149,8 @@ class RecommendResponse(BaseModel):
     # what was served, signed: hand it back with /feedback so any replica can score the slate
     served_record: str
     arm: dict[str, Any] | None = None  # the A/B arm: {"name", "policy", "version"} (None outside an experiment)
-    # who chose the ranking weights and its version: "request", "held", "arm", "utility_agent", "outer_controller"
-    # or "stage_policy" (UNEX-RL's ranking-stage policy); "fallback" says why a configured policy was not used
+    # who chose the ranking weights and its version: "request", "held", "arm", "utility_agent", "outer_controller",
+    # "crm" or "stage_policy" (UNEX-RL's ranking-stage policy); "fallback" says why a configured policy was not used
     ranking_policy: dict[str, Any]
 
 
@@ -355,16 +362,19 @@ class RecommendService:
         )
         # who ranks requests that carry no weights and belong to no arm (app_builder validated it)
         self.ranking_policy = ranking_policy or ("utility_agent" if self.has_agent else "held")
-        self.outer_controller = None  # the outer controller's published policy, followed like any store
-        if self.ranking_policy == "outer_controller" or any(
-            a.policy == "outer_controller" for a in (self.experiment.arms if self.experiment else ())
-        ):
-            self.outer_controller = ParamFollower(
-                outer_controller_store(store_prefix),
-                f"recommend-{replica}",
-                lambda p: RankingPolicy(p) if p else None,
+        # the learned weight policies this app may serve, each followed from its store like any parameters
+        policies = {self.ranking_policy, *(a.policy for a in (self.experiment.arms if self.experiment else ()))}
+        self.learned = {
+            name: ParamFollower(store(store_prefix), f"recommend-{replica}", lambda p, f=load: f(p) if p else None)
+            for name, store, load in (
+                ("outer_controller", outer_controller_store, RankingPolicy),
+                ("crm", crm_store, ServedCRM.from_params),
             )
+            if name in policies
+        }
         self.weight_logging = WeightLogging.from_config(weight_logging)
+        # the CRM policy's draws: seeded like weight logging's when that has a seed, on their own stream
+        self.crm_rng = self.weight_logging.rng(f"{replica}-crm") if self.weight_logging else np.random.default_rng()
         self.obs_spec = ObservationSpec.of(world_config)  # the logged context of Gaussian-logged requests
         if self.weight_logging is not None:  # μ without an agent: the ranking stage's held (hot-updated) weights
             self.weight_rng = self.weight_logging.rng(replica)
@@ -422,7 +432,9 @@ class RecommendService:
         candidate's would-be weights (one draw of its policy N(log w_shadow, Σ) in the box, never served) and
         the log density of the *served* log w under that policy, so the candidate is evaluated off-policy on
         exactly the requests it saw. None otherwise."""
-        if self.shadow is None or arm is None or logged is None or "log_density" not in logged:
+        if self.shadow is None or self.weight_logging is None or arm is None or logged is None:
+            return None
+        if "log_density" not in logged:
             return None
         version, candidate = self.shadow.current
         if candidate is None:
@@ -472,16 +484,21 @@ class RecommendService:
                 arm_version, live = self.arm_weights[arm.name].current
                 source_version = arm_version
         context = None  # the request's observable context, computed at most once
-        policy_fallback = None
-        if source == "outer_controller":
-            source_version, policy = self.outer_controller.current
+        policy_fallback, logged = None, None  # logged: a Gaussian-logged draw's record (the CRM policy's, or below)
+        if source in LEARNED_POLICIES:
+            source_version, policy = self.learned[source].current
             if policy is not None:
                 context = self.obs_spec.context(self.ctx, req)
                 try:
-                    live = policy(context)[0]
+                    if source == "crm":  # a draw of the policy, logged with its density
+                        live, mean, log_density = policy.draw(context, self.crm_rng)
+                        logged = {"weights": live, "mean": mean, "log_density": log_density}
+                    else:
+                        live = policy(context)[0]
                     arm_version = source_version if arm is not None else None
                 except ValueError as e:  # a policy that does not fit this app's world: never take requests down
-                    policy_fallback = f"outer controller policy v{source_version} unusable ({e}): held weights served"
+                    name = source.replace("_", " ")
+                    policy_fallback = f"{name} policy v{source_version} unusable ({e}): held weights served"
                     policy = None
             if policy is None:  # nothing (usable) published: the ranking stage's held weights
                 source, source_version = "held", None
@@ -489,7 +506,7 @@ class RecommendService:
         ask_agent = source == "utility_agent" and self.has_agent
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent and self.local_agent is None else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
-        choice, fallback, logged, out, versions, actions, timing = None, None, None, None, {}, {}, {}
+        choice, fallback, out, versions, actions, timing = None, None, None, {}, {}, {}
         for stage in STAGES:
             if stage == "ranking" and ask_agent:  # the agent's choice is ranking's utility weights
                 started = time.perf_counter()
@@ -497,7 +514,7 @@ class RecommendService:
                 timing["agent"] = (time.perf_counter() - started) * 1e3
                 if choice is not None:
                     params["ranking"] = np.asarray(choice["weights"], np.float32)
-            if stage == "ranking" and weights is None and self.weight_logging is not None:
+            if stage == "ranking" and weights is None and self.weight_logging is not None and logged is None:
                 params["ranking"], logged = self._draw_weights(params["ranking"])
             candidates = None if out is None else out.items
             result, wall_ms = await self._run_stage(stage, req, candidates, params.get(stage), actions)
@@ -520,8 +537,8 @@ class RecommendService:
             source, source_version = "stage_policy", versions["ranking_policy"]
         elif source == "held":
             source_version = versions["ranking"]
-        if source == "outer_controller":
-            versions["outer_controller"] = source_version
+        if source in LEARNED_POLICIES:
+            versions[source] = source_version
         request_id = f"{req.request_id:016x}"
         self.served[request_id] = served = {
             "uid": req.request_id,
@@ -695,8 +712,8 @@ class RecommendService:
             if arm.name in self.arm_stores:
                 snap = ray.get(self.arm_stores[arm.name].get.remote(), timeout=STORE_TIMEOUT_S)
                 held |= {"version": snap.version, "weights": [snap.params[n] for n in PARAM_NAMES["ranking"]]}
-            elif arm.policy == "outer_controller":  # its published policy's version (requests the held
-                held["version"] = self.outer_controller.current[0]  # weights served before are not pooled in)
+            elif arm.policy in LEARNED_POLICIES:  # its published policy's version (requests the held
+                held["version"] = self.learned[arm.policy].current[0]  # weights served before are not pooled in)
             arms[arm.name] = held
         snap = ray.get(self.shadow_store.get.remote(), timeout=STORE_TIMEOUT_S)
         shadow = {"active": bool(snap.params.get("active")), "version": snap.version}
@@ -1008,15 +1025,16 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     "weight_logging": {"std": 0.3 | [3] or "cov": [[3 × 3]], "floor": 1e-3, "seed": int | None,
                        "max_tries": 100000} (Gaussian weight logging, serve_apps/weight_logging.py; None: off),
     "num_replicas": RecommendService replicas (1),
-    "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent"|"outer_controller",
-                  "weights"}}} (the live A/B split, serve_apps/experiments.py; None: no experiment),
+    "experiment": {"name", "salt"?, "arms": {name: {"share", "policy": "weights"|"utility_agent"|"outer_controller"
+                  |"crm", "weights"}}} (the live A/B split, serve_apps/experiments.py; None: no experiment),
     "cascade": "fused" (the default: the ingress replica runs matching → pre-ranking → ranking in process) or
                "composed" (one deployment per stage, called by DeploymentHandles: stages scale independently;
                a call that meets a dying stage replica is sent once more),
     "stage_replicas": replicas of each stage deployment (composed only; 1),
     "ranking_policy": who ranks requests without weights outside an arm: "held" (the ranking stage's parameters),
-                      "utility_agent" (needs utility_agent; the default when it is given) or "outer_controller"
-                      (its published policy, actors.served_policies.publish_outer_controller),
+                      "utility_agent" (needs utility_agent; the default when it is given), "outer_controller"
+                      (its published policy, actors.served_policies.publish_outer_controller) or "crm" (the
+                      published CRM weight policy, actors.served_policies.publish_crm),
     "served_record": {"key_env": env var with the signing key, "max_age_s": 86400} (serve_apps/served_record.py;
                       without key_env a random key, shared by this deployment's replicas),
     "operator": {"cycle_root": the daily cycle's storage root (its days/ on the page; None: none),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from actors.served_policies import CRMPolicy
 from actors.stages import RANKING_ACTION_HIGH, RANKING_PARAMS
 from rllib_policies.ope import GaussianPolicy
 
@@ -116,6 +117,20 @@ class WeightLogging:
             raise ValueError(f"weight_logging.max_tries must be an integer >= 1, got {max_tries!r}")
         return cls(std=std, cov=cov, floor=float(floor), seed=seed, max_tries=max_tries, high=high)
 
+    @classmethod
+    def on_box(cls, std: np.ndarray, low: np.ndarray, high: np.ndarray, seed: int | None = None) -> WeightLogging:
+        """The diagonal policy with log-space ``std`` [k] on the log-weight box [low, high]^k, as a learned weight
+        policy states it (actors.served_policies.CRMPolicy); ValueError when that box is not one this logging
+        can serve (a lower end floor·high with one floor in (0, 1) for every weight)."""
+        low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        floors = np.exp(low - high)
+        if not (np.allclose(floors, floors[0], rtol=1e-6) and 0 < floors[0] < 1):
+            raise ValueError(f"a log-weight box with lower ends floor·high, one floor in (0, 1), got floors {floors}")
+        std = np.asarray(std, np.float64)
+        if std.shape != high.shape or not (np.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"std must be {len(high)} finite values > 0 (log-space), got {std.tolist()}")
+        return cls(std=std, floor=float(floors[0]), seed=seed, high=np.exp(high))
+
     def __post_init__(self) -> None:
         lo32, hi32 = _float32_box(self.floor * np.asarray(self.high, np.float64), np.asarray(self.high, np.float64))
         put = object.__setattr__
@@ -189,3 +204,26 @@ class WeightLogging:
         weights = np.clip(np.exp(a[0]).astype(np.float32), self.weight_low, self.weight_high)
         mu = self.clip_mean(mean)
         return weights, mu, float(self.log_density(mu, weights)[0])
+
+
+@dataclass(frozen=True)
+class ServedCRM:
+    """A published CRM weight policy as a recommend replica serves it: m(x) from the policy, the draw around
+    exp(m(x)) and its logged log density from ``WeightLogging`` on the policy's box with the policy's std, so
+    the logged density is the served policy's exactly and its traffic trains the next round."""
+
+    policy: CRMPolicy
+    logging: WeightLogging
+
+    @classmethod
+    def from_params(cls, params: dict) -> ServedCRM:
+        """ValueError naming the field for a malformed policy (CRMPolicy) or a box serving cannot draw on."""
+        policy = CRMPolicy(params)
+        return cls(policy, WeightLogging.on_box(policy.std, policy.low, policy.high))
+
+    def draw(self, context: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+        """One request [1, context_dim] → (served weights float32 [k], exp(m(x)) float32 [k], log density of
+        the served log w); ValueError for a context of another width."""
+        drawn = self.logging.draw(np.exp(self.policy.mean_log_weights(context)[0]), rng)
+        assert drawn is not None  # a diagonal Σ always draws exactly
+        return drawn

@@ -42,6 +42,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from scipy import stats
 
+from actors.served_policies import publish_crm
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 from rllib_policies.ope import (
     AbstainRule,
@@ -359,6 +360,34 @@ class CRM(AlgorithmBase):
         """One draw of the served weights per context [n, 3] (weight units): exp of a draw of the certified
         policy (exact truncated Gaussian, GaussianPolicy.sample)."""
         return np.exp(self.deployed_policy(obs, decision, logging_policy).sample(rng))
+
+    def served_policy_params(self, decision: Decision, module=None) -> dict | None:
+        """The certified policy as serving states it (``actors.served_policies.CRMPolicy``): m_θ(x)'s linear map,
+        the context standardisation, the log-weight box, the served std (σ_θ for "policy", h for a learned-mean
+        candidate) and the scale it is aligned to; None when q was kept (nothing to serve)."""
+        if not decision.deploy:
+            return None
+        module = module or self.inference_module()
+        with torch.no_grad():
+            _, sigma = module.gaussian(module.obs_mean[None])
+        jitters = self.jitters()
+        std = np.full(3, jitters[decision.deployed]) if decision.deployed in jitters else sigma.numpy()
+        scale = self.logged_scale if self.config.align_scale else None
+        return {
+            "weight": module.weights.weight.detach().numpy(),
+            "bias": module.weights.bias.detach().numpy(),
+            **{k: getattr(module, k).numpy() for k in ("obs_mean", "obs_std", "low", "high")},
+            "std": std,
+            "scale": scale,
+            "deployed": decision.deployed,
+        }
+
+    def publish_to_serve(self, store_prefix: str, decision: Decision) -> dict | None:
+        """Serve the certified policy (``served_policy_params``) as a new version of the CRM store every recommend
+        replica of ``store_prefix`` follows; ``store.rollback`` restores the previous one. Returns the store's ack
+        (``readers_live``: the replicas following it), or None when q was kept: the live policy stays untouched."""
+        params = self.served_policy_params(decision)
+        return None if params is None else publish_crm(store_prefix, params)
 
     def logged_bandit(self, rows: dict[str, np.ndarray]) -> LoggedBandit:
         """Held-out request rows (logs.as_arrays) as an OPE table with this run's reward."""

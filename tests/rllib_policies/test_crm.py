@@ -173,6 +173,42 @@ def test_scale_alignment_moves_the_mean_along_ones_and_keeps_every_ranking():
     assert CRM.aligned(off, moved) is moved
 
 
+def served_crm_algo(align_scale: bool = True, logged_scale: float = -1.2):
+    """A CRM algorithm's driver-side state without Ray: its config and the logs' mean log-weight."""
+    algo = CRM.__new__(CRM)
+    algo.config = SimpleNamespace(align_scale=align_scale, mean_jitter=0.6, wider_jitters=(1.0,))
+    algo.logged_scale = logged_scale
+    return algo
+
+
+@pytest.mark.parametrize("deployed", ["mean", "mean_h1", "policy"])
+@pytest.mark.parametrize("align_scale", [True, False])
+def test_serving_draws_from_exactly_the_certified_policy(deployed, align_scale):
+    """``served_policy_params`` → serving's NumPy policy (ServedCRM): its mean is the certified candidate's, its
+    std the candidate's (h or σ_θ), and the density it logs for a draw is the candidate's density of that draw."""
+    from rllib_policies.crm.algorithm import Decision
+    from serve_apps.weight_logging import ServedCRM
+
+    rng = np.random.default_rng(3)
+    m = module(d=4, sigma=0.8)
+    with torch.no_grad():
+        m.weights.weight.normal_(0.0, 0.7)
+    m.set_obs_scale(rng.normal(size=4), rng.uniform(0.5, 2.0, 4))
+    algo = served_crm_algo(align_scale)
+    params = algo.served_policy_params(Decision(deployed, {}, None, 0.95), m)
+    served = ServedCRM.from_params(params)
+    x = rng.normal(size=(32, 4)) * 2
+    candidate = algo.candidates(x, m)[deployed]
+    np.testing.assert_allclose(served.policy.mean_log_weights(x), candidate.mean, atol=2e-6)
+    np.testing.assert_allclose(served.logging.std, candidate.cov, rtol=1e-6)  # a diagonal policy: its stds
+    for i in range(8):
+        weights, mean, log_density = served.draw(x[i : i + 1], rng)
+        np.testing.assert_allclose(np.log(mean.astype(np.float64)), candidate.mean[i], atol=1e-6)
+        row = GaussianPolicy(candidate.mean[i], candidate.cov, LOG_LOW, LOG_HIGH)
+        assert log_density == pytest.approx(row.log_density(np.log(weights.astype(np.float64))[None])[0], abs=1e-5)
+    assert algo.served_policy_params(Decision("logging", {}, None, 0.95), m) is None  # q kept: nothing to serve
+
+
 def test_do_no_harm_keeps_the_logging_mean_when_the_logs_hold_no_better_region():
     rng = np.random.default_rng(1)
     q = logging_policy((1.0, 1.0, 10.0), 1.0)
@@ -284,3 +320,39 @@ def test_learning_closes_half_the_gap_from_click_heavy_where_frozen_closes_none(
     if rounds == 2:  # round 2 centres on the learned mean: more long-view and purchase weight than click-heavy μ₀
         w0, w1 = (np.asarray(r["logging_weights"]) for r in logged)
         assert (w1[1:] / w1[0] > w0[1:] / w0[0]).any(), (w0, w1, out["oracle_weights"])
+
+
+@pytest.mark.ray
+def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys):
+    """``train_crm`` with ``serve_store_prefix``: the certified policy becomes the store's new version (what
+    decision.json names), or nothing is published and the line says the live policy is untouched."""
+    import json
+
+    import ray
+    import yaml
+
+    from actors.served_policies import CRMPolicy, crm_store
+    from rllib_policies.train_crm import main
+
+    prefix = f"crm_job_{tmp_path.name[-12:]}"
+    config = {
+        "storage": str(tmp_path / "store"),
+        "env_config": TINY,
+        "sessions": 300,
+        "iterations": 2,
+        "checkpoint_every": 2,
+        "crm": {"steps_per_iteration": 5},
+        "serve_store_prefix": prefix,
+    }
+    (tmp_path / "crm.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "crm.yaml")]) == 0
+    out = capsys.readouterr().out
+    decision = json.loads((tmp_path / "store" / "crm" / "decision.json").read_text())
+    snapshot = ray.get(crm_store(prefix).get.remote())
+    if decision["deploy"]:
+        assert decision["published_version"] == snapshot.version, decision
+        assert CRMPolicy(snapshot.params).deployed == decision["deployed"]
+        assert f"version {snapshot.version}, the certified {decision['deployed']!r} policy" in out
+    else:
+        assert decision["published_version"] is None and snapshot.params == {}, decision
+        assert "nothing certified, the live policy is untouched" in out

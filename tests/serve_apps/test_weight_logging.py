@@ -4,6 +4,7 @@ Gaussian whose density it logs, and the recommend app logs μ and that density w
 import tempfile
 import time
 import uuid
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -119,6 +120,32 @@ def test_seeded_streams_repeat_and_differ_per_replica():
 def test_bad_config_is_refused_naming_the_field(config, match):
     with pytest.raises(ValueError, match=match):
         WeightLogging.from_config(config)
+
+
+LOG_HIGH = np.log(RANKING_ACTION_HIGH.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "std, low, high, match",
+    [
+        (STD, LOG_HIGH - np.log([1e3, 1e3, 1e2]), LOG_HIGH, "lower ends floor·high, one floor in"),
+        (STD, LOG_HIGH + 1.0, LOG_HIGH, r"one floor in \(0, 1\)"),
+        (np.array([0.3, -0.1, 0.3]), LOG_HIGH + np.log(1e-3), LOG_HIGH, "std must be 3 finite values > 0"),
+        (np.array([0.3, 0.3]), LOG_HIGH + np.log(1e-3), LOG_HIGH, "std must be 3 finite values > 0"),
+    ],
+)
+def test_a_learned_policys_box_serving_cannot_draw_on_is_refused(std, low, high, match):
+    with pytest.raises(ValueError, match=match):
+        WeightLogging.on_box(std, low, high)
+
+
+def test_on_the_serving_box_a_learned_policy_logs_like_weight_logging():
+    own = WeightLogging.on_box(STD, LOG_HIGH + np.log(1e-3), LOG_HIGH, seed=0)
+    configured = WeightLogging.from_config({"std": STD.tolist(), "seed": 0})
+    np.testing.assert_array_equal(own.weight_low, configured.weight_low)
+    np.testing.assert_array_equal(own.weight_high, configured.weight_high)
+    mean = np.array([1.0, 1.0, 10.0], np.float32)
+    assert own.draw(mean, own.rng("r"))[2] == configured.draw(mean, configured.rng("r"))[2]
 
 
 def test_app_builder_refuses_bad_weight_logging_at_build_time():
@@ -277,3 +304,121 @@ def test_with_an_agent_the_mean_is_its_choice_and_its_propensity_stays(explore_c
         np.stack(mine["utility_weights"].to_numpy(zero_copy_only=False)),
     )
     np.testing.assert_array_equal(recomputed, mine["weight_log_density"].to_numpy())
+
+
+# ------------------------------------------------------------------ the CRM weight policy served
+
+
+@pytest.fixture(scope="module")
+def crm_client(serve_url, client):
+    """An app whose ranking policy is CRM's (no weight_logging arg: the policy's own draws are logged); it
+    scores feedback on the first app's inner-reward deployment."""
+    from ray import serve
+
+    prefix = f"crm_test_{uuid.uuid4().hex[:8]}"
+    events = tempfile.mkdtemp(prefix="morl-events-crm-")
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": "wl_test_inner",
+                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+                "ranking_policy": "crm",
+            }
+        ),
+        name="crm_serving_test",
+        route_prefix="/crm",
+    )
+    with httpx.Client(base_url=f"{serve_url}/crm", timeout=60) as c:
+        c.events_root, c.store_prefix = events, prefix
+        yield c
+    serve.delete("crm_serving_test")
+
+
+@pytest.mark.ray
+@pytest.mark.serve
+def test_the_certified_crm_policy_serves_hot_logs_its_density_and_rolls_back(crm_client):
+    """CRM's certified π_θ (``CRM.publish_to_serve``) reaches the replicas by a versioned hot update: each request
+    is ranked with a draw around exp(m(x)) on its own context (the in-process cascade with the drawn weights
+    serves the same slate), the response and events name the policy and log the draw's density under it, the
+    logs become CRM request rows with exactly those densities (the next round trains on served traffic), and a
+    rollback restores the held weights."""
+    import ray
+    import torch
+    from gymnasium import spaces
+
+    from actors.cascade import Pipeline
+    from actors.served_policies import CRMPolicy, crm_store
+    from actors.stages import RequestBatch
+    from actors.telemetry import read_parquet_events
+    from actors.world import PipelineConfig, World, WorldConfig
+    from rllib_policies.crm import CRMPolicyModule
+    from rllib_policies.crm.algorithm import CRM, Decision
+    from rllib_policies.crm.logs import LOG_HIGH, LOG_LOW, as_arrays, request_rows
+    from rllib_policies.ope import GaussianPolicy
+
+    held = crm_client.post("/recommend", json={"user_id": 3}).json()
+    assert held["ranking_policy"]["name"] == "held" and held["weight_logging"] is None
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    d = pipeline.spec.context_dim
+    cfg = {"init_mean": [0.0, 0.0, 2.0], "init_sigma": 0.4, "low": LOG_LOW.tolist(), "high": LOG_HIGH.tolist()}
+    module = CRMPolicyModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+        action_space=spaces.Box(0, 40, (3,)),
+        model_config=cfg,
+    )
+    with torch.no_grad():
+        module.weights.weight.normal_(0.0, 1.0)
+    algo = CRM.__new__(CRM)  # the trained algorithm's driver-side state, without training it here
+    algo.config = SimpleNamespace(align_scale=False, mean_jitter=0.6, wider_jitters=())
+    algo.logged_scale, algo.inference_module = None, lambda: module
+    ack = algo.publish_to_serve(crm_client.store_prefix, Decision("policy", {}, None, 0.95))
+    kept = algo.publish_to_serve(crm_client.store_prefix, Decision("logging", {}, None, 0.95))
+    assert ack is not None and kept is None  # q kept: nothing published, the live version stays
+    policy = CRMPolicy(ray.get(crm_store(crm_client.store_prefix).get.remote()).params)
+    std = module.gaussian(module.obs_mean[None])[1].detach().numpy().astype(np.float64)
+
+    feedback = {"clicked": [True] + [False] * 7, "dwell_s": [30.0] + [0.0] * 7, "skipped": [False] * 8}
+    served, means = {}, []
+    for user, step, clicks in ((3, 2, 1), (4, 0, 0), (5, 5, 3), (6, 1, 0)):
+        body = crm_client.post("/recommend", json={"user_id": user, "step": step, "clicks": clicks}).json()
+        assert body["ranking_policy"] == {"name": "crm", "version": ack["version"]}, body["ranking_policy"]
+        assert body["versions"]["crm"] == ack["version"]
+        req = RequestBatch(
+            np.array([user]), np.full((1, 20), -1), np.array([step]), np.array([clicks]), int(body["request_id"], 16)
+        )
+        context = pipeline.context(req)
+        m = policy.mean_log_weights(context)[0]
+        logged = body["weight_logging"]
+        np.testing.assert_allclose(np.log(logged["mean"]), m, atol=1e-5)
+        a = np.log(np.asarray(logged["weights"], np.float32).astype(np.float64))
+        expected = GaussianPolicy(m, std, LOG_LOW, LOG_HIGH).log_density(a[None])[0]
+        assert logged["log_density"] == pytest.approx(expected, abs=1e-4)
+        ranking = np.asarray(logged["weights"], np.float32)
+        assert body["slate"] == pipeline.recommend(req, params={"ranking": ranking}).slate[0].tolist()
+        served[body["request_id"]] = (logged, context[0])
+        means.append(m)
+        fb = crm_client.post("/feedback", json={"request_id": body["request_id"], **feedback})
+        assert fb.status_code == 200, fb.text
+    assert np.ptp(np.stack(means), axis=0).max() > 0.1, "m(x) depends on the request's context"
+
+    emitted = crm_client.get("/telemetry").json()["emitted"]
+    deadline = time.time() + 10
+    while time.time() < deadline and crm_client.get("/telemetry").json()["flushed"] < emitted:
+        time.sleep(0.05)
+    events = read_parquet_events(crm_client.events_root)
+    assert set(events["ranking_policy"].to_pylist()) == {"crm"}
+    rows = as_arrays(request_rows(events))  # the next CRM round's training rows, from served traffic
+    assert sorted(rows["request_id"]) == sorted(served)
+    for i, request_id in enumerate(rows["request_id"]):
+        logged, context = served[request_id]
+        assert rows["log_propensity"][i] == logged["log_density"]
+        np.testing.assert_allclose(rows["obs"][i], context, rtol=1e-6)
+        np.testing.assert_allclose(np.exp(rows["action"][i]), logged["weights"], rtol=1e-6)
+
+    ray.get(crm_store(crm_client.store_prefix).rollback.remote())  # back to no policy: the held weights
+    deadline = time.monotonic() + 30
+    while crm_client.post("/recommend", json={"user_id": 3}).json()["ranking_policy"]["name"] != "held":
+        assert time.monotonic() < deadline, "the rollback never reached the replicas"
+        time.sleep(0.2)
