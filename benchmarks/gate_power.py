@@ -14,6 +14,7 @@ Writes benchmarks/results/gate_power.md.
 
     .venv/bin/python benchmarks/gate_power.py                       # ≈ 15 min on 2 shared cores
     .venv/bin/python benchmarks/gate_power.py --sessions 200 --seeds 1
+    .venv/bin/python benchmarks/gate_power.py --sessions 10000 --sigma 1 --seeds 5 --out gate_power_10k.md
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0])
     p.add_argument("--lam", type=float, default=0.25)
+    p.add_argument("--out", default="gate_power.md", help="file name under benchmarks/results")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     rows = []
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gate_power.md").write_text(text)
+    (RESULTS / args.out).write_text(text)
     print(text)
 
 
