@@ -5,8 +5,7 @@ replica's ``ParamFollower`` picks it up, the next response names the new version
 restores the previous one (an empty publication, ``{}``, means "no learned policy: the held parameters").
 Serving needs neither torch nor RLlib: the policies are small MLPs run in NumPy.
 
-- **Stage policies** (UNEX-RL), one store per stage: a_k = high · sigmoid(MLP(o_k)) (head "box") or
-  high ⊙ softmax([MLP(o_k), 0]) (head "simplex", an action that matters only up to scale), ReLU between layers.
+- **Stage policies** (UNEX-RL), one store per stage: a_k = high · sigmoid(MLP(o_k)), ReLU between layers.
 - **The outer controller's ranking policy**, one store per app: the ranking utility weights per request,
   μ(s) = high ⊙ softmax([m(s), 0]) with m(s) = U·tanh(MLP(s)/U) (tanh between layers; no squash when
   U = ``max_logit`` is None), s = the request's context (``ObservationSpec.context``), exactly
@@ -58,28 +57,9 @@ def _state_lists(mlp_state: dict) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------------------------ stage policies
-STAGE_HEADS = ("box", "simplex")
-
-
-def mlp_act(
-    layers: list[tuple[np.ndarray, np.ndarray]], high: np.ndarray, obs: np.ndarray, head: str = "box"
-) -> np.ndarray:
-    """A stage policy's action [B, n], ReLU between the Linear layers: a = high·sigmoid(MLP(o)) ("box") or
-    a = high ⊙ softmax([MLP(o), 0]) ("simplex": n − 1 outputs)."""
-    z = mlp_forward(layers, obs)
-    if head == "simplex":
-        shares = softmax(np.concatenate([z, np.zeros_like(z[:, :1])], axis=1), axis=1)
-    else:
-        shares = 1.0 / (1.0 + np.exp(-z))
-    return (np.asarray(high, np.float32) * shares).astype(np.float32)
-
-
-def stage_policy(params: dict) -> tuple[list, np.ndarray, str]:
-    """A published stage policy as (layers, high, head); ValueError naming an unknown head."""
-    head = params.get("head", "box")
-    if head not in STAGE_HEADS:
-        raise ValueError(f"stage policy: head must be one of {STAGE_HEADS}, got {head!r}")
-    return mlp_layers(params["mlp_state"]), np.asarray(params["high"], np.float32), head
+def mlp_act(layers: list[tuple[np.ndarray, np.ndarray]], high: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """A stage policy's action a = high·sigmoid(MLP(o)) with ReLU between the Linear layers [B, n]."""
+    return (np.asarray(high, np.float32) / (1.0 + np.exp(-mlp_forward(layers, obs)))).astype(np.float32)
 
 
 def stage_policy_store(store_prefix: str, stage: str):
@@ -87,14 +67,12 @@ def stage_policy_store(store_prefix: str, stage: str):
     return get_or_create_store(f"{store_prefix}_{stage}_policy", {})
 
 
-def publish_stage_policy(store_prefix: str, stage: str, mlp_state: dict | None, high=None, head: str = "box") -> dict:
+def publish_stage_policy(store_prefix: str, stage: str, mlp_state: dict | None, high=None) -> dict:
     """Hot-update the stage policy every Serve replica of ``stage`` serves (None: back to the held
-    parameters); returns the store's ack. ``mlp_state``: an nn.Sequential state dict (tensors or arrays);
-    ``head``: "box" or "simplex" (``mlp_act``)."""
+    parameters); returns the store's ack. ``mlp_state``: an nn.Sequential state dict (tensors or arrays)."""
     params = {}
     if mlp_state is not None:
-        params = {"mlp_state": _state_lists(mlp_state), "high": np.asarray(high, np.float32).tolist(), "head": head}
-        stage_policy(params)  # an unknown head is refused here, never published
+        params = {"mlp_state": _state_lists(mlp_state), "high": np.asarray(high, np.float32).tolist()}
     return ray.get(stage_policy_store(store_prefix, stage).put.remote(params))
 
 

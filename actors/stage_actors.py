@@ -28,7 +28,7 @@ from actors.cascade import Recommendation, run_cascade
 from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.served_policies import mlp_act, stage_policy, stage_policy_store
+from actors.served_policies import mlp_act, mlp_layers, stage_policy_store
 from actors.stages import (
     DEFAULT_PARAMS,
     PARAM_NAMES,
@@ -81,10 +81,9 @@ class StageRunner:
         self.spec = ObservationSpec.of(world_config)
         self.params = DEFAULT_PARAMS[stage].copy()
         self.version = 1
-        # a learned stage policy (mlp_act: a = high·sigmoid(MLP(o)), or its simplex head), once set_policy is called
+        # a learned stage policy a = high·sigmoid(MLP(o)), once set_policy is called
         self.policy: list[tuple[np.ndarray, np.ndarray]] | None = None
         self.policy_high: np.ndarray | None = None
-        self.policy_head = "box"
         self.policy_version = 0
 
     def run(
@@ -107,14 +106,11 @@ class StageRunner:
         return self.version, dict(zip(PARAM_NAMES[self.stage], map(float, self.params)))
 
     # ---------------------------------------------------------------- a learned stage policy
-    def set_policy(self, mlp_state: dict, high, version: int, head: str = "box") -> int:
-        """Hot-update this stage's policy a = high·sigmoid(MLP(o)) ("box") or high ⊙ softmax([MLP(o), 0])
-        ("simplex") (an nn.Sequential state dict of Linear layers with ReLU between them, as NumPy arrays);
-        the new version serves from now on."""
-        self.policy, self.policy_high, self.policy_head = stage_policy(
-            {"mlp_state": mlp_state, "high": high, "head": head}
-        )
-        self.policy_version = int(version)
+    def set_policy(self, mlp_state: dict, high, version: int) -> int:
+        """Hot-update this stage's policy a = high·sigmoid(MLP(o)) (an nn.Sequential state dict of
+        Linear layers with ReLU between them, as NumPy arrays); the new version serves from now on."""
+        self.policy = mlp_layers(mlp_state)
+        self.policy_high, self.policy_version = np.asarray(high, np.float32), int(version)
         return self.policy_version
 
     def clear_policy(self) -> None:
@@ -137,7 +133,7 @@ class StageRunner:
         """The held policy's deterministic actions for observations [B, D] (NumPy forward pass)."""
         if self.policy is None:
             raise ValueError(f"{self.stage}: no policy set (set_policy first)")
-        return mlp_act(self.policy, self.policy_high, obs, self.policy_head), self.policy_version
+        return mlp_act(self.policy, self.policy_high, obs), self.policy_version
 
 
 StageActor = ray.remote(num_cpus=0)(StageRunner)
@@ -178,7 +174,7 @@ class ServedStage:
         self.policy = ParamFollower(
             stage_policy_store(store_prefix, stage),
             reader_id,
-            lambda p: stage_policy(p) if p else None,
+            lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
         )
         self.index, self.index_error, self._indexed = None, None, False
         if stage == "matching":
@@ -213,8 +209,7 @@ class ServedStage:
         policy_version, policy = self.policy.current
         index_version, index = self.index.current if self.index is not None else (None, None)
         if params is None and policy is not None:
-            layers, high, head = policy
-            action = mlp_act(layers, high, self.runner.observe(req, candidates, upstream or {}), head)
+            action = mlp_act(*policy, self.runner.observe(req, candidates, upstream or {}))
         else:
             action, policy_version = stage_params(held if params is None else params, self.stage, len(req.user)), None
         out, _ = self.runner.run(req, candidates, action, index)

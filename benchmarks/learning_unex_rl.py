@@ -73,7 +73,6 @@ LEARNER_OPTIONS = (
     "policy_delay",
     "sessions_per_iteration",
     "incumbent_window",
-    "ranking_head",
 )
 
 

@@ -84,7 +84,6 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.tau: float = 0.01
         self.hidden: tuple[int, ...] = (64, 64)
         self.init_params: dict[str, tuple[float, ...]] = {}
-        self.ranking_head: str = "box"
         self.actor_lr: float = 3e-4
         self.actor_warmup_iterations: int = 2
         self.policy_delay: int = 2
@@ -126,7 +125,6 @@ class UnexRLConfig(AlgorithmConfigBase):
         tau: float = NotProvided,
         hidden: tuple[int, ...] | list[int] = NotProvided,
         init_params: dict = NotProvided,
-        ranking_head: str = NotProvided,
         actor_lr: float = NotProvided,
         actor_warmup_iterations: int = NotProvided,
         policy_delay: int = NotProvided,
@@ -173,10 +171,6 @@ class UnexRLConfig(AlgorithmConfigBase):
             init_params: Stage → the parameter vector its policy starts at (e.g. a starved matching
                 stage for a learning test); stages not named start at ``DEFAULT_PARAMS``. Each value
                 must lie in (0, ``STAGE_ACTION_HIGH``) (the policies' sigmoid box).
-            ranking_head: "box" (a_max·sigmoid(z), three free weights) or "simplex" (a_max ⊙ softmax([z, 0]):
-                ranking by Σ w·p ignores the weights' scale, so the policy learns only their shares, its
-                explored actions are renormalised onto the shares' simplex (the same ranking) and the critic
-                sees the shares). Default "box".
             actor_lr: The stage policies' (the actors') learning rate; the critic uses ``lr``.
             actor_warmup_iterations: The critic trains alone for this many iterations first (stage
                 policies that follow an untrained critic walk away from good default parameters).
@@ -230,8 +224,6 @@ class UnexRLConfig(AlgorithmConfigBase):
         super().validate()
         if not isinstance(self.incumbent_window, int) or self.incumbent_window < 0:
             raise ValueError(f"incumbent_window must be an int >= 0, got {self.incumbent_window!r}")
-        if self.ranking_head not in ("box", "simplex"):
-            raise ValueError(f"ranking_head must be 'box' or 'simplex', got {self.ranking_head!r}")
         if self.critic not in ("global", "independent"):
             raise ValueError(f"critic must be 'global' or 'independent', got {self.critic!r}")
         bad = set(self.trainable_stages) - set(STAGES)
@@ -295,7 +287,6 @@ class UnexRLConfig(AlgorithmConfigBase):
                     "hidden": self.hidden,
                     "explore_std": self.explore_std_of(s),
                     "init": list(self.init_params.get(s, DEFAULT_PARAMS[s].tolist())),
-                    "head": self.ranking_head if s == "ranking" else "box",
                 }
         if not kwargs.get("inference_only") and CRITIC not in spec.rl_module_specs:
             d = build_world(self.env_config)[1].spec.dim
@@ -434,15 +425,12 @@ class UnexRL(AlgorithmBase):
         states = self._policy_states()
         if self.serve_store_prefix is not None:
             for s in STAGES:
-                publish_stage_policy(
-                    self.serve_store_prefix, s, states[s], STAGE_ACTION_HIGH[s], self.deployed_policies[s].head
-                )
+                publish_stage_policy(self.serve_store_prefix, s, states[s], STAGE_ACTION_HIGH[s])
         refs = [
             self.stage_actors[s].set_policy.remote(
                 states[s],
                 STAGE_ACTION_HIGH[s].tolist(),
                 self.policy_version,
-                self.deployed_policies[s].head,
             )
             for s in STAGES
             if s in self.stage_actors

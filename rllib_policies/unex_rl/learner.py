@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -161,7 +160,7 @@ class UnexRLLearner(TorchLearner):
                     if s not in cfg.trainable_stages:
                         continue
                     z = policies[s].logits(stored[s])
-                    own = policies[s].squash(z) / policies[s].high
+                    own = torch.sigmoid(z)
                     actor_loss = actor_loss - critic.value(stored[s], _pad(own), i).mean()
                     if cfg.saturation_penalty > 0:
                         actor_loss = actor_loss + cfg.saturation_penalty * saturation(z, cfg.action_margin).mean()
@@ -170,13 +169,7 @@ class UnexRLLearner(TorchLearner):
                             stored[s].repeat_interleave(cfg.search_candidates, 0), _pad(a), i
                         )
                         best = search_action(
-                            q_of,
-                            own.detach(),
-                            search_std[s],
-                            None,
-                            cfg.search_candidates,
-                            *search_args,
-                            project=simplex_projection(policies, (s,)),
+                            q_of, own.detach(), search_std[s], None, cfg.search_candidates, *search_args
                         )
                         actor_loss = actor_loss + cfg.search_weight * ((own - best) ** 2).sum(-1).mean()
             else:
@@ -204,15 +197,7 @@ class UnexRLLearner(TorchLearner):
                     q_of = lambda a: critic.value(  # noqa: E731
                         stored["matching"].repeat_interleave(cfg.search_candidates, 0), a, 0
                     )
-                    best = search_action(
-                        q_of,
-                        joint.detach(),
-                        1.0,
-                        free,
-                        cfg.search_candidates,
-                        *search_args,
-                        project=simplex_projection(policies, STAGES),
-                    )
+                    best = search_action(q_of, joint.detach(), 1.0, free, cfg.search_candidates, *search_args)
                     actor_loss = actor_loss + cfg.search_weight * ((joint - best) ** 2).sum(-1).mean()
         finally:
             critic.q.requires_grad_(True)
@@ -327,7 +312,7 @@ def cascade(
         else:
             o = rebuild(pipeline, req, context, dict(out), s, stop_gradient, cache)
         z = policies[s].logits(o, target)
-        out[s] = policies[s].squash(z)
+        out[s] = policies[s].high * torch.sigmoid(z)
         if s not in trainable:
             out[s] = out[s].detach()
         elif logits is not None:
@@ -336,37 +321,8 @@ def cascade(
 
 
 @torch.no_grad()
-def simplex_projection(policies: dict, stages) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Candidates (scaled joint actions of ``stages``, in order) with each "simplex"-headed stage's part
-    renormalised to shares summing to 1 — the same ranking, on the manifold its policy and the critic's
-    data live on; None when no stage has that head."""
-    spans, start = [], 0
-    for s in stages:
-        k = len(policies[s].high)
-        if policies[s].head == "simplex":
-            spans.append(slice(start, start + k))
-        start += k
-    if not spans:
-        return None
-
-    def project(candidates: torch.Tensor) -> torch.Tensor:
-        out = candidates.clone()
-        for span in spans:
-            out[..., span] = out[..., span] / out[..., span].sum(-1, keepdim=True).clamp_min(1e-6)
-        return out
-
-    return project
-
-
 def search_action(
-    q_of,
-    base: torch.Tensor,
-    std: float,
-    free: torch.Tensor | None,
-    k: int,
-    margin: float = 0.0,
-    rounds: int = 1,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    q_of, base: torch.Tensor, std: float, free: torch.Tensor | None, k: int, margin: float = 0.0, rounds: int = 1
 ) -> torch.Tensor:
     """The critic-guided action search: per row, the best of k candidates by the critic,
 
@@ -375,8 +331,7 @@ def search_action(
     actions scaled to [0, 1] (σ a fraction of each action's range, the exploration's), clipped to
     [m, 1 − m] (m = ``margin``: a* off the box's faces, where the sigmoid policies saturate), the noise
     scaled per dimension by ``free`` (0: a frozen stage's; None: 1 everywhere). ``rounds`` > 1 repeats
-    the search around the best so far (a random walk uphill on Q̂, reach ≈ σ·√rounds); ``project`` maps the
-    perturbed candidates back onto the policies' manifold (``simplex_projection``). ``q_of`` maps
+    the search around the best so far (a random walk uphill on Q̂, reach ≈ σ·√rounds). ``q_of`` maps
     [B·k, D] candidates (row-major: each row's k in turn) to Q̂ [B·k]. A step towards a* sees the
     critic's shape within the explored region, where the deterministic policy gradient ∇_a Q̂ sees only
     its slope at ã (flat on a plateau such as a starved matching stage's). Returns a* [B, D]."""
@@ -390,8 +345,6 @@ def search_action(
         noise[:, 0] = 0.0
         candidates = best.unsqueeze(1) + noise
         candidates[:, 1:] = candidates[:, 1:].clamp(margin, 1.0 - margin)
-        if project is not None:
-            candidates[:, 1:] = project(candidates[:, 1:])
         q = q_of(candidates.reshape(b * k, d)).reshape(b, k)
         best = candidates[rows, q.argmax(dim=1)]
     return best

@@ -147,11 +147,14 @@ def usage_per_session(pipeline: Pipeline, policies: dict, n_sessions: int, seed:
 
 
 def build_learner(env: dict, arm: str, seed: int, init_params: dict | None = None, **options) -> UnexRL:
-    """UnexRL on ``env`` with ``arm``, started at ``init_params`` (default: the starved matching stage)."""
+    """UnexRL on ``env`` with ``arm``, started at ``init_params`` (default: the starved matching stage);
+    ``options``: ``.unex_rl`` keywords, and ``gamma`` (``.training``)."""
     init = {"matching": STARVED_MATCHING} if init_params is None else init_params
+    training = {k: options.pop(k) for k in ("gamma",) if k in options}
     return (
         UnexRLConfig()
         .environment(MultiStageEnv, env_config={**env, "seed": seed})
+        .training(**training)
         .unex_rl(arm=arm, init_params=init, **options)
         .debugging(seed=seed, log_level="ERROR")
         .build_algo()

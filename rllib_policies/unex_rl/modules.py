@@ -1,8 +1,6 @@
 """UNEX-RL's modules: one deterministic policy per stage and the global critic (RLlib new stack).
 
-StagePolicyModule   μ_k(o_k) = a_max · sigmoid(MLP(o_k)) (the actor of stage k's actor-critic; head "box"),
-                    or a_max ⊙ softmax([MLP(o_k), 0]) (head "simplex": K − 1 logits, for an action that
-                    only matters up to scale — ranking by Σ w·p — so the redundant scale is not learned);
+StagePolicyModule   μ_k(o_k) = a_max · sigmoid(MLP(o_k)) (the actor of stage k's actor-critic);
                     exploration samples N(μ, (σ·a_max)²) (RLlib's diagonal Gaussian from
                     ACTION_DIST_INPUTS = [μ, log σ]).
 GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only;
@@ -35,46 +33,28 @@ MAX_ACTION_DIM = max(len(v) for v in STAGE_ACTION_HIGH.values())
 Q_VALUES = "q_values"
 
 
-HEADS = ("box", "simplex")
-
-
-def simplex_shares(z: torch.Tensor) -> torch.Tensor:
-    """softmax([z, 0]): K shares from K − 1 logits (the last share's logit fixed at 0)."""
-    return torch.softmax(torch.nn.functional.pad(z, (0, 1)), dim=-1)
-
-
 class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
-    """model_config: hidden (64, 64), explore_std (0.1 of each action's range), init (default action),
-    head ("box" or "simplex", module docstring)."""
+    """model_config: hidden (64, 64), explore_std (0.1 of each action's range), init (default action)."""
 
     def setup(self):
-        cfg = {"hidden": (64, 64), "explore_std": 0.1, "head": "box", **(self.model_config or {})}
-        if cfg["head"] not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {cfg['head']!r}")
-        self.head = cfg["head"]
+        cfg = {"hidden": (64, 64), "explore_std": 0.1, **(self.model_config or {})}
         high = torch.as_tensor(np.asarray(self.action_space.high, np.float32))
         self.register_buffer("high", high)
-        width = len(high) - (self.head == "simplex")
-        self.pi = mlp(self.observation_space.shape[0], tuple(cfg["hidden"]), width)
-        if cfg.get("init") is not None:  # start at a given action: the bias is its pre-squash value
+        self.pi = mlp(self.observation_space.shape[0], tuple(cfg["hidden"]), len(high))
+        if cfg.get("init") is not None:  # start at a given action: bias = logit(init / high)
             p = np.clip(np.asarray(cfg["init"], np.float32) / high.numpy(), 1e-3, 1 - 1e-3)
-            bias = np.log(p[:-1] / p[-1]) if self.head == "simplex" else np.log(p / (1 - p))  # same ranking
             with torch.no_grad():
                 self.pi[-1].weight.mul_(0.1)  # near the default action, but still a function of o_k
-                self.pi[-1].bias.copy_(torch.as_tensor(bias))
+                self.pi[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p))))
         self.log_std = math.log(float(cfg["explore_std"]))
 
     def logits(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
-        """z = MLP(o_k), the pre-squash output (``squash``), or the target policy's."""
+        """z = MLP(o_k), the pre-squash output (μ_k = a_max · sigmoid(z)), or the target policy's."""
         return (self.target_pi if target else self.pi)(obs)
-
-    def squash(self, z: torch.Tensor) -> torch.Tensor:
-        """μ_k from the pre-squash output: a_max · sigmoid(z) ("box") or a_max ⊙ softmax([z, 0]) ("simplex")."""
-        return self.high * (simplex_shares(z) if self.head == "simplex" else torch.sigmoid(z))
 
     def act(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
         """μ_k(o_k), or the target policy's μ'_k(o_k)."""
-        return self.squash(self.logits(obs, target))
+        return self.high * torch.sigmoid(self.logits(obs, target))
 
     def _forward(self, batch, **kwargs):
         mean = self.act(batch[Columns.OBS])

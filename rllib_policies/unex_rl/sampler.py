@@ -30,13 +30,9 @@ def behaviour_policy(
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            mu = a = module.act(torch.as_tensor(obs)).numpy()
+            a = module.act(torch.as_tensor(obs)).numpy()
         if explore:
             a = a + std * high * rng.standard_normal(a.shape)
-            if getattr(module, "head", "box") == "simplex":  # the same ranking, as shares on the policy's simplex
-                share = np.clip(a, 0, high) / high
-                total = share.sum(-1, keepdims=True)
-                a = np.where(total > 1e-6, high * share / np.maximum(total, 1e-6), mu)
         return np.clip(a, 0, high).astype(np.float32)
 
     return act

@@ -3,7 +3,6 @@ within-cell quantiles, stop-gradient blocks the named gradient paths, and the cr
 stage policies train end to end through RLlib (and hot-update the Ray stage actors)."""
 
 import uuid
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import yaml
 from gymnasium import spaces
 
 from actors.cascade import build_world
-from actors.served_policies import mlp_act, stage_policy, stage_policy_store
+from actors.served_policies import mlp_act, mlp_layers, stage_policy_store
 from actors.stage_actors import StageActor
 from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES, RequestBatch
 from actors.world import PipelineConfig, WorldConfig
@@ -223,45 +222,9 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
     assert (ones.sum(-1) <= base.sum(-1) + 1e-6).all() and ones.sum(-1).mean() < base.sum(-1).mean() - 0.1
 
 
-def test_the_simplex_head_learns_shares_starts_at_the_same_ranking_and_serves_identically():
-    """The ranking stage's "simplex" head: K − 1 logits, a = a_max ⊙ softmax([z, 0]); it starts at the init
-    action's ranking (a multiple of it), serving's NumPy forward (mlp_act) gives the same action, explored
-    actions lie on the shares' simplex, and the action search keeps its candidates there."""
-    from rllib_policies.unex_rl.learner import simplex_projection
-    from rllib_policies.unex_rl.sampler import behaviour_policy
-
-    high = STAGE_ACTION_HIGH["ranking"]
-    obs_space, act_space = spaces.Box(-np.inf, np.inf, (6,), np.float32), spaces.Box(0.0, high, (3,), np.float32)
-    module = StagePolicyModule(
-        observation_space=obs_space, action_space=act_space, model_config={"init": [1.0, 1.0, 10.0], "head": "simplex"}
-    )
-    assert module.pi[-1].out_features == 2  # the scale is not a parameter
-    obs = torch.as_tensor(np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32))
-    with torch.no_grad():
-        a = module.act(obs).numpy()
-    np.testing.assert_allclose(a / a[:, 2:], np.tile([0.1, 0.1, 1.0], (16, 1)), rtol=0.05)  # ∝ (1, 1, 10)
-    np.testing.assert_allclose((a / high).sum(1), 1.0, rtol=1e-5)
-    state = {k: v.numpy() for k, v in module.pi.state_dict().items()}
-    layers, _, head = stage_policy({"mlp_state": state, "high": high, "head": "simplex"})
-    served = mlp_act(layers, high, obs.numpy(), head)
-    np.testing.assert_allclose(served, a, rtol=1e-5, atol=1e-6)
-    explored = behaviour_policy(module, "ranking", np.random.default_rng(1), True, 0.3)(obs.numpy())
-    assert not np.allclose(explored, a)
-    np.testing.assert_allclose((explored / high).sum(1), 1.0, rtol=1e-5)
-    project = simplex_projection(
-        {s: SimpleNamespace(high=STAGE_ACTION_HIGH[s], head="box") for s in STAGES} | {"ranking": module}, STAGES
-    )
-    best = search_action(lambda c: -c[:, -3], torch.full((8, 10), 0.3), 0.2, None, 16, 0.02, project=project)
-    np.testing.assert_allclose(best[:, -3:].sum(1).numpy(), 1.0, rtol=1e-5)  # ranking's part: shares
-    assert not torch.allclose(best[:, :-3].sum(1), torch.ones(8))  # the box stages are not renormalised
-    with pytest.raises(ValueError, match="head must be one of"):
-        stage_policy({"mlp_state": state, "high": high, "head": "softmax"})
-
-
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"ranking_head": "softmax"}, "ranking_head"),
         ({"max_action_step": 0.0}, "max_action_step"),
         ({"max_action_step": -0.1}, "max_action_step"),
         ({"max_action_step": 1.5}, "max_action_step"),
@@ -421,8 +384,7 @@ def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_pa
             np.testing.assert_allclose(acted, expected, rtol=1e-5, atol=1e-5)
             snap = ray.get(stage_policy_store(prefix, s).get.remote())  # attach published v2, the round v3
             assert snap.version == 3
-            layers, high, head = stage_policy(snap.params)
-            served = mlp_act(layers, high, obs, head)
+            served = mlp_act(mlp_layers(snap.params["mlp_state"]), np.asarray(snap.params["high"]), obs)
             np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
         path = algo.save_to_path(str(tmp_path / "ckpt"))
         buffered = len(algo.buffer)
