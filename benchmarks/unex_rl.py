@@ -175,10 +175,11 @@ def main() -> None:
             f"{args.eval_sessions} every {args.eval_every} iterations for the curves. ± is the 95 % t-interval over "
             "seeds.",
             "",
-            "Arms: `unex_rl` (global critic + CIC + SG + CQR); `single_agent` (only ranking learns; matching and "
-            "pre-ranking keep their default parameters); `independent` (one critic per stage on its own observation "
-            "and action, no global critic); `no_cic` (stale buffer observations downstream); `no_sg` (gradients flow "
-            "through downstream stages); `no_cqr` (raw usage seconds / 30).",
+            "Arms: `unex_rl` (global critic + CIC + SG, usage seconds / 30 as the reward); `single_agent` (only "
+            "ranking learns; matching and pre-ranking keep their default parameters); `independent` (one critic per "
+            "stage on its own observation and action, no global critic); `no_cic` (stale buffer observations "
+            "downstream); `no_sg` (gradients flow through downstream stages); `cqr` (the paper's category-quantile "
+            "rewards).",
             "",
             main_table,
             "",

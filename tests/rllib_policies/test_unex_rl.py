@@ -272,8 +272,8 @@ def test_options_are_keyword_only_and_an_arm_resets_the_switches():
     cfg = UnexRLConfig()
     assert {k: getattr(cfg, k) for k in ARMS["unex_rl"]} == ARMS["unex_rl"]  # the defaults are UNEX-RL's
     cfg.unex_rl(cic=False, tau=0.5)
-    cfg.unex_rl(arm="single_agent", cqr=False)  # the switches: UNEX-RL's, then the arm's, then the explicit ones
-    assert (cfg.cic, cfg.cqr, cfg.trainable_stages, cfg.tau) == (True, False, ("ranking",), 0.5)
+    cfg.unex_rl(arm="single_agent", cqr=True)  # the switches: UNEX-RL's, then the arm's, then the explicit ones
+    assert (cfg.cic, cfg.cqr, cfg.trainable_stages, cfg.tau) == (True, True, ("ranking",), 0.5)
     with pytest.raises(TypeError, match="cqr_windw"):
         cfg.unex_rl(cqr_windw=3)
     with pytest.raises(ValueError, match="arm"):
@@ -366,7 +366,7 @@ def test_incumbent_is_the_best_windows_centre_is_served_and_survives_a_checkpoin
 
 
 def test_stage_actors_are_hot_updated_and_checkpoints_resume(ray_session, tmp_path):
-    algo = _config().build_algo()
+    algo = _config().unex_rl(cqr=True).build_algo()  # CQR on: its cells are part of the checkpoint
     runners = {
         s: StageActor.remote(s, WorldConfig.preset("default", **TINY["world"]), PipelineConfig(**TINY["pipeline"]))
         for s in STAGES
