@@ -27,6 +27,7 @@ import ray
 from scipy.special import softmax
 
 from actors.param_store import get_or_create_store
+from actors.stages import RANKING_PARAMS
 
 
 def mlp_layers(mlp_state: dict) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -131,22 +132,34 @@ def publish_outer_controller(store_prefix: str, mlp_state: dict | None, high=Non
 
 # ------------------------------------------------------------------------------ the CRM weight policy
 CRM_VECTORS = ("bias", "low", "high", "std")  # [K] each, beside weight [K, d], obs_mean [d], obs_std [d]
+CRM_FIELDS = ("weight", *CRM_VECTORS, "obs_mean", "obs_std", "scale", "deployed")
+
+
+def _float_array(params: dict, name: str) -> np.ndarray:
+    try:
+        return np.asarray(params[name], np.float64)
+    except KeyError:
+        raise ValueError(f"CRM policy: missing field {name!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"CRM policy: {name} must be an array of numbers ({e})") from None
 
 
 class CRMPolicy:
     """The CRM weight policy's mean log-weights m(x) and log-space std, in NumPy (module docstring)."""
 
     def __init__(self, params: dict):
-        """ValueError naming the field when a shape does not fit, a value is not finite, the box is empty or a
-        std or an observation scale is not > 0."""
-        try:
-            self.weight = np.asarray(params["weight"], np.float64)
-            vectors = {k: np.asarray(params[k], np.float64) for k in (*CRM_VECTORS, "obs_mean", "obs_std")}
-        except KeyError as e:
-            raise ValueError(f"CRM policy: missing field {e.args[0]!r}") from None
-        if self.weight.ndim != 2:
-            raise ValueError(f"CRM policy: weight has shape {self.weight.shape}, expected [K, context_dim]")
-        k, d = self.weight.shape
+        """ValueError naming the field when a field is unknown or missing, a shape does not fit (K = the
+        ranking weights), a value is not finite, a std or an observation scale is not > 0, or the box is not
+        one serving draws on: [log(floor·w_max), log(w_max)] per weight with one floor in (0, 1)."""
+        unknown = sorted(set(params) - set(CRM_FIELDS))
+        if unknown:
+            raise ValueError(f"CRM policy: unknown fields {unknown}; known are {list(CRM_FIELDS)}")
+        self.weight = _float_array(params, "weight")
+        vectors = {k: _float_array(params, k) for k in (*CRM_VECTORS, "obs_mean", "obs_std")}
+        k = len(RANKING_PARAMS)
+        if self.weight.ndim != 2 or self.weight.shape[0] != k:
+            raise ValueError(f"CRM policy: weight has shape {self.weight.shape}, expected [{k}, context_dim]")
+        d = self.weight.shape[1]
         for name, v in vectors.items():
             want = (d,) if name.startswith("obs_") else (k,)
             if v.shape != want:
@@ -157,14 +170,27 @@ class CRMPolicy:
         for name in ("std", "obs_std"):
             if (vectors[name] <= 0).any():
                 raise ValueError(f"CRM policy: {name} must be > 0, got {vectors[name].tolist()}")
-        if (vectors["low"] >= vectors["high"]).any():
-            raise ValueError(f"CRM policy: the box is empty (low {vectors['low'].tolist()} ≥ high)")
+        floors = np.exp(vectors["low"] - vectors["high"])
+        if not (np.allclose(floors, floors[0], rtol=1e-6, atol=0.0) and 0 < floors[0] < 1):
+            raise ValueError(
+                f"CRM policy: low/high must be a log-weight box [log(floor·w_max), log(w_max)] with one floor in "
+                f"(0, 1) for every weight, got floors {floors.tolist()}"
+            )
         for name, v in vectors.items():
             setattr(self, name, v)
-        scale = params.get("scale")
-        self.scale = None if scale is None else float(scale)
+        self.scale = params.get("scale")
+        if self.scale is not None:
+            bad = isinstance(self.scale, bool) or np.ndim(self.scale) != 0
+            if bad or not np.isfinite(_float_array(params, "scale")):
+                raise ValueError(f"CRM policy: scale must be a finite number or None, got {self.scale!r}")
+            self.scale = float(self.scale)
         self.context_dim = d
         self.deployed = str(params.get("deployed", "policy"))  # which certified candidate: "policy", "mean", …
+
+    def to_params(self) -> dict:
+        """The fields as plain JSON values (what the store keeps)."""
+        out = {k: getattr(self, k).tolist() for k in ("weight", *CRM_VECTORS, "obs_mean", "obs_std")}
+        return out | {"scale": self.scale, "deployed": self.deployed}
 
     def mean_log_weights(self, context: np.ndarray) -> np.ndarray:
         """m(x) [B, K] for request contexts [B, context_dim] (ValueError on another width)."""
@@ -188,7 +214,5 @@ def publish_crm(store_prefix: str, params: dict | None) -> dict:
     """Hot-update the CRM weight policy every recommend replica of ``store_prefix`` serves (None: none, the
     held weights); returns the store's ack. ``params``: CRMPolicy's fields (``CRM.served_policy_params``)."""
     if params is not None:
-        CRMPolicy(params)  # a malformed policy is refused here, never published
-        plain = ("scale", "deployed")
-        params = {k: v if k in plain else np.asarray(v, np.float64).tolist() for k, v in params.items()}
+        params = CRMPolicy(params).to_params()  # a malformed policy is refused here, never published
     return ray.get(crm_store(store_prefix).put.remote(params or {}))

@@ -73,6 +73,7 @@ LEARNER_OPTIONS = (
     "policy_delay",
     "sessions_per_iteration",
     "incumbent_window",
+    "cqr",
 )
 
 

@@ -115,10 +115,11 @@ def finish(algo, job: CRMJob) -> None:
         "policy": path,
         "logging_weights": list(job.logging_weights),
     }
+    storage.write_json(storage.join(job.out_dir, "decision.json"), out)  # kept even if publishing fails
     if job.serve_store_prefix:  # do no harm decided: serve what it certified; q kept → the live policy untouched
         ack = algo.publish_to_serve(job.serve_store_prefix, decision)
         out["published_version"] = None if ack is None else ack["version"]
-    storage.write_json(storage.join(job.out_dir, "decision.json"), out)
+        storage.write_json(storage.join(job.out_dir, "decision.json"), out)
     print(json.dumps(out), flush=True)
     if job.serve_store_prefix:
         print(publish_line(job.serve_store_prefix, decision.deployed, ack), flush=True)

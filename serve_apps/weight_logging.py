@@ -19,7 +19,7 @@ columns gives the logged ``weight_log_density`` exactly for a diagonal Σ. For a
 quasi-Monte Carlo box probability (scipy, fixed generator, tolerance 1e-7), so a recomputation agrees to
 about 1e-7 rather than bit for bit.
 
-No Ray, no torch: usable outside Serve (simulators, offline checks).
+No torch and no running Ray needed: usable outside Serve (simulators, offline checks).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class WeightLogging:
         can serve (a lower end floor·high with one floor in (0, 1) for every weight)."""
         low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         floors = np.exp(low - high)
-        if not (np.allclose(floors, floors[0], rtol=1e-6) and 0 < floors[0] < 1):
+        if not (np.allclose(floors, floors[0], rtol=1e-6, atol=0.0) and 0 < floors[0] < 1):
             raise ValueError(f"a log-weight box with lower ends floor·high, one floor in (0, 1), got floors {floors}")
         std = np.asarray(std, np.float64)
         if std.shape != high.shape or not (np.isfinite(std).all() and (std > 0).all()):
@@ -217,7 +217,8 @@ class ServedCRM:
 
     @classmethod
     def from_params(cls, params: dict) -> ServedCRM:
-        """ValueError naming the field for a malformed policy (CRMPolicy) or a box serving cannot draw on."""
+        """ValueError naming the field for a malformed policy (CRMPolicy, which also refuses a box serving cannot
+        draw on)."""
         policy = CRMPolicy(params)
         return cls(policy, WeightLogging.on_box(policy.std, policy.low, policy.high))
 

@@ -40,7 +40,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("arm", pa.string()),  # the A/B arm the user is assigned to (null outside an experiment)
         pa.field("arm_version", pa.int32()),  # the version of the arm's policy that served the request
         # who chose the request's ranking weights ("request", "held", "arm", "utility_agent", "outer_controller",
-        # "stage_policy") and that policy's version (null for the request's own weights)
+        # "crm", "stage_policy") and that policy's version (null for the request's own weights)
         pa.field("ranking_policy", pa.string()),
         pa.field("ranking_policy_version", pa.int32()),
         pa.field("utility_weights", pa.list_(pa.float32(), N_UTILITY_WEIGHTS)),

@@ -371,12 +371,16 @@ class CRM(AlgorithmBase):
         with torch.no_grad():
             _, sigma = module.gaussian(module.obs_mean[None])
         jitters = self.jitters()
+        if decision.deployed != "policy" and decision.deployed not in jitters:
+            raise ValueError(f"decision.deployed {decision.deployed!r} is none of this run's candidates {CANDIDATES}")
         std = np.full(3, jitters[decision.deployed]) if decision.deployed in jitters else sigma.numpy()
         scale = self.logged_scale if self.config.align_scale else None
         return {
             "weight": module.weights.weight.detach().numpy(),
             "bias": module.weights.bias.detach().numpy(),
-            **{k: getattr(module, k).numpy() for k in ("obs_mean", "obs_std", "low", "high")},
+            **{k: getattr(module, k).numpy() for k in ("obs_mean", "obs_std")},
+            "low": LOG_LOW,  # the box in float64, as CRM.policy states it (the module holds float32 copies)
+            "high": LOG_HIGH,
             "std": std,
             "scale": scale,
             "deployed": decision.deployed,

@@ -48,14 +48,21 @@ def crm_params(**fields) -> dict:
 @pytest.mark.parametrize(
     "fields, match",
     [
-        ({"weight": RNG.normal(size=5)}, r"weight has shape \(5,\), expected \[K, context_dim\]"),
+        ({"weight": RNG.normal(size=5)}, r"weight has shape \(5,\), expected \[3, context_dim\]"),
+        ({"weight": RNG.normal(size=(2, 5))}, r"weight has shape \(2, 5\), expected \[3, context_dim\]"),
+        ({"weight": [[1.0, "a"]] * 3}, "weight must be an array of numbers"),
         ({"bias": np.zeros(2)}, r"bias has shape \(2,\), expected \(3,\)"),
         ({"obs_mean": np.zeros(4)}, r"obs_mean has shape \(4,\), expected \(5,\)"),
         ({"std": np.array([0.5, 0.0, 0.5])}, "std must be > 0"),
         ({"obs_std": np.full(5, -1.0)}, "obs_std must be > 0"),
         ({"bias": np.array([0.0, np.inf, 0.0])}, "bias holds non-finite values"),
-        ({"low": np.log(RANKING_ACTION_HIGH.astype(np.float64)) + 1}, "the box is empty"),
+        ({"low": np.log(RANKING_ACTION_HIGH.astype(np.float64)) + 1}, "one floor in"),
+        ({"low": np.log(RANKING_ACTION_HIGH * np.array([1e-3, 1e-3, 1e-2]))}, "one floor in"),
         ({"std": None}, r"std has shape \(\), expected \(3,\)"),
+        ({"scale": float("nan")}, "scale must be a finite number or None"),
+        ({"scale": [1.0, 2.0]}, "scale must be a finite number or None"),
+        ({"scale": True}, "scale must be a finite number or None"),
+        ({"sigma": 0.3}, r"unknown fields \['sigma'\]"),
     ],
 )
 def test_malformed_crm_policies_are_refused_naming_the_field(fields, match):
@@ -89,3 +96,10 @@ def test_the_crm_mean_stays_in_the_box_and_aligned_it_keeps_the_logs_scale():
     inside = ((aligned > free.low) & (aligned < free.high)).all(axis=1)
     np.testing.assert_allclose(shift[inside], shift[inside][:, :1] * np.ones(3), atol=1e-9)
     np.testing.assert_allclose(aligned[inside].mean(axis=1), -1.0, atol=1e-9)
+
+
+def test_publishing_refuses_a_malformed_crm_policy_before_the_store():
+    from actors.served_policies import publish_crm
+
+    with pytest.raises(ValueError, match="std must be > 0"):  # no Ray needed: refused before any store call
+        publish_crm("never_created", crm_params(std=np.zeros(3)))

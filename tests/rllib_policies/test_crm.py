@@ -323,9 +323,12 @@ def test_learning_closes_half_the_gap_from_click_heavy_where_frozen_closes_none(
 
 
 @pytest.mark.ray
-def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("forced", [None, "policy"])
+def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys, monkeypatch, forced):
     """``train_crm`` with ``serve_store_prefix``: the certified policy becomes the store's new version (what
-    decision.json names), or nothing is published and the line says the live policy is untouched."""
+    decision.json names), or nothing is published and the line says the live policy is untouched. At this
+    budget do no harm keeps q; ``forced`` makes its verdict π_θ, so the publishing branch runs too."""
+    import dataclasses
     import json
 
     import ray
@@ -333,6 +336,11 @@ def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, 
 
     from actors.served_policies import CRMPolicy, crm_store
     from rllib_policies.train_crm import main
+
+    if forced:
+        certified = CRM.do_no_harm
+        verdict = lambda *a, **k: dataclasses.replace(certified(*a, **k), deployed=forced)  # noqa: E731
+        monkeypatch.setattr(CRM, "do_no_harm", verdict)
 
     prefix = f"crm_job_{tmp_path.name[-12:]}"
     config = {

@@ -237,6 +237,7 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": {"matching": -0.1}}, "explore_std"),
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
         ({"incumbent_window": -1}, "incumbent_window"),
+        ({"cqr_relabel": True}, "cqr_relabel re-scores CQR quantiles: it needs cqr=True"),
     ],
 )
 def test_bad_options_are_refused(options, match):

@@ -422,3 +422,104 @@ def test_the_certified_crm_policy_serves_hot_logs_its_density_and_rolls_back(crm
     while crm_client.post("/recommend", json={"user_id": 3}).json()["ranking_policy"]["name"] != "held":
         assert time.monotonic() < deadline, "the rollback never reached the replicas"
         time.sleep(0.2)
+
+
+CRM_EXPERIMENT = {
+    "name": "crm-arms",
+    "arms": {"control": {"share": 0.5, "weights": [1, 1, 10]}, "treatment": {"share": 0.5, "policy": "crm"}},
+}
+
+
+@pytest.fixture(scope="module")
+def crm_arm_client(serve_url, client):
+    """An A/B split with the CRM policy as the treatment arm, and Gaussian weight logging on for the app."""
+    from ray import serve
+
+    prefix = f"crm_arm_test_{uuid.uuid4().hex[:8]}"
+    serve.run(
+        app_builder(
+            {
+                **ARGS,
+                "store_prefix": prefix,
+                "inner_reward_app": "wl_test_inner",
+                "weight_logging": LOGGING,
+                "experiment": CRM_EXPERIMENT,
+            }
+        ),
+        name="crm_arm_test",
+        route_prefix="/crm_arm",
+    )
+    with httpx.Client(base_url=f"{serve_url}/crm_arm", timeout=60) as c:
+        c.store_prefix = prefix
+        yield c
+    serve.delete("crm_arm_test")
+
+
+def crm_params_for(context_dim: int, seed: int = 0) -> dict:
+    """A CRM policy over ``context_dim`` context features (random weights), as CRM.served_policy_params states it."""
+    from rllib_policies.crm.logs import LOG_HIGH, LOG_LOW
+
+    rng = np.random.default_rng(seed)
+    return {
+        "weight": rng.normal(0, 1.0, (3, context_dim)),
+        "bias": np.array([0.0, 0.5, 1.0]),
+        "obs_mean": np.zeros(context_dim),
+        "obs_std": np.ones(context_dim),
+        "low": LOG_LOW,
+        "high": LOG_HIGH,
+        "std": np.array([0.5, 0.4, 0.6]),
+        "scale": None,
+        "deployed": "policy",
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.serve
+def test_a_crm_arm_draws_once_with_its_own_std_beside_a_weight_logged_control_arm(crm_arm_client):
+    """With weight logging on, a treatment user's weights are one draw of the CRM policy (its std, not the app's
+    0.3 per weight), the control user's one draw of weight logging around the arm's weights; /experiments names
+    the CRM version; a policy that does not fit the app's context is not served (fallback named, held weights)."""
+    from actors.cascade import Pipeline
+    from actors.served_policies import CRMPolicy, publish_crm
+    from actors.world import PipelineConfig, World, WorldConfig
+    from rllib_policies.ope import GaussianPolicy
+    from serve_apps.experiments import ArmSplit
+
+    split = ArmSplit.from_config(CRM_EXPERIMENT)
+    arms = split.assign(np.arange(200))
+    treated = int(np.flatnonzero(arms == [a.name for a in split.arms].index("treatment"))[0])
+    control = int(np.flatnonzero(arms == [a.name for a in split.arms].index("control"))[0])
+    pipeline = Pipeline(World(WorldConfig.preset("default", **ARGS["world"])), PipelineConfig(**ARGS["pipeline"]))
+    params = crm_params_for(pipeline.spec.context_dim)
+    ack = publish_crm(crm_arm_client.store_prefix, params)
+    policy = CRMPolicy(params)
+    wl = WeightLogging.from_config(LOGGING)
+
+    body = crm_arm_client.post("/recommend", json={"user_id": treated}).json()
+    assert body["arm"] == {"name": "treatment", "policy": "crm", "version": ack["version"]}
+    assert body["ranking_policy"] == {"name": "crm", "version": ack["version"]}
+    logged = body["weight_logging"]
+    a = np.log(np.asarray(logged["weights"], np.float32).astype(np.float64))
+    crm_density = GaussianPolicy(np.log(np.float32(logged["mean"])), policy.std, policy.low, policy.high)
+    assert logged["log_density"] == pytest.approx(crm_density.log_density(a[None])[0], abs=1e-4)
+    assert abs(logged["log_density"] - wl.log_density(logged["mean"], logged["weights"])[0]) > 0.1  # not 0.3's
+
+    body = crm_arm_client.post("/recommend", json={"user_id": control}).json()
+    assert body["arm"]["name"] == "control" and body["ranking_policy"]["name"] == "arm"
+    logged = body["weight_logging"]
+    np.testing.assert_allclose(logged["mean"], [1, 1, 10], rtol=1e-6)
+    assert logged["log_density"] == pytest.approx(wl.log_density(logged["mean"], logged["weights"])[0], abs=1e-9)
+    report = crm_arm_client.get("/experiments").json()
+    assert report["arms"]["treatment"]["version"] == ack["version"], report["arms"]
+
+    wider = publish_crm(crm_arm_client.store_prefix, crm_params_for(pipeline.spec.context_dim + 1))
+    deadline = time.monotonic() + 30
+    while (
+        "fallback"
+        not in (body := crm_arm_client.post("/recommend", json={"user_id": treated}).json())["ranking_policy"]
+    ):
+        assert time.monotonic() < deadline, "the new version never reached the replica"
+        time.sleep(0.2)
+    assert body["ranking_policy"]["name"] == "held" and body["arm"]["version"] is None  # no CRM version served it
+    assert f"crm policy v{wider['version']} unusable" in body["ranking_policy"]["fallback"]
+    assert "context features" in body["ranking_policy"]["fallback"]
