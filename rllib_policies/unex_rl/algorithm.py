@@ -150,8 +150,8 @@ class UnexRLConfig(AlgorithmConfigBase):
             cqr: Rewards as quantiles within (user cohort, item category tier) cells (the paper's CQR);
                 False (the default): usage seconds / ``reward_scale_s``. A quantile caps a long view's
                 seconds at 1, so CQR ranks click-heavy rankings above the usage optimum
-                (benchmarks/results/unex_rl_cqr.md); the learning test closes 68 % ± 16 of its gap with it,
-                78 % ± 10 without (learning_unex_rl.md, 30 iterations).
+                (benchmarks/results/unex_rl_cqr.md); the learning test closes 68 % ± 16 of its gap with it (5 seeds),
+                78 % ± 10 without (10 seeds; learning_unex_rl.md, 30 iterations).
             critic: "global" (Q_g on the joint action) or "independent" (one Q_k(o_k, a_k) per stage).
             trainable_stages: The stages whose policies learn (the others keep their initial
                 parameters: ``init_params``, else the defaults).

@@ -322,12 +322,20 @@ def test_learning_closes_half_the_gap_from_click_heavy_where_frozen_closes_none(
         assert (w1[1:] / w1[0] > w0[1:] / w0[0]).any(), (w0, w1, out["oracle_weights"])
 
 
+def test_the_publish_line_says_what_serving_got():
+    from rllib_policies.train_crm import publish_line
+
+    assert "nothing certified, the live policy is untouched" in publish_line("p", "logging", None)
+    line = publish_line("p", "policy", {"version": 4, "readers_live": 0})
+    assert "version 4, the certified 'policy' policy" in line and "warning: no recommend replica follows 'p'" in line
+    assert "warning" not in publish_line("p", "mean", {"version": 5, "readers_live": 2})
+
+
 @pytest.mark.ray
-@pytest.mark.parametrize("forced", [None, "policy"])
-def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys, monkeypatch, forced):
-    """``train_crm`` with ``serve_store_prefix``: the certified policy becomes the store's new version (what
-    decision.json names), or nothing is published and the line says the live policy is untouched. At this
-    budget do no harm keeps q; ``forced`` makes its verdict π_θ, so the publishing branch runs too."""
+def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys, monkeypatch):
+    """``train_crm`` with ``serve_store_prefix``: the certified policy becomes the store's new version, the one
+    decision.json names. At this budget do no harm keeps q, so its verdict is forced to π_θ here; the branch
+    that publishes nothing is ``publish_to_serve`` returning None (the Serve test) and ``publish_line`` (above)."""
     import dataclasses
     import json
 
@@ -337,11 +345,9 @@ def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, 
     from actors.served_policies import CRMPolicy, crm_store
     from rllib_policies.train_crm import main
 
-    if forced:
-        certified = CRM.do_no_harm
-        verdict = lambda *a, **k: dataclasses.replace(certified(*a, **k), deployed=forced)  # noqa: E731
-        monkeypatch.setattr(CRM, "do_no_harm", verdict)
-
+    certified = CRM.do_no_harm
+    verdict = lambda *a, **k: dataclasses.replace(certified(*a, **k), deployed="policy")  # noqa: E731
+    monkeypatch.setattr(CRM, "do_no_harm", verdict)
     prefix = f"crm_job_{tmp_path.name[-12:]}"
     config = {
         "storage": str(tmp_path / "store"),
@@ -357,10 +363,6 @@ def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, 
     out = capsys.readouterr().out
     decision = json.loads((tmp_path / "store" / "crm" / "decision.json").read_text())
     snapshot = ray.get(crm_store(prefix).get.remote())
-    if decision["deploy"]:
-        assert decision["published_version"] == snapshot.version, decision
-        assert CRMPolicy(snapshot.params).deployed == decision["deployed"]
-        assert f"version {snapshot.version}, the certified {decision['deployed']!r} policy" in out
-    else:
-        assert decision["published_version"] is None and snapshot.params == {}, decision
-        assert "nothing certified, the live policy is untouched" in out
+    assert decision["deploy"] and decision["published_version"] == snapshot.version, decision
+    assert CRMPolicy(snapshot.params).deployed == decision["deployed"] == "policy"
+    assert f"version {snapshot.version}, the certified 'policy' policy" in out

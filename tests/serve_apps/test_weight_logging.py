@@ -4,6 +4,7 @@ Gaussian whose density it logs, and the recommend app logs μ and that density w
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -309,31 +310,31 @@ def test_with_an_agent_the_mean_is_its_choice_and_its_propensity_stays(explore_c
 # ------------------------------------------------------------------ the CRM weight policy served
 
 
-@pytest.fixture(scope="module")
-def crm_client(serve_url, client):
-    """An app whose ranking policy is CRM's (no weight_logging arg: the policy's own draws are logged); it
-    scores feedback on the first app's inner-reward deployment."""
+@contextmanager
+def recommend_app(serve_url: str, name: str, route: str, **args):
+    """A recommend app on ARGS (+ ``args``) under ``route``, scoring feedback on the first app's inner-reward
+    deployment, its events in a fresh Parquet folder; yields an HTTP client with ``events_root`` and
+    ``store_prefix``."""
     from ray import serve
 
-    prefix = f"crm_test_{uuid.uuid4().hex[:8]}"
-    events = tempfile.mkdtemp(prefix="morl-events-crm-")
-    serve.run(
-        app_builder(
-            {
-                **ARGS,
-                "store_prefix": prefix,
-                "inner_reward_app": "wl_test_inner",
-                "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
-                "ranking_policy": "crm",
-            }
-        ),
-        name="crm_serving_test",
-        route_prefix="/crm",
-    )
-    with httpx.Client(base_url=f"{serve_url}/crm", timeout=60) as c:
-        c.events_root, c.store_prefix = events, prefix
+    prefix = f"{name}_{uuid.uuid4().hex[:8]}"
+    events = tempfile.mkdtemp(prefix=f"morl-events-{name}-")
+    telemetry = {"sink": "parquet", "path": events, "flush_interval_s": 0.01}
+    config = {**ARGS, "store_prefix": prefix, "inner_reward_app": "wl_test_inner", "telemetry": telemetry, **args}
+    serve.run(app_builder(config), name=name, route_prefix=route)
+    try:
+        with httpx.Client(base_url=f"{serve_url}{route}", timeout=60) as c:
+            c.events_root, c.store_prefix = events, prefix
+            yield c
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def crm_client(serve_url, client):
+    """An app whose ranking policy is CRM's (no weight_logging arg: the policy's own draws are logged)."""
+    with recommend_app(serve_url, "crm_serving_test", "/crm", ranking_policy="crm") as c:
         yield c
-    serve.delete("crm_serving_test")
 
 
 @pytest.mark.ray
@@ -433,26 +434,8 @@ CRM_EXPERIMENT = {
 @pytest.fixture(scope="module")
 def crm_arm_client(serve_url, client):
     """An A/B split with the CRM policy as the treatment arm, and Gaussian weight logging on for the app."""
-    from ray import serve
-
-    prefix = f"crm_arm_test_{uuid.uuid4().hex[:8]}"
-    serve.run(
-        app_builder(
-            {
-                **ARGS,
-                "store_prefix": prefix,
-                "inner_reward_app": "wl_test_inner",
-                "weight_logging": LOGGING,
-                "experiment": CRM_EXPERIMENT,
-            }
-        ),
-        name="crm_arm_test",
-        route_prefix="/crm_arm",
-    )
-    with httpx.Client(base_url=f"{serve_url}/crm_arm", timeout=60) as c:
-        c.store_prefix = prefix
+    with recommend_app(serve_url, "crm_arm_test", "/crm_arm", weight_logging=LOGGING, experiment=CRM_EXPERIMENT) as c:
         yield c
-    serve.delete("crm_arm_test")
 
 
 def crm_params_for(context_dim: int, seed: int = 0) -> dict:
