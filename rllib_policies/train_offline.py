@@ -5,12 +5,12 @@ learner (rllib_policies.jobs runs it; one config file per learner in rllib_polic
         --config rllib_policies/configs/offline_bcq.yaml
     python -m rllib_policies.train_offline --config … --resume latest      # continue a run
 
-``learner``: td3 or bcq (ours, rllib_policies.offline.td3 / bcq) or bc, cql, iql (RLlib's, configured:
+``learner``: td3, bcq or uwac (ours, rllib_policies.offline.td3 / bcq / uwac) or bc, cql, iql (RLlib's, configured:
 rllib_policies.offline.shipped). ``dataset``: transition Parquet under the storage root; when it is missing the
 job first writes it — ``sessions_per_day`` × 2 simulated days served by the ``dataset_kind`` behaviour policy
-(exploratory, concurrent or imitation), through the telemetry path (rllib_policies.offline.data). At the end the
-off-policy gate (rllib_policies.offline.gate) says whether the policy would be promoted over the behaviour policy
-on those logs, and the simulator says what it is really worth.
+(exploratory, concurrent, imitation or misaligned), through the telemetry path (rllib_policies.offline.data). At the
+end the off-policy gate (rllib_policies.offline.gate) says whether the policy would be promoted over the behaviour
+policy on those logs, and the simulator says what it is really worth.
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
 from rllib_policies.envs import SessionEnv
 from rllib_policies.jobs import AlgorithmJobConfig, job_main
-from rllib_policies.offline.bcq import BCQConfig
 from rllib_policies.offline.data import DATASETS, eval_users, oracle_expert, read_rows, true_value, write_dataset
 from rllib_policies.offline.gate import gate
+from rllib_policies.offline.registry import LEARNERS, own_config
 from rllib_policies.offline.shipped import SHIPPED, ShippedOffline, shipped_config
-from rllib_policies.offline.td3 import TD3Config
-
-OWN = {"td3": TD3Config, "bcq": BCQConfig}
 
 
 @dataclass
@@ -42,7 +39,7 @@ class OfflineJobConfig(AlgorithmJobConfig):
     dataset_kind: str = "concurrent"  # the behaviour that writes a missing dataset
     sessions_per_day: int = 500
     offline_rl: dict = field(default_factory=dict)  # OfflineConfig.offline_rl(...) / the shipped learners' budget
-    options: dict = field(default_factory=dict)  # .td3(...) / .bcq(...) options
+    options: dict = field(default_factory=dict)  # .td3(...) / .bcq(...) / .uwac(...) options
     iterations: int = 8
     checkpoint_dir: str = "offline_rl"
     checkpoint_every: int = 4
@@ -51,8 +48,8 @@ class OfflineJobConfig(AlgorithmJobConfig):
     gate_boot: int = 3  # FQE's bootstrap refits
 
     def validate(self) -> None:
-        if self.learner not in (*OWN, *SHIPPED):
-            raise ValueError(f"learner must be one of {(*OWN, *SHIPPED)}, got {self.learner!r}")
+        if self.learner not in LEARNERS:
+            raise ValueError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
         if self.dataset_kind not in DATASETS:
             raise ValueError(f"dataset_kind must be one of {DATASETS}, got {self.dataset_kind!r}")
 
@@ -78,9 +75,8 @@ def build(job: OfflineJobConfig):
         budget = {k: v for k, v in job.offline_rl.items() if k in ("updates_per_iteration", "batch_size", "hidden")}
         config = shipped_config(job.learner, path, pipeline.spec.context_dim, job.seed, **budget, **job.options)
         return config.build_algo()
-    config = job.algorithm_config(OWN[job.learner](), SessionEnv).offline_rl(dataset=path, **job.offline_rl)
-    config = config.td3(**job.options) if job.learner == "td3" else config.bcq(**job.options)
-    return config.build_algo()
+    config = job.algorithm_config(own_config(job.learner, job.options), SessionEnv)
+    return config.offline_rl(dataset=path, **job.offline_rl).build_algo()
 
 
 def progress(result: dict) -> str:

@@ -106,8 +106,11 @@ class OfflineActorCriticModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI
         cfg = {"hidden": (128, 128), **(self.model_config or {})}
         self.register_buffer("high", torch.as_tensor(np.asarray(self.action_space.high, np.float32)))
         d_obs, d_act = self.observation_space.shape[0], len(self.high)
-        self.critic = TwinCritic(d_obs, d_act, tuple(cfg["hidden"]))
+        self.critic = self.make_critic(d_obs, d_act, tuple(cfg["hidden"]))
         self.setup_actor(d_obs, d_act, tuple(cfg["hidden"]))
+
+    def make_critic(self, d_obs: int, d_act: int, hidden: tuple[int, ...]) -> nn.Module:
+        return TwinCritic(d_obs, d_act, hidden)
 
     def setup_actor(self, d_obs: int, d_act: int, hidden: tuple[int, ...]) -> None:
         raise NotImplementedError
@@ -188,18 +191,31 @@ class OfflineActorCritic(AlgorithmBase):
 
     def load_rows(self) -> None:
         rows = read_rows(self.config.dataset)
+        self.columns = self.transition_columns(rows)
+        self.initial_obs = rows["obs"][rows["t"] == 0]
+
+    def add_rows(self, path: str | list[str]) -> int:
+        """Grows the dataset by the transitions at ``path`` (e.g. an online exploration round's logs); the critic's
+        estimate stays measured at the first dataset's session starts. Returns the dataset's new size."""
+        if self.columns is None:
+            self.load_rows()
+        extra = self.transition_columns(read_rows(path))
+        self.columns = {k: np.concatenate([v, extra[k]]) for k, v in self.columns.items()}
+        return len(self.columns[Columns.REWARDS])
+
+    def transition_columns(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows (``read_rows``) → the learners' columns, actions in the unit cube."""
         module = self.inference_module()
         d, high = module.observation_space.shape[0], module.high.numpy()
         if rows["obs"].ndim != 2 or rows["obs"].shape[1] != d:
             raise ValueError(f"dataset obs have shape {rows['obs'].shape}; the env's observation has dimension {d}")
-        self.columns = {
+        return {
             Columns.OBS: rows["obs"],
             Columns.ACTIONS: np.clip(rows["actions"] / high, 0.0, 1.0).astype(np.float32),
             Columns.REWARDS: rows["rewards"].astype(np.float32),
             Columns.NEXT_OBS: rows["new_obs"],
             Columns.TERMINATEDS: rows["terminateds"].astype(np.float32),
         }
-        self.initial_obs = rows["obs"][rows["t"] == 0]
 
     def training_step(self) -> None:
         if self.columns is None:

@@ -5,13 +5,17 @@ next to that policy's true value from the simulator over training, and the off-p
     run = run_offline("bcq", "concurrent", rows_path, seed=0, spec=spec)
     run.true_curve, run.estimate_curve, run.gate
 
-Our learners (TD3, BCQ: ``rllib_policies.offline.td3`` / ``bcq``) and RLlib's (BC, CQL, IQL:
+Our learners (TD3, BCQ, UWAC: ``rllib_policies.offline.td3`` / ``bcq`` / ``uwac``) and RLlib's (BC, CQL, IQL:
 ``rllib_policies.offline.shipped``) are trained for the same number of gradient steps of the same batch size
-on the same rows; every policy is evaluated on the same users with the same random numbers.
+on the same rows; every policy is evaluated on the same users with the same random numbers. BCQ-EE is BCQ
+with ``exploration_rounds`` online rounds between its training phases (``explore``): the only learner here that
+sees more than the logs, so its row counts the sessions it served (``online_sessions``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,14 +25,17 @@ from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
 from rllib_policies.envs import SessionEnv
 
-from .bcq import BCQConfig
-from .data import eval_users, read_rows, support_fraction, true_value
+from .data import eval_users, policy_behaviour, read_rows, support_fraction, true_value, write_dataset
 from .gate import gate
+from .registry import LEARNERS as OFFLINE_LEARNERS
+from .registry import own_config
 from .shipped import SHIPPED, ShippedOffline
-from .td3 import TD3Config
 
-OWN = {"td3": TD3Config, "bcq": BCQConfig}
-LEARNERS = ("td3", "bcq", *SHIPPED)
+# BCQ-EE: BCQ with online exploration enhancement (BatchRL-MTF, Zhang et al. KDD 2022): between offline training
+# phases the current policy is served with log-normal exploration around its actions, and the logged sessions
+# join the dataset (a growing batch). learner name → the offline learner it explores with
+EXPLORING = {"bcq_ee": "bcq"}
+LEARNERS = (*OFFLINE_LEARNERS, *EXPLORING)
 
 
 @dataclass
@@ -48,6 +55,13 @@ class OfflineSpec:
     # CQL's sampled actions per state in its logsumexp penalty (RLlib's default 10): each costs a pass of
     # the twin critics over the batch; at 10 one CQL step took 0.48 s here, 20× a TD3 step (4: 0.25 s)
     cql_num_actions: int = 4
+    exploration_rounds: int = 2  # BCQ-EE's online rounds, evenly spaced over the iterations
+    exploration_sessions: int = 250  # sessions served per round
+
+    def exploration_iterations(self) -> list[int]:
+        """The iterations after which BCQ-EE explores: round(k·iterations / (rounds + 1)), k = 1..rounds."""
+        n = self.exploration_rounds + 1
+        return sorted({max(1, round(k * self.iterations / n)) for k in range(1, n)})
 
 
 @dataclass
@@ -64,6 +78,7 @@ class OfflineRun:
     mean_weights: list[float]
     gate: dict
     train_seconds: float
+    online_sessions: int = 0  # sessions served online for exploration (BCQ-EE); 0 for a purely offline learner
 
     def row(self) -> dict:
         return asdict(self)
@@ -84,10 +99,8 @@ def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
             hidden=tuple(spec.hidden),
             **({"num_actions": spec.cql_num_actions} if name == "cql" else {}),
         )
-    if name not in OWN:
-        raise ValueError(f"unknown offline learner {name!r}; choose from {LEARNERS}")
     return (
-        OWN[name]()
+        own_config(name)
         .environment(SessionEnv, env_config={**spec.env_config, "seed": seed})
         .training(gamma=spec.gamma)
         .offline_rl(
@@ -101,6 +114,23 @@ def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
     )
 
 
+def explore(learner, pipeline, spec: OfflineSpec, out_dir: str, seed: int) -> int:
+    """One online exploration round: serve ``spec.exploration_sessions`` sessions with log-normal exploration
+    around the learner's policy (``policy_behaviour``) through the telemetry path, and grow its dataset by them.
+    Returns the sessions served."""
+    out = write_dataset(
+        "exploration",
+        spec.env_config,
+        out_dir,
+        days=1,
+        users_per_day=spec.exploration_sessions,
+        seed=seed,
+        sample=policy_behaviour(learner.policy_weights, pipeline),
+    )
+    learner.add_rows(out["path"])
+    return int(out["sessions"])
+
+
 def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: OfflineSpec, progress=print) -> OfflineRun:
     """Train ``name`` on the rows at ``rows_path`` (dataset ``dataset``), evaluating every ``eval_every``
     iterations; then the gate (``gate.gate``) on the same rows."""
@@ -108,13 +138,17 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
     rows = read_rows(rows_path)
     initial = rows["obs"][rows["t"] == 0]
-    learner = build_learner(name, rows_path, seed, spec)
-    updates, estimates, truths, train_s = [], [], [], 0.0
+    learner = build_learner(EXPLORING.get(name, name), rows_path, seed, spec)
+    explore_after = spec.exploration_iterations() if name in EXPLORING else []
+    updates, estimates, truths, train_s, online = [], [], [], 0.0, 0
     try:
         for i in range(1, spec.iterations + 1):
             t0 = time.perf_counter()
             learner.train()
             train_s += time.perf_counter() - t0
+            if i in explore_after:
+                out_dir = tempfile.mkdtemp(prefix=f"{name}-{dataset}-s{seed}-i{i}-", dir=os.path.dirname(rows_path))
+                online += explore(learner, pipeline, spec, out_dir, seed=1000 * (seed + 1) + i)
             if i % spec.eval_every == 0 or i == spec.iterations:
                 updates.append(i * spec.updates_per_iteration)
                 estimates.append(learner.q_estimate(initial))
@@ -144,6 +178,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
             "dr": asdict(decision.dr),
         },
         train_seconds=train_s,
+        online_sessions=online,
     )
     progress(
         f"  {name:<4} {dataset:<11} seed {seed}: true {run.final_true:.2f}, critic {run.final_estimate:.2f}, "

@@ -5,6 +5,8 @@ the gate's estimators and bad inputs, and a CI-sized learning test on a tiny wor
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +20,7 @@ from actors.telemetry.sinks import read_parquet_events
 from rllib_policies.envs import SessionEnv
 from rllib_policies.offline.bcq import BCQConfig, ConditionalVAE
 from rllib_policies.offline.data import (
+    MISALIGNED_WEIGHTS,
     OFFLINE_SCHEMA,
     behaviour,
     eval_users,
@@ -26,9 +29,10 @@ from rllib_policies.offline.data import (
     support_fraction,
     true_value,
 )
+from rllib_policies.offline.experiment import OfflineSpec, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
+from rllib_policies.offline.registry import own_config
 from rllib_policies.offline.shipped import ShippedOffline, to_weights, unit_rows
-from rllib_policies.offline.td3 import TD3Config
 from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
 
 TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
@@ -104,6 +108,14 @@ def test_behaviour_names_are_checked():
         behaviour("imitation", pipeline)
 
 
+def test_the_misaligned_behaviour_explores_around_long_view_weights():
+    _, pipeline = build_world(TINY)
+    w, density = behaviour("misaligned", pipeline)(np.random.default_rng(0), SimpleNamespace(user=np.arange(4000)))
+    np.testing.assert_allclose(np.exp(np.log(w).mean(0)), MISALIGNED_WEIGHTS, rtol=0.03)
+    np.testing.assert_allclose(np.log(w).std(0), 0.3, rtol=0.05)
+    assert np.all(density > 0)
+
+
 def test_support_fraction_counts_actions_near_logged_ones():
     logged = np.array([[1.0, 1.0, 10.0]])
     near, far = logged * 1.05, np.array([[2.0, 0.0, 40.0]])
@@ -137,16 +149,14 @@ def hand_built_rows(path, n: int = 3000, seed: int = 0, one_step: bool = True) -
     return out
 
 
-def build_own(config_cls, rows_path: str, updates: int = 200, **options):
-    config = (
-        config_cls()
+def build_own(name: str, rows_path: str, updates: int = 200, **options):
+    return (
+        own_config(name, options)
         .environment(SessionEnv, env_config={**TINY, "seed": 0})
         .offline_rl(dataset=rows_path, updates_per_iteration=updates, batch_size=128, hidden=(64, 64))
         .debugging(seed=0, log_level="ERROR")
+        .build_algo()
     )
-    if options:
-        config = config.bcq(**options) if config_cls is BCQConfig else config.td3(**options)
-    return config.build_algo()
 
 
 def test_the_cvae_reconstructs_logged_actions():
@@ -181,8 +191,8 @@ def test_bcq_stays_within_the_data_support_where_td3_leaves_it(ray_session, tmp_
     logged = read_rows(path)["actions"]
     obs = np.random.default_rng(1).standard_normal((200, D_OBS)).astype(np.float32)
     out = {}
-    for name, cls in (("td3", TD3Config), ("bcq", BCQConfig)):
-        algo = build_own(cls, path)
+    for name in ("td3", "bcq"):
+        algo = build_own(name, path)
         try:
             for _ in range(3):
                 algo.train()
@@ -196,7 +206,15 @@ def test_bcq_stays_within_the_data_support_where_td3_leaves_it(ray_session, tmp_
     assert unit["td3"].mean() > 0.8
 
 
-def test_td3_and_bcq_targets_take_the_twin_critics_minimum(ray_session, tmp_path):
+@pytest.mark.parametrize(
+    "name, options, weight",
+    [
+        ("td3", {"target_noise": 0.0}, 1.0),
+        ("bcq", {"lam": 1.0}, 1.0),
+        ("uwac", {"max_weight": 1e-3}, 1e-3),  # every weight at w_max: the loss is w_max·(TD3's loss)
+    ],
+)
+def test_the_targets_take_the_twin_critics_minimum(ray_session, tmp_path, name, options, weight):
     path = hand_built_rows(tmp_path, n=256)
     rows = read_rows(path)
     batch = {
@@ -206,23 +224,71 @@ def test_td3_and_bcq_targets_take_the_twin_critics_minimum(ray_session, tmp_path
         "new_obs": torch.as_tensor(rows["obs"][:64]),
         "terminateds": torch.zeros(64),
     }
-    for cls, options in ((TD3Config, {"target_noise": 0.0}), (BCQConfig, {"lam": 1.0})):
-        algo = build_own(cls, path, updates=1, **options)
-        try:
-            learner = algo.learner_group._learner
-            module = learner.module["default_policy"].unwrapped()
-            with torch.no_grad():  # Q¹' ≡ 5, Q²' ≡ 3 (constant heads): the target must use 3
-                for head, value in ((module.target_critic.q1, 5.0), (module.target_critic.q2, 3.0)):
-                    head[-1].weight.zero_()
-                    head[-1].bias.fill_(value)
-                q1, q2 = module.critic(batch["obs"], batch["actions"])
-            loss = learner.compute_loss_for_module(module_id="default_policy", config=None, batch=batch, fwd_out={})
-            critic_part = learner.metrics.peek(("default_policy", "critic_loss"))
-            expected = float(((q1 - 3.0) ** 2).mean() + ((q2 - 3.0) ** 2).mean())
-            assert critic_part == pytest.approx(expected, rel=1e-4), cls.__name__
-            assert torch.isfinite(loss)
-        finally:
-            algo.stop()
+    algo = build_own(name, path, updates=1, **options)
+    try:
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"].unwrapped()
+        for layer in module.critic.modules():
+            if isinstance(layer, torch.nn.Dropout):  # UWAC: no dropout, so no uncertainty and every weight at w_max
+                layer.p = 0.0
+        with torch.no_grad():  # Q¹' ≡ 5, Q²' ≡ 3 (constant heads): the target must use 3
+            for head, value in ((module.target_critic.q1, 5.0), (module.target_critic.q2, 3.0)):
+                head[-1].weight.zero_()
+                head[-1].bias.fill_(value)
+            q1, q2 = module.critic(batch["obs"], batch["actions"])
+        loss = learner.compute_loss_for_module(module_id="default_policy", config=None, batch=batch, fwd_out={})
+        critic_part = learner.metrics.peek(("default_policy", "critic_loss"))
+        expected = weight * float(((q1 - 3.0) ** 2).mean() + ((q2 - 3.0) ** 2).mean())
+        assert critic_part == pytest.approx(expected, rel=1e-4)
+        assert torch.isfinite(loss)
+    finally:
+        algo.stop()
+
+
+def test_uwac_uncertainty_rises_off_the_data_and_lowers_the_weights_there(ray_session, tmp_path):
+    """UWAC trained on the narrow-support data: the critics' dropout variance at the box's far corner (never
+    logged) exceeds the variance at logged actions, so the corner's weight falls below theirs. Measured here: by
+    about a fifth only (ReLU critics extrapolate smoothly), so on its own the weighting barely holds the actor in."""
+    path = hand_built_rows(tmp_path)
+    algo = build_own("uwac", path)
+    try:
+        for _ in range(2):
+            result = algo.train()
+        module = algo.learner_group._learner.module["default_policy"].unwrapped()
+        torch.manual_seed(0)
+        obs = torch.as_tensor(np.random.default_rng(3).standard_normal((300, D_OBS)), dtype=torch.float32)
+        seen = module.uncertainty(obs, torch.full((300, 3), 0.5), 50).mean()
+        corner = module.uncertainty(obs, torch.full((300, 3), 1.0), 50).mean()
+        weights = result["learners"]["default_policy"]["target_weight"]
+    finally:
+        algo.stop()
+    assert corner > 1.1 * seen, (float(corner), float(seen))
+    assert 0 < weights <= 1.5
+
+
+def test_bcq_ee_explores_around_its_policy_and_grows_its_dataset(ray_session, concurrent_rows, tmp_path):
+    _, path = concurrent_rows
+    _, pipeline = build_world(TINY)
+    algo = build_own("bcq", path, updates=20)
+    try:
+        algo.train()
+        before = len(algo.columns["rewards"])
+        served = explore(algo, pipeline, OfflineSpec(env_config=TINY, exploration_sessions=20), str(tmp_path), seed=1)
+        rows = read_rows(str(tmp_path / "rows.parquet"))
+        assert served == 20
+        assert len(algo.columns["rewards"]) == before + len(rows["rewards"])
+        centre = algo.policy_weights(rows["obs"])  # the policy the round served around (not trained since)
+        log_ratio = np.log(rows["actions"] / np.maximum(centre, 0.02 * centre.max(1, keepdims=True)))
+        assert abs(log_ratio.mean()) < 0.1
+        assert log_ratio.std() == pytest.approx(0.3, rel=0.2)
+        algo.train()  # on the grown dataset
+    finally:
+        algo.stop()
+
+
+@pytest.mark.parametrize("iterations, rounds, expected", [(8, 2, [3, 5]), (8, 1, [4]), (2, 2, [1]), (8, 0, [])])
+def test_bcq_ee_explores_at_evenly_spaced_iterations(iterations, rounds, expected):
+    assert OfflineSpec(iterations=iterations, exploration_rounds=rounds).exploration_iterations() == expected
 
 
 def test_cql_penalty_lowers_q_on_actions_the_data_never_hold(ray_session, tmp_path):
@@ -335,6 +401,25 @@ def test_bad_offline_configs_name_the_option(configure, match):
         configure(config).validate()
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"dropout": 1.0}, r"dropout must be in \(0, 1\), got 1.0"),
+        ({"dropout_samples": 1}, r"dropout_samples must be >= 2 \(a variance\), got 1"),
+        ({"beta": 0.0}, r"beta and max_weight must be > 0, got 0.0 and 1.5"),
+    ],
+)
+def test_bad_uwac_options_name_the_option(options, match):
+    config = own_config("uwac", options).environment(SessionEnv, env_config=TINY).offline_rl(dataset="x")
+    with pytest.raises(ValueError, match=match):
+        config.validate()
+
+
+def test_an_unknown_offline_learner_is_named():
+    with pytest.raises(ValueError, match=r"unknown offline learner 'ddpg'; ours are \('td3', 'bcq', 'uwac'\)"):
+        own_config("ddpg")
+
+
 # ---------------------------------------------------------------------------------------------- learning test
 def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_session, tmp_path):
     """A tiny world's logs from a two-mode behaviour (each user's mode fixed by an unobserved coin): half the
@@ -404,7 +489,7 @@ def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tm
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("learner", "ddpg", r"learner must be one of \('td3', 'bcq', 'bc', 'cql', 'iql'\), got 'ddpg'"),
+        ("learner", "ddpg", r"learner must be one of \('td3', 'bcq', 'uwac', 'bc', 'cql', 'iql'\), got 'ddpg'"),
         ("dataset_kind", "random", r"dataset_kind must be one of \('exploratory'"),
     ],
 )
