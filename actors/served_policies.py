@@ -144,6 +144,18 @@ def _float_array(params: dict, name: str) -> np.ndarray:
         raise ValueError(f"CRM policy: {name} must be an array of numbers ({e})") from None
 
 
+def log_box_floor(low: np.ndarray, high: np.ndarray) -> float:
+    """The floor of a log-weight box [log(floor·w_max), log(w_max)] per weight: floor = exp(low − high), one value
+    in (0, 1) for every weight, as Gaussian weight logging draws on; ValueError otherwise, giving the floors."""
+    floors = np.exp(np.asarray(low, np.float64) - np.asarray(high, np.float64))
+    if not (floors.size and np.allclose(floors, floors[0], rtol=1e-6, atol=0.0) and 0 < floors[0] < 1):
+        raise ValueError(
+            "low/high must be a log-weight box [log(floor·w_max), log(w_max)] with one floor in (0, 1) for every "
+            f"weight, got floors {floors.tolist()}"
+        )
+    return float(floors[0])
+
+
 class CRMPolicy:
     """The CRM weight policy's mean log-weights m(x) and log-space std, in NumPy (module docstring)."""
 
@@ -170,12 +182,10 @@ class CRMPolicy:
         for name in ("std", "obs_std"):
             if (vectors[name] <= 0).any():
                 raise ValueError(f"CRM policy: {name} must be > 0, got {vectors[name].tolist()}")
-        floors = np.exp(vectors["low"] - vectors["high"])
-        if not (np.allclose(floors, floors[0], rtol=1e-6, atol=0.0) and 0 < floors[0] < 1):
-            raise ValueError(
-                f"CRM policy: low/high must be a log-weight box [log(floor·w_max), log(w_max)] with one floor in "
-                f"(0, 1) for every weight, got floors {floors.tolist()}"
-            )
+        try:
+            log_box_floor(vectors["low"], vectors["high"])
+        except ValueError as e:
+            raise ValueError(f"CRM policy: {e}") from None
         for name, v in vectors.items():
             setattr(self, name, v)
         self.scale = params.get("scale")

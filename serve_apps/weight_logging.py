@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from actors.served_policies import CRMPolicy
+from actors.served_policies import CRMPolicy, log_box_floor
 from actors.stages import RANKING_ACTION_HIGH, RANKING_PARAMS
 from rllib_policies.ope import GaussianPolicy
 
@@ -122,14 +122,12 @@ class WeightLogging:
         """The diagonal policy with log-space ``std`` [k] on the log-weight box [low, high]^k, as a learned weight
         policy states it (actors.served_policies.CRMPolicy); ValueError when that box is not one this logging
         can serve (a lower end floor·high with one floor in (0, 1) for every weight)."""
-        low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
-        floors = np.exp(low - high)
-        if not (np.allclose(floors, floors[0], rtol=1e-6, atol=0.0) and 0 < floors[0] < 1):
-            raise ValueError(f"a log-weight box with lower ends floor·high, one floor in (0, 1), got floors {floors}")
+        high = np.asarray(high, np.float64)
+        floor = log_box_floor(low, high)
         std = np.asarray(std, np.float64)
         if std.shape != high.shape or not (np.isfinite(std).all() and (std > 0).all()):
             raise ValueError(f"std must be {len(high)} finite values > 0 (log-space), got {std.tolist()}")
-        return cls(std=std, floor=float(floors[0]), seed=seed, high=np.exp(high))
+        return cls(std=std, floor=floor, seed=seed, high=np.exp(high))
 
     def __post_init__(self) -> None:
         lo32, hi32 = _float32_box(self.floor * np.asarray(self.high, np.float64), np.asarray(self.high, np.float64))

@@ -129,7 +129,7 @@ LOG_HIGH = np.log(RANKING_ACTION_HIGH.astype(np.float64))
 @pytest.mark.parametrize(
     "std, low, high, match",
     [
-        (STD, LOG_HIGH - np.log([1e3, 1e3, 1e2]), LOG_HIGH, "lower ends floor·high, one floor in"),
+        (STD, LOG_HIGH - np.log([1e3, 1e3, 1e2]), LOG_HIGH, r"a log-weight box \[log\(floor·w_max\)"),
         (STD, LOG_HIGH + 1.0, LOG_HIGH, r"one floor in \(0, 1\)"),
         (np.array([0.3, -0.1, 0.3]), LOG_HIGH + np.log(1e-3), LOG_HIGH, "std must be 3 finite values > 0"),
         (np.array([0.3, 0.3]), LOG_HIGH + np.log(1e-3), LOG_HIGH, "std must be 3 finite values > 0"),
