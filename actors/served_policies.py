@@ -215,6 +215,11 @@ class CRMPolicy:
         return mean
 
 
+def operating_point_store(store_prefix: str, initial_lambda: float = 0.5):
+    """The utility agent's live operating point λ (and the weights it last chose) under ``store_prefix``."""
+    return get_or_create_store(f"{store_prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
+
+
 def crm_store(store_prefix: str):
     """The versioned store a recommend app follows for the CRM weight policy ({}: none published)."""
     return get_or_create_store(f"{store_prefix}_crm_policy", {})

@@ -68,7 +68,7 @@ from ray import serve
 from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
-from actors.served_policies import RankingPolicy, crm_store, outer_controller_store
+from actors.served_policies import RankingPolicy, crm_store, operating_point_store, outer_controller_store
 from actors.stage_actors import ServedStage, StageResult, catalogue_store, default_stage_params, params_array
 from actors.stages import (
     PARAM_NAMES,
@@ -96,7 +96,6 @@ from serve_apps.operator import OperatorMetrics, cycle_timeline
 from serve_apps.operator import asset as operator_asset
 from serve_apps.operator import page as operator_page
 from serve_apps.served_record import MAX_TOKEN_CHARS, ServedRecordCodec
-from serve_apps.utility_agent import UtilityAgent, UtilityAgentDeployment, operating_point_store
 from serve_apps.weight_logging import ServedCRM, WeightLogging
 
 # the operator's reads of a store or the inner-reward app: a stuck one fails the read, not the page
@@ -105,6 +104,9 @@ STORE_TIMEOUT_S = 10.0
 STAGE_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # who ranks requests without weights outside an experiment (with one, every such request is in an arm)
 RANKING_POLICIES = ("held", "utility_agent", "outer_controller", "crm")
+# AGENT_IMPORT: serve_apps.utility_agent (torch, RLlib) is imported where an agent is configured, not at the top:
+# a recommend replica without an agent then starts in ~3.4 s of imports instead of ~6.2 s (measured here, one
+# cold process), which every replica start, autoscaling step and test deployment pays.
 LEARNED_POLICIES = ("outer_controller", "crm")  # weight policies published to a store, evaluated on the context
 Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
@@ -353,6 +355,8 @@ class RecommendService:
         self.utility_agent, self.utility_config = utility_agent, dict(utility_config or {})
         self.local_agent = None  # placement "replica": the agent answers in this replica, no hop
         if utility_config is not None and self.utility_config.get("placement") == "replica":
+            from serve_apps.utility_agent import UtilityAgent  # noqa: PLC0415  (AGENT_IMPORT)
+
             self.local_agent = UtilityAgent(
                 world_config, pipeline_config, self.utility_config, store_prefix, replica, self.ctx
             )
@@ -1102,6 +1106,8 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
                 "'fused' and takes no num_replicas (use placement 'deployment' to scale the agent on its own)"
             )
         if agent_cfg["placement"] == "deployment":
+            from serve_apps.utility_agent import UtilityAgentDeployment  # noqa: PLC0415  (AGENT_IMPORT)
+
             agent = UtilityAgentDeployment.options(num_replicas=int(agent_cfg.pop("num_replicas", 1))).bind(
                 world_config, pipeline_config, agent_cfg, prefix
             )

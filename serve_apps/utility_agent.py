@@ -30,16 +30,13 @@ import torch
 from ray import serve
 
 from actors.observation import ObservationSpec
-from actors.param_store import ParamFollower, get_or_create_store
+from actors.param_store import ParamFollower
+from actors.served_policies import operating_point_store
 from actors.stages import RequestBatch, StageContext
 from actors.world import PipelineConfig, World, WorldConfig
 from rllib_policies import storage
 from rllib_policies.utility_agent.exploration import ActionGrid
 from rllib_policies.utility_agent.module import load_agent
-
-
-def operating_point_store(prefix: str, initial_lambda: float = 0.5):
-    return get_or_create_store(f"{prefix}_operating_point", {"lambda": float(initial_lambda), "weights": None})
 
 
 class UtilityAgent:
