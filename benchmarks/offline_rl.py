@@ -2,7 +2,7 @@
 overestimation gap, the gap closed to the world's oracle, stability across seeds, and the off-policy gate's
 decisions checked against the simulator.
 
-    python benchmarks/offline_rl.py --jobs 2                                  # 8 learners × 4 datasets × 5 seeds
+    python benchmarks/offline_rl.py --jobs 2                                  # 7 learners × 4 datasets × 5 seeds
     python benchmarks/offline_rl.py --seeds 1 --iterations 2 --updates 20 --sessions-per-day 60 \
         --eval-sessions 100 --results-dir /tmp/offline_rl                     # a smoke run
 
@@ -108,6 +108,7 @@ def main() -> None:
         updates_per_iteration=args.updates,
         eval_every=max(args.iterations // 4, 1),
         eval_sessions=args.eval_sessions,
+        exploration_rounds=min(2, args.iterations - 1),  # BCQ-EE's rounds: each needs training after it
     )
     _, pipeline = build_world(spec.env_config)
     users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
@@ -240,9 +241,14 @@ def write_page(summary: dict, results_dir: str) -> None:
         "whose true value is below the behaviour policy's; 'worse' counts runs whose policy is below the "
         "behaviour policy's true value at all. Gap closed from behaviour = (V(π) − V(behaviour)) / (V(oracle static) − "
         f"V(behaviour)), given where the behaviour is at least {FAR_FROM_ORACLE:g} below the oracle. Online sessions: "
-        "what a learner served beyond the logs (BCQ-EE's exploration rounds, "
-        f"{spec.get('exploration_rounds', 0)} × {spec.get('exploration_sessions', 0)}); every other learner sees the "
-        "logs only.",
+        "what a learner served beyond the logs"
+        + (
+            f" (BCQ-EE's exploration rounds, {spec.get('exploration_rounds', 0)} × "
+            f"{spec.get('exploration_sessions', 0)}; its train s leave out that serving)"
+            if "bcq_ee" in learners
+            else ""
+        )
+        + "; every other learner sees the logs only.",
         "",
         "| learner | dataset | true V(π) (95 % CI over seeds) | critic's estimate | overestimation | vs behaviour | "
         "regret | gap closed | gap closed from behaviour | std over seeds | support | gate promoted | "

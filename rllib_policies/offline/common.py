@@ -1,4 +1,4 @@
-"""What the offline actor-critics (TD3, BCQ) share: the config's options, the twin critics, the
+"""What the offline actor-critics (TD3, BCQ, UWAC) share: the config's options, the twin critics, the
 algorithm that reads a logged dataset with Ray Data and trains on minibatches of it.
 
 Actions are handled in the box's unit cube: ā = a / a_max ∈ [0, 1]³ (a_max = ``RANKING_ACTION_HIGH``); the
@@ -196,7 +196,8 @@ class OfflineActorCritic(AlgorithmBase):
 
     def add_rows(self, path: str | list[str]) -> int:
         """Grows the dataset by the transitions at ``path`` (e.g. an online exploration round's logs); the critic's
-        estimate stays measured at the first dataset's session starts. Returns the dataset's new size."""
+        estimate stays measured at the first dataset's session starts. Returns the dataset's new size. The added
+        rows are not checkpointed: a restored algorithm reads its config's dataset only."""
         if self.columns is None:
             self.load_rows()
         extra = self.transition_columns(read_rows(path))

@@ -14,7 +14,6 @@ sees more than the logs, so its row counts the sessions it served (``online_sess
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,9 +58,19 @@ class OfflineSpec:
     exploration_sessions: int = 250  # sessions served per round
 
     def exploration_iterations(self) -> list[int]:
-        """The iterations after which BCQ-EE explores: round(k·iterations / (rounds + 1)), k = 1..rounds."""
+        """The iterations after which BCQ-EE explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
+        followed by training on what it served; ValueError when the iterations cannot hold that many rounds."""
+        if not 0 <= self.exploration_rounds < self.iterations:
+            raise ValueError(
+                f"exploration_rounds must be in [0, iterations) = [0, {self.iterations}), got {self.exploration_rounds}"
+            )
         n = self.exploration_rounds + 1
-        return sorted({max(1, round(k * self.iterations / n)) for k in range(1, n)})
+        after = sorted({max(1, round(k * self.iterations / n)) for k in range(1, n)})
+        if len(after) < self.exploration_rounds:
+            raise ValueError(
+                f"{self.exploration_rounds} exploration rounds do not fit apart in {self.iterations} iterations"
+            )
+        return after
 
 
 @dataclass
@@ -146,9 +155,9 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
             t0 = time.perf_counter()
             learner.train()
             train_s += time.perf_counter() - t0
-            if i in explore_after:
-                out_dir = tempfile.mkdtemp(prefix=f"{name}-{dataset}-s{seed}-i{i}-", dir=os.path.dirname(rows_path))
-                online += explore(learner, pipeline, spec, out_dir, seed=1000 * (seed + 1) + i)
+            if i in explore_after:  # the round's rows are read into the learner: its files go with the folder
+                with tempfile.TemporaryDirectory(prefix=f"{name}-{dataset}-s{seed}-i{i}-") as out_dir:
+                    online += explore(learner, pipeline, spec, out_dir, seed=1000 * (seed + 1) + i)
             if i % spec.eval_every == 0 or i == spec.iterations:
                 updates.append(i * spec.updates_per_iteration)
                 estimates.append(learner.q_estimate(initial))

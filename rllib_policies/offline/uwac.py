@@ -5,7 +5,8 @@ vouch for.
 Per minibatch of logged transitions (s, ā, r, s', done), ā = a / a_max:
 
 uncertainty  U(s, a) = Var_k Q¹_k(s, a) over K dropout passes of Q¹ (K = ``dropout_samples``)
-weight       w(s, a) = min(β·Ū / U(s, a), w_max), Ū = mean U(s, ā) over the batch's logged actions  (no gradient)
+weight       w(s, a) = min(β·Ū / U(s, a), w_max), Ū = mean U(s, ā) over the batch's logged actions  (no gradient;
+             a session's last step, whose target y = r is exact, keeps weight 1)
 critics      ã' = clip(μ'(s') + clip(N(0, σ̃²), −c, c), 0, 1)                   TD3's target smoothing
              y  = r + γ·(1 − done)·min(Q¹', Q²')(s', ã')
              L_Q = mean w(s', ã')·[(Q¹(s, ā) − y)² + (Q²(s, ā) − y)²]            uncertain targets count less
@@ -132,7 +133,8 @@ class UWACLearner(TD3Learner):
         ref = m.uncertainty(obs, act, k).mean().clamp_min(1e-8)  # Ū: the data's own uncertainty
 
         def weight(o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-            return (cfg.beta * ref / m.uncertainty(o, a, k).clamp_min(1e-8)).clamp(max=cfg.max_weight)
+            w = cfg.beta * ref / m.uncertainty(o, a, k).clamp_min(1e-8)
+            return torch.nan_to_num(w, nan=0.0).clamp(max=cfg.max_weight)
 
         m.eval()  # forward_train left every network in training mode: targets and the actor's Q use the mean
         with torch.no_grad():
@@ -141,14 +143,15 @@ class UWACLearner(TD3Learner):
             y = batch[Columns.REWARDS] + cfg.gamma * (1.0 - batch[Columns.TERMINATEDS]) * torch.minimum(
                 *m.target_critic(nxt, next_act)
             )
-            w_target = weight(nxt, next_act)
+            # a session's last step has the exact target y = r: nothing uncertain to down-weight
+            w_target = torch.where(batch[Columns.TERMINATEDS] > 0, 1.0, weight(nxt, next_act))
         m.critic.train()  # the Bellman regression itself is a dropout pass
         try:
             q1, q2 = m.critic(obs, act)
         finally:
             m.critic.eval()
         critic_loss = (w_target * ((q1 - y) ** 2 + (q2 - y) ** 2)).mean()
-        actor_loss, w_actor = torch.zeros((), device=obs.device), torch.ones(())
+        actor_loss, logged = torch.zeros((), device=obs.device), {}
         if (self.steps + 1) % cfg.policy_delay == 0:
             action = m.act_unit(obs)
             w_actor = weight(obs, action.detach())
@@ -157,13 +160,13 @@ class UWACLearner(TD3Learner):
                 actor_loss = -(w_actor * m.critic(obs, action)[0]).mean()
             finally:
                 m.critic.requires_grad_(True)
+            logged = {"actor_loss": actor_loss.item(), "actor_weight": w_actor.mean().item()}
         self.metrics.log_dict(
             {
                 "critic_loss": critic_loss.item(),
-                "actor_loss": actor_loss.item(),
                 "q_mean": q1.mean().item(),
                 "target_weight": w_target.mean().item(),
-                "actor_weight": w_actor.mean().item(),
+                **logged,
             },
             key=module_id,
             window=1,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import ray
 
-from serve_apps.utility_agent import operating_point_store
+from actors.served_policies import operating_point_store
 from tests.agent_helpers import random_agent
 from tests.browser import browser_page, screenshot
 
