@@ -79,15 +79,21 @@ class TD3Learner(OfflineLearner):
     def optimizers(self, module, config):
         return [("critic", module.critic, config.lr), ("actor", module.actor, config.actor_lr)]
 
+    def target(self, m, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = r + γ·(1 − done)·min(Q¹', Q²')(s', ã') and the smoothed target action ã' (call under no_grad)."""
+        cfg, nxt, done = self.config, batch[Columns.NEXT_OBS], batch[Columns.TERMINATEDS]
+        noise = torch.randn_like(batch[Columns.ACTIONS]) * cfg.target_noise
+        next_act = (m.act_unit(nxt, target=True) + noise.clamp(-cfg.target_noise_clip, cfg.target_noise_clip)).clamp(
+            0, 1
+        )
+        y = batch[Columns.REWARDS] + cfg.gamma * (1.0 - done) * torch.minimum(*m.target_critic(nxt, next_act))
+        return y, next_act
+
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         m, cfg = self.module[module_id].unwrapped(), self.config
-        obs, act, nxt = batch[Columns.OBS], batch[Columns.ACTIONS], batch[Columns.NEXT_OBS]
+        obs, act = batch[Columns.OBS], batch[Columns.ACTIONS]
         with torch.no_grad():
-            noise = (torch.randn_like(act) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
-            next_act = (m.act_unit(nxt, target=True) + noise).clamp(0.0, 1.0)
-            y = batch[Columns.REWARDS] + cfg.gamma * (1.0 - batch[Columns.TERMINATEDS]) * torch.minimum(
-                *m.target_critic(nxt, next_act)
-            )
+            y, _ = self.target(m, batch)
         q1, q2 = m.critic(obs, act)
         critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
         actor_loss = torch.zeros((), device=obs.device)

@@ -30,6 +30,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from torch import nn
 
 from rllib_policies.algorithm_base import set_provided
+from rllib_policies.building_blocks import mlp
 
 from .common import TwinCritic
 from .td3 import TD3, TD3Config, TD3Learner, TD3Module
@@ -85,21 +86,12 @@ class UWACConfig(TD3Config):
         )
 
 
-def dropout_mlp(d_in: int, hidden: tuple[int, ...], d_out: int, p: float) -> nn.Sequential:
-    """Linear → ReLU → Dropout(p) for each hidden width, then a linear output layer."""
-    layers, d = [], d_in
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(p)]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
-
-
 class DropoutTwinCritic(TwinCritic):
     """TD3's twin critics with dropout after every hidden layer."""
 
     def __init__(self, d_obs: int, d_act: int, hidden: tuple[int, ...], p: float):
         nn.Module.__init__(self)
-        self.q1, self.q2 = dropout_mlp(d_obs + d_act, hidden, 1, p), dropout_mlp(d_obs + d_act, hidden, 1, p)
+        self.q1, self.q2 = mlp(d_obs + d_act, hidden, 1, dropout=p), mlp(d_obs + d_act, hidden, 1, dropout=p)
 
 
 class UWACModule(TD3Module):
@@ -138,11 +130,7 @@ class UWACLearner(TD3Learner):
 
         m.eval()  # forward_train left every network in training mode: targets and the actor's Q use the mean
         with torch.no_grad():
-            noise = (torch.randn_like(act) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
-            next_act = (m.act_unit(nxt, target=True) + noise).clamp(0.0, 1.0)
-            y = batch[Columns.REWARDS] + cfg.gamma * (1.0 - batch[Columns.TERMINATEDS]) * torch.minimum(
-                *m.target_critic(nxt, next_act)
-            )
+            y, next_act = self.target(m, batch)
             # a session's last step has the exact target y = r: nothing uncertain to down-weight
             w_target = torch.where(batch[Columns.TERMINATEDS] > 0, 1.0, weight(nxt, next_act))
         m.critic.train()  # the Bellman regression itself is a dropout pass
