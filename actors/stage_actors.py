@@ -59,6 +59,17 @@ def catalogue_store(prefix: str):
     return get_or_create_store(f"{prefix}_catalogue", {"path": None})
 
 
+def open_stage_stores(prefix: str, stages=STAGES) -> list:
+    """Every store the ``stages`` follow, in order: each stage's parameters and its learned policy, then matching's
+    catalogue. Created side by side: each store is a process of its own, and a follower's first read waits for its
+    store to start (one after another, a fused replica's seven stores took about 12 s of its start here)."""
+    stores = []
+    for stage in stages:
+        params = get_or_create_store(f"{prefix}_{stage}", default_stage_params(stage))
+        stores += [params, stage_policy_store(prefix, stage)]
+    return stores + [catalogue_store(prefix)] * ("matching" in stages)
+
+
 class StageRunner:
     """One stage with its current parameters (plain class; wrapped as an actor below)."""
 
@@ -169,16 +180,16 @@ class ServedStage:
     ):
         self.stage = stage
         self.runner = StageRunner(stage, world_config, pipeline_config, ctx, build_index=False)  # followed below
-        self.store = get_or_create_store(f"{store_prefix}_{stage}", default_stage_params(stage))
+        self.store, policy_store, *catalogue = open_stage_stores(store_prefix, [stage])
         self.follower = ParamFollower(self.store, reader_id, lambda p: params_array(stage, p))
         self.policy = ParamFollower(
-            stage_policy_store(store_prefix, stage),
+            policy_store,
             reader_id,
             lambda p: (mlp_layers(p["mlp_state"]), np.asarray(p["high"], np.float32)) if p else None,
         )
         self.index, self.index_error, self._indexed = None, None, False
-        if stage == "matching":
-            self.index = ParamFollower(catalogue_store(store_prefix), reader_id, self._build_index)
+        if catalogue:
+            self.index = ParamFollower(catalogue[0], reader_id, self._build_index)
 
     def _build_index(self, snapshot: dict) -> MatchingIndex | None:
         """The index over a catalogue snapshot (None: exact search on the world's towers). A snapshot that cannot

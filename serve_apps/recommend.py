@@ -69,7 +69,14 @@ from actors.matching_index import MatchingIndex
 from actors.observation import ObservationSpec
 from actors.param_store import ParamFollower, get_or_create_store
 from actors.served_policies import RankingPolicy, crm_store, operating_point_store, outer_controller_store
-from actors.stage_actors import ServedStage, StageResult, catalogue_store, default_stage_params, params_array
+from actors.stage_actors import (
+    ServedStage,
+    StageResult,
+    catalogue_store,
+    default_stage_params,
+    open_stage_stores,
+    params_array,
+)
 from actors.stages import (
     PARAM_NAMES,
     STAGES,
@@ -310,6 +317,7 @@ class RecommendService:
         self.ctx = StageContext(World(world_config), pipeline_config.seed)
         self.fused = matching is None  # the fused path: the three stages run here, on this replica's context
         if self.fused:
+            open_stage_stores(store_prefix)  # all seven starting at once; each stage below then finds its own
             self.stages = {
                 s: ServedStage(s, world_config, pipeline_config, store_prefix, f"fused-{replica}", self.ctx)
                 for s in STAGES

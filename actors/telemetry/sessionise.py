@@ -31,7 +31,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
-import ray.data
 
 from actors.stages import LONG_VIEW_S
 
@@ -259,6 +258,8 @@ def sessionise_dataset(
     Its tasks ask for ``num_cpus`` each, so the job runs beside Serve replicas on a small cluster
     (whole-CPU read tasks starve behind them on 2 cores)."""
     data_end = parquet_max_ts(events_root)
+    import ray.data  # noqa: PLC0415  Ray Data only where a dataset is read: serving replicas import this module
+
     ds = ray.data.read_parquet(
         events_root, schema=EVENT_SCHEMA, partitioning=None, file_extensions=["parquet"], num_cpus=num_cpus
     )

@@ -331,6 +331,7 @@ def test_the_publish_line_says_what_serving_got():
     assert "warning" not in publish_line("p", "mean", {"version": 5, "readers_live": 2})
 
 
+@pytest.mark.slow  # do-no-harm and publishing have their own tests here; the job runner in test_train_job
 @pytest.mark.ray
 def test_the_crm_job_publishes_what_do_no_harm_certified(ray_session, tmp_path, capsys, monkeypatch):
     """``train_crm`` with ``serve_store_prefix``: the certified policy becomes the store's new version, the one

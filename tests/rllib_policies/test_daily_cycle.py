@@ -256,6 +256,7 @@ crm: {{iterations: 1, steps_per_iteration: 5}}
 """
 
 
+@pytest.mark.slow  # in process: test_two_days_through_serve_with_every_fault; `ray job submit`: test_train_job
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_a_real_job_submission_runs_the_cycle(ray_head, tmp_path):

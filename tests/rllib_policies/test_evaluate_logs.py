@@ -226,6 +226,7 @@ def test_events_preset_aggregates_requests(tmp_path, capsys):
     assert rows["a10", "long_views"]["estimate"] == pytest.approx(rows["a10", "clicks"]["estimate"])
 
 
+@pytest.mark.slow  # the same main runs in process above; `ray job submit` itself in test_train_job
 @pytest.mark.ray
 def test_ray_job_submit(example, ray_head, tmp_path):
     """A real `ray job submit --working-dir .` of the CLI against a local head (absolute paths in and out)."""

@@ -236,6 +236,7 @@ def test_the_parameter_gate_refuses_out_of_bounds_inner_reward_weights(weights, 
         push_inner_reward_weights("http://127.0.0.1:9", weights)
 
 
+@pytest.mark.slow  # sharded learner updates: test_unex_rl's two-learner test runs the same base
 def test_two_learners_train_in_parallel(ray_session):
     algo = tiny(kl_rollback_threshold=None).learners(num_learners=2, num_cpus_per_learner=0.25).build_algo()
     try:

@@ -445,6 +445,7 @@ def test_two_heads_recover_known_one_step_values(ray_session, tmp_path):
         algo.stop()
 
 
+@pytest.mark.slow  # sharded learner updates: test_unex_rl's two-learner test runs the same base
 @pytest.mark.ray
 def test_two_learners_train_the_agent(ray_session, tmp_path):
     grid = ActionGrid(3)
@@ -462,6 +463,7 @@ def test_two_learners_train_the_agent(ray_session, tmp_path):
 
 
 # ------------------------------------------------------------------ off-policy vs simulator ground truth
+@pytest.mark.slow  # the intervals' coverage is test_ope's; this re-checks it end to end on the simulator's ground truth
 @pytest.mark.ray
 def test_reward_at_hit_matches_the_simulators_ground_truth(ray_session, tmp_path):
     """Exploration logs on the simulator, with the exact expected clicks / long views of every action
@@ -585,6 +587,7 @@ def test_study_config_errors_name_the_field(kw, match):
 
 
 # ------------------------------------------------------------------ the job, end to end
+@pytest.mark.slow  # the job's parts (logs, training, sweep, artifact) each have a test here; its runner: test_train_job
 @pytest.mark.ray
 def test_job_runs_logs_training_sweep_and_writes_the_artifact(ray_session, tmp_path, capsys):
     import yaml
