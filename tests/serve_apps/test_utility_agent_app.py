@@ -22,22 +22,33 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve]
 ARGS = {"world": {"n_items": 3000, "n_users": 500}, "pipeline": {"k_matching": 200, "k_pre_ranking": 30, "k_slate": 8}}
 
 
-def _deploy(name, route, tmp, agent_cfg):
+@pytest.fixture(scope="module")
+def inner_app(serve_url):
+    """One inner-reward app every recommend app here scores its feedback on (a deploy costs seconds)."""
     from ray import serve
 
     from serve_apps import inner_reward
 
-    prefix = f"{name}_{uuid.uuid4().hex[:8]}"
     serve.run(
-        inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name=f"{name}_inner", route_prefix=f"{route}_ir"
+        inner_reward.app_builder({"weights_store": f"ua_inner_{uuid.uuid4().hex[:8]}"}),
+        name="ua_inner",
+        route_prefix="/ua_ir",
     )
+    yield "ua_inner"
+    serve.delete("ua_inner")
+
+
+def _deploy(name, route, tmp, agent_cfg):
+    from ray import serve
+
+    prefix = f"{name}_{uuid.uuid4().hex[:8]}"
     events = str(tmp / "events")
     serve.run(
         app_builder(
             {
                 **ARGS,
                 "store_prefix": prefix,
-                "inner_reward_app": f"{name}_inner",
+                "inner_reward_app": "ua_inner",
                 "utility_agent": agent_cfg,
                 "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
             }
@@ -49,7 +60,7 @@ def _deploy(name, route, tmp, agent_cfg):
 
 
 @pytest.fixture(scope="module")
-def agent_app(serve_url, tmp_path_factory):
+def agent_app(serve_url, inner_app, tmp_path_factory):
     from ray import serve
 
     from rllib_policies.utility_agent.pareto import write_frontier
@@ -73,11 +84,10 @@ def agent_app(serve_url, tmp_path_factory):
         c.module, c.frontier = module, frontier
         yield c
     serve.delete("ua_test")
-    serve.delete("ua_test_inner")
 
 
 @pytest.fixture(scope="module")
-def agent_in_replica(serve_url, tmp_path_factory):
+def agent_in_replica(serve_url, inner_app, tmp_path_factory):
     """The same agent answering inside the fused recommend replica (placement "replica", the fused default)."""
     from ray import serve
 
@@ -88,7 +98,6 @@ def agent_in_replica(serve_url, tmp_path_factory):
         c.module = module
         yield c
     serve.delete("ua_local")
-    serve.delete("ua_local_inner")
 
 
 def test_the_agent_in_the_replica_chooses_as_the_deployment_does(agent_in_replica):
@@ -220,7 +229,7 @@ def test_frontier_is_served(agent_app):
     assert r.status_code == 200 and r.json() == agent_app.frontier
 
 
-def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path):
+def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, inner_app, tmp_path):
     import pyarrow.dataset as pads
     from ray import serve
 
@@ -277,4 +286,3 @@ def test_explore_mode_logs_uniform_actions_with_propensities(serve_url, tmp_path
         assert rows["propensity"] == pytest.approx([1 / 49] * 12)
     finally:
         serve.delete("ua_explore")
-        serve.delete("ua_explore_inner")

@@ -246,21 +246,19 @@ def test_served_weights_mean_and_density_reach_the_events(client):
 
 
 @pytest.fixture(scope="module")
-def explore_client(serve_url):
-    """The same app with the utility agent in explore mode: μ is the agent's grid point."""
+def explore_client(serve_url, client):
+    """The same app with the utility agent in explore mode: μ is the agent's grid point (feedback scored by the
+    first app's inner-reward app)."""
     from ray import serve
 
-    from serve_apps import inner_reward
-
     prefix = f"wlx_test_{uuid.uuid4().hex[:8]}"
-    serve.run(inner_reward.app_builder({"weights_store": f"{prefix}_inner"}), name="wlx_inner", route_prefix="/wlx_ir")
     events = tempfile.mkdtemp(prefix="morl-events-wlx-")
     serve.run(
         app_builder(
             {
                 **ARGS,
                 "store_prefix": prefix,
-                "inner_reward_app": "wlx_inner",
+                "inner_reward_app": "wl_test_inner",
                 "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
                 "utility_agent": {"mode": "explore", "timeout_s": 30},
                 "weight_logging": {"cov": np.diag(STD**2).tolist(), "seed": 1},
@@ -273,7 +271,6 @@ def explore_client(serve_url):
         c.events_root = events
         yield c
     serve.delete("weight_logging_explore_test")
-    serve.delete("wlx_inner")
 
 
 @pytest.mark.ray
