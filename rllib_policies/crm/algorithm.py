@@ -32,9 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import ray
-import ray.data
 import torch
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -43,6 +40,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from scipy import stats
 
 from actors.served_policies import publish_crm
+from rllib_policies import storage
 from rllib_policies.algorithm_base import AlgorithmBase, AlgorithmConfigBase, set_provided
 from rllib_policies.ope import (
     AbstainRule,
@@ -276,10 +274,10 @@ class CRM(AlgorithmBase):
 
     # ---------------------------------------------------------------- data
     def load_rows(self) -> None:
-        """Read the request rows with Ray Data, fit the reward (r_λ's σ or the learnt metric) and the
-        context standardisation on them, and hand both to every learner."""
-        ds = ray.data.read_parquet(self.config.offline_requests, num_cpus=0.25).materialize()
-        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        """Read the request rows (on the driver with pyarrow: every row is needed here, and a Ray Data read costs
+        seconds of start-up), fit the reward (r_λ's σ or the learnt metric) and the context standardisation on them,
+        and hand both to every learner."""
+        table = storage.read_parquet(self.config.offline_requests)
         if table.num_rows < 2:
             raise ValueError(f"{self.config.offline_requests!r} holds {table.num_rows} request rows; need at least 2")
         rows = as_arrays(table)

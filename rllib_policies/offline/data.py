@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import ray.data
 
 from actors.cascade import Pipeline, build_world
 from actors.stages import DEFAULT_PARAMS, RANKING_ACTION_HIGH
@@ -50,6 +49,7 @@ from actors.world.oracle import (
     simulate_policy_sessions,
     static_policy,
 )
+from rllib_policies import storage
 from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
 
 DATASETS = ("exploratory", "concurrent", "imitation", "misaligned")
@@ -214,20 +214,17 @@ def write_dataset(
 
 
 def read_rows(path: str) -> dict[str, np.ndarray]:
-    """A dataset's transitions as NumPy columns (obs [N, d], actions [N, 3], rewards [N], new_obs, terminateds,
-    eps_id, t, action_logp), through Ray Data when Ray is up, else pyarrow."""
-    if ray.is_initialized():
-        # a quarter CPU per read task: whole-CPU reads wait behind other jobs' actors on a small Ray (hangs)
-        table = pa.concat_tables(ray.get(ray.data.read_parquet(path, num_cpus=0.25).to_arrow_refs()))
-    else:
-        table = pq.read_table(path)
+    """A dataset's transitions (a Parquet file or folder, local or a storage URI) as NumPy columns (obs [N, d],
+    actions [N, 3], rewards [N], new_obs, terminateds, eps_id, t, action_logp). Read on the caller with pyarrow:
+    every row ends up here anyway, and a Ray Data read of the same file costs seconds of start-up."""
+    table = storage.read_parquet(path)
     out = {}
     for name in table.column_names:
-        col = table.column(name)
-        if pa.types.is_list(col.type):
-            out[name] = np.asarray(col.to_pylist(), np.float32)
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type):  # equal-length float lists (obs, actions): one reshape, no Python per row
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
         else:
-            out[name] = col.to_numpy()
+            out[name] = col.to_numpy(zero_copy_only=False)
     return out
 
 
