@@ -314,6 +314,7 @@ def test_uwac_takes_td3s_options_and_refuses_unknown_ones():
         own_config("uwac", {"lam": 0.5})
 
 
+@pytest.mark.slow  # RLlib's own CQL, two learners built through Ray Data (about 70 s); unit_rows: test below
 def test_cql_penalty_lowers_q_on_actions_the_data_never_hold(ray_session, tmp_path):
     """RLlib's CQL against the same learner with its penalty off (min_q_weight 0): at the box's far corner —
     higher reward by extrapolation, absent from the data — CQL's Q is lower, and below its Q at logged actions."""
