@@ -478,7 +478,6 @@ def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_ses
 
 
 # ---------------------------------------------------------------------------------------------- the job
-@pytest.mark.slow  # datasets, learners and the gate have their own tests here; the job runner in test_train_job
 def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tmp_path, capsys):
     import yaml
 
