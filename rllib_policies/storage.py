@@ -210,8 +210,10 @@ def write_parquet(table: pa.Table, uri: str) -> str:
     return write_bytes(uri, buf.getvalue())
 
 
-def read_parquet(uri: str) -> pa.Table:
-    """A Parquet file, or every Parquet file under a folder, as one table."""
+def read_parquet(uri: str | list[str]) -> pa.Table:
+    """A Parquet file, or every Parquet file under a folder (or under each of a list of them), as one table."""
+    if isinstance(uri, (list, tuple)):
+        return pa.concat_tables([read_parquet(u) for u in uri])
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs)
 

@@ -13,7 +13,7 @@ the first certified is served as that stochastic policy, none → q. The determi
 never certified, so never served by do no harm (the module's ``_forward_inference`` returns it for inspection only).
 
 One iteration = ``steps_per_iteration`` full-batch gradient steps (one ``update_learners`` call with
-``num_epochs``) on all training rows, read once with Ray Data; the reward column is r_λ (logs.Objective,
+``num_epochs``) on all training rows, read once on the driver (pyarrow); the reward column is r_λ (logs.Objective,
 σ from these rows) or the learnt metric (metric.py). With ``num_learners`` > 0 each learner computes J on
 its shard (rows of one user together) and RLlib averages the gradients.
 

@@ -78,7 +78,7 @@ class CRMExperiment:
     oracle_resolution: int = 20
     policy_draws: int = 4  # M draws per test state for π_θ's exact value
     ray_data: bool = (
-        True  # events → rows by the Ray Data job (False: in process; the learner reads rows with Ray Data either way)
+        True  # events → rows by the Ray Data job (False: in process; the learner reads rows on its driver either way)
     )
     seed: int = 0
     rounds: int = 1  # logging rounds sharing ``sessions`` (module docstring); 1: everything logged around μ₀

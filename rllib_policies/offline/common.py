@@ -1,5 +1,5 @@
 """What the offline actor-critics (TD3, BCQ, UWAC) share: the config's options, the twin critics, the
-algorithm that reads a logged dataset with Ray Data and trains on minibatches of it.
+algorithm that reads a logged dataset (on the driver, with pyarrow) and trains on minibatches of it.
 
 Actions are handled in the box's unit cube: ā = a / a_max ∈ [0, 1]³ (a_max = ``RANKING_ACTION_HIGH``); the
 critics see (s, ā), the policies output ā and serve a = a_max·ā.
@@ -178,7 +178,7 @@ class OfflineLearner(TorchLearner):
 
 
 class OfflineActorCritic(AlgorithmBase):
-    """Reads the dataset once (Ray Data), then trains on uniform minibatches of it."""
+    """Reads the dataset once (``read_rows``: pyarrow on the driver), then trains on uniform minibatches of it."""
 
     metrics_key = "offline"
 

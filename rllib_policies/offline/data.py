@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -222,7 +223,12 @@ def read_rows(path: str) -> dict[str, np.ndarray]:
     for name in table.column_names:
         col = table.column(name).combine_chunks()
         if pa.types.is_list(col.type):  # equal-length float lists (obs, actions): one reshape, no Python per row
-            out[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+            lengths = pc.list_value_length(col)
+            width = pc.min_max(lengths)
+            if col.null_count or width["min"] != width["max"]:
+                raise ValueError(f"{path}: column {name!r} needs one list of equal length per row (nulls or ragged)")
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            out[name] = values.reshape(len(col), width["max"].as_py() or 0)
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
     return out

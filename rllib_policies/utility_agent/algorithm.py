@@ -126,7 +126,7 @@ class UtilityAgent(AlgorithmBase):
             *(Mean(c, alias_name=f"mean_{c}") for c in OBJECTIVES),
             *(Std(c, alias_name=f"std_{c}") for c in OBJECTIVES),
         )
-        n = stats["n"]
+        n = (stats or {}).get("n") or 0  # None: no rows at all
         if n < 2:
             raise ValueError(f"{self.config.offline_requests!r} holds {n} request rows; need at least 2")
         mean = np.array([stats[f"mean_{c}"] for c in OBJECTIVES], np.float32)

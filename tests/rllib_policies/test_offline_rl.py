@@ -314,7 +314,7 @@ def test_uwac_takes_td3s_options_and_refuses_unknown_ones():
         own_config("uwac", {"lam": 0.5})
 
 
-@pytest.mark.slow  # RLlib's own CQL, two learners built through Ray Data (about 70 s); unit_rows: test below
+@pytest.mark.slow  # RLlib's own CQL, two algorithms built on Ray Data (about 70 s); the wrapper: the BC test below
 def test_cql_penalty_lowers_q_on_actions_the_data_never_hold(ray_session, tmp_path):
     """RLlib's CQL against the same learner with its penalty off (min_q_weight 0): at the box's far corner —
     higher reward by extrapolation, absent from the data — CQL's Q is lower, and below its Q at logged actions."""
@@ -348,6 +348,21 @@ def test_unit_rows_round_trip(tmp_path):
     unit = read_rows(unit_rows(path))["actions"]
     assert unit.min() >= -1 and unit.max() <= 1
     np.testing.assert_allclose(to_weights(unit), read_rows(path)["actions"], rtol=1e-5, atol=1e-4)
+
+
+def test_a_shipped_learner_trains_through_the_wrapper_and_acts_in_the_box(ray_session, tmp_path):
+    """RLlib's BC through ``ShippedOffline`` (the wrapper BC, CQL and IQL share): it trains on the unit-action copy,
+    and its policy maps back to weights inside the box; BC has no critic, so no Q estimate."""
+    path = hand_built_rows(tmp_path, n=300)
+    learner = ShippedOffline("bc", path, D_OBS, seed=0, updates_per_iteration=5, batch_size=64)
+    try:
+        learner.train()
+        obs = read_rows(path)["obs"][:20]
+        weights = learner.policy_weights(obs)
+        assert weights.shape == (20, 3) and np.all(weights >= 0) and np.all(weights <= RANKING_ACTION_HIGH)
+        assert np.isnan(learner.q_estimate(obs))
+    finally:
+        learner.stop()
 
 
 # ---------------------------------------------------------------------------------------------- the gate

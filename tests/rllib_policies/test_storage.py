@@ -319,7 +319,7 @@ def learner_weights(algo) -> dict:
 @pytest.mark.ray
 @pytest.mark.parametrize(
     "where, num_env_runners",
-    # s3 with an env runner is the two cases below it combined (storage and env-runner restore are independent)
+    # s3 with an env runner is the other two cases combined (storage and env-runner restore are independent)
     [("s3", 0), pytest.param("s3", 1, marks=pytest.mark.slow), ("local", 1)],
 )
 def test_checkpoint_round_trip_restores_learner_and_env_runner_weights(
