@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -51,6 +50,7 @@ from actors.world.oracle import (
     static_policy,
 )
 from rllib_policies import storage
+from rllib_policies.ope.data import list_matrix
 from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
 
 DATASETS = ("exploratory", "concurrent", "imitation", "misaligned")
@@ -223,12 +223,7 @@ def read_rows(path: str) -> dict[str, np.ndarray]:
     for name in table.column_names:
         col = table.column(name).combine_chunks()
         if pa.types.is_list(col.type):  # equal-length float lists (obs, actions): one reshape, no Python per row
-            lengths = pc.list_value_length(col)
-            width = pc.min_max(lengths)
-            if col.null_count or width["min"] != width["max"]:
-                raise ValueError(f"{path}: column {name!r} needs one list of equal length per row (nulls or ragged)")
-            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-            out[name] = values.reshape(len(col), width["max"].as_py() or 0)
+            out[name] = list_matrix(col, name, np.float32)
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
     return out

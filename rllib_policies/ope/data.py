@@ -34,6 +34,17 @@ def _check_finite(column: str, values: np.ndarray) -> None:
         raise ValueError(f"column {column!r} row {i}: value must be finite, got {values[i].tolist()}")
 
 
+def list_matrix(values, name: str, dtype=np.float64) -> np.ndarray:
+    """A list column (one equal-length list per row) as [n, d] ``dtype``; a null or ragged row is refused, naming it."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    lengths = np.asarray(values.value_lengths().fill_null(0))
+    if len(lengths) and (lengths != lengths[0]).any():
+        i = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise ValueError(f"column {name!r} row {i}: dimension {lengths[i]}, expected {lengths[0]} (as row 0)")
+    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), dtype)
+    return flat.reshape(len(values), lengths[0] if len(lengths) else 0)
+
+
 @dataclass(frozen=True)
 class LoggedBandit:
     """A validated logged-bandit table (numpy columns, float64 except integer grid actions).
@@ -144,15 +155,7 @@ class LoggedBandit:
             values = table[name]
             if pa is not None and isinstance(values, pa.ChunkedArray | pa.Array):
                 if pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
-                    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-                    lengths = np.asarray(values.value_lengths().fill_null(0))
-                    if len(lengths) and (lengths != lengths[0]).any():
-                        i = int(np.flatnonzero(lengths != lengths[0])[0])
-                        raise ValueError(
-                            f"column {name!r} row {i}: dimension {lengths[i]}, expected {lengths[0]} (as row 0)"
-                        )
-                    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False), np.float64)
-                    return flat.reshape(len(values), -1)
+                    return list_matrix(values, name)
                 return values.to_numpy(zero_copy_only=False)
             return np.asarray(values)
 
