@@ -24,11 +24,11 @@ No torch and no running Ray needed: usable outside Serve (simulators, offline ch
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from actors.served_policies import CRMPolicy, log_box_floor
 from actors.stages import RANKING_ACTION_HIGH, RANKING_PARAMS
@@ -65,6 +65,7 @@ class WeightLogging:
     weight_high: np.ndarray = field(init=False)
     log_low: np.ndarray = field(init=False)
     log_high: np.ndarray = field(init=False)
+    _truncnorm: object = field(init=False, repr=False, compare=False)  # scipy.stats.truncnorm (__post_init__)
 
     @classmethod
     def from_config(cls, config: dict | None, high: np.ndarray = RANKING_ACTION_HIGH) -> WeightLogging | None:
@@ -136,6 +137,9 @@ class WeightLogging:
         put(self, "weight_high", hi32)
         put(self, "log_low", np.log(lo32.astype(np.float64)))
         put(self, "log_high", np.log(hi32.astype(np.float64)))
+        # SciPy's truncated normal, imported here: a replica that logs weights pays for it at deploy, not on its
+        # first request; one that does not never imports it
+        put(self, "_truncnorm", importlib.import_module("scipy.stats").truncnorm)
 
     @property
     def diagonal(self) -> bool:
@@ -169,7 +173,7 @@ class WeightLogging:
         units); None for a full Σ when a row found no candidate inside the box in ``max_tries``."""
         mu = np.log(self.clip_mean(np.atleast_2d(mean)).astype(np.float64))
         if self.diagonal:
-            return stats.truncnorm.rvs(
+            return self._truncnorm.rvs(
                 (self.log_low - mu) / self.std,
                 (self.log_high - mu) / self.std,
                 loc=mu,

@@ -4,7 +4,6 @@ t-interval, and the fraction of the gap to the oracle that a learner closed."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 
 def dcg(gains: np.ndarray, k: int) -> np.ndarray:
@@ -27,6 +26,8 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
     x = np.asarray(values, np.float64)
     if len(x) < 2:
         return float(x.mean()), float("nan")
+    from scipy import stats  # noqa: PLC0415  (SciPy on first use: every serving replica imports this module, ~1 s of CPU a process)
+
     return float(x.mean()), float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import brentq
 
 from .config import ULTRA_PBM_TOP10, WorldConfig
 from .entities import Catalogue, Users, seed_sequence
@@ -381,4 +380,6 @@ def _solve(fn, target: float, lo: float, hi: float) -> float:
     f_lo, f_hi = fn(lo) - target, fn(hi) - target
     if f_lo >= 0 or f_hi <= 0:
         return lo if f_lo >= 0 else hi
+    from scipy.optimize import brentq  # noqa: PLC0415  (SciPy on first use: importing the world stays light)
+
     return float(brentq(lambda x: fn(x) - target, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps))

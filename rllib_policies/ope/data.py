@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 try:  # optional: tables may also come as Arrow / Parquet
     import pyarrow as pa
@@ -232,6 +231,8 @@ class GaussianPolicy:
         mean = self.mean.reshape(-1, self.dim)
         if not self.truncated:
             return np.ones(len(mean))
+        from scipy import stats  # noqa: PLC0415  (SciPy on first use: serving replicas import this module)
+
         low, high = self._box()
         if self.diagonal:
             z = stats.norm.cdf((high - mean) / self.cov) - stats.norm.cdf((low - mean) / self.cov)
@@ -247,6 +248,8 @@ class GaussianPolicy:
         action = np.asarray(action, np.float64)
         if action.shape[-1] != self.dim:
             raise ValueError(f"column 'action' row 0: action has dimension {action.shape[-1]}, policy has {self.dim}")
+        from scipy import stats  # noqa: PLC0415  (SciPy on first use: serving replicas import this module)
+
         u = action - self.mean
         if self.diagonal:
             logpdf = stats.norm.logpdf(u / self.cov).sum(-1) - np.log(self.cov).sum()

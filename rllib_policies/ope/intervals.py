@@ -35,13 +35,14 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
-from scipy import stats
 
 
 def normal_quantile(level: float) -> float:
     """z = Φ⁻¹((1 + level)/2), the two-sided normal CI's multiplier at confidence ``level``."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    from scipy import stats  # noqa: PLC0415  (SciPy on first use: serving replicas import this module)
+
     return float(stats.norm.ppf(0.5 + level / 2))
 
 
@@ -154,6 +155,8 @@ class EssCorrected:
             resid = parts.num[:, 0, :] / np.where(parts.weights == 0, 1.0, parts.weights)[:, None] - value
             se = np.fmax(se, np.sqrt((w_bar[:, None] * resid**2).sum(0) / ess))
         df = max(min(ess, c) - 1.0, 1.0)
+        from scipy import stats  # noqa: PLC0415  (SciPy on first use: serving replicas import this module)
+
         half = float(stats.t.ppf(0.5 + self.level / 2, df)) * se
         return value - half, value + half
 

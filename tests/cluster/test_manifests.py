@@ -215,6 +215,7 @@ def test_the_image_holds_what_the_manifests_call():
 
 
 # ------------------------------------------------------------------ the RayService's config, deployed
+@pytest.mark.slow  # its parts run by default: the serveConfigV2 against KubeRay's schema here, its apps in serve_apps/
 @pytest.mark.ray
 @pytest.mark.serve
 def test_recommend_rayservice_deploys(serve_url, tmp_path):

@@ -36,17 +36,25 @@ def deploy(serve_url, name: str, **args):
 
 @pytest.fixture(scope="module")
 def apps(serve_url):
+    """The fused app scores /feedback in its replica on an inner-reward app's weights (and never calls that app:
+    "absent"); the composed and IVF apps use the defaults. A deploy costs seconds: one of each."""
     from ray import serve
 
+    from serve_apps import inner_reward
+
+    store = f"paths_inner_{uuid.uuid4().hex[:8]}"
+    serve.run(inner_reward.app_builder({"weights_store": store}), name="paths_inner", route_prefix="/paths_ir")
     clients = {
-        "fused": deploy(serve_url, "rec_fused"),
+        "inner_reward": httpx.Client(base_url=f"{serve_url}/paths_ir", timeout=60),
+        "fused": deploy(serve_url, "rec_fused", inner_reward_weights_store=store, inner_reward_app="absent"),
         "composed": deploy(serve_url, "rec_composed", cascade="composed"),
         "ivf": deploy(serve_url, "rec_ivf", pipeline=IVF_PIPE),
     }
     yield clients
-    for name, client in clients.items():
+    for client in clients.values():
         client.close()
-        serve.delete(f"rec_{name}")
+    for name in ("rec_fused", "rec_composed", "rec_ivf", "paths_inner"):
+        serve.delete(name)
 
 
 def timings(response: httpx.Response) -> dict[str, float]:
@@ -166,37 +174,24 @@ def test_bad_catalogue_updates_are_refused_and_change_nothing(apps, tmp_path, ar
     assert client.post("/recommend", json={"user_id": 1}).status_code == 200
 
 
-def test_feedback_is_scored_in_the_replica_on_the_inner_reward_apps_weights(serve_url, apps):
+def test_feedback_is_scored_in_the_replica_on_the_inner_reward_apps_weights(apps):
     """With ``inner_reward_weights_store`` /feedback runs the kernel in the recommend replica, on the weights the
     inner-reward app serves: a PUT /weights there reaches both, acknowledged by both."""
-    from ray import serve
-
-    from serve_apps import inner_reward
-
-    store = f"paths_inner_{uuid.uuid4().hex[:8]}"
-    serve.run(inner_reward.app_builder({"weights_store": store}), name="paths_inner", route_prefix="/paths_ir")
-    client = deploy(serve_url, "rec_local_reward", inner_reward_weights_store=store, inner_reward_app="absent")
-    ir = httpx.Client(base_url=f"{serve_url}/paths_ir", timeout=60)
-    try:
-        rec = client.post("/recommend", json={"user_id": 5}).json()
-        n = len(rec["slate"])
-        feedback = {
-            "request_id": rec["request_id"],
-            "clicked": [True] + [False] * (n - 1),
-            "dwell_s": [30.0] + [0.0] * (n - 1),
-            "skipped": [False] * n,
-        }
-        before = client.post("/feedback", json=feedback)
-        assert before.status_code == 200, before.text  # the inner-reward app is never called ("absent")
-        weights = ir.get("/weights").json()
-        assert before.json()["weights_version"] == weights["version"]
-        put = ir.put("/weights", json={**weights["weights"], "click_w": 2.0, "expected_version": weights["version"]})
-        assert put.status_code == 200 and put.json()["readers_acked"] == put.json()["readers_live"] == 2
-        after = client.post("/feedback", json=feedback).json()
-        assert after["weights_version"] == weights["version"] + 1
-        assert after["rewards"][0] == pytest.approx(before.json()["rewards"][0] + 1.0, abs=1e-4)
-    finally:
-        ir.close()
-        client.close()
-        serve.delete("rec_local_reward")
-        serve.delete("paths_inner")
+    client, ir = apps["fused"], apps["inner_reward"]
+    rec = client.post("/recommend", json={"user_id": 5}).json()
+    n = len(rec["slate"])
+    feedback = {
+        "request_id": rec["request_id"],
+        "clicked": [True] + [False] * (n - 1),
+        "dwell_s": [30.0] + [0.0] * (n - 1),
+        "skipped": [False] * n,
+    }
+    before = client.post("/feedback", json=feedback)
+    assert before.status_code == 200, before.text  # the inner-reward app is never called ("absent")
+    weights = ir.get("/weights").json()
+    assert before.json()["weights_version"] == weights["version"]
+    put = ir.put("/weights", json={**weights["weights"], "click_w": 2.0, "expected_version": weights["version"]})
+    assert put.status_code == 200 and put.json()["readers_acked"] == put.json()["readers_live"] == 2
+    after = client.post("/feedback", json=feedback).json()
+    assert after["weights_version"] == weights["version"] + 1
+    assert after["rewards"][0] == pytest.approx(before.json()["rewards"][0] + 1.0, abs=1e-4)
