@@ -443,7 +443,8 @@ def main() -> None:
         "--ingress",
         choices=sorted(INGRESS_ENV),
         default="haproxy",
-        help="as serve_apps/configs/recommend.yaml (HAProxy, replaying a request whose replica died on another)",
+        help="HAProxy, as in serve_apps/configs/recommend.yaml (without its throughput mode): it replays a request "
+        "whose replica died on another",
     )
     args = parser.parse_args()
     results = os.path.join(ROOT, "benchmarks", "results")
