@@ -24,7 +24,6 @@ No torch and no running Ray needed: usable outside Serve (simulators, offline ch
 
 from __future__ import annotations
 
-import importlib
 import zlib
 from dataclasses import dataclass, field
 
@@ -139,7 +138,9 @@ class WeightLogging:
         put(self, "log_high", np.log(hi32.astype(np.float64)))
         # SciPy's truncated normal, imported here: a replica that logs weights pays for it at deploy, not on its
         # first request; one that does not never imports it
-        put(self, "_truncnorm", importlib.import_module("scipy.stats").truncnorm)
+        from scipy.stats import truncnorm  # noqa: PLC0415
+
+        put(self, "_truncnorm", truncnorm)
 
     @property
     def diagonal(self) -> bool:
