@@ -46,6 +46,7 @@ bench-utility: bootstrap
 
 bench-unex: bootstrap
 	$(PY) benchmarks/unex_rl.py
+	$(PY) benchmarks/unex_rl_sensitivity.py
 
 bench-recommend: bootstrap
 	$(PY) benchmarks/recommend.py
