@@ -160,6 +160,7 @@ class StageResult:
     policy_version: int | None  # the learned stage policy's version, when one acted
     compute_ms: float  # time in the stage function (the rest of a call's wall time is transport)
     index_version: int | None = None  # matching: the catalogue snapshot's version
+    batch: int = 1  # the requests run together in one pass (micro-batching; compute_ms is the batch's)
 
 
 class ServedStage:
@@ -215,16 +216,50 @@ class ServedStage:
     def run(self, req: RequestBatch, candidates=None, params=None, upstream: dict | None = None) -> StageResult:
         """A request's ``params`` override everything; else the stage policy acts on o_k (``upstream``: the earlier
         stages' actions); else the held parameters."""
+        return self.run_many([(req, candidates, params, upstream)])[0]
+
+    def run_many(self, calls: list[tuple]) -> list[StageResult]:
+        """Several ``run`` calls (req, candidates, params, upstream) as one pass of the stage function over their
+        requests concatenated (micro-batching): each call gets what it would get alone — its rows, its own
+        parameters or else the policy's or the held ones, its random streams (keyed by its request ids) — and
+        the batch's compute time."""
         started = time.perf_counter()
         version, held = self.follower.current
         policy_version, policy = self.policy.current
         index_version, index = self.index.current if self.index is not None else (None, None)
-        if params is None and policy is not None:
-            action = mlp_act(*policy, self.runner.observe(req, candidates, upstream or {}))
+        reqs, candidates, params, upstream = zip(*calls)
+        sizes = [len(r.user) for r in reqs]
+        req = reqs[0] if len(calls) == 1 else RequestBatch.concat(list(reqs))
+        cand = None if candidates[0] is None else np.concatenate(candidates)
+        own = [p is not None for p in params]
+        if all(own):
+            base, policy = None, None
+        elif policy is not None:  # o_k of every row (one forward), though rows with their own parameters ignore it
+            ups = {s: np.concatenate([u[s] for u in upstream]) for s in (upstream[0] or {})}
+            base = mlp_act(*policy, self.runner.observe(req, cand, ups))
         else:
-            action, policy_version = stage_params(held if params is None else params, self.stage, len(req.user)), None
-        out, _ = self.runner.run(req, candidates, action, index)
-        return StageResult(out, version, action, policy_version, (time.perf_counter() - started) * 1e3, index_version)
+            base = stage_params(held, self.stage, len(req.user))
+        parts = [stage_params(p, self.stage, n) if p is not None else None for p, n in zip(params, sizes)]
+        offsets = np.cumsum([0, *sizes])
+        action = (
+            np.concatenate(parts)
+            if base is None
+            else np.concatenate([base[a:b] if p is None else p for p, a, b in zip(parts, offsets, offsets[1:])])
+        )
+        out, _ = self.runner.run(req, cand, action, index)
+        ms = (time.perf_counter() - started) * 1e3
+        return [
+            StageResult(
+                StageOutput(out.items[a:b], out.scores[a:b], {k: v[a:b] for k, v in out.predictions.items()}),
+                version,
+                action[a:b],
+                None if p is not None or policy is None else policy_version,
+                ms,
+                index_version,
+                len(calls),
+            )
+            for p, a, b in zip(parts, offsets, offsets[1:])
+        ]
 
     def stop(self) -> None:
         """Stop following the stores (the replica's shutdown; tests)."""
@@ -237,6 +272,22 @@ class ServedStage:
         version, index = self.index.current
         exact = {"kind": "exact", "n_items": len(self.runner.ctx.item_tower), "source": None}
         return {**(exact if index is None else index.describe()), "version": version, "last_error": self.index_error}
+
+
+def run_served_cascade(stages: dict[str, ServedStage], calls: list[tuple[RequestBatch, dict]]) -> list[dict]:
+    """matching → pre_ranking → ranking for several requests at once (micro-batching): ``calls`` are (req, params:
+    stage → that request's own parameters, stages not named acting as ``ServedStage.run`` says); each stage runs
+    one pass over all of them (``ServedStage.run_many``). Returns, per call, stage → its StageResult."""
+    out: list[dict] = [{} for _ in calls]
+    for k, stage in enumerate(STAGES):
+        previous = STAGES[k - 1] if k else None  # whose candidates this stage receives
+        batch = [
+            (req, r[previous].out.items if previous else None, p.get(stage), {s: res.action for s, res in r.items()})
+            for (req, p), r in zip(calls, out)
+        ]
+        for r, result in zip(out, stages[stage].run_many(batch)):
+            r[stage] = result
+    return out
 
 
 class ActorPipeline:

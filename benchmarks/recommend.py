@@ -13,7 +13,8 @@
     without Ray (20 000 items); fused at 1 000 000 items (IVF); fused with the utility agent (explore mode)
     beside fused without it at 200 req/s; /feedback at 500 req/s. Open loop from benchmarks/loadgen with 64
     connections, on the same 2 cores as the servers: the config file's setup (HAProxy + Serve's throughput mode,
-    2 fused replicas), one replica, and HAProxy without throughput mode beside it.
+    2 fused replicas, micro-batching ≤ 8), the same without micro-batching, one replica, and HAProxy without
+    throughput mode beside it.
 (d) Where the time goes: the replicas' server-timing metrics from the same runs (each stage's compute, each
     handle hop on the composed path, the wait for the agent) and the proxy + network (service − app).
 Writes benchmarks/results/recommend.md and recommend.png (latency against offered load).
@@ -56,7 +57,8 @@ CONFIG = os.path.join(ROOT, "serve_apps", "configs", "recommend.yaml")
 BIG = 1_000_000
 # server configuration → (route label, offered rates, overrides of serve_apps/configs/recommend.yaml)
 SERVERS = {
-    "fused": ("recommend fused (2 replicas)", [200, 400, 500, 800], {}),
+    "fused": ("recommend fused (2 replicas, micro-batched)", [200, 400, 500, 800], {}),
+    "fused-unbatched": ("recommend fused (2 replicas), no micro-batching", [200, 400, 500, 800], {"micro_batch": 1}),
     "fused-1": ("recommend fused, 1 replica", [200, 400, 500], {"num_replicas": 1}),
     "fused-haproxy": ("recommend fused (2 replicas), HAProxy alone", [200, 400, 500, 800], {"ingress": "haproxy"}),
     "composed": ("recommend composed", [100, 200, 500], {"cascade": "composed", "num_replicas": 1}),
@@ -203,12 +205,36 @@ def serve_config(name: str, rates: list[int], duration: float, warmup: float) ->
         stop_server(server)
 
 
+def batch_cell(result: dict) -> str:
+    """Micro-batching: the requests that ran matching together (server-timing's ``matching_batch``), p50 / p99."""
+    b = result.get("timings", {}).get("matching_batch")
+    return "—" if b is None else f"{b['p50_ms']:.0f} / {b['p99_ms']:.0f}"
+
+
+def batching(results: list[dict]) -> str:
+    """Micro-batching under load: the config's fused app beside the same app without it, rate by rate."""
+    lines = [
+        "| offered req/s | micro-batched: achieved req/s | p99 ms | requests per batch p50 / p99 | "
+        "not batched: achieved req/s | p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in (r for r in results if r.get("config") == "fused" and "failed" not in r):
+        off = next(
+            (o for o in results if o.get("config") == "fused-unbatched" and o["offered_rps"] == r["offered_rps"]), None
+        )
+        plain = "— | —" if off is None or "failed" in off else f"{off['achieved_rps']:.0f} | {off['p99_ms']:.1f}"
+        lines.append(
+            f"| {r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {r['p99_ms']:.1f} | {batch_cell(r)} | {plain} |"
+        )
+    return "\n".join(lines)
+
+
 def where_time_goes(results: list[dict]) -> str:
     """Per configuration at its lowest offered rate: the replica's metrics (p50) and the rest."""
     lines = [
         "| route @ req/s | client p50 | proxy + network (service − app) | in replica (app) | matching | "
-        "pre_ranking | ranking | handle hops (3) | agent wait | rest of the handler |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "pre_ranking | ranking | handle hops (3) | agent wait | rest of the handler | requests per batch p50 / p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     seen = set()
     for r in results:
@@ -227,7 +253,7 @@ def where_time_goes(results: list[dict]) -> str:
         lines.append(
             f"| {r['route']} @ {r['offered_rps']:.0f} | {r['p50_ms']:.2f} | {cell(proxy)} | {cell(app)} | "
             + " | ".join(cell(v) for v in stages)
-            + f" | {cell(hop)} | {cell(t.get('agent'))} | {cell(rest)} |"
+            + f" | {cell(hop)} | {cell(t.get('agent'))} | {cell(rest)} | {batch_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -328,7 +354,8 @@ def main() -> None:
         with open(RUNS, "w") as f:  # every loadgen result, server-timing metrics included
             json.dump(results, f, indent=1)
         table, breakdown, goal = http_table(results), where_time_goes(results), goals(results)
-        print(goal + "\n\n" + table + "\n\n" + breakdown)
+        batched = batching(results)
+        print(goal + "\n\n" + table + "\n\n" + batched + "\n\n" + breakdown)
         plot(results)
         sections.append("## Goals (issue 17)\n\n" + goal + "\n")
         sections.append(
@@ -336,8 +363,13 @@ def main() -> None:
             "warm-up; "
             "64 keep-alive connections; open loop from `benchmarks/loadgen` (latency from each request's due time) on "
             "the same 2 cores as the servers; `serve_apps/configs/recommend.yaml` (HAProxy ingress with Serve's "
-            "throughput mode, 2 recommend replicas) unless named; telemetry off. In-replica = the "
+            "throughput mode, 2 recommend replicas, micro-batching ≤ 8) unless named; telemetry off. In-replica = the "
             "app's `server-timing` `app` metric.\n\n" + table + "\n\n![p99 against offered load](recommend.png)\n"
+        )
+        sections.append(
+            "### Micro-batching\n\nThe config's app (`micro_batch: 8`: requests already waiting in a replica run the "
+            "cascade as one batch, with no wait for more) beside the same app with `micro_batch: 1`, from the table "
+            "above; requests per batch from the replicas' `matching_batch` server-timing metric.\n\n" + batched + "\n"
         )
         sections.append(
             "## (d) Where the time goes (p50 ms, each configuration at its lowest offered rate)\n\n" + breakdown + "\n"

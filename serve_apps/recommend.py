@@ -15,6 +15,10 @@ Both run the same ``actors.stage_actors.ServedStage``s, so they serve identical 
   items: actors/matching_index.py) and catalogue updates: each replica builds the new index beside the old and swaps
 - every /recommend answers a ``server-timing`` header: each stage's compute, each stage call's transport on the
   composed path (``<stage>_hop``), the wait for the utility agent and the whole request (``app``)
+- micro-batching (args ``micro_batch`` > 1, fused): concurrent requests already waiting in a replica run the
+  cascade together, one pass of each stage (``actors.stage_actors.run_served_cascade``; Serve's ``@serve.batch``
+  with no wait); each request's slate is the one it gets alone (its random streams are keyed by its request id).
+  A utility agent's choice is then awaited before matching, not beside it
 - ``GET /telemetry``  the event buffer's counters; ``GET /healthz``
 - ``GET /operator``  the operator's page (serve_apps/operator.py): the frontier, the live operating point and its
   audit log with a switch, the A/B arms, the daily cycle's promotions, rejections, rollbacks and KL monitor, the
@@ -76,6 +80,7 @@ from actors.stage_actors import (
     default_stage_params,
     open_stage_stores,
     params_array,
+    run_served_cascade,
 )
 from actors.stages import (
     PARAM_NAMES,
@@ -310,6 +315,7 @@ class RecommendService:
         ranking_policy: str | None = None,
         inner_reward_weights_store: str | None = None,
         operator: dict | None = None,
+        micro_batch: int = 1,
     ):
         pipeline_config = pipeline_config or PipelineConfig()
         replica = serve.get_replica_context().replica_id.unique_id
@@ -324,6 +330,8 @@ class RecommendService:
             }
         else:  # the composed path: stage deployments, in cascade order
             self.stages = dict(zip(STAGES, (matching, pre_ranking, ranking)))
+        self.micro_batch = micro_batch
+        self._cascade_batch.set_max_batch_size(micro_batch)
         self.catalogue = catalogue_store(store_prefix)
         self.embed_dim = self.ctx.item_tower.shape[1]
         self.inner_reward_app = inner_reward_app
@@ -470,7 +478,9 @@ class RecommendService:
         """(the stage's result, the wall time it cost this replica in ms): in process on the fused path, one
         DeploymentHandle call on the composed one."""
         started = time.perf_counter()
-        if self.fused:
+        if self.fused and self.micro_batch > 1:
+            result = await self._stage_batch((stage, *args))
+        elif self.fused:
             result = self.stages[stage].run(*args)
         else:
             try:
@@ -479,11 +489,18 @@ class RecommendService:
                 result = await self.stages[stage].run.remote(*args)
         return result, (time.perf_counter() - started) * 1e3
 
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)  # max_batch_size: the app's micro_batch
+    async def _cascade_batch(self, calls: list[tuple[RequestBatch, dict]]) -> list[dict[str, StageResult]]:
+        """Micro-batching (``micro_batch`` > 1) on the fused path: the requests already waiting in this replica (no
+        wait for more: batches form only under load), each stage one pass over them (``run_served_cascade``)."""
+        return run_served_cascade(self.stages, calls)
+
     @app.post("/recommend", response_model=RecommendResponse, responses=body_error_responses())
     async def recommend(self, body: RecommendRequest, response: Response) -> RecommendResponse:
         """Serve a slate. The ``server-timing`` header says where the replica's time went: each stage's
         compute (``matching``, ``pre_ranking``, ``ranking``), on the composed path each stage call's transport
-        (``<stage>_hop``), the wait for the utility agent (``agent``) and the whole request (``app``)."""
+        (``<stage>_hop``), the wait for the utility agent (``agent``) and the whole request (``app``); with
+        micro-batching, ``<stage>_batch;desc=n`` the requests its stage ran with (the stage's time is the batch's)."""
         req = self._request(body)
         weights = None if body.ranking_weights is None else np.asarray(body.ranking_weights, np.float32)
         served_us = time.time_ns() // 1000
@@ -518,20 +535,35 @@ class RecommendService:
         ask_agent = source == "utility_agent" and self.has_agent
         choice_ref = self.utility_agent.choose.remote(req) if ask_agent and self.local_agent is None else None
         params = {"ranking": live if weights is None else weights}  # overrides of the stages' held parameters
-        choice, fallback, out, versions, actions, timing = None, None, None, {}, {}, {}
-        for stage in STAGES:
-            if stage == "ranking" and ask_agent:  # the agent's choice is ranking's utility weights
+        choice, fallback, out, versions, actions, timing, batches = None, None, None, {}, {}, {}, {}
+
+        async def settle_ranking() -> None:  # the agent's choice, then weight logging's draw: ranking's parameters
+            nonlocal choice, fallback, logged
+            if ask_agent:
                 started = time.perf_counter()
                 choice, fallback = await self._agent_choice(req, choice_ref)
                 timing["agent"] = (time.perf_counter() - started) * 1e3
                 if choice is not None:
                     params["ranking"] = np.asarray(choice["weights"], np.float32)
-            if stage == "ranking" and weights is None and self.weight_logging is not None and logged is None:
+            if weights is None and self.weight_logging is not None and logged is None:
                 params["ranking"], logged = self._draw_weights(params["ranking"])
-            candidates = None if out is None else out.items
-            result, wall_ms = await self._run_stage(stage, req, candidates, params.get(stage), actions)
+
+        batched = None  # micro-batching: the whole cascade in one batch, ranking's parameters settled before it
+        if self.fused and self.micro_batch > 1:
+            await settle_ranking()
+            batched = await self._cascade_batch((req, params))
+        for stage in STAGES:
+            if batched is not None:
+                result, wall_ms = batched[stage], batched[stage].compute_ms
+            else:
+                if stage == "ranking":
+                    await settle_ranking()
+                candidates = None if out is None else out.items
+                result, wall_ms = await self._run_stage(stage, req, candidates, params.get(stage), actions)
             out, versions[stage], actions[stage] = result.out, result.version, result.action
             timing[stage] = result.compute_ms
+            if batched is not None:  # a count, not a duration: the header carries it as desc
+                batches[f"{stage}_batch"] = result.batch
             if not self.fused:
                 timing[f"{stage}_hop"] = max(wall_ms - result.compute_ms, 0.0)
             if result.policy_version is not None:  # a learned stage policy acted: the response names its version
@@ -572,7 +604,9 @@ class RecommendService:
         }
         while len(self.served) > self.cache_size:
             self.served.popitem(last=False)
-        response.headers["server-timing"] = ", ".join(f"{name};dur={ms:.3f}" for name, ms in timing.items())
+        metrics = [f"{name};dur={ms:.3f}" for name, ms in timing.items()]
+        metrics += [f"{name};desc={n}" for name, n in batches.items()]
+        response.headers["server-timing"] = ", ".join(metrics)
         return RecommendResponse(
             request_id=request_id,
             user_id=body.user_id,
@@ -1043,6 +1077,8 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
                "composed" (one deployment per stage, called by DeploymentHandles: stages scale independently;
                a call that meets a dying stage replica is sent once more),
     "stage_replicas": replicas of each stage deployment (composed only; 1),
+    "micro_batch": the most concurrent requests a fused replica runs through a stage in one pass (1: off, the
+                   default); only requests already waiting join a batch, so batches form only under load,
     "ranking_policy": who ranks requests without weights outside an arm: "held" (the ranking stage's parameters),
                       "utility_agent" (needs utility_agent; the default when it is given), "outer_controller"
                       (its published policy, actors.served_policies.publish_outer_controller) or "crm" (the
@@ -1069,6 +1105,7 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         "inner_reward_weights_store",
         "operator",
         "stage_replicas",
+        "micro_batch",
     }
     if unknown:
         raise ValueError(f"unknown recommend args: {sorted(unknown)}")
@@ -1078,6 +1115,9 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
     cascade = args.get("cascade", "fused")
     if cascade not in ("fused", "composed"):
         raise ValueError(f"cascade must be 'fused' or 'composed', got {cascade!r}")
+    micro_batch = args.get("micro_batch", 1)
+    if not isinstance(micro_batch, int) or micro_batch < 1 or (micro_batch > 1 and cascade != "fused"):
+        raise ValueError(f"micro_batch must be an int ≥ 1, and > 1 only with cascade 'fused', got {micro_batch!r}")
     stage_replicas = int(args.get("stage_replicas", 1))
     if stage_replicas < 1 or (cascade == "fused" and "stage_replicas" in args):
         raise ValueError(f"stage_replicas (≥ 1, replicas per stage) needs cascade 'composed', got {stage_replicas}")
@@ -1151,4 +1191,5 @@ def app_builder(args: dict[str, Any] | None = None) -> serve.Application:
         ranking_policy=ranking_policy,
         inner_reward_weights_store=args.get("inner_reward_weights_store"),
         operator=operator,
+        micro_batch=micro_batch,
     )

@@ -90,12 +90,16 @@ def test_a_snapshot_folder_gives_every_new_store_a_snapshot(ray_session, tmp_pat
         ray.kill(store, no_restart=True)
 
 
-def caught_up(follower: ParamFollower, expected, timeout_s: float = 10.0) -> bool:
+def caught_up(follower: ParamFollower, expected, timeout_s: float = 30.0) -> bool:
     """The follower holds ``expected`` now, or within ``timeout_s``: an ack may time out under load (the
-    store then answers without it), and the follower catches up on its next poll."""
+    store then answers without it), and the follower catches up on its next poll. 30 s: with two test
+    workers, each with its own Ray, on two cores, a follower's poll once took over 10 s to return."""
     deadline = time.monotonic() + timeout_s
     while follower.current != expected and time.monotonic() < deadline:
         time.sleep(0.02)
+    if follower.current != expected:  # what a flake leaves to go on
+        since = time.monotonic() - follower.last_contact
+        print(f"follower holds {follower.current}, not {expected}; last contact with its store {since:.1f} s ago")
     return follower.current == expected
 
 

@@ -1,6 +1,8 @@
 """The three stages and the cascade: shapes, parameter validation, containment, policies vs params,
 the observation layout, the stage actors' policies, and in-process == actors."""
 
+import itertools
+
 import numpy as np
 import pytest
 import ray
@@ -272,6 +274,49 @@ def test_actor_pipeline_matches_in_process(ray_session, pipeline):
             actors.set_params("ranking", new, expected_version=1)
     finally:
         actors.shutdown()
+
+
+@pytest.mark.ray
+def test_served_stages_run_many_gives_each_call_what_it_gets_alone(ray_session, pipeline):
+    """Micro-batching: one pass of each served stage over four requests gives each request its own result —
+    its rows, its random streams, its own ranking weights where it brings them, else the published ranking
+    policy's (whose version it then names) — and says how many requests ran together."""
+    import time
+    import uuid
+
+    from actors.served_policies import publish_stage_policy
+    from actors.stage_actors import ServedStage, run_served_cascade
+
+    prefix = f"many_{uuid.uuid4().hex[:8]}"
+    stages = {s: ServedStage(s, SMALL, PIPE, prefix, "r1") for s in STAGES}
+    try:
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(pipeline.spec.dim, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        publish_stage_policy(prefix, "ranking", mlp.state_dict(), STAGE_ACTION_HIGH["ranking"])
+        deadline = time.monotonic() + 30
+        while stages["ranking"].policy.current[1] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reqs = [request(b=4, request_id=rid).take(np.array([i])) for i, rid in enumerate((5, 6, 7, 8))]
+        own = [None, np.array([0.0, 1.0, 5.0], np.float32), None, np.array([1.0, 0.0, 0.0], np.float32)]
+        alone = [{} for _ in reqs]
+        for i, r in enumerate(reqs):  # one request at a time, as a replica without micro-batching runs them
+            cand, actions = None, {}
+            for s in STAGES:
+                alone[i][s] = stages[s].run(r, cand, own[i] if s == "ranking" else None, dict(actions))
+                cand, actions[s] = alone[i][s].out.items, alone[i][s].action
+        together = run_served_cascade(stages, [(r, {"ranking": w} if w is not None else {}) for r, w in zip(reqs, own)])
+        for i, s in itertools.product(range(4), STAGES):
+            batched, one = together[i][s], alone[i][s]
+            np.testing.assert_array_equal(batched.out.items, one.out.items)
+            np.testing.assert_allclose(batched.out.scores, one.out.scores, rtol=1e-6)
+            np.testing.assert_allclose(batched.action, one.action, rtol=1e-6)
+            assert batched.batch == 4 and one.batch == 1 and batched.policy_version == one.policy_version
+        assert [alone[i]["ranking"].policy_version is None for i in range(4)] == [False, True, False, True]
+        served = together[0]["ranking"]
+        np.testing.assert_array_equal(served.out.items, pipeline.recommend(reqs[0], {"ranking": served.action}).slate)
+    finally:
+        for stage in stages.values():
+            stage.stop()
 
 
 # ------------------------------------------------------------------ the inner reward's relevance term

@@ -5,6 +5,7 @@ approximate index under live traffic without a failed request; bad snapshots are
 
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -37,7 +38,8 @@ def deploy(serve_url, name: str, **args):
 @pytest.fixture(scope="module")
 def apps(serve_url):
     """The fused app scores /feedback in its replica on an inner-reward app's weights (and never calls that app:
-    "absent"); the composed and IVF apps use the defaults. A deploy costs seconds: one of each."""
+    "absent") and micro-batches its stages (``micro_batch``); the composed and IVF apps use the defaults (the
+    default fused path is tested in test_recommend_app.py). A deploy costs seconds: one of each."""
     from ray import serve
 
     from serve_apps import inner_reward
@@ -46,7 +48,9 @@ def apps(serve_url):
     serve.run(inner_reward.app_builder({"weights_store": store}), name="paths_inner", route_prefix="/paths_ir")
     clients = {
         "inner_reward": httpx.Client(base_url=f"{serve_url}/paths_ir", timeout=60),
-        "fused": deploy(serve_url, "rec_fused", inner_reward_weights_store=store, inner_reward_app="absent"),
+        "fused": deploy(
+            serve_url, "rec_fused", inner_reward_weights_store=store, inner_reward_app="absent", micro_batch=8
+        ),
         "composed": deploy(serve_url, "rec_composed", cascade="composed"),
         "ivf": deploy(serve_url, "rec_ivf", pipeline=IVF_PIPE),
     }
@@ -58,8 +62,11 @@ def apps(serve_url):
 
 
 def timings(response: httpx.Response) -> dict[str, float]:
-    metrics = [m.strip().split(";dur=") for m in response.headers["server-timing"].split(",")]
-    return {name: float(ms) for name, ms in metrics}
+    """server-timing's metrics: name → dur (ms), or desc (a count: ``<stage>_batch``)."""
+    metrics = [
+        m.strip().replace(";desc=", ";dur=").split(";dur=") for m in response.headers["server-timing"].split(",")
+    ]
+    return {name: float(value) for name, value in metrics}
 
 
 def in_process(body: dict, response: dict, pipeline: Pipeline) -> np.ndarray:
@@ -90,6 +97,23 @@ def test_both_paths_serve_the_in_process_cascade(apps, path):
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(r.json()["slate"], in_process(body, r.json(), pipeline))
         assert r.json()["versions"]["matching_index"] == 1
+
+
+def test_micro_batched_requests_get_the_slates_they_get_alone(apps):
+    """Concurrent requests to the micro-batching fused app: stage calls that were waiting together ran as one
+    batch (``<stage>_batch`` in server-timing), yet each request's slate is the in-process cascade's for it."""
+    pipeline = Pipeline(World(WorldConfig.preset("default", **WORLD)), PipelineConfig(**PIPE))
+    bodies = [
+        {"user_id": u, "history": [u, u + 1]} | ({"ranking_weights": [0.0, 1.0, 5.0]} if u % 3 == 0 else {})
+        for u in range(48)
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda b: apps["fused"].post("/recommend", json=b), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:1]
+    for body, r in zip(bodies, responses):
+        np.testing.assert_array_equal(r.json()["slate"], in_process(body, r.json(), pipeline))
+    batches = [timings(r).get("matching_batch", 1.0) for r in responses]
+    assert max(batches) > 1, "no two requests ever ran matching together"
 
 
 @pytest.mark.parametrize("path, hops", [("fused", False), ("composed", True)])

@@ -53,12 +53,15 @@ type Timings = Vec<(String, u64)>;
 struct Samples { latency_us: Vec<u64>, service_us: Vec<u64>, timing_us: std::collections::BTreeMap<String, Vec<u64>>,
                  errors: u64, statuses: Vec<(u16, u64)> }
 
-/// `name;dur=ms, name;dur=ms` → [(name, µs)].
+/// `name;dur=ms, name;dur=ms` → [(name, µs)]. A metric with a numeric `desc` and no `dur` (a count, e.g.
+/// `matching_batch;desc=4`, the requests in a micro-batch) is collected the same way: its value as if in ms.
 fn parse_server_timing(v: &str, out: &mut Timings) {
     for metric in v.split(',') {
         let mut parts = metric.split(';');
         let name = parts.next().unwrap_or("").trim().to_string();
-        if let Some(ms) = parts.find_map(|p| p.trim().strip_prefix("dur=")).and_then(|d| d.parse::<f64>().ok()) {
+        let params: Vec<&str> = parts.map(|p| p.trim()).collect();
+        let value = |key: &str| params.iter().find_map(|p| p.strip_prefix(key)).and_then(|d| d.parse::<f64>().ok());
+        if let Some(ms) = value("dur=").or_else(|| value("desc=")) {
             if !name.is_empty() { out.push((name, (ms * 1000.0) as u64)); }
         }
     }
