@@ -61,7 +61,7 @@ SERVERS = {
     "fused-unbatched": ("recommend fused (2 replicas), no micro-batching", [200, 400, 500, 800], {"micro_batch": 1}),
     "fused-1": ("recommend fused, 1 replica", [200, 400, 500], {"num_replicas": 1}),
     "fused-haproxy": ("recommend fused (2 replicas), HAProxy alone", [200, 400, 500, 800], {"ingress": "haproxy"}),
-    "composed": ("recommend composed", [100, 200, 500], {"cascade": "composed", "num_replicas": 1}),
+    "composed": ("recommend composed", [100, 200, 500], {"cascade": "composed", "num_replicas": 1, "micro_batch": 1}),
     "uvicorn": ("recommend fused, plain uvicorn (no Ray, 1 process)", [200, 500, 800, 1000], None),
     "uvicorn-2": ("recommend fused, plain uvicorn (no Ray, 2 processes)", [200, 500, 800, 1000], None),
     "fused-1m": ("recommend fused (2 replicas), 1 000 000 items (IVF)", [100, 200, 400], {"n_items": BIG}),

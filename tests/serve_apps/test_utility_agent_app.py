@@ -38,7 +38,7 @@ def inner_app(serve_url):
     serve.delete("ua_inner")
 
 
-def _deploy(name, route, tmp, agent_cfg):
+def _deploy(name, route, tmp, agent_cfg, **args):
     from ray import serve
 
     prefix = f"{name}_{uuid.uuid4().hex[:8]}"
@@ -51,6 +51,7 @@ def _deploy(name, route, tmp, agent_cfg):
                 "inner_reward_app": "ua_inner",
                 "utility_agent": agent_cfg,
                 "telemetry": {"sink": "parquet", "path": events, "flush_interval_s": 0.01},
+                **args,
             }
         ),
         name=name,
@@ -88,12 +89,13 @@ def agent_app(serve_url, inner_app, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent_in_replica(serve_url, inner_app, tmp_path_factory):
-    """The same agent answering inside the fused recommend replica (placement "replica", the fused default)."""
+    """The same agent answering inside the fused recommend replica (placement "replica", the fused default), which
+    micro-batches its cascade (the agent's choice is then settled before matching)."""
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("agent_in_replica")
     path, module = random_agent(str(tmp / "agent.pt"))
-    _deploy("ua_local", "/ual", tmp, {"mode": "agent", "path": path})
+    _deploy("ua_local", "/ual", tmp, {"mode": "agent", "path": path}, micro_batch=4)
     with httpx.Client(base_url=f"{serve_url}/ual", timeout=60) as c:
         c.module = module
         yield c
@@ -112,7 +114,10 @@ def test_the_agent_in_the_replica_chooses_as_the_deployment_does(agent_in_replic
     with torch.no_grad():
         expected = int(agent_in_replica.module.act(torch.as_tensor(obs), 0.5)[0])
     assert u["action"] == expected and u["lambda"] == 0.5 and r.json()["ranking_policy"]["name"] == "utility_agent"
-    assert "agent;dur=" in r.headers["server-timing"]
+    assert "agent;dur=" in r.headers["server-timing"] and "matching_batch;desc=1" in r.headers["server-timing"]
+    req = RequestBatch(np.array([11]), hist, np.array([2], np.int32), np.array([1]), int(r.json()["request_id"], 16))
+    served = pipeline.recommend(req, {"ranking": np.asarray(u["weights"], np.float32)}).slate[0]
+    np.testing.assert_array_equal(r.json()["slate"], served)  # ranked with the agent's weights
     r = agent_in_replica.put("/operating-point", json={"lambda": 1.0})
     assert r.status_code == 200 and r.json()["readers_acked"] == r.json()["readers_live"] == 1
     assert agent_in_replica.post("/recommend", json=body).json()["utility"]["lambda"] == 1.0
