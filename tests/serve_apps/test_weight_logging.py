@@ -376,6 +376,11 @@ def test_the_certified_crm_policy_serves_hot_logs_its_density_and_rolls_back(crm
     assert ack is not None and kept is None  # q kept: nothing published, the live version stays
     policy = CRMPolicy(ray.get(crm_store(crm_client.store_prefix).get.remote()).params)
     std = module.gaussian(module.obs_mean[None])[1].detach().numpy().astype(np.float64)
+    # the publish waits 2 s for the replicas' acks; under load a replica may take longer to adopt the version
+    deadline = time.monotonic() + 30
+    while crm_client.post("/recommend", json={"user_id": 9}).json()["ranking_policy"]["name"] != "crm":
+        assert time.monotonic() < deadline, f"no replica served CRM v{ack['version']} within 30 s (ack {ack})"
+        time.sleep(0.1)
 
     feedback = {"clicked": [True] + [False] * 7, "dwell_s": [30.0] + [0.0] * 7, "skipped": [False] * 8}
     served, means = {}, []
