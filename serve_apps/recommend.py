@@ -478,9 +478,7 @@ class RecommendService:
         """(the stage's result, the wall time it cost this replica in ms): in process on the fused path, one
         DeploymentHandle call on the composed one."""
         started = time.perf_counter()
-        if self.fused and self.micro_batch > 1:
-            result = await self._stage_batch((stage, *args))
-        elif self.fused:
+        if self.fused:
             result = self.stages[stage].run(*args)
         else:
             try:

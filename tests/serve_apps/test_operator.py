@@ -60,6 +60,9 @@ def test_every_listed_asset_exists():
         ({"operator": {"metrics_interval_s": "often"}}, "metrics_interval_s must be a number ≥ 0"),
         ({"stage_replicas": 2}, "needs cascade 'composed'"),
         ({"cascade": "composed", "stage_replicas": 0}, r"stage_replicas \(≥ 1"),
+        ({"micro_batch": 0}, "micro_batch must be an int ≥ 1"),
+        ({"micro_batch": 2.5}, "micro_batch must be an int ≥ 1"),
+        ({"cascade": "composed", "micro_batch": 8}, "> 1 only with cascade 'fused'"),
     ],
 )
 def test_bad_operator_and_replica_args_are_refused_naming_them(args, match):
