@@ -3,6 +3,7 @@
 import os
 import shutil
 import socket
+import time
 
 import pytest
 
@@ -13,6 +14,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def readers_registered(store, reader_ids, timeout_s: float = 30.0) -> None:
+    """Wait until a param store has seen each follower's first poll (a follower is live to a put only then).
+    Under CI load, with two Rays on two cores, a first poll has lagged by seconds."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not set(reader_ids) <= set(ray.get(store.readers.remote())) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def pytest_collection_modifyitems(items):

@@ -12,6 +12,7 @@ from actors.cascade import Pipeline
 from actors.matching_index import MatchingIndex, recall_at_k, resolve_kind
 from actors.stages import DEFAULT_PARAMS, RequestBatch, StageContext, matching, user_query
 from actors.world import PipelineConfig, World, WorldConfig
+from tests.conftest import readers_registered
 
 N_ITEMS = 20_000
 
@@ -150,7 +151,9 @@ def test_a_snapshot_a_replica_cannot_load_is_never_acknowledged(ray_session, tmp
     stage = ServedStage("matching", world, PipelineConfig(k_matching=100, matching_index="ivf"), prefix, "r1")
     try:
         assert stage.describe_index()["kind"] == "ivf" and stage.describe_index()["last_error"] is None
-        ack = ray_session.get(catalogue_store(prefix).put.remote({"path": str(tmp_path / "gone.npz")}, None, 1.0))
+        store = catalogue_store(prefix)
+        readers_registered(store, ["r1"])
+        ack = ray_session.get(store.put.remote({"path": str(tmp_path / "gone.npz")}, None, 1.0))
         assert ack["readers_acked"] == 0 and ack["readers_live"] == 1
         described = stage.describe_index()
         assert described["version"] == 1 and described["kind"] == "ivf" and "not applied" in described["last_error"]

@@ -14,6 +14,7 @@ from actors.param_store import (
     VersionedParamStore,
     get_or_create_store,
 )
+from tests.conftest import readers_registered
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +23,7 @@ def test_put_bumps_version_and_followers_ack(ray_session):
     store = VersionedParamStore.remote({"a": 1})
     followers = [ParamFollower(store, f"r{i}", dict, poll_timeout_s=1.0) for i in range(3)]
     try:
-        time.sleep(0.3)  # followers register with their first poll
+        readers_registered(store, ["r0", "r1", "r2"])
         ack = ray.get(store.put.remote({"a": 2}))
         assert ack == {"version": 2, "readers_acked": 3, "readers_live": 3}
         assert all(f.current == (2, {"a": 2}) for f in followers)
