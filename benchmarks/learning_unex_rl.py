@@ -56,6 +56,7 @@ WORLDS = {
 }
 EVAL_SEED = 10_000
 LEARNER_OPTIONS = (
+    "gamma",
     "twin_q",
     "max_action_step",
     "actor_lr",
@@ -105,9 +106,18 @@ def main() -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one process each)")
     p.add_argument("--results-dir", default=RESULTS, help="where learning_unex_rl.md and .png go")
-    p.add_argument("--page-only", action="store_true", help="only rewrite learning_unex_rl.md from the runs files")
+    p.add_argument(
+        "--page-only", action="store_true", help="only rewrite learning_unex_rl.md and .png from the runs files"
+    )
     args = p.parse_args()
     if args.page_only:
+        default = json.load(open(os.path.join(args.results_dir, "learning_unex_rl_runs.json")))
+        plot(
+            default["runs"],
+            default["target"],
+            default["starved"],
+            os.path.join(args.results_dir, "learning_unex_rl.png"),
+        )
         write_page(args.results_dir)
         return
     init_ray_worker()

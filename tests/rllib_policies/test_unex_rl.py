@@ -237,6 +237,8 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": {"matching": -0.1}}, "explore_std"),
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
         ({"incumbent_window": -1}, "incumbent_window"),
+        ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
+        ({"actor_lr": [[0, 1e-3]]}, "Invalid `actor_lr`"),
         ({"cqr_relabel": True}, "cqr_relabel re-scores CQR quantiles: it needs cqr=True"),
     ],
 )
@@ -298,6 +300,22 @@ def test_target_networks_track_by_polyak_averaging(ray_session):
         for s in STAGES:
             assert not any(k.startswith("target_") for k in algo.stage_policies[s].state_dict())
             assert not any(k.startswith("target_") for k in algo.get_module(s).state_dict())
+    finally:
+        algo.stop()
+
+
+@pytest.mark.ray
+def test_actor_lr_schedule_follows_the_sessions_sampled(ray_session):
+    """``actor_lr`` as RLlib's schedule [[sessions, lr], …]: after each iteration the stage policies' Adam lr is the
+    schedule at the sessions sampled so far (8 an iteration), linear between points; the critic keeps ``lr``."""
+    algo = _config().unex_rl(actor_lr=[[0, 1e-3], [16, 1e-4]]).build_algo()
+    try:
+        lrs = []
+        for _ in range(3):
+            learners = algo.train()["learners"]
+            lrs.append([learners[s]["default_optimizer_learning_rate"] for s in STAGES])
+        np.testing.assert_allclose(lrs, [[5.5e-4] * 3, [1e-4] * 3, [1e-4] * 3], rtol=1e-6)
+        assert learners["global_critic"]["default_optimizer_learning_rate"] == pytest.approx(algo.config.lr)
     finally:
         algo.stop()
 
