@@ -33,6 +33,7 @@ from actors.stages import STAGE_ACTION_HIGH, STAGES  # noqa: E402 (after sys.pat
 from benchmarks.common import init_ray_worker, machine, write_results  # noqa: E402
 from benchmarks.learning_unex_rl import EVAL_SEED, WORLDS  # noqa: E402
 from benchmarks.unex_rl_sensitivity import ORACLE  # noqa: E402
+from rllib_policies.unex_rl import UnexRLConfig  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "unex_rl_critic.md")
 OPTIONS = {  # label → learner options
@@ -101,7 +102,8 @@ def page(runs: list[dict], command: str, wall_s: float) -> str:
         "starved matching start, 30 iterations of 64 sessions). Candidates: the trained policies' mean action ā as a "
         "static setting, ā with one stage at the oracle's setting, and the oracle's setting. ΔQ: the critic's mean "
         "Q_g(o_1, a) − Q_g(o_1, ā) over 100 fixed sessions' requests, in seconds (a discounted return from one "
-        "request, γ = 0.9: compare signs and relative sizes, not values). Δtrue: usage per session of a minus that "
+        f"request, γ = {UnexRLConfig().gamma}: compare signs and relative sizes, not values). Δtrue: usage per "
+        "session of a minus that "
         "of ā on the evaluation's 1 000 users with common random numbers.",
         "",
         "| learner options | seed | deployed usage s | candidate | ΔQ (s) | Δtrue usage (s / session) | signs agree |",
