@@ -266,7 +266,8 @@ def write_page(results_dir: str) -> None:
         for rec in recs
     ]
     params = [
-        f"| {rec['preset']} | {r['arm']} | {r['seed']} | {100 * r['gap_closed']:.0f} % | "
+        f"| {rec['preset']}, {rec['iterations']} iterations | {r['arm']} | {r['seed']} | "
+        f"{100 * r['gap_closed']:.0f} % | "
         f"{r['mean_params']['matching']} | {r['mean_params']['pre_ranking']} | {r['mean_params']['ranking']} |"
         for rec in recs
         for r in rec["runs"]

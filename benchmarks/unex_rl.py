@@ -166,7 +166,7 @@ def main() -> None:
             f"{time.time() - t0:.0f} s in all).",
             "",
             f"Setup: world {ENV}; {args.iterations} iterations × 64 sessions ({UPDATES} minibatch updates of 256 "
-            f"transitions each), γ 0.9, lr 1e-3 (stage policies {DEFAULTS.actor_lr:g} after a "
+            f"transitions each), γ {DEFAULTS.gamma:g}, lr 1e-3 (stage policies {DEFAULTS.actor_lr} after a "
             f"{DEFAULTS.actor_warmup_iterations}-iteration critic warm-up), Gaussian exploration "
             f"σ = {DEFAULTS.explore_std_of('matching'):g} (matching), {DEFAULTS.explore_std_of('ranking'):g} "
             "(pre-ranking, ranking) of each action's range; stage policies "

@@ -87,7 +87,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.tau: float = 0.01
         self.hidden: tuple[int, ...] = (64, 64)
         self.init_params: dict[str, tuple[float, ...]] = {}
-        self.actor_lr: float | list = 3e-4
+        self.actor_lr: float | list[list[float]] = 3e-4
         self.actor_warmup_iterations: int = 2
         self.policy_delay: int = 2
         self.twin_q: bool = False
