@@ -111,13 +111,6 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.page_only:
-        default = json.load(open(os.path.join(args.results_dir, "learning_unex_rl_runs.json")))
-        plot(
-            default["runs"],
-            default["target"],
-            default["starved"],
-            os.path.join(args.results_dir, "learning_unex_rl.png"),
-        )
         write_page(args.results_dir)
         return
     init_ray_worker()
@@ -213,8 +206,6 @@ def main() -> None:
     }
     with open(os.path.join(args.results_dir, f"learning_unex_rl_runs{suffix}.json"), "w") as f:
         json.dump(record, f, default=float)
-    if args.preset == "default":
-        plot(runs, target, starved, os.path.join(args.results_dir, "learning_unex_rl.png"))
     write_page(args.results_dir)
 
 
@@ -243,9 +234,13 @@ def _seeds_arg(rec: dict) -> str:
 
 
 def write_page(results_dir: str) -> None:
-    """learning_unex_rl.md from every preset's runs file in ``results_dir`` (the default preset first)."""
+    """learning_unex_rl.md from every preset's runs file in ``results_dir`` (the default preset first), and
+    learning_unex_rl.png from the default preset's."""
     paths = sorted(glob.glob(os.path.join(results_dir, "learning_unex_rl_runs*.json")), key=lambda x: (len(x), x))
     recs = [json.load(open(x)) for x in paths]
+    if paths and os.path.basename(paths[0]) == "learning_unex_rl_runs.json":
+        default = recs[0]
+        plot(default["runs"], default["target"], default["starved"], os.path.join(results_dir, "learning_unex_rl.png"))
     history = [
         json.load(open(x)) for x in sorted(glob.glob(os.path.join(results_dir, "learning_unex_rl_history*.json")))
     ]
