@@ -61,6 +61,7 @@ LEARNER_OPTIONS = (
     "max_action_step",
     "actor_lr",
     "explore_std",
+    "explore_correlation",
     "actor_warmup_iterations",
     "tau",
     "updates_per_iteration",
@@ -241,9 +242,8 @@ def write_page(results_dir: str) -> None:
     if paths and os.path.basename(paths[0]) == "learning_unex_rl_runs.json":
         default = recs[0]
         plot(default["runs"], default["target"], default["starved"], os.path.join(results_dir, "learning_unex_rl.png"))
-    history = [
-        json.load(open(x)) for x in sorted(glob.glob(os.path.join(results_dir, "learning_unex_rl_history*.json")))
-    ]
+    history_paths = glob.glob(os.path.join(results_dir, "learning_unex_rl_history*.json"))
+    history = [json.load(open(x)) for x in sorted(history_paths, key=lambda x: (len(x), x))]  # _2 before _10
     rows = [
         "| learner | preset | objective | start | oracle static | final | gap closed (95 % CI) | sessions | wall s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",

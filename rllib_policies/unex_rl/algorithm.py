@@ -77,6 +77,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.sampler: str = "vectorised"
         self.sessions_per_iteration: int = 64
         self.explore_std: float | dict[str, float] = dict(EXPLORE_STD_BY_STAGE)
+        self.explore_correlation: float = 0.0
         self.buffer_size: int = 50_000
         self.reward_scale_s: float = 30.0
         self.cqr_window: int = 4096
@@ -121,6 +122,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         sampler: str = NotProvided,
         sessions_per_iteration: int = NotProvided,
         explore_std: float | dict[str, float] = NotProvided,
+        explore_correlation: float = NotProvided,
         buffer_size: int = NotProvided,
         reward_scale_s: float = NotProvided,
         cqr_window: int = NotProvided,
@@ -167,6 +169,10 @@ class UnexRLConfig(AlgorithmConfigBase):
             explore_std: σ of the Gaussian exploration, as a fraction of each action's range; a dict
                 (stage → σ) sets it per stage, stages not named ``EXPLORE_STD`` (0.2); default
                 ``EXPLORE_STD_BY_STAGE``: matching 0.4, the others 0.2.
+            explore_correlation: ρ, the share of the exploration noise's variance drawn once per session and
+                shared by its requests (temporally correlated exploration, as DDPG's Ornstein–Uhlenbeck noise:
+                a session served at one shifted setting shows that setting's effect on the user's temper and
+                so on the session's length); 0: independent noise per request (default), 1: one draw per session.
             buffer_size: Replay buffer capacity (transitions = requests).
             reward_scale_s: Usage seconds per unit reward when ``cqr`` is off.
             cqr_window: Rewards kept per CQR cell (a sliding window).
@@ -264,6 +270,8 @@ class UnexRLConfig(AlgorithmConfigBase):
             raise ValueError(f"max_action_step must be in (0, 1] or None, got {self.max_action_step}")
         if isinstance(self.explore_std, dict) and set(self.explore_std) - set(STAGES):
             raise ValueError(f"explore_std: unknown stage(s) {sorted(set(self.explore_std) - set(STAGES))}")
+        if not 0 <= self.explore_correlation <= 1:
+            raise ValueError(f"explore_correlation must be in [0, 1], got {self.explore_correlation}")
         if not all(self.explore_std_of(s) > 0 for s in STAGES):
             raise ValueError(f"explore_std must be > 0, got {self.explore_std}")
         if self.search_std is not None and not self.search_std > 0:
@@ -375,6 +383,7 @@ class UnexRL(AlgorithmBase):
                 explore=True,
                 explore_std={s: cfg.explore_std_of(s) for s in STAGES},
                 explore_stages=cfg.trainable_stages,
+                explore_correlation=cfg.explore_correlation,
             )
         deployed_changes = self._track_incumbent(summary["usage_s_per_session"])
         raw = batch["reward_s"]

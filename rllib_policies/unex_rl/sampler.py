@@ -23,16 +23,27 @@ REQUEST_FIELDS = tuple(f.name for f in fields(RequestBatch))  # user, history, s
 
 
 def behaviour_policy(
-    module, stage: str, rng: np.random.Generator, explore: bool, std: float
+    module,
+    stage: str,
+    rng: np.random.Generator,
+    explore: bool,
+    std: float,
+    session_noise: np.ndarray | None = None,
+    correlation: float = 0.0,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """o_k ↦ clip(μ_k(o_k) + σ·a_max·ε, 0, a_max), ε ~ N(0, I) from ``rng`` (no noise unless ``explore``)."""
+    """o_k ↦ clip(μ_k(o_k) + σ·a_max·(√ρ·ε_s + √(1 − ρ)·ε), 0, a_max): ε ~ N(0, I) from ``rng`` per request,
+    ε_s (``session_noise``, one row per request) drawn once per session, ρ = ``correlation`` the share of the
+    noise's variance a session's requests have in common (ρ 0: ε_s unused; no noise unless ``explore``)."""
     high = STAGE_ACTION_HIGH[stage]
 
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             a = module.act(torch.as_tensor(obs)).numpy()
         if explore:
-            a = a + std * high * rng.standard_normal(a.shape)
+            eps = rng.standard_normal(a.shape) if correlation < 1 else 0.0
+            if correlation > 0:
+                eps = np.sqrt(correlation) * session_noise + np.sqrt(1 - correlation) * eps
+            a = a + std * high * eps
         return np.clip(a, 0, high).astype(np.float32)
 
     return act
@@ -47,10 +58,12 @@ def sample_sessions(
     explore_std: float | dict[str, float] = 0.1,
     users_seed: int | None = None,
     explore_stages=STAGES,
+    explore_correlation: float = 0.0,
 ) -> tuple[dict, dict]:
     """Serve ``n_sessions`` whole sessions; returns (per-request transitions, session summary).
     Gaussian exploration on ``explore_stages`` only (stages that do not learn serve their policy), σ
     ``explore_std`` (a fraction of each action's range; a dict: per stage);
+    ``explore_correlation`` ρ: the share of the noise's variance drawn once per session (``behaviour_policy``);
     ``users_seed`` fixes the users, request ids and responses (evaluation on common random numbers)."""
     world = pipeline.world
     users = (seed_sequence(users_seed, "unex-eval-users") if users_seed is not None else rng).integers(
@@ -59,16 +72,11 @@ def sample_sessions(
     resp_rng = seed_sequence(int(rng.integers(0, 2**31)) if users_seed is None else users_seed, "unex-responses")
     sessions = world.start_sessions(users, pipeline.config.history_len)
     ideal = world.ideal_relevance(sessions.user, 10)
-    policies = {
-        s: behaviour_policy(
-            stage_policies[s],
-            s,
-            rng,
-            explore and s in explore_stages,
-            explore_std[s] if isinstance(explore_std, dict) else explore_std,
-        )
-        for s in STAGES
-    }
+    session_noise = (
+        {s: rng.standard_normal((n_sessions, len(STAGE_ACTION_HIGH[s]))) for s in STAGES}
+        if explore and explore_correlation > 0
+        else dict.fromkeys(STAGES)
+    )
     rows, pending = [], np.full(n_sessions, -1)
     ndcg_sum, n_rows = np.zeros(n_sessions), 0
     while sessions.active.any():
@@ -84,6 +92,18 @@ def sample_sessions(
             rids,
         )
         context = pipeline.context(req)
+        policies = {
+            s: behaviour_policy(
+                stage_policies[s],
+                s,
+                rng,
+                explore and s in explore_stages,
+                explore_std[s] if isinstance(explore_std, dict) else explore_std,
+                None if session_noise[s] is None else session_noise[s][act],
+                explore_correlation,
+            )
+            for s in STAGES
+        }
         rec = pipeline.recommend(req, policies=policies, observe=True, context=context)
         full = np.zeros((n_sessions, rec.slate.shape[1]), np.int64)
         full[act] = rec.slate

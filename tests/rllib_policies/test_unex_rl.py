@@ -74,6 +74,34 @@ def test_sampler_transitions_replay_exactly():
     assert summary["requests_per_session"] * 6 == len(batch["reward_s"]) and batch["done"].sum() == 6
 
 
+@pytest.mark.parametrize(("correlation", "shared"), [(1.0, True), (0.0, False)])
+def test_session_correlated_exploration_shares_one_draw_per_session(correlation, shared):
+    """explore_correlation 1: a session's requests are explored with one noise draw (a − μ(o) is the same
+    wherever the action is not clipped); 0: every request draws its own."""
+    _, pipeline = build_world(TINY)
+    policies = {s: _stage_policy(s, pipeline) for s in STAGES}
+    batch, _ = sample_sessions(
+        pipeline, policies, 6, np.random.default_rng(2), explore_std=0.05, explore_correlation=correlation
+    )
+    nxt = dict(zip(batch["request_id"], batch["next_request_id"]))
+    first = set(batch["request_id"]) - set(batch["next_request_id"][~batch["done"]])
+    row = {r: i for i, r in enumerate(batch["request_id"])}
+    s = "ranking"
+    with torch.no_grad():
+        offset = batch[f"act_{s}"] - policies[s].act(torch.as_tensor(batch[f"obs_{s}"])).numpy()
+    inside = ((batch[f"act_{s}"] > 0) & (batch[f"act_{s}"] < STAGE_ACTION_HIGH[s])).all(axis=1)
+    compared = 0
+    for r in first:  # walk each session's requests in order
+        rows = [row[r]]
+        while not batch["done"][rows[-1]]:
+            rows.append(row[nxt[batch["request_id"][rows[-1]]]])
+        rows = [i for i in rows if inside[i]]
+        if len(rows) >= 2:
+            compared += 1
+            assert np.allclose(offset[rows], offset[rows[0]], atol=1e-4) == shared
+    assert compared >= 3
+
+
 def test_cqr_maps_rewards_to_within_cell_quantiles():
     cqr = CategoryQuantileRescaler(n_user_groups=2, n_item_groups=2, window=100)
     cqr.update(np.arange(100.0), np.zeros(100, int), np.zeros(100, int))  # cell (0, 0): 0 … 99
@@ -237,6 +265,8 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": {"matching": -0.1}}, "explore_std"),
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
         ({"incumbent_window": -1}, "incumbent_window"),
+        ({"explore_correlation": 1.5}, "explore_correlation must be in"),
+        ({"explore_correlation": -0.1}, "explore_correlation must be in"),
         ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
         ({"actor_lr": [[0, 1e-3]]}, "Invalid `actor_lr`"),
         ({"cqr_relabel": True}, "cqr_relabel re-scores CQR quantiles: it needs cqr=True"),
