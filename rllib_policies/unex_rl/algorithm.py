@@ -92,6 +92,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.actor_warmup_iterations: int = 2
         self.policy_delay: int = 2
         self.twin_q: bool = False
+        self.critic_scale_free: bool = False
         self.max_action_step: float | None = None
         self.search_candidates: int = 16
         self.search_weight: float = 1.0
@@ -136,6 +137,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         actor_warmup_iterations: int = NotProvided,
         policy_delay: int = NotProvided,
         twin_q: bool = NotProvided,
+        critic_scale_free: bool = NotProvided,
         max_action_step: float | None = NotProvided,
         search_candidates: int = NotProvided,
         search_weight: float = NotProvided,
@@ -195,6 +197,10 @@ class UnexRLConfig(AlgorithmConfigBase):
                 ``policy_delay``-th minibatch (TD3).
             twin_q: Two heads per critic, the TD target from the smaller target head (TD3's clipped
                 double-Q: the critic's overestimation no longer drives the actions into the box's corners).
+            critic_scale_free: The global critic reads each stage's scale weights (``modules.SCALE_WEIGHTS``: the
+                weights of the linear score the stage ranks by) as a direction, their sum divided out
+                (``modules.scale_free``): the cascade serves any positive multiple of them the same items, so the
+                true Q_g is constant along those rays and the critic need not learn that from rewards.
             max_action_step: δ, the per-iteration bound on each learning stage policy's step: the mean
                 change of its deterministic action on a minibatch, as a fraction of each action's range,
                 at most δ per action dimension from the iteration's start (longer steps are shortened);
@@ -245,6 +251,8 @@ class UnexRLConfig(AlgorithmConfigBase):
             raise ValueError("cqr_relabel re-scores CQR quantiles: it needs cqr=True (the reward is in seconds)")
         if self.critic not in ("global", "independent"):
             raise ValueError(f"critic must be 'global' or 'independent', got {self.critic!r}")
+        if self.critic_scale_free and self.critic != "global":
+            raise ValueError("critic_scale_free reads the joint action: it needs critic='global'")
         bad = set(self.trainable_stages) - set(STAGES)
         if bad or not self.trainable_stages:
             raise ValueError(f"trainable_stages must be a non-empty subset of {STAGES}, got {self.trainable_stages}")
@@ -321,6 +329,7 @@ class UnexRLConfig(AlgorithmConfigBase):
                     "obs_dim": d,
                     "n_critics": 1 if self.critic == "global" else len(STAGES),
                     "twin": self.twin_q,
+                    "scale_free": self.critic_scale_free,
                 },
             )
         return spec

@@ -3,7 +3,8 @@
 StagePolicyModule   μ_k(o_k) = a_max · sigmoid(MLP(o_k)) (the actor of stage k's actor-critic);
                     exploration samples N(μ, (σ·a_max)²) (RLlib's diagonal Gaussian from
                     ACTION_DIST_INPUTS = [μ, log σ]).
-GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only;
+GlobalCriticModule  Q_g(o_1, a_1, a_2, a_3) on the joint action of all stages, learner-only
+                    (or on φ(a), each stage's scale weights as a direction: ``scale_free``);
                     ``n_critics = 3`` gives the independent-learners arm one critic per stage,
                     Q_k(o_k, a_k); ``twin`` gives each critic two heads Q^1, Q^2 (TD3's clipped
                     double-Q: the TD target takes min(Q'^1, Q'^2), the actor ascends Q^1).
@@ -31,6 +32,24 @@ from rllib_policies.building_blocks import mlp
 JOINT_ACTION_DIM = sum(len(v) for v in STAGE_ACTION_HIGH.values())  # 4 + 3 + 3
 MAX_ACTION_DIM = max(len(v) for v in STAGE_ACTION_HIGH.values())
 Q_VALUES = "q_values"
+# Each stage ranks its items by a score linear in these of its parameters (matching: w_relevance, w_popularity and
+# exploration, the Gumbel noise's scale; pre-ranking and ranking: all three weights), so any positive multiple of
+# them serves the same items; matching's w_history shapes the query instead.
+SCALE_WEIGHTS = {"matching": (0, 1, 3), "pre_ranking": (0, 1, 2), "ranking": (0, 1, 2)}
+_OFFSETS = np.cumsum([0, *(len(v) for v in STAGE_ACTION_HIGH.values())])[:-1]
+_GROUPS = np.zeros((len(STAGE_ACTION_HIGH), JOINT_ACTION_DIM), np.float32)  # stage × joint column: a scale weight
+for _k, (_stage, _columns) in enumerate(SCALE_WEIGHTS.items()):
+    _GROUPS[_k, _OFFSETS[list(STAGE_ACTION_HIGH).index(_stage)] + np.asarray(_columns)] = 1.0
+
+
+def scale_free(actions: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """φ(a): each stage's scale weights (``SCALE_WEIGHTS``) divided by their sum + ε, its other parameters as
+    they are; ``actions`` [..., JOINT_ACTION_DIM] scaled to [0, 1]. The cascade serves a and c·a (c > 0 on one
+    stage's scale weights) the same items, so Q_g(o, a) is constant along such rays: a critic on φ(a) has that
+    built in instead of learning it from noisy rewards."""
+    groups = torch.as_tensor(_GROUPS, device=actions.device)
+    per_column = (actions @ groups.T) @ groups  # each scale column: its stage's sum; 0 elsewhere
+    return torch.where(groups.sum(0) > 0, actions / (per_column + eps), actions)
 
 
 class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
@@ -81,11 +100,14 @@ class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
 
 class GlobalCriticModule(TorchRLModule, TargetNetworkAPI):
     """model_config: obs_dim (o_1's width), n_critics (1 global or 3 per-stage), twin (two heads per
-    critic, TD3), hidden (128, 128)."""
+    critic, TD3), scale_free (the global critic reads φ(a), ``scale_free``), hidden (128, 128)."""
 
     def setup(self):
-        cfg = {"hidden": (128, 128), "n_critics": 1, "twin": False, **(self.model_config or {})}
+        cfg = {"hidden": (128, 128), "n_critics": 1, "twin": False, "scale_free": False, **(self.model_config or {})}
         d_obs, self.n_critics = int(cfg["obs_dim"]), int(cfg["n_critics"])
+        self.scale_free = bool(cfg["scale_free"])
+        if self.scale_free and self.n_critics != 1:
+            raise ValueError("scale_free reads the joint action: it needs the global critic (n_critics 1)")
         self.n_heads = 2 if cfg["twin"] else 1
         d_act = JOINT_ACTION_DIM if self.n_critics == 1 else MAX_ACTION_DIM
         self.q = nn.ModuleList(
@@ -98,7 +120,7 @@ class GlobalCriticModule(TorchRLModule, TargetNetworkAPI):
         """Q(o, a) [B] of critic ``index``'s ``head`` (or the target Q'); actions already scaled to [0, 1]
         (joint for the global critic)."""
         net = (self.target_q if target else self.q)[index * self.n_heads + head]
-        return net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+        return net(torch.cat([obs, scale_free(actions) if self.scale_free else actions], dim=-1)).squeeze(-1)
 
     def values(self, obs: torch.Tensor, actions: torch.Tensor, index: int = 0, target: bool = False) -> list:
         """[Q^h(o, a) for every head h] of critic ``index``."""

@@ -20,7 +20,7 @@ from rllib_policies.envs import MultiStageEnv
 from rllib_policies.train_unex_rl import main as train_main
 from rllib_policies.unex_rl import ARMS, CategoryQuantileRescaler, UnexRL, UnexRLConfig, stage_observations
 from rllib_policies.unex_rl.learner import _bound_step, cascade, rebuild, search_action
-from rllib_policies.unex_rl.modules import JOINT_ACTION_DIM, GlobalCriticModule, StagePolicyModule
+from rllib_policies.unex_rl.modules import JOINT_ACTION_DIM, SCALE_WEIGHTS, GlobalCriticModule, StagePolicyModule
 from rllib_policies.unex_rl.sampler import sample_sessions
 
 TINY = {"world": {"n_items": 1500, "n_users": 400}, "pipeline": {"k_matching": 150, "k_pre_ranking": 30}}
@@ -135,6 +135,38 @@ def _stage_policy(stage, pipeline, hidden=(16,)):
         action_space=spaces.Box(np.zeros(len(STAGE_ACTION_HIGH[stage]), np.float32), STAGE_ACTION_HIGH[stage]),
         model_config={"hidden": hidden, "init": DEFAULT_PARAMS[stage].tolist()},
     )
+
+
+def test_scale_free_critic_ignores_each_stages_scale():
+    """critic_scale_free: Q_g(o, a) is the same when one stage's scale weights are multiplied by c > 0 (the
+    cascade serves the same items) and moves when a direction or matching's w_history does."""
+    torch.manual_seed(0)
+    d = 12
+    critic = GlobalCriticModule(
+        observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+        action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32),
+        model_config={"obs_dim": d, "scale_free": True},
+    )
+    obs, a = torch.randn(6, d), 0.1 + 0.4 * torch.rand(6, JOINT_ACTION_DIM)
+    q = critic.value(obs, a)
+    offset = 0
+    for s in STAGES:
+        cols = offset + torch.tensor(SCALE_WEIGHTS[s])
+        scaled, turned = a.clone(), a.clone()
+        scaled[:, cols] *= 1.8
+        turned[:, cols[0]] *= 1.8
+        torch.testing.assert_close(critic.value(obs, scaled), q, rtol=1e-3, atol=1e-3)
+        assert (critic.value(obs, turned) - q).abs().max() > 1e-3
+        offset += len(STAGE_ACTION_HIGH[s])
+    history = a.clone()
+    history[:, 2] *= 1.8  # matching's w_history: not a scale weight
+    assert (critic.value(obs, history) - q).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs the global critic"):
+        GlobalCriticModule(
+            observation_space=spaces.Box(-np.inf, np.inf, (d,), np.float32),
+            action_space=spaces.Box(0, 1, (JOINT_ACTION_DIM,), np.float32),
+            model_config={"obs_dim": d, "scale_free": True, "n_critics": 3},
+        )
 
 
 def test_stop_gradient_blocks_the_paths_through_downstream_stages():
@@ -265,6 +297,7 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": {"matching": -0.1}}, "explore_std"),
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
         ({"incumbent_window": -1}, "incumbent_window"),
+        ({"critic_scale_free": True, "critic": "independent"}, "critic_scale_free reads the joint action"),
         ({"explore_correlation": 1.5}, "explore_correlation must be in"),
         ({"explore_correlation": -0.1}, "explore_correlation must be in"),
         ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
