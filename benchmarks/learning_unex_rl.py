@@ -58,8 +58,6 @@ EVAL_SEED = 10_000
 LEARNER_OPTIONS = (
     "gamma",
     "twin_q",
-    "critic_scale_free",
-    "scale_anchor",
     "max_action_step",
     "actor_lr",
     "explore_std",

@@ -93,7 +93,6 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.policy_delay: int = 2
         self.twin_q: bool = False
         self.critic_scale_free: bool = False
-        self.scale_anchor: float = 0.0
         self.max_action_step: float | None = None
         self.search_candidates: int = 16
         self.search_weight: float = 1.0
@@ -139,7 +138,6 @@ class UnexRLConfig(AlgorithmConfigBase):
         policy_delay: int = NotProvided,
         twin_q: bool = NotProvided,
         critic_scale_free: bool = NotProvided,
-        scale_anchor: float = NotProvided,
         max_action_step: float | None = NotProvided,
         search_candidates: int = NotProvided,
         search_weight: float = NotProvided,
@@ -203,10 +201,6 @@ class UnexRLConfig(AlgorithmConfigBase):
                 weights of the linear score the stage ranks by) as a direction, their sum divided out
                 (``modules.scale_free``): the cascade serves any positive multiple of them the same items, so the
                 true Q_g is constant along those rays and the critic need not learn that from rewards.
-            scale_anchor: κ, with ``critic_scale_free`` the actor loss adds κ·Σ_k (Σ_j a_kj − c_k)² over each learning
-                stage's scale weights a_kj (scaled to [0, 1]), c_k their sum at the policy's start: the critic gives
-                that sum no gradient, so without the anchor it drifts, towards a face of the box where the
-                sigmoid policies stop learning; 0: off.
             max_action_step: δ, the per-iteration bound on each learning stage policy's step: the mean
                 change of its deterministic action on a minibatch, as a fraction of each action's range,
                 at most δ per action dimension from the iteration's start (longer steps are shortened);
@@ -259,8 +253,6 @@ class UnexRLConfig(AlgorithmConfigBase):
             raise ValueError(f"critic must be 'global' or 'independent', got {self.critic!r}")
         if self.critic_scale_free and self.critic != "global":
             raise ValueError("critic_scale_free reads the joint action: it needs critic='global'")
-        if self.scale_anchor < 0 or (self.scale_anchor > 0 and not self.critic_scale_free):
-            raise ValueError(f"scale_anchor must be >= 0, and > 0 only with critic_scale_free, got {self.scale_anchor}")
         bad = set(self.trainable_stages) - set(STAGES)
         if bad or not self.trainable_stages:
             raise ValueError(f"trainable_stages must be a non-empty subset of {STAGES}, got {self.trainable_stages}")

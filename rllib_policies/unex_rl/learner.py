@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
@@ -38,10 +37,10 @@ from ray.rllib.core.learner.utils import update_target_network
 from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 
 from actors.cascade import Pipeline, build_world
-from actors.stages import DEFAULT_PARAMS, STAGE_ACTION_HIGH, STAGES, RequestBatch
+from actors.stages import STAGE_ACTION_HIGH, STAGES, RequestBatch
 
 from .cic import stage_observations
-from .modules import MAX_ACTION_DIM, scale_sums
+from .modules import MAX_ACTION_DIM
 from .sampler import REQUEST_FIELDS
 
 CRITIC = "global_critic"
@@ -78,12 +77,6 @@ def rebuild(
     feats = [(actions[s].detach() if stop_gradient else actions[s]) / _high(s, o) for s in offsets]
     start, stop = pipeline.spec.slices["upstream"].start, max(sl.stop for sl in offsets.values())
     return torch.cat([o[:, :start], *feats, o[:, stop:]], dim=-1)
-
-
-def _start_action(cfg, stage: str) -> torch.Tensor:
-    """The stage policy's initial action (``init_params``, else the defaults), scaled to [0, 1]."""
-    start = np.asarray(cfg.init_params.get(stage, DEFAULT_PARAMS[stage]), np.float32) / STAGE_ACTION_HIGH[stage]
-    return torch.as_tensor(start, dtype=torch.float32)
 
 
 def _high(stage: str, like: torch.Tensor) -> torch.Tensor:
@@ -197,11 +190,6 @@ class UnexRLLearner(TorchLearner):
                 if cfg.saturation_penalty > 0:
                     penalty = sum(saturation(z, cfg.action_margin).mean() for z in logits.values())
                     actor_loss = actor_loss + cfg.saturation_penalty * penalty
-                if cfg.scale_anchor > 0:  # the scale the critic does not see: held where the policies started
-                    start = scale_sums(torch.cat([_start_action(cfg, s) for s in STAGES]).to(joint.device))
-                    learning = torch.tensor([s in cfg.trainable_stages for s in STAGES], device=joint.device)
-                    drift = ((scale_sums(joint) - start) ** 2 * learning).sum(-1).mean()
-                    actor_loss = actor_loss + cfg.scale_anchor * drift
                 if cfg.search_candidates > 1:
                     free = torch.cat(  # σ on the learning stages' dimensions, 0 on the frozen ones'
                         [torch.full_like(policies[s].high, search_std[s] * (s in cfg.trainable_stages)) for s in STAGES]

@@ -48,14 +48,8 @@ def scale_free(actions: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     stage's scale weights) the same items, so Q_g(o, a) is constant along such rays: a critic on φ(a) has that
     built in instead of learning it from noisy rewards."""
     groups = torch.as_tensor(_GROUPS, device=actions.device)
-    per_column = scale_sums(actions) @ groups  # each scale column: its stage's sum; 0 elsewhere
+    per_column = (actions @ groups.T) @ groups  # each scale column: its stage's sum; 0 elsewhere
     return torch.where(groups.sum(0) > 0, actions / (per_column + eps), actions)
-
-
-def scale_sums(actions: torch.Tensor) -> torch.Tensor:
-    """Each stage's scale weights summed [..., 3] (in STAGES order), ``actions`` as in ``scale_free``: the one
-    degree of freedom per stage that ``scale_free`` divides out."""
-    return actions @ torch.as_tensor(_GROUPS, device=actions.device).T
 
 
 class StagePolicyModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):

@@ -298,8 +298,6 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_std": {"matchin": 0.3}}, "unknown stage"),
         ({"incumbent_window": -1}, "incumbent_window"),
         ({"critic_scale_free": True, "critic": "independent"}, "critic_scale_free reads the joint action"),
-        ({"scale_anchor": 1.0}, "scale_anchor must be >= 0, and > 0 only with critic_scale_free"),
-        ({"scale_anchor": -1.0, "critic_scale_free": True}, "scale_anchor must be >= 0"),
         ({"explore_correlation": 1.5}, "explore_correlation must be in"),
         ({"explore_correlation": -0.1}, "explore_correlation must be in"),
         ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
