@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import ray
+import scipy.stats
 import torch
 
 import rust_ext
@@ -18,11 +19,14 @@ from actors.stages import (
     STAGE_ACTION_HIGH,
     STAGES,
     RequestBatch,
+    RowGenerators,
+    gumbel32,
     history_embedding,
     ranking_predictions,
     retrieval_relevance,
     run_stage,
     stage_params,
+    top_k,
 )
 from actors.world import COHORTS, PipelineConfig, World, WorldConfig
 from actors.world.world import sigmoid
@@ -388,3 +392,33 @@ def test_build_world_caches_configs_with_list_values():
     world, pipeline = build_world(cfg)
     again, _ = build_world({"world": dict(reversed(list(cfg["world"].items())))})
     assert again is world and pipeline.world is world
+
+
+def test_gumbel32_draws_the_standard_gumbel():
+    """Matching's float32 exploration noise: standard Gumbel by a KS test, finite, float32, and a batch of
+    per-request streams draws what each request's stream draws alone."""
+    x = gumbel32(np.random.default_rng(0), (200_000,))
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+    assert scipy.stats.kstest(x, "gumbel_r").pvalue > 1e-3
+    rows = RowGenerators(0, "matching", np.array([3, 7]))
+    alone = [gumbel32(RowGenerators(0, "matching", np.array([r])).gens[0], (1, 50)) for r in (3, 7)]
+    np.testing.assert_array_equal(rows.gumbel32((2, 50)), np.concatenate(alone))
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "k"),
+    [(1, 20_000, 500), (8, 20_000, 500), (3, 9_000, 500), (2, 500, 50), (4, 1_000, 500)],
+)
+def test_top_k_selects_what_a_full_partition_selects(b, n, k):
+    """top_k (prefiltered where a row holds ≥ 16·k scores) keeps each row's k highest scores, ordered on
+    request, with rows of ties and rows whose threshold lets fewer than k through (the full rows then)."""
+    scores = np.random.default_rng(n + b).standard_normal((b, n)).astype(np.float32)
+    scores[0] = 1.0  # a constant row: every score ties with the threshold
+    scores[-1, :] = -10.0  # only the sampled scores are high: too few pass the threshold (the fallback)
+    scores[-1, ::16] = np.arange(len(scores[-1, ::16]))
+    idx = top_k(scores, k, ordered=False)
+    assert idx.shape == (b, k) and all(len(set(row)) == k for row in idx)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    assert (np.take_along_axis(scores, idx, axis=1) >= kth).all()
+    ordered = np.take_along_axis(scores, top_k(scores, k, ordered=True), axis=1)
+    assert (np.diff(ordered, axis=1) <= 0).all()
