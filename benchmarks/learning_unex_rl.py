@@ -58,6 +58,7 @@ EVAL_SEED = 10_000
 LEARNER_OPTIONS = (
     "gamma",
     "twin_q",
+    "critic_scale_free",
     "max_action_step",
     "actor_lr",
     "explore_std",

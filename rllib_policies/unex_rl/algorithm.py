@@ -200,7 +200,9 @@ class UnexRLConfig(AlgorithmConfigBase):
             critic_scale_free: The global critic reads each stage's scale weights (``modules.SCALE_WEIGHTS``: the
                 weights of the linear score the stage ranks by) as a direction, their sum divided out
                 (``modules.scale_free``): the cascade serves any positive multiple of them the same items, so the
-                true Q_g is constant along those rays and the critic need not learn that from rewards.
+                true Q_g is constant along those rays and the critic need not learn that from rewards. Off by
+                default: on the learning test it closes 79 % ± 12 (30 iterations) and 82 % ± 8 (60) against the
+                defaults' 74 % ± 5 and 78 % ± 4, with twice their spread over seeds (learning_unex_rl.md).
             max_action_step: δ, the per-iteration bound on each learning stage policy's step: the mean
                 change of its deterministic action on a minibatch, as a fraction of each action's range,
                 at most δ per action dimension from the iteration's start (longer steps are shortened);
