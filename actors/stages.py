@@ -120,20 +120,6 @@ class StageContext:
         self.index: MatchingIndex | None = None  # an approximate retrieval index, when the pipeline asks for one
 
 
-def gumbel32(gen: np.random.Generator, size) -> np.ndarray:
-    """Standard Gumbel draws in float32, G = −log(−log U), U ~ Uniform[0, 1) from ``gen``'s float32 stream.
-
-    Matching's exploration draws one per catalogue item and request: ``Generator.gumbel`` draws float64 and
-    costs ~5× more. U's 24-bit grid (U ≥ 2⁻²⁴ after the floor at the smallest normal float, U ≤ 1 − 2⁻²⁴)
-    bounds G to [−2.81, 16.6], a truncation of probability ≈ 1e-7 per draw."""
-    u = gen.random(size, dtype=np.float32)
-    np.maximum(u, np.finfo(np.float32).tiny, out=u)
-    np.log(u, out=u)
-    np.negative(u, out=u)
-    np.log(u, out=u)
-    return np.negative(u, out=u)
-
-
 class RowGenerators:
     """Per-request random streams: row i draws from seed_sequence(seed, stage, request_ids[i]), so a
     batch of B requests replays exactly what B single-request calls (B = 1) drew."""
@@ -154,8 +140,8 @@ class RowGenerators:
     def standard_normal(self, size) -> np.ndarray:
         return self._stack(lambda g, sz: g.standard_normal(sz), size)
 
-    def gumbel32(self, size) -> np.ndarray:
-        return self._stack(gumbel32, size)
+    def gumbel(self, size) -> np.ndarray:
+        return self._stack(lambda g, sz: g.gumbel(size=sz), size)
 
 
 def stage_rng(seed: int, stage: str, request_id):
@@ -163,11 +149,6 @@ def stage_rng(seed: int, stage: str, request_id):
     return (
         seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
     )
-
-
-def _gumbel32(rng: np.random.Generator | RowGenerators, size) -> np.ndarray:
-    """``gumbel32`` from one stream, or from each request's (``RowGenerators``)."""
-    return rng.gumbel32(size) if isinstance(rng, RowGenerators) else gumbel32(rng, size)
 
 
 def stage_params(params, stage: str, b: int) -> np.ndarray:
@@ -187,15 +168,16 @@ def stage_params(params, stage: str, b: int) -> np.ndarray:
 
 
 def top_k(scores: np.ndarray, k: int, ordered: bool) -> np.ndarray:
-    """Each row's k highest scores' columns [B, k] (by descending score where ``ordered``)."""
+    """Each row's k highest scores' columns [B, k]: by descending score where ``ordered``, else in column order, so a
+    row gets the same columns in the same order alone or in any batch (whichever selection path ran)."""
     idx = _top_k_prefiltered(scores, k) if scores.shape[1] >= _PREFILTER_MIN_RATIO * k else None
     if idx is None:
         idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     if ordered:
-        idx = np.take_along_axis(
+        return np.take_along_axis(
             idx, np.argsort(-np.take_along_axis(scores, idx, axis=1), axis=1, kind="stable"), axis=1
         )
-    return idx
+    return np.sort(idx, axis=1)
 
 
 _PREFILTER_MIN_RATIO = 16  # prefilter a row of at least 16·k scores (matching's 20 000 → 500, not 500 → 50)
@@ -223,7 +205,7 @@ def _top_k_prefiltered(scores: np.ndarray, k: int) -> np.ndarray | None:
     cols = flat - rows * n
     pos = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     cand = np.zeros((b, counts.max()), np.int64)
-    cand_scores = np.full(cand.shape, -np.inf, np.float32)
+    cand_scores = np.full(cand.shape, -np.inf, scores.dtype)
     cand[rows, pos], cand_scores[rows, pos] = cols, scores[rows, cols]
     return np.take_along_axis(cand, np.argpartition(-cand_scores, k - 1, axis=1)[:, :k], axis=1)
 
@@ -286,7 +268,7 @@ def matching(
     index = ctx.index if index is None else index
     if index is not None and index.faiss_index is not None:
         cand, sc = index.search(q, p[:, 0], p[:, 1], min(pool * k, index.n))
-        sc = sc + p[:, 3:4] * _gumbel32(rng, sc.shape)
+        sc = sc + p[:, 3:4] * rng.gumbel(size=sc.shape).astype(np.float32)
         idx = top_k(sc, k, ordered=False)
         return StageOutput(np.take_along_axis(cand, idx, axis=1), np.take_along_axis(sc, idx, axis=1))
     towers, popularity = (ctx.item_tower, ctx.popularity) if index is None else (index.item_tower, index.popularity)
@@ -296,7 +278,7 @@ def matching(
         sl = slice(s, s + chunk)
         sc = p[sl, :1] * (q[sl] @ towers.T) + p[sl, 1:2] * popularity
         noise = rng.rows(sl) if isinstance(rng, RowGenerators) else rng
-        sc += p[sl, 3:4] * _gumbel32(noise, sc.shape)
+        sc += p[sl, 3:4] * noise.gumbel(size=sc.shape).astype(np.float32)
         idx = top_k(sc, k, ordered=False)
         items[sl], scores[sl] = idx, np.take_along_axis(sc, idx, axis=1)
     return StageOutput(items, scores)

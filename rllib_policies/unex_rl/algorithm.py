@@ -263,6 +263,10 @@ class UnexRLConfig(AlgorithmConfigBase):
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.sampler not in ("vectorised", "env_runner"):
             raise ValueError(f"sampler must be 'vectorised' or 'env_runner', got {self.sampler!r}")
+        if self.explore_correlation > 0 and self.sampler != "vectorised":
+            raise ValueError(
+                "explore_correlation draws per session in the vectorised sampler: it needs sampler='vectorised'"
+            )
         if self.sampler == "env_runner" and (self.env_config or {}).get("reward") != "usage":
             raise ValueError(
                 "sampler='env_runner' trains on the env's rewards: set env_config['reward'] = 'usage' "

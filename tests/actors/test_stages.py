@@ -6,7 +6,6 @@ import itertools
 import numpy as np
 import pytest
 import ray
-import scipy.stats
 import torch
 
 import rust_ext
@@ -19,8 +18,7 @@ from actors.stages import (
     STAGE_ACTION_HIGH,
     STAGES,
     RequestBatch,
-    RowGenerators,
-    gumbel32,
+    _top_k_prefiltered,
     history_embedding,
     ranking_predictions,
     retrieval_relevance,
@@ -394,31 +392,33 @@ def test_build_world_caches_configs_with_list_values():
     assert again is world and pipeline.world is world
 
 
-def test_gumbel32_draws_the_standard_gumbel():
-    """Matching's float32 exploration noise: standard Gumbel by a KS test, finite, float32, and a batch of
-    per-request streams draws what each request's stream draws alone."""
-    x = gumbel32(np.random.default_rng(0), (200_000,))
-    assert x.dtype == np.float32 and np.isfinite(x).all()
-    assert scipy.stats.kstest(x, "gumbel_r").pvalue > 1e-3
-    rows = RowGenerators(0, "matching", np.array([3, 7]))
-    alone = [gumbel32(RowGenerators(0, "matching", np.array([r])).gens[0], (1, 50)) for r in (3, 7)]
-    np.testing.assert_array_equal(rows.gumbel32((2, 50)), np.concatenate(alone))
-
-
 @pytest.mark.parametrize(
     ("b", "n", "k"),
     [(1, 20_000, 500), (8, 20_000, 500), (3, 9_000, 500), (2, 500, 50), (4, 1_000, 500)],
 )
 def test_top_k_selects_what_a_full_partition_selects(b, n, k):
-    """top_k (prefiltered where a row holds ≥ 16·k scores) keeps each row's k highest scores, ordered on
-    request, with rows of ties and rows whose threshold lets fewer than k through (the full rows then)."""
+    """top_k (prefiltered where a row holds ≥ 16·k scores) keeps each row's k highest scores, ordered on request,
+    in column order otherwise, and a row gets the same columns alone as in its batch; one row of ties."""
     scores = np.random.default_rng(n + b).standard_normal((b, n)).astype(np.float32)
-    scores[0] = 1.0  # a constant row: every score ties with the threshold
-    scores[-1, :] = -10.0  # only the sampled scores are high: too few pass the threshold (the fallback)
-    scores[-1, ::16] = np.arange(len(scores[-1, ::16]))
+    scores[-1] = 1.0 if b > 1 else scores[-1]  # a row of ties: every score passes the threshold
+    if n >= 16 * k:
+        assert _top_k_prefiltered(scores, k) is not None  # the prefilter itself answered, not the fallback
     idx = top_k(scores, k, ordered=False)
-    assert idx.shape == (b, k) and all(len(set(row)) == k for row in idx)
     kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
-    assert (np.take_along_axis(scores, idx, axis=1) >= kth).all()
+    assert idx.shape == (b, k) and all(len(set(row)) == k for row in idx)
+    assert (np.take_along_axis(scores, idx, axis=1) >= kth).all() and (np.diff(idx, axis=1) > 0).all()
+    for i in range(b):
+        np.testing.assert_array_equal(top_k(scores[i : i + 1], k, ordered=False)[0], idx[i])
     ordered = np.take_along_axis(scores, top_k(scores, k, ordered=True), axis=1)
     assert (np.diff(ordered, axis=1) <= 0).all()
+
+
+def test_top_k_falls_back_where_the_threshold_starves_a_row():
+    """A row whose sampled scores (every 16th) are its only high ones lets fewer than k through: the prefilter
+    declines and the full partition answers, for that row and the rest of its batch."""
+    scores = np.random.default_rng(0).standard_normal((2, 20_000)).astype(np.float32)
+    scores[1] = -10.0
+    scores[1, ::16] = np.arange(1250)
+    assert _top_k_prefiltered(scores, 500) is None
+    full = np.sort(np.argpartition(-scores, 499, axis=1)[:, :500], axis=1)
+    np.testing.assert_array_equal(top_k(scores, 500, ordered=False), full)

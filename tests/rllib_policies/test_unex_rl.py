@@ -300,6 +300,7 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"critic_scale_free": True, "critic": "independent"}, "critic_scale_free reads the joint action"),
         ({"explore_correlation": 1.5}, "explore_correlation must be in"),
         ({"explore_correlation": -0.1}, "explore_correlation must be in"),
+        ({"explore_correlation": 0.5, "sampler": "env_runner"}, "explore_correlation draws per session"),
         ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
         ({"actor_lr": [[0, 1e-3]]}, "Invalid `actor_lr`"),
         ({"cqr_relabel": True}, "cqr_relabel re-scores CQR quantiles: it needs cqr=True"),
