@@ -312,13 +312,19 @@ def init_ray_worker() -> None:
 
 
 def machine() -> str:
+    """The CPU, its cores and the versions a result depends on (Ray where it is installed: a GPU machine may
+    have torch alone)."""
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
         platform.machine(),
     )
-    import ray
+    try:
+        import ray
 
-    versions = f"Python {platform.python_version()}, Ray {ray.__version__}, NumPy {np.__version__}"
+        ray_version = f", Ray {ray.__version__}"
+    except ImportError:
+        ray_version = ""
+    versions = f"Python {platform.python_version()}{ray_version}, NumPy {np.__version__}"
     return f"{cpu}, {os.cpu_count()} cores, {versions}"
 
 

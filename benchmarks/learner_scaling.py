@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import machine  # noqa: E402
 from rllib_policies.building_blocks import mlp  # noqa: E402
 
 OBS_DIM, ACTION_DIMS, GAMMA, TAU = 62, (4, 3, 3), 0.5, 0.01
@@ -140,12 +140,8 @@ def main() -> None:
             print(
                 f"  {device} ({threads} threads) minibatch {b:>6}: {ms[device, threads, b]:8.2f} ms/update", flush=True
             )
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.machine(),
-    )
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    label = {s: f"{s[0].upper()} {s[1]} threads" if s[0] == "cpu" else f"CUDA ({gpu[2:]})" for s in settings}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    label = {s: f"{s[0].upper()} {s[1]} threads" if s[0] == "cpu" else f"CUDA ({gpu})" for s in settings}
     base = settings[0]
     columns = ["minibatch", *(f"{label[s]}: ms / update" for s in settings)]
     columns += [f"{label[s]}: transitions / s" for s in settings]
@@ -163,8 +159,8 @@ def main() -> None:
     with open(path, "w") as f:
         f.write(
             "# Learner scaling: UNEX-RL's update networks by minibatch size and device\n\n"
-            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu}, {cores} cores{gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}. Command: "
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}"
+            f"{f', {gpu}' if gpu else ''}. Command: "
             f"`python benchmarks/learner_scaling.py` ({time.perf_counter() - started:.0f} s, one run, every cell "
             "side by side). One update = the critic's TD step, the actor step through the frozen critic and the "
             "target networks' Polyak step (the module docstring); median of 30 updates. UNEX-RL trains at "

@@ -36,10 +36,19 @@ Q_VALUES = "q_values"
 # exploration, the Gumbel noise's scale; pre-ranking and ranking: all three weights), so any positive multiple of
 # them serves the same items; matching's w_history shapes the query instead.
 SCALE_WEIGHTS = {"matching": (0, 1, 3), "pre_ranking": (0, 1, 2), "ranking": (0, 1, 2)}
-_OFFSETS = np.cumsum([0, *(len(v) for v in STAGE_ACTION_HIGH.values())])[:-1]
-_GROUPS = np.zeros((len(STAGE_ACTION_HIGH), JOINT_ACTION_DIM), np.float32)  # stage × joint column: a scale weight
-for _k, (_stage, _columns) in enumerate(SCALE_WEIGHTS.items()):
-    _GROUPS[_k, _OFFSETS[list(STAGE_ACTION_HIGH).index(_stage)] + np.asarray(_columns)] = 1.0
+
+
+def _scale_groups() -> np.ndarray:
+    """[stage, joint action column]: 1 where the column is one of that stage's scale weights (the joint action
+    concatenates the stages in ``STAGE_ACTION_HIGH``'s order)."""
+    groups, start = np.zeros((len(STAGE_ACTION_HIGH), JOINT_ACTION_DIM), np.float32), 0
+    for k, (stage, high) in enumerate(STAGE_ACTION_HIGH.items()):
+        groups[k, start + np.asarray(SCALE_WEIGHTS[stage])] = 1.0
+        start += len(high)
+    return groups
+
+
+_GROUPS = _scale_groups()
 
 
 def scale_free(actions: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
