@@ -120,6 +120,25 @@ class StageContext:
         self.index: MatchingIndex | None = None  # an approximate retrieval index, when the pipeline asks for one
 
 
+def gumbel(gen: np.random.Generator, size) -> np.ndarray:
+    """Standard Gumbel draws as float32, G = −log(−log(1 − U)), U = ``gen.random(size)``.
+
+    The same draws as ``gen.gumbel(size=size).astype(np.float32)``: ``Generator.gumbel`` computes this formula from
+    the same uniform stream (one double per draw), so the stream stays in step; here NumPy's vectorised log runs it,
+    about 4× faster, and the two agree exactly after the float32 cast (tested; float64 values differ by at most an
+    ulp). ``Generator.gumbel`` redraws U = 0 (probability 2⁻⁵³); here 1 − U is capped at 1 − 2⁻⁵³ instead (G ≤ 36.7)."""
+    u = gen.random(size)
+    np.subtract(1.0, u, out=u)
+    np.minimum(u, _BELOW_ONE, out=u)
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    np.log(u, out=u)
+    return np.negative(u, out=u).astype(np.float32)
+
+
+_BELOW_ONE = np.nextafter(1.0, 0.0)
+
+
 class RowGenerators:
     """Per-request random streams: row i draws from seed_sequence(seed, stage, request_ids[i]), so a
     batch of B requests replays exactly what B single-request calls (B = 1) drew."""
@@ -141,7 +160,7 @@ class RowGenerators:
         return self._stack(lambda g, sz: g.standard_normal(sz), size)
 
     def gumbel(self, size) -> np.ndarray:
-        return self._stack(lambda g, sz: g.gumbel(size=sz), size)
+        return self._stack(gumbel, size)
 
 
 def stage_rng(seed: int, stage: str, request_id):
@@ -149,6 +168,11 @@ def stage_rng(seed: int, stage: str, request_id):
     return (
         seed_sequence(seed, stage, request_id) if np.ndim(request_id) == 0 else RowGenerators(seed, stage, request_id)
     )
+
+
+def _gumbel(rng: np.random.Generator | RowGenerators, size) -> np.ndarray:
+    """``gumbel`` from one stream, or from each request's (``RowGenerators``)."""
+    return rng.gumbel(size) if isinstance(rng, RowGenerators) else gumbel(rng, size)
 
 
 def stage_params(params, stage: str, b: int) -> np.ndarray:
@@ -214,7 +238,7 @@ def history_embedding(ctx: StageContext, history: np.ndarray) -> np.ndarray:
     """Mean item-tower embedding of the recently clicked items [B, H] (-1 = empty) → [B, d]."""
     valid = history >= 0
     hist = np.where(valid[..., None], ctx.item_tower[np.maximum(history, 0)], 0.0).sum(axis=1)
-    return hist / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    return hist / np.maximum(valid.sum(axis=1, keepdims=True), 1).astype(np.float32)  # float32, as the towers
 
 
 def user_query(ctx: StageContext, req: RequestBatch, w_history: np.ndarray) -> np.ndarray:
@@ -268,7 +292,7 @@ def matching(
     index = ctx.index if index is None else index
     if index is not None and index.faiss_index is not None:
         cand, sc = index.search(q, p[:, 0], p[:, 1], min(pool * k, index.n))
-        sc = sc + p[:, 3:4] * rng.gumbel(size=sc.shape).astype(np.float32)
+        sc = sc + p[:, 3:4] * _gumbel(rng, sc.shape)
         idx = top_k(sc, k, ordered=False)
         return StageOutput(np.take_along_axis(cand, idx, axis=1), np.take_along_axis(sc, idx, axis=1))
     towers, popularity = (ctx.item_tower, ctx.popularity) if index is None else (index.item_tower, index.popularity)
@@ -278,7 +302,7 @@ def matching(
         sl = slice(s, s + chunk)
         sc = p[sl, :1] * (q[sl] @ towers.T) + p[sl, 1:2] * popularity
         noise = rng.rows(sl) if isinstance(rng, RowGenerators) else rng
-        sc += p[sl, 3:4] * noise.gumbel(size=sc.shape).astype(np.float32)
+        sc += p[sl, 3:4] * _gumbel(noise, sc.shape)
         idx = top_k(sc, k, ordered=False)
         items[sl], scores[sl] = idx, np.take_along_axis(sc, idx, axis=1)
     return StageOutput(items, scores)

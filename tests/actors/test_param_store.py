@@ -108,7 +108,8 @@ def test_rollback_restores_earlier_versions_as_new_ones(ray_session):
     store = VersionedParamStore.remote({"a": 1})
     follower = ParamFollower(store, "r", dict, poll_timeout_s=1.0)
     try:
-        ray.get([store.put.remote({"a": 2}), store.put.remote({"a": 3})])  # served in order: v2, v3
+        ray.get(store.put.remote({"a": 2}))  # one after the other: an async actor need not run two calls in order
+        ray.get(store.put.remote({"a": 3}))
         ack = ray.get(store.rollback.remote(expected_version=3))
         assert (ack["version"], ack["restored_version"]) == (4, 2) and caught_up(follower, (4, {"a": 2}))
         ack = ray.get(store.rollback.remote())  # one further back

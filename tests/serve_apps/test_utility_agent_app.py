@@ -79,6 +79,7 @@ def agent_app(serve_url, inner_app, tmp_path_factory):
             "frontier": str(tmp / "frontier.json"),
             "placement": "deployment",
             "num_replicas": 2,
+            "timeout_s": 30,  # the agent's choice is under test, not the fallback: 0.5 s can pass on a loaded CI
         },
     )
     with httpx.Client(base_url=f"{serve_url}/ua", timeout=60) as c:
