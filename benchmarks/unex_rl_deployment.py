@@ -1,6 +1,6 @@
 """Which of UNEX-RL's trained policies to deploy: the latest, an average of the iterates, or a static setting.
 
-    python benchmarks/unex_rl_deployment.py                  # 10 seeds, two runs at a time: about 11 min on 2 cores
+    python benchmarks/unex_rl_deployment.py                  # 10 seeds, two runs at a time: about 8 min on 2 cores
     python benchmarks/unex_rl_deployment.py --seeds 2 --iterations 2 --eval-sessions 50   # a smoke run
 
 Each seed trains the learning test's run (benchmarks/learning_unex_rl.py: small world, default preset, starved
@@ -8,8 +8,9 @@ matching start, 30 iterations of 64 sessions, default options) once; every deplo
 the same 1 000 evaluation users with common random numbers, so the rules compare paired by seed:
 
     latest        the stage policies after the last iteration (what UNEX-RL deploys);
-    ema α         θ̄ ← α·θ + (1 − α)·θ̄ after every iteration (Polyak–Ruppert averaging of the policies' weights);
-    tail w        the mean of the last w iterates' weights (stochastic weight averaging's tail);
+    ema α         θ̄ ← α·θ + (1 − α)·θ̄ after every iteration (Polyak–Ruppert averaging of the policies' weights),
+                  from the first iterate on: a small α still carries the iterates from before the take-off;
+    tail w        the mean of the last w iterates' weights (stochastic weight averaging's tail; fewer if fewer ran);
     static ā      every stage at its mean deterministic action ā over 200 fixed sessions' requests (a static
                   setting, as the oracle's is), and each stage alone at ā with the others learned.
 
@@ -75,9 +76,7 @@ def run(job: tuple[int, int, int]) -> dict:
             w = _weights(algo.stage_policies)
             iterates = [*iterates, w][-max(TAILS) :]
             for a in ALPHAS:
-                ema[a] = (
-                    w if ema[a] is None else {s: {k: a * w[s][k] + (1 - a) * ema[a][s][k] for k in w[s]} for s in w}
-                )
+                ema[a] = w if ema[a] is None else polyak(ema[a], w, a)
         rules = {"latest": usage(algo.stage_policies)}
         rules.update({f"ema α {a}": usage(algo._policies(ema[a])) for a in ALPHAS})
         rules.update({f"tail {t}": usage(algo._policies(average(iterates[-t:]))) for t in TAILS})
@@ -106,11 +105,11 @@ def page(record: dict) -> str:
     lines = [
         "# UNEX-RL: which trained policies to deploy",
         "",
-        f"Measured {record['measured']} on {record['machine']}. Command: `{record['command']}` "
-        f"({record['wall_s']:.0f} s wall, two runs at a time). {len(runs)} seeds, {record['iterations']} iterations of "
-        f"64 sessions each, default options; every rule on the same {record['eval_sessions']} evaluation users with "
-        f"common random numbers. Oracle's best static setting: {target:.1f} s per session; starts "
-        f"{np.mean([r['start'] for r in runs]):.1f} s.",
+        f"Measured {record['measured']} on {record['machine']}. Command: `{record['command'].strip()}` "
+        f"({record['wall_s']:.0f} s wall, {record.get('jobs', 2)} runs at a time). {len(runs)} seeds, "
+        f"{record['iterations']} iterations of 64 sessions each, default options; every rule on the same "
+        f"{record['eval_sessions']} evaluation users with common random numbers. Oracle's best static setting: "
+        f"{target:.1f} s per session; starts {np.mean([r['start'] for r in runs]):.1f} s.",
         "",
         "| deployment rule | gap closed (95 % CI) | against the latest, paired by seed (95 % CI) | per seed |",
         "|---|---:|---:|---|",
@@ -127,11 +126,8 @@ def page(record: dict) -> str:
         "| seed | matching | pre-ranking | ranking |",
         "|---:|---|---|---|",
     ]
-    lines += [
-        f"| {r['seed']} | {r['mean_action']['matching']} | {r['mean_action']['pre_ranking']} | "
-        f"{r['mean_action']['ranking']} |"
-        for r in runs
-    ]
+    fmt = lambda a: "(" + ", ".join(f"{x:.2f}" for x in a) + ")"  # noqa: E731
+    lines += [" | ".join(["", str(r["seed"]), *(fmt(r["mean_action"][s]) for s in STAGES), ""]).strip() for r in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +138,12 @@ def main() -> None:
     p.add_argument("--eval-sessions", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--page-only", action="store_true", help="only rewrite the page from the results' JSON")
     args = p.parse_args()
+    if args.page_only:
+        with open(args.results.replace(".md", ".json")) as f:
+            write_results(args.results, [page(json.load(f))], partial=False)
+        return
     init_ray_worker()
     from actors.cascade import build_world  # noqa: PLC0415
     from rllib_policies.unex_rl.learning import static_policies, usage_per_session  # noqa: PLC0415
@@ -160,7 +161,8 @@ def main() -> None:
     record = {
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
-        "command": "python benchmarks/unex_rl_deployment.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/unex_rl_deployment.py", *sys.argv[1:]]),
+        "jobs": args.jobs,
         "iterations": args.iterations,
         "eval_sessions": args.eval_sessions,
         "oracle_usage_s": target,

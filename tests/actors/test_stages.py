@@ -27,6 +27,7 @@ from actors.stages import (
     run_stage,
     stage_params,
     top_k,
+    tower_t64,
     user_query,
 )
 from actors.world import COHORTS, PipelineConfig, World, WorldConfig
@@ -427,14 +428,16 @@ def test_gumbel_draws_what_generator_gumbel_draws(seed, size):
     assert fast.random() == reference.random()
 
 
-def test_queries_stay_float32_like_the_towers():
-    """Matching scores every catalogue item by ⟨q, item⟩: a float64 query would have NumPy convert the whole
-    float32 item tower on every request (8× slower at 20 000 items)."""
-    world = World(WorldConfig(n_items=500, n_users=20))
-    ctx = StageContext(world, 0)
-    req = RequestBatch(np.arange(3), np.array([[-1, 4, 7], [-1, -1, -1], [1, 2, 3]]), np.zeros(3, np.int32))
-    assert history_embedding(ctx, req.history).dtype == np.float32
-    assert user_query(ctx, req, np.full(3, 0.5, np.float32)).dtype == np.float32 == ctx.item_tower.dtype
+@pytest.mark.parametrize("b", [1, 3, 64])
+def test_the_float64_tower_scores_what_the_float32_one_did(b):
+    """Matching scores ⟨q, item⟩ with a float64 query: against the float64 copy of the tower made once
+    (``tower_t64``), bit for bit what NumPy computed when it converted the float32 tower on every request."""
+    ctx = StageContext(World(WorldConfig(n_items=3000, n_users=20)), 0)
+    req = RequestBatch(np.arange(b) % 20, np.tile([-1, 4, 7], (b, 1)), np.zeros(b, np.int32))
+    q = user_query(ctx, req, np.full(b, 0.5, np.float32))
+    assert q.dtype == np.float64 and ctx.item_tower.dtype == np.float32
+    np.testing.assert_array_equal(q @ tower_t64(ctx), q @ ctx.item_tower.T)
+    assert tower_t64(ctx) is tower_t64(ctx)  # made once
 
 
 def test_gumbel_keeps_u_zero_finite():
