@@ -57,8 +57,7 @@ def polyak(mean: dict, weights: dict, alpha: float) -> dict:
 def run(job: tuple[int, int, int]) -> dict:
     """Train one seed; every deployment rule's usage per session on the evaluation users."""
     from rllib_policies.unex_rl.algorithm import _weights
-    from rllib_policies.unex_rl.learning import build_learner, static_policies, usage_per_session
-    from rllib_policies.unex_rl.sampler import sample_sessions
+    from rllib_policies.unex_rl.learning import build_learner, mean_action, static_policies, usage_per_session
 
     seed, iterations, eval_sessions = job
     t0 = time.perf_counter()
@@ -80,10 +79,7 @@ def run(job: tuple[int, int, int]) -> dict:
         rules = {"latest": usage(algo.stage_policies)}
         rules.update({f"ema α {a}": usage(algo._policies(ema[a])) for a in ALPHAS})
         rules.update({f"tail {t}": usage(algo._policies(average(iterates[-t:]))) for t in TAILS})
-        batch, _ = sample_sessions(
-            pipeline, algo.stage_policies, 200, np.random.default_rng(0), explore=False, users_seed=0
-        )
-        mean = {s: batch[f"act_{s}"].mean(axis=0) for s in STAGES}
+        mean = mean_action(pipeline, algo.stage_policies, 200)
         rules["static ā (every stage)"] = usage(static_policies(mean))
         for s in STAGES:
             rules[f"{s} alone at ā"] = usage({**algo.stage_policies, s: static_policies(mean)[s]})

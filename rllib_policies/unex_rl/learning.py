@@ -209,9 +209,12 @@ def learning_run(
     }
 
 
+def mean_action(pipeline: Pipeline, policies: dict, n_sessions: int) -> dict[str, np.ndarray]:
+    """Each stage policy's mean deterministic action ā over the requests of ``n_sessions`` fixed sessions."""
+    batch, _ = sample_sessions(pipeline, policies, n_sessions, np.random.default_rng(0), explore=False, users_seed=0)
+    return {s: batch[f"act_{s}"].mean(axis=0) for s in STAGES}
+
+
 def mean_actions(algo: UnexRL, n_sessions: int = 20) -> dict[str, list[float]]:
-    """Each stage policy's mean deterministic action over the requests of ``n_sessions`` fixed sessions."""
-    batch, _ = sample_sessions(
-        algo.pipeline, algo.deployed_policies, n_sessions, np.random.default_rng(0), explore=False, users_seed=0
-    )
-    return {s: batch[f"act_{s}"].mean(axis=0).round(3).tolist() for s in STAGES}
+    """The deployed policies' ``mean_action``, rounded for a results file."""
+    return {s: a.round(3).tolist() for s, a in mean_action(algo.pipeline, algo.deployed_policies, n_sessions).items()}
