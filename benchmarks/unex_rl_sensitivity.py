@@ -1,5 +1,7 @@
-"""Where UNEX-RL's learning test loses usage: the oracle's static stage parameters with one stage changed, and how
-much one evaluation of a fixed setting varies with the users it is measured on.
+"""Where UNEX-RL's learning test loses usage: the oracle's static stage parameters with one stage changed; how
+much one evaluation of a fixed setting varies with the users it is measured on; and, for the settings the learner
+ends at (each stage at its mean action ā after training, from ``benchmarks/results/unex_rl_deployment.json``), their
+usage under the learner's own exploration noise and which stage they lose on.
 
     python benchmarks/unex_rl_sensitivity.py        # about a minute on 2 cores
 
@@ -11,6 +13,7 @@ scale-invariant, so this is its (0, 0.091, 0.909). Writes benchmarks/results/une
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -20,11 +23,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
+from actors.stages import STAGES  # noqa: E402
 from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.learning_unex_rl import EVAL_SEED, WORLDS  # noqa: E402
+from rllib_policies.unex_rl.algorithm import UnexRLConfig  # noqa: E402
 from rllib_policies.unex_rl.learning import static_policies, usage_per_session  # noqa: E402
+from rllib_policies.unex_rl.sampler import sample_sessions  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "unex_rl_sensitivity.md")
+LEARNED = os.path.join(ROOT, "benchmarks", "results", "unex_rl_deployment.json")
 ORACLE = {"matching": (1.9, 0.3, 1.0, 0.4), "pre_ranking": (2.0, 0.1, 0.0), "ranking": (0.0, 1.0, 10.0)}
 # (stage, the setting that replaces the oracle's): the directions the learned policies end in (learning_unex_rl.md)
 VARIANTS = [
@@ -44,6 +51,41 @@ def usage(pipeline, params: dict, n_sessions: int = 1000, seed: int = EVAL_SEED)
     return usage_per_session(pipeline, policies, n_sessions, seed)
 
 
+def explored_usage(pipeline, params: dict, n_sessions: int = 1000, seed: int = EVAL_SEED) -> float:
+    """Usage of ``params`` served with the learner's default exploration noise on every stage (σ as a fraction of
+    each action's range, per request): the smoothed objective its critic sees. The same users as ``usage``, and the
+    same noise draws for every setting."""
+    policies = static_policies({s: np.asarray(v, np.float32) for s, v in params.items()})
+    explore_std = {s: UnexRLConfig().explore_std_of(s) for s in STAGES}
+    rng = np.random.default_rng(seed)
+    return sample_sessions(pipeline, policies, n_sessions, rng, explore_std=explore_std, users_seed=seed)[1][
+        "usage_s_per_session"
+    ]
+
+
+def learned_settings(pipeline, oracle: float) -> tuple[list[str], list[str]]:
+    """Per seed of the deployment benchmark: ā's usage, served as is and explored, and the usage each stage gains
+    when it alone is set to the oracle's."""
+    runs = json.load(open(LEARNED))["runs"]
+    explored = [
+        "| seed | ā: usage s / session | ā explored | matching → oracle's | pre_ranking → oracle's | "
+        "ranking → oracle's |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        mean = {s: tuple(run["mean_action"][s]) for s in STAGES}
+        u = usage(pipeline, mean)
+        gains = [usage(pipeline, {**mean, s: ORACLE[s]}) - u for s in STAGES]
+        explored.append(
+            f"| {run['seed']} | {u:.1f} | {explored_usage(pipeline, mean):.1f} | "
+            + " | ".join(f"{g:+.1f}" for g in gains)
+            + " |"
+        )
+        print(explored[-1], flush=True)
+    oracle_row = f"| the oracle's setting | {oracle:.1f} | {explored_usage(pipeline, ORACLE):.1f} | — | — | — |"
+    return explored, oracle_row
+
+
 def main() -> None:
     started = time.time()
     pipeline = build_world({"preset": "default", **WORLDS["small"]})[1]
@@ -58,6 +100,7 @@ def main() -> None:
     for n, seed in NOISE:
         noise.append(f"| {n} | {seed} | {usage(pipeline, ORACLE, n, seed):.1f} |")
         print(noise[-1], flush=True)
+    learned, oracle_row = learned_settings(pipeline, oracle)
     setup = __doc__.split("\n\n")[2]  # the docstring's paragraph on the world and the evaluator
     sections = [
         "# UNEX-RL: the usage surface around the oracle's setting\n",
@@ -67,6 +110,12 @@ def main() -> None:
         "\n".join(rows) + "\n",
         "## The oracle's setting measured on different users (evaluation noise)\n",
         "\n".join(noise) + "\n",
+        "## Where the learner ends (the deployment benchmark's mean actions ā, 30 iterations, default options)\n",
+        "Each seed's ā served deterministically and with the learner's exploration noise (σ 0.4 of each action's "
+        "range on matching, 0.2 on the other stages, per request: the smoothed objective its critic is fitted on); "
+        "then ā with one stage set to the oracle's setting, the usage that gains (1 000 users, common random "
+        "numbers).\n",
+        "\n".join([*learned, oracle_row]) + "\n",
     ]
     write_results(RESULTS, sections, partial=False)
 
