@@ -63,6 +63,7 @@ LEARNER_OPTIONS = (
     "actor_lr",
     "explore_std",
     "explore_correlation",
+    "explore_schedule",
     "actor_warmup_iterations",
     "tau",
     "updates_per_iteration",

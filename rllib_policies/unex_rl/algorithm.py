@@ -78,6 +78,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         self.sessions_per_iteration: int = 64
         self.explore_std: float | dict[str, float] = dict(EXPLORE_STD_BY_STAGE)
         self.explore_correlation: float = 0.0
+        self.explore_schedule: list[list[float]] | None = None
         self.buffer_size: int = 50_000
         self.reward_scale_s: float = 30.0
         self.cqr_window: int = 4096
@@ -124,6 +125,7 @@ class UnexRLConfig(AlgorithmConfigBase):
         sessions_per_iteration: int = NotProvided,
         explore_std: float | dict[str, float] = NotProvided,
         explore_correlation: float = NotProvided,
+        explore_schedule: list[list[float]] | None = NotProvided,
         buffer_size: int = NotProvided,
         reward_scale_s: float = NotProvided,
         cqr_window: int = NotProvided,
@@ -175,6 +177,10 @@ class UnexRLConfig(AlgorithmConfigBase):
                 shared by its requests (temporally correlated exploration, as DDPG's Ornstein–Uhlenbeck noise:
                 a session served at one shifted setting shows that setting's effect on the user's temper and
                 so on the session's length); 0: independent noise per request (default), 1: one draw per session.
+            explore_schedule: A factor on every stage's σ, piecewise linear in the sessions sampled so far, as
+                RLlib's schedules are written: [[sessions, factor], …], the first at 0, the last factor held after
+                its point (e.g. [[0, 1], [1920, 1], [3840, 0.5]]: the full σ while the policies travel, then narrower
+                exploration, so the critic sees the usage surface near the policies more sharply); None: constant.
             buffer_size: Replay buffer capacity (transitions = requests).
             reward_scale_s: Usage seconds per unit reward when ``cqr`` is off.
             cqr_window: Rewards kept per CQR cell (a sliding window).
@@ -267,6 +273,23 @@ class UnexRLConfig(AlgorithmConfigBase):
             raise ValueError(
                 "explore_correlation draws per session in the vectorised sampler: it needs sampler='vectorised'"
             )
+        if self.explore_schedule is not None:
+            shape = "[[sessions, factor], …] from sessions 0, sessions non-decreasing, factors > 0"
+            try:
+                points = np.asarray(self.explore_schedule, dtype=float)
+            except (TypeError, ValueError):
+                points = np.zeros((0, 0))
+            if (
+                points.ndim != 2
+                or points.shape[1:] != (2,)
+                or len(points) == 0
+                or points[0, 0] != 0
+                or (np.diff(points[:, 0]) < 0).any()
+                or (points[:, 1] <= 0).any()
+            ):
+                raise ValueError(f"explore_schedule must be {shape}, got {self.explore_schedule!r}")
+            if self.sampler != "vectorised":
+                raise ValueError("explore_schedule scales the vectorised sampler's noise: needs sampler='vectorised'")
         if self.sampler == "env_runner" and (self.env_config or {}).get("reward") != "usage":
             raise ValueError(
                 "sampler='env_runner' trains on the env's rewards: set env_config['reward'] = 'usage' "
@@ -311,6 +334,14 @@ class UnexRLConfig(AlgorithmConfigBase):
         if isinstance(self.explore_std, dict):
             return float(self.explore_std.get(stage, EXPLORE_STD))
         return float(self.explore_std)
+
+    def explore_factor(self, sessions: int) -> float:
+        """f(sessions): the ``explore_schedule``'s factor on every σ after ``sessions`` sampled sessions (piecewise
+        linear between its points, its last factor held; 1 without a schedule)."""
+        if self.explore_schedule is None:
+            return 1.0
+        points = np.asarray(self.explore_schedule, dtype=float)
+        return float(np.interp(sessions, points[:, 0], points[:, 1]))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(module_class=StagePolicyModule)
@@ -396,7 +427,7 @@ class UnexRL(AlgorithmBase):
                 cfg.sessions_per_iteration,
                 self.rng,
                 explore=True,
-                explore_std={s: cfg.explore_std_of(s) for s in STAGES},
+                explore_std={s: cfg.explore_std_of(s) * cfg.explore_factor(self.sessions_seen) for s in STAGES},
                 explore_stages=cfg.trainable_stages,
                 explore_correlation=cfg.explore_correlation,
             )

@@ -3,6 +3,7 @@ within-cell quantiles, stop-gradient blocks the named gradient paths, and the cr
 stage policies train end to end through RLlib (and hot-update the Ray stage actors)."""
 
 import uuid
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -304,6 +305,16 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"actor_lr": [[5, 1e-3], [10, 1e-4]]}, "`actor_lr` schedule, the first timestep must be 0"),
         ({"actor_lr": [[0, 1e-3]]}, "Invalid `actor_lr`"),
         ({"cqr_relabel": True}, "cqr_relabel re-scores CQR quantiles: it needs cqr=True"),
+        ({"explore_schedule": [[10, 1.0], [20, 0.5]]}, "explore_schedule must be .* from sessions 0"),
+        ({"explore_schedule": [[0, 1.0], [20, 0.0]]}, "explore_schedule must be .* factors > 0"),
+        ({"explore_schedule": [[0, 1.0], [20, 0.5], [10, 0.5]]}, "explore_schedule must be .* non-decreasing"),
+        ({"explore_schedule": [[0, 1.0, 2.0]]}, "explore_schedule must be"),
+        ({"explore_schedule": [[0, 1.0], [5]]}, "explore_schedule must be"),
+        ({"explore_schedule": []}, "explore_schedule must be"),
+        (
+            {"explore_schedule": [[0, 1.0]], "sampler": "env_runner"},
+            "explore_schedule scales the vectorised sampler's noise",
+        ),
     ],
 )
 def test_bad_options_are_refused(options, match):
@@ -316,6 +327,23 @@ def test_exploration_scale_per_stage():
     assert [cfg.explore_std_of(s) for s in STAGES] == [0.4, 0.2, 0.2]  # the others: EXPLORE_STD
     specs = cfg.get_multi_rl_module_spec(env=MultiStageEnv(TINY), spaces=None).rl_module_specs
     assert [specs[s].model_config["explore_std"] for s in STAGES] == [0.4, 0.2, 0.2]
+
+
+def test_explore_schedule_narrows_the_sampled_noise(ray_session):
+    """f is piecewise linear in the sessions sampled, its last factor held; the sampler serves σ_k·f."""
+    cfg = UnexRLConfig().unex_rl(explore_schedule=[[0, 1.0], [100, 1.0], [300, 0.5]])
+    assert [cfg.explore_factor(n) for n in (0, 100, 200, 300, 10_000)] == [1.0, 1.0, 0.75, 0.5, 0.5]
+    assert UnexRLConfig().explore_factor(10_000) == 1.0  # no schedule: constant
+    algo = _config().unex_rl(explore_schedule=[[0, 1.0], [8, 0.25]], explore_std=0.2).build_algo()
+    try:
+        widths = []
+        for _ in range(2):  # 8 sessions an iteration: the first samples at σ, the second at σ/4
+            with patch("rllib_policies.unex_rl.algorithm.sample_sessions", wraps=sample_sessions) as spy:
+                algo.train()
+            widths.append(spy.call_args.kwargs["explore_std"])
+        assert widths == [dict.fromkeys(STAGES, 0.2), dict.fromkeys(STAGES, 0.05)]
+    finally:
+        algo.stop()
 
 
 def _config(arm="unex_rl", **learners):
