@@ -1,9 +1,10 @@
 """Where UNEX-RL's learning test loses usage: the oracle's static stage parameters with one stage changed; how
 much one evaluation of a fixed setting varies with the users it is measured on; and, for the settings the learner
-ends at (each stage at its mean action ā after training, from ``benchmarks/results/unex_rl_deployment.json``), their
+ends at (each stage at its mean action ā after training, read from ``benchmarks/results/unex_rl_deployment.json``:
+session 42's defaults, the critic on raw actions), their
 usage under the learner's own exploration noise and which stage they lose on.
 
-    python benchmarks/unex_rl_sensitivity.py        # about a minute on 2 cores
+    python benchmarks/unex_rl_sensitivity.py        # about 3 minutes on 2 cores
 
 World and evaluator as benchmarks/learning_unex_rl.py (default preset, the small world; deterministic static
 policies, ``usage_per_session`` on 1 000 users of the learning test's evaluation seed). The oracle's setting is the
@@ -110,9 +111,11 @@ def main() -> None:
         "\n".join(rows) + "\n",
         "## The oracle's setting measured on different users (evaluation noise)\n",
         "\n".join(noise) + "\n",
-        "## Where the learner ends (the deployment benchmark's mean actions ā, 30 iterations, default options)\n",
-        "Each seed's ā served deterministically and with the learner's exploration noise (σ 0.4 of each action's "
-        "range on matching, 0.2 on the other stages, per request: the smoothed objective its critic is fitted on); "
+        "## Where the learner ends (the deployment benchmark's mean actions ā: 30 iterations, session 42's defaults, "
+        "the critic on raw actions; unex_rl_deployment.json)\n",
+        "Each seed's ā served deterministically and with the learner's default exploration noise (σ "
+        + ", ".join(f"{UnexRLConfig().explore_std_of(s):g} on {s}" for s in STAGES)
+        + " of each action's range, per request: the smoothed objective its critic is fitted on); "
         "then ā with one stage set to the oracle's setting, the usage that gains (1 000 users, common random "
         "numbers).\n",
         "\n".join([*learned, oracle_row]) + "\n",

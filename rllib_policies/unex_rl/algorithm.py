@@ -22,6 +22,7 @@ stage policies (learner.py), target networks by Polyak averaging.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Self
 
 import numpy as np
@@ -184,7 +185,8 @@ class UnexRLConfig(AlgorithmConfigBase):
                 shared by its requests (temporally correlated exploration, as DDPG's Ornstein–Uhlenbeck noise:
                 a session served at one shifted setting shows that setting's effect on the user's temper and
                 so on the session's length); 0: independent noise per request (default), 1: one draw per session.
-            explore_schedule: A factor on every stage's σ, piecewise linear in the sessions sampled so far, as
+            explore_schedule: A factor on every stage's sampled exploration σ (the action search keeps
+                ``search_std``, by default the unscaled σ), piecewise linear in the sessions sampled so far, as
                 RLlib's schedules are written: [[sessions, factor], …], the first at 0, the last factor held after
                 its point (e.g. [[0, 1], [1920, 1], [3840, 0.5]]: the full σ while the policies travel, then narrower
                 exploration, so the critic sees the usage surface near the policies more sharply); None: constant.
@@ -215,10 +217,10 @@ class UnexRLConfig(AlgorithmConfigBase):
                 (``modules.scale_free``): the cascade serves any positive multiple of them the same items, so the
                 true Q_g is constant along those rays and the critic need not learn that from rewards. On by
                 default since session 43: on the learning test its mean was above the critic on raw actions at
-                every budget measured (79 against 75 % at 30 iterations, 82 and 79 against 78 % at 60, 83 against
-                79 % at 90; none of the differences significant), and at 150 iterations (5× the test's budget) it
-                closes 89 % ± 8, the only setting whose interval lies above 80 % (docs/unex_rl.md). False: the
-                critic reads the actions as they are.
+                every budget measured (79 against 74 % at 30 iterations and 82 against 78 % at 60 on the same code,
+                83 against 79 % at 90; none of the differences significant), and at 150 iterations (5× the test's
+                budget) it closes 89 % ± 8, the only setting whose interval lies above 80 % (docs/unex_rl.md).
+                False: the critic reads the actions as they are.
             max_action_step: δ, the per-iteration bound on each learning stage policy's step: the mean
                 change of its deterministic action on a minibatch, as a fraction of each action's range,
                 at most δ per action dimension from the iteration's start (longer steps are shortened);
@@ -287,7 +289,7 @@ class UnexRLConfig(AlgorithmConfigBase):
                 "explore_correlation draws per session in the vectorised sampler: it needs sampler='vectorised'"
             )
         if self.explore_schedule is not None:
-            shape = "[[sessions, factor], …] from sessions 0, sessions non-decreasing, factors > 0"
+            shape = "[[sessions, factor], …] from sessions 0, sessions non-decreasing, finite factors > 0"
             try:
                 points = np.asarray(self.explore_schedule, dtype=float)
             except (TypeError, ValueError):
@@ -298,6 +300,7 @@ class UnexRLConfig(AlgorithmConfigBase):
                 or len(points) == 0
                 or points[0, 0] != 0
                 or (np.diff(points[:, 0]) < 0).any()
+                or not np.isfinite(points).all()
                 or (points[:, 1] <= 0).any()
             ):
                 raise ValueError(f"explore_schedule must be {shape}, got {self.explore_schedule!r}")
@@ -530,9 +533,22 @@ class UnexRL(AlgorithmBase):
             "recent": [(_weights(p), u) for p, u in self.recent],
             "incumbent": None if self.incumbent is None else _weights(self.incumbent),
             "incumbent_usage": self.incumbent_usage,
+            "critic_scale_free": self.config.critic_scale_free,  # what the saved global critic reads (φ(a) or a)
         }
 
     def set_own_state(self, state: dict) -> None:
+        saved = state.get("critic_scale_free")
+        if saved is not None and saved != self.config.critic_scale_free:
+            raise ValueError(
+                f"this checkpoint's global critic was trained with critic_scale_free={saved}: resume with the same "
+                f"setting (.unex_rl(critic_scale_free={saved})), not {self.config.critic_scale_free}"
+            )
+        if saved is None and self.config.critic_scale_free:
+            warnings.warn(
+                "this checkpoint predates the record of critic_scale_free (on by default since session 43, off "
+                "before): if its critic was trained on raw actions, resume with .unex_rl(critic_scale_free=False)",
+                stacklevel=2,
+            )
         self.cqr.set_state(state["cqr"])
         self.sessions_seen, self.policy_version = state["sessions_seen"], state["policy_version"]
         self.buffer.set_state(state["buffer"])

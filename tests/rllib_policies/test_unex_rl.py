@@ -311,6 +311,8 @@ def test_action_search_takes_the_critics_best_candidate_on_the_free_dimensions()
         ({"explore_schedule": [[0, 1.0, 2.0]]}, "explore_schedule must be"),
         ({"explore_schedule": [[0, 1.0], [5]]}, "explore_schedule must be"),
         ({"explore_schedule": []}, "explore_schedule must be"),
+        ({"explore_schedule": [[0, 1.0], [10, float("nan")]]}, "explore_schedule must be .* finite"),
+        ({"critic": "independent"}, "critic_scale_free=False with critic='independent'"),
         (
             {"explore_schedule": [[0, 1.0]], "sampler": "env_runner"},
             "explore_schedule scales the vectorised sampler's noise",
@@ -329,6 +331,7 @@ def test_exploration_scale_per_stage():
     assert [specs[s].model_config["explore_std"] for s in STAGES] == [0.4, 0.2, 0.2]
 
 
+@pytest.mark.ray
 def test_explore_schedule_narrows_the_sampled_noise(ray_session):
     """f is piecewise linear in the sessions sampled, its last factor held; the sampler serves σ_k·f."""
     cfg = UnexRLConfig().unex_rl(explore_schedule=[[0, 1.0], [100, 1.0], [300, 0.5]])
@@ -342,6 +345,28 @@ def test_explore_schedule_narrows_the_sampled_noise(ray_session):
                 algo.train()
             widths.append(spy.call_args.kwargs["explore_std"])
         assert widths == [dict.fromkeys(STAGES, 0.2), dict.fromkeys(STAGES, 0.05)]
+    finally:
+        algo.stop()
+
+
+def test_the_independent_arm_reads_raw_actions_and_the_default_reads_directions():
+    assert UnexRLConfig().critic_scale_free and UnexRLConfig().unex_rl(arm="unex_rl").critic_scale_free
+    independent = UnexRLConfig().environment(MultiStageEnv, env_config=TINY).unex_rl(arm="independent")
+    independent.validate()  # no error: the arm turns the scale-free critic off
+    assert not independent.critic_scale_free
+
+
+@pytest.mark.ray
+def test_a_checkpoint_resumes_only_with_the_critic_input_it_was_trained_on(ray_session):
+    algo = _config().build_algo()
+    try:
+        state = algo.own_state()
+        assert state["critic_scale_free"] is True
+        algo.set_own_state(state)  # the same setting: resumes
+        with pytest.raises(ValueError, match="trained with critic_scale_free=False"):
+            algo.set_own_state({**state, "critic_scale_free": False})
+        with pytest.warns(UserWarning, match="predates the record of critic_scale_free"):
+            algo.set_own_state({k: v for k, v in state.items() if k != "critic_scale_free"})
     finally:
         algo.stop()
 
