@@ -79,7 +79,7 @@ def learned_settings(pipeline, oracle: float) -> tuple[list[str], list[str]]:
         gains = [usage(pipeline, {**mean, s: ORACLE[s]}) - u for s in STAGES]
         explored.append(
             f"| {run['seed']} | {u:.1f} | {explored_usage(pipeline, mean):.1f} | "
-            + " | ".join(f"{g:+.1f}" for g in gains)
+            + " | ".join((f"{g:+.1f}" if round(g, 1) != 0 else "0.0") for g in gains)
             + " |"
         )
         print(explored[-1], flush=True)
