@@ -29,7 +29,6 @@ from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.learning_unex_rl import EVAL_SEED, WORLDS  # noqa: E402
 from rllib_policies.unex_rl.algorithm import UnexRLConfig  # noqa: E402
 from rllib_policies.unex_rl.learning import static_policies, usage_per_session  # noqa: E402
-from rllib_policies.unex_rl.sampler import sample_sessions  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "unex_rl_sensitivity.md")
 LEARNED = os.path.join(ROOT, "benchmarks", "results", "unex_rl_deployment.json")
@@ -52,19 +51,16 @@ def usage(pipeline, params: dict, n_sessions: int = 1000, seed: int = EVAL_SEED)
     return usage_per_session(pipeline, policies, n_sessions, seed)
 
 
-def explored_usage(pipeline, params: dict, n_sessions: int = 1000, seed: int = EVAL_SEED) -> float:
+def explored_usage(pipeline, params: dict) -> float:
     """Usage of ``params`` served with the learner's default exploration noise on every stage (σ as a fraction of
     each action's range, per request): the smoothed objective its critic sees. The same users as ``usage``, and the
     same noise draws for every setting."""
     policies = static_policies({s: np.asarray(v, np.float32) for s, v in params.items()})
     explore_std = {s: UnexRLConfig().explore_std_of(s) for s in STAGES}
-    rng = np.random.default_rng(seed)
-    return sample_sessions(pipeline, policies, n_sessions, rng, explore_std=explore_std, users_seed=seed)[1][
-        "usage_s_per_session"
-    ]
+    return usage_per_session(pipeline, policies, 1000, EVAL_SEED, explore_std)
 
 
-def learned_settings(pipeline, oracle: float) -> tuple[list[str], list[str]]:
+def learned_settings(pipeline, oracle: float) -> tuple[list[str], str]:
     """Per seed of the deployment benchmark: ā's usage, served as is and explored, and the usage each stage gains
     when it alone is set to the oracle's."""
     runs = json.load(open(LEARNED))["runs"]

@@ -437,13 +437,14 @@ class UnexRL(AlgorithmBase):
             episodes = self.sample_episodes(cfg.sessions_per_iteration)
             batch, summary = transitions_from_episodes(self.pipeline, episodes)
         else:
+            factor = cfg.explore_factor(self.sessions_seen)
             batch, summary = sample_sessions(
                 self.pipeline,
                 self.stage_policies,
                 cfg.sessions_per_iteration,
                 self.rng,
                 explore=True,
-                explore_std={s: cfg.explore_std_of(s) * cfg.explore_factor(self.sessions_seen) for s in STAGES},
+                explore_std={s: cfg.explore_std_of(s) * factor for s in STAGES},
                 explore_stages=cfg.trainable_stages,
                 explore_correlation=cfg.explore_correlation,
             )

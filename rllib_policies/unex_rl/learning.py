@@ -137,11 +137,16 @@ def static_policies(params: dict | None = None) -> dict:
     return {s: StaticPolicy(params.get(s, DEFAULT_PARAMS[s])) for s in STAGES}
 
 
-def usage_per_session(pipeline: Pipeline, policies: dict, n_sessions: int, seed: int) -> float:
+def usage_per_session(
+    pipeline: Pipeline, policies: dict, n_sessions: int, seed: int, explore_std: dict[str, float] | None = None
+) -> float:
     """Mean usage seconds per session of deterministic ``policies`` on ``n_sessions`` users fixed by
-    ``seed`` (the same users, request ids and response draws for every policy)."""
+    ``seed`` (the same users, request ids and response draws for every policy); ``explore_std`` (stage → σ):
+    served with that Gaussian exploration on every stage instead, the same noise draws for every policy."""
+    explore = explore_std is not None
+    noise = {"explore_std": explore_std} if explore else {}
     _, summary = sample_sessions(
-        pipeline, policies, n_sessions, np.random.default_rng(seed), explore=False, users_seed=seed
+        pipeline, policies, n_sessions, np.random.default_rng(seed), explore=explore, users_seed=seed, **noise
     )
     return summary["usage_s_per_session"]
 
