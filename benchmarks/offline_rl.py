@@ -42,10 +42,12 @@ from actors.world.metrics import mean_ci  # noqa: E402
 from benchmarks.common import machine, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     DATASETS,
+    LOGNORMAL_BEHAVIOURS,
     Expert,
     behaviour_value,
     eval_users,
     oracle_expert,
+    support_ceiling,
     true_value,
     write_dataset,
 )
@@ -96,11 +98,21 @@ def main() -> None:
     p.add_argument("--sessions-per-day", type=int, default=500)
     p.add_argument("--eval-sessions", type=int, default=1000)
     p.add_argument("--oracle-sessions", type=int, default=1000)
+    p.add_argument("--exploration-rounds", type=int, default=2, help="BCQ-EE's online rounds (at most iterations − 1)")
+    p.add_argument("--exploration-sessions", type=int, default=250, help="sessions BCQ-EE serves per round")
+    p.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help='learner → options (JSON), e.g. \'{"iql": {"beta": 30}}\'; BCQ-EE takes BCQ\'s',
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="where the datasets go (default: a temporary folder)")
     p.add_argument("--results-dir", default=RESULTS)
     p.add_argument("--tag", default=None, help="write offline_rl_<tag>.* instead of offline_rl.*")
     args = p.parse_args()
+    if unknown := sorted(set(args.options) - set(LEARNERS)):
+        p.error(f"--options names no learner: {unknown} (learners: {list(LEARNERS)}; BCQ-EE takes BCQ's)")
     t_start = time.time()
     _worker_init()
     spec = OfflineSpec(
@@ -108,7 +120,9 @@ def main() -> None:
         updates_per_iteration=args.updates,
         eval_every=max(args.iterations // 4, 1),
         eval_sessions=args.eval_sessions,
-        exploration_rounds=min(2, args.iterations - 1),  # BCQ-EE's rounds: each needs training after it
+        exploration_rounds=min(args.exploration_rounds, args.iterations - 1),  # each round needs training after it
+        exploration_sessions=args.exploration_sessions,
+        options=args.options,
     )
     _, pipeline = build_world(spec.env_config)
     users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
@@ -122,6 +136,10 @@ def main() -> None:
     }
     for kind in DATASETS:
         truth[f"behaviour: {kind}"] = behaviour_value(kind, pipeline, users, expert, spec.eval_seed)
+    ceilings = {}
+    for kind in (k for k in args.datasets if k in LOGNORMAL_BEHAVIOURS):
+        ceiling = support_ceiling(kind, pipeline, users, spec.eval_seed)
+        truth[f"support ceiling: {kind}"], ceilings[kind] = ceiling.value, ceiling.weights.tolist()
     oracle_s = time.time() - t0
     print(f"oracle and references in {oracle_s:.0f} s: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in truth.items()))
 
@@ -157,6 +175,7 @@ def main() -> None:
         "spec": asdict(spec),
         "truth": {k: mean_ci(v) for k, v in truth.items()},
         "expert": {"cohort_weights": expert.cohort_weights.tolist(), "static_weights": expert.static_weights.tolist()},
+        "support_ceiling_weights": ceilings,
         "datasets": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in logged.items()},
         "runs": runs,
         "wall_s": {"oracle": oracle_s, "training": train_wall, "total": time.time() - t_start},
@@ -203,13 +222,19 @@ def write_page(summary: dict, results_dir: str) -> None:
                 if v_oracle - live_truth >= FAR_FROM_ORACLE
                 else "—"
             )
+            ceiling = truth.get(f"support ceiling: {d}", [np.nan])[0]
+            of_ceiling = (
+                f"{_ci(100 * (true - live_truth) / (ceiling - live_truth))} %"
+                if ceiling - live_truth >= FAR_FROM_ORACLE
+                else "—"
+            )
             promoted = [r for r in rs if r["gate"]["promote"]]
             false_promotions = sum(r["final_true"] < live_truth for r in promoted)
             worse = sum(r["final_true"] < live_truth for r in rs)
             rows.append(
                 f"| {n} | {d} | {_ci(true)} | {'—' if np.isnan(est).all() else _ci(est)} | "
                 f"{'—' if np.isnan(est).all() else _ci(est - true)} | {_ci(true - live_truth)} | "
-                f"{_ci(v_oracle - true)} | {_ci(100 * gap)} % | {from_behaviour} | "
+                f"{_ci(v_oracle - true)} | {_ci(100 * gap)} % | {from_behaviour} | {of_ceiling} | "
                 f"{true.std(ddof=1) if len(true) > 1 else 0:.2f} | {np.mean([r['support'] for r in rs]):.0%} | "
                 f"{len(promoted)}/{len(rs)} ({false_promotions} false) | {worse}/{len(rs)} | "
                 f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
@@ -240,7 +265,11 @@ def write_page(summary: dict, results_dir: str) -> None:
         "when FQE's lower bound beats the logged sessions' mean return; a false promotion is a promoted policy "
         "whose true value is below the behaviour policy's; 'worse' counts runs whose policy is below the "
         "behaviour policy's true value at all. Gap closed from behaviour = (V(π) − V(behaviour)) / (V(oracle static) − "
-        f"V(behaviour)), given where the behaviour is at least {FAR_FROM_ORACLE:g} below the oracle. Online sessions: "
+        f"V(behaviour)), given where the behaviour is at least {FAR_FROM_ORACLE:g} below the oracle. Support ceiling = "
+        "the best static weights inside the behaviour's 95 % highest-density region (`support_ceiling`: what a "
+        "learner that keeps to the logged actions can reach); of the in-support gain = (V(π) − V(behaviour)) / "
+        "(V(support ceiling) − V(behaviour)), given where that gain is at least "
+        f"{FAR_FROM_ORACLE:g} (above 100 %: the policy left the support and gained). Online sessions: "
         "what a learner served beyond the logs"
         + (
             f" (BCQ-EE's exploration rounds, {spec.get('exploration_rounds', 0)} × "
@@ -251,9 +280,10 @@ def write_page(summary: dict, results_dir: str) -> None:
         + "; every other learner sees the logs only.",
         "",
         "| learner | dataset | true V(π) (95 % CI over seeds) | critic's estimate | overestimation | vs behaviour | "
-        "regret | gap closed | gap closed from behaviour | std over seeds | support | gate promoted | "
+        "regret | gap closed | gap closed from behaviour | of the in-support gain | std over seeds | support | "
+        "gate promoted | "
         "worse than behaviour | train s | online sessions |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "References (true values on the same sessions; ± the 95 % CI over sessions):",
@@ -279,9 +309,12 @@ def _argv(args: dict) -> str:
     skip = {"results_dir", "data_dir"}
     out = []
     for k, v in args.items():
-        if k in skip or v is None:
+        if k in skip or v is None or v == {}:
             continue
         flag = "--" + k.replace("_", "-")
+        if isinstance(v, dict):
+            out.append(f"{flag} '{json.dumps(v)}'")
+            continue
         out.append(f"{flag} {' '.join(map(str, v))}" if isinstance(v, list) else f"{flag} {v}")
     return " ".join(out)
 
@@ -310,6 +343,8 @@ def _plot(summary: dict, results_dir: str, learners: list[str], datasets: list[s
         for ax in (top, bottom):
             ax.axhline(truth["oracle static"][0], color="k", lw=0.8, ls=":", label="oracle static")
             ax.axhline(truth[f"behaviour: {d}"][0], color="grey", lw=0.8, ls="-.", label="behaviour")
+            if f"support ceiling: {d}" in truth:
+                ax.axhline(truth[f"support ceiling: {d}"][0], color="grey", lw=0.8, ls="--", label="support ceiling")
         top.set_yscale("symlog", linthresh=100)
         top.yaxis.set_major_formatter(ScalarFormatter())
         top.set_title(f"{d} data: estimate vs truth")

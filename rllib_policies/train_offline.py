@@ -39,7 +39,7 @@ class OfflineJobConfig(AlgorithmJobConfig):
     dataset_kind: str = "concurrent"  # the behaviour that writes a missing dataset
     sessions_per_day: int = 500
     offline_rl: dict = field(default_factory=dict)  # OfflineConfig.offline_rl(...) / the shipped learners' budget
-    options: dict = field(default_factory=dict)  # .td3(...) / .bcq(...) / .uwac(...) options
+    options: dict = field(default_factory=dict)  # .td3(...) / .bcq(...) / .uwac(...) options; shipped_config's
     iterations: int = 8
     checkpoint_dir: str = "offline_rl"
     checkpoint_every: int = 4
@@ -89,7 +89,7 @@ def progress(result: dict) -> str:
 def policy_of(algo, job: OfflineJobConfig, initial_obs):
     """obs → ranking weights, and the critic's estimate at the session starts ``initial_obs`` (NaN for BC)."""
     if job.learner in SHIPPED:
-        wrapper = ShippedOffline.wrap(job.learner, algo)
+        wrapper = ShippedOffline.wrap(job.learner, algo, job.options.get("action_scale", "linear"))
         return wrapper.policy_weights, wrapper.q_estimate(initial_obs)
     return algo.policy_weights, algo.q_estimate(initial_obs)
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from scipy.stats import chi2
 
 from actors.cascade import Pipeline, build_world
 from actors.stages import DEFAULT_PARAMS, RANKING_ACTION_HIGH
@@ -254,6 +255,57 @@ def true_value(pipeline: Pipeline, policy, users: np.ndarray, seed: int = 7) -> 
     else:
         served = static_policy("ranking", policy)
     return simulate_policy_sessions(pipeline, served, users, seed)["inner_return"]
+
+
+# the datasets whose behaviour is a log-normal jitter noise·ε around one static vector: kind → (vector, noise)
+LOGNORMAL_BEHAVIOURS = {
+    "concurrent": (DEFAULT_PARAMS["ranking"], CONCURRENT_NOISE),
+    "misaligned": (MISALIGNED_WEIGHTS, CONCURRENT_NOISE),
+}
+
+
+@dataclass(frozen=True)
+class SupportCeiling:
+    """The best static weights inside the behaviour's highest-density region, and their value."""
+
+    weights: np.ndarray  # [3]
+    value: np.ndarray  # V per evaluation session [n]
+    level: float  # the region's probability under the behaviour
+    radius: float  # its radius in units of the behaviour's noise σ: √χ²₃(level)
+
+
+def support_ceiling(
+    kind: str,
+    pipeline: Pipeline,
+    users: np.ndarray,
+    seed: int = 7,
+    level: float = 0.95,
+    n_angles: int = 24,
+    n_radii: int = 3,
+) -> SupportCeiling:
+    """What a learner that stays inside the data's support can reach: the best static vector w = w₀·exp(δ) with
+    ‖δ‖ ≤ σ·√χ²₃(level), the behaviour's ``level`` highest-density region (dataset ``kind``: w₀·exp(σ·ε)).
+
+    Ranking by Σ w·p is invariant to scaling w, i.e. to δ along (1, 1, 1), so only δ's part in the plane ⊥ (1, 1, 1)
+    matters and the shortest δ of each ranking lies there: the search is a polar grid in that plane (``n_angles``
+    directions × ``n_radii`` radii out to the edge, plus w₀), each point's V on ``users`` with common random
+    numbers. BCQ's perturbation, TD3's extrapolation and online exploration can pass it; BC, IQL and CQL, which
+    stay with the logged actions, cannot."""
+    if kind not in LOGNORMAL_BEHAVIOURS:
+        raise ValueError(f"dataset {kind!r}: no log-normal behaviour around one vector ({tuple(LOGNORMAL_BEHAVIOURS)})")
+    centre, noise = LOGNORMAL_BEHAVIOURS[kind]
+    radius = float(np.sqrt(chi2.ppf(level, 3)))
+    basis = np.linalg.qr(np.array([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]).T)[0][:, 1:]  # ⊥ (1, 1, 1)
+    angles = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    radii = radius * noise * np.arange(1, n_radii + 1) / n_radii
+    deltas = [np.zeros(3)] + [r * basis @ [np.cos(a), np.sin(a)] for r in radii for a in angles]
+    best = None
+    for delta in deltas:
+        w = (np.asarray(centre, np.float64) * np.exp(delta)).astype(np.float32)
+        v = true_value(pipeline, w, users, seed)
+        if best is None or v.mean() > best[1].mean():
+            best = (w, v)
+    return SupportCeiling(best[0], best[1], level, radius)
 
 
 def behaviour_value(

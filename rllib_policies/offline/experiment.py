@@ -56,6 +56,9 @@ class OfflineSpec:
     cql_num_actions: int = 4
     exploration_rounds: int = 2  # BCQ-EE's online rounds, evenly spaced over the iterations
     exploration_sessions: int = 250  # sessions served per round
+    # learner name → its options: ours through their options methods (``registry.own_config``), RLlib's as
+    # ``shipped_config`` keywords (IQL's ``beta``, CQL's ``target_entropy``)
+    options: dict = field(default_factory=dict)
 
     def exploration_iterations(self) -> list[int]:
         """The iterations after which BCQ-EE explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
@@ -107,9 +110,10 @@ def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
             gamma=spec.gamma,
             hidden=tuple(spec.hidden),
             **({"num_actions": spec.cql_num_actions} if name == "cql" else {}),
+            **spec.options.get(name, {}),
         )
     return (
-        own_config(name)
+        own_config(name, spec.options.get(name))
         .environment(SessionEnv, env_config={**spec.env_config, "seed": seed})
         .training(gamma=spec.gamma)
         .offline_rl(

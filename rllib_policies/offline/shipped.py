@@ -34,16 +34,47 @@ from actors.stages import RANKING_ACTION_HIGH
 
 SHIPPED = ("bc", "cql", "iql")
 EDGE = 1e-3  # unit actions stay this far inside ±1 (atanh of ±1 is infinite)
+ACTION_SCALES = ("linear", "log")
+LOG_FLOOR = 1e-4  # the log box's lower edge, as a share of a_max
+IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022, MuJoCo), on normalised rewards
+IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
 
 
-def unit_rows(path: str) -> str:
-    """A copy of the rows at ``path`` with actions u = 2·a/a_max − 1 ∈ [−1 + ε, 1 − ε] (written once, beside it)."""
-    out = os.path.splitext(path)[0] + "_unit.parquet"
+def to_unit(actions: np.ndarray, scale: str = "linear") -> np.ndarray:
+    """Ranking weights a ∈ [0, a_max]³ → the unit box u ∈ [−1 + ε, 1 − ε]³ the shipped learners act in.
+
+    linear: u = 2·a/a_max − 1. log: u = 2·log(a/f)/log(a_max/f) − 1 with the floor f = ``LOG_FLOOR``·a_max (weights
+    below it map to the lower edge): a weight's effect on the ranking is relative, and a log-normal behaviour around
+    small weights, which the linear box puts against its edge, sits inside the log box with the same spread
+    wherever it is centred."""
+    a = np.asarray(actions, np.float64)
+    if scale == "linear":
+        unit = 2 * a / RANKING_ACTION_HIGH - 1
+    elif scale == "log":
+        floor = LOG_FLOOR * RANKING_ACTION_HIGH
+        unit = 2 * np.log(np.maximum(a, floor) / floor) / np.log(1 / LOG_FLOOR) - 1
+    else:
+        raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {scale!r}")
+    return np.clip(unit, -1 + EDGE, 1 - EDGE).astype(np.float32)
+
+
+def to_weights(unit: np.ndarray, scale: str = "linear") -> np.ndarray:
+    """u ∈ [−1, 1]³ → ranking weights, the inverse of ``to_unit`` (log: u = −1 is the floor f, not 0)."""
+    u = np.clip(np.asarray(unit, np.float64), -1, 1)
+    if scale == "linear":
+        return (RANKING_ACTION_HIGH * (u + 1) / 2).astype(np.float32)
+    if scale == "log":
+        return (LOG_FLOOR * RANKING_ACTION_HIGH * np.exp((u + 1) / 2 * np.log(1 / LOG_FLOOR))).astype(np.float32)
+    raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {scale!r}")
+
+
+def unit_rows(path: str, scale: str = "linear") -> str:
+    """A copy of the rows at ``path`` with their actions in the unit box (``to_unit``; written once, beside it)."""
+    out = os.path.splitext(path)[0] + ("_unit.parquet" if scale == "linear" else f"_unit_{scale}.parquet")
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(path):
         return out
     table = pq.read_table(path)
-    actions = np.asarray(table.column("actions").to_pylist(), np.float32)
-    unit = np.clip(2 * actions / RANKING_ACTION_HIGH - 1, -1 + EDGE, 1 - EDGE).astype(np.float32)
+    unit = to_unit(np.asarray(table.column("actions").to_pylist(), np.float32), scale)
     column = pa.array(unit.tolist(), pa.list_(pa.float32()))
     table = table.set_column(table.schema.get_field_index("actions"), "actions", column)
     pq.write_table(table, out + ".tmp")
@@ -51,9 +82,49 @@ def unit_rows(path: str) -> str:
     return out
 
 
-def to_weights(unit: np.ndarray) -> np.ndarray:
-    """u ∈ [−1, 1]³ → ranking weights a = a_max·(u + 1)/2."""
-    return RANKING_ACTION_HIGH * (np.clip(unit, -1, 1) + 1) / 2
+class IQLTemperatureConfig(IQLConfig):
+    """RLlib's IQL config with its temperature ``beta`` allowed above 1.
+
+    IQL inherits MARWIL's check that ``beta`` ∈ [0, 1] (ray-project/ray#64954, fix pending in #65895), though its
+    learner reads ``beta`` as the inverse temperature of exp(beta · A), which the paper sets to 3 on its reward
+    scale. Both checks run on beta capped at 1, which leaves IQL's own (beta > 0) exact."""
+
+    def validate(self) -> None:
+        beta, self.beta = self.beta, min(self.beta, 1.0)
+        try:
+            super().validate()
+        finally:
+            self.beta = beta
+
+
+def iql_temperature(rows_path: str, beta: float = IQL_BETA) -> float:
+    """IQL's advantage temperature on the rewards as logged: temperature = β · 1000 / (R_max − R_min).
+
+    RLlib's IQL weights each logged action's log-likelihood by exp(temperature · A(s, a)) on the raw rewards (its
+    default temperature, ``beta`` 0.1, is a constant). The paper's β = 3 applies to rewards rescaled by
+    1000 / (R_max − R_min), R over the dataset's episodes; A scales with the rewards, so the same weighting on
+    the raw rewards is the temperature above (about 10 on our session logs, where 0.1 weights every logged
+    action alike and IQL reproduces the behaviour)."""
+    rows = pq.read_table(rows_path, columns=["eps_id", "rewards"])
+    _, episode = np.unique(rows.column("eps_id").to_numpy(zero_copy_only=False), return_inverse=True)
+    returns = np.bincount(episode, rows.column("rewards").to_numpy().astype(np.float64))
+    span = float(returns.max() - returns.min())
+    if not span > 0:
+        raise ValueError(f"{rows_path}: every episode has the same return ({returns.max():g}); IQL has no advantage")
+    return beta * IQL_RETURN_SPAN / span
+
+
+def polyak_per_call(tau: float, steps: int) -> float:
+    """The Polyak rate for one target update after ``steps`` gradient steps that moves the target as far as
+    ``steps`` updates at rate ``tau`` would toward a steady online network: 1 − (1 − τ)^steps.
+
+    RLlib's learners update target networks in ``after_gradient_based_update``, once per ``update`` call, however
+    many minibatches the call trains on (``dataset_num_iters_per_learner`` offline). Given τ 0.02 unchanged, the
+    targets of a CQL run of 8 × 100 steps moved 1 − 0.98⁸ = 15 % of the way: its Q bootstrapped from a nearly
+    untrained target, ~7 per session against a true ~37."""
+    if not 0 < tau <= 1 or steps < 1:
+        raise ValueError(f"need 0 < tau <= 1 and steps >= 1, got tau={tau}, steps={steps}")
+    return 1 - (1 - tau) ** steps
 
 
 def shipped_config(
@@ -67,14 +138,27 @@ def shipped_config(
     hidden: tuple[int, ...] = (128, 128),
     tau: float = 0.02,
     num_actions: int = 10,
+    beta: float | None = None,
+    action_scale: str = "linear",
+    min_q_weight: float | None = None,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path``.
 
-    CQL: Polyak rate ``tau`` as our learners'; ``bc_iters=0`` (its default of 20 000 steps of behaviour
-    cloning first would be most of our budget); ``lr=None`` (it has actor/critic/alpha rates of its own);
-    ``num_actions`` sampled actions per state in its penalty. Every learner gets ``updates_per_iteration``
-    minibatches of ``batch_size`` per ``train()``; the mapped data are materialised once (IQL's default
-    re-runs its pre-learner every iteration)."""
+    CQL: Polyak rate ``tau`` per gradient step as our learners'. RLlib updates target networks once per
+    ``update`` call, here once per ``train()`` of ``updates_per_iteration`` steps, so the rate it is given is
+    ``polyak_per_call``; ``bc_iters=0`` (its default of 20 000 steps of behaviour cloning first would be most of
+    our budget); ``lr=None`` (it has actor/critic/alpha rates of its own); ``num_actions`` sampled actions per
+    state in its penalty; ``min_q_weight`` its penalty's weight (RLlib's default 5). IQL: ``beta``, its advantage
+    temperature on the raw rewards (default: ``iql_temperature``, the paper's β on the paper's reward scale); its
+    targets are RLlib's default, a full copy per call. Every learner gets ``updates_per_iteration`` minibatches of
+    ``batch_size`` per ``train()``; the mapped data are materialised once (IQL's default re-runs its pre-learner
+    every iteration). ``action_scale``: the unit box's scale (``to_unit``)."""
+    if action_scale not in ACTION_SCALES:
+        raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {action_scale!r}")
+    if beta is not None and name != "iql":
+        raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
+    if min_q_weight is not None and name != "cql":
+        raise ValueError(f"min_q_weight is CQL's; {name} has none")
     if name == "bc":
         config = BCConfig().training(train_batch_size_per_learner=batch_size, lr=1e-3)
     elif name == "cql":
@@ -82,13 +166,18 @@ def shipped_config(
             train_batch_size_per_learner=batch_size,
             gamma=gamma,
             lr=None,
-            tau=tau,
+            tau=polyak_per_call(tau, updates_per_iteration),
             bc_iters=0,
             num_actions=num_actions,
             num_steps_sampled_before_learning_starts=0,
+            **({} if min_q_weight is None else {"min_q_weight": min_q_weight}),
         )
     elif name == "iql":
-        config = IQLConfig().training(train_batch_size_per_learner=batch_size, gamma=gamma)
+        config = IQLTemperatureConfig().training(
+            train_batch_size_per_learner=batch_size,
+            gamma=gamma,
+            beta=iql_temperature(rows_path) if beta is None else beta,
+        )
     else:
         raise ValueError(f"unknown shipped offline learner {name!r}; choose from {SHIPPED}")
     config = (
@@ -102,7 +191,7 @@ def shipped_config(
         # give the same MLP as ours, (s[, a]) → h1 → h2 → out
         .rl_module(model_config={"fcnet_hiddens": [hidden[0]], "head_fcnet_hiddens": list(hidden[1:])})
         .offline_data(
-            input_=[unit_rows(rows_path)],
+            input_=[unit_rows(rows_path, action_scale)],
             dataset_num_iters_per_learner=max(int(updates_per_iteration), 2),  # 1 breaks CQL's local learner
             # fractional CPUs: with whole ones the pre-learner actor starves the read tasks on a 1–2 CPU Ray (hangs)
             input_read_method_kwargs={"num_cpus": 0.25},
@@ -123,14 +212,15 @@ class ShippedOffline:
     """One of RLlib's offline learners behind the interface our own offline learners have."""
 
     def __init__(self, name: str, rows_path: str, observation_dim: int, seed: int = 0, **options):
-        self.name = name
+        self.name, self.action_scale = name, options.get("action_scale", "linear")
         self.algo = shipped_config(name, rows_path, observation_dim, seed, **options).build_algo()
 
     @classmethod
-    def wrap(cls, name: str, algo) -> ShippedOffline:
-        """The interface around an already built (or restored) RLlib algorithm of learner ``name``."""
+    def wrap(cls, name: str, algo, action_scale: str = "linear") -> ShippedOffline:
+        """The interface around an already built (or restored) RLlib algorithm of learner ``name``, trained with
+        actions on ``action_scale``."""
         self = cls.__new__(cls)
-        self.name, self.algo = name, algo
+        self.name, self.algo, self.action_scale = name, algo, action_scale
         return self
 
     @property
@@ -148,7 +238,7 @@ class ShippedOffline:
 
     def policy_weights(self, obs: np.ndarray) -> np.ndarray:
         """The deterministic policy (the distribution's mean) as ranking weights [B, 3]."""
-        return to_weights(self._unit_mean(obs).numpy())
+        return to_weights(self._unit_mean(obs).numpy(), self.action_scale)
 
     @torch.no_grad()
     def q_estimate(self, initial_obs: np.ndarray) -> float:

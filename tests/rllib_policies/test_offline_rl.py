@@ -26,13 +26,25 @@ from rllib_policies.offline.data import (
     eval_users,
     offline_rows,
     read_rows,
+    support_ceiling,
     support_fraction,
     true_value,
 )
 from rllib_policies.offline.experiment import OfflineSpec, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
 from rllib_policies.offline.registry import own_config
-from rllib_policies.offline.shipped import ShippedOffline, to_weights, unit_rows
+from rllib_policies.offline.shipped import (
+    ACTION_SCALES,
+    IQL_BETA,
+    IQLTemperatureConfig,
+    ShippedOffline,
+    iql_temperature,
+    polyak_per_call,
+    shipped_config,
+    to_unit,
+    to_weights,
+    unit_rows,
+)
 from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
 
 TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
@@ -343,11 +355,87 @@ def test_cql_penalty_lowers_q_on_actions_the_data_never_hold(ray_session, tmp_pa
     assert q[5.0]["corner"] < q[5.0]["seen"]
 
 
-def test_unit_rows_round_trip(tmp_path):
+@pytest.mark.parametrize("scale", ["linear", "log"])
+def test_unit_rows_round_trip(tmp_path, scale):
     path = hand_built_rows(tmp_path, n=50)
-    unit = read_rows(unit_rows(path))["actions"]
+    unit = read_rows(unit_rows(path, scale))["actions"]
     assert unit.min() >= -1 and unit.max() <= 1
-    np.testing.assert_allclose(to_weights(unit), read_rows(path)["actions"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(to_weights(unit, scale), read_rows(path)["actions"], rtol=1e-5, atol=1e-4)
+
+
+def test_the_log_box_puts_small_weights_inside_where_the_linear_box_puts_them_at_its_edge():
+    unit = {scale: to_unit(MISALIGNED_WEIGHTS[None], scale)[0] for scale in ACTION_SCALES}
+    assert unit["linear"][2] < -0.99  # w_purchase 0.05 of 40
+    assert np.all(np.abs(unit["log"]) < 0.9)
+
+
+def test_iqls_temperature_is_the_papers_beta_on_the_papers_reward_scale(tmp_path):
+    """One-step sessions: the returns are the rewards, so temperature = β · 1000 / (max − min reward)."""
+    path = hand_built_rows(tmp_path, n=200)
+    rewards = read_rows(path)["rewards"].astype(np.float64)
+    assert iql_temperature(path) == pytest.approx(IQL_BETA * 1000 / (rewards.max() - rewards.min()), rel=1e-5)
+    assert shipped_config("iql", path, D_OBS).beta == pytest.approx(iql_temperature(path))
+    assert shipped_config("iql", path, D_OBS, beta=0.5).beta == 0.5
+
+
+def test_cqls_targets_move_per_train_call_as_far_as_per_step_polyak_would(tmp_path):
+    steps, tau = 100, 0.02
+    target, online = 0.0, 1.0
+    for _ in range(steps):
+        target += tau * (online - target)
+    assert polyak_per_call(tau, steps) == pytest.approx(target)
+    config = shipped_config("cql", hand_built_rows(tmp_path, n=20), D_OBS, updates_per_iteration=steps, tau=tau)
+    assert config.tau == pytest.approx(target)
+    with pytest.raises(ValueError, match="need 0 < tau <= 1"):
+        polyak_per_call(0.0, 10)
+
+
+def test_iql_accepts_a_temperature_above_one_and_refuses_one_at_or_below_zero():
+    def config(beta):
+        return IQLTemperatureConfig().training(beta=beta).offline_data(dataset_num_iters_per_learner=2)
+
+    hot = config(10.0)
+    hot.validate()  # RLlib's IQLConfig: "`beta` must be within 0.0 and 1.0!"
+    assert hot.beta == 10.0
+    for beta in (0.0, -1.0):
+        with pytest.raises(ValueError, match="beta"):
+            config(beta).validate()
+
+
+def test_iqls_temperature_needs_returns_that_differ(tmp_path):
+    path = hand_built_rows(tmp_path, n=20)
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("rewards"), "rewards", pa.array(np.ones(20, np.float32)))
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="every episode has the same return"):
+        iql_temperature(path)
+
+
+@pytest.mark.parametrize(
+    "name, option, match",
+    [
+        ("bc", {"beta": 3.0}, "beta is IQL's advantage temperature; bc has none"),
+        ("cql", {"beta": 3.0}, "beta is IQL's advantage temperature; cql has none"),
+        ("bc", {"min_q_weight": 1.0}, "min_q_weight is CQL's; bc has none"),
+        ("iql", {"min_q_weight": 1.0}, "min_q_weight is CQL's; iql has none"),
+        ("cql", {"action_scale": "sqrt"}, r"action_scale must be one of \('linear', 'log'\), got 'sqrt'"),
+    ],
+)
+def test_a_shipped_learner_refuses_another_learners_option(tmp_path, name, option, match):
+    with pytest.raises(ValueError, match=match):
+        shipped_config(name, hand_built_rows(tmp_path, n=20), D_OBS, **option)
+
+
+def test_the_support_ceiling_stays_in_the_behaviours_region_and_beats_its_centre():
+    _, pipeline = build_world(TINY)
+    users = eval_users(pipeline, 30, 7)
+    ceiling = support_ceiling("misaligned", pipeline, users, n_angles=4, n_radii=1)
+    delta = np.log(ceiling.weights / MISALIGNED_WEIGHTS)
+    delta -= delta.mean()  # the part that changes the ranking
+    assert np.linalg.norm(delta) <= ceiling.radius * 0.3 + 1e-4
+    assert ceiling.value.mean() >= true_value(pipeline, MISALIGNED_WEIGHTS, users).mean()
+    with pytest.raises(ValueError, match="dataset 'exploratory': no log-normal behaviour"):
+        support_ceiling("exploratory", pipeline, users)
 
 
 def test_a_shipped_learner_trains_through_the_wrapper_and_acts_in_the_box(ray_session, tmp_path):
