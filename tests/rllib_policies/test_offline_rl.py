@@ -390,6 +390,24 @@ def test_cqls_targets_move_per_train_call_as_far_as_per_step_polyak_would(tmp_pa
         polyak_per_call(0.0, 10)
 
 
+def test_iql_at_the_papers_temperature_favours_the_logged_actions_that_earned_more(ray_session, tmp_path):
+    """Reward Σ ā over logged ā ∈ [0.35, 0.65]³: at RLlib's default temperature (0.1) IQL clones the logged mean
+    (ā ≈ 0.5); at the paper's, on the paper's reward scale, it moves toward the better logged actions."""
+    path = hand_built_rows(tmp_path, n=2000)
+    obs = read_rows(path)["obs"][:200]
+    mean = {}
+    for beta in (0.1, None):
+        learner = ShippedOffline("iql", path, D_OBS, seed=0, updates_per_iteration=50, batch_size=128, beta=beta)
+        try:
+            for _ in range(4):
+                learner.train()
+            mean[beta] = float((learner.policy_weights(obs) / RANKING_ACTION_HIGH).mean())
+        finally:
+            learner.stop()
+    assert abs(mean[0.1] - 0.5) < 0.04
+    assert mean[None] > mean[0.1] + 0.04
+
+
 def test_iql_accepts_a_temperature_above_one_and_refuses_one_at_or_below_zero():
     def config(beta):
         return IQLTemperatureConfig().training(beta=beta).offline_data(dataset_num_iters_per_learner=2)
