@@ -51,7 +51,7 @@ from rllib_policies.offline.data import (  # noqa: E402
     true_value,
     write_dataset,
 )
-from rllib_policies.offline.experiment import LEARNERS, OfflineSpec, run_offline  # noqa: E402
+from rllib_policies.offline.experiment import LEARNERS, OfflineSpec, check_options, run_offline  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FAR_FROM_ORACLE = 1.0  # session-return units: a behaviour this far below the oracle leaves a gap worth measuring
@@ -111,8 +111,10 @@ def main() -> None:
     p.add_argument("--results-dir", default=RESULTS)
     p.add_argument("--tag", default=None, help="write offline_rl_<tag>.* instead of offline_rl.*")
     args = p.parse_args()
-    if unknown := sorted(set(args.options) - set(LEARNERS)):
-        p.error(f"--options names no learner: {unknown} (learners: {list(LEARNERS)}; BCQ-EE takes BCQ's)")
+    try:
+        check_options(args.options)
+    except ValueError as e:
+        p.error(f"--options: {e}")
     t_start = time.time()
     _worker_init()
     spec = OfflineSpec(
@@ -202,6 +204,11 @@ def _ci(values) -> str:
     return f"{m:.2f} ± {h:.2f}"
 
 
+def _share(true: np.ndarray, base: float, top: float) -> str:
+    """(V − base) / (top − base) over seeds, as "m ± h %", where top is at least FAR_FROM_ORACLE above base."""
+    return f"{_ci(100 * (true - base) / (top - base))} %" if top - base >= FAR_FROM_ORACLE else "—"
+
+
 def write_page(summary: dict, results_dir: str) -> None:
     runs, truth, stem = summary["runs"], summary["truth"], _stem(summary["args"].get("tag"))
     v_oracle, v_worst = truth["oracle static"][0], truth["long views only (0, 1, 0)"][0]
@@ -217,17 +224,8 @@ def write_page(summary: dict, results_dir: str) -> None:
             est = np.array([r["final_estimate"] for r in rs])
             gap = (true - v_worst) / (v_oracle - v_worst)
             live_truth = truth[f"behaviour: {d}"][0]
-            from_behaviour = (
-                f"{_ci(100 * (true - live_truth) / (v_oracle - live_truth))} %"
-                if v_oracle - live_truth >= FAR_FROM_ORACLE
-                else "—"
-            )
-            ceiling = truth.get(f"support ceiling: {d}", [np.nan])[0]
-            of_ceiling = (
-                f"{_ci(100 * (true - live_truth) / (ceiling - live_truth))} %"
-                if ceiling - live_truth >= FAR_FROM_ORACLE
-                else "—"
-            )
+            from_behaviour = _share(true, live_truth, v_oracle)
+            of_ceiling = _share(true, live_truth, truth.get(f"support ceiling: {d}", [np.nan])[0])
             promoted = [r for r in rs if r["gate"]["promote"]]
             false_promotions = sum(r["final_true"] < live_truth for r in promoted)
             worse = sum(r["final_true"] < live_truth for r in rs)

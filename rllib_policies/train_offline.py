@@ -89,7 +89,7 @@ def progress(result: dict) -> str:
 def policy_of(algo, job: OfflineJobConfig, initial_obs):
     """obs → ranking weights, and the critic's estimate at the session starts ``initial_obs`` (NaN for BC)."""
     if job.learner in SHIPPED:
-        wrapper = ShippedOffline.wrap(job.learner, algo, job.options.get("action_scale", "linear"))
+        wrapper = ShippedOffline.wrap(job.learner, algo, **job.options)
         return wrapper.policy_weights, wrapper.q_estimate(initial_obs)
     return algo.policy_weights, algo.q_estimate(initial_obs)
 

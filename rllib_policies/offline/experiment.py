@@ -14,6 +14,7 @@ sees more than the logs, so its row counts the sessions it served (``online_sess
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +28,8 @@ from rllib_policies.envs import SessionEnv
 from .data import eval_users, policy_behaviour, read_rows, support_fraction, true_value, write_dataset
 from .gate import gate
 from .registry import LEARNERS as OFFLINE_LEARNERS
-from .registry import own_config
-from .shipped import SHIPPED, ShippedOffline
+from .registry import OWN, own_config
+from .shipped import SHIPPED, ShippedOffline, shipped_config
 
 # BCQ-EE: BCQ with online exploration enhancement (BatchRL-MTF, Zhang et al. KDD 2022): between offline training
 # phases the current policy is served with log-normal exploration around its actions, and the logged sessions
@@ -56,8 +57,9 @@ class OfflineSpec:
     cql_num_actions: int = 4
     exploration_rounds: int = 2  # BCQ-EE's online rounds, evenly spaced over the iterations
     exploration_sessions: int = 250  # sessions served per round
-    # learner name → its options: ours through their options methods (``registry.own_config``), RLlib's as
-    # ``shipped_config`` keywords (IQL's ``beta``, CQL's ``target_entropy``)
+    # learner name → its options: ours through their options methods (``registry.own_config``; BCQ-EE takes
+    # BCQ's, under "bcq"), RLlib's as ``shipped_config`` keywords (IQL's ``beta``, CQL's ``min_q_weight`` and
+    # ``num_actions``, both's ``action_scale``)
     options: dict = field(default_factory=dict)
 
     def exploration_iterations(self) -> list[int]:
@@ -96,6 +98,20 @@ class OfflineRun:
         return asdict(self)
 
 
+def check_options(options: dict) -> None:
+    """Every learner's options checked before any run: ours through their options methods (``own_config``),
+    RLlib's against ``shipped_config``'s keywords; a ValueError names the learner and the option."""
+    for name, opts in options.items():
+        if name in OWN:
+            own_config(name, opts)
+        elif name in SHIPPED:
+            takes = set(inspect.signature(shipped_config).parameters) - {"name", "rows_path", "observation_dim", "seed"}
+            if unknown := sorted(set(opts) - takes):
+                raise ValueError(f"{name} has no option(s) {unknown}; RLlib's learners take {sorted(takes)}")
+        else:
+            raise ValueError(f"options for {name!r}: no such offline learner ({(*OWN, *SHIPPED)}; BCQ-EE takes BCQ's)")
+
+
 def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
     """A learner with ``train()``, ``policy_weights(obs)``, ``q_estimate(initial_obs)`` and ``stop()``."""
     _, pipeline = build_world(spec.env_config)
@@ -109,8 +125,7 @@ def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
             batch_size=spec.batch_size,
             gamma=spec.gamma,
             hidden=tuple(spec.hidden),
-            **({"num_actions": spec.cql_num_actions} if name == "cql" else {}),
-            **spec.options.get(name, {}),
+            **{**({"num_actions": spec.cql_num_actions} if name == "cql" else {}), **spec.options.get(name, {})},
         )
     return (
         own_config(name, spec.options.get(name))

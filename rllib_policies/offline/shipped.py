@@ -5,8 +5,9 @@ differ from our own learners, both measured on Ray 2.60 (docs/offline_rl.md):
 
 - CQL's and IQL's policies are tanh-squashed Gaussians whose bounds are fixed at [−1, 1] (the action space's
   bounds never reach the distribution), so they train on a copy of the rows with actions mapped to
-  u = 2·a/a_max − 1 (kept 10⁻³ inside the edges) under ``Box(−1, 1)``, and serve a = a_max·(tanh(m) + 1)/2
-  of the mean m. BC (a plain Gaussian) trains on the same copy and serves a_max·(clip(m, −1, 1) + 1)/2.
+  u = 2·a/a_max − 1 (kept 10⁻³ inside the edges; ``action_scale="log"``: a log-scaled box, ``to_unit``) under
+  ``Box(−1, 1)``, and serve the mean m mapped back, a = a_max·(tanh(m) + 1)/2. BC (a plain Gaussian) trains on the
+  same copy and serves a_max·(clip(m, −1, 1) + 1)/2.
 - Offline RLlib algorithms have no env runners: the trained module is the local learner's
   (``num_learners=0``), and CQL must be told it is offline (``_is_online = False``), else it builds an env.
 
@@ -40,6 +41,13 @@ IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022,
 IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
 
 
+def check_scale(scale: str) -> str:
+    """``scale`` if it is one of ``ACTION_SCALES``, else a ValueError naming the option."""
+    if scale not in ACTION_SCALES:
+        raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {scale!r}")
+    return scale
+
+
 def to_unit(actions: np.ndarray, scale: str = "linear") -> np.ndarray:
     """Ranking weights a ∈ [0, a_max]³ → the unit box u ∈ [−1 + ε, 1 − ε]³ the shipped learners act in.
 
@@ -48,24 +56,20 @@ def to_unit(actions: np.ndarray, scale: str = "linear") -> np.ndarray:
     small weights, which the linear box puts against its edge, sits inside the log box with the same spread
     wherever it is centred."""
     a = np.asarray(actions, np.float64)
-    if scale == "linear":
+    if check_scale(scale) == "linear":
         unit = 2 * a / RANKING_ACTION_HIGH - 1
-    elif scale == "log":
+    else:
         floor = LOG_FLOOR * RANKING_ACTION_HIGH
         unit = 2 * np.log(np.maximum(a, floor) / floor) / np.log(1 / LOG_FLOOR) - 1
-    else:
-        raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {scale!r}")
     return np.clip(unit, -1 + EDGE, 1 - EDGE).astype(np.float32)
 
 
 def to_weights(unit: np.ndarray, scale: str = "linear") -> np.ndarray:
     """u ∈ [−1, 1]³ → ranking weights, the inverse of ``to_unit`` (log: u = −1 is the floor f, not 0)."""
     u = np.clip(np.asarray(unit, np.float64), -1, 1)
-    if scale == "linear":
+    if check_scale(scale) == "linear":
         return (RANKING_ACTION_HIGH * (u + 1) / 2).astype(np.float32)
-    if scale == "log":
-        return (LOG_FLOOR * RANKING_ACTION_HIGH * np.exp((u + 1) / 2 * np.log(1 / LOG_FLOOR))).astype(np.float32)
-    raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {scale!r}")
+    return (LOG_FLOOR * RANKING_ACTION_HIGH * np.exp((u + 1) / 2 * np.log(1 / LOG_FLOOR))).astype(np.float32)
 
 
 def unit_rows(path: str, scale: str = "linear") -> str:
@@ -145,16 +149,18 @@ def shipped_config(
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path``.
 
     CQL: Polyak rate ``tau`` per gradient step as our learners'. RLlib updates target networks once per
-    ``update`` call, here once per ``train()`` of ``updates_per_iteration`` steps, so the rate it is given is
-    ``polyak_per_call``; ``bc_iters=0`` (its default of 20 000 steps of behaviour cloning first would be most of
-    our budget); ``lr=None`` (it has actor/critic/alpha rates of its own); ``num_actions`` sampled actions per
-    state in its penalty; ``min_q_weight`` its penalty's weight (RLlib's default 5). IQL: ``beta``, its advantage
-    temperature on the raw rewards (default: ``iql_temperature``, the paper's β on the paper's reward scale); its
-    targets are RLlib's default, a full copy per call. Every learner gets ``updates_per_iteration`` minibatches of
-    ``batch_size`` per ``train()``; the mapped data are materialised once (IQL's default re-runs its pre-learner
-    every iteration). ``action_scale``: the unit box's scale (``to_unit``)."""
-    if action_scale not in ACTION_SCALES:
-        raise ValueError(f"action_scale must be one of {ACTION_SCALES}, got {action_scale!r}")
+    ``update`` call, here once per ``train()`` of ``updates_per_iteration`` steps (at least 2), so the rate it is
+    given is ``polyak_per_call`` for those steps; ``bc_iters=0`` (its default of 20 000 steps of behaviour
+    cloning first would be most of our budget); ``lr=None`` (it has actor/critic/alpha rates of its own);
+    ``num_actions`` sampled actions per state in its penalty; ``min_q_weight`` its penalty's weight (RLlib's
+    default 5). IQL: ``beta``, its advantage temperature on the raw rewards (default: ``iql_temperature``, the
+    paper's β on the paper's reward scale); its targets are RLlib's default, a full copy per call. Every learner
+    gets ``updates_per_iteration`` minibatches of ``batch_size`` per ``train()``; the mapped data are materialised
+    once (IQL's default re-runs its pre-learner every iteration). ``action_scale``: the unit box's scale
+    (``to_unit``).
+    """
+    check_scale(action_scale)
+    steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
     if min_q_weight is not None and name != "cql":
@@ -166,7 +172,7 @@ def shipped_config(
             train_batch_size_per_learner=batch_size,
             gamma=gamma,
             lr=None,
-            tau=polyak_per_call(tau, updates_per_iteration),
+            tau=polyak_per_call(tau, steps),
             bc_iters=0,
             num_actions=num_actions,
             num_steps_sampled_before_learning_starts=0,
@@ -192,7 +198,7 @@ def shipped_config(
         .rl_module(model_config={"fcnet_hiddens": [hidden[0]], "head_fcnet_hiddens": list(hidden[1:])})
         .offline_data(
             input_=[unit_rows(rows_path, action_scale)],
-            dataset_num_iters_per_learner=max(int(updates_per_iteration), 2),  # 1 breaks CQL's local learner
+            dataset_num_iters_per_learner=steps,
             # fractional CPUs: with whole ones the pre-learner actor starves the read tasks on a 1–2 CPU Ray (hangs)
             input_read_method_kwargs={"num_cpus": 0.25},
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.25},
@@ -212,16 +218,19 @@ class ShippedOffline:
     """One of RLlib's offline learners behind the interface our own offline learners have."""
 
     def __init__(self, name: str, rows_path: str, observation_dim: int, seed: int = 0, **options):
-        self.name, self.action_scale = name, options.get("action_scale", "linear")
-        self.algo = shipped_config(name, rows_path, observation_dim, seed, **options).build_algo()
+        self._hold(name, shipped_config(name, rows_path, observation_dim, seed, **options).build_algo(), options)
 
     @classmethod
-    def wrap(cls, name: str, algo, action_scale: str = "linear") -> ShippedOffline:
+    def wrap(cls, name: str, algo, **options) -> ShippedOffline:
         """The interface around an already built (or restored) RLlib algorithm of learner ``name``, trained with
-        actions on ``action_scale``."""
+        ``shipped_config``'s ``options``."""
         self = cls.__new__(cls)
-        self.name, self.algo, self.action_scale = name, algo, action_scale
+        self._hold(name, algo, options)
         return self
+
+    def _hold(self, name: str, algo, options: dict) -> None:
+        """What serving needs of the options: the unit box's ``action_scale``."""
+        self.name, self.algo, self.action_scale = name, algo, check_scale(options.get("action_scale", "linear"))
 
     @property
     def module(self):
