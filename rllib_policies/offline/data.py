@@ -131,7 +131,8 @@ def behaviour(kind: str, pipeline: Pipeline, expert: Expert | None = None):
     if kind == "exploratory":
         return uniform_behaviour()
     if kind in LOGNORMAL_BEHAVIOURS:
-        return lognormal_behaviour(LOGNORMAL_BEHAVIOURS[kind][1], LOGNORMAL_BEHAVIOURS[kind][0])
+        centre, noise = LOGNORMAL_BEHAVIOURS[kind]
+        return lognormal_behaviour(noise, centre)
     if kind == "imitation":
         if expert is None:
             raise ValueError("the imitation dataset needs the oracle's expert (oracle_expert)")

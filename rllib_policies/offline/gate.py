@@ -56,6 +56,10 @@ class Sessions:
             raise ValueError("every session needs its step t = 0")
         return Sessions(index, index[:, 0])
 
+    def padded(self, per_row: np.ndarray) -> np.ndarray:
+        """Per-row values [N] laid out per session [n_sessions, T], 0 past each session's end."""
+        return np.where(self.index >= 0, per_row[np.maximum(self.index, 0)], 0.0)
+
 
 def fitted_q(
     rows: dict[str, np.ndarray],
@@ -127,8 +131,7 @@ class GateDecision:
 
 def live_value(rows: dict[str, np.ndarray], level: float = 0.95) -> GateEstimate:
     """The behaviour policy's value on its own logs: mean session return with a t-interval."""
-    s = Sessions.of(rows)
-    r = np.where(s.index >= 0, rows["rewards"][np.maximum(s.index, 0)], 0.0).sum(1)
+    r = Sessions.of(rows).padded(rows["rewards"]).sum(1)
     half = stats.t.ppf(0.5 + level / 2, len(r) - 1) * r.std(ddof=1) / np.sqrt(len(r))
     return GateEstimate(float(r.mean()), float(r.mean() - half), float(r.mean() + half), float(len(r)))
 
@@ -153,21 +156,19 @@ def doubly_robust(
     log_kernel = (stats.norm.logpdf(diff / bandwidth) - np.log(bandwidth)).sum(1)
     log_mu = rows["action_logp"] + np.log(high).sum()  # the behaviour's density in unit-cube units
     log_rho = log_kernel - log_mu
-    alive = s.index >= 0
-    at = np.maximum(s.index, 0)
     # E_μ[ρ_0] = the share of the kernel's mass the data cover at the first step: ≈ 1 inside the support, ≈ 0 for a
     # policy whose actions the logs never hold — which self-normalised weights alone cannot see (all equally tiny)
     coverage = float(np.exp(logsumexp(log_rho[s.starts]) - np.log(len(s.starts))))
     if coverage < min_coverage:
         reason = f"the policy's actions lie outside the logged support (mean first-step kernel ratio {coverage:.3g})"
         return GateEstimate(float("nan"), float("nan"), float("nan"), 0.0, True, reason)
-    log_w = np.cumsum(np.where(alive, log_rho[at], 0.0), axis=1)  # [n, T]
+    log_w = np.cumsum(s.padded(log_rho), axis=1)  # [n, T]
     log_w -= log_w.max()  # scale-free: every term is self-normalised per step
     w = np.exp(log_w)
     w_prev = np.concatenate([np.ones((len(w), 1)), w[:, :-1]], axis=1)
-    q_logged = np.where(alive, q(rows["obs"], rows["actions"])[at], 0.0)
-    v_state = np.where(alive, q(rows["obs"], pi)[at], 0.0)
-    reward = np.where(alive, rows["rewards"][at], 0.0)
+    q_logged = s.padded(q(rows["obs"], rows["actions"]))
+    v_state = s.padded(q(rows["obs"], pi))
+    reward = s.padded(rows["rewards"])
     num = np.concatenate([w * (reward - q_logged), w_prev * v_state], axis=1)[:, :, None]
     den = np.concatenate([w, w_prev], axis=1)
     parts = Parts(num, den, w[:, -1])

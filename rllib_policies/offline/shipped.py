@@ -33,6 +33,8 @@ from ray.rllib.core.columns import Columns
 
 from actors.stages import RANKING_ACTION_HIGH
 
+from .gate import Sessions
+
 SHIPPED = ("bc", "cql", "iql")
 EDGE = 1e-3  # unit actions stay this far inside ±1 (atanh of ±1 is infinite)
 ACTION_SCALES = ("linear", "log")
@@ -109,9 +111,9 @@ def iql_temperature(rows_path: str, beta: float = IQL_BETA) -> float:
     1000 / (R_max − R_min), R over the dataset's episodes; A scales with the rewards, so the same weighting on
     the raw rewards is the temperature above (about 10 on our session logs, where 0.1 weights every logged
     action alike and IQL reproduces the behaviour)."""
-    rows = pq.read_table(rows_path, columns=["eps_id", "rewards"])
-    _, episode = np.unique(rows.column("eps_id").to_numpy(zero_copy_only=False), return_inverse=True)
-    returns = np.bincount(episode, rows.column("rewards").to_numpy().astype(np.float64))
+    table = pq.read_table(rows_path, columns=["eps_id", "t", "rewards"])
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    returns = Sessions.of(rows).padded(rows["rewards"].astype(np.float64)).sum(1)
     span = float(returns.max() - returns.min())
     if not span > 0:
         raise ValueError(f"{rows_path}: every episode has the same return ({returns.max():g}); IQL has no advantage")

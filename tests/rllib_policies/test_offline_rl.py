@@ -390,6 +390,7 @@ def test_iqls_temperature_is_the_papers_beta_on_the_papers_reward_scale(tmp_path
     table = pq.read_table(path)
     episodes = pa.array([f"e{i // 2}" for i in range(200)])
     table = table.set_column(table.schema.get_field_index("eps_id"), "eps_id", episodes)
+    table = table.set_column(table.schema.get_field_index("t"), "t", pa.array(np.arange(200) % 2))
     pq.write_table(table, path)
     returns = read_rows(path)["rewards"].astype(np.float64).reshape(100, 2).sum(1)
     assert iql_temperature(path) == pytest.approx(IQL_BETA * 1000 / (returns.max() - returns.min()), rel=1e-5)
