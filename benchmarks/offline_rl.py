@@ -2,7 +2,7 @@
 overestimation gap, the gap closed to the world's oracle, stability across seeds, and the off-policy gate's
 decisions checked against the simulator.
 
-    python benchmarks/offline_rl.py --jobs 2                                  # 7 learners × 4 datasets × 5 seeds
+    python benchmarks/offline_rl.py --jobs 2                                  # 9 learners × 4 datasets × 5 seeds
     python benchmarks/offline_rl.py --seeds 1 --iterations 2 --updates 20 --sessions-per-day 60 \
         --eval-sessions 100 --results-dir /tmp/offline_rl                     # a smoke run
 
@@ -51,7 +51,7 @@ from rllib_policies.offline.data import (  # noqa: E402
     true_value,
     write_dataset,
 )
-from rllib_policies.offline.experiment import LEARNERS, OfflineSpec, check_options, run_offline  # noqa: E402
+from rllib_policies.offline.experiment import EXPLORING, LEARNERS, OfflineSpec, check_options, run_offline  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FAR_FROM_ORACLE = 1.0  # session-return units: a behaviour this far below the oracle leaves a gap worth measuring
@@ -98,13 +98,27 @@ def main() -> None:
     p.add_argument("--sessions-per-day", type=int, default=500)
     p.add_argument("--eval-sessions", type=int, default=1000)
     p.add_argument("--oracle-sessions", type=int, default=1000)
-    p.add_argument("--exploration-rounds", type=int, default=2, help="BCQ-EE's online rounds (at most iterations − 1)")
-    p.add_argument("--exploration-sessions", type=int, default=250, help="sessions BCQ-EE serves per round")
+    p.add_argument(
+        "--exploration-rounds", type=int, default=2, help="the -EE learners' online rounds (at most iterations − 1)"
+    )
+    p.add_argument("--exploration-sessions", type=int, default=250, help="sessions an -EE learner serves per round")
+    p.add_argument(
+        "--exploration-noise",
+        type=float,
+        default=0.3,
+        help="σ of the -EE learners' log-normal exploration around their policy",
+    )
+    p.add_argument(
+        "--data-window",
+        type=int,
+        default=None,
+        help="the row sets an -EE learner trains on after a round: the last N (the logs are the first); default all",
+    )
     p.add_argument(
         "--options",
         type=json.loads,
         default={},
-        help='learner → options (JSON), e.g. \'{"iql": {"beta": 30}}\'; BCQ-EE takes BCQ\'s',
+        help='learner → options (JSON), e.g. \'{"iql": {"beta": 30}}\'; an -EE learner takes its offline learner\'s',
     )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="where the datasets go (default: a temporary folder)")
@@ -124,8 +138,14 @@ def main() -> None:
         eval_sessions=args.eval_sessions,
         exploration_rounds=min(args.exploration_rounds, args.iterations - 1),  # each round needs training after it
         exploration_sessions=args.exploration_sessions,
+        exploration_noise=args.exploration_noise,
+        data_window=args.data_window,
         options=args.options,
     )
+    try:
+        spec.exploration_iterations()
+    except ValueError as e:
+        p.error(str(e))
     _, pipeline = build_world(spec.env_config)
     users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
     t0 = time.time()
@@ -164,14 +184,22 @@ def main() -> None:
         print(f"dataset {kind}: {out['sessions']} sessions, {out['transitions']} transitions ({seconds:.0f} s)")
 
     jobs = [(n, d, paths[d], s, spec) for n in args.learners for d in args.datasets for s in range(args.seeds)]
-    jobs.sort(key=lambda j: j[0] != "cql")  # the slowest learner first: the pool ends together
+    jobs.sort(key=lambda j: not j[0].startswith("cql"))  # the slowest learners first: the pool ends together
     print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)
     t0 = time.time()
     with ProcessPoolExecutor(  # fresh processes, each its own Ray: none of the datasets' Ray Data jobs is left
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
     ) as pool:
-        runs = list(pool.map(_run, jobs))
+        futures = [(job, pool.submit(_run, job)) for job in jobs]
+        runs, failed = [], []
+        for (name, dataset, _, seed, _), future in futures:  # a failed run is reported; the others are kept
+            try:
+                runs.append(future.result())
+            except Exception as e:  # noqa: BLE001 (any run's error: name it, keep the rest)
+                failed.append(f"{name} {dataset} seed {seed}: {type(e).__name__}: {e}")
     train_wall = time.time() - t0
+    if not runs:
+        sys.exit("every run failed:\n" + "\n".join(failed))
     summary = {
         "args": vars(args),
         "spec": asdict(spec),
@@ -187,6 +215,8 @@ def main() -> None:
     with open(os.path.join(args.results_dir, f"{_stem(args.tag)}_runs.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)
     write_page(summary, args.results_dir)
+    if failed:
+        sys.exit(f"{len(failed)} of {len(jobs)} runs failed (the page holds the rest):\n" + "\n".join(failed))
 
 
 def _stem(tag: str | None) -> str:
@@ -270,9 +300,11 @@ def write_page(summary: dict, results_dir: str) -> None:
         f"{FAR_FROM_ORACLE:g} (above 100 %: the policy left the support and gained). Online sessions: "
         "what a learner served beyond the logs"
         + (
-            f" (BCQ-EE's exploration rounds, {spec.get('exploration_rounds', 0)} × "
-            f"{spec.get('exploration_sessions', 0)}; its train s leave out that serving)"
-            if "bcq_ee" in learners
+            f" (the -EE learners' exploration rounds, {spec.get('exploration_rounds', 0)} × "
+            f"{spec.get('exploration_sessions', 0)} at σ {spec.get('exploration_noise', 0.3):g}, trained on "
+            + (f"the last {spec['data_window']} row sets" if spec.get("data_window") else "every row set")
+            + "; their train s leave out that serving)"
+            if set(EXPLORING) & set(learners)
             else ""
         )
         + "; every other learner sees the logs only.",

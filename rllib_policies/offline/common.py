@@ -177,6 +177,13 @@ class OfflineLearner(TorchLearner):
                 update_target_network(main_net=main, target_net=target, tau=self.config.tau)
 
 
+def check_window(window: int | None) -> int | None:
+    """``window`` (the row sets an -EE learner trains on) if it is None or a positive int, else a ValueError."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None (every row set) or an int >= 1, got {window!r}")
+    return window
+
+
 class OfflineActorCritic(AlgorithmBase):
     """Reads the dataset once (``read_rows``: pyarrow on the driver), then trains on uniform minibatches of it."""
 
@@ -185,6 +192,7 @@ class OfflineActorCritic(AlgorithmBase):
     def setup(self, config) -> None:
         super().setup(config)
         self.columns: dict[str, np.ndarray] | None = None
+        self.row_sets: list[int] = []  # the sizes of the row sets in ``columns``, oldest first
         self.initial_obs: np.ndarray | None = None
         self.rng = np.random.default_rng(config.seed)
         self.updates = 0
@@ -193,15 +201,20 @@ class OfflineActorCritic(AlgorithmBase):
         rows = read_rows(self.config.dataset)
         self.columns = self.transition_columns(rows)
         self.initial_obs = rows["obs"][rows["t"] == 0]
+        self.row_sets = [len(self.columns[Columns.REWARDS])]
 
-    def add_rows(self, path: str | list[str]) -> int:
+    def add_rows(self, path: str | list[str], window: int | None = None) -> int:
         """Grows the dataset by the transitions at ``path`` (e.g. an online exploration round's logs); the critic's
-        estimate stays measured at the first dataset's session starts. Returns the dataset's new size. The added
-        rows are not checkpointed: a restored algorithm reads its config's dataset only."""
+        estimate stays measured at the first dataset's session starts. ``window``: train on the last ``window``
+        row sets only (the logs are the first set, each call adds one); None keeps them all. Returns the dataset's
+        new size. The added rows are not checkpointed: a restored algorithm reads its config's dataset only."""
         if self.columns is None:
             self.load_rows()
         extra = self.transition_columns(read_rows(path))
-        self.columns = {k: np.concatenate([v, extra[k]]) for k, v in self.columns.items()}
+        self.row_sets.append(len(extra[Columns.REWARDS]))
+        drop = sum(self.row_sets[: -check_window(window)]) if window else 0
+        self.row_sets = self.row_sets[-window:] if window else self.row_sets
+        self.columns = {k: np.concatenate([v, extra[k]])[drop:] for k, v in self.columns.items()}
         return len(self.columns[Columns.REWARDS])
 
     def transition_columns(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

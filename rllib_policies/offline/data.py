@@ -1,4 +1,4 @@
-"""The fusion-ranking MDP (seed: RL in recommendation) and its three logged datasets.
+"""The fusion-ranking MDP (seed: RL in recommendation) and its logged datasets.
 
 MDP (``rllib_policies.envs.SessionEnv`` is the same MDP online):
     state   s_t = the request context (``ObservationSpec.context``: user tower, history, cohort, step, clicks)
@@ -18,10 +18,12 @@ Datasets, each served by a behaviour policy μ through the telemetry path (serve
                  ranking tuned for long views: the logged behaviour sits far from the oracle (V 37.15 against
                  40.66 on the benchmark's 1 000 evaluation users; the long-views-only corner 36.66), so a learner
                  must leave it to gain
+    misaligned_random  the misaligned ranking on 90 % of requests,   limited exploration plus a random-traffic
+                 a ~ Uniform[0, a_max]³ on a 10 % random slice              slice: the logs hold better actions
 ε ~ N(0, I); each row logs μ's density at its action (``action_logp``).
 
 ``policy_behaviour`` explores around a learned policy instead (a = π(s)·exp(0.3·ε), π floored): the online
-exploration round of BCQ-EE (``rllib_policies.offline.experiment``).
+exploration round of BCQ-EE, IQL-EE and CQL-EE (``rllib_policies.offline.experiment``).
 """
 
 from __future__ import annotations
@@ -52,15 +54,18 @@ from actors.world.oracle import (
 )
 from rllib_policies import storage
 from rllib_policies.ope.data import list_matrix
-from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
+from rllib_policies.outer_controller.logs import lognormal_behaviour, lognormal_density, simulate_logs
 
-DATASETS = ("exploratory", "concurrent", "imitation", "misaligned")
+DATASETS = ("exploratory", "concurrent", "imitation", "misaligned", "misaligned_random")
 OBJECTIVE = SessionObjective({"inner_return": 1.0})  # V(π): the inner reward summed over the session
 CONCURRENT_NOISE = 0.3
 IMITATION_NOISE = 0.05
 EXPERT_FLOOR = 0.02
 MISALIGNED_WEIGHTS = np.array([0.05, 1.0, 0.05], np.float32)  # (w_click, w_long_view, w_purchase)
 EXPLORATION_NOISE = 0.3
+# the share of requests a random-traffic slice serves uniformly random weights (production logs often carry one
+# for unbiased evaluation, as KuaiRand's random exposures do); fixed before any learner ran on it
+RANDOM_SLICE = 0.1
 
 # RLlib's offline columns (single agent), plus the behaviour's log-density and the session's KPIs
 OFFLINE_SCHEMA = pa.schema(
@@ -92,6 +97,21 @@ def uniform_behaviour(high: np.ndarray = RANKING_ACTION_HIGH):
     def sample(rng: np.random.Generator, req):
         b = len(req.user)
         return (rng.random((b, len(high))) * high).astype(np.float32), np.full(b, 1 / high.prod(), np.float32)
+
+    return sample
+
+
+def random_slice_behaviour(centre: np.ndarray, noise: float, share: float = RANDOM_SLICE):
+    """μ = (1 − share)·LogNormal(centre, noise) + share·Uniform[0, a_max]: a ranking served with a random-traffic
+    slice. sample(rng, req) → (weights [B, 3], the mixture's density [B] at them)."""
+    lognormal, uniform = lognormal_behaviour(noise, centre), uniform_behaviour()
+
+    def sample(rng: np.random.Generator, req):
+        jittered, _ = lognormal(rng, req)
+        random, uniform_density = uniform(rng, req)
+        w = np.where((rng.random(len(jittered)) < share)[:, None], np.maximum(random, 1e-6), jittered)
+        centres = np.broadcast_to(np.asarray(centre, np.float32), w.shape)
+        return w, ((1 - share) * lognormal_density(w, centres, noise) + share * uniform_density).astype(np.float32)
 
     return sample
 
@@ -133,6 +153,8 @@ def behaviour(kind: str, pipeline: Pipeline, expert: Expert | None = None):
     if kind in LOGNORMAL_BEHAVIOURS:
         centre, noise = LOGNORMAL_BEHAVIOURS[kind]
         return lognormal_behaviour(noise, centre)
+    if kind == "misaligned_random":
+        return random_slice_behaviour(*LOGNORMAL_BEHAVIOURS["misaligned"])
     if kind == "imitation":
         if expert is None:
             raise ValueError("the imitation dataset needs the oracle's expert (oracle_expert)")

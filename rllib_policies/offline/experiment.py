@@ -8,8 +8,9 @@ next to that policy's true value from the simulator over training, and the off-p
 Our learners (TD3, BCQ, UWAC: ``rllib_policies.offline.td3`` / ``bcq`` / ``uwac``) and RLlib's (BC, CQL, IQL:
 ``rllib_policies.offline.shipped``) are trained for the same number of gradient steps of the same batch size
 on the same rows; every policy is evaluated on the same users with the same random numbers. BCQ-EE is BCQ
-with ``exploration_rounds`` online rounds between its training phases (``explore``): the only learner here that
-sees more than the logs, so its row counts the sessions it served (``online_sessions``).
+with ``exploration_rounds`` online rounds between its training phases (``explore``), and IQL-EE and CQL-EE are
+IQL and CQL with the same rounds (offline-to-online fine-tuning, as the IQL paper's §5.3 runs it): the only
+learners here that see more than the logs, so their rows count the sessions they served (``online_sessions``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
 from rllib_policies.envs import SessionEnv
 
-from .data import eval_users, policy_behaviour, read_rows, support_fraction, true_value, write_dataset
+from .common import check_window
+from .data import (
+    EXPLORATION_NOISE,
+    eval_users,
+    policy_behaviour,
+    read_rows,
+    support_fraction,
+    true_value,
+    write_dataset,
+)
 from .gate import gate
 from .registry import LEARNERS as OFFLINE_LEARNERS
 from .registry import OWN, own_config
@@ -33,8 +43,9 @@ from .shipped import SHIPPED, ShippedOffline, shipped_config
 
 # BCQ-EE: BCQ with online exploration enhancement (BatchRL-MTF, Zhang et al. KDD 2022): between offline training
 # phases the current policy is served with log-normal exploration around its actions, and the logged sessions
-# join the dataset (a growing batch). learner name → the offline learner it explores with
-EXPLORING = {"bcq_ee": "bcq"}
+# join the dataset (a growing batch). IQL-EE and CQL-EE run the same rounds around IQL and CQL. learner name → the
+# offline learner it explores with (and whose options it takes)
+EXPLORING = {"bcq_ee": "bcq", "iql_ee": "iql", "cql_ee": "cql"}
 LEARNERS = (*OFFLINE_LEARNERS, *EXPLORING)
 
 
@@ -55,16 +66,22 @@ class OfflineSpec:
     # CQL's sampled actions per state in its logsumexp penalty (RLlib's default 10): each costs a pass of
     # the twin critics over the batch; at 10 one CQL step took 0.48 s here, 20× a TD3 step (4: 0.25 s)
     cql_num_actions: int = 4
-    exploration_rounds: int = 2  # BCQ-EE's online rounds, evenly spaced over the iterations
+    exploration_rounds: int = 2  # the -EE learners' online rounds, evenly spaced over the iterations
     exploration_sessions: int = 250  # sessions served per round
-    # learner name → its options: ours through their options methods (``registry.own_config``; BCQ-EE takes
-    # BCQ's, under "bcq"), RLlib's as ``shipped_config`` keywords (IQL's ``beta``, CQL's ``min_q_weight`` and
-    # ``num_actions``, both's ``action_scale``)
+    exploration_noise: float = EXPLORATION_NOISE  # σ of the log-normal exploration around the policy's weights
+    # the row sets an -EE learner trains on after a round: the last data_window (the logs are the first set, each
+    # round adds one); None: all of them, a growing batch
+    data_window: int | None = None
+    # learner name → its options: ours through their options methods (``registry.own_config``), RLlib's as
+    # ``shipped_config`` keywords (IQL's ``beta``, CQL's ``min_q_weight`` and ``num_actions``, both's
+    # ``action_scale``); an -EE learner takes its offline learner's, under that name (BCQ-EE's under "bcq")
     options: dict = field(default_factory=dict)
 
     def exploration_iterations(self) -> list[int]:
-        """The iterations after which BCQ-EE explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
-        followed by training on what it served; ValueError when the iterations cannot hold that many rounds."""
+        """The iterations after which an -EE learner explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
+        followed by training on what it served; ValueError when the iterations cannot hold that many rounds (or
+        ``data_window`` is not a window)."""
+        check_window(self.data_window)
         if not 0 <= self.exploration_rounds < self.iterations:
             raise ValueError(
                 f"exploration_rounds must be in [0, iterations) = [0, {self.iterations}), got {self.exploration_rounds}"
@@ -92,7 +109,7 @@ class OfflineRun:
     mean_weights: list[float]
     gate: dict
     train_seconds: float
-    online_sessions: int = 0  # sessions served online for exploration (BCQ-EE); 0 for a purely offline learner
+    online_sessions: int = 0  # sessions served online for exploration (the -EE learners); 0 for an offline learner
 
     def row(self) -> dict:
         return asdict(self)
@@ -109,7 +126,10 @@ def check_options(options: dict) -> None:
             if unknown := sorted(set(opts) - takes):
                 raise ValueError(f"{name} has no option(s) {unknown}; RLlib's learners take {sorted(takes)}")
         else:
-            raise ValueError(f"options for {name!r}: no such offline learner ({(*OWN, *SHIPPED)}; BCQ-EE takes BCQ's)")
+            raise ValueError(
+                f"options for {name!r}: no such offline learner ({(*OWN, *SHIPPED)}; "
+                "an -EE learner takes its offline learner's)"
+            )
 
 
 def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
@@ -144,7 +164,8 @@ def build_learner(name: str, rows_path: str, seed: int, spec: OfflineSpec):
 
 def explore(learner, pipeline, spec: OfflineSpec, out_dir: str, seed: int) -> int:
     """One online exploration round: serve ``spec.exploration_sessions`` sessions with log-normal exploration
-    around the learner's policy (``policy_behaviour``) through the telemetry path, and grow its dataset by them.
+    around the learner's policy (``policy_behaviour``) through the telemetry path, and grow its dataset by them
+    (keeping the last ``spec.data_window`` row sets).
     Returns the sessions served."""
     out = write_dataset(
         "exploration",
@@ -153,9 +174,9 @@ def explore(learner, pipeline, spec: OfflineSpec, out_dir: str, seed: int) -> in
         days=1,
         users_per_day=spec.exploration_sessions,
         seed=seed,
-        sample=policy_behaviour(learner.policy_weights, pipeline),
+        sample=policy_behaviour(learner.policy_weights, pipeline, spec.exploration_noise),
     )
-    learner.add_rows(out["path"])
+    learner.add_rows(out["path"], window=spec.data_window)
     return int(out["sessions"])
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 
 import gymnasium as gym
 import numpy as np
@@ -28,11 +30,12 @@ import torch
 from ray.rllib.algorithms.bc import BCConfig
 from ray.rllib.algorithms.cql import CQLConfig
 from ray.rllib.algorithms.iql import IQLConfig
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 
 from actors.stages import RANKING_ACTION_HIGH
 
+from .common import check_window
 from .gate import Sessions
 
 SHIPPED = ("bc", "cql", "iql")
@@ -83,8 +86,9 @@ def unit_rows(path: str, scale: str = "linear") -> str:
     unit = to_unit(np.asarray(table.column("actions").to_pylist(), np.float32), scale)
     column = pa.array(unit.tolist(), pa.list_(pa.float32()))
     table = table.set_column(table.schema.get_field_index("actions"), "actions", column)
-    pq.write_table(table, out + ".tmp")
-    os.replace(out + ".tmp", out)
+    tmp = f"{out}.{os.getpid()}.tmp"  # one per writer: runs in parallel processes may convert the same rows
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
     return out
 
 
@@ -135,7 +139,7 @@ def polyak_per_call(tau: float, steps: int) -> float:
 
 def shipped_config(
     name: str,
-    rows_path: str,
+    rows_path: str | list[str],
     observation_dim: int,
     seed: int = 0,
     updates_per_iteration: int = 200,
@@ -148,7 +152,8 @@ def shipped_config(
     action_scale: str = "linear",
     min_q_weight: float | None = None,
 ):
-    """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path``.
+    """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
+    rows, or several: the logs first, then what was added to them).
 
     CQL: Polyak rate ``tau`` per gradient step as our learners'. RLlib updates target networks once per
     ``update`` call, here once per ``train()`` of ``updates_per_iteration`` steps (at least 2), so the rate it is
@@ -162,6 +167,7 @@ def shipped_config(
     (``to_unit``).
     """
     check_scale(action_scale)
+    paths = [rows_path] if isinstance(rows_path, str) else list(rows_path)
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
@@ -184,7 +190,7 @@ def shipped_config(
         config = IQLTemperatureConfig().training(
             train_batch_size_per_learner=batch_size,
             gamma=gamma,
-            beta=iql_temperature(rows_path) if beta is None else beta,
+            beta=iql_temperature(paths[0]) if beta is None else beta,
         )
     else:
         raise ValueError(f"unknown shipped offline learner {name!r}; choose from {SHIPPED}")
@@ -199,7 +205,7 @@ def shipped_config(
         # give the same MLP as ours, (s[, a]) → h1 → h2 → out
         .rl_module(model_config={"fcnet_hiddens": [hidden[0]], "head_fcnet_hiddens": list(hidden[1:])})
         .offline_data(
-            input_=[unit_rows(rows_path, action_scale)],
+            input_=[unit_rows(path, action_scale) for path in paths],
             dataset_num_iters_per_learner=steps,
             # fractional CPUs: with whole ones the pre-learner actor starves the read tasks on a 1–2 CPU Ray (hangs)
             input_read_method_kwargs={"num_cpus": 0.25},
@@ -220,7 +226,10 @@ class ShippedOffline:
     """One of RLlib's offline learners behind the interface our own offline learners have."""
 
     def __init__(self, name: str, rows_path: str, observation_dim: int, seed: int = 0, **options):
+        if name == "iql" and options.get("beta") is None:  # the logs' temperature, kept when rows are added
+            options = {**options, "beta": iql_temperature(rows_path)}
         self._hold(name, shipped_config(name, rows_path, observation_dim, seed, **options).build_algo(), options)
+        self._build = {"paths": [rows_path], "observation_dim": observation_dim, "seed": seed, "options": options}
 
     @classmethod
     def wrap(cls, name: str, algo, **options) -> ShippedOffline:
@@ -233,6 +242,31 @@ class ShippedOffline:
     def _hold(self, name: str, algo, options: dict) -> None:
         """What serving needs of the options: the unit box's ``action_scale``."""
         self.name, self.algo, self.action_scale = name, algo, check_scale(options.get("action_scale", "linear"))
+        self._build, self._added = None, None
+
+    def add_rows(self, path: str, window: int | None = None) -> int:
+        """Grows the dataset by the rows at ``path`` (an online exploration round's logs, copied: the round's folder
+        may go). RLlib's offline data are fixed when an algorithm is built, so the algorithm is rebuilt on the rows
+        (``window``: the last ``window`` row sets, the logs the first; None: all of them) and handed the learner's
+        state: networks and their targets, optimisers, and CQL's entropy weight α (which SAC's learner holds outside
+        both). Returns the number of rows it trains on."""
+        if self._build is None:
+            raise ValueError(f"{self.name}: a wrapped algorithm has no build arguments to grow its dataset with")
+        if self._added is None:
+            self._added = tempfile.TemporaryDirectory(prefix=f"{self.name}-added-")
+        copy = os.path.join(self._added.name, f"rows_{len(self._build['paths'])}.parquet")
+        shutil.copyfile(path, copy)
+        self._build["paths"].append(copy)
+        b = self._build
+        paths = b["paths"][-check_window(window) :] if window else b["paths"]
+        algo = shipped_config(self.name, paths, b["observation_dim"], b["seed"], **b["options"]).build_algo()
+        old, new = self.algo.learner_group._learner, algo.learner_group._learner
+        new.set_state(old.get_state(components=[COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]))
+        for module_id, log_alpha in getattr(old, "curr_log_alpha", {}).items():
+            new.curr_log_alpha[module_id].data.copy_(log_alpha.data)
+        self.algo.stop()
+        self.algo = algo
+        return sum(pq.read_metadata(p).num_rows for p in paths)
 
     @property
     def module(self):
@@ -268,3 +302,5 @@ class ShippedOffline:
         self.algo.stop()
         self.algo = None
         gc.collect()
+        if self._added is not None:
+            self._added.cleanup()

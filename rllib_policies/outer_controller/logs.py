@@ -29,12 +29,17 @@ def lognormal_behaviour(noise: float, base: np.ndarray | None = None):
     def sample(rng: np.random.Generator, req):
         b = len(req.user)
         mean = np.asarray(base(req) if callable(base) else np.broadcast_to(base, (b, 3)), np.float32)
-        eps = rng.standard_normal((b, 3))
-        w = (mean * np.exp(noise * eps)).astype(np.float32)
-        density = np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * noise * w), axis=1)
-        return w, density.astype(np.float32)
+        w = (mean * np.exp(noise * rng.standard_normal((b, 3)))).astype(np.float32)
+        return w, lognormal_density(w, mean, noise)
 
     return sample
+
+
+def lognormal_density(w: np.ndarray, mean: np.ndarray, noise: float) -> np.ndarray:
+    """The density of w = mean·exp(noise·ε), ε ~ N(0, I), at w [B, 3]: Π_k φ(ln(w_k/mean_k)/noise) / (noise·w_k)."""
+    w = np.asarray(w, np.float64)
+    eps = np.log(w / mean) / noise
+    return np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * noise * w), axis=1).astype(np.float32)
 
 
 def simulate_logs(

@@ -5,6 +5,7 @@ the gate's estimators and bad inputs, and a CI-sized learning test on a tiny wor
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +23,7 @@ from rllib_policies.offline.bcq import BCQConfig, ConditionalVAE
 from rllib_policies.offline.data import (
     MISALIGNED_WEIGHTS,
     OFFLINE_SCHEMA,
+    RANDOM_SLICE,
     behaviour,
     eval_users,
     offline_rows,
@@ -30,7 +32,7 @@ from rllib_policies.offline.data import (
     support_fraction,
     true_value,
 )
-from rllib_policies.offline.experiment import OfflineSpec, check_options, explore
+from rllib_policies.offline.experiment import OfflineSpec, build_learner, check_options, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
 from rllib_policies.offline.registry import own_config
 from rllib_policies.offline.shipped import (
@@ -125,6 +127,20 @@ def test_the_misaligned_behaviour_explores_around_long_view_weights():
     w, _ = behaviour("misaligned", pipeline)(np.random.default_rng(0), SimpleNamespace(user=np.arange(4000)))
     np.testing.assert_allclose(np.exp(np.log(w).mean(0)), MISALIGNED_WEIGHTS, rtol=0.03)
     np.testing.assert_allclose(np.log(w).std(0), 0.3, rtol=0.05)
+
+
+def test_the_random_slice_serves_uniform_weights_on_a_tenth_and_logs_the_mixtures_density():
+    _, pipeline = build_world(TINY)
+    w, density = behaviour("misaligned_random", pipeline)(
+        np.random.default_rng(0), SimpleNamespace(user=np.arange(20000))
+    )
+    jittered = np.all(np.abs(np.log(w / MISALIGNED_WEIGHTS)) < 5 * 0.3, axis=1)  # a uniform draw lands here rarely
+    assert (~jittered).mean() == pytest.approx(RANDOM_SLICE, abs=0.01)
+    eps = np.log(w / MISALIGNED_WEIGHTS) / 0.3
+    lognormal = np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * 0.3 * w), axis=1)
+    expected = (1 - RANDOM_SLICE) * lognormal + RANDOM_SLICE / RANKING_ACTION_HIGH.prod()
+    np.testing.assert_allclose(density, expected, rtol=1e-4)
+    assert np.all(w > 0)
 
 
 def test_support_fraction_counts_actions_near_logged_ones():
@@ -302,6 +318,33 @@ def test_bcq_ee_explores_around_its_policy_and_grows_its_dataset(ray_session, co
         algo.stop()
 
 
+def test_a_data_window_keeps_the_last_row_sets(ray_session, tmp_path):
+    """``add_rows(window=k)``: the logs are the first row set, each call adds one, training sees the last k."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    logs = hand_built_rows(tmp_path, n=300)
+    a, b = hand_built_rows(tmp_path / "a", n=200, seed=1), hand_built_rows(tmp_path / "b", n=100, seed=2)
+    algo = build_own("bcq", logs, updates=2)
+    try:
+        assert algo.add_rows(a, window=2) == 500
+        assert algo.add_rows(b, window=2) == 300
+        np.testing.assert_array_equal(
+            algo.columns["rewards"], np.concatenate([read_rows(p)["rewards"] for p in (a, b)])
+        )
+        assert algo.add_rows(logs) == 600  # no window: every set
+    finally:
+        algo.stop()
+
+
+@pytest.mark.parametrize(
+    "window, match",
+    [(0, "window must be None"), (-1, "window must be None"), (1.5, "window must be None"), (True, "got True")],
+)
+def test_a_data_window_is_a_positive_int(window, match):
+    with pytest.raises(ValueError, match=match):
+        OfflineSpec(data_window=window).exploration_iterations()
+
+
 @pytest.mark.parametrize("iterations, rounds, expected", [(8, 2, [3, 5]), (8, 1, [4]), (3, 2, [1, 2]), (8, 0, [])])
 def test_bcq_ee_explores_at_evenly_spaced_iterations(iterations, rounds, expected):
     assert OfflineSpec(iterations=iterations, exploration_rounds=rounds).exploration_iterations() == expected
@@ -323,7 +366,10 @@ def test_bcq_ee_needs_training_after_every_round(iterations, rounds, match):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"bcq_ee": {}}, r"options for 'bcq_ee': no such offline learner .* BCQ-EE takes BCQ's"),
+        (
+            {"bcq_ee": {}},
+            r"options for 'bcq_ee': no such offline learner .* an -EE learner takes its",
+        ),
         ({"bcq": {"phi": 0.1}}, r"bcq has no option\(s\) \['phi'\]"),
         ({"iql": {"temperature": 3.0}}, r"iql has no option\(s\) \['temperature'\]; RLlib's learners take"),
     ],
@@ -436,6 +482,37 @@ def test_rllib_updates_cqls_targets_once_per_train_call(ray_session, tmp_path):
     finally:
         learner.stop()
     assert result["learners"]["default_policy"]["num_target_updates"] == 1
+
+
+def test_a_shipped_learner_grows_its_dataset_and_keeps_what_it_learned(ray_session, tmp_path):
+    """CQL-EE's and IQL-EE's rounds: ``add_rows`` rebuilds RLlib's algorithm on the logs plus a copy of the round's
+    rows (its folder may go) and hands over the networks, optimisers and CQL's entropy weight α; a wrapped algorithm,
+    with nothing to rebuild from, refuses."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "round").mkdir()
+    logs = hand_built_rows(tmp_path / "logs", n=300)
+    added = hand_built_rows(tmp_path / "round", n=200, seed=1)
+    obs = read_rows(logs)["obs"][:50]
+    learner = ShippedOffline("cql", logs, D_OBS, updates_per_iteration=4, batch_size=32)
+    try:
+        learner.train()
+        before = (
+            learner.policy_weights(obs),
+            float(learner.algo.learner_group._learner.curr_log_alpha["default_policy"]),
+        )
+        assert learner.add_rows(added) == 500
+        shutil.rmtree(tmp_path / "round")
+        after = learner.policy_weights(obs), float(learner.algo.learner_group._learner.curr_log_alpha["default_policy"])
+        learner.train()  # on the copy
+        assert len(learner.algo.config.input_) == 2
+        assert learner.add_rows(logs, window=1) == 300  # the last row set only
+        assert len(learner.algo.config.input_) == 1
+        with pytest.raises(ValueError, match="cql: a wrapped algorithm has no build arguments"):
+            ShippedOffline.wrap("cql", learner.algo).add_rows(logs)
+    finally:
+        learner.stop()
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1] == before[1] != 0.0
 
 
 def test_iql_accepts_a_temperature_above_one_and_refuses_one_at_or_below_zero():
@@ -597,11 +674,12 @@ def test_an_unknown_offline_learner_is_named():
 
 
 # ---------------------------------------------------------------------------------------------- learning test
-def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def two_mode_logs(tmp_path_factory):
     """A tiny world's logs from a two-mode behaviour (each user's mode fixed by an unobserved coin): half the
-    sessions ranked by long views only (the world's worst static corner), half by the default weights. Start =
-    the behaviour's value; oracle = the better mode's. BCQ trained on the logs closes ≥ 50 % of the gap by
-    choosing, in every state, the mode its critic prefers among the ones the data hold."""
+    sessions ranked by long views only (the world's worst static corner), half by the default weights. Returns
+    (rows path, start = the behaviour's value, oracle = the better mode's, evaluation users)."""
+    tmp_path = tmp_path_factory.mktemp("two-mode")
     _, pipeline = build_world(TINY)
     bad, good = np.array([0.05, 1.0, 0.05], np.float32), np.array([1.0, 1.0, 10.0], np.float32)
     modes = lognormal_behaviour(0.05, lambda req: np.where((req.user % 2 == 0)[:, None], bad, good))
@@ -610,23 +688,57 @@ def test_bcq_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_ses
     pq.write_table(offline_rows(sessionise(read_parquet_events(str(tmp_path / "events")))), path)
     users = eval_users(pipeline, 300)
     values = [true_value(pipeline, w, users).mean() for w in (bad, good)]
-    start, oracle = float(np.mean(values)), float(max(values))
-    algo = (
-        BCQConfig()
-        .environment(SessionEnv, env_config={**TINY, "seed": 0})
-        .offline_rl(dataset=path, updates_per_iteration=200, batch_size=128, hidden=(64, 64))
-        .debugging(seed=0, log_level="ERROR")
-        .build_algo()
+    return path, float(np.mean(values)), float(max(values)), users
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("bcq", {}),
+        ("iql", {}),
+        pytest.param(  # RLlib's CQL: ~0.1 s a step here, over a minute
+            "cql",
+            {},
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    strict=True,
+                    raises=AssertionError,
+                    reason="CQL does not pick the better mode (session 45: 22.52 at min_q_weight 5 and 22.39 at 1, "
+                    "below the start 22.90; at 0.2 it leaves the logs, support 0.3 %); docs/offline_rl.md",
+                ),
+            ],
+        ),
+    ],
+)
+def test_offline_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray_session, two_mode_logs, name, options):
+    """Start = the two-mode behaviour's value; oracle = the better mode's. A learner that keeps to the data closes
+    ≥ 50 % of the gap by choosing, in every state, the mode its critic prefers among the ones the data hold (BCQ:
+    the critic picks among generated actions; IQL: the advantage weights; CQL: the conservative critic's
+    maximiser), and its actions are logged ones. On this world an untrained network's box-centre weights (1, 1,
+    20) rank about as well as the better mode, and so does the modes' average (what BC fits): the support check
+    is what they fail, and it is asserted to fail for the untrained learner."""
+    path, start, oracle, users = two_mode_logs
+    _, pipeline = build_world(TINY)
+    rows = read_rows(path)
+    initial = rows["obs"][rows["t"] == 0]
+    spec = OfflineSpec(
+        env_config=TINY, updates_per_iteration=200, batch_size=128, hidden=(64, 64), options={name: options}
     )
+    learner = build_learner(name, path, seed=0, spec=spec)
     try:
+        untrained = support_fraction(learner.policy_weights(initial), rows["actions"])
         for _ in range(3):
-            algo.train()
-        trained = true_value(pipeline, algo.policy_weights, users).mean()
+            learner.train()
+        trained = true_value(pipeline, learner.policy_weights, users).mean()
+        support = support_fraction(learner.policy_weights(initial), rows["actions"])
     finally:
-        algo.stop()
+        learner.stop()
     gap = oracle - start
     assert gap > 0.5
+    assert untrained <= 0.1, untrained
     assert (trained - start) / gap >= 0.5, (start, oracle, trained)
+    assert support >= 0.5, support  # BCQ's perturbation (Φ 0.05 of the box) takes some past the 0.1 radius
 
 
 # ---------------------------------------------------------------------------------------------- the job
