@@ -116,6 +116,14 @@ def random_slice_behaviour(centre: np.ndarray, noise: float, share: float = RAND
     return sample
 
 
+def two_mode_behaviour(first: np.ndarray, second: np.ndarray, noise: float = IMITATION_NOISE):
+    """Each user served one of two rankings by a coin the state does not show (the user id's parity: even users
+    ``first``), jittered log-normally by ``noise``: the learning tests' logs that hold a better and a worse action.
+    sample(rng, req) → (weights [B, 3], density [B])."""
+    first, second = np.asarray(first, np.float32), np.asarray(second, np.float32)
+    return lognormal_behaviour(noise, lambda req: np.where((req.user % 2 == 0)[:, None], first, second))
+
+
 @dataclass(frozen=True)
 class Expert:
     """The oracle's best static ranking weights per cohort for V (``session_headroom`` over a simplex grid)."""

@@ -151,6 +151,9 @@ def shipped_config(
     beta: float | None = None,
     action_scale: str = "linear",
     min_q_weight: float | None = None,
+    actor_lr: float | None = None,
+    initial_alpha: float | None = None,
+    target_entropy: float | None = None,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
     rows, or several: the logs first, then what was added to them).
@@ -160,7 +163,8 @@ def shipped_config(
     given is ``polyak_per_call`` for those steps; ``bc_iters=0`` (its default of 20 000 steps of behaviour
     cloning first would be most of our budget); ``lr=None`` (it has actor/critic/alpha rates of its own);
     ``num_actions`` sampled actions per state in its penalty; ``min_q_weight`` its penalty's weight (RLlib's
-    default 5). IQL: ``beta``, its advantage temperature on the raw rewards (default: ``iql_temperature``, the
+    default 5); ``actor_lr``, ``initial_alpha`` and ``target_entropy`` its SAC actor's (RLlib's 1e-4, 1.0 and
+    −dim A). IQL: ``beta``, its advantage temperature on the raw rewards (default: ``iql_temperature``, the
     paper's β on the paper's reward scale); its targets are RLlib's default, a full copy per call. Every learner
     gets ``updates_per_iteration`` minibatches of ``batch_size`` per ``train()``; the mapped data are materialised
     once (IQL's default re-runs its pre-learner every iteration). ``action_scale``: the unit box's scale
@@ -171,8 +175,10 @@ def shipped_config(
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
-    if min_q_weight is not None and name != "cql":
-        raise ValueError(f"min_q_weight is CQL's; {name} has none")
+    cql_only = {"min_q_weight": min_q_weight, "actor_lr": actor_lr, "initial_alpha": initial_alpha}
+    cql_only = {k: v for k, v in {**cql_only, "target_entropy": target_entropy}.items() if v is not None}
+    if cql_only and name != "cql":
+        raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
     if name == "bc":
         config = BCConfig().training(train_batch_size_per_learner=batch_size, lr=1e-3)
     elif name == "cql":
@@ -184,7 +190,7 @@ def shipped_config(
             bc_iters=0,
             num_actions=num_actions,
             num_steps_sampled_before_learning_starts=0,
-            **({} if min_q_weight is None else {"min_q_weight": min_q_weight}),
+            **cql_only,
         )
     elif name == "iql":
         config = IQLTemperatureConfig().training(

@@ -31,6 +31,7 @@ from rllib_policies.offline.data import (
     support_ceiling,
     support_fraction,
     true_value,
+    two_mode_behaviour,
 )
 from rllib_policies.offline.experiment import OfflineSpec, build_learner, check_options, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
@@ -47,7 +48,7 @@ from rllib_policies.offline.shipped import (
     to_weights,
     unit_rows,
 )
-from rllib_policies.outer_controller.logs import lognormal_behaviour, simulate_logs
+from rllib_policies.outer_controller.logs import simulate_logs
 
 TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
 D_OBS = 37  # the request context's width (ObservationSpec.context_dim)
@@ -541,8 +542,9 @@ def test_iqls_temperature_needs_returns_that_differ(tmp_path):
     [
         ("bc", {"beta": 3.0}, "beta is IQL's advantage temperature; bc has none"),
         ("cql", {"beta": 3.0}, "beta is IQL's advantage temperature; cql has none"),
-        ("bc", {"min_q_weight": 1.0}, "min_q_weight is CQL's; bc has none"),
-        ("iql", {"min_q_weight": 1.0}, "min_q_weight is CQL's; iql has none"),
+        ("bc", {"min_q_weight": 1.0}, "min_q_weight: CQL's; bc has none"),
+        ("iql", {"min_q_weight": 1.0}, "min_q_weight: CQL's; iql has none"),
+        ("iql", {"actor_lr": 1e-3, "target_entropy": -9.0}, "actor_lr, target_entropy: CQL's; iql has none"),
         ("cql", {"action_scale": "sqrt"}, r"action_scale must be one of \('linear', 'log'\), got 'sqrt'"),
     ],
 )
@@ -682,8 +684,7 @@ def two_mode_logs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("two-mode")
     _, pipeline = build_world(TINY)
     bad, good = np.array([0.05, 1.0, 0.05], np.float32), np.array([1.0, 1.0, 10.0], np.float32)
-    modes = lognormal_behaviour(0.05, lambda req: np.where((req.user % 2 == 0)[:, None], bad, good))
-    simulate_logs(TINY, str(tmp_path / "events"), days=2, users_per_day=150, behaviour=modes)
+    simulate_logs(TINY, str(tmp_path / "events"), days=2, users_per_day=150, behaviour=two_mode_behaviour(bad, good))
     path = str(tmp_path / "rows.parquet")
     pq.write_table(offline_rows(sessionise(read_parquet_events(str(tmp_path / "events")))), path)
     users = eval_users(pipeline, 300)
