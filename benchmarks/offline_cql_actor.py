@@ -4,12 +4,12 @@ The CI-sized learning test's logs (`tests/rllib_policies/test_offline_rl.py`): a
 of two rankings by a coin the state does not show — near the long-views corner (0.05, 1, 0.05) or near the default
 (1, 1, 10), jittered by exp(0.05·ε). CQL fails that test. Each iteration this prints, averaged over logged states:
 
-- Q at each mode's action (the critic's ranking of the two);
+- Q at each mode's action (the critic's ranking of the two) and at the box's centre;
 - E Q under the actor's own spread at each mode: the actor's tanh-Gaussian, its mean moved to the mode and its
   standard deviations kept, 16 samples per state (what SAC's actor loss, E_a~π[Q(s, a)] − α log π, sees there);
 - the policy's mean weights, its true value on the tiny world, its entropy weight α.
 
-    python benchmarks/offline_cql_actor.py                 # 3 settings × 3 iterations of 200 steps (about 3 min)
+    python benchmarks/offline_cql_actor.py                 # 4 settings × 3 iterations of 200 steps (about 4 min)
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ from rllib_policies.offline.shipped import EDGE, to_unit  # noqa: E402
 from rllib_policies.outer_controller.logs import simulate_logs  # noqa: E402
 
 TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
-MODES = {
-    "worse (0.05, 1, 0.05)": np.array([0.05, 1.0, 0.05], np.float32),
-    "better (1, 1, 10)": np.array([1.0, 1.0, 10.0], np.float32),
+WORSE, BETTER = "worse (0.05, 1, 0.05)", "better (1, 1, 10)"
+MODES = {WORSE: np.array([0.05, 1.0, 0.05], np.float32), BETTER: np.array([1.0, 1.0, 10.0], np.float32)}
+# what a learner that did not learn would serve: an untrained network's box centre, and the modes' average (BC's)
+REFERENCES = {
+    "the box's centre (1, 1, 20)": [1.0, 1.0, 20.0],
+    "the modes' average (0.525, 1, 5.025)": [0.525, 1.0, 5.025],
 }
 SETTINGS = {  # name → CQL options (shipped_config keywords)
     "RLlib's defaults": {},
@@ -68,7 +71,14 @@ def two_mode_rows(folder: str) -> str:
 
 @torch.no_grad()
 def probe(learner, obs: torch.Tensor, samples: int = 16) -> dict:
-    """Q at each mode's action, and E Q under the actor's spread with its mean moved to the mode."""
+    """Q at each mode's action (and at the box's centre), and E Q under the actor's spread with its mean moved to
+    the mode. Its samples come from a forked generator: the training it measures draws from torch's own."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return _probe(learner, obs, samples)
+
+
+def _probe(learner, obs: torch.Tensor, samples: int) -> dict:
     module = learner.module
     log_std = module.forward_inference({"obs": obs})["action_dist_inputs"].chunk(2, dim=-1)[1]
     out = {}
@@ -83,6 +93,8 @@ def probe(learner, obs: torch.Tensor, samples: int = 16) -> dict:
             for _ in range(samples)
         ]
         out[name] = (float(at_mode.mean()), float(torch.stack(spread).mean()))
+    centre = torch.zeros(len(obs), len(MODES[WORSE]))  # u = 0: (1, 1, 20) in the linear box, its ranking in the log box
+    out["centre"] = float(module.compute_q_values({"obs": obs, "actions": centre}).mean())
     return out
 
 
@@ -106,11 +118,15 @@ def main() -> None:
     _, pipeline = build_world(TINY)
     users = eval_users(pipeline, 300)
     values = {name: float(true_value(pipeline, w, users).mean()) for name, w in MODES.items()}
+    others = {
+        name: float(true_value(pipeline, np.array(w, np.float32), users).mean()) for name, w in REFERENCES.items()
+    }
     start = float(np.mean(list(values.values())))  # the learning test's start: half the users in each mode
     lines = [
-        "| setting | steps | Q at the worse mode | Q at the better mode | E Q, actor's spread at the worse | "
-        "E Q, actor's spread at the better | policy's mean weights | true V | support | α |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| setting | steps | Q at the worse mode | Q at the better mode | Q at the unit box's centre | "
+        "E Q, actor's spread at the worse | E Q, actor's spread at the better | policy's mean weights | true V | "
+        "support | α |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for setting, options in SETTINGS.items():
         spec = OfflineSpec(
@@ -125,12 +141,13 @@ def main() -> None:
             for i in range(1, args.iterations + 1):
                 learner.train()
                 q = probe(learner, obs)
-                (worse_q, worse_spread), (better_q, better_spread) = q.values()
+                (worse_q, worse_spread), (better_q, better_spread) = q[WORSE], q[BETTER]
                 weights = learner.policy_weights(initial)
                 v = float(true_value(pipeline, learner.policy_weights, users).mean())
                 alpha = float(learner.algo.learner_group._learner.curr_log_alpha["default_policy"].exp())
                 row = (
-                    f"| {setting} | {i * args.updates} | {worse_q:.2f} | {better_q:.2f} | {worse_spread:.2f} | "
+                    f"| {setting} | {i * args.updates} | {worse_q:.2f} | {better_q:.2f} | {q['centre']:.2f} | "
+                    f"{worse_spread:.2f} | "
                     f"{better_spread:.2f} | ({', '.join(f'{x:.2f}' for x in weights.mean(0))}) | {v:.2f} | "
                     f"{support_fraction(weights, rows['actions']):.0%} | {alpha:.3f} |"
                 )
@@ -151,7 +168,9 @@ def main() -> None:
         "served one of two rankings by a coin the state does not show, jittered by exp(0.05·ε). True V on 300 "
         "users: "
         + ", ".join(f"{k} {v:.2f}" for k, v in values.items())
-        + f", their mean (the learning test's start) {start:.2f}. Q = the min of the twin critics at the "
+        + f", their mean (the learning test's start) {start:.2f}; "
+        + ", ".join(f"{k} {v:.2f}" for k, v in others.items())
+        + ". Q = the min of the twin critics at the "
         "mode's unit action, mean over 500 logged states; E Q under the actor's spread = the same with the "
         "actor's tanh-Gaussian centred at the mode (its standard deviations kept, 16 samples a state): what "
         "SAC's actor loss sees if its mean sat there. Support = the share of the policy's actions at the "

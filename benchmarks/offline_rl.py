@@ -2,7 +2,7 @@
 overestimation gap, the gap closed to the world's oracle, stability across seeds, and the off-policy gate's
 decisions checked against the simulator.
 
-    python benchmarks/offline_rl.py --jobs 2                                  # 9 learners × 4 datasets × 5 seeds
+    python benchmarks/offline_rl.py --jobs 2                                  # 9 learners × 5 datasets × 5 seeds
     python benchmarks/offline_rl.py --seeds 1 --iterations 2 --updates 20 --sessions-per-day 60 \
         --eval-sessions 100 --results-dir /tmp/offline_rl                     # a smoke run
 

@@ -208,13 +208,15 @@ class OfflineActorCritic(AlgorithmBase):
         estimate stays measured at the first dataset's session starts. ``window``: train on the last ``window``
         row sets only (the logs are the first set, each call adds one); None keeps them all. Returns the dataset's
         new size. The added rows are not checkpointed: a restored algorithm reads its config's dataset only."""
+        check_window(window)
         if self.columns is None:
             self.load_rows()
         extra = self.transition_columns(read_rows(path))
-        self.row_sets.append(len(extra[Columns.REWARDS]))
-        drop = sum(self.row_sets[: -check_window(window)]) if window else 0
-        self.row_sets = self.row_sets[-window:] if window else self.row_sets
+        sets = [*self.row_sets, len(extra[Columns.REWARDS])]
+        keep = sets if window is None else sets[-window:]
+        drop = sum(sets) - sum(keep)
         self.columns = {k: np.concatenate([v, extra[k]])[drop:] for k, v in self.columns.items()}
+        self.row_sets = keep
         return len(self.columns[Columns.REWARDS])
 
     def transition_columns(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

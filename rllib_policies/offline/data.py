@@ -103,7 +103,8 @@ def uniform_behaviour(high: np.ndarray = RANKING_ACTION_HIGH):
 
 def random_slice_behaviour(centre: np.ndarray, noise: float, share: float = RANDOM_SLICE):
     """μ = (1 − share)·LogNormal(centre, noise) + share·Uniform[0, a_max]: a ranking served with a random-traffic
-    slice. sample(rng, req) → (weights [B, 3], the mixture's density [B] at them)."""
+    slice. sample(rng, req) → (weights [B, 3], the mixture's density [B] at them; the uniform part's is 0 outside
+    the box, where a log-normal draw can land)."""
     lognormal, uniform = lognormal_behaviour(noise, centre), uniform_behaviour()
 
     def sample(rng: np.random.Generator, req):
@@ -111,7 +112,9 @@ def random_slice_behaviour(centre: np.ndarray, noise: float, share: float = RAND
         random, uniform_density = uniform(rng, req)
         w = np.where((rng.random(len(jittered)) < share)[:, None], np.maximum(random, 1e-6), jittered)
         centres = np.broadcast_to(np.asarray(centre, np.float32), w.shape)
-        return w, ((1 - share) * lognormal_density(w, centres, noise) + share * uniform_density).astype(np.float32)
+        in_box = np.all(w <= RANKING_ACTION_HIGH, axis=1)
+        density = (1 - share) * lognormal_density(w, centres, noise) + share * uniform_density * in_box
+        return w, density.astype(np.float32)
 
     return sample
 

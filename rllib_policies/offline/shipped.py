@@ -255,16 +255,19 @@ class ShippedOffline:
         may go). RLlib's offline data are fixed when an algorithm is built, so the algorithm is rebuilt on the rows
         (``window``: the last ``window`` row sets, the logs the first; None: all of them) and handed the learner's
         state: networks and their targets, optimisers, and CQL's entropy weight α (which SAC's learner holds outside
-        both). Returns the number of rows it trains on."""
+        both). The rebuild seeds torch, NumPy and ``random`` with the config's seed again, as every build does, so
+        each round's sampling noise and minibatch order restart from that seed. Returns the number of rows it trains
+        on."""
         if self._build is None:
             raise ValueError(f"{self.name}: a wrapped algorithm has no build arguments to grow its dataset with")
+        check_window(window)
         if self._added is None:
             self._added = tempfile.TemporaryDirectory(prefix=f"{self.name}-added-")
         copy = os.path.join(self._added.name, f"rows_{len(self._build['paths'])}.parquet")
         shutil.copyfile(path, copy)
         self._build["paths"].append(copy)
         b = self._build
-        paths = b["paths"][-check_window(window) :] if window else b["paths"]
+        paths = b["paths"] if window is None else b["paths"][-window:]
         algo = shipped_config(self.name, paths, b["observation_dim"], b["seed"], **b["options"]).build_algo()
         old, new = self.algo.learner_group._learner, algo.learner_group._learner
         new.set_state(old.get_state(components=[COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]))
@@ -310,3 +313,4 @@ class ShippedOffline:
         gc.collect()
         if self._added is not None:
             self._added.cleanup()
+            self._added = None

@@ -131,16 +131,22 @@ def test_the_misaligned_behaviour_explores_around_long_view_weights():
 
 
 def test_the_random_slice_serves_uniform_weights_on_a_tenth_and_logs_the_mixtures_density():
+    """Against scipy.stats: (1 − share)·Π lognorm(σ 0.3, scale = the ranking's weight) + share·Π uniform(0, a_max),
+    whose uniform part is 0 where a log-normal draw leaves the box."""
+    from scipy import stats
+
     _, pipeline = build_world(TINY)
     w, density = behaviour("misaligned_random", pipeline)(
         np.random.default_rng(0), SimpleNamespace(user=np.arange(20000))
     )
     jittered = np.all(np.abs(np.log(w / MISALIGNED_WEIGHTS)) < 5 * 0.3, axis=1)  # a uniform draw lands here rarely
     assert (~jittered).mean() == pytest.approx(RANDOM_SLICE, abs=0.01)
-    eps = np.log(w / MISALIGNED_WEIGHTS) / 0.3
-    lognormal = np.prod(np.exp(-0.5 * eps**2) / (np.sqrt(2 * np.pi) * 0.3 * w), axis=1)
-    expected = (1 - RANDOM_SLICE) * lognormal + RANDOM_SLICE / RANKING_ACTION_HIGH.prod()
-    np.testing.assert_allclose(density, expected, rtol=1e-4)
+    lognormal = stats.lognorm(s=0.3, scale=MISALIGNED_WEIGHTS).pdf(w).prod(1)
+    uniform = stats.uniform(0, RANKING_ACTION_HIGH).pdf(w).prod(1)
+    np.testing.assert_allclose(density, (1 - RANDOM_SLICE) * lognormal + RANDOM_SLICE * uniform, rtol=1e-4)
+    outside = np.any(w > RANKING_ACTION_HIGH, axis=1)
+    assert outside.sum() > 50  # w_long_view = exp(0.3·ε) > 2 about 1 % of the time
+    np.testing.assert_allclose(density[outside], (1 - RANDOM_SLICE) * lognormal[outside], rtol=1e-4)
     assert np.all(w > 0)
 
 
@@ -333,6 +339,9 @@ def test_a_data_window_keeps_the_last_row_sets(ray_session, tmp_path):
             algo.columns["rewards"], np.concatenate([read_rows(p)["rewards"] for p in (a, b)])
         )
         assert algo.add_rows(logs) == 600  # no window: every set
+        with pytest.raises(ValueError, match="window must be None"):
+            algo.add_rows(a, window=0)
+        assert len(algo.columns["rewards"]) == 600 and algo.row_sets == [200, 100, 300]  # nothing changed
     finally:
         algo.stop()
 
@@ -676,6 +685,10 @@ def test_an_unknown_offline_learner_is_named():
 
 
 # ---------------------------------------------------------------------------------------------- learning test
+class GapNotClosed(AssertionError):
+    """The learning test's verdict, apart from its preconditions (a CQL expected failure catches only this)."""
+
+
 @pytest.fixture(scope="module")
 def two_mode_logs(tmp_path_factory):
     """A tiny world's logs from a two-mode behaviour (each user's mode fixed by an unobserved coin): half the
@@ -697,15 +710,15 @@ def two_mode_logs(tmp_path_factory):
     [
         ("bcq", {}),
         ("iql", {}),
-        pytest.param(  # RLlib's CQL: ~0.1 s a step here, over a minute
+        pytest.param(  # RLlib's CQL: about 40 s here
             "cql",
             {},
             marks=[
                 pytest.mark.slow,
                 pytest.mark.xfail(
                     strict=True,
-                    raises=AssertionError,
-                    reason="CQL does not pick the better mode (session 45: 22.52 at min_q_weight 5 and 22.39 at 1, "
+                    raises=GapNotClosed,
+                    reason="CQL's actor picks the worse mode (measured: 22.52 at min_q_weight 5 and 22.39 at 1, "
                     "below the start 22.90; at 0.2 it leaves the logs, support 0.3 %); docs/offline_rl.md",
                 ),
             ],
@@ -738,8 +751,10 @@ def test_offline_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray
     gap = oracle - start
     assert gap > 0.5
     assert untrained <= 0.1, untrained
-    assert (trained - start) / gap >= 0.5, (start, oracle, trained)
-    assert support >= 0.5, support  # BCQ's perturbation (Φ 0.05 of the box) takes some past the 0.1 radius
+    if (trained - start) / gap < 0.5:
+        raise GapNotClosed(f"start {start:.2f}, oracle {oracle:.2f}, trained {trained:.2f}")
+    if support < 0.5:  # BCQ's perturbation (Φ 0.05 of the box) takes some past the 0.1 radius
+        raise GapNotClosed(f"support {support:.0%}: its actions are not logged ones")
 
 
 # ---------------------------------------------------------------------------------------------- the job
