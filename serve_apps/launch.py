@@ -115,10 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     start_local_ray(args.num_cpus, ingress)
     names = deploy(config)
     port = config.get("http_options", {}).get("port", 8000)
-    print(f"serving {', '.join(names)} on :{port} (ingress={ingress})", flush=True)
-    if args.block:
+    ready = f"serving {', '.join(names)} on :{port} (ingress={ingress})"
+    if not args.block:
+        print(ready, flush=True)
+    else:  # the handler before the ready line, the line inside the try: a SIGTERM sent on seeing it is a clean stop
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
+            print(ready, flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
