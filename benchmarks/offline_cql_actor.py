@@ -21,26 +21,22 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
-from actors.telemetry.sessionise import sessionise  # noqa: E402
-from actors.telemetry.sinks import read_parquet_events  # noqa: E402
 from benchmarks.common import machine, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     eval_users,
-    offline_rows,
     read_rows,
     support_fraction,
     true_value,
     two_mode_behaviour,
+    write_dataset,
 )
 from rllib_policies.offline.experiment import OfflineSpec, build_learner  # noqa: E402
 from rllib_policies.offline.shipped import EDGE, to_unit  # noqa: E402
-from rllib_policies.outer_controller.logs import simulate_logs  # noqa: E402
 
 TINY = {"world": {"n_items": 1500, "n_users": 300}, "pipeline": {"k_matching": 100, "k_pre_ranking": 20, "k_slate": 6}}
 WORSE, BETTER = "worse (0.05, 1, 0.05)", "better (1, 1, 10)"
@@ -60,13 +56,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "offline_cql_actor.md")
 
 
 def two_mode_rows(folder: str) -> str:
-    """The learning test's logs, written once into ``folder``."""
-    simulate_logs(
-        TINY, os.path.join(folder, "events"), days=2, users_per_day=150, behaviour=two_mode_behaviour(*MODES.values())
-    )
-    path = os.path.join(folder, "rows.parquet")
-    pq.write_table(offline_rows(sessionise(read_parquet_events(os.path.join(folder, "events")))), path)
-    return path
+    """The learning test's logs, written once into ``folder`` (the same rows as its fixture)."""
+    behaviour = two_mode_behaviour(*MODES.values())
+    return write_dataset("two_mode", TINY, folder, days=2, users_per_day=150, sample=behaviour)["path"]
 
 
 @torch.no_grad()

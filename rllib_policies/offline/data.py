@@ -111,9 +111,9 @@ def random_slice_behaviour(centre: np.ndarray, noise: float, share: float = RAND
         jittered, _ = lognormal(rng, req)
         random, uniform_density = uniform(rng, req)
         w = np.where((rng.random(len(jittered)) < share)[:, None], np.maximum(random, 1e-6), jittered)
-        centres = np.broadcast_to(np.asarray(centre, np.float32), w.shape)
         in_box = np.all(w <= RANKING_ACTION_HIGH, axis=1)
-        density = (1 - share) * lognormal_density(w, centres, noise) + share * uniform_density * in_box
+        around_centre = lognormal_density(w, np.asarray(centre, np.float32), noise)
+        density = (1 - share) * around_centre + share * uniform_density * in_box
         return w, density.astype(np.float32)
 
     return sample

@@ -175,8 +175,10 @@ def shipped_config(
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
-    cql_only = {"min_q_weight": min_q_weight, "actor_lr": actor_lr, "initial_alpha": initial_alpha}
-    cql_only = {k: v for k, v in {**cql_only, "target_entropy": target_entropy}.items() if v is not None}
+    cql_only = dict(
+        min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
+    )
+    cql_only = {k: v for k, v in cql_only.items() if v is not None}
     if cql_only and name != "cql":
         raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
     if name == "bc":

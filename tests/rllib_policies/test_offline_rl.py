@@ -32,6 +32,7 @@ from rllib_policies.offline.data import (
     support_fraction,
     true_value,
     two_mode_behaviour,
+    write_dataset,
 )
 from rllib_policies.offline.experiment import OfflineSpec, build_learner, check_options, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
@@ -697,9 +698,7 @@ def two_mode_logs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("two-mode")
     _, pipeline = build_world(TINY)
     bad, good = np.array([0.05, 1.0, 0.05], np.float32), np.array([1.0, 1.0, 10.0], np.float32)
-    simulate_logs(TINY, str(tmp_path / "events"), days=2, users_per_day=150, behaviour=two_mode_behaviour(bad, good))
-    path = str(tmp_path / "rows.parquet")
-    pq.write_table(offline_rows(sessionise(read_parquet_events(str(tmp_path / "events")))), path)
+    path = write_dataset("two_mode", TINY, str(tmp_path), 2, 150, sample=two_mode_behaviour(bad, good))["path"]
     users = eval_users(pipeline, 300)
     values = [true_value(pipeline, w, users).mean() for w in (bad, good)]
     return path, float(np.mean(values)), float(max(values)), users
