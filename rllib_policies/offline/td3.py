@@ -6,6 +6,7 @@ critics   ã' = clip(μ'(s') + clip(N(0, σ̃²), −c, c), 0, 1)               
           y  = r + γ·(1 − done)·min(Q¹'(s', ã'), Q²'(s', ã'))                clipped double-Q
           L_Q = mean (Q¹(s, ā) − y)² + mean (Q²(s, ā) − y)²
 actor     every ``policy_delay``-th step: L_μ = −mean Q¹(s, μ(s))             (critics frozen)
+          (the first ``bc_steps`` steps, optional: L_μ = mean ‖μ(s) − ā‖², a start at the logged behaviour)
 targets   θ' ← τ·θ + (1 − τ)·θ' after every step
 
 Nothing keeps μ(s) near the logged actions: where the data hold no action, Q¹ extrapolates and the actor
@@ -37,6 +38,7 @@ class TD3Config(OfflineConfig):
         self.policy_delay = 2
         self.target_noise = 0.2
         self.target_noise_clip = 0.5
+        self.bc_steps = 0
 
     @property
     def default_learner_class(self):
@@ -48,6 +50,7 @@ class TD3Config(OfflineConfig):
         policy_delay: int = NotProvided,
         target_noise: float = NotProvided,
         target_noise_clip: float = NotProvided,
+        bc_steps: int = NotProvided,
     ) -> TD3Config:
         """Sets TD3's own options.
 
@@ -55,11 +58,19 @@ class TD3Config(OfflineConfig):
             policy_delay: One actor step every ``policy_delay`` critic steps.
             target_noise: σ̃ of the target policy smoothing (unit-cube action units).
             target_noise_clip: c, its clip.
+            bc_steps: The first ``bc_steps`` gradient steps (counted from the build) train the actor by behaviour
+                cloning, mean ‖μ(s) − ā‖² on the logged actions, while the critics learn: the policy starts at
+                the logged behaviour instead of an untrained network's box centre (as CQL's ``bc_iters``).
 
         Returns:
             This updated AlgorithmConfig object.
         """
         return set_provided(self, locals())
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.bc_steps, bool) or not isinstance(self.bc_steps, int) or self.bc_steps < 0:
+            raise ValueError(f"bc_steps must be an int >= 0, got {self.bc_steps!r}")
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(module_class=TD3Module, model_config={"hidden": tuple(self.hidden)})
@@ -79,6 +90,13 @@ class TD3Learner(OfflineLearner):
     def optimizers(self, module, config):
         return [("critic", module.critic, config.lr), ("actor", module.actor, config.actor_lr)]
 
+    def actor_phase(self) -> str | None:
+        """What the actor learns on this step: "clone" during the first ``bc_steps``, then "ascend" Q¹ every
+        ``policy_delay``-th step, else nothing (None)."""
+        if self.steps < self.config.bc_steps:
+            return "clone"
+        return "ascend" if (self.steps + 1) % self.config.policy_delay == 0 else None
+
     def target(self, m, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """y = r + γ·(1 − done)·min(Q¹', Q²')(s', ã') and the smoothed target action ã' (call under no_grad)."""
         cfg, nxt, done = self.config, batch[Columns.NEXT_OBS], batch[Columns.TERMINATEDS]
@@ -90,14 +108,17 @@ class TD3Learner(OfflineLearner):
         return y, next_act
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        m, cfg = self.module[module_id].unwrapped(), self.config
+        m = self.module[module_id].unwrapped()
         obs, act = batch[Columns.OBS], batch[Columns.ACTIONS]
         with torch.no_grad():
             y, _ = self.target(m, batch)
         q1, q2 = m.critic(obs, act)
         critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
         actor_loss = torch.zeros((), device=obs.device)
-        if (self.steps + 1) % cfg.policy_delay == 0:
+        phase = self.actor_phase()
+        if phase == "clone":
+            actor_loss = behaviour_cloning(m, obs, act)
+        elif phase == "ascend":
             m.critic.requires_grad_(False)
             try:
                 actor_loss = -m.critic(obs, m.act_unit(obs))[0].mean()
@@ -109,6 +130,11 @@ class TD3Learner(OfflineLearner):
             window=1,
         )
         return critic_loss + actor_loss
+
+
+def behaviour_cloning(m, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """mean ‖μ(s) − ā‖²: the deterministic actor regressed onto the logged unit actions."""
+    return ((m.act_unit(obs) - act) ** 2).sum(-1).mean()
 
 
 class TD3(OfflineActorCritic):

@@ -33,7 +33,7 @@ from rllib_policies.algorithm_base import set_provided
 from rllib_policies.building_blocks import mlp
 
 from .common import TwinCritic
-from .td3 import TD3, TD3Config, TD3Learner, TD3Module
+from .td3 import TD3, TD3Config, TD3Learner, TD3Module, behaviour_cloning
 
 
 class UWACConfig(TD3Config):
@@ -140,7 +140,11 @@ class UWACLearner(TD3Learner):
             m.critic.eval()
         critic_loss = (w_target * ((q1 - y) ** 2 + (q2 - y) ** 2)).mean()
         actor_loss, logged = torch.zeros((), device=obs.device), {}
-        if (self.steps + 1) % cfg.policy_delay == 0:
+        phase = self.actor_phase()
+        if phase == "clone":
+            actor_loss = behaviour_cloning(m, obs, act)
+            logged = {"actor_loss": actor_loss.item()}
+        elif phase == "ascend":
             action = m.act_unit(obs)
             w_actor = weight(obs, action.detach())
             m.critic.requires_grad_(False)
