@@ -55,11 +55,9 @@ def q_min(module, heads, obs: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     return torch.minimum(first, module._qf_forward_train_helper(batch, encoder=heads[2], head=heads[3]))
 
 
-def target_heads(module) -> list:
-    return [
-        copy.deepcopy(m)
-        for m in (module.target_qf_encoder, module.target_qf, module.target_qf_twin_encoder, module.target_qf_twin)
-    ]
+def target_heads(module) -> tuple:
+    """The twin target critics as (encoder, head, twin encoder, twin head)."""
+    return module.target_qf_encoder, module.target_qf, module.target_qf_twin_encoder, module.target_qf_twin
 
 
 def main() -> None:
@@ -105,7 +103,7 @@ def main() -> None:
         temperature = learner.algo.config.beta
         try:
             for i in range(1, args.iterations + 1):
-                before = target_heads(learner.module)  # the targets A used during this iteration
+                before = copy.deepcopy(target_heads(learner.module))  # the targets A used during this iteration
                 learner.train()
                 module = learner.module
                 with torch.no_grad():
@@ -145,7 +143,8 @@ def main() -> None:
         f"Machine: {machine()}. Command: `{command}` — {wall:.0f} s wall. Seed 0, the offline benchmark's world, "
         f"logs ({len(np.unique(rows['eps_id']))} sessions, {len(rows['rewards'])} transitions) and budget.",
         "",
-        f"True V on {spec.eval_sessions} sessions: the behaviour's centre {MISALIGNED_WEIGHTS.tolist()} "
+        f"True V on {spec.eval_sessions} sessions: the behaviour's centre "
+        f"({', '.join(f'{x:g}' for x in MISALIGNED_WEIGHTS)}, without its jitter) "
         f"{value(MISALIGNED_WEIGHTS):.2f}; the support ceiling ({', '.join(f'{x:.3f}' for x in ceiling.weights)}) "
         f"{ceiling.value.mean():.2f}. A = min of the twin target critics from before the iteration (what the "
         "actor's weights used during it) minus V after it, over every logged transition; weights "

@@ -154,16 +154,17 @@ def shipped_config(
     actor_lr: float | None = None,
     initial_alpha: float | None = None,
     target_entropy: float | None = None,
-    bc_iters: int | None = None,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
     rows, or several: the logs first, then what was added to them).
 
     CQL: Polyak rate ``tau`` per gradient step as our learners'. RLlib updates target networks once per
     ``update`` call, here once per ``train()`` of ``updates_per_iteration`` steps (at least 2), so the rate it is
-    given is ``polyak_per_call`` for those steps; ``bc_iters`` the ``train()`` calls whose actor loss is
-    behaviour cloning before SAC's (the CQL paper's warm start; RLlib's new stack counts iterations, not steps;
-    default 0: RLlib's 20 000 would be the whole run); ``lr=None`` (it has actor/critic/alpha rates of its own);
+    given is ``polyak_per_call`` for those steps; ``bc_iters=0``: RLlib 2.60's CQL learner counts its
+    behaviour-cloning steps in a metric summed since its last reduce, i.e. within one ``train()`` call, so its
+    default of 20 000 would clone the logs in every call and never run SAC's actor (and no value is a warm start:
+    below the steps per call it clones at the start of each call); ``lr=None`` (it has actor/critic/alpha rates
+    of its own);
     ``num_actions`` sampled actions per state in its penalty; ``min_q_weight`` its penalty's weight (RLlib's
     default 5); ``actor_lr``, ``initial_alpha`` and ``target_entropy`` its SAC actor's (RLlib's 1e-4, 1.0 and
     −dim A). IQL: ``beta``, its advantage temperature on the raw rewards (default: ``iql_temperature``, the
@@ -178,17 +179,11 @@ def shipped_config(
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
     cql_only = dict(
-        min_q_weight=min_q_weight,
-        actor_lr=actor_lr,
-        initial_alpha=initial_alpha,
-        target_entropy=target_entropy,
-        bc_iters=bc_iters,
+        min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
     )
     cql_only = {k: v for k, v in cql_only.items() if v is not None}
     if cql_only and name != "cql":
         raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
-    if bc_iters is not None and (isinstance(bc_iters, bool) or not isinstance(bc_iters, int) or bc_iters < 0):
-        raise ValueError(f"bc_iters must be an int >= 0 (train() calls of behaviour cloning), got {bc_iters!r}")
     if name == "bc":
         config = BCConfig().training(train_batch_size_per_learner=batch_size, lr=1e-3)
     elif name == "cql":
@@ -197,9 +192,10 @@ def shipped_config(
             gamma=gamma,
             lr=None,
             tau=polyak_per_call(tau, steps),
+            bc_iters=0,
             num_actions=num_actions,
             num_steps_sampled_before_learning_starts=0,
-            **{"bc_iters": 0, **cql_only},
+            **cql_only,
         )
     elif name == "iql":
         config = IQLTemperatureConfig().training(
