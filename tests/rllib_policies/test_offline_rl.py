@@ -698,6 +698,11 @@ class GapNotClosed(AssertionError):
     """The learning test's verdict, apart from its preconditions (a CQL expected failure catches only this)."""
 
 
+def _tiny_spec(**overrides) -> OfflineSpec:
+    """The learning tests' budget: iterations of 200 steps of 128 on networks of (64, 64)."""
+    return OfflineSpec(env_config=TINY, updates_per_iteration=200, batch_size=128, hidden=(64, 64), **overrides)
+
+
 @pytest.fixture(scope="module")
 def two_mode_logs(tmp_path_factory):
     """A tiny world's logs from a two-mode behaviour (each user's mode fixed by an unobserved coin): half the
@@ -743,10 +748,7 @@ def test_offline_learning_test_closes_half_its_gap_from_a_two_mode_behaviour(ray
     _, pipeline = build_world(TINY)
     rows = read_rows(path)
     initial = rows["obs"][rows["t"] == 0]
-    spec = OfflineSpec(
-        env_config=TINY, updates_per_iteration=200, batch_size=128, hidden=(64, 64), options={name: options}
-    )
-    learner = build_learner(name, path, seed=0, spec=spec)
+    learner = build_learner(name, path, seed=0, spec=_tiny_spec(options={name: options}))
     try:
         untrained = support_fraction(learner.policy_weights(initial), rows["actions"])
         for _ in range(3):
@@ -774,10 +776,6 @@ def misaligned_logs(tmp_path_factory):
     users = eval_users(pipeline, 300)
     oracle = true_value(pipeline, oracle_expert(pipeline, n_sessions=300).static_weights, users).mean()
     return path, float(true_value(pipeline, MISALIGNED_WEIGHTS, users).mean()), float(oracle), users
-
-
-def _tiny_spec(**overrides) -> OfflineSpec:
-    return OfflineSpec(env_config=TINY, updates_per_iteration=200, batch_size=128, hidden=(64, 64), **overrides)
 
 
 @pytest.mark.parametrize("name", ["td3", "uwac"])
