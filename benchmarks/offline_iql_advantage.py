@@ -5,12 +5,14 @@ logged (s, a), A = Q_target(s, a) − V(s), each weight clipped at 100. For a st
 maximiser is the weighted mean of the logged actions in the policy's own (pre-tanh) coordinates, so this prints,
 per iteration of the offline benchmark's budget (8 × 100 steps of 256) on the default world's misaligned logs:
 
-- A as the actor saw it during the iteration (the target critics from before it, RLlib copies them once per
-  ``train()``; V after it): its mean and standard deviation, the weights' effective sample size (ESS / n) and the
-  share clipped;
+- A against the target critics the actor used during the iteration (RLlib copies them once per ``train()``) and V
+  at the iteration's end: its mean and standard deviation, the weights' effective sample size (ESS / n); and the
+  share of weights clipped with V at the iteration's start and at its end (V moves within the iteration: the
+  actor's weights lie between the two);
 - the correlation of A with each logged weight's logarithm (what direction the weights point);
 - the AWR target (the weighted mean above, as ranking weights) and its true value, beside the policy's;
-- the critic's mean Q at the behaviour's centre and at the support ceiling (the best the logged region holds).
+- the critic's mean Q at the logged session starts for the behaviour's centre and the support ceiling (the best
+  the logged region holds), beside their true values there.
 
     python benchmarks/offline_iql_advantage.py            # 2 settings × 8 iterations of 100 steps (about 4 min)
 """
@@ -55,6 +57,12 @@ def q_min(module, heads, obs: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     return torch.minimum(first, module._qf_forward_train_helper(batch, encoder=heads[2], head=heads[3]))
 
 
+def weights(temperature: float, advantage) -> np.ndarray:
+    """IQL's actor weights, min(exp(β·A), ``CLIP``)."""
+    a = np.asarray(advantage, np.float64)
+    return np.minimum(np.exp(np.minimum(temperature * a, 50.0)), CLIP)
+
+
 def target_heads(module) -> tuple:
     """The twin target critics as (encoder, head, twin encoder, twin head)."""
     return module.target_qf_encoder, module.target_qf, module.target_qf_twin_encoder, module.target_qf_twin
@@ -75,6 +83,7 @@ def main() -> None:
     path = write_dataset("misaligned", spec.env_config, tempfile.mkdtemp(prefix="iql-advantage-"), 2, 500)["path"]
     rows = read_rows(path)
     initial = rows["obs"][rows["t"] == 0]
+    starts = torch.as_tensor(np.array(initial))
     obs = torch.as_tensor(np.array(rows["obs"]))
     unit = torch.as_tensor(to_unit(rows["actions"]))
     log_w = np.log(rows["actions"])
@@ -93,10 +102,10 @@ def main() -> None:
         f"β × 3.33 ({beta * 10 / 3:.1f})": {"beta": beta * 10 / 3},
     }
     lines = [
-        "| setting | steps | A mean | A std | ESS / n | clipped | corr(A, log w) click, long view, purchase | "
-        "AWR target (weights) | its true V | policy's mean weights | policy's true V | Q at the centre | "
-        "Q at the ceiling |",
-        "|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|---:|---:|",
+        "| setting | steps | A mean | A std | ESS / n | clipped at the iteration's start → end | "
+        "corr(A, log w) click, long view, purchase | AWR target (weights) | its true V | policy's mean weights | "
+        "policy's true V | Q at the centre | Q at the ceiling |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|",
     ]
     for setting, options in settings.items():
         learner = build_learner("iql", path, seed=0, spec=replace(spec, options={"iql": options}))
@@ -104,29 +113,33 @@ def main() -> None:
         try:
             for i in range(1, args.iterations + 1):
                 before = copy.deepcopy(target_heads(learner.module))  # the targets A used during this iteration
+                with torch.no_grad():
+                    q_logged = q_min(learner.module, before, obs, unit)
+                    start_weights = weights(temperature, q_logged - learner.module.compute_values({"obs": obs}))
                 learner.train()
                 module = learner.module
                 with torch.no_grad():
-                    advantage = (q_min(module, before, obs, unit) - module.compute_values({"obs": obs})).numpy()
-                    q_at = {
+                    advantage = (q_logged - module.compute_values({"obs": obs})).numpy()
+                    q_at = {  # at the logged session starts, where the true V above is measured
                         name: float(
                             q_min(
                                 module,
                                 target_heads(module),
-                                obs,
-                                torch.as_tensor(to_unit(np.asarray(w, np.float32)[None])).expand(len(obs), -1),
+                                starts,
+                                torch.as_tensor(to_unit(np.asarray(w, np.float32)[None])).expand(len(starts), -1),
                             ).mean()
                         )
                         for name, w in references.items()
                     }
-                w = np.minimum(np.exp(np.minimum(temperature * advantage, 50.0)), CLIP)
+                w = weights(temperature, advantage)
                 target = to_weights(np.tanh((w[:, None] * pre_tanh).sum(0) / w.sum())[None])[0]
                 corr = [np.corrcoef(advantage, log_w[:, k])[0, 1] for k in range(log_w.shape[1])]
                 policy = learner.policy_weights(initial).mean(0)
                 q_centre, q_ceiling = q_at["behaviour's centre"], q_at["support ceiling"]
                 row = (
                     f"| {setting} | {i * args.updates} | {advantage.mean():.2f} | {advantage.std():.2f} | "
-                    f"{w.sum() ** 2 / (w**2).sum() / len(w):.0%} | {np.mean(w >= CLIP):.0%} | "
+                    f"{w.sum() ** 2 / (w**2).sum() / len(w):.0%} | "
+                    f"{np.mean(start_weights >= CLIP):.0%} → {np.mean(w >= CLIP):.0%} | "
                     f"{', '.join(f'{c:+.2f}' for c in corr)} | ({', '.join(f'{x:.3f}' for x in target)}) | "
                     f"{value(target):.2f} | ({', '.join(f'{x:.3f}' for x in policy)}) | "
                     f"{value(learner.policy_weights):.2f} | {q_centre:.2f} | {q_ceiling:.2f} |"
@@ -146,12 +159,13 @@ def main() -> None:
         f"True V on {spec.eval_sessions} sessions: the behaviour's centre "
         f"({', '.join(f'{x:g}' for x in MISALIGNED_WEIGHTS)}, without its jitter) "
         f"{value(MISALIGNED_WEIGHTS):.2f}; the support ceiling ({', '.join(f'{x:.3f}' for x in ceiling.weights)}) "
-        f"{ceiling.value.mean():.2f}. A = min of the twin target critics from before the iteration (what the "
-        "actor's weights used during it) minus V after it, over every logged transition; weights "
+        f"{ceiling.value.mean():.2f}. A = min of the twin target critics from before the iteration (the ones the "
+        "actor's weights used during it) minus V at its end, over every logged transition (clipped shares also "
+        "with V at its start: V moves within an iteration, and the weights the actor saw lie between); weights "
         f"min(exp(β·A), {CLIP:g}); ESS / n = (Σw)² / (n·Σw²). AWR target = the weighted mean of the logged actions "
         "in the policy's pre-tanh coordinates, mapped to ranking weights: what a state-independent Gaussian fitted "
-        "by the actor's loss converges to. Q = the min of the twin target critics at that action, mean over the "
-        "logged states.",
+        "by the actor's loss converges to, with the end-of-iteration weights. Q = the min of the twin target critics "
+        "at that action, mean over the logged session starts (where the true values above are measured).",
         "",
         *lines,
         "",

@@ -58,9 +58,10 @@ class TD3Config(OfflineConfig):
             policy_delay: One actor step every ``policy_delay`` critic steps.
             target_noise: σ̃ of the target policy smoothing (unit-cube action units).
             target_noise_clip: c, its clip.
-            bc_steps: The first ``bc_steps`` gradient steps (counted from the build) train the actor by behaviour
-                cloning, mean ‖μ(s) − ā‖² on the logged actions, while the critics learn: the policy starts at
-                the logged behaviour instead of an untrained network's box centre (as CQL's ``bc_iters``).
+            bc_steps: The first ``bc_steps`` gradient steps train the actor by behaviour cloning, mean ‖μ(s) − ā‖²
+                on the logged actions, while the critics learn: the policy starts at the logged behaviour instead
+                of an untrained network's box centre (the CQL paper's warm start). Counted from the learner's
+                build: a run restored from a checkpoint clones again.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -90,12 +91,27 @@ class TD3Learner(OfflineLearner):
     def optimizers(self, module, config):
         return [("critic", module.critic, config.lr), ("actor", module.actor, config.actor_lr)]
 
-    def actor_phase(self) -> str | None:
-        """What the actor learns on this step: "clone" during the first ``bc_steps``, then "ascend" Q¹ every
-        ``policy_delay``-th step, else nothing (None)."""
+    def actor_loss(self, m, obs: torch.Tensor, act: torch.Tensor, ascend) -> tuple[torch.Tensor, dict]:
+        """This step's actor loss and what to log: behaviour cloning, mean ‖μ(s) − ā‖², during the first
+        ``bc_steps`` (logged as ``bc_loss``; counted from the learner's build, so a restored run clones again),
+        then ``ascend(m, obs) → (loss, logged)`` with the critics frozen every ``policy_delay``-th step, else
+        nothing."""
         if self.steps < self.config.bc_steps:
-            return "clone"
-        return "ascend" if (self.steps + 1) % self.config.policy_delay == 0 else None
+            loss = ((m.act_unit(obs) - act) ** 2).sum(-1).mean()
+            return loss, {"bc_loss": loss.item()}
+        if (self.steps + 1) % self.config.policy_delay:
+            return torch.zeros((), device=obs.device), {}
+        m.critic.requires_grad_(False)
+        try:
+            return ascend(m, obs)
+        finally:
+            m.critic.requires_grad_(True)
+
+    @staticmethod
+    def ascend(m, obs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """TD3's actor loss, −mean Q¹(s, μ(s))."""
+        loss = -m.critic(obs, m.act_unit(obs))[0].mean()
+        return loss, {"actor_loss": loss.item()}
 
     def target(self, m, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """y = r + γ·(1 − done)·min(Q¹', Q²')(s', ã') and the smoothed target action ã' (call under no_grad)."""
@@ -114,27 +130,11 @@ class TD3Learner(OfflineLearner):
             y, _ = self.target(m, batch)
         q1, q2 = m.critic(obs, act)
         critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
-        actor_loss = torch.zeros((), device=obs.device)
-        phase = self.actor_phase()
-        if phase == "clone":
-            actor_loss = behaviour_cloning(m, obs, act)
-        elif phase == "ascend":
-            m.critic.requires_grad_(False)
-            try:
-                actor_loss = -m.critic(obs, m.act_unit(obs))[0].mean()
-            finally:
-                m.critic.requires_grad_(True)
+        actor_loss, logged = self.actor_loss(m, obs, act, self.ascend)
         self.metrics.log_dict(
-            {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(), "q_mean": q1.mean().item()},
-            key=module_id,
-            window=1,
+            {"critic_loss": critic_loss.item(), "q_mean": q1.mean().item(), **logged}, key=module_id, window=1
         )
         return critic_loss + actor_loss
-
-
-def behaviour_cloning(m, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """mean ‖μ(s) − ā‖²: the deterministic actor regressed onto the logged unit actions."""
-    return ((m.act_unit(obs) - act) ** 2).sum(-1).mean()
 
 
 class TD3(OfflineActorCritic):

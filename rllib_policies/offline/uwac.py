@@ -33,7 +33,7 @@ from rllib_policies.algorithm_base import set_provided
 from rllib_policies.building_blocks import mlp
 
 from .common import TwinCritic
-from .td3 import TD3, TD3Config, TD3Learner, TD3Module, behaviour_cloning
+from .td3 import TD3, TD3Config, TD3Learner, TD3Module
 
 
 class UWACConfig(TD3Config):
@@ -139,20 +139,14 @@ class UWACLearner(TD3Learner):
         finally:
             m.critic.eval()
         critic_loss = (w_target * ((q1 - y) ** 2 + (q2 - y) ** 2)).mean()
-        actor_loss, logged = torch.zeros((), device=obs.device), {}
-        phase = self.actor_phase()
-        if phase == "clone":
-            actor_loss = behaviour_cloning(m, obs, act)
-            logged = {"actor_loss": actor_loss.item()}
-        elif phase == "ascend":
-            action = m.act_unit(obs)
-            w_actor = weight(obs, action.detach())
-            m.critic.requires_grad_(False)
-            try:
-                actor_loss = -(w_actor * m.critic(obs, action)[0]).mean()
-            finally:
-                m.critic.requires_grad_(True)
-            logged = {"actor_loss": actor_loss.item(), "actor_weight": w_actor.mean().item()}
+
+        def ascend(m, o: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            action = m.act_unit(o)
+            w_actor = weight(o, action.detach())
+            loss = -(w_actor * m.critic(o, action)[0]).mean()
+            return loss, {"actor_loss": loss.item(), "actor_weight": w_actor.mean().item()}
+
+        actor_loss, logged = self.actor_loss(m, obs, act, ascend)
         self.metrics.log_dict(
             {
                 "critic_loss": critic_loss.item(),

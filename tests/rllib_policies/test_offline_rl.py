@@ -35,7 +35,7 @@ from rllib_policies.offline.data import (
     two_mode_behaviour,
     write_dataset,
 )
-from rllib_policies.offline.experiment import OfflineSpec, build_learner, check_options, explore
+from rllib_policies.offline.experiment import EXPLORING, OfflineSpec, build_learner, check_options, explore
 from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
 from rllib_policies.offline.registry import own_config
 from rllib_policies.offline.shipped import (
@@ -564,7 +564,7 @@ def test_a_shipped_learner_refuses_another_learners_option(tmp_path, name, optio
         shipped_config(name, hand_built_rows(tmp_path, n=20), D_OBS, **option)
 
 
-def test_cql_runs_sacs_actor_from_its_first_step(tmp_path):
+def test_cql_is_built_without_rllibs_behaviour_cloning(tmp_path):
     # RLlib's default (20 000) counts within each train() call: its actor would clone the logs for ever
     assert shipped_config("cql", hand_built_rows(tmp_path, n=20), D_OBS).bc_iters == 0
 
@@ -782,15 +782,18 @@ def misaligned_logs(tmp_path_factory):
 def test_an_unconstrained_learner_started_at_the_behaviour_closes_half_its_gap(ray_session, misaligned_logs, name):
     """TD3 and UWAC leave the data by design, so the two-mode test's support check is not theirs; on this world an
     untrained actor's box centre ranks near the oracle, so they start from the logged behaviour instead: 600
-    steps of behaviour cloning (``bc_steps``) while the critics learn, asserted to close at most a quarter of
-    the gap (the frozen policy), then 400 steps of TD3 (UWAC) that must close half of it."""
+    steps of behaviour cloning (``bc_steps``) while the critics learn, asserted to leave the policy at the
+    behaviour (logged actions, at most a quarter of the gap), then 400 steps of TD3 (UWAC) that must close half."""
     path, start, oracle, users = misaligned_logs
     _, pipeline = build_world(TINY)
+    rows = read_rows(path)
+    initial = rows["obs"][rows["t"] == 0]
     learner = build_learner(name, path, seed=0, spec=_tiny_spec(options={name: {"bc_steps": 600}}))
     try:
         for _ in range(3):
             learner.train()
         cloned = true_value(pipeline, learner.policy_weights, users).mean()
+        cloned_support = support_fraction(learner.policy_weights(initial), rows["actions"])
         for _ in range(2):
             learner.train()
         trained = true_value(pipeline, learner.policy_weights, users).mean()
@@ -798,7 +801,7 @@ def test_an_unconstrained_learner_started_at_the_behaviour_closes_half_its_gap(r
         learner.stop()
     gap = oracle - start
     assert gap > 0.5
-    assert (cloned - start) / gap <= 0.25, (start, cloned, oracle)
+    assert (cloned - start) / gap <= 0.25 and cloned_support >= 0.5, (start, cloned, oracle, cloned_support)
     if (trained - start) / gap < 0.5:
         raise GapNotClosed(f"start {start:.2f}, oracle {oracle:.2f}, cloned {cloned:.2f}, trained {trained:.2f}")
 
@@ -809,16 +812,18 @@ def test_bcq_ee_closes_half_its_gap_by_exploring_past_the_logs(ray_session, misa
     each followed by training on the last two row sets, take it past the logs and close half the gap."""
     path, start, oracle, users = misaligned_logs
     _, pipeline = build_world(TINY)
-    spec = _tiny_spec(exploration_sessions=100, exploration_rounds=2, data_window=2)
+    spec = _tiny_spec(iterations=3, exploration_sessions=100, exploration_rounds=2, data_window=2)
     rows = read_rows(path)
     initial = rows["obs"][rows["t"] == 0]
-    learner = build_learner("bcq", path, seed=0, spec=spec)
+    learner = build_learner(EXPLORING["bcq_ee"], path, seed=0, spec=spec)
+    explore_after = spec.exploration_iterations()
     try:
-        learner.train()
-        offline_support = support_fraction(learner.policy_weights(initial), rows["actions"])
-        for i in range(2):
-            explore(learner, pipeline, spec, str(tmp_path / f"round-{i}"), seed=1000 + i)
+        for i in range(1, spec.iterations + 1):  # as run_offline: train, then explore after the rounds' iterations
             learner.train()
+            if i == 1:
+                offline_support = support_fraction(learner.policy_weights(initial), rows["actions"])
+            if i in explore_after:
+                explore(learner, pipeline, spec, str(tmp_path / f"round-{i}"), seed=1000 + i)
         trained = true_value(pipeline, learner.policy_weights, users).mean()
         support = support_fraction(learner.policy_weights(initial), rows["actions"])
     finally:
