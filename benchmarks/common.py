@@ -299,16 +299,23 @@ class RedisServer:
 
 
 # ---------------------------------------------------------------- reporting
-def init_ray_worker() -> None:
-    """A benchmark process's own local Ray (one CPU, its own RAY_TMPDIR) and one torch thread: runs of tiny
-    networks in parallel processes only contend on shared cores otherwise."""
+def init_local_ray(num_cpus: int = 2) -> None:
+    """A benchmark's own local Ray: ``num_cpus`` CPUs, its RAY_TMPDIR (a fresh one unless set), no dashboard, no
+    worker logs on the driver."""
     import ray
+
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def init_ray_worker() -> None:
+    """A benchmark process's own local Ray (one CPU) and one torch thread: runs of tiny networks in parallel
+    processes only contend on shared cores otherwise."""
     import torch
 
     torch.set_num_threads(1)
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=1)
 
 
 def machine() -> str:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -24,7 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402
+from benchmarks.common import init_local_ray, machine, plot_mean_se, write_results  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CLAIMS = {
@@ -115,11 +114,7 @@ def main() -> None:
     args = p.parse_args()
     results = args.results_dir
 
-    import ray
-
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"), exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2)
     exp = ExperimentConfig(iterations=args.iterations)
     runs, t0 = [], time.time()
     for seed in range(args.seeds):  # seeds outermost: a partial run still compares arms

@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import init_local_ray, machine, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     eval_users,
     read_rows,
@@ -110,11 +110,9 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=200, help="gradient steps per iteration")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
-    import ray
 
     torch.manual_seed(0)
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2)
     t_start = time.time()
     folder = tempfile.mkdtemp(prefix="cql-actor-")
     path = two_mode_rows(folder)

@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import init_local_ray, machine, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     MISALIGNED_WEIGHTS,
     eval_users,
@@ -74,10 +74,8 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=100, help="gradient steps per iteration")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
-    import ray
 
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2)
     t_start = time.time()
     spec = OfflineSpec(iterations=args.iterations, updates_per_iteration=args.updates)
     path = write_dataset("misaligned", spec.env_config, tempfile.mkdtemp(prefix="iql-advantage-"), 2, 500)["path"]

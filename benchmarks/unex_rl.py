@@ -18,11 +18,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import matplotlib
-import ray
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the Agg backend)
@@ -30,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the Agg backend)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from actors.world.metrics import mean_ci  # noqa: E402 (x̄ ± the 95 % t-interval)
-from benchmarks.common import machine, plot_mean_se, write_results  # noqa: E402 (after sys.path: run as a script)
+from benchmarks.common import init_local_ray, machine, plot_mean_se, write_results  # noqa: E402 (after sys.path: run as a script)
 from rllib_policies.envs import MultiStageEnv  # noqa: E402
 from rllib_policies.unex_rl import ARMS, UnexRLConfig  # noqa: E402
 
@@ -145,8 +143,7 @@ def main() -> None:
     p.add_argument("--final-sessions", type=int, default=1000)
     p.add_argument("--results-dir", default=RESULTS, help="where unex_rl.md, .png and _runs.json go")
     args = p.parse_args()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-bench-"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2)
     t0, runs = time.time(), []
     for seed in range(args.seeds):  # seeds outermost: a partial run still compares arms
         for arm in args.arms:
