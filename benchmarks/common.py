@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -316,6 +317,25 @@ def init_ray_worker() -> None:
 
     torch.set_num_threads(1)
     init_local_ray(num_cpus=1)
+
+
+def misaligned_logs(spec, prefix: str) -> SimpleNamespace:
+    """The offline benchmark's misaligned logs (2 days × 500 sessions of ``spec``'s world, written into a fresh
+    temporary folder named ``prefix``…) and what the offline diagnostics measure on them: ``path``, ``rows``,
+    ``value(policy)`` (the mean true V on ``spec``'s evaluation users, common random numbers) and the behaviour's
+    support ``ceiling``."""
+    from actors.cascade import build_world
+    from rllib_policies.offline.data import eval_users, read_rows, support_ceiling, true_value, write_dataset
+
+    path = write_dataset("misaligned", spec.env_config, tempfile.mkdtemp(prefix=prefix), 2, 500)["path"]
+    _, pipeline = build_world(spec.env_config)
+    users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
+
+    def value(policy) -> float:
+        return float(true_value(pipeline, policy, users, spec.eval_seed).mean())
+
+    ceiling = support_ceiling("misaligned", pipeline, users, spec.eval_seed)
+    return SimpleNamespace(path=path, rows=read_rows(path), value=value, ceiling=ceiling)
 
 
 def machine() -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -24,16 +23,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
 from actors.stages import RANKING_ACTION_HIGH  # noqa: E402
-from benchmarks.common import init_local_ray, machine, write_results  # noqa: E402
+from benchmarks.common import init_local_ray, machine, misaligned_logs, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     MISALIGNED_WEIGHTS,
-    eval_users,
-    read_rows,
-    support_ceiling,
-    true_value,
-    write_dataset,
 )
 from rllib_policies.offline.experiment import OfflineSpec, build_learner  # noqa: E402
 from rllib_policies.offline.shipped import SHIPPED, to_unit  # noqa: E402
@@ -78,16 +71,9 @@ def main() -> None:
     init_local_ray(num_cpus=2)
     t_start = time.time()
     spec = OfflineSpec(iterations=args.iterations, updates_per_iteration=args.updates)
-    path = write_dataset("misaligned", spec.env_config, tempfile.mkdtemp(prefix="critic-selection-"), 2, 500)["path"]
-    rows = read_rows(path)
-    _, pipeline = build_world(spec.env_config)
-    users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
-
-    def value(policy) -> float:
-        return float(true_value(pipeline, policy, users, spec.eval_seed).mean())
-
+    logs = misaligned_logs(spec, "critic-selection-")
+    path, rows, value, ceiling = logs.path, logs.rows, logs.value, logs.ceiling
     behaviour = value(MISALIGNED_WEIGHTS)
-    ceiling = support_ceiling("misaligned", pipeline, users, spec.eval_seed)
     lines = [
         "| learner | seed | its own policy: V | "
         + " | ".join(f"critic's pick among {k} logged: V | its mean weights" for k in args.candidates)

@@ -23,7 +23,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 
@@ -32,15 +31,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from actors.cascade import build_world  # noqa: E402 (after sys.path: run as a script)
-from benchmarks.common import init_local_ray, machine, write_results  # noqa: E402
+from benchmarks.common import init_local_ray, machine, misaligned_logs, write_results  # noqa: E402
 from rllib_policies.offline.data import (  # noqa: E402
     MISALIGNED_WEIGHTS,
-    eval_users,
-    read_rows,
-    support_ceiling,
-    true_value,
-    write_dataset,
 )
 from rllib_policies.offline.experiment import OfflineSpec, build_learner  # noqa: E402
 from rllib_policies.offline.shipped import EDGE, iql_temperature, to_unit, to_weights  # noqa: E402
@@ -78,21 +71,14 @@ def main() -> None:
     init_local_ray(num_cpus=2)
     t_start = time.time()
     spec = OfflineSpec(iterations=args.iterations, updates_per_iteration=args.updates)
-    path = write_dataset("misaligned", spec.env_config, tempfile.mkdtemp(prefix="iql-advantage-"), 2, 500)["path"]
-    rows = read_rows(path)
+    logs = misaligned_logs(spec, "iql-advantage-")
+    path, rows, value, ceiling = logs.path, logs.rows, logs.value, logs.ceiling
     initial = rows["obs"][rows["t"] == 0]
     starts = torch.as_tensor(np.array(initial))
     obs = torch.as_tensor(np.array(rows["obs"]))
     unit = torch.as_tensor(to_unit(rows["actions"]))
     log_w = np.log(rows["actions"])
     pre_tanh = np.arctanh(np.clip(to_unit(rows["actions"]), -1 + EDGE, 1 - EDGE))
-    _, pipeline = build_world(spec.env_config)
-    users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
-
-    def value(policy) -> float:
-        return float(true_value(pipeline, policy, users, spec.eval_seed).mean())
-
-    ceiling = support_ceiling("misaligned", pipeline, users, spec.eval_seed)
     references = {"behaviour's centre": MISALIGNED_WEIGHTS, "support ceiling": ceiling.weights}
     beta = iql_temperature(path)
     settings = {
