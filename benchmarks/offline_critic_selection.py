@@ -5,8 +5,9 @@ A learner that keeps to the logged actions can reach at most the support ceiling
 the behaviour's 95 % region). Whether its critic sees that gain is separate from whether its policy extraction
 reaches it: this trains BCQ, IQL and CQL on the misaligned logs at the offline benchmark's budget (8 × 100 steps
 of 256) and then serves, besides the learner's own policy, argmax_k Q(s, a_k) over K actions drawn from the logs
-(the same K for every state; Q = the min of the twin critics). Where the selection gains and the learner's policy
-does not, the extraction is short; where the selection does not gain either, the critic is.
+(the same K for every state; Q = the min of the twin critics), and, for CQL and IQL, the critic's pick among its
+own policy's mean and N samples (``selection_samples``, IDQL's extraction). Where the selection gains and the
+learner's policy does not, the extraction is short; where the selection does not gain either, the critic is.
 
     python benchmarks/offline_critic_selection.py            # 3 learners × 2 seeds (about 10 min)
 """
@@ -63,6 +64,9 @@ def main() -> None:
     p.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=list(LEARNERS))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--candidates", type=int, nargs="+", default=[16, 256], help="K logged actions to pick among")
+    p.add_argument(
+        "--samples", type=int, nargs="*", default=[64], help="N of its policy's samples to pick among (CQL, IQL)"
+    )
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--updates", type=int, default=100, help="gradient steps per iteration")
     p.add_argument("--results", default=RESULTS)
@@ -75,10 +79,11 @@ def main() -> None:
     path, rows, value, ceiling = logs.path, logs.rows, logs.value, logs.ceiling
     behaviour = value(MISALIGNED_WEIGHTS)
     lines = [
-        "| learner | seed | its own policy: V | "
+        "| learner | seed | its own policy (CQL, IQL: its mean): V | "
         + " | ".join(f"critic's pick among {k} logged: V | its mean weights" for k in args.candidates)
+        + "".join(f" | pick among its mean and {n} samples: V | its mean weights" for n in args.samples)
         + " | train s |",
-        "|---|---:|---:|" + "---:|---|" * len(args.candidates) + "---:|",
+        "|---|---:|---:|" + "---:|---|" * (len(args.candidates) + len(args.samples)) + "---:|",
     ]
     for name in args.learners:
         for seed in range(args.seeds):
@@ -88,6 +93,8 @@ def main() -> None:
                 for _ in range(args.iterations):
                     learner.train()
                 train_s = time.time() - t0
+                if name in SHIPPED:
+                    learner.selection_samples = 0  # its policy's mean (IQL serves a selection by default)
                 cells = [f"{value(learner.policy_weights):.2f}"]
                 rng = np.random.default_rng(seed)
                 for k in args.candidates:
@@ -95,6 +102,13 @@ def main() -> None:
                     policy = selection(learner, name, np.asarray(candidates, np.float32))
                     picked = policy(rows["obs"][rows["t"] == 0]).mean(0)
                     cells += [f"{value(policy):.2f}", f"({', '.join(f'{x:.3f}' for x in picked)})"]
+                for n in args.samples:  # the served policy with ``selection_samples`` n (ShippedOffline._select)
+                    if name not in SHIPPED:
+                        cells += ["—", "—"]
+                        continue
+                    learner.selection_samples = n
+                    picked = learner.policy_weights(rows["obs"][rows["t"] == 0]).mean(0)
+                    cells += [f"{value(learner.policy_weights):.2f}", f"({', '.join(f'{x:.3f}' for x in picked)})"]
             finally:
                 learner.stop()
             row = f"| {name} | {seed} | " + " | ".join(cells) + f" | {train_s:.0f} |"
@@ -103,7 +117,8 @@ def main() -> None:
     wall = time.time() - t_start
     command = (
         f"python benchmarks/offline_critic_selection.py --learners {' '.join(args.learners)} --seeds {args.seeds} "
-        f"--candidates {' '.join(map(str, args.candidates))} --iterations {args.iterations} --updates {args.updates}"
+        f"--candidates {' '.join(map(str, args.candidates))} --samples {' '.join(map(str, args.samples))} "
+        f"--iterations {args.iterations} --updates {args.updates}"
     )
     sections = [
         "# The offline critics on the misaligned logs: their own policy against their pick among logged actions",
@@ -115,7 +130,9 @@ def main() -> None:
         f"centre (0.05, 1, 0.05) {behaviour:.2f}; the support ceiling "
         f"({', '.join(f'{x:.3f}' for x in ceiling.weights)}) {ceiling.value.mean():.2f}. The critic's pick: in every "
         "state the candidate with the highest min-of-twins Q, the candidates K actions drawn once from the logs "
-        "(per seed); its mean weights over the logged session starts.",
+        "(per seed); its mean weights over the logged session starts. The pick among its policy's samples (CQL and "
+        "IQL; BCQ's policy already picks among its generator's): `selection_samples` N, in every state the highest "
+        "Q among the policy's mean and N actions sampled from it, as `ShippedOffline` serves it.",
         "",
         *lines,
         "",

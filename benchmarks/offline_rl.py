@@ -6,8 +6,8 @@ decisions checked against the simulator.
     python benchmarks/offline_rl.py --seeds 1 --iterations 2 --updates 20 --sessions-per-day 60 \
         --eval-sessions 100 --results-dir /tmp/offline_rl                     # a smoke run
 
-Datasets (``rllib_policies.offline.data``): two simulated days of ``--sessions-per-day`` sessions each, served
-by the behaviour policy, logged as served-item events, sessionised by the Ray Data job and flattened into
+Datasets (``rllib_policies.offline.data``): ``--days`` simulated days (2) of ``--sessions-per-day`` sessions
+each, served by the behaviour policy, logged as served-item events, sessionised by the Ray Data job and flattened into
 transitions. The expert of the imitation dataset is the oracle's best static weights per cohort. Every learner
 gets the same gradient steps of the same batch size; every policy's true value is measured on the same users
 with the same random numbers. Gap closed = (V(π) − V(worst)) / (V(oracle static) − V(worst)), V(worst) the
@@ -95,7 +95,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--updates", type=int, default=100, help="gradient steps per iteration")
-    p.add_argument("--sessions-per-day", type=int, default=500)
+    p.add_argument("--sessions-per-day", type=int, default=500, help="at most the world's users")
+    p.add_argument("--days", type=int, default=2, help="simulated days of logs per dataset")
     p.add_argument("--eval-sessions", type=int, default=1000)
     p.add_argument("--oracle-sessions", type=int, default=1000)
     p.add_argument(
@@ -173,7 +174,7 @@ def main() -> None:
             kind,
             spec.env_config,
             os.path.join(data_dir, kind),
-            2,
+            args.days,
             args.sessions_per_day,
             seed=0,
             expert=expert,
@@ -322,7 +323,7 @@ def write_page(summary: dict, results_dir: str) -> None:
         "|---|---:|",
         ref,
         "",
-        "Datasets (two simulated days each, through the telemetry path):",
+        f"Datasets ({summary['args'].get('days', 2)} simulated days each, through the telemetry path):",
         "",
         "| dataset | sessions | transitions | seconds |",
         "|---|---:|---:|---:|",

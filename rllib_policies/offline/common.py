@@ -166,6 +166,15 @@ class OfflineLearner(TorchLearner):
             module.unwrapped().make_target_networks()
         self.steps = 0
 
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
+        """RLlib's learner state and the gradient steps taken (``steps``: TD3's ``bc_steps`` and policy delay count
+        them), so a restored run goes on where it stopped."""
+        return {**super().get_state(components, not_components=not_components, **kwargs), "steps": self.steps}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.steps = int(state.get("steps", self.steps))
+
     def compute_gradients(self, loss_per_module, **kwargs):
         return {pid: g for pid, g in super().compute_gradients(loss_per_module, **kwargs).items() if g is not None}
 

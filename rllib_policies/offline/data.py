@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from scipy.spatial import cKDTree
 from scipy.stats import chi2
 
 from actors.cascade import Pipeline, build_world
@@ -269,15 +270,24 @@ def read_rows(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+class ActionSupport:
+    """Where the logs hold actions: ranking weights are in it when within ``radius`` (unit-cube max-norm, a/a_max)
+    of some logged action [N, 3] (scipy's k-d tree over the logged actions)."""
+
+    def __init__(self, logged: np.ndarray, radius: float = 0.1):
+        self.radius = radius
+        self._tree = cKDTree(np.asarray(logged, np.float64).reshape(-1, 3) / RANKING_ACTION_HIGH)
+
+    def contains(self, weights: np.ndarray) -> np.ndarray:
+        """[B] bool: which of the ranking weights [B, 3] lie in the support."""
+        a = np.asarray(weights, np.float64).reshape(-1, 3) / RANKING_ACTION_HIGH
+        distance, _ = self._tree.query(a, p=np.inf, distance_upper_bound=self.radius)
+        return np.isfinite(distance)
+
+
 def support_fraction(weights: np.ndarray, logged: np.ndarray, radius: float = 0.1) -> float:
     """The share of policy actions [B, 3] within ``radius`` (unit-cube max-norm) of some logged action [N, 3]."""
-    a = np.asarray(weights) / RANKING_ACTION_HIGH
-    b = np.asarray(logged) / RANKING_ACTION_HIGH
-    near = np.zeros(len(a), bool)
-    for start in range(0, len(b), 4096):
-        d = np.abs(a[:, None, :] - b[None, start : start + 4096, :]).max(-1)
-        near |= (d <= radius).any(1)
-    return float(near.mean())
+    return float(ActionSupport(logged, radius).contains(weights).mean())
 
 
 # ---------------------------------------------------------------------------------------------- ground truth

@@ -204,6 +204,20 @@ def fqe_estimate(
     return GateEstimate(value, float(min(low, value)), float(max(up, value)), float(len(s.starts))), q
 
 
+def _answers_kept(policy):
+    """``policy`` answering each input array once: FQE's full fit and every bootstrap refit ask for the actions at
+    the same rows' next states, which costs a policy that picks among sampled candidates (IQL's, BCQ's) a pass of
+    its critics over them each time."""
+    answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def kept(obs: np.ndarray) -> np.ndarray:
+        if id(obs) not in answers:  # the array is held beside its answer, so its id is not reused meanwhile
+            answers[id(obs)] = (obs, policy(obs))
+        return answers[id(obs)][1]
+
+    return kept
+
+
 def gate(
     rows: dict[str, np.ndarray],
     policy,
@@ -219,6 +233,7 @@ def gate(
     value on the same logs."""
     if by not in ("dr", "fqe"):
         raise ValueError(f"gate by must be 'dr' or 'fqe', got {by!r}")
+    policy = _answers_kept(policy)
     live = live_value(rows, level)
     fqe, q = fqe_estimate(rows, policy, high, n_boot, level, seed, **fit)
     dr = doubly_robust(rows, policy, q, high, bandwidth, level)

@@ -36,6 +36,7 @@ from ray.rllib.core.columns import Columns
 from actors.stages import RANKING_ACTION_HIGH
 
 from .common import check_window
+from .data import ActionSupport
 from .gate import Sessions
 
 SHIPPED = ("bc", "cql", "iql")
@@ -44,6 +45,7 @@ ACTION_SCALES = ("linear", "log")
 LOG_FLOOR = 1e-4  # the log box's lower edge, as a share of a_max
 IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022, MuJoCo), on normalised rewards
 IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
+SELECTION_CHUNK = 65_536  # (state, candidate) rows per pass of the critics: bounds the memory a large batch takes
 
 
 def check_scale(scale: str) -> str:
@@ -107,6 +109,15 @@ class IQLTemperatureConfig(IQLConfig):
             self.beta = beta
 
 
+def check_selection(name: str, samples: int) -> int:
+    """``samples`` if it is a count ≥ 0 that learner ``name`` can serve (CQL and IQL: a critic to select with)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"selection_samples must be an integer >= 0, got {samples!r}")
+    if samples and name not in ("cql", "iql"):
+        raise ValueError(f"selection_samples: {name} has no critic to select with (CQL and IQL have)")
+    return samples
+
+
 def iql_temperature(rows_path: str, beta: float = IQL_BETA) -> float:
     """IQL's advantage temperature on the rewards as logged: temperature = β · 1000 / (R_max − R_min).
 
@@ -154,6 +165,7 @@ def shipped_config(
     actor_lr: float | None = None,
     initial_alpha: float | None = None,
     target_entropy: float | None = None,
+    selection_samples: int = 0,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
     rows, or several: the logs first, then what was added to them).
@@ -171,9 +183,11 @@ def shipped_config(
     paper's β on the paper's reward scale); its targets are RLlib's default, a full copy per call. Every learner
     gets ``updates_per_iteration`` minibatches of ``batch_size`` per ``train()``; the mapped data are materialised
     once (IQL's default re-runs its pre-learner every iteration). ``action_scale``: the unit box's scale
-    (``to_unit``).
+    (``to_unit``). ``selection_samples``: how CQL's and IQL's policy is served (``ShippedOffline``), not trained;
+    checked here with the rest.
     """
     check_scale(action_scale)
+    check_selection(name, selection_samples)
     paths = [rows_path] if isinstance(rows_path, str) else list(rows_path)
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
     if beta is not None and name != "iql":
@@ -237,9 +251,10 @@ class ShippedOffline:
     """One of RLlib's offline learners behind the interface our own offline learners have."""
 
     def __init__(self, name: str, rows_path: str, observation_dim: int, seed: int = 0, **options):
-        if name == "iql" and options.get("beta") is None:  # the logs' temperature, kept when rows are added
-            options = {**options, "beta": iql_temperature(rows_path)}
-        self._hold(name, shipped_config(name, rows_path, observation_dim, seed, **options).build_algo(), options)
+        config = shipped_config(name, rows_path, observation_dim, seed, **options)
+        if name == "iql":  # the logs' temperature, kept when rows are added
+            options = {**options, "beta": config.beta}
+        self._hold(name, config.build_algo(), options)
         self._build = {"paths": [rows_path], "observation_dim": observation_dim, "seed": seed, "options": options}
 
     @classmethod
@@ -251,9 +266,10 @@ class ShippedOffline:
         return self
 
     def _hold(self, name: str, algo, options: dict) -> None:
-        """What serving needs of the options: the unit box's ``action_scale``."""
+        """What serving needs of the options: the unit box's ``action_scale`` and ``selection_samples``."""
         self.name, self.algo, self.action_scale = name, algo, check_scale(options.get("action_scale", "linear"))
-        self._build, self._added = None, None
+        self.selection_samples = check_selection(name, options.get("selection_samples", 0))
+        self._build, self._added, self._support = None, None, None
 
     def add_rows(self, path: str, window: int | None = None) -> int:
         """Grows the dataset by the rows at ``path`` (an online exploration round's logs, copied: the round's folder
@@ -279,7 +295,7 @@ class ShippedOffline:
         for module_id, log_alpha in getattr(old, "curr_log_alpha", {}).items():
             new.curr_log_alpha[module_id].data.copy_(log_alpha.data)
         self.algo.stop()
-        self.algo = algo
+        self.algo, self._support = algo, None
         return sum(pq.read_metadata(p).num_rows for p in paths)
 
     @property
@@ -290,21 +306,65 @@ class ShippedOffline:
         return self.algo.train()
 
     @torch.no_grad()
-    def _unit_mean(self, obs: np.ndarray) -> torch.Tensor:
-        out = self.module.forward_inference({Columns.OBS: torch.as_tensor(obs, dtype=torch.float32)})
-        mean = out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[0]
-        return mean if self.name == "bc" else torch.tanh(mean)
+    def _unit_action(self, obs: np.ndarray) -> torch.Tensor:
+        """The served action in the unit box [B, 3]: the distribution's mean, or with ``selection_samples`` N > 0
+        the critic's pick among that mean and N actions sampled from the policy (``_select``)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        inputs = self.module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        mean = inputs.chunk(2, dim=-1)[0]
+        if self.name == "bc":
+            return mean
+        if not self.selection_samples:
+            return torch.tanh(mean)
+        return self._select(obs, inputs)
+
+    @property
+    def support(self) -> ActionSupport:
+        """The support of the actions it trains on (its unit rows, mapped back to weights)."""
+        if self._support is None:
+            unit = np.concatenate(
+                [np.stack(pq.read_table(p, columns=["actions"])[0].to_numpy(False)) for p in self.algo.config.input_]
+            )
+            self._support = ActionSupport(to_weights(unit, self.action_scale))
+        return self._support
+
+    def _select(self, obs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """argmax min(Q1, Q2)(s, a) over a ∈ {tanh(μ(s)), a_1..a_N} within the logs' support, a_i ~ π(·|s) — IDQL's
+        extraction (Hansen-Estruch et al. 2023: sample a behaviour model, let the critic choose) on the policy's own
+        samples; the mean where none is in the support.
+
+        IDQL's behaviour model is generative, its samples logged-like; IQL's policy is a unimodal Gaussian, which on
+        a multimodal behaviour spans the space between the modes (on the two-mode test's logs every pick left the
+        logs), so candidates farther than the support's radius from every logged action are dropped
+        (``ActionSupport``). The samples come from torch's generator seeded with the config's seed in every call
+        (the caller's stream is left as it was), so the same states are served the same actions."""
+        n, b = self.selection_samples, len(obs)
+        dist = self.module.get_inference_action_dist_cls().from_logits(inputs.repeat_interleave(n, 0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.algo.config.seed or 0)
+            sampled = dist.sample().reshape(b, n, -1)
+        candidates = torch.cat([torch.tanh(inputs.chunk(2, dim=-1)[0])[:, None], sampled], 1).clamp(-1 + EDGE, 1 - EDGE)
+        pairs = zip(
+            obs.repeat_interleave(n + 1, 0).split(SELECTION_CHUNK), candidates.flatten(0, 1).split(SELECTION_CHUNK)
+        )
+        q = torch.cat([self.module.compute_q_values({Columns.OBS: o, Columns.ACTIONS: a}) for o, a in pairs])
+        q = q.reshape(b, n + 1)
+        weights = to_weights(candidates.flatten(0, 1).numpy(), self.action_scale)
+        inside = torch.as_tensor(self.support.contains(weights)).reshape(b, n + 1)
+        best = q.masked_fill(~inside, -torch.inf).argmax(1)
+        return candidates[torch.arange(b), torch.where(inside.any(1), best, 0)]
 
     def policy_weights(self, obs: np.ndarray) -> np.ndarray:
-        """The deterministic policy (the distribution's mean) as ranking weights [B, 3]."""
-        return to_weights(self._unit_mean(obs).numpy(), self.action_scale)
+        """The served policy (``_unit_action``) as ranking weights [B, 3]."""
+        return to_weights(self._unit_action(obs).numpy(), self.action_scale)
 
     @torch.no_grad()
     def q_estimate(self, initial_obs: np.ndarray) -> float:
-        """mean_s0 Q(s0, π(s0)) (RLlib's ``compute_q_values``: the min of the twin critics); NaN for BC."""
+        """mean_s0 Q(s0, π(s0)) (RLlib's ``compute_q_values``: the min of the twin critics) at the served action;
+        NaN for BC."""
         if self.name == "bc":
             return float("nan")
-        unit = self._unit_mean(initial_obs).clamp(-1 + EDGE, 1 - EDGE)
+        unit = self._unit_action(initial_obs).clamp(-1 + EDGE, 1 - EDGE)
         q = self.module.compute_q_values(
             {Columns.OBS: torch.as_tensor(initial_obs, dtype=torch.float32), Columns.ACTIONS: unit}
         )

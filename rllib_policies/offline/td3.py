@@ -60,8 +60,8 @@ class TD3Config(OfflineConfig):
             target_noise_clip: c, its clip.
             bc_steps: The first ``bc_steps`` gradient steps train the actor by behaviour cloning, mean ‖μ(s) − ā‖²
                 on the logged actions, while the critics learn: the policy starts at the logged behaviour instead
-                of an untrained network's box centre (the CQL paper's warm start). Counted from the learner's
-                build: a run restored from a checkpoint clones again.
+                of an untrained network's box centre (the CQL paper's warm start). The count is checkpointed:
+                a restored run goes on from where it stopped.
 
         Returns:
             This updated AlgorithmConfig object.
@@ -93,7 +93,7 @@ class TD3Learner(OfflineLearner):
 
     def actor_loss(self, m, obs: torch.Tensor, act: torch.Tensor, ascend) -> tuple[torch.Tensor, dict]:
         """This step's actor loss and what to log: behaviour cloning, mean ‖μ(s) − ā‖², during the first
-        ``bc_steps`` (logged as ``bc_loss``; counted from the learner's build, so a restored run clones again),
+        ``bc_steps`` (logged as ``bc_loss``; the count is part of the learner's state),
         then ``ascend(m, obs) → (loss, logged)`` with the critics frozen every ``policy_delay``-th step, else
         nothing."""
         if self.steps < self.config.bc_steps:
