@@ -94,7 +94,7 @@ def main() -> None:
                     learner.train()
                 train_s = time.time() - t0
                 if name in SHIPPED:
-                    learner.selection_samples = 0  # its policy's mean (IQL serves a selection by default)
+                    learner.selection_samples = 0  # its policy's mean
                 cells = [f"{value(learner.policy_weights):.2f}"]
                 rng = np.random.default_rng(seed)
                 for k in args.candidates:

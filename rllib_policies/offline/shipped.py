@@ -6,8 +6,9 @@ differ from our own learners, both measured on Ray 2.60 (docs/offline_rl.md):
 - CQL's and IQL's policies are tanh-squashed Gaussians whose bounds are fixed at [−1, 1] (the action space's
   bounds never reach the distribution), so they train on a copy of the rows with actions mapped to
   u = 2·a/a_max − 1 (kept 10⁻³ inside the edges; ``action_scale="log"``: a log-scaled box, ``to_unit``) under
-  ``Box(−1, 1)``, and serve the mean m mapped back, a = a_max·(tanh(m) + 1)/2. BC (a plain Gaussian) trains on the
-  same copy and serves a_max·(clip(m, −1, 1) + 1)/2.
+  ``Box(−1, 1)``, and serve the mean m mapped back, a = a_max·(tanh(m) + 1)/2 (or, with ``selection_samples``,
+  their critic's pick among the mean and samples of the policy). BC (a plain Gaussian) trains on the same copy and
+  serves a_max·(clip(m, −1, 1) + 1)/2.
 - Offline RLlib algorithms have no env runners: the trained module is the local learner's
   (``num_learners=0``), and CQL must be told it is offline (``_is_online = False``), else it builds an env.
 
@@ -45,7 +46,7 @@ ACTION_SCALES = ("linear", "log")
 LOG_FLOOR = 1e-4  # the log box's lower edge, as a share of a_max
 IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022, MuJoCo), on normalised rewards
 IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
-SELECTION_CHUNK = 65_536  # (state, candidate) rows per pass of the critics: bounds the memory a large batch takes
+SELECTION_CHUNK = 65_536  # (state, candidate) rows per pass of the critics: bounds their activations' memory
 
 
 def check_scale(scale: str) -> str:
@@ -322,9 +323,11 @@ class ShippedOffline:
     def support(self) -> ActionSupport:
         """The support of the actions it trains on (its unit rows, mapped back to weights)."""
         if self._support is None:
-            unit = np.concatenate(
-                [np.stack(pq.read_table(p, columns=["actions"])[0].to_numpy(False)) for p in self.algo.config.input_]
-            )
+            paths = self.algo.config.input_
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            if missing := [p for p in paths if not os.path.exists(p)]:
+                raise FileNotFoundError(f"{self.name}: selection_samples needs the rows it trained on; gone: {missing}")
+            unit = np.concatenate([np.stack(pq.read_table(p, columns=["actions"])[0].to_numpy(False)) for p in paths])
             self._support = ActionSupport(to_weights(unit, self.action_scale))
         return self._support
 
@@ -337,7 +340,9 @@ class ShippedOffline:
         a multimodal behaviour spans the space between the modes (on the two-mode test's logs every pick left the
         logs), so candidates farther than the support's radius from every logged action are dropped
         (``ActionSupport``). The samples come from torch's generator seeded with the config's seed in every call
-        (the caller's stream is left as it was), so the same states are served the same actions."""
+        (the caller's stream is left as it was), so the same batch of states is served the same actions (a state's
+        candidates depend on its row in the batch). The filter's radius is the benchmark's support measure: looser
+        than the behaviour's 95 % region on a narrow log-normal behaviour (docs/offline_rl.md)."""
         n, b = self.selection_samples, len(obs)
         dist = self.module.get_inference_action_dist_cls().from_logits(inputs.repeat_interleave(n, 0))
         with torch.random.fork_rng(devices=[]):

@@ -24,6 +24,7 @@ from rllib_policies.offline.data import (
     MISALIGNED_WEIGHTS,
     OFFLINE_SCHEMA,
     RANDOM_SLICE,
+    ActionSupport,
     behaviour,
     eval_users,
     offline_rows,
@@ -150,6 +151,13 @@ def test_the_random_slice_serves_uniform_weights_on_a_tenth_and_logs_the_mixture
     assert outside.sum() > 50  # w_long_view = exp(0.3·ε) > 2 about 1 % of the time
     np.testing.assert_allclose(density[outside], (1 - RANDOM_SLICE) * lognormal[outside], rtol=1e-4)
     assert np.all(w > 0)
+
+
+def test_action_support_holds_actions_within_its_radius_of_a_logged_one():
+    support = ActionSupport(np.array([[1.0, 1.0, 10.0]]))
+    step = 0.1 * RANKING_ACTION_HIGH  # the radius, per weight
+    inside, outside = np.array([1.0, 1.0, 10.0]) + 0.99 * step, np.array([1.0, 1.0, 10.0]) + [0, 0, 1.01 * step[2]]
+    assert support.contains(np.stack([inside, outside])).tolist() == [True, False]
 
 
 def test_support_fraction_counts_actions_near_logged_ones():
@@ -623,8 +631,9 @@ def test_a_shipped_learner_trains_through_the_wrapper_and_acts_in_the_box(ray_se
 
 def test_iqls_critic_selection_serves_its_highest_q_candidate_the_same_way_each_call(ray_session, tmp_path):
     """``selection_samples`` N: in every state the served action is the candidate (the policy's mean and N samples)
-    with the highest min-of-twins Q, so its Q is at least the mean's and above it where a sample wins; the samples
-    are seeded, so a second call serves the same actions; N = 0 serves the mean."""
+    within the logs' support with the highest min-of-twins Q, so, the mean being inside here (the logs fill the
+    middle of the box), its Q is at least the mean's and above it where a sample wins; the samples are seeded, so a
+    second call serves the same actions; N = 0 serves the mean."""
     path = hand_built_rows(tmp_path, n=400)
     learner = ShippedOffline("iql", path, D_OBS, seed=0, updates_per_iteration=50, batch_size=64, selection_samples=16)
     try:
@@ -632,8 +641,13 @@ def test_iqls_critic_selection_serves_its_highest_q_candidate_the_same_way_each_
         obs = read_rows(path)["obs"][:64]
         selected = learner.policy_weights(obs)
         np.testing.assert_array_equal(selected, learner.policy_weights(obs))
+        assert learner.support.contains(selected).all()
         learner.selection_samples = 0
         mean = learner.policy_weights(obs)
+        learner._support, learner.selection_samples = ActionSupport(mean, radius=1e-4), 16  # only the means inside
+        np.testing.assert_allclose(learner.policy_weights(obs), mean, atol=1e-5)
+        learner._support = ActionSupport(np.zeros((1, 3)), radius=1e-4)  # none inside: the mean
+        np.testing.assert_allclose(learner.policy_weights(obs), mean, atol=1e-5)
         with torch.no_grad():
             q = {
                 key: learner.module.compute_q_values(
