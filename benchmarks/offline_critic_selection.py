@@ -40,8 +40,7 @@ LEARNERS = ("bcq", "iql", "cql")
 def critic_q(learner, name: str, obs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """min of the twin critics at (obs [B, d], ranking weights [B, 3]) in each learner's own action coordinates."""
     if name in SHIPPED:  # RLlib's: the unit box [−1, 1]
-        unit = torch.as_tensor(to_unit(weights.numpy(), learner.action_scale))
-        return learner.module.compute_q_values({"obs": obs, "actions": unit})
+        return learner.q_values(obs, torch.as_tensor(to_unit(weights.numpy(), learner.action_scale)))
     module = learner.inference_module()  # ours: the unit cube a / a_max
     return torch.minimum(*module.critic(obs, weights / torch.as_tensor(RANKING_ACTION_HIGH)))
 

@@ -46,7 +46,7 @@ ACTION_SCALES = ("linear", "log")
 LOG_FLOOR = 1e-4  # the log box's lower edge, as a share of a_max
 IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022, MuJoCo), on normalised rewards
 IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
-SELECTION_CHUNK = 65_536  # (state, candidate) rows per pass of the critics: bounds their activations' memory
+SELECTION_CHUNK = 65_536  # (state, action) rows per pass of the critics (``q_values``): bounds their activations
 
 
 def check_scale(scale: str) -> str:
@@ -349,15 +349,18 @@ class ShippedOffline:
             torch.manual_seed(self.algo.config.seed or 0)
             sampled = dist.sample().reshape(b, n, -1)
         candidates = torch.cat([torch.tanh(inputs.chunk(2, dim=-1)[0])[:, None], sampled], 1).clamp(-1 + EDGE, 1 - EDGE)
-        pairs = zip(
-            obs.repeat_interleave(n + 1, 0).split(SELECTION_CHUNK), candidates.flatten(0, 1).split(SELECTION_CHUNK)
-        )
-        q = torch.cat([self.module.compute_q_values({Columns.OBS: o, Columns.ACTIONS: a}) for o, a in pairs])
-        q = q.reshape(b, n + 1)
+        q = self.q_values(obs.repeat_interleave(n + 1, 0), candidates.flatten(0, 1)).reshape(b, n + 1)
         weights = to_weights(candidates.flatten(0, 1).numpy(), self.action_scale)
         inside = torch.as_tensor(self.support.contains(weights)).reshape(b, n + 1)
         best = q.masked_fill(~inside, -torch.inf).argmax(1)
         return candidates[torch.arange(b), torch.where(inside.any(1), best, 0)]
+
+    @torch.no_grad()
+    def q_values(self, obs: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """min(Q1, Q2)(s, u) [B] at states [B, d] and unit-box actions [B, 3] (RLlib's ``compute_q_values``), in
+        passes of ``SELECTION_CHUNK`` rows."""
+        pairs = zip(obs.split(SELECTION_CHUNK), unit.split(SELECTION_CHUNK))
+        return torch.cat([self.module.compute_q_values({Columns.OBS: o, Columns.ACTIONS: a}) for o, a in pairs])
 
     def policy_weights(self, obs: np.ndarray) -> np.ndarray:
         """The served policy (``_unit_action``) as ranking weights [B, 3]."""
@@ -370,10 +373,7 @@ class ShippedOffline:
         if self.name == "bc":
             return float("nan")
         unit = self._unit_action(initial_obs).clamp(-1 + EDGE, 1 - EDGE)
-        q = self.module.compute_q_values(
-            {Columns.OBS: torch.as_tensor(initial_obs, dtype=torch.float32), Columns.ACTIONS: unit}
-        )
-        return float(q.mean())
+        return float(self.q_values(torch.as_tensor(initial_obs, dtype=torch.float32), unit).mean())
 
     def stop(self) -> None:
         """Stop the algorithm and collect its Ray Data iterators while Ray is up (collected after a shutdown,

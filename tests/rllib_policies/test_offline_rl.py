@@ -648,13 +648,10 @@ def test_iqls_critic_selection_serves_its_highest_q_candidate_the_same_way_each_
         np.testing.assert_allclose(learner.policy_weights(obs), mean, atol=1e-5)
         learner._support = ActionSupport(np.zeros((1, 3)), radius=1e-4)  # none inside: the mean
         np.testing.assert_allclose(learner.policy_weights(obs), mean, atol=1e-5)
-        with torch.no_grad():
-            q = {
-                key: learner.module.compute_q_values(
-                    {"obs": torch.as_tensor(obs), "actions": torch.as_tensor(to_unit(weights))}
-                ).numpy()
-                for key, weights in (("selected", selected), ("mean", mean))
-            }
+        q = {
+            key: learner.q_values(torch.as_tensor(obs), torch.as_tensor(to_unit(weights))).numpy()
+            for key, weights in (("selected", selected), ("mean", mean))
+        }
     finally:
         learner.stop()
     assert np.all(q["selected"] >= q["mean"] - 1e-4)
