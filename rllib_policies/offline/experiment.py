@@ -39,7 +39,7 @@ from .data import (
 from .gate import gate
 from .registry import LEARNERS as OFFLINE_LEARNERS
 from .registry import OWN, own_config
-from .shipped import SHIPPED, ShippedOffline, shipped_config
+from .shipped import SHIPPED, ShippedOffline, check_shipped, shipped_config
 
 # BCQ-EE: BCQ with online exploration enhancement (BatchRL-MTF, Zhang et al. KDD 2022): between offline training
 # phases the current policy is served with log-normal exploration around its actions, and the logged sessions
@@ -125,6 +125,7 @@ def check_options(options: dict) -> None:
             takes = set(inspect.signature(shipped_config).parameters) - {"name", "rows_path", "observation_dim", "seed"}
             if unknown := sorted(set(opts) - takes):
                 raise ValueError(f"{name} has no option(s) {unknown}; RLlib's learners take {sorted(takes)}")
+            check_shipped(name, **opts)
         else:
             raise ValueError(
                 f"options for {name!r}: no such offline learner ({(*OWN, *SHIPPED)}; "

@@ -119,6 +119,22 @@ def check_selection(name: str, samples: int) -> int:
     return samples
 
 
+def check_positive(**values: float | None) -> None:
+    """Each given number (None: not given) finite and > 0, else a ValueError naming it; ``min_q_weight`` may be 0
+    (CQL's penalty off). Checked here because RLlib's configs take any value, and its ``get_state`` drops every
+    attribute equal to −1 (its DEPRECATED_VALUE), so a −1 would silently train at the default."""
+    for key, value in values.items():
+        floor_ok = value == 0 and key == "min_q_weight"
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (value > 0 or floor_ok)
+            or not np.isfinite(value)
+        ):
+            bound = ">= 0" if key == "min_q_weight" else "> 0"
+            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+
+
 def iql_temperature(rows_path: str, beta: float = IQL_BETA) -> float:
     """IQL's advantage temperature on the rewards as logged: temperature = β · 1000 / (R_max − R_min).
 
@@ -147,6 +163,38 @@ def polyak_per_call(tau: float, steps: int) -> float:
     if not 0 < tau <= 1 or steps < 1:
         raise ValueError(f"need 0 < tau <= 1 and steps >= 1, got tau={tau}, steps={steps}")
     return 1 - (1 - tau) ** steps
+
+
+def check_shipped(
+    name: str,
+    *,
+    action_scale: str = "linear",
+    selection_samples: int = 0,
+    beta: float | None = None,
+    min_q_weight: float | None = None,
+    actor_lr: float | None = None,
+    initial_alpha: float | None = None,
+    target_entropy: float | None = None,
+    tau: float = 0.02,
+    num_actions: int = 10,
+    **_: object,
+) -> dict:
+    """``shipped_config``'s options for learner ``name`` checked (a ValueError naming the option), before anything
+    is read or built; returns the CQL-only ones that were given."""
+    check_scale(action_scale)
+    check_selection(name, selection_samples)
+    check_positive(beta=beta, min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, tau=tau)
+    if isinstance(num_actions, bool) or not isinstance(num_actions, int) or num_actions < 1:
+        raise ValueError(f"num_actions must be an integer >= 1, got {num_actions!r}")
+    if beta is not None and name != "iql":
+        raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
+    cql_only = dict(
+        min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
+    )
+    cql_only = {k: v for k, v in cql_only.items() if v is not None}
+    if cql_only and name != "cql":
+        raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
+    return cql_only
 
 
 def shipped_config(
@@ -187,18 +235,20 @@ def shipped_config(
     (``to_unit``). ``selection_samples``: how CQL's and IQL's policy is served (``ShippedOffline``), not trained;
     checked here with the rest.
     """
-    check_scale(action_scale)
-    check_selection(name, selection_samples)
+    cql_only = check_shipped(
+        name,
+        action_scale=action_scale,
+        selection_samples=selection_samples,
+        beta=beta,
+        min_q_weight=min_q_weight,
+        actor_lr=actor_lr,
+        initial_alpha=initial_alpha,
+        target_entropy=target_entropy,
+        tau=tau,
+        num_actions=num_actions,
+    )
     paths = [rows_path] if isinstance(rows_path, str) else list(rows_path)
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
-    if beta is not None and name != "iql":
-        raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
-    cql_only = dict(
-        min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
-    )
-    cql_only = {k: v for k, v in cql_only.items() if v is not None}
-    if cql_only and name != "cql":
-        raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
     if name == "bc":
         config = BCConfig().training(train_batch_size_per_learner=batch_size, lr=1e-3)
     elif name == "cql":

@@ -412,6 +412,9 @@ def test_bcq_ee_needs_training_after_every_round(iterations, rounds, match):
         ),
         ({"bcq": {"phi": 0.1}}, r"bcq has no option\(s\) \['phi'\]"),
         ({"iql": {"temperature": 3.0}}, r"iql has no option\(s\) \['temperature'\]; RLlib's learners take"),
+        ({"cql": {"min_q_weight": -1}}, "min_q_weight must be a finite number >= 0, got -1"),  # values too
+        ({"iql": {"selection_samples": -2}}, "selection_samples must be an integer >= 0, got -2"),
+        ({"bc": {"min_q_weight": 1.0}}, "min_q_weight: CQL's; bc has none"),
     ],
 )
 def test_benchmark_options_are_checked_before_any_run(options, match):
@@ -589,6 +592,14 @@ def test_iqls_temperature_needs_returns_that_differ(tmp_path):
         ("iql", {"selection_samples": -1}, "selection_samples must be an integer >= 0, got -1"),
         ("cql", {"selection_samples": 2.5}, "selection_samples must be an integer >= 0, got 2.5"),
         ("iql", {"selection_samples": True}, "selection_samples must be an integer >= 0, got True"),
+        # RLlib drops a config attribute equal to −1 when it builds the algorithm: refused, not trained at 5
+        ("cql", {"min_q_weight": -1.0}, "min_q_weight must be a finite number >= 0, got -1.0"),
+        ("cql", {"min_q_weight": float("nan")}, "min_q_weight must be a finite number >= 0, got nan"),
+        ("cql", {"actor_lr": 0.0}, "actor_lr must be a finite number > 0, got 0.0"),
+        ("cql", {"initial_alpha": "1"}, "initial_alpha must be a finite number > 0, got '1'"),
+        ("cql", {"num_actions": 0}, "num_actions must be an integer >= 1, got 0"),
+        ("iql", {"beta": -3.0}, "beta must be a finite number > 0, got -3.0"),
+        ("cql", {"tau": float("inf")}, "tau must be a finite number > 0, got inf"),
     ],
 )
 def test_a_shipped_learner_refuses_another_learners_option(tmp_path, name, option, match):
