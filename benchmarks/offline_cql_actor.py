@@ -96,14 +96,6 @@ def _probe(learner, obs: torch.Tensor, samples: int) -> dict:
     return out
 
 
-def clone_logs(learner, on: bool) -> None:
-    """Switch CQL's actor loss between cloning the logs and SAC's. RLlib 2.60's CQL learner counts ``bc_iters``
-    in a metric summed since its last reduce, i.e. within one ``train()`` call, so no config value is a warm
-    start; its learner's (frozen) config is set by hand: above the call's steps it clones throughout, 0 runs SAC."""
-    config = learner.algo.learner_group._learner.config
-    object.__setattr__(config, "bc_iters", 10**9 if on else 0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=3)
@@ -144,7 +136,7 @@ def main() -> None:
         try:
             for i in range(1, args.iterations + 1):
                 if setting in CLONING_STARTS:
-                    clone_logs(learner, on=i == 1)
+                    learner.clone_logs(on=i == 1)
                 learner.train()
                 q = probe(learner, obs)
                 (worse_q, worse_spread), (better_q, better_spread) = q[WORSE], q[BETTER]

@@ -52,6 +52,12 @@ class OfflineJobConfig(AlgorithmJobConfig):
             raise ValueError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
         if self.dataset_kind not in DATASETS:
             raise ValueError(f"dataset_kind must be one of {DATASETS}, got {self.dataset_kind!r}")
+        if self.learner in SHIPPED and self.options.get("bc_steps"):
+            # the job trains RLlib's algorithm itself; the per-call switch lives in ShippedOffline.train
+            raise ValueError(
+                "options.bc_steps: not in this job (it trains RLlib's algorithm directly); "
+                "ShippedOffline and benchmarks/offline_rl.py take it"
+            )
 
 
 def ensure_dataset(job: OfflineJobConfig) -> str:

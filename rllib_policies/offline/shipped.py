@@ -112,27 +112,29 @@ class IQLTemperatureConfig(IQLConfig):
 
 def check_selection(name: str, samples: int) -> int:
     """``samples`` if it is a count ≥ 0 that learner ``name`` can serve (CQL and IQL: a critic to select with)."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise ValueError(f"selection_samples must be an integer >= 0, got {samples!r}")
+    check_count("selection_samples", samples)
     if samples and name not in ("cql", "iql"):
         raise ValueError(f"selection_samples: {name} has no critic to select with (CQL and IQL have)")
     return samples
 
 
-def check_positive(**values: float | None) -> None:
-    """Each given number (None: not given) finite and > 0, else a ValueError naming it; ``min_q_weight`` may be 0
-    (CQL's penalty off). Checked here because RLlib's configs take any value, and its ``get_state`` drops every
-    attribute equal to −1 (its DEPRECATED_VALUE), so a −1 would silently train at the default."""
-    for key, value in values.items():
-        floor_ok = value == 0 and key == "min_q_weight"
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (value > 0 or floor_ok)
-            or not np.isfinite(value)
-        ):
-            bound = ">= 0" if key == "min_q_weight" else "> 0"
-            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+def check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    """``value`` (None: not given) a finite number > 0 (≥ 0 with ``allow_zero``), else a ValueError naming ``key``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        ok = False
+    else:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ValueError(f"{key} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_count(key: str, value: int, minimum: int = 0) -> int:
+    """``value`` if it is an integer ≥ ``minimum``, else a ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def iql_temperature(rows_path: str, beta: float = IQL_BETA) -> float:
@@ -177,23 +179,36 @@ def check_shipped(
     target_entropy: float | None = None,
     tau: float = 0.02,
     num_actions: int = 10,
+    bc_steps: int = 0,
     **_: object,
 ) -> dict:
     """``shipped_config``'s options for learner ``name`` checked (a ValueError naming the option), before anything
-    is read or built; returns the CQL-only ones that were given."""
+    is read or built; returns the CQL-only ones that were given (the CQL config's keywords). RLlib's configs take
+    any value, so every bound is checked here."""
     check_scale(action_scale)
     check_selection(name, selection_samples)
-    check_positive(beta=beta, min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, tau=tau)
-    if isinstance(num_actions, bool) or not isinstance(num_actions, int) or num_actions < 1:
-        raise ValueError(f"num_actions must be an integer >= 1, got {num_actions!r}")
+    for key, value in (("beta", beta), ("actor_lr", actor_lr), ("initial_alpha", initial_alpha), ("tau", tau)):
+        check_positive(key, value)
+    check_positive("min_q_weight", min_q_weight, allow_zero=True)  # 0: CQL's penalty off
+    if tau > 1:
+        raise ValueError(f"tau must be a Polyak rate in (0, 1], got {tau!r}")
+    check_count("num_actions", num_actions, 1)
+    check_count("bc_steps", bc_steps)
+    # RLlib's Algorithm rebuilds its config from get_state(), which drops every attribute equal to −1 (its
+    # DEPRECATED_VALUE): the options above are > 0 or ≥ 0; target_entropy may be negative
+    if target_entropy is not None and not isinstance(target_entropy, str) and target_entropy == -1:
+        raise ValueError(
+            "target_entropy -1 would train at RLlib's default: its config drops every value equal to -1 "
+            "(DEPRECATED_VALUE) when the algorithm is built; give e.g. -1.01"
+        )
     if beta is not None and name != "iql":
         raise ValueError(f"beta is IQL's advantage temperature; {name} has none")
     cql_only = dict(
         min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
     )
     cql_only = {k: v for k, v in cql_only.items() if v is not None}
-    if cql_only and name != "cql":
-        raise ValueError(f"{', '.join(cql_only)}: CQL's; {name} has none")
+    if (cql_only or bc_steps) and name != "cql":
+        raise ValueError(f"{', '.join([*cql_only, *(['bc_steps'] if bc_steps else [])])}: CQL's; {name} has none")
     return cql_only
 
 
@@ -215,6 +230,7 @@ def shipped_config(
     initial_alpha: float | None = None,
     target_entropy: float | None = None,
     selection_samples: int = 0,
+    bc_steps: int = 0,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
     rows, or several: the logs first, then what was added to them).
@@ -233,7 +249,8 @@ def shipped_config(
     gets ``updates_per_iteration`` minibatches of ``batch_size`` per ``train()``; the mapped data are materialised
     once (IQL's default re-runs its pre-learner every iteration). ``action_scale``: the unit box's scale
     (``to_unit``). ``selection_samples``: how CQL's and IQL's policy is served (``ShippedOffline``), not trained;
-    checked here with the rest.
+    ``bc_steps``: CQL's actor clones the logs for its first steps (``ShippedOffline.train``); both checked here
+    with the rest.
     """
     cql_only = check_shipped(
         name,
@@ -246,6 +263,7 @@ def shipped_config(
         target_entropy=target_entropy,
         tau=tau,
         num_actions=num_actions,
+        bc_steps=bc_steps,
     )
     paths = [rows_path] if isinstance(rows_path, str) else list(rows_path)
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
@@ -318,8 +336,13 @@ class ShippedOffline:
 
     def _hold(self, name: str, algo, options: dict) -> None:
         """What serving needs of the options: the unit box's ``action_scale`` and ``selection_samples``."""
-        self.name, self.algo, self.action_scale = name, algo, check_scale(options.get("action_scale", "linear"))
-        self.selection_samples = check_selection(name, options.get("selection_samples", 0))
+        check_shipped(name, **options)
+        self.name, self.algo, self.action_scale = name, algo, options.get("action_scale", "linear")
+        self.selection_samples = options.get("selection_samples", 0)
+        self.bc_steps = options.get("bc_steps", 0)
+        # gradient steps trained: RLlib's iteration count is checkpointed with the algorithm, and add_rows' rebuild
+        # keeps this count where it was
+        self.steps = algo.iteration * self.steps_per_call
         self._build, self._added, self._support = None, None, None
 
     def add_rows(self, path: str, window: int | None = None) -> int:
@@ -345,6 +368,7 @@ class ShippedOffline:
         new.set_state(old.get_state(components=[COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER]))
         for module_id, log_alpha in getattr(old, "curr_log_alpha", {}).items():
             new.curr_log_alpha[module_id].data.copy_(log_alpha.data)
+        algo._iteration = self.algo.iteration  # a checkpoint of the rebuilt algorithm counts on from here
         self.algo.stop()
         self.algo, self._support = algo, None
         return sum(pq.read_metadata(p).num_rows for p in paths)
@@ -353,8 +377,27 @@ class ShippedOffline:
     def module(self):
         return self.algo.learner_group._learner.module[DEFAULT_MODULE_ID]
 
+    @property
+    def steps_per_call(self) -> int:
+        return self.algo.config.dataset_num_iters_per_learner
+
+    def clone_logs(self, on: bool) -> None:
+        """Switch CQL's actor loss between cloning the logs (on) and SAC's. RLlib 2.60's CQL learner counts its
+        ``bc_iters`` in a metric summed since its last reduce, i.e. within one ``train()`` call, so no config value
+        is the paper's warm start; the learner's (frozen) config is set here instead: above a call's steps it clones
+        throughout, 0 runs SAC."""
+        if self.name != "cql":
+            raise ValueError(f"clone_logs: CQL's actor loss; {self.name} has none to switch")
+        object.__setattr__(self.algo.learner_group._learner.config, "bc_iters", 10**9 if on else 0)
+
     def train(self) -> dict:
-        return self.algo.train()
+        """One ``train()`` call of ``steps_per_call`` gradient steps; with ``bc_steps`` CQL's actor clones the logs
+        in every call that starts before that many steps (the CQL paper's warm start, in whole calls)."""
+        if self.name == "cql" and self.bc_steps:
+            self.clone_logs(self.steps < self.bc_steps)
+        result = self.algo.train()
+        self.steps += self.steps_per_call
+        return result
 
     @torch.no_grad()
     def _unit_action(self, obs: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
@@ -600,9 +601,13 @@ def test_iqls_temperature_needs_returns_that_differ(tmp_path):
         ("cql", {"num_actions": 0}, "num_actions must be an integer >= 1, got 0"),
         ("iql", {"beta": -3.0}, "beta must be a finite number > 0, got -3.0"),
         ("cql", {"tau": float("inf")}, "tau must be a finite number > 0, got inf"),
+        ("cql", {"bc_steps": -1}, "bc_steps must be an integer >= 0, got -1"),
+        ("cql", {"tau": 2.5}, r"tau must be a Polyak rate in \(0, 1\], got 2.5"),
+        ("cql", {"target_entropy": -1}, "target_entropy -1 would train at RLlib's default"),
+        ("iql", {"bc_steps": 100}, "bc_steps: CQL's; iql has none"),
     ],
 )
-def test_a_shipped_learner_refuses_another_learners_option(tmp_path, name, option, match):
+def test_a_shipped_learner_refuses_another_learners_option_and_bad_values(tmp_path, name, option, match):
     with pytest.raises(ValueError, match=match):
         shipped_config(name, hand_built_rows(tmp_path, n=20), D_OBS, **option)
 
@@ -610,6 +615,26 @@ def test_a_shipped_learner_refuses_another_learners_option(tmp_path, name, optio
 def test_cql_is_built_without_rllibs_behaviour_cloning(tmp_path):
     # RLlib's default (20 000) counts within each train() call: its actor would clone the logs for ever
     assert shipped_config("cql", hand_built_rows(tmp_path, n=20), D_OBS).bc_iters == 0
+
+
+def test_cqls_bc_steps_clone_the_logs_in_the_calls_that_start_before_them(ray_session, tmp_path):
+    """RLlib 2.60 counts CQL's ``bc_iters`` within one ``train()`` call, so ``bc_steps`` switches its learner's
+    actor loss per call: cloning (``bc_iters`` above any call's steps) while fewer steps than ``bc_steps`` are done,
+    then SAC's (0); the count goes on from a restored algorithm's iteration."""
+    learner = ShippedOffline(
+        "cql", hand_built_rows(tmp_path, n=40), D_OBS, updates_per_iteration=2, batch_size=8, bc_steps=3
+    )
+    config = learner.algo.learner_group._learner.config
+    assert config.get_config_for_module(DEFAULT_MODULE_ID) is config  # what CQL's loss reads
+    try:
+        seen = []
+        for _ in range(3):
+            learner.train()
+            seen.append((learner.steps, config.bc_iters))
+        assert seen == [(2, 10**9), (4, 10**9), (6, 0)]
+        assert ShippedOffline.wrap("cql", learner.algo, bc_steps=3).steps == 6
+    finally:
+        learner.stop()
 
 
 def test_the_support_ceiling_stays_in_the_behaviours_region_and_beats_its_centre():
@@ -971,3 +996,10 @@ def test_offline_job_refuses_unknown_learners_and_datasets(field, value, match):
 
     with pytest.raises(ValueError, match=match):
         OfflineJobConfig(**{field: value}).validate()
+
+
+def test_offline_job_refuses_cqls_bc_steps_it_cannot_apply():
+    from rllib_policies.train_offline import OfflineJobConfig
+
+    with pytest.raises(ValueError, match=r"options.bc_steps: not in this job"):
+        OfflineJobConfig(learner="cql", options={"bc_steps": 400}).validate()
