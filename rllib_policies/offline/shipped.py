@@ -330,19 +330,17 @@ class ShippedOffline:
     def wrap(cls, name: str, algo, **options) -> ShippedOffline:
         """The interface around an already built (or restored) RLlib algorithm of learner ``name``, trained with
         ``shipped_config``'s ``options``."""
+        check_shipped(name, **options)
         self = cls.__new__(cls)
         self._hold(name, algo, options)
         return self
 
     def _hold(self, name: str, algo, options: dict) -> None:
-        """What serving needs of the options: the unit box's ``action_scale`` and ``selection_samples``."""
-        check_shipped(name, **options)
+        """What serving and training need of the (checked) options: the unit box's ``action_scale``,
+        ``selection_samples`` and CQL's ``bc_steps``."""
         self.name, self.algo, self.action_scale = name, algo, options.get("action_scale", "linear")
         self.selection_samples = options.get("selection_samples", 0)
         self.bc_steps = options.get("bc_steps", 0)
-        # gradient steps trained: RLlib's iteration count is checkpointed with the algorithm, and add_rows' rebuild
-        # keeps this count where it was
-        self.steps = algo.iteration * self.steps_per_call
         self._build, self._added, self._support = None, None, None
 
     def add_rows(self, path: str, window: int | None = None) -> int:
@@ -381,6 +379,12 @@ class ShippedOffline:
     def steps_per_call(self) -> int:
         return self.algo.config.dataset_num_iters_per_learner
 
+    @property
+    def steps(self) -> int:
+        """Gradient steps trained: RLlib's iteration count (checkpointed with the algorithm, carried over by
+        ``add_rows``' rebuild) times the steps per call."""
+        return self.algo.iteration * self.steps_per_call
+
     def clone_logs(self, on: bool) -> None:
         """Switch CQL's actor loss between cloning the logs (on) and SAC's. RLlib 2.60's CQL learner counts its
         ``bc_iters`` in a metric summed since its last reduce, i.e. within one ``train()`` call, so no config value
@@ -395,9 +399,7 @@ class ShippedOffline:
         in every call that starts before that many steps (the CQL paper's warm start, in whole calls)."""
         if self.name == "cql" and self.bc_steps:
             self.clone_logs(self.steps < self.bc_steps)
-        result = self.algo.train()
-        self.steps += self.steps_per_call
-        return result
+        return self.algo.train()
 
     @torch.no_grad()
     def _unit_action(self, obs: np.ndarray) -> torch.Tensor:
