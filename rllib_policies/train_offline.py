@@ -52,11 +52,11 @@ class OfflineJobConfig(AlgorithmJobConfig):
             raise ValueError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
         if self.dataset_kind not in DATASETS:
             raise ValueError(f"dataset_kind must be one of {DATASETS}, got {self.dataset_kind!r}")
-        if self.learner in SHIPPED and self.options.get("bc_steps"):
+        if self.learner in SHIPPED and (cloning := [k for k in ("bc_steps", "bc_actor_lr") if k in self.options]):
             # the job trains RLlib's algorithm itself; the per-call switch lives in ShippedOffline.train
             raise ValueError(
-                "options.bc_steps: not in this job (it trains RLlib's algorithm directly); "
-                "ShippedOffline and benchmarks/offline_rl.py take it"
+                f"options.{', options.'.join(cloning)}: not in this job (it trains RLlib's algorithm directly); "
+                "ShippedOffline and benchmarks/offline_rl.py take them"
             )
 
 

@@ -33,6 +33,7 @@ from ray.rllib.algorithms.cql import CQLConfig
 from ray.rllib.algorithms.iql import IQLConfig
 from ray.rllib.core import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
+from ray.rllib.utils.schedules.scheduler import Scheduler
 
 from actors.stages import RANKING_ACTION_HIGH
 
@@ -180,6 +181,7 @@ def check_shipped(
     tau: float = 0.02,
     num_actions: int = 10,
     bc_steps: int = 0,
+    bc_actor_lr: float | None = None,
     **_: object,
 ) -> dict:
     """``shipped_config``'s options for learner ``name`` checked (a ValueError naming the option), before anything
@@ -187,7 +189,8 @@ def check_shipped(
     any value, so every bound is checked here."""
     check_scale(action_scale)
     check_selection(name, selection_samples)
-    for key, value in (("beta", beta), ("actor_lr", actor_lr), ("initial_alpha", initial_alpha), ("tau", tau)):
+    rates = ("beta", beta), ("actor_lr", actor_lr), ("bc_actor_lr", bc_actor_lr), ("initial_alpha", initial_alpha)
+    for key, value in (*rates, ("tau", tau)):
         check_positive(key, value)
     check_positive("min_q_weight", min_q_weight, allow_zero=True)  # 0: CQL's penalty off
     if tau > 1:
@@ -207,8 +210,11 @@ def check_shipped(
         min_q_weight=min_q_weight, actor_lr=actor_lr, initial_alpha=initial_alpha, target_entropy=target_entropy
     )
     cql_only = {k: v for k, v in cql_only.items() if v is not None}
-    if (cql_only or bc_steps) and name != "cql":
-        raise ValueError(f"{', '.join([*cql_only, *(['bc_steps'] if bc_steps else [])])}: CQL's; {name} has none")
+    cloning = {k: v for k, v in (("bc_steps", bc_steps), ("bc_actor_lr", bc_actor_lr)) if v}
+    if (cql_only or cloning) and name != "cql":
+        raise ValueError(f"{', '.join([*cql_only, *cloning])}: CQL's; {name} has none")
+    if bc_actor_lr is not None and not bc_steps:
+        raise ValueError("bc_actor_lr is the actor's rate while it clones the logs: it needs bc_steps > 0")
     return cql_only
 
 
@@ -231,6 +237,7 @@ def shipped_config(
     target_entropy: float | None = None,
     selection_samples: int = 0,
     bc_steps: int = 0,
+    bc_actor_lr: float | None = None,
 ):
     """The RLlib config of ``name`` ∈ {"bc", "cql", "iql"} on the unit-action copy of ``rows_path`` (one file of
     rows, or several: the logs first, then what was added to them).
@@ -249,8 +256,8 @@ def shipped_config(
     gets ``updates_per_iteration`` minibatches of ``batch_size`` per ``train()``; the mapped data are materialised
     once (IQL's default re-runs its pre-learner every iteration). ``action_scale``: the unit box's scale
     (``to_unit``). ``selection_samples``: how CQL's and IQL's policy is served (``ShippedOffline``), not trained;
-    ``bc_steps``: CQL's actor clones the logs for its first steps (``ShippedOffline.train``); both checked here
-    with the rest.
+    ``bc_steps``: CQL's actor clones the logs for its first steps, at the rate ``bc_actor_lr`` (default
+    ``actor_lr``; ``ShippedOffline.train``); these checked here with the rest.
     """
     cql_only = check_shipped(
         name,
@@ -264,6 +271,7 @@ def shipped_config(
         tau=tau,
         num_actions=num_actions,
         bc_steps=bc_steps,
+        bc_actor_lr=bc_actor_lr,
     )
     paths = [rows_path] if isinstance(rows_path, str) else list(rows_path)
     steps = max(int(updates_per_iteration), 2)  # 1 breaks CQL's local learner
@@ -337,10 +345,10 @@ class ShippedOffline:
 
     def _hold(self, name: str, algo, options: dict) -> None:
         """What serving and training need of the (checked) options: the unit box's ``action_scale``,
-        ``selection_samples`` and CQL's ``bc_steps``."""
+        ``selection_samples`` and CQL's ``bc_steps`` and ``bc_actor_lr``."""
         self.name, self.algo, self.action_scale = name, algo, options.get("action_scale", "linear")
         self.selection_samples = options.get("selection_samples", 0)
-        self.bc_steps = options.get("bc_steps", 0)
+        self.bc_steps, self.bc_actor_lr = options.get("bc_steps", 0), options.get("bc_actor_lr")
         self._build, self._added, self._support = None, None, None
 
     def add_rows(self, path: str, window: int | None = None) -> int:
@@ -389,10 +397,18 @@ class ShippedOffline:
         """Switch CQL's actor loss between cloning the logs (on) and SAC's. RLlib 2.60's CQL learner counts its
         ``bc_iters`` in a metric summed since its last reduce, i.e. within one ``train()`` call, so no config value
         is the paper's warm start; the learner's (frozen) config is set here instead: above a call's steps it clones
-        throughout, 0 runs SAC."""
+        throughout, 0 runs SAC. The actor's optimiser runs at ``bc_actor_lr`` while cloning (when given) and at
+        ``actor_lr`` otherwise, set before each call: RLlib resets an optimiser's rate from its registered scheduler
+        after each update call (one per ``train()``), and a restored optimiser state brings the rate it was saved
+        at, so both the rate and the scheduler are replaced."""
         if self.name != "cql":
             raise ValueError(f"clone_logs: CQL's actor loss; {self.name} has none to switch")
-        object.__setattr__(self.algo.learner_group._learner.config, "bc_iters", 10**9 if on else 0)
+        learner = self.algo.learner_group._learner
+        object.__setattr__(learner.config, "bc_iters", 10**9 if on else 0)
+        rate = self.bc_actor_lr if on and self.bc_actor_lr is not None else learner.config.actor_lr
+        optimizer = learner.get_optimizer(DEFAULT_MODULE_ID, "policy")
+        learner._optimizer_lr_schedules[optimizer] = Scheduler(rate, framework="torch", device=learner._device)
+        learner._set_optimizer_lr(optimizer, rate)
 
     def train(self) -> dict:
         """One ``train()`` call of ``steps_per_call`` gradient steps; with ``bc_steps`` CQL's actor clones the logs

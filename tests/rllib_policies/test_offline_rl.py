@@ -605,6 +605,9 @@ def test_iqls_temperature_needs_returns_that_differ(tmp_path):
         ("cql", {"tau": 2.5}, r"tau must be a Polyak rate in \(0, 1\], got 2.5"),
         ("cql", {"target_entropy": -1}, "target_entropy -1 would train at RLlib's default"),
         ("iql", {"bc_steps": 100}, "bc_steps: CQL's; iql has none"),
+        ("iql", {"bc_steps": 100, "bc_actor_lr": 1e-3}, "bc_steps, bc_actor_lr: CQL's; iql has none"),
+        ("cql", {"bc_actor_lr": 1e-3}, "bc_actor_lr is the actor's rate while it clones the logs: it needs bc_steps"),
+        ("cql", {"bc_steps": 100, "bc_actor_lr": 0.0}, "bc_actor_lr must be a finite number > 0, got 0.0"),
     ],
 )
 def test_a_shipped_learner_refuses_another_learners_option_and_bad_values(tmp_path, name, option, match):
@@ -620,19 +623,34 @@ def test_cql_is_built_without_rllibs_behaviour_cloning(tmp_path):
 def test_cqls_bc_steps_clone_the_logs_in_the_calls_that_start_before_them(ray_session, tmp_path):
     """RLlib 2.60 counts CQL's ``bc_iters`` within one ``train()`` call, so ``bc_steps`` switches its learner's
     actor loss per call: cloning (``bc_iters`` above any call's steps) while fewer steps than ``bc_steps`` are done,
-    then SAC's (0); the count goes on from a restored algorithm's iteration."""
+    then SAC's (0), the actor at ``bc_actor_lr`` while cloning and at ``actor_lr`` after, read at each gradient step
+    (RLlib resets the rate from its scheduler after each call, and a rebuild by ``add_rows`` restores the optimiser
+    state saved at the old rate); the count goes on from a restored algorithm's iteration."""
+    path = hand_built_rows(tmp_path, n=40)
     learner = ShippedOffline(
-        "cql", hand_built_rows(tmp_path, n=40), D_OBS, updates_per_iteration=2, batch_size=8, bc_steps=3
+        "cql", path, D_OBS, updates_per_iteration=2, batch_size=8, bc_steps=5, bc_actor_lr=1e-3, actor_lr=2e-4
     )
-    config = learner.algo.learner_group._learner.config
+    rates = []
+
+    def record_rates():  # the actor's rate at every optimiser step of the (rebuilt) in-process learner
+        inner = learner.algo.learner_group._learner
+        apply, actor = inner.apply_gradients, inner.get_optimizer(DEFAULT_MODULE_ID, "policy")
+        inner.apply_gradients = lambda grads: (rates.append(actor.param_groups[0]["lr"]), apply(grads))[1]
+        return inner.config
+
+    config = record_rates()
     assert config.get_config_for_module(DEFAULT_MODULE_ID) is config  # what CQL's loss reads
     try:
         seen = []
-        for _ in range(3):
+        for call in range(4):
+            if call == 2:  # a rebuild while cloning: its optimiser state comes at the cloning rate
+                learner.add_rows(path)
+                config = record_rates()
             learner.train()
             seen.append((learner.steps, config.bc_iters))
-        assert seen == [(2, 10**9), (4, 10**9), (6, 0)]
-        assert ShippedOffline.wrap("cql", learner.algo, bc_steps=3).steps == 6
+        assert seen == [(2, 10**9), (4, 10**9), (6, 10**9), (8, 0)]
+        assert rates == [1e-3] * 6 + [2e-4] * 2
+        assert ShippedOffline.wrap("cql", learner.algo, bc_steps=5).steps == 8
     finally:
         learner.stop()
 
@@ -1003,3 +1021,5 @@ def test_offline_job_refuses_cqls_bc_steps_it_cannot_apply():
 
     with pytest.raises(ValueError, match=r"options.bc_steps: not in this job"):
         OfflineJobConfig(learner="cql", options={"bc_steps": 400}).validate()
+    with pytest.raises(ValueError, match=r"options.bc_steps, options.bc_actor_lr: not in this job"):
+        OfflineJobConfig(learner="cql", options={"bc_steps": 400, "bc_actor_lr": 1e-3}).validate()
