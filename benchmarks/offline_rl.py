@@ -121,6 +121,13 @@ def main() -> None:
         default={},
         help='learner → options (JSON), e.g. \'{"iql": {"beta": 30}}\'; an -EE learner takes its offline learner\'s',
     )
+    p.add_argument(
+        "--select-from",
+        type=int,
+        default=None,
+        help="serve the iterate, among those evaluated from this many gradient steps on, with the highest gate lower "
+        "bound (OPE-based checkpoint selection); default the last iterate",
+    )
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="where the datasets go (default: a temporary folder)")
     p.add_argument("--results-dir", default=RESULTS)
@@ -142,9 +149,11 @@ def main() -> None:
         exploration_noise=args.exploration_noise,
         data_window=args.data_window,
         options=args.options,
+        select_from=args.select_from,
     )
     try:
         spec.exploration_iterations()
+        spec.check_select_from()
     except ValueError as e:
         p.error(str(e))
     _, pipeline = build_world(spec.env_config)
@@ -317,6 +326,7 @@ def write_page(summary: dict, results_dir: str) -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        *_selection_lines(runs, spec),
         "References (true values on the same sessions; ± the 95 % CI over sessions):",
         "",
         "| policy | V |",
@@ -334,6 +344,30 @@ def write_page(summary: dict, results_dir: str) -> None:
     ]
     write_results(os.path.join(results_dir, f"{stem}.md"), sections, partial=False)
     _plot(summary, results_dir, learners, datasets, stem)
+
+
+def _selection_lines(runs: list[dict], spec: dict) -> list[str]:
+    """With ``--select-from``: what each run served (the columns above are that iterate's) and the gate's lower
+    bound at each evaluated iterate beside its true value."""
+    if spec.get("select_from") is None:
+        return []
+    lines = [
+        f"Served iterate (`--select-from {spec['select_from']}`): each run serves, among its iterates evaluated from "
+        f"{spec['select_from']} gradient steps on, the one with the highest {spec['gate_by'].upper()} lower bound on "
+        "the logs (checkpoint selection by the gate's estimate, no look at the true value); the columns above are "
+        "that iterate's. Per run, at each evaluated step: the gate's lower bound / the true value.",
+        "",
+        "| learner | dataset | seed | served at | " + " | ".join(f"{u} steps" for u in runs[0]["updates"]) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(runs[0]["updates"]),
+    ]
+    for r in runs:
+        cells = [
+            ("—" if np.isnan(low) else f"{low:.2f}") + f" / {true:.2f}"
+            for low, true in zip(r["gate_lows"], r["true_curve"])
+        ]
+        head = f"| {r['learner']} | {r['dataset']} | {r['seed']} | {r['selected_update']} | "
+        lines.append(head + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _argv(args: dict) -> str:

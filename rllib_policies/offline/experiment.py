@@ -76,6 +76,16 @@ class OfflineSpec:
     # ``shipped_config`` keywords (IQL's ``beta``, CQL's ``min_q_weight`` and ``num_actions``, both's
     # ``action_scale``); an -EE learner takes its offline learner's, under that name (BCQ-EE's under "bcq")
     options: dict = field(default_factory=dict)
+    # None: serve the last iterate. N: serve, among the iterates evaluated from N gradient steps on, the one whose
+    # gate lower bound (``gate_by``'s, on the logs alone) is highest: OPE-based checkpoint selection
+    select_from: int | None = None
+
+    def check_select_from(self) -> None:
+        """ValueError unless ``select_from`` is None or an integer number of steps the run reaches (its last
+        iterate is always evaluated, so at least that one is a candidate)."""
+        total, n = self.iterations * self.updates_per_iteration, self.select_from
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= total):
+            raise ValueError(f"select_from must be None or an integer in [0, {total}] steps, got {n!r}")
 
     def exploration_iterations(self) -> list[int]:
         """The iterations after which an -EE learner explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
@@ -110,6 +120,10 @@ class OfflineRun:
     gate: dict
     train_seconds: float
     online_sessions: int = 0  # sessions served online for exploration (the -EE learners); 0 for an offline learner
+    # with ``select_from``: the gate's lower bound at each evaluated iterate (NaN before select_from), and the
+    # gradient steps of the iterate served (its true value is final_true); None: the last iterate
+    gate_lows: list[float] | None = None
+    selected_update: int | None = None
 
     def row(self) -> dict:
         return asdict(self)
@@ -183,7 +197,10 @@ def explore(learner, pipeline, spec: OfflineSpec, out_dir: str, seed: int) -> in
 
 def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: OfflineSpec, progress=print) -> OfflineRun:
     """Train ``name`` on the rows at ``rows_path`` (dataset ``dataset``), evaluating every ``eval_every``
-    iterations; then the gate (``gate.gate``) on the same rows."""
+    iterations; then the gate (``gate.gate``) on the same rows. With ``spec.select_from`` the gate runs at every
+    evaluated iterate from there on, and the run serves the one with the highest lower bound (its value, support,
+    weights and gate verdict are the run's), as a deployment would keep that checkpoint."""
+    spec.check_select_from()
     _, pipeline = build_world(spec.env_config)
     users = eval_users(pipeline, spec.eval_sessions, spec.eval_seed)
     rows = read_rows(rows_path)
@@ -191,6 +208,11 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     learner = build_learner(EXPLORING.get(name, name), rows_path, seed, spec)
     explore_after = spec.exploration_iterations() if name in EXPLORING else []
     updates, estimates, truths, train_s, online = [], [], [], 0.0, 0
+    lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
+
+    def judge():
+        return gate(rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed)
+
     try:
         for i in range(1, spec.iterations + 1):
             t0 = time.perf_counter()
@@ -203,10 +225,18 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                 updates.append(i * spec.updates_per_iteration)
                 estimates.append(learner.q_estimate(initial))
                 truths.append(float(true_value(pipeline, learner.policy_weights, users, spec.eval_seed).mean()))
-        start_weights = learner.policy_weights(initial)
-        decision = gate(
-            rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed
-        )
+                if spec.select_from is not None:
+                    lows.append(np.nan)
+                    if updates[-1] >= spec.select_from:
+                        decision = judge()
+                        lows[-1] = getattr(decision, spec.gate_by).low
+                        bound = -np.inf if np.isnan(lows[-1]) else lows[-1]  # NaN: the estimator abstained
+                        if served is None or bound > served[0]:
+                            served = (bound, len(truths) - 1, learner.policy_weights(initial), decision)
+        if served is None:  # the last iterate
+            start_weights, decision, pick = learner.policy_weights(initial), judge(), len(truths) - 1
+        else:
+            _, pick, start_weights, decision = served
     finally:
         learner.stop()
     run = OfflineRun(
@@ -216,8 +246,8 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
         updates=updates,
         estimate_curve=estimates,
         true_curve=truths,
-        final_true=truths[-1],
-        final_estimate=estimates[-1],
+        final_true=truths[pick],
+        final_estimate=estimates[pick],
         support=support_fraction(start_weights, rows["actions"]),
         mean_weights=np.round(start_weights.mean(0), 4).tolist(),
         gate={
@@ -229,9 +259,12 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
         },
         train_seconds=train_s,
         online_sessions=online,
+        gate_lows=lows if spec.select_from is not None else None,
+        selected_update=updates[pick] if spec.select_from is not None else None,
     )
     progress(
         f"  {name:<4} {dataset:<11} seed {seed}: true {run.final_true:.2f}, critic {run.final_estimate:.2f}, "
         f"support {run.support:.0%}, gate {'promote' if decision.promote else 'hold'}, {train_s:.0f} s"
+        + ("" if run.selected_update is None else f", served the iterate at {run.selected_update} steps")
     )
     return run

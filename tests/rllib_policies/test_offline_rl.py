@@ -37,8 +37,15 @@ from rllib_policies.offline.data import (
     two_mode_behaviour,
     write_dataset,
 )
-from rllib_policies.offline.experiment import EXPLORING, OfflineSpec, build_learner, check_options, explore
-from rllib_policies.offline.gate import Sessions, doubly_robust, fitted_q, gate, live_value
+from rllib_policies.offline.experiment import (
+    EXPLORING,
+    OfflineSpec,
+    build_learner,
+    check_options,
+    explore,
+    run_offline,
+)
+from rllib_policies.offline.gate import GateDecision, GateEstimate, Sessions, doubly_robust, fitted_q, gate, live_value
 from rllib_policies.offline.registry import own_config
 from rllib_policies.offline.shipped import (
     ACTION_SCALES,
@@ -967,6 +974,37 @@ def test_bcq_ee_closes_half_its_gap_by_exploring_past_the_logs(ray_session, misa
     if (trained - start) / gap < 0.5:
         raise GapNotClosed(f"start {start:.2f}, oracle {oracle:.2f}, trained {trained:.2f}")
     assert support < 0.5, support  # its gain is past the logged actions: what the rounds served
+
+
+def test_checkpoint_selection_serves_the_iterate_with_the_highest_gate_lower_bound(
+    ray_session, misaligned_logs, monkeypatch
+):
+    """``select_from``: the gate runs at each evaluated iterate from there on, and the run's value, support, weights
+    and verdict are those of the iterate with the highest lower bound (here the middle one of three, by a scripted
+    gate), not the last."""
+    path, *_ = misaligned_logs
+    lows, asked = iter([5.0, 9.0, 7.0]), []
+
+    def scripted_gate(rows, policy, high, by, **_):
+        asked.append(by)
+        low = next(lows)
+        estimate = GateEstimate(low + 1, low, low + 2, 1.0)
+        return GateDecision(low > 8, by, estimate, estimate, estimate, f"scripted {low}")
+
+    monkeypatch.setattr("rllib_policies.offline.experiment.gate", scripted_gate)
+    spec = _tiny_spec(iterations=4, eval_every=1, eval_sessions=60, select_from=400)
+    run = run_offline("bcq", "misaligned", path, seed=0, spec=spec, progress=lambda _: None)
+    assert run.updates == [200, 400, 600, 800] and len(asked) == 3  # none before select_from, none after the loop
+    assert np.isnan(run.gate_lows[0]) and run.gate_lows[1:] == [5.0, 9.0, 7.0]
+    assert run.selected_update == 600
+    assert (run.final_true, run.final_estimate) == (run.true_curve[2], run.estimate_curve[2])
+    assert run.gate["promote"] and run.gate["reason"] == "scripted 9.0"
+
+
+@pytest.mark.parametrize("select_from", [-1, 801, 1.5, True, "400"])
+def test_checkpoint_selection_needs_a_step_count_the_run_reaches(select_from):
+    with pytest.raises(ValueError, match=r"select_from must be None or an integer in \[0, 800\] steps"):
+        _tiny_spec(iterations=4, select_from=select_from).check_select_from()
 
 
 # ---------------------------------------------------------------------------------------------- the job
