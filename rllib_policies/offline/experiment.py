@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
@@ -211,7 +212,10 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
 
     def judge():
-        return gate(rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed)
+        with torch.random.fork_rng(devices=[]):  # FQE seeds torch: between iterates that would reseed the training
+            return gate(
+                rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed
+            )
 
     try:
         for i in range(1, spec.iterations + 1):
@@ -231,7 +235,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                         decision = judge()
                         lows[-1] = getattr(decision, spec.gate_by).low
                         bound = -np.inf if np.isnan(lows[-1]) else lows[-1]  # NaN: the estimator abstained
-                        if served is None or bound > served[0]:
+                        if served is None or bound >= served[0]:  # a tie (or every one abstaining): the later
                             served = (bound, len(truths) - 1, learner.policy_weights(initial), decision)
         if served is None:  # the last iterate
             start_weights, decision, pick = learner.policy_weights(initial), judge(), len(truths) - 1

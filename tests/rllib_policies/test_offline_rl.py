@@ -976,14 +976,19 @@ def test_bcq_ee_closes_half_its_gap_by_exploring_past_the_logs(ray_session, misa
     assert support < 0.5, support  # its gain is past the logged actions: what the rounds served
 
 
+@pytest.mark.parametrize(
+    "scripted, served",
+    [([5.0, 9.0, 7.0], 1), ([9.0, np.nan, 9.0], 2), ([np.nan, np.nan, np.nan], 2)],  # a tie or none: the later
+    ids=["highest", "tie", "all-abstain"],
+)
 def test_checkpoint_selection_serves_the_iterate_with_the_highest_gate_lower_bound(
-    ray_session, misaligned_logs, monkeypatch
+    ray_session, misaligned_logs, monkeypatch, scripted, served
 ):
-    """``select_from``: the gate runs at each evaluated iterate from there on, and the run's value, support, weights
-    and verdict are those of the iterate with the highest lower bound (here the middle one of three, by a scripted
-    gate), not the last."""
+    """``select_from``: the gate runs at each evaluated iterate from there on, and the run's value, weights and
+    verdict are those of the iterate with the highest lower bound (a scripted gate's; NaN: the estimator
+    abstained), the later one on a tie."""
     path, *_ = misaligned_logs
-    lows, asked = iter([5.0, 9.0, 7.0]), []
+    lows, asked = iter(scripted), []
 
     def scripted_gate(rows, policy, high, by, **_):
         asked.append(by)
@@ -995,16 +1000,19 @@ def test_checkpoint_selection_serves_the_iterate_with_the_highest_gate_lower_bou
     spec = _tiny_spec(iterations=4, eval_every=1, eval_sessions=60, select_from=400)
     run = run_offline("bcq", "misaligned", path, seed=0, spec=spec, progress=lambda _: None)
     assert run.updates == [200, 400, 600, 800] and len(asked) == 3  # none before select_from, none after the loop
-    assert np.isnan(run.gate_lows[0]) and run.gate_lows[1:] == [5.0, 9.0, 7.0]
-    assert run.selected_update == 600
-    assert (run.final_true, run.final_estimate) == (run.true_curve[2], run.estimate_curve[2])
-    assert run.gate["promote"] and run.gate["reason"] == "scripted 9.0"
+    assert np.isnan(run.gate_lows[0]) and np.allclose(run.gate_lows[1:], scripted, equal_nan=True)
+    k = 1 + served  # the index among all evaluated iterates
+    assert run.selected_update == run.updates[k]
+    assert (run.final_true, run.final_estimate) == (run.true_curve[k], run.estimate_curve[k])
+    assert run.gate["reason"] == f"scripted {scripted[served]}"
 
 
 @pytest.mark.parametrize("select_from", [-1, 801, 1.5, True, "400"])
 def test_checkpoint_selection_needs_a_step_count_the_run_reaches(select_from):
     with pytest.raises(ValueError, match=r"select_from must be None or an integer in \[0, 800\] steps"):
         _tiny_spec(iterations=4, select_from=select_from).check_select_from()
+    for reached in (None, 0, 800):
+        _tiny_spec(iterations=4, select_from=reached).check_select_from()
 
 
 # ---------------------------------------------------------------------------------------------- the job
