@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
@@ -211,11 +210,8 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     updates, estimates, truths, train_s, online = [], [], [], 0.0, 0
     lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
 
-    def judge():
-        with torch.random.fork_rng(devices=[]):  # FQE seeds torch: between iterates that would reseed the training
-            return gate(
-                rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed
-            )
+    def judge():  # FQE seeds torch in a generator of its own (``fitted_q``): gating between iterates leaves training
+        return gate(rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed)
 
     try:
         for i in range(1, spec.iterations + 1):

@@ -75,36 +75,38 @@ def fitted_q(
     subset: np.ndarray | None = None,
 ):
     """FQE's Q̂ for ``policy(obs [B, d]) → weights [B, 3]`` on ``rows`` (or the rows ``subset``): returns
-    q(obs, weights) → [B] (NumPy)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    high = np.asarray(high, np.float32)
-    idx_all = np.arange(len(rows["rewards"])) if subset is None else subset
-    obs = torch.as_tensor(rows["obs"], dtype=torch.float32)
-    act = torch.as_tensor(np.clip(rows["actions"] / high, 0, 1), dtype=torch.float32)
-    nxt = torch.as_tensor(rows["new_obs"], dtype=torch.float32)
-    pi_next = torch.as_tensor(np.clip(policy(rows["new_obs"]) / high, 0, 1), dtype=torch.float32)
-    reward = torch.as_tensor(np.array(rows["rewards"], np.float32))
-    not_done = 1.0 - torch.as_tensor(rows["terminateds"], dtype=torch.float32)
-    net = mlp(obs.shape[1] + act.shape[1], hidden, 1)
-    target = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
-        i = torch.as_tensor(rng.choice(idx_all, batch_size))
-        with torch.no_grad():
-            y = reward[i] + gamma * not_done[i] * target(torch.cat([nxt[i], pi_next[i]], -1)).squeeze(-1)
-        loss = ((net(torch.cat([obs[i], act[i]], -1)).squeeze(-1) - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_target_network(main_net=net, target_net=target, tau=tau)
+    q(obs, weights) → [B] (NumPy). Seeded by ``seed`` in a forked torch generator: the caller's stream (a learner
+    gated between its training calls) is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        high = np.asarray(high, np.float32)
+        idx_all = np.arange(len(rows["rewards"])) if subset is None else subset
+        obs = torch.as_tensor(rows["obs"], dtype=torch.float32)
+        act = torch.as_tensor(np.clip(rows["actions"] / high, 0, 1), dtype=torch.float32)
+        nxt = torch.as_tensor(rows["new_obs"], dtype=torch.float32)
+        pi_next = torch.as_tensor(np.clip(policy(rows["new_obs"]) / high, 0, 1), dtype=torch.float32)
+        reward = torch.as_tensor(np.array(rows["rewards"], np.float32))
+        not_done = 1.0 - torch.as_tensor(rows["terminateds"], dtype=torch.float32)
+        net = mlp(obs.shape[1] + act.shape[1], hidden, 1)
+        target = copy.deepcopy(net).requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        for _ in range(steps):
+            i = torch.as_tensor(rng.choice(idx_all, batch_size))
+            with torch.no_grad():
+                y = reward[i] + gamma * not_done[i] * target(torch.cat([nxt[i], pi_next[i]], -1)).squeeze(-1)
+            loss = ((net(torch.cat([obs[i], act[i]], -1)).squeeze(-1) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            update_target_network(main_net=net, target_net=target, tau=tau)
 
-    def q(o: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            a = torch.as_tensor(np.clip(weights / high, 0, 1), dtype=torch.float32)
-            return net(torch.cat([torch.as_tensor(o, dtype=torch.float32), a], -1)).squeeze(-1).numpy()
+        def q(o: np.ndarray, weights: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                a = torch.as_tensor(np.clip(weights / high, 0, 1), dtype=torch.float32)
+                return net(torch.cat([torch.as_tensor(o, dtype=torch.float32), a], -1)).squeeze(-1).numpy()
 
-    return q
+        return q
 
 
 @dataclass(frozen=True)

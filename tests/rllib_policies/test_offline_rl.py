@@ -736,6 +736,20 @@ def test_fqe_and_dr_recover_a_known_value_and_the_gate_holds_a_worse_policy(tmp_
         assert decision.promote == (value > 1.5), decision.reason
 
 
+def test_fqe_is_seeded_in_a_generator_of_its_own(tmp_path):
+    """FQE seeds torch with its seed, and the caller's stream (a learner gated between its training calls) goes on
+    as if it had not run; the same seed fits the same Q̂."""
+    rows = read_rows(hand_built_rows(tmp_path, n=200))
+    policy = lambda obs: np.tile(0.5 * RANKING_ACTION_HIGH, (len(obs), 1))  # noqa: E731
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fits = [fitted_q(rows, policy, RANKING_ACTION_HIGH, steps=5, hidden=(8,), seed=1) for _ in range(2)]
+    assert torch.equal(torch.rand(3), expected)
+    obs, weights = rows["obs"][:4], rows["actions"][:4]
+    assert np.array_equal(fits[0](obs, weights), fits[1](obs, weights))
+
+
 def test_the_gate_asks_the_policy_once_per_array_of_states(tmp_path):
     """FQE's full fit and its bootstrap refits all need the actions at the rows' next states: a policy that costs a
     critic pass per call (IQL's selection) is asked once for them, once for the rows' states, once for the starts."""
