@@ -186,9 +186,14 @@ class OfflineLearner(TorchLearner):
                 update_target_network(main_net=main, target_net=target, tau=self.config.tau)
 
 
+def is_int(value) -> bool:
+    """An int and not a bool: to Python True is the int 1, to a step or row-set count it is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_window(window: int | None) -> int | None:
     """``window`` (the row sets an -EE learner trains on) if it is None or a positive int, else a ValueError."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    if window is not None and (not is_int(window) or window < 1):
         raise ValueError(f"window must be None (every row set) or an int >= 1, got {window!r}")
     return window
 

@@ -26,7 +26,7 @@ from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
 from rllib_policies.envs import SessionEnv
 
-from .common import check_window
+from .common import check_window, is_int
 from .data import (
     EXPLORATION_NOISE,
     eval_users,
@@ -84,7 +84,7 @@ class OfflineSpec:
         """ValueError unless ``select_from`` is None or an integer number of steps the run reaches (its last
         iterate is always evaluated, so at least that one is a candidate)."""
         total, n = self.iterations * self.updates_per_iteration, self.select_from
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= total):
+        if n is not None and (not is_int(n) or not 0 <= n <= total):
             raise ValueError(f"select_from must be None or an integer in [0, {total}] steps, got {n!r}")
 
     def exploration_iterations(self) -> list[int]:

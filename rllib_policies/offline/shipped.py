@@ -37,7 +37,7 @@ from ray.rllib.utils.schedules.scheduler import Scheduler
 
 from actors.stages import RANKING_ACTION_HIGH
 
-from .common import check_window
+from .common import check_window, is_int
 from .data import ActionSupport
 from .gate import Sessions
 
@@ -133,7 +133,7 @@ def check_positive(key: str, value: float | None, allow_zero: bool = False) -> N
 
 def check_count(key: str, value: int, minimum: int = 0) -> int:
     """``value`` if it is an integer ≥ ``minimum``, else a ValueError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return value
 

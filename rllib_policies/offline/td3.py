@@ -27,7 +27,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from rllib_policies.algorithm_base import set_provided
 from rllib_policies.building_blocks import mlp
 
-from .common import OfflineActorCritic, OfflineActorCriticModule, OfflineConfig, OfflineLearner
+from .common import OfflineActorCritic, OfflineActorCriticModule, OfflineConfig, OfflineLearner, is_int
 
 
 class TD3Config(OfflineConfig):
@@ -70,7 +70,7 @@ class TD3Config(OfflineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.bc_steps, bool) or not isinstance(self.bc_steps, int) or self.bc_steps < 0:
+        if not is_int(self.bc_steps) or self.bc_steps < 0:
             raise ValueError(f"bc_steps must be an int >= 0, got {self.bc_steps!r}")
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
