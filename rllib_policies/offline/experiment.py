@@ -124,6 +124,7 @@ class OfflineRun:
     # gradient steps of the iterate served (its true value is final_true); None: the last iterate
     gate_lows: list[float] | None = None
     selected_update: int | None = None
+    support_curve: list[float] = field(default_factory=list)  # ``support`` at each evaluated iterate
 
     def row(self) -> dict:
         return asdict(self)
@@ -207,7 +208,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     initial = rows["obs"][rows["t"] == 0]
     learner = build_learner(EXPLORING.get(name, name), rows_path, seed, spec)
     explore_after = spec.exploration_iterations() if name in EXPLORING else []
-    updates, estimates, truths, train_s, online = [], [], [], 0.0, 0
+    updates, estimates, truths, supports, train_s, online = [], [], [], [], 0.0, 0
     lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
 
     def judge():  # FQE seeds torch in a generator of its own (``fitted_q``): gating between iterates leaves training
@@ -225,6 +226,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                 updates.append(i * spec.updates_per_iteration)
                 estimates.append(learner.q_estimate(initial))
                 truths.append(float(true_value(pipeline, learner.policy_weights, users, spec.eval_seed).mean()))
+                supports.append(support_fraction(learner.policy_weights(initial), rows["actions"]))
                 if spec.select_from is not None:
                     lows.append(np.nan)
                     if updates[-1] >= spec.select_from:
@@ -248,7 +250,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
         true_curve=truths,
         final_true=truths[pick],
         final_estimate=estimates[pick],
-        support=support_fraction(start_weights, rows["actions"]),
+        support=supports[pick],
         mean_weights=np.round(start_weights.mean(0), 4).tolist(),
         gate={
             "promote": decision.promote,
@@ -261,6 +263,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
         online_sessions=online,
         gate_lows=lows if spec.select_from is not None else None,
         selected_update=updates[pick] if spec.select_from is not None else None,
+        support_curve=supports,
     )
     progress(
         f"  {name:<4} {dataset:<11} seed {seed}: true {run.final_true:.2f}, critic {run.final_estimate:.2f}, "
