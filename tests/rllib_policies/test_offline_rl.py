@@ -968,7 +968,7 @@ def test_cql_started_at_the_behaviour_closes_half_its_gap(ray_session, misaligne
     actions (support ≥ 50 %: not the untrained network's box centre, which ranks near the oracle), where a frozen
     policy would stay. CQL's value falls again after its rise (docs/offline_rl.md: at full scale checkpoint
     selection serves the peak; at this size FQE on 300 sessions rates the clone highest), so the budget is fixed.
-    At RLlib's default penalty, 5, CQL stays at the logged actions and fails this test."""
+    At RLlib's default penalty, 5, the same steps end below the clone (a probe: 21.87 against 22.53)."""
     path, start, oracle, users = misaligned_logs
     _, pipeline = build_world(TINY)
     rows = read_rows(path)
