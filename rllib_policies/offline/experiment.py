@@ -226,7 +226,8 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                 updates.append(i * spec.updates_per_iteration)
                 estimates.append(learner.q_estimate(initial))
                 truths.append(float(true_value(pipeline, learner.policy_weights, users, spec.eval_seed).mean()))
-                supports.append(support_fraction(learner.policy_weights(initial), rows["actions"]))
+                weights = learner.policy_weights(initial)  # at the session starts: support, and the served weights
+                supports.append(support_fraction(weights, rows["actions"]))
                 if spec.select_from is not None:
                     lows.append(np.nan)
                     if updates[-1] >= spec.select_from:
@@ -234,9 +235,9 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                         lows[-1] = getattr(decision, spec.gate_by).low
                         bound = -np.inf if np.isnan(lows[-1]) else lows[-1]  # NaN: the estimator abstained
                         if served is None or bound >= served[0]:  # a tie (or every one abstaining): the later
-                            served = (bound, len(truths) - 1, learner.policy_weights(initial), decision)
+                            served = (bound, len(truths) - 1, weights, decision)
         if served is None:  # the last iterate
-            start_weights, decision, pick = learner.policy_weights(initial), judge(), len(truths) - 1
+            start_weights, decision, pick = weights, judge(), len(truths) - 1  # the last iteration is evaluated
         else:
             _, pick, start_weights, decision = served
     finally:
