@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
+import pickle
 import re
 import signal
 import threading
@@ -55,6 +57,8 @@ from ray.rllib.core import (
     COMPONENT_MODULE_TO_ENV_CONNECTOR,
     COMPONENT_RL_MODULE,
 )
+from ray.rllib.utils import force_list
+from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 from tensorboardX import SummaryWriter
 
@@ -224,14 +228,21 @@ def restore_checkpoint(path: str) -> Algorithm:
     """``Algorithm.from_checkpoint`` from a local path or URI, with every EnvRunner acting with the restored
     weights. RLlib's ``restore_from_path`` syncs connector states and weights only when it finds them on the
     local disk (not for a URI), and its weight sync to remote EnvRunners is asynchronous (a sample can
-    precede it), so this restores the connectors for a URI and pushes the weights synchronously."""
+    precede it), so this restores the connectors for a URI and pushes the weights synchronously. An offline
+    algorithm without EnvRunners (RLlib 2.60's BC, CQL, IQL: ``env_runner_group`` None) is restored by
+    ``Checkpointable``'s ``restore_from_path``: ``Algorithm``'s syncs the EnvRunners it lacks (AttributeError)."""
     if not storage.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     fs, inner = storage.filesystem(path)
-    algo = Algorithm.from_checkpoint(inner, filesystem=fs)
+    with fs.open_input_stream(f"{inner}/{Algorithm.CLASS_AND_CTOR_ARGS_FILE_NAME}") as f:
+        saved = pickle.load(f)  # what Algorithm.from_checkpoint builds from
+    args, kwargs = saved["ctor_args_and_kwargs"]
+    algo = saved["class"](*force_list(args), **kwargs)
     runners = getattr(algo, "env_runner_group", None)
-    if runners is None:
+    if runners is None:  # an offline algorithm (RLlib's BC, CQL, IQL): Algorithm's override syncs EnvRunners it lacks
+        Checkpointable.restore_from_path(algo, inner, filesystem=fs)
         return algo
+    algo.restore_from_path(inner, filesystem=fs)
     if storage.is_uri(path) and runners.num_remote_env_runners() > 0 and not algo.env_runner:
         for name, connector in (
             (COMPONENT_ENV_TO_MODULE_CONNECTOR, algo.env_to_module_connector),
@@ -277,9 +288,13 @@ def run_training(
     progress: Callable[[dict], str],
     log: Callable[[str], Any] = print,
     tensorboard: bool = True,
+    before_call: Callable[[Any], None] | None = None,
+    at_checkpoint: Callable[[Any, str], None] | None = None,
 ) -> dict | None:
     """Train ``iterations`` more iterations with progress lines, TensorBoard scalars and checkpoints
-    (``checkpoint_dir``: a local path or URI); returns the last result (None when there was nothing to do)."""
+    (``checkpoint_dir``: a local path or URI); ``before_call(algo)`` runs before each ``train()`` call and
+    ``at_checkpoint(algo, path)`` after each checkpoint is complete. Returns the last result (None when there was
+    nothing to do)."""
     writer = None
     if tensorboard:
         logdir = tensorboard_dir(checkpoint_dir)
@@ -291,6 +306,8 @@ def run_training(
     try:
         for _ in range(iterations):
             t0 = time.perf_counter()
+            if before_call is not None:
+                before_call(algo)
             result = algo.train()
             it = algo.iteration
             log(f"iter {it:4d} | {progress(result)} | {time.perf_counter() - t0:.1f} s")
@@ -300,6 +317,8 @@ def run_training(
             if it % checkpoint_every == 0 or it == start + iterations:
                 path = save_checkpoint(algo, storage.join(checkpoint_dir, f"iter_{it:06d}"))
                 log(f"checkpoint {path} ({env_steps(algo)} env steps)")
+                if at_checkpoint is not None:
+                    at_checkpoint(algo, path)
     finally:
         if writer is not None:
             writer.close()
@@ -346,11 +365,14 @@ def job_main(
     before: Callable[[Any, J], None] | None = None,
     after: Callable[[Any, J], None] | None = None,
     prepare: Callable[[J], None] | None = None,
+    before_call: Callable[[Any, J], None] | None = None,
+    at_checkpoint: Callable[[Any, J, str], None] | None = None,
 ) -> int:
     """The whole entrypoint: parse ``--config`` / ``--resume`` / ``--iterations``, resolve the artifact
     paths under the storage root (named once), ``prepare(job)`` (e.g. fetch inputs to this node), join or
     start Ray, build or restore the algorithm, ``before(algo, job)`` on a fresh run (e.g. a warm start),
-    train, ``after(algo, job)`` (e.g. evaluate, push), stop."""
+    train (``before_call(algo, job)`` before each ``train()`` call, ``at_checkpoint(algo, job, path)`` after each
+    checkpoint), ``after(algo, job)`` (e.g. evaluate, push), stop."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"YAML with {config_cls.__name__} fields")
     p.add_argument(
@@ -409,7 +431,14 @@ def job_main(
                     if until is None:  # fixed by the first start: a recovery finishes the same plan
                         until = algo.iteration + args.iterations if args.iterations is not None else job.iterations
                     run_training(
-                        algo, max(until - algo.iteration, 0), job.checkpoint_dir, job.checkpoint_every, progress, log
+                        algo,
+                        max(until - algo.iteration, 0),
+                        job.checkpoint_dir,
+                        job.checkpoint_every,
+                        progress,
+                        log,
+                        before_call=None if before_call is None else lambda a: before_call(a, job),
+                        at_checkpoint=None if at_checkpoint is None else lambda a, path: at_checkpoint(a, job, path),
                     )
                     break
                 except Exception as e:
@@ -435,4 +464,6 @@ def job_main(
         finally:
             if algo is not None:
                 algo.stop()
+                algo = None
+                gc.collect()  # an offline algorithm's Ray Data iterators, while Ray is up (after: a traceback each)
     return 0

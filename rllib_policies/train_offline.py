@@ -11,10 +11,18 @@ job first writes it — ``sessions_per_day`` × 2 simulated days served by the `
 (exploratory, concurrent, imitation or misaligned), through the telemetry path (rllib_policies.offline.data). At the
 end the off-policy gate (rllib_policies.offline.gate) says whether the policy would be promoted over the behaviour
 policy on those logs, and the simulator says what it is really worth.
+
+``select_from: N`` (gradient steps) serves a checkpoint instead of the last iterate: the gate runs on the logs at each
+checkpoint from N steps on, its verdicts go to ``<checkpoint_dir>/selection.json``, and the end reports the checkpoint
+with the highest FQE lower bound (OPE-based checkpoint selection; no look at the true value; a resumed run keeps the
+verdicts). CQL's ``bc_steps`` / ``bc_actor_lr`` (its warm start by cloning the logs) are switched before each
+``train()`` call, as ``ShippedOffline.train`` does. CQL's learning-test recipe on the misaligned logs:
+``options: {min_q_weight: 0.01, bc_steps: 800, actor_lr: 0.001}`` with ``select_from: 800`` (docs/offline_rl.md).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,8 +31,10 @@ import numpy as np
 
 from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
+from rllib_policies import storage
 from rllib_policies.envs import SessionEnv
-from rllib_policies.jobs import AlgorithmJobConfig, job_main
+from rllib_policies.jobs import AlgorithmJobConfig, job_main, restore_checkpoint
+from rllib_policies.offline.common import is_int
 from rllib_policies.offline.data import DATASETS, eval_users, oracle_expert, read_rows, true_value, write_dataset
 from rllib_policies.offline.gate import gate
 from rllib_policies.offline.registry import LEARNERS, own_config
@@ -46,18 +56,21 @@ class OfflineJobConfig(AlgorithmJobConfig):
     eval_sessions: int = 1000
     gate_steps: int = 1000  # FQE's gradient steps per fit
     gate_boot: int = 3  # FQE's bootstrap refits
+    # None: serve the last iterate. N: serve, among the checkpoints from N gradient steps on, the one with the highest
+    # FQE lower bound on the logs (``selection.json`` under checkpoint_dir)
+    select_from: int | None = None
 
     def validate(self) -> None:
         if self.learner not in LEARNERS:
             raise ValueError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
         if self.dataset_kind not in DATASETS:
             raise ValueError(f"dataset_kind must be one of {DATASETS}, got {self.dataset_kind!r}")
-        if self.learner in SHIPPED and (cloning := [k for k in ("bc_steps", "bc_actor_lr") if k in self.options]):
-            # the job trains RLlib's algorithm itself; the per-call switch lives in ShippedOffline.train
-            raise ValueError(
-                f"options.{', options.'.join(cloning)}: not in this job (it trains RLlib's algorithm directly); "
-                "ShippedOffline and benchmarks/offline_rl.py take them"
-            )
+        if self.select_from is not None and (not is_int(self.select_from) or self.select_from < 0):
+            raise ValueError(f"select_from must be None or gradient steps, an int >= 0, got {self.select_from!r}")
+
+    @property
+    def selection_path(self) -> str:
+        return storage.join(self.checkpoint_dir, "selection.json")
 
 
 def ensure_dataset(job: OfflineJobConfig) -> str:
@@ -100,12 +113,96 @@ def policy_of(algo, job: OfflineJobConfig, initial_obs):
     return algo.policy_weights, algo.q_estimate(initial_obs)
 
 
+def gradient_steps(algo, job: OfflineJobConfig) -> int:
+    if job.learner in SHIPPED:
+        return ShippedOffline.wrap(job.learner, algo, **job.options).steps
+    return algo.iteration * algo.config.updates_per_iteration
+
+
+def judge(policy, job: OfflineJobConfig, rows: dict):
+    """The gate's decision on ``policy`` over the logs ``rows``."""
+    return gate(rows, policy, RANKING_ACTION_HIGH, n_boot=job.gate_boot, steps=job.gate_steps, seed=job.seed)
+
+
+def before(algo, job: OfflineJobConfig) -> None:
+    """A fresh run starts a fresh selection: verdicts of an earlier run in the same checkpoint_dir are dropped."""
+    if job.select_from is not None:
+        storage.write_json(job.selection_path, {"select_from": job.select_from, "checkpoints": []})
+
+
+def before_call(algo, job: OfflineJobConfig) -> None:
+    if job.learner in SHIPPED:
+        ShippedOffline.wrap(job.learner, algo, **job.options).before_call()
+
+
+def at_checkpoint(algo, job: OfflineJobConfig, path: str) -> None:
+    """With ``select_from``: the gate's verdict on the checkpoint's policy, kept in ``selection.json`` (a verdict of
+    this iteration or a later one, from a run resumed from an earlier checkpoint, is replaced)."""
+    steps = gradient_steps(algo, job)
+    if job.select_from is None or steps < job.select_from:
+        return
+    rows = read_rows(job.dataset)
+    decision = judge(policy_of(algo, job, rows["obs"][:1])[0], job, rows)
+    kept = [c for c in read_selection(job) if c["iteration"] < algo.iteration]
+    kept.append(
+        {
+            "iteration": algo.iteration,
+            "steps": steps,
+            "checkpoint": path,
+            "fqe_low": decision.fqe.low,
+            "promote": decision.promote,
+            "reason": decision.reason,
+        }
+    )
+    storage.write_json(job.selection_path, {"select_from": job.select_from, "checkpoints": kept})
+    print(f"gate at {steps} steps: FQE lower bound {decision.fqe.low:.2f} ({decision.reason})", flush=True)
+
+
+def read_selection(job: OfflineJobConfig) -> list[dict]:
+    if not storage.exists(job.selection_path):
+        return []
+    return storage.read_json(job.selection_path)["checkpoints"]
+
+
+def served_checkpoint(job: OfflineJobConfig, iteration: int) -> dict | None:
+    """Among the checkpoints' verdicts up to ``iteration``, the highest FQE lower bound (a tie: the later; an
+    estimator that abstained, NaN, ranks last); None without any."""
+    verdicts = [c for c in read_selection(job) if c["iteration"] <= iteration]
+    if not verdicts:
+        return None
+    return max(verdicts, key=lambda c: (-np.inf if np.isnan(c["fqe_low"]) else c["fqe_low"], c["iteration"]))
+
+
 def after(algo, job: OfflineJobConfig) -> None:
-    """The gate's verdict on the logs, and the truth from the simulator."""
+    """The gate's verdict on the logs, and the truth from the simulator, for the last iterate or (``select_from``)
+    the checkpoint with the highest FQE lower bound."""
+    if job.select_from is not None:
+        served = served_checkpoint(job, algo.iteration)
+        if served is None:
+            print(f"select_from {job.select_from}: no checkpoint at or after that many steps; serving the last iterate")
+        else:
+            n = sum(c["iteration"] <= algo.iteration for c in read_selection(job))
+            print(
+                f"served: {served['checkpoint']} ({served['steps']} steps), the highest FQE lower bound "
+                f"({served['fqe_low']:.2f}) of {n} checkpoint(s) from {job.select_from} steps",
+                flush=True,
+            )
+            if served["iteration"] != algo.iteration:
+                restored = restore_checkpoint(served["checkpoint"])
+                try:
+                    return evaluate(restored, job)
+                finally:
+                    restored.stop()
+                    del restored
+                    gc.collect()  # its Ray Data iterators, while Ray is up (``ShippedOffline.stop``)
+    evaluate(algo, job)
+
+
+def evaluate(algo, job: OfflineJobConfig) -> None:
     rows = read_rows(job.dataset)
     initial_obs = rows["obs"][rows["t"] == 0]
     policy, estimate = policy_of(algo, job, initial_obs)
-    decision = gate(rows, policy, RANKING_ACTION_HIGH, n_boot=job.gate_boot, steps=job.gate_steps, seed=job.seed)
+    decision = judge(policy, job, rows)
     _, pipeline = build_world(job.env_config)
     users = eval_users(pipeline, job.eval_sessions)
     truth = true_value(pipeline, policy, users).mean()
@@ -119,7 +216,17 @@ def after(algo, job: OfflineJobConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(OfflineJobConfig, build, progress, argv, description=__doc__, after=after)
+    return job_main(
+        OfflineJobConfig,
+        build,
+        progress,
+        argv,
+        description=__doc__,
+        before=before,
+        after=after,
+        before_call=before_call,
+        at_checkpoint=at_checkpoint,
+    )
 
 
 if __name__ == "__main__":

@@ -82,12 +82,12 @@ def fitted_q(
         rng = np.random.default_rng(seed)
         high = np.asarray(high, np.float32)
         idx_all = np.arange(len(rows["rewards"])) if subset is None else subset
-        obs = torch.as_tensor(rows["obs"], dtype=torch.float32)
+        obs = torch.tensor(rows["obs"], dtype=torch.float32)  # a copy: rows read zero-copy from Arrow are read-only
         act = torch.as_tensor(np.clip(rows["actions"] / high, 0, 1), dtype=torch.float32)
-        nxt = torch.as_tensor(rows["new_obs"], dtype=torch.float32)
+        nxt = torch.tensor(rows["new_obs"], dtype=torch.float32)
         pi_next = torch.as_tensor(np.clip(policy(rows["new_obs"]) / high, 0, 1), dtype=torch.float32)
         reward = torch.as_tensor(np.array(rows["rewards"], np.float32))
-        not_done = 1.0 - torch.as_tensor(rows["terminateds"], dtype=torch.float32)
+        not_done = 1.0 - torch.tensor(rows["terminateds"], dtype=torch.float32)
         net = mlp(obs.shape[1] + act.shape[1], hidden, 1)
         target = copy.deepcopy(net).requires_grad_(False)
         opt = torch.optim.Adam(net.parameters(), lr=lr)

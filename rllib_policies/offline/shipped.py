@@ -47,7 +47,7 @@ ACTION_SCALES = ("linear", "log")
 LOG_FLOOR = 1e-4  # the log box's lower edge, as a share of a_max
 IQL_BETA = 3.0  # IQL's inverse temperature in the paper (Kostrikov et al. 2022, MuJoCo), on normalised rewards
 IQL_RETURN_SPAN = 1000.0  # the paper's normalisation: rewards × 1000 / (max − min episode return)
-SELECTION_CHUNK = 65_536  # (state, action) rows per pass of the critics (``q_values``): bounds their activations
+SELECTION_CHUNK = 4096  # (state, action) rows per pass of the critics (``q_values``): activations that stay in cache
 
 
 def check_scale(scale: str) -> str:
@@ -410,11 +410,15 @@ class ShippedOffline:
         learner._optimizer_lr_schedules[optimizer] = Scheduler(rate, framework="torch", device=learner._device)
         learner._set_optimizer_lr(optimizer, rate)
 
-    def train(self) -> dict:
-        """One ``train()`` call of ``steps_per_call`` gradient steps; with ``bc_steps`` CQL's actor clones the logs
-        in every call that starts before that many steps (the CQL paper's warm start, in whole calls)."""
+    def before_call(self) -> None:
+        """With ``bc_steps``, CQL's actor clones the logs in every ``train()`` call that starts before that many steps
+        (the CQL paper's warm start, in whole calls); the offline job runs this before each of its calls."""
         if self.name == "cql" and self.bc_steps:
             self.clone_logs(self.steps < self.bc_steps)
+
+    def train(self) -> dict:
+        """One ``train()`` call of ``steps_per_call`` gradient steps (after ``before_call``)."""
+        self.before_call()
         return self.algo.train()
 
     @torch.no_grad()
@@ -460,11 +464,13 @@ class ShippedOffline:
             torch.manual_seed(self.algo.config.seed or 0)
             sampled = dist.sample().reshape(b, n, -1)
         candidates = torch.cat([torch.tanh(inputs.chunk(2, dim=-1)[0])[:, None], sampled], 1).clamp(-1 + EDGE, 1 - EDGE)
-        q = self.q_values(obs.repeat_interleave(n + 1, 0), candidates.flatten(0, 1)).reshape(b, n + 1)
-        weights = to_weights(candidates.flatten(0, 1).numpy(), self.action_scale)
-        inside = torch.as_tensor(self.support.contains(weights)).reshape(b, n + 1)
-        best = q.masked_fill(~inside, -torch.inf).argmax(1)
-        return candidates[torch.arange(b), torch.where(inside.any(1), best, 0)]
+        flat = candidates.flatten(0, 1)
+        inside = torch.as_tensor(self.support.contains(to_weights(flat.numpy(), self.action_scale)))
+        q = torch.full((b * (n + 1),), -torch.inf)  # the critics pass over the candidates in the support only
+        if inside.any():
+            q[inside] = self.q_values(obs[inside.nonzero()[:, 0] // (n + 1)], flat[inside])
+        best = q.reshape(b, n + 1).argmax(1)
+        return candidates[torch.arange(b), torch.where(inside.reshape(b, n + 1).any(1), best, 0)]
 
     @torch.no_grad()
     def q_values(self, obs: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -662,6 +662,27 @@ def test_cqls_bc_steps_clone_the_logs_in_the_calls_that_start_before_them(ray_se
         learner.stop()
 
 
+def test_rllibs_offline_algorithms_restore_from_their_checkpoints(ray_session, tmp_path):
+    """RLlib 2.60's ``Algorithm.restore_from_path`` syncs EnvRunners that its offline algorithms (BC, CQL, IQL) do not
+    have (``AttributeError`` on ``None``); ``restore_checkpoint`` restores them (the offline job's ``--resume`` and
+    its served checkpoint) with their iteration and weights."""
+    from rllib_policies.jobs import restore_checkpoint, save_checkpoint
+
+    path = hand_built_rows(tmp_path, n=40)
+    obs = read_rows(path)["obs"][:5]
+    learner = ShippedOffline("iql", path, D_OBS, updates_per_iteration=2, batch_size=8)
+    try:
+        learner.train()
+        restored = ShippedOffline.wrap("iql", restore_checkpoint(save_checkpoint(learner.algo, str(tmp_path / "c"))))
+        try:
+            assert restored.algo.iteration == 1 and restored.steps == 2
+            np.testing.assert_array_equal(restored.policy_weights(obs), learner.policy_weights(obs))
+        finally:
+            restored.stop()
+    finally:
+        learner.stop()
+
+
 def test_the_support_ceiling_stays_in_the_behaviours_region_and_beats_its_centre():
     _, pipeline = build_world(TINY)
     users = eval_users(pipeline, 30, 7)
@@ -1059,10 +1080,8 @@ def test_checkpoint_selection_needs_a_step_count_the_run_reaches(select_from):
 
 
 # ---------------------------------------------------------------------------------------------- the job
-def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tmp_path, capsys):
+def _offline_job_yaml(tmp_path, **fields) -> str:
     import yaml
-
-    from rllib_policies.train_offline import main
 
     config = {
         "learner": "td3",
@@ -1077,18 +1096,72 @@ def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tm
         "eval_sessions": 50,
         "gate_steps": 200,
         "gate_boot": 1,
+        **fields,
     }
     path = tmp_path / "offline.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["--config", str(path)]) == 0
+    return str(path)
+
+
+def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tmp_path, capsys):
+    from rllib_policies.train_offline import main
+
+    path = _offline_job_yaml(tmp_path)
+    assert main(["--config", path]) == 0
     out = capsys.readouterr().out
     assert "wrote the concurrent dataset: 60 sessions" in out
     assert "iter    2 | critic's V̂" in out
     assert "gate: " in out and "true V on 50 simulated sessions" in out
     assert (tmp_path / "checkpoints" / "iter_000002").is_dir()
-    assert main(["--config", str(path), "--resume", "latest", "--iterations", "1"]) == 0
+    assert main(["--config", path, "--resume", "latest", "--iterations", "1"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "iter    3 |" in out and "wrote the concurrent dataset" not in out
+
+
+def test_offline_job_serves_the_checkpoint_with_the_highest_gate_lower_bound(ray_session, tmp_path, capsys):
+    """``select_from``: the gate runs at each checkpoint from that many steps on and ``selection.json`` keeps its
+    verdicts; the end serves the highest FQE lower bound, restoring that checkpoint when it is not the last (here
+    forced by rewriting the verdicts and resuming for no further iterations)."""
+    import json
+
+    from rllib_policies.train_offline import main
+
+    path = _offline_job_yaml(tmp_path, iterations=3, select_from=40)
+    assert main(["--config", path]) == 0
+    out = capsys.readouterr().out
+    selection = json.loads((tmp_path / "checkpoints" / "selection.json").read_text())
+    assert [c["steps"] for c in selection["checkpoints"]] == [40, 60]  # not the checkpoint at 20 steps
+    assert "gate at 40 steps: FQE lower bound" in out and "gate at 60 steps" in out
+    best = max(selection["checkpoints"], key=lambda c: (c["fqe_low"], c["iteration"]))
+    assert f"served: {best['checkpoint']} ({best['steps']} steps)" in out and "of 2 checkpoint(s)" in out
+
+    selection["checkpoints"][0]["fqe_low"] = 1e6  # the checkpoint at 40 steps, not the last one
+    (tmp_path / "checkpoints" / "selection.json").write_text(json.dumps(selection))
+    assert main(["--config", path, "--resume", "latest", "--iterations", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"served: {tmp_path / 'checkpoints' / 'iter_000002'} (40 steps)" in out
+    assert "gate: " in out and "true V on 50 simulated sessions" in out
+
+
+@pytest.mark.parametrize(
+    "verdicts, upto, served",
+    [
+        ([(1, 5.0), (2, 9.0), (3, 7.0)], 3, 2),
+        ([(1, 9.0), (2, float("nan")), (3, 9.0)], 3, 3),  # a tie: the later; NaN (abstained) ranks last
+        ([(1, float("nan")), (2, float("nan"))], 2, 2),
+        ([(1, 5.0), (2, 3.0), (3, 9.0)], 2, 1),  # a verdict past the run's iteration (an abandoned resume) is not one
+        ([], 3, None),
+    ],
+)
+def test_offline_jobs_served_checkpoint_is_the_highest_lower_bound(tmp_path, verdicts, upto, served):
+    from rllib_policies import storage
+    from rllib_policies.train_offline import OfflineJobConfig, served_checkpoint
+
+    job = OfflineJobConfig(checkpoint_dir=str(tmp_path), select_from=0)
+    checkpoints = [{"iteration": i, "steps": 10 * i, "checkpoint": f"iter_{i}", "fqe_low": low} for i, low in verdicts]
+    storage.write_json(job.selection_path, {"select_from": 0, "checkpoints": checkpoints})
+    pick = served_checkpoint(job, upto)
+    assert (pick and pick["iteration"]) == served
 
 
 @pytest.mark.parametrize(
@@ -1096,19 +1169,38 @@ def test_offline_job_writes_its_dataset_trains_gates_and_resumes(ray_session, tm
     [
         ("learner", "ddpg", r"learner must be one of \('td3', 'bcq', 'uwac', 'bc', 'cql', 'iql'\), got 'ddpg'"),
         ("dataset_kind", "random", r"dataset_kind must be one of \('exploratory'"),
+        ("select_from", -1, r"select_from must be None or gradient steps, an int >= 0, got -1"),
+        ("select_from", True, r"select_from must be None or gradient steps, an int >= 0, got True"),
+        ("select_from", 1.5, r"select_from must be None or gradient steps, an int >= 0, got 1.5"),
     ],
 )
-def test_offline_job_refuses_unknown_learners_and_datasets(field, value, match):
+def test_offline_job_refuses_unknown_learners_datasets_and_bad_selection(field, value, match):
     from rllib_policies.train_offline import OfflineJobConfig
 
     with pytest.raises(ValueError, match=match):
         OfflineJobConfig(**{field: value}).validate()
 
 
-def test_offline_job_refuses_cqls_bc_steps_it_cannot_apply():
-    from rllib_policies.train_offline import OfflineJobConfig
+def test_offline_job_switches_cqls_cloning_before_each_call(ray_session, tmp_path):
+    """CQL's ``bc_steps`` in the offline job: its ``before_call`` hook switches the actor loss per ``train()`` call as
+    ``ShippedOffline.train`` does: cloning while fewer than ``bc_steps`` steps are done, SAC's after."""
+    from rllib_policies.train_offline import OfflineJobConfig, before_call, build
 
-    with pytest.raises(ValueError, match=r"options.bc_steps: not in this job"):
-        OfflineJobConfig(learner="cql", options={"bc_steps": 400}).validate()
-    with pytest.raises(ValueError, match=r"options.bc_steps, options.bc_actor_lr: not in this job"):
-        OfflineJobConfig(learner="cql", options={"bc_steps": 400, "bc_actor_lr": 1e-3}).validate()
+    job = OfflineJobConfig(
+        learner="cql",
+        env_config=TINY,
+        dataset=str(tmp_path / "rows.parquet"),
+        sessions_per_day=30,
+        offline_rl={"updates_per_iteration": 10, "batch_size": 32, "hidden": [32, 32]},
+        options={"bc_steps": 15, "bc_actor_lr": 1e-3},
+    )
+    learner = ShippedOffline.wrap("cql", build(job), **job.options)  # its stop collects Ray Data's iterators
+    try:
+        seen = []
+        for _ in range(3):
+            before_call(learner.algo, job)
+            seen.append(learner.algo.learner_group._learner.config.bc_iters)
+            learner.algo.train()
+    finally:
+        learner.stop()
+    assert seen == [10**9, 10**9, 0]
