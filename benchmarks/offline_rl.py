@@ -98,6 +98,12 @@ def main() -> None:
     p.add_argument("--sessions-per-day", type=int, default=500, help="at most the world's users")
     p.add_argument("--days", type=int, default=2, help="simulated days of logs per dataset")
     p.add_argument("--eval-sessions", type=int, default=1000)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="iterations between evaluations (each a checkpoint-selection candidate); default: a quarter of them",
+    )
     p.add_argument("--oracle-sessions", type=int, default=1000)
     p.add_argument(
         "--exploration-rounds", type=int, default=2, help="the -EE learners' online rounds (at most iterations − 1)"
@@ -137,12 +143,14 @@ def main() -> None:
         check_options(args.options)
     except ValueError as e:
         p.error(f"--options: {e}")
+    if args.eval_every is not None and args.eval_every < 1:
+        p.error(f"--eval-every must be at least 1 iteration, got {args.eval_every}")
     t_start = time.time()
     _worker_init()
     spec = OfflineSpec(
         iterations=args.iterations,
         updates_per_iteration=args.updates,
-        eval_every=max(args.iterations // 4, 1),
+        eval_every=args.eval_every if args.eval_every is not None else max(args.iterations // 4, 1),
         eval_sessions=args.eval_sessions,
         exploration_rounds=min(args.exploration_rounds, args.iterations - 1),  # each round needs training after it
         exploration_sessions=args.exploration_sessions,
