@@ -207,6 +207,11 @@ def tensorboard_dir(checkpoint_dir: str) -> str:
     return os.path.join(storage.mirror(checkpoint_dir), "tensorboard")
 
 
+def checkpoint_path(checkpoint_dir: str, iteration: int) -> str:
+    """Where ``run_training`` saves the checkpoint of ``iteration``."""
+    return storage.join(checkpoint_dir, f"iter_{iteration:06d}")
+
+
 def save_checkpoint(algo, path: str) -> str:
     """``algo.save_to_path`` at a local path or URI, then ``COMPLETE`` in it; returns ``path`` (absolute when
     local). A checkpoint cut short at this path before is deleted first, not written over. Raises ``LearnerLost``
@@ -225,10 +230,12 @@ def save_checkpoint(algo, path: str) -> str:
 
 
 def restore_checkpoint(path: str) -> Algorithm:
-    """``Algorithm.from_checkpoint`` from a local path or URI, with every EnvRunner acting with the restored
-    weights. RLlib's ``restore_from_path`` syncs connector states and weights only when it finds them on the
-    local disk (not for a URI), and its weight sync to remote EnvRunners is asynchronous (a sample can
-    precede it), so this restores the connectors for a URI and pushes the weights synchronously. An offline
+    """The algorithm at a checkpoint (a local path or URI), built as ``Algorithm.from_checkpoint`` builds it (from the
+    checkpoint's class and constructor arguments; without that method's fallback for a pickle from another
+    version), with every EnvRunner acting with the restored weights. RLlib's ``restore_from_path`` syncs connector
+    states and weights only when it finds them on the local disk (not for a URI), and its weight sync to remote
+    EnvRunners is asynchronous (a sample can precede it), so this restores the connectors for a URI and pushes the
+    weights synchronously. An offline
     algorithm without EnvRunners (RLlib 2.60's BC, CQL, IQL: ``env_runner_group`` None) is restored by
     ``Checkpointable``'s ``restore_from_path``: ``Algorithm``'s syncs the EnvRunners it lacks (AttributeError)."""
     if not storage.exists(path):
@@ -315,7 +322,7 @@ def run_training(
                 for tag, value in scalars(result).items():
                     writer.add_scalar(tag, value, it)
             if it % checkpoint_every == 0 or it == start + iterations:
-                path = save_checkpoint(algo, storage.join(checkpoint_dir, f"iter_{it:06d}"))
+                path = save_checkpoint(algo, checkpoint_path(checkpoint_dir, it))
                 log(f"checkpoint {path} ({env_steps(algo)} env steps)")
                 if at_checkpoint is not None:
                     at_checkpoint(algo, path)

@@ -33,7 +33,7 @@ from actors.cascade import build_world
 from actors.stages import RANKING_ACTION_HIGH
 from rllib_policies import storage
 from rllib_policies.envs import SessionEnv
-from rllib_policies.jobs import AlgorithmJobConfig, job_main, restore_checkpoint
+from rllib_policies.jobs import AlgorithmJobConfig, checkpoint_path, job_main, restore_checkpoint
 from rllib_policies.offline.common import is_int
 from rllib_policies.offline.data import DATASETS, eval_users, oracle_expert, read_rows, true_value, write_dataset
 from rllib_policies.offline.gate import gate
@@ -177,6 +177,10 @@ def after(algo, job: OfflineJobConfig) -> None:
     """The gate's verdict on the logs, and the truth from the simulator, for the last iterate or (``select_from``)
     the checkpoint with the highest FQE lower bound."""
     if job.select_from is not None:
+        if gradient_steps(algo, job) >= job.select_from and algo.iteration not in {
+            c["iteration"] for c in read_selection(job)
+        }:  # its checkpoint saved but not judged (the job stopped between the two): judge it now
+            at_checkpoint(algo, job, checkpoint_path(job.checkpoint_dir, algo.iteration))
         served = served_checkpoint(job, algo.iteration)
         if served is None:
             print(f"select_from {job.select_from}: no checkpoint at or after that many steps; serving the last iterate")

@@ -662,7 +662,8 @@ def test_cqls_bc_steps_clone_the_logs_in_the_calls_that_start_before_them(ray_se
         learner.stop()
 
 
-def test_rllibs_offline_algorithms_restore_from_their_checkpoints(ray_session, tmp_path):
+@pytest.mark.parametrize("name", ["bc", "cql", "iql"])
+def test_rllibs_offline_algorithms_restore_from_their_checkpoints(ray_session, tmp_path, name):
     """RLlib 2.60's ``Algorithm.restore_from_path`` syncs EnvRunners that its offline algorithms (BC, CQL, IQL) do not
     have (``AttributeError`` on ``None``); ``restore_checkpoint`` restores them (the offline job's ``--resume`` and
     its served checkpoint) with their iteration and weights."""
@@ -670,10 +671,10 @@ def test_rllibs_offline_algorithms_restore_from_their_checkpoints(ray_session, t
 
     path = hand_built_rows(tmp_path, n=40)
     obs = read_rows(path)["obs"][:5]
-    learner = ShippedOffline("iql", path, D_OBS, updates_per_iteration=2, batch_size=8)
+    learner = ShippedOffline(name, path, D_OBS, updates_per_iteration=2, batch_size=8)
     try:
         learner.train()
-        restored = ShippedOffline.wrap("iql", restore_checkpoint(save_checkpoint(learner.algo, str(tmp_path / "c"))))
+        restored = ShippedOffline.wrap(name, restore_checkpoint(save_checkpoint(learner.algo, str(tmp_path / "c"))))
         try:
             assert restored.algo.iteration == 1 and restored.steps == 2
             np.testing.assert_array_equal(restored.policy_weights(obs), learner.policy_weights(obs))
@@ -1150,12 +1151,17 @@ def test_offline_job_serves_the_checkpoint_with_the_highest_gate_lower_bound(ray
     best = max(selection["checkpoints"], key=lambda c: (c["fqe_low"], c["iteration"]))
     assert f"served: {best['checkpoint']} ({best['steps']} steps)" in out and "of 2 checkpoint(s)" in out
 
-    selection["checkpoints"][0]["fqe_low"] = 1e6  # the checkpoint at 40 steps, not the last one
+    low = selection["checkpoints"][0]["fqe_low"]
+    selection["checkpoints"][0]["fqe_low"] = 1e6  # the checkpoint at 40 steps, not the last one, is served now
+    del selection["checkpoints"][1]  # the last checkpoint's verdict lost (a stop after its save)
     (tmp_path / "checkpoints" / "selection.json").write_text(json.dumps(selection))
     assert main(["--config", path, "--resume", "latest", "--iterations", "0"]) == 0
     out = capsys.readouterr().out
-    assert f"served: {tmp_path / 'checkpoints' / 'iter_000002'} (40 steps)" in out
-    assert "gate: " in out and "true V on 50 simulated sessions" in out
+    assert "gate at 60 steps" in out  # judged again at the end
+    assert f"served: {tmp_path / 'checkpoints' / 'iter_000002'} (40 steps)" in out and "of 2 checkpoint(s)" in out
+    # the restored checkpoint's own verdict and truth (the seeded gate gives its bound again), not the last iterate's
+    assert f"gate: held: fqe lower bound {low:.3f}" in out or f"gate: promoted: fqe lower bound {low:.3f}" in out
+    assert "true V on 50 simulated sessions" in out
 
 
 @pytest.mark.parametrize(
@@ -1196,26 +1202,26 @@ def test_offline_job_refuses_unknown_learners_datasets_and_bad_selection(field, 
         OfflineJobConfig(**{field: value}).validate()
 
 
-def test_offline_job_switches_cqls_cloning_before_each_call(ray_session, tmp_path):
-    """CQL's ``bc_steps`` in the offline job: its ``before_call`` hook switches the actor loss per ``train()`` call as
-    ``ShippedOffline.train`` does: cloning while fewer than ``bc_steps`` steps are done, SAC's after."""
-    from rllib_policies.train_offline import OfflineJobConfig, before_call, build
+def test_offline_job_switches_cqls_cloning_before_each_call(ray_session, tmp_path, monkeypatch):
+    """CQL's ``bc_steps`` in the offline job: the runner calls the job's ``before_call`` before each ``train()`` call,
+    which switches the actor loss as ``ShippedOffline.train`` does: cloning while fewer than ``bc_steps`` steps are
+    done, SAC's after (read after each switch)."""
+    import rllib_policies.train_offline as job_module
 
-    job = OfflineJobConfig(
+    seen, switch = [], job_module.before_call
+
+    def spy(algo, job):
+        switch(algo, job)
+        seen.append(algo.learner_group._learner.config.bc_iters)
+
+    monkeypatch.setattr(job_module, "before_call", spy)
+    path = _offline_job_yaml(
+        tmp_path,
         learner="cql",
-        env_config=TINY,
-        dataset=str(tmp_path / "rows.parquet"),
-        sessions_per_day=30,
+        iterations=3,
+        checkpoint_every=3,
         offline_rl={"updates_per_iteration": 10, "batch_size": 32, "hidden": [32, 32]},
         options={"bc_steps": 15, "bc_actor_lr": 1e-3},
     )
-    learner = ShippedOffline.wrap("cql", build(job), **job.options)  # its stop collects Ray Data's iterators
-    try:
-        seen = []
-        for _ in range(3):
-            before_call(learner.algo, job)
-            seen.append(learner.algo.learner_group._learner.config.bc_iters)
-            learner.algo.train()
-    finally:
-        learner.stop()
+    assert job_module.main(["--config", path]) == 0
     assert seen == [10**9, 10**9, 0]
