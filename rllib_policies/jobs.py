@@ -235,9 +235,9 @@ def restore_checkpoint(path: str) -> Algorithm:
     version), with every EnvRunner acting with the restored weights. RLlib's ``restore_from_path`` syncs connector
     states and weights only when it finds them on the local disk (not for a URI), and its weight sync to remote
     EnvRunners is asynchronous (a sample can precede it), so this restores the connectors for a URI and pushes the
-    weights synchronously. An offline
-    algorithm without EnvRunners (RLlib 2.60's BC, CQL, IQL: ``env_runner_group`` None) is restored by
-    ``Checkpointable``'s ``restore_from_path``: ``Algorithm``'s syncs the EnvRunners it lacks (AttributeError)."""
+    weights synchronously. An offline algorithm without EnvRunners (RLlib 2.60's BC, CQL, IQL: ``env_runner_group``
+    None) is restored by ``Checkpointable``'s ``restore_from_path``: ``Algorithm``'s syncs the EnvRunners it lacks
+    (AttributeError)."""
     if not storage.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     fs, inner = storage.filesystem(path)

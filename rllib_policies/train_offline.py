@@ -105,17 +105,21 @@ def progress(result: dict) -> str:
     return (f"critic's V̂ {own['q_estimate']:.2f} | " if own else "") + losses
 
 
+def learner_of(algo, job: OfflineJobConfig):
+    """The algorithm behind the offline learners' interface (``policy_weights``, ``q_estimate``): RLlib's wrapped in
+    ``ShippedOffline``, ours as built."""
+    return ShippedOffline.wrap(job.learner, algo, **job.options) if job.learner in SHIPPED else algo
+
+
 def policy_of(algo, job: OfflineJobConfig, initial_obs):
     """obs → ranking weights, and the critic's estimate at the session starts ``initial_obs`` (NaN for BC)."""
-    if job.learner in SHIPPED:
-        wrapper = ShippedOffline.wrap(job.learner, algo, **job.options)
-        return wrapper.policy_weights, wrapper.q_estimate(initial_obs)
-    return algo.policy_weights, algo.q_estimate(initial_obs)
+    learner = learner_of(algo, job)
+    return learner.policy_weights, learner.q_estimate(initial_obs)
 
 
 def gradient_steps(algo, job: OfflineJobConfig) -> int:
     if job.learner in SHIPPED:
-        return ShippedOffline.wrap(job.learner, algo, **job.options).steps
+        return learner_of(algo, job).steps
     return algo.iteration * algo.config.updates_per_iteration
 
 
@@ -132,7 +136,7 @@ def before(algo, job: OfflineJobConfig) -> None:
 
 def before_call(algo, job: OfflineJobConfig) -> None:
     if job.learner in SHIPPED:
-        ShippedOffline.wrap(job.learner, algo, **job.options).before_call()
+        learner_of(algo, job).before_call()
 
 
 def at_checkpoint(algo, job: OfflineJobConfig, path: str) -> None:
@@ -142,7 +146,7 @@ def at_checkpoint(algo, job: OfflineJobConfig, path: str) -> None:
     if job.select_from is None or steps < job.select_from:
         return
     rows = read_rows(job.dataset)
-    decision = judge(policy_of(algo, job, rows["obs"][:1])[0], job, rows)
+    decision = judge(learner_of(algo, job).policy_weights, job, rows)
     kept = [c for c in read_selection(job) if c["iteration"] < algo.iteration]
     kept.append(
         {
