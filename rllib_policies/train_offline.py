@@ -162,16 +162,17 @@ def at_checkpoint(algo, job: OfflineJobConfig, path: str) -> None:
     print(f"gate at {steps} steps: FQE lower bound {decision.fqe.low:.2f} ({decision.reason})", flush=True)
 
 
-def read_selection(job: OfflineJobConfig) -> list[dict]:
+def read_selection(job: OfflineJobConfig, upto: int | None = None) -> list[dict]:
+    """The checkpoints' verdicts in ``selection.json`` (those up to iteration ``upto``, when given)."""
     if not storage.exists(job.selection_path):
         return []
-    return storage.read_json(job.selection_path)["checkpoints"]
+    verdicts = storage.read_json(job.selection_path)["checkpoints"]
+    return verdicts if upto is None else [c for c in verdicts if c["iteration"] <= upto]
 
 
-def served_checkpoint(job: OfflineJobConfig, iteration: int) -> dict | None:
-    """Among the checkpoints' verdicts up to ``iteration``, the highest FQE lower bound (a tie: the later; an
-    estimator that abstained, NaN, ranks last); None without any."""
-    verdicts = [c for c in read_selection(job) if c["iteration"] <= iteration]
+def served_checkpoint(verdicts: list[dict]) -> dict | None:
+    """Among the checkpoints' ``verdicts``, the highest FQE lower bound (a tie: the later; an estimator that
+    abstained, NaN, ranks last); None without any."""
     if not verdicts:
         return None
     return max(verdicts, key=lambda c: (-np.inf if np.isnan(c["fqe_low"]) else c["fqe_low"], c["iteration"]))
@@ -181,18 +182,18 @@ def after(algo, job: OfflineJobConfig) -> None:
     """The gate's verdict on the logs, and the truth from the simulator, for the last iterate or (``select_from``)
     the checkpoint with the highest FQE lower bound."""
     if job.select_from is not None:
-        if gradient_steps(algo, job) >= job.select_from and algo.iteration not in {
-            c["iteration"] for c in read_selection(job)
-        }:  # its checkpoint saved but not judged (the job stopped between the two): judge it now
+        verdicts = read_selection(job, upto=algo.iteration)
+        if gradient_steps(algo, job) >= job.select_from and algo.iteration not in {c["iteration"] for c in verdicts}:
+            # its checkpoint saved but not judged (the job stopped between the two): judge it now
             at_checkpoint(algo, job, checkpoint_path(job.checkpoint_dir, algo.iteration))
-        served = served_checkpoint(job, algo.iteration)
+            verdicts = read_selection(job, upto=algo.iteration)
+        served = served_checkpoint(verdicts)
         if served is None:
             print(f"select_from {job.select_from}: no checkpoint at or after that many steps; serving the last iterate")
         else:
-            n = sum(c["iteration"] <= algo.iteration for c in read_selection(job))
             print(
                 f"served: {served['checkpoint']} ({served['steps']} steps), the highest FQE lower bound "
-                f"({served['fqe_low']:.2f}) of {n} checkpoint(s) from {job.select_from} steps",
+                f"({served['fqe_low']:.2f}) of {len(verdicts)} checkpoint(s) from {job.select_from} steps",
                 flush=True,
             )
             if served["iteration"] != algo.iteration:

@@ -1176,12 +1176,12 @@ def test_offline_job_serves_the_checkpoint_with_the_highest_gate_lower_bound(ray
 )
 def test_offline_jobs_served_checkpoint_is_the_highest_lower_bound(tmp_path, verdicts, upto, served):
     from rllib_policies import storage
-    from rllib_policies.train_offline import OfflineJobConfig, served_checkpoint
+    from rllib_policies.train_offline import OfflineJobConfig, read_selection, served_checkpoint
 
     job = OfflineJobConfig(checkpoint_dir=str(tmp_path), select_from=0)
     checkpoints = [{"iteration": i, "steps": 10 * i, "checkpoint": f"iter_{i}", "fqe_low": low} for i, low in verdicts]
     storage.write_json(job.selection_path, {"select_from": 0, "checkpoints": checkpoints})
-    pick = served_checkpoint(job, upto)
+    pick = served_checkpoint(read_selection(job, upto=upto))
     assert (pick and pick["iteration"]) == served
 
 
