@@ -160,7 +160,8 @@ def main() -> None:
         select_from=args.select_from,
     )
     try:
-        spec.exploration_iterations()
+        for name in args.learners:
+            spec.explore_after(name)
         spec.check_select_from()
     except ValueError as e:
         p.error(str(e))
@@ -319,7 +320,8 @@ def write_page(summary: dict, results_dir: str) -> None:
         "what a learner served beyond the logs"
         + (
             f" (the -EE learners' exploration rounds, {spec.get('exploration_rounds', 0)} × "
-            f"{spec.get('exploration_sessions', 0)} at σ {spec.get('exploration_noise', 0.3):g}, trained on "
+            f"{spec.get('exploration_sessions', 0)} at σ {spec.get('exploration_noise', 0.3):g} after any warm "
+            "start (`bc_steps`), trained on "
             + (f"the last {spec['data_window']} row sets" if spec.get("data_window") else "every row set")
             + "; their train s leave out that serving)"
             if set(EXPLORING) & set(learners)

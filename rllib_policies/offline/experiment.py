@@ -87,22 +87,33 @@ class OfflineSpec:
         if n is not None and (not is_int(n) or not 0 <= n <= total):
             raise ValueError(f"select_from must be None or an integer in [0, {total}] steps, got {n!r}")
 
-    def exploration_iterations(self) -> list[int]:
-        """The iterations after which an -EE learner explores: round(k·iterations / (rounds + 1)), k = 1..rounds, each
-        followed by training on what it served; ValueError when the iterations cannot hold that many rounds (or
-        ``data_window`` is not a window)."""
+    def exploration_iterations(self, warm_steps: int = 0) -> list[int]:
+        """The iterations after which an -EE learner explores, each round followed by training on what it served:
+        the rounds evenly spaced over the iterations after the learner's warm start (its first ``warm_steps``
+        gradient steps, CQL's ``bc_steps``: a round serves the learner's own policy, not a half-cloned one),
+        w + round(k·(iterations − w) / (rounds + 1)), k = 1..rounds, w = ⌈warm_steps / updates_per_iteration⌉.
+        ValueError when those iterations cannot hold that many rounds (or ``data_window`` is not a window)."""
         check_window(self.data_window)
-        if not 0 <= self.exploration_rounds < self.iterations:
+        warm = -(-warm_steps // self.updates_per_iteration)
+        left = self.iterations - warm
+        if not 0 <= self.exploration_rounds < max(left, 1):
+            after_warm = f" − {warm} of warm start" if warm else ""
             raise ValueError(
-                f"exploration_rounds must be in [0, iterations) = [0, {self.iterations}), got {self.exploration_rounds}"
+                f"exploration_rounds must be in [0, iterations{after_warm}) = [0, {max(left, 1)}), "
+                f"got {self.exploration_rounds}"
             )
         n = self.exploration_rounds + 1
-        after = sorted({max(1, round(k * self.iterations / n)) for k in range(1, n)})
+        after = sorted({warm + max(1, round(k * left / n)) for k in range(1, n)})
         if len(after) < self.exploration_rounds:
-            raise ValueError(
-                f"{self.exploration_rounds} exploration rounds do not fit apart in {self.iterations} iterations"
-            )
+            raise ValueError(f"{self.exploration_rounds} exploration rounds do not fit apart in {left} iterations")
         return after
+
+    def explore_after(self, name: str) -> list[int]:
+        """``exploration_iterations`` for learner ``name``: none for an offline learner; an -EE learner's after the
+        warm start its offline learner's options ask for (``bc_steps``)."""
+        if name not in EXPLORING:
+            return []
+        return self.exploration_iterations(self.options.get(EXPLORING[name], {}).get("bc_steps", 0))
 
 
 @dataclass
@@ -207,7 +218,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     rows = read_rows(rows_path)
     initial = rows["obs"][rows["t"] == 0]
     learner = build_learner(EXPLORING.get(name, name), rows_path, seed, spec)
-    explore_after = spec.exploration_iterations() if name in EXPLORING else []
+    explore_after = spec.explore_after(name)
     updates, estimates, truths, supports, train_s, online = [], [], [], [], 0.0, 0
     lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
 
