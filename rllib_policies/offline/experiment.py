@@ -39,7 +39,7 @@ from .data import (
 from .gate import gate
 from .registry import LEARNERS as OFFLINE_LEARNERS
 from .registry import OWN, own_config
-from .shipped import SHIPPED, ShippedOffline, check_shipped, shipped_config
+from .shipped import SHIPPED, ShippedOffline, check_count, check_shipped, shipped_config
 
 # BCQ-EE: BCQ with online exploration enhancement (BatchRL-MTF, Zhang et al. KDD 2022): between offline training
 # phases the current policy is served with log-normal exploration around its actions, and the logged sessions
@@ -66,7 +66,9 @@ class OfflineSpec:
     # CQL's sampled actions per state in its logsumexp penalty (RLlib's default 10): each costs a pass of
     # the twin critics over the batch; at 10 one CQL step took 0.48 s here, 20× a TD3 step (4: 0.25 s)
     cql_num_actions: int = 4
-    exploration_rounds: int = 2  # the -EE learners' online rounds, evenly spaced over the iterations
+    exploration_rounds: int = (
+        2  # the -EE learners' online rounds, evenly spaced over the iterations after any warm start
+    )
     exploration_sessions: int = 250  # sessions served per round
     exploration_noise: float = EXPLORATION_NOISE  # σ of the log-normal exploration around the policy's weights
     # the row sets an -EE learner trains on after a round: the last data_window (the logs are the first set, each
@@ -94,8 +96,13 @@ class OfflineSpec:
         w + round(k·(iterations − w) / (rounds + 1)), k = 1..rounds, w = ⌈warm_steps / updates_per_iteration⌉.
         ValueError when those iterations cannot hold that many rounds (or ``data_window`` is not a window)."""
         check_window(self.data_window)
-        warm = -(-warm_steps // self.updates_per_iteration)
+        warm = -(-check_count("warm_steps (bc_steps)", warm_steps) // self.updates_per_iteration)
         left = self.iterations - warm
+        if warm and self.exploration_rounds and left < 2:
+            raise ValueError(
+                f"a warm start of {warm} of {self.iterations} iterations leaves none for exploration rounds "
+                "(each needs training after it)"
+            )
         if not 0 <= self.exploration_rounds < max(left, 1):
             after_warm = f" − {warm} of warm start" if warm else ""
             raise ValueError(

@@ -426,13 +426,20 @@ def test_bcq_ee_needs_training_after_every_round(iterations, rounds, match):
         OfflineSpec(iterations=iterations, exploration_rounds=rounds).exploration_iterations()
 
 
-def test_an_ee_learners_rounds_need_iterations_after_its_warm_start():
-    spec = OfflineSpec(
-        iterations=5, updates_per_iteration=200, exploration_rounds=2, options={"cql": {"bc_steps": 600}}
-    )
-    with pytest.raises(
-        ValueError, match=r"exploration_rounds must be in \[0, iterations − 3 of warm start\) = \[0, 2\)"
-    ):
+@pytest.mark.parametrize(
+    "iterations, bc_steps, match",
+    [
+        (5, 600, r"exploration_rounds must be in \[0, iterations − 3 of warm start\) = \[0, 2\), got 2"),
+        (5, 900, r"a warm start of 5 of 5 iterations leaves none for exploration rounds"),
+        (5, "600", r"warm_steps \(bc_steps\) must be an integer >= 0, got '600'"),
+        (5, 600.5, r"warm_steps \(bc_steps\) must be an integer >= 0, got 600.5"),
+        (5, -200, r"warm_steps \(bc_steps\) must be an integer >= 0, got -200"),
+    ],
+)
+def test_an_ee_learners_rounds_need_iterations_after_its_warm_start(iterations, bc_steps, match):
+    options = {"cql": {"bc_steps": bc_steps}}
+    spec = OfflineSpec(iterations=iterations, updates_per_iteration=200, exploration_rounds=2, options=options)
+    with pytest.raises(ValueError, match=match):
         spec.explore_after("cql_ee")
 
 
@@ -1054,9 +1061,10 @@ def test_an_exploring_learner_closes_half_its_gap_by_exploring_past_the_logs(
     the offline phase (BCQ's and IQL's first iteration; CQL-EE's clone of the logs) the policy keeps to the logged
     actions (support ≥ 50 %: the untrained network's lucky box centre is gone); then two online rounds of 100
     sessions served around it (CQL-EE's after an iteration of CQL), each followed by training on the last two row
-    sets, must close half the gap from the behaviour, or from that policy where it is higher (BCQ-EE's actions end
-    away from the logged ones). At this size CQL alone closes half its gap in its first iteration from the clone
-    (the test above), so CQL-EE's case shows the rounds keep that gain, not that they make it."""
+    sets, must close half the gap from the behaviour (CQL-EE's: from its clone; BCQ-EE's actions must end away
+    from the logged ones). At this size CQL alone closes half its gap in its first iteration after the clone (the
+    test above), so CQL-EE's case asserts only that the rounds do not lose it; its full-scale row measures what
+    they add."""
     path, start, oracle, users = misaligned_logs
     _, pipeline = build_world(TINY)
     offline = EXPLORING[name]
@@ -1084,7 +1092,7 @@ def test_an_exploring_learner_closes_half_its_gap_by_exploring_past_the_logs(
         support = support_fraction(learner.policy_weights(initial), rows["actions"])
     finally:
         learner.stop()
-    base = max(start, offline_value)
+    base = offline_value if options.get("bc_steps") else start  # a clone above the behaviour starts the gap there
     assert offline_support >= 0.5 and oracle - base > 0.5, (offline_support, start, offline_value, oracle)
     if (trained - base) / (oracle - base) < 0.5:
         raise GapNotClosed(
