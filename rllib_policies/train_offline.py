@@ -36,7 +36,7 @@ from rllib_policies.envs import SessionEnv
 from rllib_policies.jobs import AlgorithmJobConfig, checkpoint_path, job_main, restore_checkpoint
 from rllib_policies.offline.common import is_int
 from rllib_policies.offline.data import DATASETS, eval_users, oracle_expert, read_rows, true_value, write_dataset
-from rllib_policies.offline.gate import gate
+from rllib_policies.offline.gate import best_bound, gate
 from rllib_policies.offline.registry import LEARNERS, own_config
 from rllib_policies.offline.shipped import SHIPPED, ShippedOffline, shipped_config
 
@@ -173,9 +173,7 @@ def read_selection(job: OfflineJobConfig, upto: int | None = None) -> list[dict]
 def served_checkpoint(verdicts: list[dict]) -> dict | None:
     """Among the checkpoints' ``verdicts``, the highest FQE lower bound (a tie: the later; an estimator that
     abstained, NaN, ranks last); None without any."""
-    if not verdicts:
-        return None
-    return max(verdicts, key=lambda c: (-np.inf if np.isnan(c["fqe_low"]) else c["fqe_low"], c["iteration"]))
+    return verdicts[best_bound([c["fqe_low"] for c in verdicts])] if verdicts else None
 
 
 def after(algo, job: OfflineJobConfig) -> None:

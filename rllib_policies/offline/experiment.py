@@ -36,7 +36,7 @@ from .data import (
     true_value,
     write_dataset,
 )
-from .gate import gate
+from .gate import best_bound, gate
 from .registry import LEARNERS as OFFLINE_LEARNERS
 from .registry import OWN, own_config
 from .shipped import SHIPPED, ShippedOffline, check_count, check_shipped, shipped_config
@@ -66,9 +66,8 @@ class OfflineSpec:
     # CQL's sampled actions per state in its logsumexp penalty (RLlib's default 10): each costs a pass of
     # the twin critics over the batch; at 10 one CQL step took 0.48 s here, 20× a TD3 step (4: 0.25 s)
     cql_num_actions: int = 4
-    exploration_rounds: int = (
-        2  # the -EE learners' online rounds, evenly spaced over the iterations after any warm start
-    )
+    # the -EE learners' online rounds, evenly spaced over the iterations after any warm start
+    exploration_rounds: int = 2
     exploration_sessions: int = 250  # sessions served per round
     exploration_noise: float = EXPLORATION_NOISE  # σ of the log-normal exploration around the policy's weights
     # the row sets an -EE learner trains on after a round: the last data_window (the logs are the first set, each
@@ -227,7 +226,7 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
     learner = build_learner(EXPLORING.get(name, name), rows_path, seed, spec)
     explore_after = spec.explore_after(name)
     updates, estimates, truths, supports, train_s, online = [], [], [], [], 0.0, 0
-    lows, served = [], None  # served: (lower bound, index, weights at the starts, decision) of the best iterate
+    lows, judged = [], {}  # judged: index of an iterate the gate ran on → (weights at the starts, decision)
 
     def judge():  # FQE seeds torch in a generator of its own (``fitted_q``): gating between iterates leaves training
         return gate(rows, learner.policy_weights, RANKING_ACTION_HIGH, by=spec.gate_by, n_boot=3, steps=1000, seed=seed)
@@ -251,13 +250,12 @@ def run_offline(name: str, dataset: str, rows_path: str, seed: int, spec: Offlin
                     if updates[-1] >= spec.select_from:
                         decision = judge()
                         lows[-1] = getattr(decision, spec.gate_by).low
-                        bound = -np.inf if np.isnan(lows[-1]) else lows[-1]  # NaN: the estimator abstained
-                        if served is None or bound >= served[0]:  # a tie (or every one abstaining): the later
-                            served = (bound, len(truths) - 1, weights, decision)
-        if served is None:  # the last iterate
+                        judged[len(truths) - 1] = (weights, decision)
+        if not judged:  # the last iterate
             start_weights, decision, pick = weights, judge(), len(truths) - 1  # the last iteration is evaluated
         else:
-            _, pick, start_weights, decision = served
+            pick = list(judged)[best_bound([lows[k] for k in judged])]
+            start_weights, decision = judged[pick]
     finally:
         learner.stop()
     run = OfflineRun(

@@ -247,3 +247,9 @@ def gate(
     return GateDecision(
         promote, by, live, fqe, dr, f"{verdict}: {by} lower bound {chosen.low:.3f} vs live {live.value:.3f}"
     )
+
+
+def best_bound(lows: list[float]) -> int:
+    """Checkpoint selection: the index of the highest lower bound among ``lows`` (a tie: the later; NaN, an
+    estimator that abstained, ranks last). ValueError when there is none."""
+    return max(range(len(lows)), key=lambda i: (-np.inf if np.isnan(lows[i]) else lows[i], i))
